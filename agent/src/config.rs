@@ -1,0 +1,2149 @@
+//! The standalone YAML configuration: the node's locality and, per service, its VIPs,
+//! ports, endpoints, locality failover policy and health check.
+//!
+//! It is parsed and validated here, in one place, so the rest of the agent receives a
+//! [`Config`] it can trust and never re-checks it on the hot path. This module only turns
+//! a `&str` into a `Config`; reading the file happens elsewhere.
+//!
+//! Field names are Istio's where the concept is the same (`ServiceEntry.ports[].number`,
+//! `name`, `targetPort`; `endpoints[].address`, `ports`, `weight`, `locality`, `labels`;
+//! `DestinationRule...localityLbSetting.enabled`, `failover[].from/to`), plus detour's own
+//! `failoverOrder` (an ordered list, like Gloo's ordered `backingServices`) and
+//! `healthCheck`. Unknown fields are rejected: a typo must not silently do nothing.
+//!
+//! Invariants of every `Config` that [`parse`] returns:
+//! - services keep their file order; names match `[a-z0-9]([-a-z0-9.]*[a-z0-9])?`,
+//!   are at most 253 characters and are unique;
+//! - a service has at least one VIP and one port; its VIPs, port numbers and port names
+//!   are unique within it, and each VIP:port pair belongs to exactly one service;
+//! - when a service has endpoints, each VIP family (IPv4, IPv6) it uses has at least
+//!   one endpoint of that family, because a connect() can only be rewritten within its
+//!   own family;
+//! - no address is unspecified or multicast; endpoint `ports` keys name ports of their
+//!   service; weights are in `1..=1_000_000`; no two endpoints of a service are the same
+//!   backend (same address and same port for every service port);
+//! - failover rules have non-empty, distinct `from` and `to`; `failoverOrder` entries
+//!   are non-empty;
+//! - health checks have `interval >= 10ms`, `0 < timeout <= interval`, thresholds `>= 1`.
+//!
+//! Every error names the field path (`services[1].vips[0]`) and, where the YAML has it,
+//! the line. Checks on a single value run inside deserialization, where serde_yaml
+//! knows the position; checks across fields run afterwards and find the line by
+//! walking the YAML's events once more (serde_yaml keeps no spans).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Unexpected, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The whole standalone configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeConfig,
+    /// In file order.
+    pub services: Vec<ServiceConfig>,
+}
+
+impl Config {
+    /// The service with this name, if any.
+    #[must_use]
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|service| service.name == name)
+    }
+
+    /// Things that are valid but probably not what the user meant, for the agent to log.
+    #[must_use]
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        self.services
+            .iter()
+            .filter(|service| service.endpoints.is_empty())
+            .map(|service| ConfigWarning::NoEndpoints {
+                service: service.name.clone(),
+            })
+            .collect()
+    }
+}
+
+/// A valid configuration that is probably not what the user meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigWarning {
+    /// Nothing can be chosen for the service's VIPs until it has endpoints.
+    NoEndpoints { service: String },
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoEndpoints { service } => write!(
+                f,
+                "service {service:?} has no endpoints: connections to its VIPs have no backend"
+            ),
+        }
+    }
+}
+
+/// What the agent knows about the node it runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Empty when the file has no `node`; then only `failoverOrder` orders backends.
+    pub locality: Locality,
+}
+
+/// One failover service: the VIPs that connect() is rewritten from, and its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<PortConfig>,
+    /// May be empty: the service then has no backends (see [`Config::warnings`]).
+    pub endpoints: Vec<EndpointConfig>,
+    /// YAML `localityLbSetting`.
+    pub locality_lb: LocalityLbSetting,
+    /// YAML `healthCheck`.
+    pub health_check: HealthCheckConfig,
+}
+
+/// A service port, as in Istio's `ServiceEntry.ports[]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortConfig {
+    /// The port clients connect to on a VIP; never 0.
+    pub number: u16,
+    /// `port-<number>` when the YAML gives none; endpoints refer to ports by this name.
+    pub name: String,
+    /// The backend port when an endpoint does not name one; `number` when unset.
+    pub target_port: Option<u16>,
+    /// Istio's `protocol`. Detour works at L4, so this is informational today; it is
+    /// accepted so that an Istio port definition reads unchanged.
+    pub protocol: Option<Protocol>,
+}
+
+/// Istio's port protocols. Case-insensitive in YAML, as in Istio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Protocol {
+    Http,
+    Https,
+    Grpc,
+    GrpcWeb,
+    Http2,
+    Mongo,
+    Tcp,
+    Tls,
+}
+
+impl Protocol {
+    const ALL: [(Self, &'static str); 8] = [
+        (Self::Http, "HTTP"),
+        (Self::Https, "HTTPS"),
+        (Self::Grpc, "GRPC"),
+        (Self::GrpcWeb, "GRPC-WEB"),
+        (Self::Http2, "HTTP2"),
+        (Self::Mongo, "MONGO"),
+        (Self::Tcp, "TCP"),
+        (Self::Tls, "TLS"),
+    ];
+
+    /// Istio's spelling, e.g. `GRPC-WEB`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(protocol, _)| *protocol == self)
+            .map_or("", |(_, name)| name)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One backend of a service, as in Istio's `ServiceEntry.endpoints[]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub address: IpAddr,
+    /// Backend port by service port name; overrides `targetPort` and `number`.
+    pub ports: BTreeMap<String, u16>,
+    /// Share of traffic within its tier, `1..=1_000_000`; 1 when unset.
+    pub weight: u32,
+    /// Empty when unset: such an endpoint is only ever in the `other` tier.
+    pub locality: Locality,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl EndpointConfig {
+    /// The port to connect to on this endpoint for a connection to `port` on a VIP:
+    /// the endpoint's own `ports[name]`, else the port's `targetPort`, else its number.
+    #[must_use]
+    pub fn port_for(&self, port: &PortConfig) -> u16 {
+        self.ports
+            .get(&port.name)
+            .copied()
+            .or(port.target_port)
+            .unwrap_or(port.number)
+    }
+
+    /// The backend this endpoint stands for, once per service port.
+    fn backends<'a>(&'a self, ports: &'a [PortConfig]) -> impl Iterator<Item = u16> + 'a {
+        ports.iter().map(|port| self.port_for(port))
+    }
+}
+
+/// Where something runs: `region/zone/subzone`, each part possibly unset (empty).
+///
+/// Parsed from `"us-east1"`, `"us-east1/us-east1-b"` or `"r/z/s"`, and displayed back
+/// in the same form. A set part never follows an unset one in a parsed `Locality`.
+/// Ordering is lexicographic by region, zone, subzone, for stable output only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    /// True when no part is set.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
+    }
+
+    /// True when every set part of `self` equals the same part of `other`, so that
+    /// `us-east1` contains `us-east1/us-east1-b`. This is how a failover rule's `from`
+    /// matches the node and a failover target matches an endpoint. An empty locality
+    /// contains every locality.
+    #[must_use]
+    pub fn contains(&self, other: &Locality) -> bool {
+        [
+            (&self.region, &other.region),
+            (&self.zone, &other.zone),
+            (&self.subzone, &other.subzone),
+        ]
+        .into_iter()
+        .all(|(mine, theirs)| mine.is_empty() || mine == theirs)
+    }
+}
+
+/// Why a string is not a locality.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocalityParseError {
+    #[error("locality {input:?} has more than 3 parts (expected region/zone/subzone)")]
+    TooManyParts { input: String },
+    #[error("locality {input:?} has an empty part (expected region, region/zone or region/zone/subzone)")]
+    EmptyPart { input: String },
+    #[error("locality {input:?} contains whitespace or a control character")]
+    InvalidCharacter { input: String },
+}
+
+impl FromStr for Locality {
+    type Err = LocalityParseError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        if input.is_empty() {
+            return Ok(Self::default());
+        }
+        let parts: Vec<&str> = input.split('/').collect();
+        let owned = || input.to_owned();
+        if parts.len() > 3 {
+            return Err(LocalityParseError::TooManyParts { input: owned() });
+        }
+        if parts.iter().any(|part| part.is_empty()) {
+            return Err(LocalityParseError::EmptyPart { input: owned() });
+        }
+        if input.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(LocalityParseError::InvalidCharacter { input: owned() });
+        }
+        let part = |index: usize| parts.get(index).copied().unwrap_or_default().to_owned();
+        Ok(Self {
+            region: part(0),
+            zone: part(1),
+            subzone: part(2),
+        })
+    }
+}
+
+impl fmt::Display for Locality {
+    /// Writes the parts up to the last set one, joined by `/`. A `Locality` built by hand
+    /// with an unset part before a set one shows it as empty (`/zone`), which does not
+    /// parse back: that is deliberate, so such a value stands out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts = [&self.region, &self.zone, &self.subzone];
+        let len = parts
+            .iter()
+            .rposition(|part| !part.is_empty())
+            .map_or(0, |last| last + 1);
+        for (index, part) in parts[..len].iter().enumerate() {
+            if index > 0 {
+                f.write_str("/")?;
+            }
+            f.write_str(part)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Locality {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Locality {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LocalityVisitor;
+        impl Visitor<'_> for LocalityVisitor {
+            type Value = Locality;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a locality like \"us-east1\" or \"us-east1/us-east1-b\"")
+            }
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<Locality, E> {
+                value.parse().map_err(E::custom)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Locality, E> {
+                Ok(Locality::default())
+            }
+        }
+        deserializer.deserialize_str(LocalityVisitor)
+    }
+}
+
+/// How endpoints are ordered by locality: Istio's `localityLbSetting`, plus
+/// detour's `failoverOrder`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalityLbSetting {
+    /// Istio's `enabled`: when false, locality is ignored and every endpoint is equal.
+    pub enabled: bool,
+    /// Istio's `failover: [{from, to}]`: rules whose `from` contains the node's locality
+    /// name, in order, where to go after the node's own region.
+    pub failover: Vec<FailoverRule>,
+    /// Where to go next, in order, after the matching `failover` rules' targets.
+    pub failover_order: Vec<Locality>,
+}
+
+impl Default for LocalityLbSetting {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failover: Vec::new(),
+            failover_order: Vec::new(),
+        }
+    }
+}
+
+/// One Istio failover rule: from the node's locality `from`, fail over to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverRule {
+    pub from: Locality,
+    pub to: Locality,
+}
+
+/// Active health checking of a service's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Time between two checks of one endpoint; at least 10ms; default 1s.
+    pub interval: Duration,
+    /// How long one check may take; `0 < timeout <= interval`; default 500ms, or the
+    /// interval when that is shorter.
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy endpoint healthy; default 1.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy endpoint unhealthy; default 2.
+    pub unhealthy_threshold: u32,
+    pub kind: HealthCheckKind,
+}
+
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+            kind: HealthCheckKind::Tcp,
+        }
+    }
+}
+
+/// What an active health check does. YAML: `tcp: {}` (the default) or `disabled: true`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// A TCP connect to the endpoint's port succeeds.
+    Tcp,
+    /// No active checks: only what passive health sees of real connections counts.
+    None,
+}
+
+/// A configuration that cannot be used, with where in the file the problem is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{kind}", Where { path, line: *line })]
+pub struct ConfigError {
+    /// The field, as `services[1].vips[0]`; empty for the document itself.
+    pub path: String,
+    /// 1-based line of the field in the YAML, when it could be found.
+    pub line: Option<usize>,
+    pub kind: ConfigErrorKind,
+}
+
+/// Writes `path (line N): `, leaving out whichever part is unknown.
+struct Where<'a> {
+    path: &'a str,
+    line: Option<usize>,
+}
+
+impl fmt::Display for Where<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.path.is_empty(), self.line) {
+            (false, Some(line)) => write!(f, "{} (line {line}): ", self.path),
+            (false, None) => write!(f, "{}: ", self.path),
+            (true, Some(line)) => write!(f, "line {line}: "),
+            (true, None) => Ok(()),
+        }
+    }
+}
+
+/// What is wrong, without where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigErrorKind {
+    /// Malformed YAML, an unknown or missing field, a wrong type, or a value its own
+    /// field refuses (a bad IP, locality, duration, weight, name or port); `message` is
+    /// serde_yaml's or the field check's text.
+    #[error("{message}")]
+    Decode { message: String },
+    #[error("service name {name:?} is already used by services[{first}]")]
+    DuplicateServiceName { name: String, first: usize },
+    #[error("a service needs at least one VIP")]
+    NoVips,
+    #[error("a service needs at least one port")]
+    NoPorts,
+    #[error("VIP {vip} is listed twice")]
+    DuplicateVip { vip: IpAddr },
+    #[error("VIP {vip} is already used by service {service:?}")]
+    VipInUse { vip: SocketAddr, service: String },
+    #[error("port number {number} is listed twice")]
+    DuplicatePortNumber { number: u16 },
+    #[error("port name {name:?} is listed twice")]
+    DuplicatePortName { name: String },
+    #[error("no port of this service is named {name:?} (ports: {})", known.join(", "))]
+    UnknownPortName { name: String, known: Vec<String> },
+    #[error(
+        "VIP {vip} is {family} but no endpoint of this service is: \
+         a connect() can only be rewritten to an address of its own family"
+    )]
+    NoEndpointOfVipFamily { vip: IpAddr, family: IpFamily },
+    #[error("endpoint {address} is the same backend as endpoints[{first}]")]
+    DuplicateEndpoint { address: IpAddr, first: usize },
+    #[error("{field} must not be empty")]
+    EmptyLocality { field: &'static str },
+    #[error("failover from {from} to the same locality does nothing")]
+    FailoverToItself { from: Locality },
+    #[error("timeout {} is longer than the interval {}", humantime::format_duration(*timeout), humantime::format_duration(*interval))]
+    TimeoutExceedsInterval {
+        timeout: Duration,
+        interval: Duration,
+    },
+    #[error("tcp is set but disabled is true: keep one of them")]
+    DisabledCheckConfigured,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    fn of(address: &IpAddr) -> Self {
+        match address {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
+}
+
+/// Parses and validates a whole configuration. An empty document means no services.
+///
+/// # Errors
+/// The first problem found, with its field path and line.
+pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
+    let deserializer = serde_yaml::Deserializer::from_str(yaml);
+    let raw: Option<RawConfig> =
+        serde_path_to_error::deserialize(deserializer).map_err(syntax_error)?;
+    Validator { yaml }.config(raw.unwrap_or_default())
+}
+
+fn syntax_error(error: serde_path_to_error::Error<serde_yaml::Error>) -> ConfigError {
+    let path = match error.path().to_string() {
+        root if root == "." => String::new(),
+        path => path,
+    };
+    let inner = error.into_inner();
+    let location = inner.location();
+    let mut message = inner.to_string();
+    // serde_yaml repeats the position and its own idea of the path in its text; both
+    // are already in `path` and `line`, so they are cut to show each once.
+    if let Some(location) = &location {
+        let position = format!(" at line {} column {}", location.line(), location.column());
+        message = message.replacen(&position, "", 1);
+    }
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        let is_ancestor = path
+            .strip_prefix(prefix)
+            .is_some_and(|tail| tail.is_empty() || tail.starts_with(['.', '[']));
+        if !prefix.is_empty() && is_ancestor {
+            message = rest.to_owned();
+        }
+    }
+    ConfigError {
+        path,
+        line: location.map(|location| location.line()),
+        kind: ConfigErrorKind::Decode { message },
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The YAML as written. Single-value checks live in the `de_*` functions so that
+// serde_yaml attaches the value's position; everything else is in `Validator`.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `node` and `services`"
+)]
+struct RawConfig {
+    #[serde(default)]
+    node: Option<RawNode>,
+    #[serde(default)]
+    services: Option<Vec<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with `locality`")]
+struct RawNode {
+    #[serde(default)]
+    locality: Locality,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a service mapping (name, vips, ports, ...)",
+    rename_all = "camelCase"
+)]
+struct RawService {
+    #[serde(deserialize_with = "de_service_name")]
+    name: String,
+    #[serde(deserialize_with = "de_addresses")]
+    vips: Vec<IpAddr>,
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+    #[serde(default, rename = "localityLbSetting")]
+    locality_lb: Option<RawLocalityLb>,
+    #[serde(default)]
+    health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a port mapping (number, name, targetPort, protocol)",
+    rename_all = "camelCase"
+)]
+struct RawPort {
+    #[serde(deserialize_with = "de_port")]
+    number: u16,
+    #[serde(default, deserialize_with = "de_port_name")]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "de_some_port")]
+    target_port: Option<u16>,
+    #[serde(default, deserialize_with = "de_protocol")]
+    protocol: Option<Protocol>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an endpoint mapping (address, ports, weight, locality, labels)"
+)]
+struct RawEndpoint {
+    #[serde(deserialize_with = "de_address")]
+    address: IpAddr,
+    #[serde(default, deserialize_with = "de_endpoint_ports")]
+    ports: BTreeMap<String, u16>,
+    #[serde(default = "default_weight", deserialize_with = "de_weight")]
+    weight: u32,
+    #[serde(default)]
+    locality: Locality,
+    #[serde(default, deserialize_with = "de_labels")]
+    labels: BTreeMap<String, String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `enabled`, `failover` and `failoverOrder`",
+    rename_all = "camelCase"
+)]
+struct RawLocalityLb {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    failover: Vec<RawFailoverRule>,
+    #[serde(default)]
+    failover_order: Vec<Locality>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with `from` and `to`")]
+struct RawFailoverRule {
+    from: Locality,
+    to: Locality,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a healthCheck mapping (interval, timeout, thresholds, tcp or disabled)",
+    rename_all = "camelCase"
+)]
+struct RawHealthCheck {
+    #[serde(default = "default_interval", deserialize_with = "de_interval")]
+    interval: Duration,
+    #[serde(default, deserialize_with = "de_timeout")]
+    timeout: Option<Duration>,
+    #[serde(
+        default = "default_healthy_threshold",
+        deserialize_with = "de_threshold"
+    )]
+    healthy_threshold: u32,
+    #[serde(
+        default = "default_unhealthy_threshold",
+        deserialize_with = "de_threshold"
+    )]
+    unhealthy_threshold: u32,
+    #[serde(default)]
+    tcp: Option<RawTcpCheck>,
+    #[serde(default)]
+    disabled: bool,
+}
+
+/// `tcp: {}` has no settings yet; `deny_unknown_fields` keeps it that way until it has.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an empty mapping: `tcp: {}`")]
+struct RawTcpCheck {}
+
+fn default_interval() -> Duration {
+    DEFAULT_INTERVAL
+}
+
+fn default_healthy_threshold() -> u32 {
+    HealthCheckConfig::default().healthy_threshold
+}
+
+fn default_unhealthy_threshold() -> u32 {
+    HealthCheckConfig::default().unhealthy_threshold
+}
+
+// ---------------------------------------------------------------------------------
+// Single-value checks. Each runs inside a Visitor so that serde_yaml reports the
+// line of the offending value rather than of the enclosing mapping.
+
+/// An unsigned integer in `MIN..=MAX`.
+struct RangeVisitor<const MIN: u64, const MAX: u64> {
+    what: &'static str,
+}
+
+impl<const MIN: u64, const MAX: u64> Visitor<'_> for RangeVisitor<MIN, MAX> {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} from {MIN} to {MAX}", self.what)
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<u64, E> {
+        if (MIN..=MAX).contains(&value) {
+            Ok(value)
+        } else {
+            Err(E::invalid_value(Unexpected::Unsigned(value), &self))
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
+        match u64::try_from(value) {
+            Ok(value) => self.visit_u64(value),
+            Err(_) => Err(E::invalid_value(Unexpected::Signed(value), &self)),
+        }
+    }
+}
+
+fn de_ranged<'de, D, T, const MIN: u64, const MAX: u64>(
+    deserializer: D,
+    what: &'static str,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let value = deserializer.deserialize_u64(RangeVisitor::<MIN, MAX> { what })?;
+    // MAX is chosen to fit T at every call site, so this cannot fail.
+    T::try_from(value).map_err(|_| de::Error::custom(format!("{what} {value} is too large")))
+}
+
+fn de_port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    de_ranged::<D, u16, 1, 65535>(deserializer, "a port number")
+}
+
+fn de_some_port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u16>, D::Error> {
+    de_port(deserializer).map(Some)
+}
+
+fn de_weight<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    de_ranged::<D, u32, 1, 1_000_000>(deserializer, "a weight")
+}
+
+fn de_threshold<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    de_ranged::<D, u32, 1, { u32::MAX as u64 }>(deserializer, "a count")
+}
+
+/// A string that passes `check`, which returns why not.
+struct StrVisitor<T> {
+    what: &'static str,
+    check: fn(&str) -> Result<T, String>,
+}
+
+impl<T> Visitor<'_> for StrVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.what)
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<T, E> {
+        (self.check)(value).map_err(E::custom)
+    }
+}
+
+fn de_service_name<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    deserializer.deserialize_str(StrVisitor {
+        what: "a service name",
+        check: |value| {
+            if is_service_name(value) {
+                Ok(value.to_owned())
+            } else {
+                Err(format!(
+                    "invalid service name {value:?}: use at most 253 lowercase letters, \
+                     digits, '-' and '.', starting and ending with a letter or digit"
+                ))
+            }
+        },
+    })
+}
+
+fn is_service_name(name: &str) -> bool {
+    let inner_ok = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.';
+    let edge_ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 253
+        && bytes.first().is_some_and(edge_ok)
+        && bytes.last().is_some_and(edge_ok)
+        && bytes.iter().copied().all(inner_ok)
+}
+
+fn de_port_name<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    deserializer.deserialize_str(StrVisitor {
+        what: "a port name",
+        check: |value| {
+            if value.is_empty() {
+                Err("port name must not be empty".to_owned())
+            } else {
+                Ok(Some(value.to_owned()))
+            }
+        },
+    })
+}
+
+fn de_protocol<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Protocol>, D::Error> {
+    deserializer.deserialize_str(StrVisitor {
+        what: "a protocol",
+        check: |value| {
+            Protocol::ALL
+                .iter()
+                .find(|(_, name)| name.eq_ignore_ascii_case(value))
+                .map(|(protocol, _)| Some(*protocol))
+                .ok_or_else(|| {
+                    let names: Vec<&str> = Protocol::ALL.iter().map(|(_, name)| *name).collect();
+                    format!(
+                        "unknown protocol {value:?}, expected one of {}",
+                        names.join(", ")
+                    )
+                })
+        },
+    })
+}
+
+fn parse_address(value: &str) -> Result<IpAddr, String> {
+    let address: IpAddr = value.parse().map_err(|_| {
+        format!("{value:?} is not an IP address (DNS names are not resolved by this config)")
+    })?;
+    if address.is_unspecified() || address.is_multicast() {
+        return Err(format!(
+            "{address} is an unspecified or multicast address, not a host"
+        ));
+    }
+    Ok(address)
+}
+
+fn de_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
+    deserializer.deserialize_str(StrVisitor {
+        what: "an IP address",
+        check: parse_address,
+    })
+}
+
+/// A list of addresses, each checked like [`de_address`].
+fn de_addresses<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpAddr>, D::Error> {
+    struct Address(IpAddr);
+    impl<'de> Deserialize<'de> for Address {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            de_address(deserializer).map(Address)
+        }
+    }
+    let addresses: Vec<Address> = Deserialize::deserialize(deserializer)?;
+    Ok(addresses.into_iter().map(|Address(ip)| ip).collect())
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    minimum: Duration,
+) -> Result<Duration, D::Error> {
+    struct DurationVisitor {
+        minimum: Duration,
+    }
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration with a unit, like \"10s\", \"500ms\" or \"2m\"")
+        }
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<Duration, E> {
+            let duration = humantime::parse_duration(value)
+                .map_err(|error| E::custom(format!("invalid duration {value:?}: {error}")))?;
+            if duration < self.minimum {
+                return Err(E::custom(format!(
+                    "{value:?} is too short: the minimum is {}",
+                    humantime::format_duration(self.minimum)
+                )));
+            }
+            Ok(duration)
+        }
+    }
+    deserializer.deserialize_str(DurationVisitor { minimum })
+}
+
+fn de_interval<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    de_duration(deserializer, MIN_INTERVAL)
+}
+
+fn de_timeout<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    // The smallest duration humantime can express; "0s" is rejected.
+    de_duration(deserializer, Duration::from_nanos(1)).map(Some)
+}
+
+/// A mapping whose keys are unique. serde_yaml would keep the last of two equal keys,
+/// and a silently ignored entry is exactly what `deny_unknown_fields` is there to stop.
+fn de_unique_map<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct UniqueMap<V>(PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> Visitor<'de> for UniqueMap<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a mapping")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if entries.contains_key(&key) {
+                    return Err(de::Error::custom(format!("{key:?} is listed twice")));
+                }
+                let value = map.next_value()?;
+                entries.insert(key, value);
+            }
+            Ok(entries)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+    }
+    deserializer.deserialize_map(UniqueMap(PhantomData))
+}
+
+fn de_endpoint_ports<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, u16>, D::Error> {
+    /// A port number inside the `ports` mapping, checked like `number`.
+    struct Port(u16);
+    impl<'de> Deserialize<'de> for Port {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            de_port(deserializer).map(Port)
+        }
+    }
+    let ports: BTreeMap<String, Port> = de_unique_map(deserializer)?;
+    Ok(ports
+        .into_iter()
+        .map(|(name, Port(port))| (name, port))
+        .collect())
+}
+
+fn de_labels<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    de_unique_map(deserializer)
+}
+
+// ---------------------------------------------------------------------------------
+// Checks across fields, and turning the raw YAML into the public types.
+
+/// One step of a field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(&'static str),
+    Index(usize),
+}
+
+/// A field path, built while walking the config; shown like serde_path_to_error does.
+#[derive(Debug, Clone, Default)]
+struct FieldPath(Vec<Segment>);
+
+impl FieldPath {
+    fn key(&self, key: &'static str) -> Self {
+        let mut path = self.clone();
+        path.0.push(Segment::Key(key));
+        path
+    }
+
+    fn index(&self, index: usize) -> Self {
+        let mut path = self.clone();
+        path.0.push(Segment::Index(index));
+        path
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (position, segment) in self.0.iter().enumerate() {
+            match segment {
+                Segment::Key(key) if position == 0 => f.write_str(key)?,
+                Segment::Key(key) => write!(f, ".{key}")?,
+                Segment::Index(index) => write!(f, "[{index}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Validator<'a> {
+    yaml: &'a str,
+}
+
+impl Validator<'_> {
+    fn error(&self, path: &FieldPath, kind: ConfigErrorKind) -> ConfigError {
+        ConfigError {
+            path: path.to_string(),
+            line: line_of(self.yaml, &path.0),
+            kind,
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let node = NodeConfig {
+            locality: raw.node.map(|node| node.locality).unwrap_or_default(),
+        };
+        let root = FieldPath::default().key("services");
+        let mut services: Vec<ServiceConfig> = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        // Which service owns each VIP:port; checked across all services.
+        let mut owners: HashMap<SocketAddr, usize> = HashMap::new();
+        for (index, raw_service) in raw.services.unwrap_or_default().into_iter().enumerate() {
+            let path = root.index(index);
+            if let Some(&first) = names.get(&raw_service.name) {
+                return Err(self.error(
+                    &path.key("name"),
+                    ConfigErrorKind::DuplicateServiceName {
+                        name: raw_service.name,
+                        first,
+                    },
+                ));
+            }
+            names.insert(raw_service.name.clone(), index);
+            let service = self.service(&path, raw_service)?;
+            for (vip_index, vip) in service.vips.iter().enumerate() {
+                for port in &service.ports {
+                    let socket = SocketAddr::new(*vip, port.number);
+                    if let Some(&owner) = owners.get(&socket) {
+                        return Err(self.error(
+                            &path.key("vips").index(vip_index),
+                            ConfigErrorKind::VipInUse {
+                                vip: socket,
+                                service: services[owner].name.clone(),
+                            },
+                        ));
+                    }
+                    owners.insert(socket, index);
+                }
+            }
+            services.push(service);
+        }
+        Ok(Config { node, services })
+    }
+
+    fn service(&self, path: &FieldPath, raw: RawService) -> Result<ServiceConfig, ConfigError> {
+        if raw.vips.is_empty() {
+            return Err(self.error(&path.key("vips"), ConfigErrorKind::NoVips));
+        }
+        let mut seen_vips = HashSet::new();
+        for (index, vip) in raw.vips.iter().enumerate() {
+            if !seen_vips.insert(*vip) {
+                return Err(self.error(
+                    &path.key("vips").index(index),
+                    ConfigErrorKind::DuplicateVip { vip: *vip },
+                ));
+            }
+        }
+        let ports = self.ports(&path.key("ports"), raw.ports)?;
+        let endpoints = self.endpoints(&path.key("endpoints"), raw.endpoints, &ports)?;
+        if !endpoints.is_empty() {
+            for (index, vip) in raw.vips.iter().enumerate() {
+                let family = IpFamily::of(vip);
+                if !endpoints
+                    .iter()
+                    .any(|endpoint| IpFamily::of(&endpoint.address) == family)
+                {
+                    return Err(self.error(
+                        &path.key("vips").index(index),
+                        ConfigErrorKind::NoEndpointOfVipFamily { vip: *vip, family },
+                    ));
+                }
+            }
+        }
+        let locality_lb = match raw.locality_lb {
+            Some(raw_lb) => self.locality_lb(&path.key("localityLbSetting"), raw_lb)?,
+            None => LocalityLbSetting::default(),
+        };
+        let health_check = match raw.health_check {
+            Some(raw_check) => self.health_check(&path.key("healthCheck"), raw_check)?,
+            None => HealthCheckConfig::default(),
+        };
+        Ok(ServiceConfig {
+            name: raw.name,
+            vips: raw.vips,
+            ports,
+            endpoints,
+            locality_lb,
+            health_check,
+        })
+    }
+
+    fn ports(&self, path: &FieldPath, raw: Vec<RawPort>) -> Result<Vec<PortConfig>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.error(path, ConfigErrorKind::NoPorts));
+        }
+        let mut ports: Vec<PortConfig> = Vec::with_capacity(raw.len());
+        for (index, raw_port) in raw.into_iter().enumerate() {
+            let port_path = path.index(index);
+            let named = raw_port.name.is_some();
+            let name = raw_port
+                .name
+                .unwrap_or_else(|| format!("port-{}", raw_port.number));
+            if ports.iter().any(|port| port.number == raw_port.number) {
+                return Err(self.error(
+                    &port_path.key("number"),
+                    ConfigErrorKind::DuplicatePortNumber {
+                        number: raw_port.number,
+                    },
+                ));
+            }
+            if ports.iter().any(|port| port.name == name) {
+                // A defaulted name can only clash with an explicit one; point at
+                // whichever of the two the user wrote.
+                let field = if named { "name" } else { "number" };
+                return Err(self.error(
+                    &port_path.key(field),
+                    ConfigErrorKind::DuplicatePortName { name },
+                ));
+            }
+            ports.push(PortConfig {
+                number: raw_port.number,
+                name,
+                target_port: raw_port.target_port,
+                protocol: raw_port.protocol,
+            });
+        }
+        Ok(ports)
+    }
+
+    fn endpoints(
+        &self,
+        path: &FieldPath,
+        raw: Vec<RawEndpoint>,
+        ports: &[PortConfig],
+    ) -> Result<Vec<EndpointConfig>, ConfigError> {
+        let mut endpoints: Vec<EndpointConfig> = Vec::with_capacity(raw.len());
+        for (index, raw_endpoint) in raw.into_iter().enumerate() {
+            let endpoint_path = path.index(index);
+            if let Some(name) = raw_endpoint
+                .ports
+                .keys()
+                .find(|name| !ports.iter().any(|port| &port.name == *name))
+            {
+                return Err(self.error(
+                    &endpoint_path.key("ports"),
+                    ConfigErrorKind::UnknownPortName {
+                        name: name.clone(),
+                        known: ports.iter().map(|port| port.name.clone()).collect(),
+                    },
+                ));
+            }
+            let endpoint = EndpointConfig {
+                address: raw_endpoint.address,
+                ports: raw_endpoint.ports,
+                weight: raw_endpoint.weight,
+                locality: raw_endpoint.locality,
+                labels: raw_endpoint.labels,
+            };
+            if let Some(first) = endpoints.iter().position(|other| {
+                other.address == endpoint.address
+                    && other.backends(ports).eq(endpoint.backends(ports))
+            }) {
+                return Err(self.error(
+                    &endpoint_path.key("address"),
+                    ConfigErrorKind::DuplicateEndpoint {
+                        address: endpoint.address,
+                        first,
+                    },
+                ));
+            }
+            endpoints.push(endpoint);
+        }
+        Ok(endpoints)
+    }
+
+    fn locality_lb(
+        &self,
+        path: &FieldPath,
+        raw: RawLocalityLb,
+    ) -> Result<LocalityLbSetting, ConfigError> {
+        let mut failover = Vec::with_capacity(raw.failover.len());
+        for (index, rule) in raw.failover.into_iter().enumerate() {
+            let rule_path = path.key("failover").index(index);
+            for (field, locality) in [("from", &rule.from), ("to", &rule.to)] {
+                if locality.is_empty() {
+                    return Err(self.error(
+                        &rule_path.key(field),
+                        ConfigErrorKind::EmptyLocality { field },
+                    ));
+                }
+            }
+            if rule.from == rule.to {
+                return Err(self.error(
+                    &rule_path.key("to"),
+                    ConfigErrorKind::FailoverToItself { from: rule.from },
+                ));
+            }
+            failover.push(FailoverRule {
+                from: rule.from,
+                to: rule.to,
+            });
+        }
+        if let Some(index) = raw.failover_order.iter().position(Locality::is_empty) {
+            return Err(self.error(
+                &path.key("failoverOrder").index(index),
+                ConfigErrorKind::EmptyLocality {
+                    field: "a failoverOrder entry",
+                },
+            ));
+        }
+        Ok(LocalityLbSetting {
+            enabled: raw.enabled.unwrap_or(true),
+            failover,
+            failover_order: raw.failover_order,
+        })
+    }
+
+    fn health_check(
+        &self,
+        path: &FieldPath,
+        raw: RawHealthCheck,
+    ) -> Result<HealthCheckConfig, ConfigError> {
+        if raw.disabled && raw.tcp.is_some() {
+            return Err(self.error(
+                &path.key("disabled"),
+                ConfigErrorKind::DisabledCheckConfigured,
+            ));
+        }
+        // An unset timeout follows a short interval down rather than making the
+        // interval alone invalid.
+        let timeout = raw.timeout.unwrap_or(DEFAULT_TIMEOUT.min(raw.interval));
+        if timeout > raw.interval {
+            return Err(self.error(
+                &path.key("timeout"),
+                ConfigErrorKind::TimeoutExceedsInterval {
+                    timeout,
+                    interval: raw.interval,
+                },
+            ));
+        }
+        Ok(HealthCheckConfig {
+            interval: raw.interval,
+            timeout,
+            healthy_threshold: raw.healthy_threshold,
+            unhealthy_threshold: raw.unhealthy_threshold,
+            kind: if raw.disabled {
+                HealthCheckKind::None
+            } else {
+                HealthCheckKind::Tcp
+            },
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Finding a field's line after the fact.
+
+/// A container being walked, with what its next node will be.
+enum Frame {
+    Sequence {
+        next_index: usize,
+        pushed: bool,
+    },
+    Mapping {
+        /// `None` while a key is expected; else the step its value will take.
+        value_step: Option<Step>,
+        pushed: bool,
+    },
+}
+
+/// One step of a path found in the YAML; owned because keys come from the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Key(String),
+    Index(usize),
+    /// Inside or under a key that is not a string: never part of a config path.
+    Opaque,
+}
+
+/// What a node is to its parent.
+enum Role {
+    Root,
+    Item(Step),
+    Key(Step),
+    Value(Step),
+}
+
+fn step_matches(step: &Step, segment: &Segment) -> bool {
+    match (step, segment) {
+        (Step::Key(key), Segment::Key(wanted)) => key == wanted,
+        (Step::Index(index), Segment::Index(wanted)) => index == wanted,
+        _ => false,
+    }
+}
+
+/// The 1-based line of the node at `target`: a mapping entry's key, or a sequence
+/// item. When the node is absent (a defaulted field) it is the line of the deepest
+/// ancestor that is present. `None` only when the YAML cannot be re-read, which
+/// does not happen for text that serde_yaml accepted.
+fn line_of(yaml: &str, target: &[Segment]) -> Option<usize> {
+    use yaml_rust2::Event;
+
+    let mut parser = yaml_rust2::parser::Parser::new_from_str(yaml);
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut path: Vec<Step> = Vec::new();
+    // (depth, line) of the deepest prefix of `target` seen so far.
+    let mut best: Option<(usize, usize)> = None;
+
+    while let Ok((event, mark)) = parser.next_token() {
+        let is_sequence = matches!(event, Event::SequenceStart(..));
+        let is_container = is_sequence || matches!(event, Event::MappingStart(..));
+        match event {
+            Event::StreamEnd => break,
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some(Frame::Sequence { pushed, .. } | Frame::Mapping { pushed, .. }) =
+                    stack.pop()
+                {
+                    if pushed {
+                        path.pop();
+                    }
+                }
+                continue;
+            }
+            Event::Scalar(..)
+            | Event::Alias(..)
+            | Event::SequenceStart(..)
+            | Event::MappingStart(..) => {}
+            Event::Nothing | Event::StreamStart | Event::DocumentStart | Event::DocumentEnd => {
+                continue;
+            }
+        }
+        let role = match stack.last_mut() {
+            None => Role::Root,
+            Some(Frame::Sequence { next_index, .. }) => {
+                *next_index += 1;
+                Role::Item(Step::Index(*next_index - 1))
+            }
+            Some(Frame::Mapping { value_step, .. }) => match value_step.take() {
+                Some(step) => Role::Value(step),
+                None => {
+                    let step = match &event {
+                        Event::Scalar(key, ..) => Step::Key(key.clone()),
+                        _ => Step::Opaque,
+                    };
+                    *value_step = Some(step.clone());
+                    Role::Key(step)
+                }
+            },
+        };
+        if let Role::Item(step) | Role::Key(step) = &role {
+            let depth = path.len() + 1;
+            let is_prefix = depth <= target.len()
+                && path
+                    .iter()
+                    .chain(std::iter::once(step))
+                    .zip(target)
+                    .all(|(step, segment)| step_matches(step, segment));
+            if is_prefix {
+                if depth == target.len() {
+                    return Some(mark.line());
+                }
+                if best.is_none_or(|(best_depth, _)| depth > best_depth) {
+                    best = Some((depth, mark.line()));
+                }
+            }
+        }
+        if is_container {
+            let step = match role {
+                Role::Root => None,
+                Role::Item(step) | Role::Value(step) => Some(step),
+                Role::Key(_) => Some(Step::Opaque),
+            };
+            let pushed = step.is_some();
+            path.extend(step);
+            stack.push(if is_sequence {
+                Frame::Sequence {
+                    next_index: 0,
+                    pushed,
+                }
+            } else {
+                Frame::Mapping {
+                    value_step: None,
+                    pushed,
+                }
+            });
+        }
+    }
+    best.map(|(_, line)| line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Strips the indentation common to all lines and the first line break, so YAML can
+    /// be written inline and line 1 is the first line of text.
+    fn yaml(text: &str) -> String {
+        let text = text.strip_prefix('\n').unwrap_or(text);
+        let indent = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| line.len() - line.trim_start().len())
+            .min()
+            .unwrap_or(0);
+        text.lines()
+            .map(|line| line.get(indent..).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn parse_ok(text: &str) -> Config {
+        match parse(&yaml(text)) {
+            Ok(config) => config,
+            Err(error) => panic!("expected a valid config, got: {error}"),
+        }
+    }
+
+    /// What the user sees for a config that is refused.
+    fn refused(text: &str) -> String {
+        match parse(&yaml(text)) {
+            Ok(config) => panic!("expected an error, got {config:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    fn locality(text: &str) -> Locality {
+        text.parse().unwrap()
+    }
+
+    const MYDB: &str = "
+        node:
+          locality: us-east1/us-east1-b
+        services:
+          - name: mydb
+            vips: [127.200.0.1]
+            ports:
+              - number: 80
+                name: http
+                protocol: HTTP
+            endpoints:
+              - address: 127.0.1.1
+                locality: us-east1
+                ports:
+                  http: 8080
+              - address: 127.0.1.2
+                locality: us-east1
+              - address: 127.0.2.1
+                locality: us-west
+            localityLbSetting:
+              enabled: true
+              failover:
+                - from: us-east1
+                  to: us-west
+    ";
+
+    #[test]
+    fn the_external_mydb_example_parses() {
+        let config = parse_ok(MYDB);
+        assert_eq!(config.node.locality, locality("us-east1/us-east1-b"));
+        let mydb = config.service("mydb").unwrap();
+        assert_eq!(mydb.vips, vec!["127.200.0.1".parse::<IpAddr>().unwrap()]);
+        let http = &mydb.ports[0];
+        assert_eq!(
+            http,
+            &PortConfig {
+                number: 80,
+                name: "http".into(),
+                target_port: None,
+                protocol: Some(Protocol::Http),
+            }
+        );
+        let addresses: Vec<String> = mydb
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                format!(
+                    "{}:{} {}",
+                    endpoint.address,
+                    endpoint.port_for(http),
+                    endpoint.locality
+                )
+            })
+            .collect();
+        assert_eq!(
+            addresses,
+            [
+                "127.0.1.1:8080 us-east1",
+                "127.0.1.2:80 us-east1",
+                "127.0.2.1:80 us-west"
+            ]
+        );
+        assert_eq!(
+            mydb.locality_lb,
+            LocalityLbSetting {
+                enabled: true,
+                failover: vec![FailoverRule {
+                    from: locality("us-east1"),
+                    to: locality("us-west"),
+                }],
+                failover_order: vec![],
+            }
+        );
+        assert_eq!(mydb.health_check, HealthCheckConfig::default());
+        assert!(config.warnings().is_empty());
+    }
+
+    #[test]
+    fn the_multi_cluster_reviews_example_parses() {
+        let config = parse_ok(
+            "
+            services:
+              - name: reviews-failover.default.global
+                vips: [127.201.0.1, 'fd00::1']
+                ports:
+                  - number: 9080
+                    name: http
+                    targetPort: 9081
+                endpoints:
+                  - address: 127.0.3.1
+                    locality: kind2
+                    labels: {cluster: kind2}
+                  - address: 127.0.4.1
+                    locality: kind3
+                    weight: 3
+                    labels: {cluster: kind3}
+                  - address: '::1'
+                    locality: kind3
+                localityLbSetting:
+                  failoverOrder: [kind2, kind3/zone-a]
+                healthCheck:
+                  interval: 10s
+                  timeout: 2s
+                  healthyThreshold: 2
+                  unhealthyThreshold: 3
+                  tcp: {}
+            ",
+        );
+        assert_eq!(config.node, NodeConfig::default());
+        let reviews = &config.services[0];
+        assert_eq!(reviews.endpoints[0].port_for(&reviews.ports[0]), 9081);
+        assert_eq!(reviews.endpoints[1].weight, 3);
+        assert_eq!(reviews.endpoints[0].weight, 1);
+        assert_eq!(reviews.endpoints[1].labels["cluster"], "kind3");
+        assert_eq!(
+            reviews.locality_lb.failover_order,
+            vec![locality("kind2"), locality("kind3/zone-a")]
+        );
+        assert_eq!(
+            reviews.health_check,
+            HealthCheckConfig {
+                interval: Duration::from_secs(10),
+                timeout: Duration::from_secs(2),
+                healthy_threshold: 2,
+                unhealthy_threshold: 3,
+                kind: HealthCheckKind::Tcp,
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_config_has_no_services() {
+        for text in ["", "# nothing yet\n", "services: []", "services:", "---\n"] {
+            assert_eq!(parse(text), Ok(Config::default()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let config = parse_ok(
+            "
+            services:
+              - name: db
+                vips: [127.200.0.1]
+                ports: [{number: 5432}]
+                endpoints: [{address: 127.0.0.2}]
+                healthCheck: {}
+            ",
+        );
+        let db = &config.services[0];
+        assert_eq!(db.ports[0].name, "port-5432");
+        assert_eq!(db.ports[0].target_port, None);
+        assert_eq!(db.endpoints[0].port_for(&db.ports[0]), 5432);
+        assert_eq!(db.endpoints[0].weight, 1);
+        assert!(db.endpoints[0].locality.is_empty());
+        assert_eq!(db.locality_lb, LocalityLbSetting::default());
+        assert!(db.locality_lb.enabled);
+        let check = &db.health_check;
+        assert_eq!(check.interval, Duration::from_secs(1));
+        assert_eq!(check.timeout, Duration::from_millis(500));
+        assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (1, 2));
+        assert_eq!(check.kind, HealthCheckKind::Tcp);
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_valid_and_reported() {
+        let config = parse_ok(
+            "
+            services:
+              - name: idle
+                vips: [127.200.0.1]
+                ports: [{number: 80}]
+            ",
+        );
+        assert!(config.services[0].endpoints.is_empty());
+        let warnings: Vec<String> = config.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            ["service \"idle\" has no endpoints: connections to its VIPs have no backend"]
+        );
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let check = |text: &str| {
+            parse_ok(&format!(
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{{number: 80}}]
+                    healthCheck: {text}
+                "
+            ))
+            .services[0]
+                .health_check
+                .clone()
+        };
+        let minutes = check("{interval: 2m, timeout: 500ms}");
+        assert_eq!(minutes.interval, Duration::from_secs(120));
+        assert_eq!(minutes.timeout, Duration::from_millis(500));
+        // An unset timeout follows a short interval down instead of exceeding it.
+        let fast = check("{interval: 100ms}");
+        assert_eq!(fast.timeout, Duration::from_millis(100));
+        let fastest = check("{interval: 10ms, timeout: 10ms}");
+        assert_eq!(fastest.interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn health_checks_can_be_disabled() {
+        let config = parse_ok(
+            "
+            services:
+              - name: db
+                vips: [127.200.0.1]
+                ports: [{number: 80}]
+                healthCheck:
+                  disabled: true
+            ",
+        );
+        assert_eq!(config.services[0].health_check.kind, HealthCheckKind::None);
+    }
+
+    /// A service with one VIP, one port and one endpoint, followed by `extra` lines at
+    /// the service's indentation; `extra` starts on line 6.
+    fn service_with(extra: &str) -> String {
+        format!(
+            "services:\n  - name: db\n    vips: [127.200.0.1]\n    ports: [{{number: 80, name: http}}]\n    # the case under test:\n{}",
+            yaml(extra)
+                .lines()
+                .map(|line| format!("    {line}\n"))
+                .collect::<String>()
+        )
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_where_they_are() {
+        assert_eq!(
+            refused("nodes: {locality: us-east1}"),
+            "nodes (line 1): unknown field `nodes`, expected `node` or `services`"
+        );
+        assert_eq!(
+            refused(&service_with(
+                "
+                healthCheck:
+                  intervall: 5s
+                "
+            )),
+            "services[0].healthCheck.intervall (line 7): unknown field `intervall`, expected one \
+             of `interval`, `timeout`, `healthyThreshold`, `unhealthyThreshold`, `tcp`, `disabled`"
+        );
+        assert_eq!(
+            refused(&service_with(
+                "
+                localityLbSetting:
+                  failover:
+                    - from: us-east1
+                      too: us-west
+                "
+            )),
+            "services[0].localityLbSetting.failover[0].too (line 9): unknown field `too`, \
+             expected `from` or `to`"
+        );
+        assert_eq!(
+            refused(&service_with("healthCheck: {tcp: {port: 81}}")),
+            "services[0].healthCheck.tcp.port (line 6): unknown field `port`, there are no fields"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_field_and_line() {
+        let cases = [
+            (
+                "endpoints: [{address: dynamodb.us-east-1.amazonaws.com}]",
+                "services[0].endpoints[0].address (line 6): \"dynamodb.us-east-1.amazonaws.com\" \
+                 is not an IP address (DNS names are not resolved by this config)",
+            ),
+            (
+                "endpoints:\n- address: 127.0.0.3\n  weight: 0",
+                "services[0].endpoints[0].weight (line 8): invalid value: integer `0`, expected a \
+                 weight from 1 to 1000000",
+            ),
+            (
+                "endpoints:\n- address: 127.0.0.3\n  weight: 1000001",
+                "services[0].endpoints[0].weight (line 8): invalid value: integer `1000001`, \
+                 expected a weight from 1 to 1000000",
+            ),
+            (
+                "endpoints:\n- address: 127.0.0.3\n  locality: us-east1//a",
+                "services[0].endpoints[0].locality (line 8): locality \"us-east1//a\" has an \
+                 empty part (expected region, region/zone or region/zone/subzone)",
+            ),
+            (
+                "endpoints:\n- address: 127.0.0.3\n  ports: {http: 0}",
+                "services[0].endpoints[0].ports.http (line 8): invalid value: integer `0`, \
+                 expected a port number from 1 to 65535",
+            ),
+            (
+                "endpoints:\n- address: 127.0.0.3\n  ports:\n    http: 81\n    http: 82",
+                "services[0].endpoints[0].ports (line 9): \"http\" is listed twice",
+            ),
+            (
+                "endpoints: [{address: 0.0.0.0}]",
+                "services[0].endpoints[0].address (line 6): 0.0.0.0 is an unspecified or \
+                 multicast address, not a host",
+            ),
+            (
+                "healthCheck:\n  interval: 5ms",
+                "services[0].healthCheck.interval (line 7): \"5ms\" is too short: the minimum is \
+                 10ms",
+            ),
+            (
+                "healthCheck:\n  interval: 10",
+                "services[0].healthCheck.interval (line 7): invalid duration \"10\": time unit \
+                 needed, for example 10sec or 10ms",
+            ),
+            (
+                "healthCheck:\n  timeout: 0s",
+                "services[0].healthCheck.timeout (line 7): \"0s\" is too short: the minimum is 1ns",
+            ),
+            (
+                "healthCheck:\n  unhealthyThreshold: 0",
+                "services[0].healthCheck.unhealthyThreshold (line 7): invalid value: integer \
+                 `0`, expected a count from 1 to 4294967295",
+            ),
+            (
+                "localityLbSetting:\n  failoverOrder: [us-west, a/b/c/d]",
+                "services[0].localityLbSetting.failoverOrder[1] (line 7): locality \"a/b/c/d\" \
+                 has more than 3 parts (expected region/zone/subzone)",
+            ),
+        ];
+        for (extra, expected) in cases {
+            assert_eq!(refused(&service_with(extra)), expected, "{extra}");
+        }
+    }
+
+    #[test]
+    fn bad_service_fields_are_refused_with_field_and_line() {
+        assert_eq!(
+            refused(
+                "
+                services:
+                  - name: My_DB
+                "
+            ),
+            "services[0].name (line 2): invalid service name \"My_DB\": use at most 253 \
+             lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+        );
+        assert_eq!(
+            refused(
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports:
+                      - number: 70000
+                "
+            ),
+            "services[0].ports[0].number (line 5): invalid value: integer `70000`, expected a \
+             port number from 1 to 65535"
+        );
+        assert_eq!(
+            refused(
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports:
+                      - number: 80
+                        protocol: UDP
+                "
+            ),
+            "services[0].ports[0].protocol (line 6): unknown protocol \"UDP\", expected one of \
+             HTTP, HTTPS, GRPC, GRPC-WEB, HTTP2, MONGO, TCP, TLS"
+        );
+        assert_eq!(
+            refused(
+                "
+                services:
+                  - name: db
+                    ports: [{number: 80}]
+                "
+            ),
+            "services[0] (line 2): missing field `vips`"
+        );
+        assert_eq!(
+            refused("services: [\n"),
+            "services (line 2): did not find expected node content, while parsing a flow node"
+        );
+        assert_eq!(
+            refused("- a\n- b\n"),
+            "line 1: invalid type: sequence, expected a mapping with `node` and `services`"
+        );
+    }
+
+    #[test]
+    fn checks_across_fields_name_the_field_and_line() {
+        let cases = [
+            (
+                "
+                services:
+                  - name: db
+                    vips: []
+                    ports: [{number: 80}]
+                ",
+                "services[0].vips (line 3): a service needs at least one VIP",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: []
+                ",
+                "services[0].ports (line 4): a service needs at least one port",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips:
+                      - 127.200.0.1
+                      - 127.200.0.1
+                    ports: [{number: 80}]
+                ",
+                "services[0].vips[1] (line 5): VIP 127.200.0.1 is listed twice",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports:
+                      - number: 80
+                      - number: 80
+                        name: web
+                ",
+                "services[0].ports[1].number (line 6): port number 80 is listed twice",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports:
+                      - number: 80
+                        name: web
+                      - number: 81
+                        name: web
+                ",
+                "services[0].ports[1].name (line 8): port name \"web\" is listed twice",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports:
+                      - number: 80
+                        name: port-81
+                      - number: 81
+                ",
+                "services[0].ports[1].number (line 7): port name \"port-81\" is listed twice",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports:
+                      - {number: 80, name: http}
+                      - {number: 443, name: https}
+                    endpoints:
+                      - address: 127.0.0.2
+                        ports: {htp: 8080}
+                ",
+                "services[0].endpoints[0].ports (line 9): no port of this service is named \
+                 \"htp\" (ports: http, https)",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1, 'fd00::10']
+                    ports: [{number: 80}]
+                    endpoints:
+                      - address: 127.0.0.2
+                ",
+                "services[0].vips[1] (line 3): VIP fd00::10 is IPv6 but no endpoint of this \
+                 service is: a connect() can only be rewritten to an address of its own family",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80, name: http}]
+                    endpoints:
+                      - address: 127.0.0.2
+                        ports: {http: 8080}
+                      - address: 127.0.0.2
+                        ports: {http: 8081}
+                      - address: 127.0.0.2
+                        ports: {http: 8080}
+                ",
+                "services[0].endpoints[2].address (line 10): endpoint 127.0.0.2 is the same \
+                 backend as endpoints[0]",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    localityLbSetting:
+                      failover:
+                        - from: us-east1
+                          to: us-east1
+                ",
+                "services[0].localityLbSetting.failover[0].to (line 8): failover from us-east1 \
+                 to the same locality does nothing",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    localityLbSetting:
+                      failover:
+                        - from: ''
+                          to: us-west
+                ",
+                "services[0].localityLbSetting.failover[0].from (line 7): from must not be empty",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    localityLbSetting:
+                      failoverOrder:
+                        - us-west
+                        - ''
+                ",
+                "services[0].localityLbSetting.failoverOrder[1] (line 8): a failoverOrder entry \
+                 must not be empty",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    healthCheck:
+                      interval: 1s
+                      timeout: 1500ms
+                ",
+                "services[0].healthCheck.timeout (line 7): timeout 1s 500ms is longer than the \
+                 interval 1s",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    healthCheck:
+                      tcp: {}
+                      disabled: true
+                ",
+                "services[0].healthCheck.disabled (line 7): tcp is set but disabled is true: \
+                 keep one of them",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(refused(text), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn names_and_vips_are_unique_across_services() {
+        assert_eq!(
+            refused(
+                "
+                services:
+                  - name: mydb
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                  - name: mydb
+                    vips: [127.200.0.2]
+                    ports: [{number: 80}]
+                "
+            ),
+            "services[1].name (line 5): service name \"mydb\" is already used by services[0]"
+        );
+        assert_eq!(
+            refused(
+                "
+                services:
+                  - name: mydb
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                  - name: cache
+                    vips:
+                      - 127.200.0.2
+                      - 127.200.0.1
+                    ports: [{number: 6379}, {number: 80}]
+                "
+            ),
+            "services[1].vips[1] (line 8): VIP 127.200.0.1:80 is already used by service \"mydb\""
+        );
+        assert_eq!(
+            refused(
+                "
+                services:
+                  - {name: a, vips: ['fd00::1'], ports: [{number: 80}]}
+                  - {name: b, vips: ['fd00::1'], ports: [{number: 80}]}
+                "
+            ),
+            "services[1].vips[0] (line 3): VIP [fd00::1]:80 is already used by service \"a\""
+        );
+        // The same VIP on another port is another service's business.
+        let config = parse_ok(
+            "
+            services:
+              - {name: a, vips: [127.200.0.1], ports: [{number: 80}]}
+              - {name: b, vips: [127.200.0.1], ports: [{number: 443}]}
+            ",
+        );
+        assert_eq!(config.services.len(), 2);
+    }
+
+    #[test]
+    fn the_error_value_carries_path_line_and_kind() {
+        let error = parse(&yaml(
+            "
+            services:
+              - name: db
+                vips: [127.200.0.1]
+                ports: [{number: 80}]
+                healthCheck: {interval: 1s, timeout: 2s}
+            ",
+        ))
+        .unwrap_err();
+        assert_eq!(error.path, "services[0].healthCheck.timeout");
+        assert_eq!(error.line, Some(5));
+        assert_eq!(
+            error.kind,
+            ConfigErrorKind::TimeoutExceedsInterval {
+                timeout: Duration::from_secs(2),
+                interval: Duration::from_secs(1),
+            }
+        );
+    }
+
+    #[test]
+    fn line_of_finds_keys_items_and_falls_back_to_the_parent() {
+        let text = yaml(
+            "
+            # a comment
+            services:
+              - name: a
+                vips: [127.0.0.1,
+                       127.0.0.2]
+              -
+                name: b
+                healthCheck: {interval: 1s}
+            ",
+        );
+        let path = |segments: &[Segment]| line_of(&text, segments);
+        use Segment::{Index, Key};
+        assert_eq!(path(&[Key("services")]), Some(2));
+        assert_eq!(path(&[Key("services"), Index(0)]), Some(3));
+        assert_eq!(
+            path(&[Key("services"), Index(0), Key("vips"), Index(1)]),
+            Some(5)
+        );
+        assert_eq!(path(&[Key("services"), Index(1), Key("name")]), Some(7));
+        // Absent fields point at the nearest ancestor that is there.
+        assert_eq!(
+            path(&[
+                Key("services"),
+                Index(1),
+                Key("healthCheck"),
+                Key("timeout")
+            ]),
+            Some(8)
+        );
+        assert_eq!(path(&[Key("services"), Index(5)]), Some(2));
+        assert_eq!(path(&[Key("node")]), None);
+    }
+
+    #[test]
+    fn locality_parses_and_displays_the_same_text() {
+        for text in ["", "us-east1", "us-east1/us-east1-b", "r/z/s"] {
+            let parsed: Locality = text.parse().unwrap();
+            assert_eq!(parsed.to_string(), text);
+        }
+        assert_eq!(
+            locality("us-east1/us-east1-b"),
+            Locality {
+                region: "us-east1".into(),
+                zone: "us-east1-b".into(),
+                subzone: String::new(),
+            }
+        );
+        let refused = |text: &str| text.parse::<Locality>().unwrap_err().to_string();
+        assert_eq!(
+            refused("a//b"),
+            "locality \"a//b\" has an empty part (expected region, region/zone or \
+             region/zone/subzone)"
+        );
+        assert!(refused("a/").contains("empty part"));
+        assert!(refused("/a").contains("empty part"));
+        assert_eq!(
+            refused("a/b/c/d"),
+            "locality \"a/b/c/d\" has more than 3 parts (expected region/zone/subzone)"
+        );
+        assert!(refused("us east").contains("whitespace"));
+        assert_eq!(
+            serde_yaml::to_string(&locality("r/z")).unwrap(),
+            "r/z\n",
+            "serializes as its text"
+        );
+    }
+
+    #[test]
+    fn locality_containment_matches_set_parts_only() {
+        assert!(locality("us-east1").contains(&locality("us-east1/us-east1-b")));
+        assert!(locality("us-east1/b").contains(&locality("us-east1/b/s")));
+        assert!(!locality("us-east1/b").contains(&locality("us-east1/c")));
+        assert!(!locality("us-east1/b").contains(&locality("us-east1")));
+        assert!(!locality("us-east1").contains(&Locality::default()));
+        assert!(Locality::default().contains(&locality("anywhere")));
+    }
+}
