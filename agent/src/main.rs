@@ -1,1 +1,95 @@
-fn main() {}
+//! The `detour` binary: the node agent (`detour agent`) and the node-local CLI that asks
+//! a running agent what it is doing (`detour services`, `detour endpoints`).
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use detour_agent::api::{self, Request, Response};
+use detour_agent::cli;
+
+mod runtime;
+
+#[derive(Parser)]
+#[command(
+    name = "detour",
+    version,
+    about = "Node-level failover for Kubernetes services, in eBPF"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load and attach the eBPF programs and keep the maps in step with
+    /// the configuration and the health checks.
+    Agent(runtime::AgentArgs),
+    /// Show each service port: VIPs, active tier, healthy endpoints, connects.
+    Services {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show endpoints (of one service, or all): health, locality, tier, in-table, connects.
+    Endpoints {
+        service: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("detour: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Agent(args) => runtime::run(args).await,
+            Command::Services { output, socket } => query(&socket, Request::Services, output).await,
+            Command::Endpoints {
+                service,
+                output,
+                socket,
+            } => query(&socket, Request::Endpoints { service }, output).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("detour: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn query(socket: &std::path::Path, request: Request, output: Output) -> anyhow::Result<()> {
+    let response = api::call(socket, &request).await?;
+    let text = match (&response, output) {
+        (Response::Error(e), _) => anyhow::bail!("{e}"),
+        (Response::Services(s), Output::Json) => serde_json::to_string_pretty(s)? + "\n",
+        (Response::Endpoints(e), Output::Json) => serde_json::to_string_pretty(e)? + "\n",
+        (Response::Services(s), Output::Table) => cli::services_table(s),
+        (Response::Endpoints(e), Output::Table) => cli::endpoints_table(e),
+    };
+    print!("{text}");
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! The node-local API between a running agent and the `detour` CLI: one JSON request
+//! line, one JSON response line, over a Unix socket that only root can open.
+//!
+//! Invariants: the socket file is created mode 0600 in a directory of mode 0700, so only
+//! root reaches the agent; every request gets exactly one response line; an unknown
+//! request is answered with an error, never with silence.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Where the agent listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/detour/detour.sock";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Services,
+    Endpoints { service: Option<String> },
+}
+
+/// One (service, port) as `detour services` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub name: String,
+    pub port: u16,
+    /// "ip:port" of every frontend of this service port.
+    pub vips: Vec<String>,
+    /// The active tier (`same-zone`, `same-region`, `failover[N]:LOCALITY`, `other`,
+    /// `panic`, or `none` without endpoints); tiers of several VIP families are joined
+    /// with `,` when they differ.
+    pub tier: String,
+    pub endpoints: usize,
+    pub healthy: usize,
+    pub in_table: usize,
+    pub connects: u64,
+}
+
+/// One endpoint of a service port as `detour endpoints` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointView {
+    pub service: String,
+    pub port: u16,
+    pub address: SocketAddr,
+    pub locality: String,
+    pub health: String,
+    pub weight: u32,
+    /// The tier this endpoint belongs to when healthy.
+    pub tier: String,
+    pub in_table: bool,
+    /// Connects the kernel rewrote to this backend address (through any service).
+    pub connects: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Services(Vec<ServiceView>),
+    Endpoints(Vec<EndpointView>),
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `detour agent` running, and are you root?)"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("talking to the agent at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the agent sent a response that is not valid: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Sends one request and waits for its response.
+pub async fn call(socket: &Path, request: &Request) -> Result<Response, ApiError> {
+    let timeout = Duration::from_secs(10);
+    let io = |source| ApiError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let exchange = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| ApiError::Connect {
+                path: socket.to_owned(),
+                source,
+            })?;
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_string(request)?;
+        line.push('\n');
+        write.write_all(line.as_bytes()).await.map_err(io)?;
+        let mut reply = String::new();
+        BufReader::new(read)
+            .read_line(&mut reply)
+            .await
+            .map_err(io)?;
+        Ok(serde_json::from_str(&reply)?)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ApiError::Timeout(timeout))?
+}
+
+/// Binds the agent's socket: root-only, replacing a stale socket file.
+pub fn bind(socket: &Path) -> Result<UnixListener, ApiError> {
+    let err = |source| ApiError::Bind {
+        path: socket.to_owned(),
+        source,
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(socket).map_err(err)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Reads one request from a connection; `Err` carries the response to send instead.
+pub async fn read_request(
+    read: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Result<Option<Request>, Response> {
+    let mut line = String::new();
+    match read.read_line(&mut line).await {
+        Ok(0) => Ok(None),
+        Ok(_) => serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| Response::Error(format!("bad request: {e}"))),
+        Err(e) => Err(Response::Error(format!("reading request: {e}"))),
+    }
+}
+
+/// Writes one response line.
+pub async fn write_response(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> io::Result<()> {
+    let mut line = serde_json::to_string(response).map_err(io::Error::other)?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        assert_eq!(
+            serde_json::to_string(&Request::Endpoints {
+                service: Some("mydb".into())
+            })
+            .unwrap(),
+            r#"{"request":"endpoints","service":"mydb"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Services).unwrap(),
+            r#"{"request":"services"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn socket_is_root_only_and_round_trips() {
+        let dir = std::env::temp_dir().join(format!("detour-api-test-{}", std::process::id()));
+        let socket = dir.join("s.sock");
+        let listener = bind(&socket).unwrap();
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            let req = read_request(&mut read).await.unwrap().unwrap();
+            assert_eq!(req, Request::Services);
+            write_response(&mut write, &Response::Services(vec![]))
+                .await
+                .unwrap();
+        });
+        let resp = call(&socket, &Request::Services).await.unwrap();
+        assert_eq!(resp, Response::Services(vec![]));
+        server.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn missing_agent_is_a_clear_error() {
+        let err = call(Path::new("/nonexistent/detour.sock"), &Request::Services)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("is `detour agent` running"),
+            "{err}"
+        );
+    }
+}

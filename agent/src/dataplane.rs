@@ -1,0 +1,396 @@
+//! The only module that touches aya: loads detour's eBPF object, attaches its programs
+//! to a cgroup, pins maps and links, and implements [`Maps`] over the real maps.
+//!
+//! Pin layout under the bpffs directory (default `/sys/fs/bpf/detour`):
+//! `maps/<MAP_NAME>` and `links/<program name>`.
+//!
+//! Invariants:
+//! - The programs stay attached while their link pins exist, whether or not an agent runs:
+//!   an agent that exits or is killed never detaches them. Deleting the pin directory
+//!   (`detour` leaves that to the operator) detaches them.
+//! - On start the agent reuses pinned maps (the kernel state it finds is what it serves
+//!   from) and adopts pinned links whose program is identical to the one it loaded. A
+//!   pinned link running a different program (an upgrade) is replaced without a gap: the
+//!   new program is attached alongside, its link pin is renamed over the old one, and the
+//!   old link detaches when its last reference goes. Both programs read the same maps and
+//!   a connect already rewritten by one is no VIP for the other.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
+use aya::programs::{loaded_programs, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use detour_ebpf::{maps, programs, Backend, BackendStats, FrontendKey, ServiceEntry, SlotKey};
+use tracing::{debug, info};
+
+use crate::reconcile::{MapOpError, Maps};
+
+/// The compiled eBPF object, built by `build.rs` (aya-build) for bpfel-unknown-none.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detour"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("no cgroup v2 mount found in /proc/mounts; pass --cgroup")]
+    NoCgroup2,
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("bpffs at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {program}: link pin {path}: {reason}")]
+    Link {
+        program: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+}
+
+/// Where and how to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_slots: u32,
+}
+
+/// What happened to each program at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkOutcome {
+    Attached,
+    Adopted,
+    Replaced,
+}
+
+/// The loaded maps; programs live on through their pinned links.
+pub struct Dataplane {
+    services: BpfHashMap<MapData, FrontendKey, ServiceEntry>,
+    slots: BpfHashMap<MapData, SlotKey, u32>,
+    backends: Array<MapData, Backend>,
+    stats: PerCpuArray<MapData, BackendStats>,
+    pub links: Vec<(&'static str, LinkOutcome)>,
+    pub pin_dir: PathBuf,
+}
+
+/// The first cgroup v2 mount point listed in `/proc/mounts`.
+pub fn find_cgroup2_mount() -> Result<PathBuf, DataplaneError> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(|source| DataplaneError::Cgroup {
+        path: "/proc/mounts".into(),
+        source,
+    })?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .ok_or(DataplaneError::NoCgroup2)
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` if the pin directory is not already on a bpffs.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
+    let err = |source| DataplaneError::Bpffs {
+        path: pin_dir.to_owned(),
+        source,
+    };
+    let mounts = fs::read_to_string("/proc/mounts").map_err(err)?;
+    let on_bpffs = mounts.lines().any(|line| {
+        let mut f = line.split_whitespace();
+        matches!((f.next(), f.next(), f.next()), (Some(_), Some(dir), Some("bpf")) if pin_dir.starts_with(dir))
+    });
+    if on_bpffs {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(root) {
+        return Err(err(io::Error::other(
+            "not on a bpffs; mount one there or use a directory under /sys/fs/bpf",
+        )));
+    }
+    fs::create_dir_all(root).map_err(err)?;
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in literal");
+    let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    info!(path = "/sys/fs/bpf", "mounted bpffs");
+    Ok(())
+}
+
+const PROGRAMS: [(&str, aya::programs::CgroupSockAddrAttachType); 4] = {
+    use aya::programs::CgroupSockAddrAttachType as T;
+    [
+        (programs::CONNECT4, T::Connect4),
+        (programs::CONNECT6, T::Connect6),
+        (programs::GETPEERNAME4, T::GetPeerName4),
+        (programs::GETPEERNAME6, T::GetPeerName6),
+    ]
+};
+
+const MAP_NAMES: [&str; 5] = [
+    maps::SERVICES,
+    maps::SLOTS,
+    maps::BACKENDS,
+    maps::BACKEND_STATS,
+    maps::SOCK_ORIGIN,
+];
+
+impl Dataplane {
+    /// Loads the object (reusing pinned maps), attaches or adopts the programs.
+    pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        ensure_bpffs(&opts.pin_dir)?;
+        let maps_dir = opts.pin_dir.join("maps");
+        let links_dir = opts.pin_dir.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            fs::create_dir_all(dir).map_err(|source| DataplaneError::Bpffs {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let cgroup = fs::File::open(&opts.cgroup).map_err(|source| DataplaneError::Cgroup {
+            path: opts.cgroup.clone(),
+            source,
+        })?;
+
+        let mut loader = EbpfLoader::new();
+        for name in MAP_NAMES {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        loader
+            .map_max_entries(maps::SERVICES, opts.max_services)
+            .map_max_entries(maps::SLOTS, opts.max_slots)
+            .map_max_entries(maps::BACKENDS, opts.max_backends)
+            .map_max_entries(maps::BACKEND_STATS, opts.max_backends);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+        let mut links = Vec::new();
+        for (name, _) in PROGRAMS {
+            let outcome = attach_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
+            info!(program = name, outcome = ?outcome, cgroup = %opts.cgroup.display(), "program ready");
+            links.push((name, outcome));
+        }
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
+        };
+        let map_err = |map| move |source| DataplaneError::Map { map, source };
+        Ok(Self {
+            services: BpfHashMap::try_from(take(&mut ebpf, maps::SERVICES)?)
+                .map_err(map_err(maps::SERVICES))?,
+            slots: BpfHashMap::try_from(take(&mut ebpf, maps::SLOTS)?)
+                .map_err(map_err(maps::SLOTS))?,
+            backends: Array::try_from(take(&mut ebpf, maps::BACKENDS)?)
+                .map_err(map_err(maps::BACKENDS))?,
+            stats: PerCpuArray::try_from(take(&mut ebpf, maps::BACKEND_STATS)?)
+                .map_err(map_err(maps::BACKEND_STATS))?,
+            links,
+            pin_dir: opts.pin_dir.clone(),
+        })
+    }
+
+    /// Kernel counters of a backend id, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats, MapOpError> {
+        let per_cpu = self
+            .stats
+            .get(&id, 0)
+            .map_err(|e| op_err(maps::BACKEND_STATS, "lookup", e))?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |acc, s| BackendStats {
+                connects: acc.connects + s.connects,
+            }))
+    }
+}
+
+/// Attaches `name` to the cgroup, or adopts/replaces the link pinned at `pin`.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    pin: &Path,
+) -> Result<LinkOutcome, DataplaneError> {
+    let perr = |source| DataplaneError::Program {
+        program: name,
+        source,
+    };
+    let link_err = |reason: String| DataplaneError::Link {
+        program: name,
+        path: pin.to_owned(),
+        reason,
+    };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or_else(|| link_err("program missing from the eBPF object".into()))?
+        .try_into()
+        .map_err(perr)?;
+    program.load().map_err(perr)?;
+    let new_tag = program.info().map_err(perr)?.tag();
+
+    let existing = if pin.exists() {
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| link_err(e.to_string()))?;
+        let link = FdLink::from(pinned);
+        let prog_id = link
+            .info()
+            .map_err(|e| link_err(e.to_string()))?
+            .program_id();
+        let old_tag = loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == prog_id)
+            .map(|p| p.tag());
+        if old_tag == Some(new_tag) {
+            // Same program already serving from the same pinned maps: keep it.
+            return Ok(LinkOutcome::Adopted);
+        }
+        debug!(
+            program = name,
+            ?old_tag,
+            new_tag,
+            "pinned link runs another program; replacing"
+        );
+        Some(link)
+    } else {
+        None
+    };
+
+    // With bpf_link (kernel >= 5.7) the kernel rejects attach flags: links always share
+    // the cgroup with other programs, which is what lets an upgrade overlap old and new.
+    let link_id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(perr)?;
+    let link: FdLink = program
+        .take_link(link_id)
+        .map_err(perr)?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| link_err(e.to_string()))?;
+    if existing.is_none() {
+        link.pin(pin).map_err(|e| link_err(e.to_string()))?;
+        return Ok(LinkOutcome::Attached);
+    }
+    // Pin beside the old link, then rename over it: the pin path always names a live
+    // link, and the old one detaches when `existing` (its last fd) is dropped.
+    let staging = pin.with_extension("new");
+    let _ = fs::remove_file(&staging);
+    link.pin(&staging).map_err(|e| link_err(e.to_string()))?;
+    fs::rename(&staging, pin).map_err(|e| link_err(e.to_string()))?;
+    drop(existing);
+    Ok(LinkOutcome::Replaced)
+}
+
+fn op_err(map: &'static str, op: &'static str, e: aya::maps::MapError) -> MapOpError {
+    MapOpError {
+        map,
+        op,
+        reason: e.to_string(),
+    }
+}
+
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::KeyNotFound)
+}
+
+impl Maps for Dataplane {
+    fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapOpError> {
+        self.backends
+            .set(id, backend, 0)
+            .map_err(|e| op_err(maps::BACKENDS, "update", e))
+    }
+
+    fn clear_backend(&mut self, id: u32) -> Result<(), MapOpError> {
+        let unused = Backend {
+            addr: [0; 4],
+            port: 0,
+            family: 0,
+            pad: 0,
+        };
+        self.backends
+            .set(id, unused, 0)
+            .map_err(|e| op_err(maps::BACKENDS, "update", e))
+    }
+
+    fn write_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError> {
+        self.slots
+            .insert(key, backend_id, 0)
+            .map_err(|e| op_err(maps::SLOTS, "update", e))
+    }
+
+    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapOpError> {
+        match self.slots.remove(&key) {
+            Err(e) if !is_not_found(&e) => Err(op_err(maps::SLOTS, "delete", e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn write_service(&mut self, key: &FrontendKey, entry: &ServiceEntry) -> Result<(), MapOpError> {
+        self.services
+            .insert(key, entry, 0)
+            .map_err(|e| op_err(maps::SERVICES, "update", e))
+    }
+
+    fn delete_service(&mut self, key: &FrontendKey) -> Result<(), MapOpError> {
+        match self.services.remove(key) {
+            Err(e) if !is_not_found(&e) => Err(op_err(maps::SERVICES, "delete", e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn services(&self) -> Result<Vec<(FrontendKey, ServiceEntry)>, MapOpError> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| op_err(maps::SERVICES, "iterate", e))
+    }
+
+    fn slot(&self, key: SlotKey) -> Result<Option<u32>, MapOpError> {
+        match self.slots.get(&key, 0) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(op_err(maps::SLOTS, "lookup", e)),
+        }
+    }
+
+    fn backend(&self, id: u32) -> Result<Option<Backend>, MapOpError> {
+        match self.backends.get(&id, 0) {
+            Ok(b) if b.family != 0 => Ok(Some(b)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(op_err(maps::BACKENDS, "lookup", e)),
+        }
+    }
+}

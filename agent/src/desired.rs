@@ -1,0 +1,214 @@
+//! Desired state: the configured services plus what the health checks say → one plan per
+//! frontend (VIP:port): its tier, its members and the slot table the kernel will serve.
+//!
+//! Pure: no I/O, no clock. Invariants:
+//! - every (VIP, port) of every service is one frontend with its own table;
+//! - a frontend's candidates are the service's endpoints of the VIP's address family, at
+//!   the port the endpoint serves for that service port (`EndpointConfig::port_for`);
+//! - the table is `selection::slot_table` of `selection::select`'s members, so weights,
+//!   tiers and panic routing come from `selection` alone.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use detour_ebpf::MAX_SLOTS;
+
+use crate::config::{Config, ServiceConfig};
+use crate::health::Health;
+use crate::reconcile::DesiredTables;
+use crate::selection::{self, Candidate, Tier};
+
+/// One endpoint of a frontend as the plan sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedEndpoint {
+    pub target: SocketAddr,
+    pub locality: String,
+    pub weight: u32,
+    pub health: Health,
+    /// The tier the endpoint belongs to when healthy.
+    pub tier: Tier,
+    pub in_table: bool,
+}
+
+/// The plan of one frontend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontendPlan {
+    pub service: String,
+    pub port: u16,
+    pub frontend: SocketAddr,
+    /// `None` when the frontend has no endpoints at all.
+    pub tier: Option<Tier>,
+    pub endpoints: Vec<PlannedEndpoint>,
+    pub table: Vec<SocketAddr>,
+}
+
+/// The targets a service's endpoints are reached at, one per (endpoint, port) pair.
+pub fn targets(service: &ServiceConfig) -> impl Iterator<Item = SocketAddr> + '_ {
+    service.ports.iter().flat_map(move |port| {
+        service
+            .endpoints
+            .iter()
+            .map(move |ep| SocketAddr::new(ep.address, ep.port_for(port)))
+    })
+}
+
+/// Plans every frontend of `config`; `health` answers for (service, target).
+pub fn plan(config: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec<FrontendPlan> {
+    let mut plans = Vec::new();
+    for service in &config.services {
+        for port in &service.ports {
+            for vip in &service.vips {
+                let same_family = |ip: &IpAddr| ip.is_ipv4() == vip.is_ipv4();
+                let endpoints: Vec<_> = service
+                    .endpoints
+                    .iter()
+                    .filter(|ep| same_family(&ep.address))
+                    .collect();
+                let candidates: Vec<Candidate<SocketAddr>> = endpoints
+                    .iter()
+                    .map(|ep| {
+                        let target = SocketAddr::new(ep.address, ep.port_for(port));
+                        Candidate {
+                            key: target,
+                            locality: ep.locality.clone(),
+                            weight: ep.weight,
+                            healthy: health(&service.name, target).usable(),
+                        }
+                    })
+                    .collect();
+                let selected =
+                    selection::select(&config.node.locality, &service.locality_lb, &candidates);
+                let table = selection::slot_table(&selected.members, MAX_SLOTS as usize);
+                let planned = endpoints
+                    .iter()
+                    .zip(&candidates)
+                    .map(|(ep, c)| PlannedEndpoint {
+                        target: c.key,
+                        locality: ep.locality.to_string(),
+                        weight: ep.weight,
+                        health: health(&service.name, c.key),
+                        tier: selection::tier_of(
+                            &config.node.locality,
+                            &service.locality_lb,
+                            &ep.locality,
+                        ),
+                        in_table: selected.members.iter().any(|(k, _)| *k == c.key),
+                    })
+                    .collect();
+                plans.push(FrontendPlan {
+                    service: service.name.clone(),
+                    port: port.number,
+                    frontend: SocketAddr::new(*vip, port.number),
+                    tier: selected.tier,
+                    endpoints: planned,
+                    table,
+                });
+            }
+        }
+    }
+    plans
+}
+
+/// The tables the reconciler should make the kernel serve.
+pub fn tables(plans: &[FrontendPlan]) -> DesiredTables {
+    plans
+        .iter()
+        .map(|p| (p.frontend, p.table.clone()))
+        .collect::<BTreeMap<_, _>>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    const MYDB: &str = r#"
+node: { locality: us-east1/us-east1-b }
+services:
+  - name: mydb
+    vips: [127.200.0.1]
+    ports: [{number: 80, name: http}]
+    endpoints:
+      - {address: 127.0.1.1, ports: {http: 8080}, locality: us-east1/us-east1-b}
+      - {address: 127.0.1.2, ports: {http: 8080}, locality: us-east1/us-east1-c, weight: 3}
+      - {address: 127.0.2.1, ports: {http: 8080}, locality: us-west/us-west-1a}
+    localityLbSetting: {failover: [{from: us-east1, to: us-west}]}
+"#;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn plans_follow_zone_then_region_then_failover() {
+        let cfg = config::parse(MYDB).unwrap();
+        let all_up = plan(&cfg, |_, _| Health::Healthy);
+        assert_eq!(all_up.len(), 1);
+        assert_eq!(all_up[0].frontend, sa("127.200.0.1:80"));
+        assert_eq!(all_up[0].tier, Some(Tier::SameZone));
+        assert_eq!(all_up[0].table, vec![sa("127.0.1.1:8080")]);
+
+        let zone_down = plan(&cfg, |_, t| {
+            if t == sa("127.0.1.1:8080") {
+                Health::Unhealthy
+            } else {
+                Health::Healthy
+            }
+        });
+        assert_eq!(zone_down[0].tier, Some(Tier::SameRegion));
+        assert_eq!(zone_down[0].table, vec![sa("127.0.1.2:8080")]);
+
+        let east_down = plan(&cfg, |_, t| {
+            if t.ip().to_string().starts_with("127.0.1.") {
+                Health::Unhealthy
+            } else {
+                Health::Healthy
+            }
+        });
+        assert!(matches!(
+            east_down[0].tier,
+            Some(Tier::Failover { position: 0, .. })
+        ));
+        assert_eq!(east_down[0].table, vec![sa("127.0.2.1:8080")]);
+        let west = &east_down[0].endpoints[2];
+        assert!(west.in_table);
+        assert!(!east_down[0].endpoints[0].in_table);
+
+        let all_down = plan(&cfg, |_, _| Health::Unhealthy);
+        assert_eq!(all_down[0].tier, Some(Tier::Panic));
+        // Panic keeps every endpoint, weights included (3 slots for weight 3).
+        assert_eq!(all_down[0].table.len(), 5);
+    }
+
+    #[test]
+    fn unknown_health_is_served() {
+        let cfg = config::parse(MYDB).unwrap();
+        let plans = plan(&cfg, |_, _| Health::Unknown);
+        assert_eq!(plans[0].tier, Some(Tier::SameZone));
+    }
+
+    #[test]
+    fn each_vip_family_gets_its_own_endpoints() {
+        let cfg = config::parse(
+            r#"
+services:
+  - name: dual
+    vips: [127.200.0.9, "fd00::9"]
+    ports: [{number: 443, name: https, targetPort: 8443}]
+    endpoints:
+      - {address: 127.0.9.1}
+      - {address: "fd00::91"}
+"#,
+        )
+        .unwrap();
+        let t = tables(&plan(&cfg, |_, _| Health::Healthy));
+        assert_eq!(t[&sa("127.200.0.9:443")], vec![sa("127.0.9.1:8443")]);
+        assert_eq!(t[&sa("[fd00::9]:443")], vec![sa("[fd00::91]:8443")]);
+    }
+
+    #[test]
+    fn empty_config_plans_nothing() {
+        let cfg = config::parse("services: []").unwrap();
+        assert!(plan(&cfg, |_, _| Health::Healthy).is_empty());
+    }
+}

@@ -1,0 +1,15 @@
+//! detour: node-level failover for Kubernetes services, without a proxy.
+//!
+//! Data flows one way: `config` (what the operator asked for) and `health` (what probes
+//! observe) feed `desired`, which asks `selection` (pure) which backends should serve
+//! each VIP:port; `reconcile` writes those tables into the BPF maps through `dataplane`,
+//! the only module that touches aya. The binary's runtime runs that loop; `api` and `cli`
+//! let a person on the node see what it is doing.
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod desired;
+pub mod health;
+pub mod reconcile;
+pub mod selection;

@@ -1,0 +1,889 @@
+//! Reconciler: desired backend tables → BPF maps, by diff, in an order that never lets a
+//! connect see a half-written table.
+//!
+//! The desired state is, per frontend (VIP:port), the slot table: backend addresses
+//! repeated in proportion to their weights. The reconciler owns the id spaces (frontend
+//! ids and backend ids) and the knowledge of what is in the maps.
+//!
+//! Ordering invariants (each write is one map update):
+//! 1. a backend's address is written before any slot refers to its id;
+//! 2. a frontend's new table is written into the generation that is *not* live, then the
+//!    frontend entry is replaced in one update to point at it (the atomic switch);
+//! 3. slots of the old generation are left in place until they are overwritten by a later
+//!    switch or the frontend is removed, so a connect that read the old entry an instant
+//!    before the switch still finds valid slots;
+//! 4. a backend that no table refers to any more is cleared only after
+//!    [`BACKEND_RELEASE_DELAY`], and ids are handed out round-robin, so an id is not
+//!    reused while a connect could still be reading an old slot that names it.
+//!
+//! Idempotency: applying the same desired state twice writes nothing the second time.
+//! A failed write leaves that frontend's live table as it was (the switch is the last
+//! write) and is reported per frontend; other frontends are still applied.
+//! State is restored from the maps at start-up, so a restarted agent continues from what
+//! the kernel is serving instead of rebuilding from scratch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use detour_ebpf::{
+    Backend, FrontendKey, ServiceEntry, SlotKey, AF_INET, AF_INET6, IPPROTO_TCP, MAX_SLOTS,
+    V4_MAPPED_WORD,
+};
+
+/// How long a backend id stays reserved after the last table that named it was replaced.
+pub const BACKEND_RELEASE_DELAY: Duration = Duration::from_secs(2);
+
+/// The map operations the reconciler needs; implemented over aya in `dataplane` and by a
+/// fake in tests.
+pub trait Maps {
+    fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapOpError>;
+    fn clear_backend(&mut self, id: u32) -> Result<(), MapOpError>;
+    fn write_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError>;
+    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapOpError>;
+    fn write_service(&mut self, key: &FrontendKey, entry: &ServiceEntry) -> Result<(), MapOpError>;
+    fn delete_service(&mut self, key: &FrontendKey) -> Result<(), MapOpError>;
+    fn services(&self) -> Result<Vec<(FrontendKey, ServiceEntry)>, MapOpError>;
+    fn slot(&self, key: SlotKey) -> Result<Option<u32>, MapOpError>;
+    fn backend(&self, id: u32) -> Result<Option<Backend>, MapOpError>;
+}
+
+/// A failed map operation, named by map and operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} on map {map} failed: {reason}")]
+pub struct MapOpError {
+    pub map: &'static str,
+    pub op: &'static str,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("frontend {frontend}: {source}")]
+    Frontend {
+        frontend: SocketAddr,
+        #[source]
+        source: MapOpError,
+    },
+    #[error("frontend {frontend}: no free backend id (all {max} in use)")]
+    BackendIdsExhausted { frontend: SocketAddr, max: u32 },
+    #[error("frontend {frontend}: no free frontend id (all {max} in use)")]
+    FrontendIdsExhausted { frontend: SocketAddr, max: u32 },
+    #[error("frontend {frontend}: table of {len} slots exceeds the limit of {MAX_SLOTS}")]
+    TableTooLarge { frontend: SocketAddr, len: usize },
+    #[error("frontend {frontend}: backend {backend} is not of the VIP's address family")]
+    FamilyMismatch {
+        frontend: SocketAddr,
+        backend: SocketAddr,
+    },
+    #[error("reading the maps at start-up: {0}")]
+    Restore(#[source] MapOpError),
+    #[error("releasing backend id {id}: {source}")]
+    Release {
+        id: u32,
+        #[source]
+        source: MapOpError,
+    },
+}
+
+/// Desired slot tables by frontend. An empty table means "no backend".
+pub type DesiredTables = BTreeMap<SocketAddr, Vec<SocketAddr>>;
+
+#[derive(Debug, Clone)]
+struct FrontendState {
+    service_id: u32,
+    generation: u32,
+    /// The live slots, as backend ids.
+    live: Vec<u32>,
+    /// How many slots have ever been written in each generation (for removal).
+    written: [u32; 2],
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BackendState {
+    id: u32,
+    /// Set when no live table refers to the backend any more.
+    unreferenced_since: Option<Instant>,
+}
+
+/// What one [`Reconciler::apply`] did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub switched: usize,
+    pub added: usize,
+    pub removed: usize,
+    pub errors: Vec<ReconcileError>,
+}
+
+pub struct Reconciler {
+    frontends: BTreeMap<SocketAddr, FrontendState>,
+    backends: HashMap<SocketAddr, BackendState>,
+    backend_ids: BTreeSet<u32>,
+    max_backends: u32,
+    max_frontends: u32,
+    next_backend_id: u32,
+    next_service_id: u32,
+}
+
+impl Reconciler {
+    /// An empty reconciler for empty maps.
+    pub fn new(max_frontends: u32, max_backends: u32) -> Self {
+        Self {
+            frontends: BTreeMap::new(),
+            backends: HashMap::new(),
+            backend_ids: BTreeSet::new(),
+            max_backends,
+            max_frontends,
+            next_backend_id: 0,
+            next_service_id: 0,
+        }
+    }
+
+    /// Rebuilds the reconciler's view from maps a previous agent left behind.
+    pub fn restore(
+        maps: &impl Maps,
+        max_frontends: u32,
+        max_backends: u32,
+    ) -> Result<Self, ReconcileError> {
+        let mut this = Self::new(max_frontends, max_backends);
+        for (key, entry) in maps.services().map_err(ReconcileError::Restore)? {
+            let Some(frontend) = frontend_addr(&key) else {
+                continue;
+            };
+            let mut live = Vec::with_capacity(entry.slot_count as usize);
+            for index in 0..entry.slot_count {
+                let slot = SlotKey::new(entry.service_id, entry.generation, index);
+                if let Some(id) = maps.slot(slot).map_err(ReconcileError::Restore)? {
+                    live.push(id);
+                }
+            }
+            let mut written = [0u32; 2];
+            written[entry.generation as usize & 1] = entry.slot_count;
+            // Slots are always written from index 0 up, so the first miss ends them.
+            let other = 1 - (entry.generation & 1);
+            let mut n = 0;
+            while n < MAX_SLOTS
+                && maps
+                    .slot(SlotKey::new(entry.service_id, other, n))
+                    .map_err(ReconcileError::Restore)?
+                    .is_some()
+            {
+                n += 1;
+            }
+            written[other as usize] = n;
+            for &id in &live {
+                if this.backend_ids.contains(&id) {
+                    continue;
+                }
+                if let Some(backend) = maps.backend(id).map_err(ReconcileError::Restore)? {
+                    if let Some(addr) = backend_addr(&backend) {
+                        this.backends.insert(
+                            addr,
+                            BackendState {
+                                id,
+                                unreferenced_since: None,
+                            },
+                        );
+                        this.backend_ids.insert(id);
+                    }
+                }
+            }
+            this.next_service_id = this.next_service_id.max(entry.service_id + 1);
+            this.frontends.insert(
+                frontend,
+                FrontendState {
+                    service_id: entry.service_id,
+                    generation: entry.generation & 1,
+                    live,
+                    written,
+                },
+            );
+        }
+        this.next_backend_id = this
+            .backend_ids
+            .last()
+            .map_or(0, |id| (id + 1) % max_backends.max(1));
+        Ok(this)
+    }
+
+    /// The backend id of an address, if it has one.
+    pub fn backend_id(&self, addr: &SocketAddr) -> Option<u32> {
+        self.backends.get(addr).map(|b| b.id)
+    }
+
+    /// The live slot table of a frontend, as backend ids.
+    pub fn live_table(&self, frontend: &SocketAddr) -> Option<&[u32]> {
+        self.frontends.get(frontend).map(|f| f.live.as_slice())
+    }
+
+    /// Makes the maps serve `desired`. Frontends not in `desired` are removed.
+    pub fn apply(
+        &mut self,
+        maps: &mut impl Maps,
+        desired: &DesiredTables,
+        now: Instant,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
+
+        let gone: Vec<SocketAddr> = self
+            .frontends
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+        for frontend in gone {
+            match self.remove_frontend(maps, frontend) {
+                Ok(()) => report.removed += 1,
+                Err(e) => report.errors.push(e),
+            }
+        }
+
+        for (frontend, table) in desired {
+            match self.apply_frontend(maps, *frontend, table) {
+                Ok(Change::None) => {}
+                Ok(Change::Added) => report.added += 1,
+                Ok(Change::Switched) => report.switched += 1,
+                Err(e) => report.errors.push(e),
+            }
+        }
+
+        if let Err(e) = self.release_unreferenced(maps, now) {
+            report.errors.push(e);
+        }
+        report
+    }
+
+    fn apply_frontend(
+        &mut self,
+        maps: &mut impl Maps,
+        frontend: SocketAddr,
+        table: &[SocketAddr],
+    ) -> Result<Change, ReconcileError> {
+        if table.len() > MAX_SLOTS as usize {
+            return Err(ReconcileError::TableTooLarge {
+                frontend,
+                len: table.len(),
+            });
+        }
+        if let Some(backend) = table.iter().find(|b| b.is_ipv4() != frontend.is_ipv4()) {
+            return Err(ReconcileError::FamilyMismatch {
+                frontend,
+                backend: *backend,
+            });
+        }
+        let mut ids = Vec::with_capacity(table.len());
+        for addr in table {
+            ids.push(self.ensure_backend(maps, frontend, *addr)?);
+        }
+        let wrap = |source| ReconcileError::Frontend { frontend, source };
+
+        let (service_id, generation, added) = match self.frontends.get(&frontend) {
+            Some(state) if state.live == ids => return Ok(Change::None),
+            Some(state) => (state.service_id, 1 - state.generation, false),
+            None => (self.allocate_service_id(frontend)?, 0, true),
+        };
+        for (index, id) in ids.iter().enumerate() {
+            maps.write_slot(SlotKey::new(service_id, generation, index as u32), *id)
+                .map_err(wrap)?;
+        }
+        let entry = ServiceEntry {
+            service_id,
+            generation,
+            slot_count: ids.len() as u32,
+            flags: 0,
+        };
+        // The switch: from here on connects read the new generation.
+        maps.write_service(&frontend_key(frontend), &entry)
+            .map_err(wrap)?;
+
+        let state = self.frontends.entry(frontend).or_insert(FrontendState {
+            service_id,
+            generation,
+            live: Vec::new(),
+            written: [0, 0],
+        });
+        state.generation = generation;
+        state.live = ids;
+        let written = &mut state.written[generation as usize];
+        *written = (*written).max(entry.slot_count);
+        Ok(if added {
+            Change::Added
+        } else {
+            Change::Switched
+        })
+    }
+
+    fn remove_frontend(
+        &mut self,
+        maps: &mut impl Maps,
+        frontend: SocketAddr,
+    ) -> Result<(), ReconcileError> {
+        let wrap = |source| ReconcileError::Frontend { frontend, source };
+        let Some(state) = self.frontends.get(&frontend).cloned() else {
+            return Ok(());
+        };
+        maps.delete_service(&frontend_key(frontend)).map_err(wrap)?;
+        self.frontends.remove(&frontend);
+        for generation in 0..2u32 {
+            for index in 0..state.written[generation as usize] {
+                maps.delete_slot(SlotKey::new(state.service_id, generation, index))
+                    .map_err(wrap)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_backend(
+        &mut self,
+        maps: &mut impl Maps,
+        frontend: SocketAddr,
+        addr: SocketAddr,
+    ) -> Result<u32, ReconcileError> {
+        if let Some(state) = self.backends.get_mut(&addr) {
+            state.unreferenced_since = None;
+            return Ok(state.id);
+        }
+        if self.backend_ids.len() as u32 >= self.max_backends {
+            return Err(ReconcileError::BackendIdsExhausted {
+                frontend,
+                max: self.max_backends,
+            });
+        }
+        let mut id = self.next_backend_id;
+        while self.backend_ids.contains(&id) {
+            id = (id + 1) % self.max_backends;
+        }
+        maps.write_backend(id, &backend_value(addr))
+            .map_err(|source| ReconcileError::Frontend { frontend, source })?;
+        self.next_backend_id = (id + 1) % self.max_backends;
+        self.backend_ids.insert(id);
+        self.backends.insert(
+            addr,
+            BackendState {
+                id,
+                unreferenced_since: None,
+            },
+        );
+        Ok(id)
+    }
+
+    fn allocate_service_id(&mut self, frontend: SocketAddr) -> Result<u32, ReconcileError> {
+        if self.frontends.len() as u32 >= self.max_frontends {
+            return Err(ReconcileError::FrontendIdsExhausted {
+                frontend,
+                max: self.max_frontends,
+            });
+        }
+        let used: BTreeSet<u32> = self.frontends.values().map(|f| f.service_id).collect();
+        let mut id = self.next_service_id;
+        while used.contains(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_service_id = id.wrapping_add(1);
+        Ok(id)
+    }
+
+    /// Clears backends that no live table has named for [`BACKEND_RELEASE_DELAY`].
+    fn release_unreferenced(
+        &mut self,
+        maps: &mut impl Maps,
+        now: Instant,
+    ) -> Result<(), ReconcileError> {
+        let referenced: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.live.iter().copied())
+            .collect();
+        let mut release = Vec::new();
+        for (addr, state) in &mut self.backends {
+            if referenced.contains(&state.id) {
+                state.unreferenced_since = None;
+                continue;
+            }
+            let since = *state.unreferenced_since.get_or_insert(now);
+            if now.duration_since(since) >= BACKEND_RELEASE_DELAY {
+                release.push((*addr, state.id));
+            }
+        }
+        for (addr, id) in release {
+            maps.clear_backend(id)
+                .map_err(|source| ReconcileError::Release { id, source })?;
+            self.backends.remove(&addr);
+            self.backend_ids.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Whether some backend is waiting for its release delay (the caller should call
+    /// [`Reconciler::apply`] again later even if nothing else changes).
+    pub fn has_pending_releases(&self) -> bool {
+        self.backends
+            .values()
+            .any(|b| b.unreferenced_since.is_some())
+    }
+}
+
+enum Change {
+    None,
+    Added,
+    Switched,
+}
+
+fn words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => [0, 0, V4_MAPPED_WORD, u32::from_ne_bytes(v4.octets())],
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        }
+    }
+}
+
+fn ip_from_words(addr: [u32; 4]) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// The map key of a TCP frontend.
+pub fn frontend_key(addr: SocketAddr) -> FrontendKey {
+    FrontendKey {
+        addr: words(addr.ip()),
+        port: addr.port().to_be(),
+        proto: IPPROTO_TCP,
+        pad: 0,
+    }
+}
+
+/// The frontend a map key stands for (TCP only).
+pub fn frontend_addr(key: &FrontendKey) -> Option<SocketAddr> {
+    (key.proto == IPPROTO_TCP)
+        .then(|| SocketAddr::new(ip_from_words(key.addr), u16::from_be(key.port)))
+}
+
+/// The map value of a backend address.
+pub fn backend_value(addr: SocketAddr) -> Backend {
+    Backend {
+        addr: words(addr.ip()),
+        port: addr.port().to_be(),
+        family: if addr.is_ipv4() { AF_INET } else { AF_INET6 },
+        pad: 0,
+    }
+}
+
+/// The address a backend map value stands for; `None` for an unused id.
+pub fn backend_addr(backend: &Backend) -> Option<SocketAddr> {
+    let ip = ip_from_words(backend.addr);
+    match (backend.family, ip) {
+        (AF_INET, IpAddr::V4(_)) | (AF_INET6, IpAddr::V6(_)) => {
+            Some(SocketAddr::new(ip, u16::from_be(backend.port)))
+        }
+        (AF_INET6, IpAddr::V4(v4)) => Some(SocketAddr::new(
+            IpAddr::V6(v4.to_ipv6_mapped()),
+            u16::from_be(backend.port),
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map fake that records every write and can be told to fail.
+    #[derive(Default)]
+    struct FakeMaps {
+        services: BTreeMap<FrontendKey, ServiceEntry>,
+        slots: HashMap<(u32, u32), u32>,
+        backends: HashMap<u32, Backend>,
+        writes: Vec<String>,
+        fail_service_writes_for: Option<FrontendKey>,
+    }
+
+    fn err(op: &'static str) -> MapOpError {
+        MapOpError {
+            map: "fake",
+            op,
+            reason: "injected".into(),
+        }
+    }
+
+    impl Maps for FakeMaps {
+        fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapOpError> {
+            self.writes.push(format!("backend {id}"));
+            self.backends.insert(id, *backend);
+            Ok(())
+        }
+        fn clear_backend(&mut self, id: u32) -> Result<(), MapOpError> {
+            self.writes.push(format!("clear {id}"));
+            self.backends.remove(&id);
+            Ok(())
+        }
+        fn write_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError> {
+            self.writes
+                .push(format!("slot {}/{}", key.service_id, key.slot));
+            self.slots.insert((key.service_id, key.slot), backend_id);
+            Ok(())
+        }
+        fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapOpError> {
+            self.slots.remove(&(key.service_id, key.slot));
+            Ok(())
+        }
+        fn write_service(
+            &mut self,
+            key: &FrontendKey,
+            entry: &ServiceEntry,
+        ) -> Result<(), MapOpError> {
+            if self.fail_service_writes_for == Some(*key) {
+                return Err(err("update"));
+            }
+            self.writes.push(format!("service {}", entry.service_id));
+            self.services.insert(*key, *entry);
+            Ok(())
+        }
+        fn delete_service(&mut self, key: &FrontendKey) -> Result<(), MapOpError> {
+            self.services.remove(key);
+            Ok(())
+        }
+        fn services(&self) -> Result<Vec<(FrontendKey, ServiceEntry)>, MapOpError> {
+            Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn slot(&self, key: SlotKey) -> Result<Option<u32>, MapOpError> {
+            Ok(self.slots.get(&(key.service_id, key.slot)).copied())
+        }
+        fn backend(&self, id: u32) -> Result<Option<Backend>, MapOpError> {
+            Ok(self.backends.get(&id).copied())
+        }
+    }
+
+    impl FakeMaps {
+        /// What a connect would see for `frontend`: the backend addresses of the live
+        /// table, or `None` if any slot or backend is missing (a torn table).
+        fn served(&self, frontend: SocketAddr) -> Option<Vec<SocketAddr>> {
+            let entry = self.services.get(&frontend_key(frontend))?;
+            (0..entry.slot_count)
+                .map(|i| {
+                    let key = SlotKey::new(entry.service_id, entry.generation, i);
+                    let id = self.slots.get(&(key.service_id, key.slot))?;
+                    backend_addr(self.backends.get(id)?)
+                })
+                .collect()
+        }
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn desired(entries: &[(&str, &[&str])]) -> DesiredTables {
+        entries
+            .iter()
+            .map(|(f, bs)| (sa(f), bs.iter().map(|b| sa(b)).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn key_conversions_round_trip() {
+        for s in ["127.200.0.1:80", "[fd00::1]:443", "[::ffff:10.0.0.1]:80"] {
+            let a = sa(s);
+            let expect = match a.ip() {
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                    SocketAddr::new(IpAddr::V4(v6.to_ipv4_mapped().unwrap()), a.port())
+                }
+                _ => a,
+            };
+            assert_eq!(frontend_addr(&frontend_key(a)), Some(expect));
+        }
+        assert_eq!(
+            backend_addr(&backend_value(sa("10.1.2.3:8080"))),
+            Some(sa("10.1.2.3:8080"))
+        );
+        assert_eq!(
+            backend_addr(&backend_value(sa("[fd00::5]:8080"))),
+            Some(sa("[fd00::5]:8080"))
+        );
+        // The kernel's view of 127.0.0.1:80: bytes in network order.
+        let key = frontend_key(sa("127.0.0.1:80"));
+        assert_eq!(key.addr[3].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(key.port.to_ne_bytes(), [0, 80]);
+    }
+
+    #[test]
+    fn serves_what_is_desired_and_is_idempotent() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let now = Instant::now();
+        let want = desired(&[("127.200.0.1:80", &["127.0.1.1:8080", "127.0.1.2:8080"])]);
+        let report = r.apply(&mut maps, &want, now);
+        assert!(report.errors.is_empty());
+        assert_eq!(report.added, 1);
+        assert_eq!(
+            maps.served(sa("127.200.0.1:80")),
+            Some(want[&sa("127.200.0.1:80")].clone())
+        );
+
+        maps.writes.clear();
+        let report = r.apply(&mut maps, &want, now);
+        assert_eq!((report.added, report.switched, report.removed), (0, 0, 0));
+        assert!(
+            maps.writes.is_empty(),
+            "second apply wrote {:?}",
+            maps.writes
+        );
+    }
+
+    #[test]
+    fn switch_writes_slots_before_the_entry_and_uses_the_other_generation() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let now = Instant::now();
+        r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.1:80", &["127.0.1.1:8080"])]),
+            now,
+        );
+        let old = maps.services[&frontend_key(sa("127.200.0.1:80"))];
+        maps.writes.clear();
+        let want = desired(&[("127.200.0.1:80", &["127.0.2.1:8080", "127.0.2.2:8080"])]);
+        let report = r.apply(&mut maps, &want, now);
+        assert_eq!(report.switched, 1);
+        let new = maps.services[&frontend_key(sa("127.200.0.1:80"))];
+        assert_eq!(new.generation, 1 - old.generation);
+        assert_eq!(new.service_id, old.service_id);
+        // Backends, then slots, then the one switching write last.
+        assert_eq!(
+            maps.writes.last().unwrap(),
+            &format!("service {}", new.service_id)
+        );
+        let first_slot = maps
+            .writes
+            .iter()
+            .position(|w| w.starts_with("slot"))
+            .unwrap();
+        let last_backend = maps
+            .writes
+            .iter()
+            .rposition(|w| w.starts_with("backend"))
+            .unwrap();
+        assert!(last_backend < first_slot);
+        assert_eq!(
+            maps.served(sa("127.200.0.1:80")),
+            Some(want[&sa("127.200.0.1:80")].clone())
+        );
+    }
+
+    #[test]
+    fn old_generation_stays_readable_after_a_switch() {
+        // A connect that read the entry just before the switch must still find its slot
+        // and backend: nothing of the old table is deleted by the switch.
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let now = Instant::now();
+        r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.1:80", &["127.0.1.1:8080", "127.0.1.2:8080"])]),
+            now,
+        );
+        let old = maps.services[&frontend_key(sa("127.200.0.1:80"))];
+        r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.1:80", &["127.0.2.1:8080"])]),
+            now,
+        );
+        for i in 0..old.slot_count {
+            let id = maps.slots[&(
+                old.service_id,
+                SlotKey::new(old.service_id, old.generation, i).slot,
+            )];
+            assert!(
+                maps.backends.contains_key(&id),
+                "backend {id} of the old table is gone"
+            );
+        }
+    }
+
+    #[test]
+    fn unreferenced_backends_are_released_after_the_delay() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let t0 = Instant::now();
+        r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.1:80", &["127.0.1.1:8080"])]),
+            t0,
+        );
+        let old_id = r.backend_id(&sa("127.0.1.1:8080")).unwrap();
+        let want = desired(&[("127.200.0.1:80", &["127.0.2.1:8080"])]);
+        r.apply(&mut maps, &want, t0);
+        assert!(maps.backends.contains_key(&old_id));
+        assert!(r.has_pending_releases());
+        r.apply(&mut maps, &want, t0 + BACKEND_RELEASE_DELAY);
+        assert!(!maps.backends.contains_key(&old_id));
+        assert!(!r.has_pending_releases());
+        // The released id is not handed out again straight away.
+        r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.1:80", &["127.0.3.1:8080"])]),
+            t0 + BACKEND_RELEASE_DELAY,
+        );
+        assert_ne!(r.backend_id(&sa("127.0.3.1:8080")), Some(old_id));
+    }
+
+    #[test]
+    fn removed_frontends_disappear_with_their_slots() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let now = Instant::now();
+        r.apply(
+            &mut maps,
+            &desired(&[
+                ("127.200.0.1:80", &["127.0.1.1:8080"]),
+                ("127.200.0.2:80", &["127.0.1.1:8080"]),
+            ]),
+            now,
+        );
+        r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.1:80", &["127.0.2.1:8080"])]),
+            now,
+        );
+        let report = r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.2:80", &["127.0.1.1:8080"])]),
+            now,
+        );
+        assert_eq!(report.removed, 1);
+        assert!(maps.served(sa("127.200.0.1:80")).is_none());
+        assert_eq!(maps.services.len(), 1);
+        let remaining = maps.services.values().next().unwrap().service_id;
+        assert!(maps.slots.keys().all(|(sid, _)| *sid == remaining));
+    }
+
+    #[test]
+    fn a_failed_switch_keeps_the_old_table_and_other_frontends_apply() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let now = Instant::now();
+        let a = "127.200.0.1:80";
+        let b = "127.200.0.2:80";
+        r.apply(
+            &mut maps,
+            &desired(&[(a, &["127.0.1.1:8080"]), (b, &["127.0.1.1:8080"])]),
+            now,
+        );
+        maps.fail_service_writes_for = Some(frontend_key(sa(a)));
+        let report = r.apply(
+            &mut maps,
+            &desired(&[(a, &["127.0.2.1:8080"]), (b, &["127.0.2.1:8080"])]),
+            now,
+        );
+        assert_eq!(report.errors.len(), 1);
+        assert!(report.errors[0].to_string().contains("127.200.0.1:80"));
+        assert_eq!(maps.served(sa(a)), Some(vec![sa("127.0.1.1:8080")]));
+        assert_eq!(maps.served(sa(b)), Some(vec![sa("127.0.2.1:8080")]));
+        // Once the map accepts writes again, the next apply converges.
+        maps.fail_service_writes_for = None;
+        r.apply(
+            &mut maps,
+            &desired(&[(a, &["127.0.2.1:8080"]), (b, &["127.0.2.1:8080"])]),
+            now,
+        );
+        assert_eq!(maps.served(sa(a)), Some(vec![sa("127.0.2.1:8080")]));
+    }
+
+    #[test]
+    fn restore_continues_where_the_previous_agent_left_off() {
+        let mut maps = FakeMaps::default();
+        let now = Instant::now();
+        let want = desired(&[
+            ("127.200.0.1:80", &["127.0.1.1:8080", "127.0.1.2:8080"]),
+            ("[fd00::1]:80", &["[fd00::2]:8080"]),
+        ]);
+        {
+            let mut first = Reconciler::new(16, 16);
+            first.apply(&mut maps, &want, now);
+            first.apply(
+                &mut maps,
+                &desired(&[
+                    ("127.200.0.1:80", &["127.0.1.2:8080"]),
+                    ("[fd00::1]:80", &["[fd00::2]:8080"]),
+                ]),
+                now,
+            );
+            first.apply(&mut maps, &want, now);
+        }
+        let mut second = Reconciler::restore(&maps, 16, 16).unwrap();
+        maps.writes.clear();
+        let report = second.apply(&mut maps, &want, now);
+        assert!(report.errors.is_empty());
+        assert!(
+            maps.writes.is_empty(),
+            "restored agent rewrote {:?}",
+            maps.writes
+        );
+        // A change after restore goes to the non-live generation of the same id.
+        let before = maps.services[&frontend_key(sa("127.200.0.1:80"))];
+        second.apply(
+            &mut maps,
+            &desired(&[
+                ("127.200.0.1:80", &["127.0.1.1:8080"]),
+                ("[fd00::1]:80", &["[fd00::2]:8080"]),
+            ]),
+            now,
+        );
+        let after = maps.services[&frontend_key(sa("127.200.0.1:80"))];
+        assert_eq!(after.service_id, before.service_id);
+        assert_eq!(after.generation, 1 - before.generation);
+        assert_eq!(
+            maps.served(sa("127.200.0.1:80")),
+            Some(vec![sa("127.0.1.1:8080")])
+        );
+    }
+
+    #[test]
+    fn bad_tables_are_rejected_per_frontend() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let report = r.apply(
+            &mut maps,
+            &desired(&[
+                ("127.200.0.1:80", &["[fd00::2]:80"]),
+                ("127.200.0.2:80", &["127.0.0.2:80"]),
+            ]),
+            Instant::now(),
+        );
+        assert_eq!(report.errors.len(), 1);
+        assert!(matches!(
+            report.errors[0],
+            ReconcileError::FamilyMismatch { .. }
+        ));
+        assert_eq!(report.added, 1);
+    }
+
+    #[test]
+    fn running_out_of_backend_ids_is_an_error_not_a_wrap() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 2);
+        let report = r.apply(
+            &mut maps,
+            &desired(&[(
+                "127.200.0.1:80",
+                &["127.0.0.1:1", "127.0.0.2:1", "127.0.0.3:1"],
+            )]),
+            Instant::now(),
+        );
+        assert!(matches!(
+            report.errors[0],
+            ReconcileError::BackendIdsExhausted { .. }
+        ));
+        assert!(maps.services.is_empty());
+    }
+}

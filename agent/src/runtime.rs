@@ -1,0 +1,393 @@
+//! The agent's main loop: one task owns the configuration, the health verdicts, the
+//! reconciler and the maps; everything else talks to it through channels.
+//!
+//! Invariants:
+//! - the configuration in force is always one that parsed and validated; a bad file on
+//!   reload is logged with its field and line and the running state keeps serving;
+//! - every change (config, health, release timer) ends in one `apply`, which diffs and
+//!   writes only what changed;
+//! - the API socket is bound only after the first apply, so "socket answers" means "the
+//!   kernel serves the configuration";
+//! - leaving the loop (SIGTERM, SIGINT) never detaches the programs: they stay pinned.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use detour_agent::api::{self, EndpointView, Request, Response, ServiceView};
+use detour_agent::config::{self, Config, HealthCheckKind};
+use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
+use detour_agent::desired::{self, FrontendPlan};
+use detour_agent::health::{self, Health, HealthChange, ProbeSpec, Thresholds};
+use detour_agent::reconcile::Reconciler;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Standalone YAML configuration (services, endpoints, node locality).
+    #[arg(long)]
+    config: PathBuf,
+    /// cgroup v2 directory to attach to; default: the cgroup v2 mount from /proc/mounts.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/detour")]
+    bpffs: PathBuf,
+    /// Unix socket for the CLI.
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// How often the config file is checked for changes (SIGHUP reloads at once).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    config_poll: Duration,
+    #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_TABLE_SLOTS)]
+    max_slots: u32,
+}
+
+type ApiCall = (Request, oneshot::Sender<Response>);
+
+/// Probe tasks by (service, target), with the spec they run so a change restarts them.
+#[derive(Default)]
+struct Probes {
+    running: HashMap<(String, SocketAddr), (ProbeSpec, JoinHandle<()>)>,
+}
+
+impl Probes {
+    /// Starts, restarts and stops probe tasks so they match `config`; forgets the health
+    /// of targets that are no longer probed.
+    fn sync(
+        &mut self,
+        config: &Config,
+        changes: &mpsc::Sender<HealthChange>,
+        health: &mut HashMap<(String, SocketAddr), (Health, Option<String>)>,
+    ) {
+        let mut wanted = HashMap::new();
+        for service in &config.services {
+            let hc = &service.health_check;
+            let spec = match hc.kind {
+                HealthCheckKind::Tcp => Some(ProbeSpec {
+                    interval: hc.interval,
+                    timeout: hc.timeout,
+                    thresholds: Thresholds {
+                        healthy: hc.healthy_threshold,
+                        unhealthy: hc.unhealthy_threshold,
+                    },
+                }),
+                HealthCheckKind::None => None,
+            };
+            for target in desired::targets(service) {
+                wanted.insert((service.name.clone(), target), spec);
+            }
+        }
+        self.running.retain(|key, (spec, task)| {
+            let keep = wanted.get(key) == Some(&Some(*spec));
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        health.retain(|key, _| wanted.contains_key(key));
+        for (key, spec) in wanted {
+            match spec {
+                None => {
+                    health.insert(key, (Health::Unchecked, None));
+                }
+                Some(spec) if !self.running.contains_key(&key) => {
+                    health.insert(key.clone(), (Health::Unknown, None));
+                    let task = health::spawn_tcp_probe(key.0.clone(), key.1, spec, changes.clone());
+                    self.running.insert(key, (spec, task));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+struct Agent {
+    config_path: PathBuf,
+    config: Config,
+    config_text: String,
+    dataplane: Dataplane,
+    reconciler: Reconciler,
+    health: HashMap<(String, SocketAddr), (Health, Option<String>)>,
+    probes: Probes,
+    plans: Vec<FrontendPlan>,
+    changes: mpsc::Sender<HealthChange>,
+}
+
+fn read_config(path: &Path) -> anyhow::Result<(String, Config)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let config = config::parse(&text).with_context(|| format!("config {}", path.display()))?;
+    Ok((text, config))
+}
+
+impl Agent {
+    fn apply(&mut self) {
+        let health = &self.health;
+        let plans = desired::plan(&self.config, |service, target| {
+            health
+                .get(&(service.to_string(), target))
+                .map_or(Health::Unknown, |(h, _)| *h)
+        });
+        for plan in &plans {
+            let before = self
+                .plans
+                .iter()
+                .find(|p| p.frontend == plan.frontend)
+                .map(|p| p.tier.clone());
+            if before.as_ref() != Some(&plan.tier) {
+                let tier = tier_name(plan);
+                info!(service = %plan.service, frontend = %plan.frontend, %tier, backends = plan.table.len(), "tier selected");
+            }
+        }
+        let tables = desired::tables(&plans);
+        let report = self
+            .reconciler
+            .apply(&mut self.dataplane, &tables, Instant::now());
+        for e in &report.errors {
+            error!(error = %e, "could not program a frontend; it keeps its previous table");
+        }
+        if report.added + report.switched + report.removed > 0 {
+            info!(
+                added = report.added,
+                switched = report.switched,
+                removed = report.removed,
+                "maps updated"
+            );
+        }
+        self.plans = plans;
+    }
+
+    /// Re-reads the config file; keeps the running config when the new one is bad.
+    fn reload(&mut self, why: &str) {
+        match read_config(&self.config_path) {
+            Ok((text, _)) if text == self.config_text => {}
+            Ok((text, config)) => {
+                info!(
+                    why,
+                    services = config.services.len(),
+                    "configuration reloaded"
+                );
+                self.config = config;
+                self.config_text = text;
+                self.probes
+                    .sync(&self.config, &self.changes, &mut self.health);
+                self.apply();
+            }
+            Err(e) => {
+                error!(why, error = %format!("{e:#}"), "configuration rejected; still serving the previous one");
+            }
+        }
+    }
+
+    fn answer(&self, request: Request) -> Response {
+        match request {
+            Request::Services => Response::Services(self.service_views()),
+            Request::Endpoints { service } => {
+                if let Some(name) = &service {
+                    if !self.config.services.iter().any(|s| &s.name == name) {
+                        return Response::Error(format!("no service named {name:?}"));
+                    }
+                }
+                Response::Endpoints(self.endpoint_views(service.as_deref()))
+            }
+        }
+    }
+
+    fn connects(&self, target: &SocketAddr) -> u64 {
+        self.reconciler
+            .backend_id(target)
+            .and_then(|id| self.dataplane.backend_stats(id).ok())
+            .map_or(0, |s| s.connects)
+    }
+
+    fn service_views(&self) -> Vec<ServiceView> {
+        let mut views: Vec<ServiceView> = Vec::new();
+        for plan in &self.plans {
+            let tier = tier_name(plan);
+            if let Some(v) = views
+                .iter_mut()
+                .find(|v| v.name == plan.service && v.port == plan.port)
+            {
+                v.vips.push(plan.frontend.to_string());
+                if !v.tier.split(',').any(|t| t == tier) {
+                    v.tier = format!("{},{tier}", v.tier);
+                }
+                v.endpoints += plan.endpoints.len();
+                v.healthy += plan.endpoints.iter().filter(|e| e.health.usable()).count();
+                v.in_table += plan.endpoints.iter().filter(|e| e.in_table).count();
+                continue;
+            }
+            views.push(ServiceView {
+                name: plan.service.clone(),
+                port: plan.port,
+                vips: vec![plan.frontend.to_string()],
+                tier,
+                endpoints: plan.endpoints.len(),
+                healthy: plan.endpoints.iter().filter(|e| e.health.usable()).count(),
+                in_table: plan.endpoints.iter().filter(|e| e.in_table).count(),
+                connects: 0,
+            });
+        }
+        for v in &mut views {
+            let mut seen = std::collections::BTreeSet::new();
+            v.connects = self
+                .plans
+                .iter()
+                .filter(|p| p.service == v.name && p.port == v.port)
+                .flat_map(|p| p.endpoints.iter().map(|e| e.target))
+                .filter(|t| seen.insert(*t))
+                .map(|t| self.connects(&t))
+                .sum();
+        }
+        views
+    }
+
+    fn endpoint_views(&self, service: Option<&str>) -> Vec<EndpointView> {
+        self.plans
+            .iter()
+            .filter(|p| service.is_none_or(|s| s == p.service))
+            .flat_map(|p| {
+                p.endpoints.iter().map(move |e| EndpointView {
+                    service: p.service.clone(),
+                    port: p.port,
+                    address: e.target,
+                    locality: e.locality.clone(),
+                    health: e.health.to_string(),
+                    weight: e.weight,
+                    tier: e.tier.to_string(),
+                    in_table: e.in_table,
+                    connects: self.connects(&e.target),
+                    last_error: self
+                        .health
+                        .get(&(p.service.clone(), e.target))
+                        .and_then(|(_, err)| err.clone()),
+                })
+            })
+            .collect()
+    }
+}
+
+fn tier_name(plan: &FrontendPlan) -> String {
+    plan.tier
+        .as_ref()
+        .map_or_else(|| "none".to_string(), ToString::to_string)
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let (config_text, config) = read_config(&args.config)?;
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => find_cgroup2_mount()?,
+    };
+    let dataplane = Dataplane::load(&LoadOptions {
+        cgroup: cgroup.clone(),
+        pin_dir: args.bpffs.clone(),
+        max_services: args.max_services,
+        max_backends: args.max_backends,
+        max_slots: args.max_slots,
+    })
+    .context("loading the datapath")?;
+    let reconciler = Reconciler::restore(&dataplane, args.max_services, args.max_backends)
+        .context("restoring state from pinned maps")?;
+
+    let (changes_tx, mut changes_rx) = mpsc::channel::<HealthChange>(1024);
+    let mut agent = Agent {
+        config_path: args.config.clone(),
+        config,
+        config_text,
+        dataplane,
+        reconciler,
+        health: HashMap::new(),
+        probes: Probes::default(),
+        plans: Vec::new(),
+        changes: changes_tx,
+    };
+    agent
+        .probes
+        .sync(&agent.config, &agent.changes, &mut agent.health);
+    agent.apply();
+    info!(
+        cgroup = %cgroup.display(),
+        pins = %args.bpffs.display(),
+        services = agent.config.services.len(),
+        "agent ready"
+    );
+
+    let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
+    let listener = api::bind(&args.socket)?;
+    let api_task = tokio::spawn(serve_api(listener, api_tx));
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut poll = tokio::time::interval(args.config_poll);
+    let mut release = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            Some(change) = changes_rx.recv() => {
+                // A change from a probe that a reload just stopped is stale: ignore it.
+                if let Some(entry) = agent.health.get_mut(&(change.service.clone(), change.target)) {
+                    *entry = (change.health, change.last_error);
+                    agent.apply();
+                }
+            }
+            Some((request, reply)) = api_rx.recv() => {
+                let _ = reply.send(agent.answer(request));
+            }
+            _ = hup.recv() => agent.reload("SIGHUP"),
+            _ = poll.tick() => agent.reload("file changed"),
+            _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.apply(),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    api_task.abort();
+    let _ = std::fs::remove_file(&args.socket);
+    warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");
+    Ok(())
+}
+
+async fn serve_api(listener: tokio::net::UnixListener, calls: mpsc::Sender<ApiCall>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut read = tokio::io::BufReader::new(read);
+            let response = match api::read_request(&mut read).await {
+                Ok(None) => return,
+                Ok(Some(request)) => {
+                    let (tx, rx) = oneshot::channel();
+                    if calls.send((request, tx)).await.is_err() {
+                        return;
+                    }
+                    rx.await
+                        .unwrap_or_else(|_| Response::Error("agent is stopping".into()))
+                }
+                Err(response) => response,
+            };
+            let _ = api::write_response(&mut write, &response).await;
+        });
+    }
+}
