@@ -1,0 +1,206 @@
+//! The client side of the end-to-end tests: a process inside the test's cgroup that
+//! connects to VIPs and reports what it saw, one JSON line per result.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use detour_testbed::{wait_with_timeout, Cgroup};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+const SCRIPT_ENV: &str = "DETOUR_E2E_CLIENT_SCRIPT";
+const LINE_PREFIX: &str = "DETOUR-CLIENT ";
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the client process does.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Script {
+    /// `count` HTTP GETs, `interval` apart; one [`Get`] line each.
+    Gets {
+        target: SocketAddr,
+        count: u32,
+        interval_ms: u64,
+    },
+    /// Connect and close as fast as it can until `stop_file` exists (or `max_ms` passes);
+    /// one [`LoopSummary`] line at the end.
+    ConnectLoop {
+        target: SocketAddr,
+        stop_file: PathBuf,
+        max_ms: u64,
+    },
+}
+
+/// One HTTP GET as the application saw it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Get {
+    pub body: Option<String>,
+    pub error: Option<String>,
+    /// `getpeername()` of the connected socket.
+    pub peer: Option<SocketAddr>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoopSummary {
+    pub ok: u64,
+    pub failed: u64,
+    /// The first few errors, for the failure message.
+    pub errors: Vec<String>,
+}
+
+fn get(target: SocketAddr) -> Get {
+    let attempt = || -> std::io::Result<(String, SocketAddr)> {
+        let mut stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
+        let peer = stream.peer_addr()?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        write!(
+            stream,
+            "GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .trim()
+            .to_string();
+        Ok((body, peer))
+    };
+    match attempt() {
+        Ok((body, peer)) => Get {
+            body: Some(body),
+            error: None,
+            peer: Some(peer),
+        },
+        Err(e) => Get {
+            body: None,
+            error: Some(e.to_string()),
+            peer: None,
+        },
+    }
+}
+
+fn emit<T: Serialize>(value: &T) {
+    println!(
+        "{LINE_PREFIX}{}",
+        serde_json::to_string(value).expect("serializable")
+    );
+}
+
+fn run_script(script: Script) {
+    match script {
+        Script::Gets {
+            target,
+            count,
+            interval_ms,
+        } => {
+            for _ in 0..count {
+                emit(&get(target));
+                std::thread::sleep(Duration::from_millis(interval_ms));
+            }
+        }
+        Script::ConnectLoop {
+            target,
+            stop_file,
+            max_ms,
+        } => {
+            let deadline = Instant::now() + Duration::from_millis(max_ms);
+            let mut summary = LoopSummary {
+                ok: 0,
+                failed: 0,
+                errors: Vec::new(),
+            };
+            while !stop_file.exists() && Instant::now() < deadline {
+                match TcpStream::connect_timeout(&target, IO_TIMEOUT) {
+                    Ok(_) => summary.ok += 1,
+                    Err(e) => {
+                        summary.failed += 1;
+                        if summary.errors.len() < 5 {
+                            summary.errors.push(e.to_string());
+                        }
+                    }
+                }
+            }
+            emit(&summary);
+        }
+    }
+}
+
+/// Entry point of the re-executed test binary. Not a test of its own: the other tests
+/// run it inside their cgroup with a script.
+#[test]
+#[ignore = "helper process: the end-to-end tests run it inside their cgroup"]
+fn client_process() {
+    let script = std::env::var(SCRIPT_ENV).expect("run by the end-to-end tests with a script");
+    run_script(serde_json::from_str(&script).expect("valid client script"));
+}
+
+/// Starts a client process inside `cgroup`.
+pub fn spawn_in(cgroup: &Cgroup, script: &Script) -> Result<Child> {
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        "client::client_process",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(SCRIPT_ENV, serde_json::to_string(script)?)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    cgroup.spawn(&mut cmd)
+}
+
+/// Waits (bounded) for a client to finish and returns its result lines.
+pub fn results<T: DeserializeOwned>(mut child: Child, timeout: Duration) -> Result<Vec<T>> {
+    let stdout = child.stdout.take().context("client stdout")?;
+    let reader = std::thread::spawn(move || -> Vec<String> {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            // libtest prints "test client::client_process ... " on the same line as the
+            // first output, so the prefix is searched for, not expected at the start.
+            .filter_map(|l| {
+                l.find(LINE_PREFIX)
+                    .map(|at| l[at + LINE_PREFIX.len()..].to_string())
+            })
+            .collect()
+    });
+    let Some(status) = wait_with_timeout(&mut child, timeout)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("client did not finish within {timeout:?}");
+    };
+    let lines = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    if !status.success() {
+        bail!("client failed ({status}); it printed {lines:?}");
+    }
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("client line {l:?}")))
+        .collect()
+}
+
+/// Runs `count` GETs against `target` from inside `cgroup`.
+pub fn gets(cgroup: &Cgroup, target: SocketAddr, count: u32, interval_ms: u64) -> Result<Vec<Get>> {
+    let child = spawn_in(
+        cgroup,
+        &Script::Gets {
+            target,
+            count,
+            interval_ms,
+        },
+    )?;
+    results(
+        child,
+        Duration::from_millis(
+            u64::from(count) * (interval_ms + 2 * IO_TIMEOUT.as_millis() as u64) + 10_000,
+        ),
+    )
+}

@@ -1,0 +1,369 @@
+//! The scenarios a user of detour relies on, each in its own world.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+
+use crate::client::{self, LoopSummary, Script};
+use crate::world::{endpoint, World};
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asserts that `n` requests to `vip` were answered exactly as `expected` (body → count).
+fn expect_answers(w: &World, vip: &str, n: u32, expected: &[(&str, u32)]) -> Result<()> {
+    let got = w.answers(vip, n)?;
+    let want: BTreeMap<String, u32> = expected.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    ensure!(
+        got == want,
+        "{n} requests to {vip}: expected {want:?}, got {got:?}"
+    );
+    Ok(())
+}
+
+fn health_checks(interval: &str) -> String {
+    format!("{{interval: {interval}, timeout: 100ms, unhealthyThreshold: 1, healthyThreshold: 1}}")
+}
+
+#[test]
+fn connect_to_the_vip_reaches_the_nearest_tier_and_getpeername_shows_the_vip() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("zone", "127.10.1.1:8080")?;
+    w.backend("region", "127.10.1.2:8080")?;
+    w.backend("west", "127.10.1.3:8080")?;
+    w.write_config(
+        r#"
+node: { locality: us-east1/us-east1-b }
+services:
+  - name: nearest
+    vips: [127.210.1.1]
+    ports: [{number: 80, name: http, targetPort: 8080}]
+    endpoints:
+      - {address: 127.10.1.3, locality: us-west/us-west-1a}
+      - {address: 127.10.1.2, locality: us-east1/us-east1-c}
+      - {address: 127.10.1.1, locality: us-east1/us-east1-b}
+"#,
+    )?;
+    w.start_agent()?;
+    let gets = w.gets("127.210.1.1:80", 20)?;
+    for g in &gets {
+        ensure!(
+            g.body.as_deref() == Some("zone"),
+            "expected the same-zone backend, got {g:?}"
+        );
+        ensure!(
+            g.peer == Some("127.210.1.1:80".parse()?),
+            "getpeername should return the VIP, got {:?}",
+            g.peer
+        );
+    }
+    let services = w.agent().services_json()?;
+    ensure!(services[0]["tier"] == "same-zone", "{services:#}");
+    let eps = w.agent().endpoints_json(Some("nearest"))?;
+    ensure!(
+        endpoint(&eps, "127.10.1.1:8080")?["connects"].as_u64() >= Some(20),
+        "{eps:#}"
+    );
+    ensure!(
+        endpoint(&eps, "127.10.1.2:8080")?["in_table"] == false,
+        "{eps:#}"
+    );
+
+    // With the zone's only backend gone, the region serves; then the failover region.
+    w.stop_backend("zone");
+    w.wait_endpoints("nearest", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.1.2:8080").is_ok_and(|e| e["in_table"] == true)
+    })?;
+    expect_answers(&w, "127.210.1.1:80", 10, &[("region", 10)])?;
+    Ok(())
+}
+
+#[test]
+fn ipv6_vips_are_rewritten_too() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("v6", "[::1]:28082")?;
+    w.write_config(
+        r#"
+services:
+  - name: six
+    vips: ["::1"]
+    ports: [{number: 18082, name: http, targetPort: 28082}]
+    endpoints:
+      - {address: "::1"}
+"#,
+    )?;
+    w.start_agent()?;
+    for g in w.gets("[::1]:18082", 10)? {
+        ensure!(g.body.as_deref() == Some("v6"), "{g:?}");
+        ensure!(
+            g.peer == Some("[::1]:18082".parse()?),
+            "getpeername: {:?}",
+            g.peer
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn weights_are_honoured_within_a_tier() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("heavy", "127.10.3.1:8080")?;
+    w.backend("light", "127.10.3.2:8080")?;
+    w.write_config(
+        r#"
+services:
+  - name: weighted
+    vips: [127.210.3.1]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints:
+      - {address: 127.10.3.1, weight: 3}
+      - {address: 127.10.3.2, weight: 1}
+"#,
+    )?;
+    w.start_agent()?;
+    let n = 400;
+    let by = w.answers("127.210.3.1:80", n)?;
+    let heavy = f64::from(by.get("heavy").copied().unwrap_or(0)) / f64::from(n);
+    // Expect 0.75; the bounds are more than 4 standard deviations (0.022) away.
+    ensure!(
+        (0.65..=0.85).contains(&heavy),
+        "heavy share {heavy}: {by:?}"
+    );
+    ensure!(!by.contains_key("ERR"), "{by:?}");
+    Ok(())
+}
+
+fn connect_loop(w: &World, vip: &str) -> Result<(std::process::Child, std::path::PathBuf)> {
+    let stop = w
+        .dir
+        .join(&format!("stop-{}", detour_testbed::unique_name()));
+    let child = client::spawn_in(
+        &w.cgroup,
+        &Script::ConnectLoop {
+            target: vip.parse()?,
+            stop_file: stop.clone(),
+            max_ms: 60_000,
+        },
+    )?;
+    Ok((child, stop))
+}
+
+fn finish_loop(child: std::process::Child, stop: &std::path::Path) -> Result<LoopSummary> {
+    std::fs::write(stop, b"")?;
+    let mut lines: Vec<LoopSummary> = client::results(child, Duration::from_secs(15))?;
+    lines
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
+}
+
+#[test]
+fn table_swaps_under_a_connect_loop_fail_no_connect() -> Result<()> {
+    let mut w = World::new()?;
+    for (name, addr) in [
+        ("a", "127.10.4.1:8080"),
+        ("b", "127.10.4.2:8080"),
+        ("c", "127.10.4.3:8080"),
+    ] {
+        w.backend(name, addr)?;
+    }
+    let config = |addrs: &[&str]| {
+        let eps: String = addrs
+            .iter()
+            .map(|a| format!("      - {{address: {a}}}\n"))
+            .collect();
+        format!(
+            "services:\n  - name: swap\n    vips: [127.210.4.1]\n    ports: [{{number: 80, targetPort: 8080}}]\n    healthCheck: {{disabled: true}}\n    endpoints:\n{eps}"
+        )
+    };
+    let sets: [&[&str]; 4] = [
+        &["127.10.4.1"],
+        &["127.10.4.2", "127.10.4.3"],
+        &["127.10.4.3"],
+        &["127.10.4.1", "127.10.4.2", "127.10.4.3"],
+    ];
+    w.write_config(&config(sets[0]))?;
+    w.start_agent()?;
+    let (child, stop) = connect_loop(&w, "127.210.4.1:80")?;
+    let mut swaps = 0;
+    for round in 0..24 {
+        let set = sets[(round + 1) % sets.len()];
+        w.write_config(&config(set))?;
+        w.agent().reload()?;
+        w.wait_endpoints("swap", CHECK_TIMEOUT, |eps| {
+            eps.as_array()
+                .is_some_and(|a| a.len() == set.len() && a.iter().all(|e| e["in_table"] == true))
+        })?;
+        swaps += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let summary = finish_loop(child, &stop)?;
+    ensure!(summary.failed == 0, "{swaps} swaps: {summary:?}");
+    ensure!(summary.ok > 100, "the loop barely ran: {summary:?}");
+    Ok(())
+}
+
+#[test]
+fn killing_and_restarting_the_agent_fails_no_connect() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("a", "127.10.5.1:8080")?;
+    w.write_config(
+        r#"
+services:
+  - name: sturdy
+    vips: [127.210.5.1]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints: [{address: 127.10.5.1}]
+"#,
+    )?;
+    w.start_agent()?;
+    let (child, stop) = connect_loop(&w, "127.210.5.1:80")?;
+    std::thread::sleep(Duration::from_millis(300));
+    w.agent().kill9()?;
+    std::thread::sleep(Duration::from_millis(500));
+    w.agent().restart()?;
+    w.agent().wait_ready(crate::world::READY_TIMEOUT)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let summary = finish_loop(child, &stop)?;
+    ensure!(summary.failed == 0, "{summary:?}");
+    ensure!(summary.ok > 100, "{summary:?}");
+    let log = w.log();
+    ensure!(
+        log.matches("Adopted").count() >= 4,
+        "the restarted agent should adopt its 4 pinned links:\n{log}"
+    );
+    // And it still serves, with counters that survived the restart.
+    expect_answers(&w, "127.210.5.1:80", 5, &[("a", 5)])?;
+    let eps = w.agent().endpoints_json(Some("sturdy"))?;
+    ensure!(
+        endpoint(&eps, "127.10.5.1:8080")?["connects"].as_u64() > Some(summary.ok),
+        "{eps:#}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bad_config_is_rejected_with_field_and_line_and_the_old_one_keeps_serving() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("a", "127.10.6.1:8080")?;
+    let good = r#"
+services:
+  - name: steady
+    vips: [127.210.6.1]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints: [{address: 127.10.6.1}]
+"#;
+    w.write_config(good)?;
+    w.start_agent()?;
+    let before = w.agent().services_json()?;
+    w.write_config(
+        r#"
+services:
+  - name: steady
+    vips: [127.210.6.1]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints:
+      - address: 127.10.6.300
+"#,
+    )?;
+    w.agent().reload()?;
+    let deadline = std::time::Instant::now() + CHECK_TIMEOUT;
+    while !w.log().contains("configuration rejected") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no rejection logged:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = w.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("configuration rejected"))
+        .unwrap_or_default();
+    ensure!(
+        line.contains("services[0].endpoints[0].address"),
+        "field not named: {line}"
+    );
+    ensure!(line.contains("line 7"), "line not named: {line}");
+    ensure!(w.agent().services_json()? == before);
+    expect_answers(&w, "127.210.6.1:80", 5, &[("a", 5)])?;
+    Ok(())
+}
+
+#[test]
+fn an_agent_refuses_to_start_on_a_bad_config() -> Result<()> {
+    let mut w = World::new()?;
+    w.write_config("services:\n  - name: x\n    vips: [127.210.8.1]\n    ports: [{number: 0}]\n")?;
+    let err = w
+        .start_agent()
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("agent started"))?;
+    let msg = format!("{err:#}");
+    ensure!(msg.contains("services[0].ports[0].number"), "{msg}");
+    ensure!(
+        w.pins.pinned()?.is_empty(),
+        "nothing should be attached: {:?}",
+        w.pins.pinned()?
+    );
+    Ok(())
+}
+
+#[test]
+fn demo_scenario_fails_over_to_us_west_and_comes_back() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("east-a", "127.10.7.1:8080")?;
+    w.backend("east-b", "127.10.7.2:8080")?;
+    w.backend("west", "127.10.7.3:8080")?;
+    w.write_config(&format!(
+        r#"
+node: {{ locality: us-east1/us-east1-b }}
+services:
+  - name: mydb
+    vips: [127.210.7.1]
+    ports: [{{number: 80, name: http}}]
+    endpoints:
+      - {{address: 127.10.7.1, ports: {{http: 8080}}, locality: us-east1/us-east1-b}}
+      - {{address: 127.10.7.2, ports: {{http: 8080}}, locality: us-east1/us-east1-b}}
+      - {{address: 127.10.7.3, ports: {{http: 8080}}, locality: us-west/us-west-1a}}
+    localityLbSetting: {{failover: [{{from: us-east1, to: us-west}}]}}
+    healthCheck: {}
+"#,
+        health_checks("100ms")
+    ))?;
+    w.start_agent()?;
+    let by = w.answers("127.210.7.1:80", 20)?;
+    ensure!(by.keys().all(|k| k.starts_with("east")), "{by:?}");
+
+    w.stop_backend("east-a");
+    w.stop_backend("east-b");
+    let eps = w.wait_endpoints("mydb", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.7.3:8080").is_ok_and(|e| e["in_table"] == true)
+    })?;
+    ensure!(
+        endpoint(&eps, "127.10.7.1:8080")?["health"] == "UNHEALTHY",
+        "{eps:#}"
+    );
+    ensure!(w.agent().services_json()?[0]["tier"] == "failover[0]:us-west");
+    expect_answers(&w, "127.210.7.1:80", 10, &[("west", 10)])?;
+
+    w.start_backend("east-a")?;
+    w.start_backend("east-b")?;
+    w.wait_endpoints("mydb", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.7.3:8080").is_ok_and(|e| e["in_table"] == false)
+    })?;
+    let by = w.answers("127.210.7.1:80", 20)?;
+    ensure!(by.keys().all(|k| k.starts_with("east")), "{by:?}");
+
+    // Everything down: panic mode keeps every endpoint in the table rather than none.
+    for b in ["east-a", "east-b", "west"] {
+        w.stop_backend(b);
+    }
+    w.wait_endpoints("mydb", CHECK_TIMEOUT, |eps| {
+        eps.as_array().is_some_and(|a| {
+            a.iter()
+                .all(|e| e["health"] == "UNHEALTHY" && e["in_table"] == true)
+        })
+    })?;
+    ensure!(w.agent().services_json()?[0]["tier"] == "panic");
+    Ok(())
+}

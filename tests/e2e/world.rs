@@ -1,0 +1,124 @@
+//! One test's private world: cgroup, pin directory, temp dir, backends and the agent,
+//! torn down in reverse order of need when the test ends, pass or fail.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use detour_testbed::{require_root, Agent, AgentOptions, Cgroup, HttpBackend, PinDir, TempDir};
+
+use crate::client::{self, Get};
+
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+// Field order is drop order: the agent stops first, then backends close, then the pins
+// go (detaching the programs), then the cgroup (killing any client left in it).
+pub struct World {
+    pub agent: Option<Agent>,
+    pub backends: BTreeMap<String, HttpBackend>,
+    pub pins: PinDir,
+    pub cgroup: Cgroup,
+    pub dir: TempDir,
+}
+
+impl World {
+    pub fn new() -> Result<Self> {
+        require_root("the end-to-end tests (they attach eBPF programs to a cgroup)")?;
+        Ok(Self {
+            agent: None,
+            backends: BTreeMap::new(),
+            pins: PinDir::new()?,
+            cgroup: Cgroup::new()?,
+            dir: TempDir::new()?,
+        })
+    }
+
+    pub fn backend(&mut self, name: &str, addr: &str) -> Result<()> {
+        let addr: SocketAddr = addr.parse()?;
+        self.backends
+            .insert(name.to_string(), HttpBackend::start_at(name, addr)?);
+        Ok(())
+    }
+
+    pub fn stop_backend(&mut self, name: &str) {
+        self.backends.get_mut(name).expect("known backend").stop();
+    }
+
+    pub fn start_backend(&mut self, name: &str) -> Result<()> {
+        self.backends.get_mut(name).expect("known backend").start()
+    }
+
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        // Write then rename, as a config management tool would: the agent never reads a
+        // half-written file.
+        let tmp = self.dir.join("detour.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.dir.join("detour.yaml"))?;
+        Ok(())
+    }
+
+    pub fn start_agent(&mut self) -> Result<&mut Agent> {
+        let mut agent = Agent::start(AgentOptions {
+            binary: env!("CARGO_BIN_EXE_detour").into(),
+            config: self.dir.join("detour.yaml"),
+            cgroup: self.cgroup.path().to_owned(),
+            bpffs: self.pins.path().to_owned(),
+            socket: self.dir.join("detour.sock"),
+            log: self.dir.join("agent.log"),
+        })?;
+        agent.wait_ready(READY_TIMEOUT)?;
+        Ok(self.agent.insert(agent))
+    }
+
+    pub fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent started")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn gets(&self, vip: &str, count: u32) -> Result<Vec<Get>> {
+        client::gets(&self.cgroup, vip.parse()?, count, 0)
+    }
+
+    /// Counts answers by body; errors count under "ERR".
+    pub fn answers(&self, vip: &str, count: u32) -> Result<BTreeMap<String, u32>> {
+        let mut by = BTreeMap::new();
+        for g in self.gets(vip, count)? {
+            *by.entry(g.body.unwrap_or_else(|| "ERR".into()))
+                .or_insert(0) += 1;
+        }
+        Ok(by)
+    }
+
+    /// Polls the agent's endpoints until `pred` holds, bounded by `timeout`.
+    pub fn wait_endpoints(
+        &mut self,
+        service: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let eps = self.agent().endpoints_json(Some(service))?;
+            if pred(&eps) {
+                return Ok(eps);
+            }
+            if Instant::now() > deadline {
+                bail!("condition not met within {timeout:?}; endpoints now: {eps:#}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The endpoint row for `address` in an endpoints JSON array.
+pub fn endpoint<'a>(eps: &'a serde_json::Value, address: &str) -> Result<&'a serde_json::Value> {
+    eps.as_array()
+        .context("endpoints is an array")?
+        .iter()
+        .find(|e| e["address"] == address)
+        .with_context(|| format!("no endpoint {address} in {eps:#}"))
+}

@@ -1,0 +1,386 @@
+//! A tiny HTTP/1.1 backend that can be stopped and started again, and a minimal client.
+//!
+//! [`HttpBackend`] stands in for a real service endpoint: every request gets `200` with
+//! the body `"<name>\n"`, so a client sees which backend served it. Invariants:
+//! - while stopped, nothing listens on the address, so connects are *refused* (the
+//!   failure detour must react to) — not accepted and then dropped;
+//! - stopping is bounded: the accept loop polls its stop flag every [`ACCEPT_POLL`], and
+//!   connections already accepted are shut down;
+//! - a restart binds the very same address (`SO_REUSEADDR`), in the same network
+//!   namespace it was first started in.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use socket2::{Domain, Socket, Type};
+
+/// Longest time the accept loop sleeps before looking at the stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+/// How long a connection may take to send its request head.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest request head read; anything longer is answered anyway and closed.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// State shared between the backend handle and its threads.
+#[derive(Debug, Default)]
+struct Shared {
+    requests: AtomicU64,
+    /// Accepted connections still being served, so `stop()` can shut them down.
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Running {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// A stoppable HTTP/1.1 server that answers every request with `200 "<name>\n"`.
+#[derive(Debug)]
+pub struct HttpBackend {
+    name: String,
+    addr: SocketAddr,
+    netns: Option<PathBuf>,
+    shared: Arc<Shared>,
+    running: Option<Running>,
+}
+
+impl HttpBackend {
+    /// Binds `addr` in the current network namespace and starts serving.
+    ///
+    /// Port 0 picks a free port; [`HttpBackend::addr`] tells which, and restarts reuse it.
+    pub fn start_at(name: &str, addr: SocketAddr) -> Result<Self> {
+        Self::start_with(name, addr, None)
+    }
+
+    /// Binds `addr` inside `netns` and starts serving.
+    pub fn start_in(netns: &crate::Netns, name: &str, addr: SocketAddr) -> Result<Self> {
+        Self::start_with(name, addr, Some(netns.path()))
+    }
+
+    fn start_with(name: &str, addr: SocketAddr, netns: Option<PathBuf>) -> Result<Self> {
+        let mut backend = Self {
+            name: name.to_owned(),
+            addr,
+            netns,
+            shared: Arc::default(),
+            running: None,
+        };
+        backend.start()?;
+        Ok(backend)
+    }
+
+    /// The backend's name (its response body, without the newline).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address it listens on (while running).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests answered so far, over all start/stop cycles.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Whether it is listening.
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Binds the address again and serves; a no-op while running.
+    pub fn start(&mut self) -> Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let addr = self.addr;
+        let listener = match &self.netns {
+            None => bind(addr)?,
+            Some(path) => crate::netns::run_in_netns(path, || bind(addr))??,
+        };
+        self.addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, shared, body) = (
+                stop.clone(),
+                self.shared.clone(),
+                format!("{}\n", self.name),
+            );
+            thread::Builder::new()
+                .name(format!("http-{}", self.addr))
+                .spawn(move || accept_loop(&listener, &stop, &shared, &body))?
+        };
+        self.running = Some(Running { stop, thread });
+        Ok(())
+    }
+
+    /// Closes the listener (new connects are refused) and every accepted connection.
+    ///
+    /// Returns once the listener is closed; a no-op while stopped.
+    pub fn stop(&mut self) {
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        running.stop.store(true, Ordering::SeqCst);
+        // The accept loop owns the listener: once it returns, the socket is closed.
+        let _ = running.thread.join();
+        let conns = std::mem::take(
+            &mut *self
+                .shared
+                .conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for conn in conns.values() {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn accept_loop(listener: &TcpListener, stop: &AtomicBool, shared: &Arc<Shared>, body: &str) {
+    while !stop.load(Ordering::SeqCst) {
+        if !readable(listener, ACCEPT_POLL) {
+            continue;
+        }
+        let Ok((conn, _peer)) = listener.accept() else {
+            continue;
+        };
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Ok(clone) = conn.try_clone() {
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, clone);
+        }
+        let (conn_shared, body) = (shared.clone(), body.to_owned());
+        let spawned = thread::Builder::new().spawn(move || {
+            serve(conn, &conn_shared, &body);
+            conn_shared
+                .conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        });
+        if spawned.is_err() {
+            // Out of threads: drop the connection rather than the whole backend.
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        }
+    }
+}
+
+/// Waits up to `timeout` for a connection to accept.
+fn readable(listener: &TcpListener, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+fn serve(mut conn: TcpStream, shared: &Shared, body: &str) {
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(response.as_bytes());
+    let _ = conn.shutdown(Shutdown::Write);
+}
+
+/// A response read by [`http_request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The status code, e.g. 200.
+    pub status: u16,
+    /// Everything after the header block.
+    pub body: String,
+}
+
+/// `GET /` on `addr` with `Connection: close`; returns the status and body.
+///
+/// `timeout` bounds the connect and each read and write. Connect failures keep their
+/// [`io::Error`] as the root cause, so callers can tell "connection refused" apart.
+pub fn http_request(addr: SocketAddr, timeout: Duration) -> Result<HttpResponse> {
+    let mut conn = TcpStream::connect_timeout(&addr, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    let host = match addr {
+        SocketAddr::V4(_) => addr.to_string(),
+        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+    };
+    write!(
+        conn,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: detour-testbed\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+/// `GET /` on `addr`; the body of a `200` response, an error otherwise.
+pub fn http_get(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let response = http_request(addr, timeout)?;
+    if response.status != 200 {
+        bail!("GET http://{addr}/: status {}", response.status);
+    }
+    Ok(response.body)
+}
+
+fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
+    let text = String::from_utf8_lossy(raw);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Err(
+            io::Error::new(io::ErrorKind::UnexpectedEof, "incomplete HTTP response").into(),
+        );
+    };
+    let status_line = head.lines().next().unwrap_or_default();
+    let mut parts = status_line.split_whitespace();
+    let status = match (parts.next(), parts.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/1.") => code
+            .parse()
+            .with_context(|| format!("bad status line {status_line:?}"))?,
+        _ => bail!("bad status line {status_line:?}"),
+    };
+    Ok(HttpResponse {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn loopback_any_port() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[test]
+    fn serves_its_name_and_counts_requests() {
+        let backend = HttpBackend::start_at("alpha", loopback_any_port()).unwrap();
+        assert_ne!(backend.addr().port(), 0);
+        for _ in 0..3 {
+            assert_eq!(
+                http_get(backend.addr(), Duration::from_secs(2)).unwrap(),
+                "alpha\n"
+            );
+        }
+        assert_eq!(backend.requests(), 3);
+    }
+
+    #[test]
+    fn stopped_backend_refuses_and_restarted_one_serves_again() {
+        let mut backend = HttpBackend::start_at("beta", loopback_any_port()).unwrap();
+        let addr = backend.addr();
+        http_get(addr, Duration::from_secs(2)).unwrap();
+
+        let start = Instant::now();
+        backend.stop();
+        assert!(
+            start.elapsed() < Duration::from_millis(200),
+            "stop took {:?}",
+            start.elapsed()
+        );
+        assert!(!backend.is_running());
+        let err = http_get(addr, Duration::from_secs(2)).unwrap_err();
+        let io = err
+            .downcast_ref::<io::Error>()
+            .expect("an io::Error root cause");
+        assert_eq!(io.kind(), io::ErrorKind::ConnectionRefused, "{err:#}");
+
+        backend.start().unwrap();
+        assert_eq!(backend.addr(), addr, "restart must bind the same address");
+        assert_eq!(http_get(addr, Duration::from_secs(2)).unwrap(), "beta\n");
+        assert_eq!(backend.requests(), 2);
+    }
+
+    #[test]
+    fn stop_closes_accepted_connections() {
+        let mut backend = HttpBackend::start_at("gamma", loopback_any_port()).unwrap();
+        // Connected but no request sent yet: the server thread is waiting to read.
+        let mut idle = TcpStream::connect(backend.addr()).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        backend.stop();
+        let mut buf = [0u8; 16];
+        let start = Instant::now();
+        let n = idle.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "expected EOF or reset");
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn parses_responses() {
+        let r = parse_response(b"HTTP/1.1 503 Service Unavailable\r\nX: y\r\n\r\nno").unwrap();
+        assert_eq!((r.status, r.body.as_str()), (503, "no"));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse_response(b"SSH-2.0\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn non_200_is_an_error_for_http_get() {
+        let listener = TcpListener::bind(loopback_any_port()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).unwrap();
+            conn.write_all(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n")
+                .unwrap();
+        });
+        let err = http_get(addr, Duration::from_secs(2)).unwrap_err();
+        assert!(err.to_string().contains("404"), "{err:#}");
+        server.join().unwrap();
+    }
+}
