@@ -116,6 +116,8 @@ struct Agent {
     config_path: PathBuf,
     config: Config,
     config_text: String,
+    /// The last file content that failed to parse, so a bad file is reported once.
+    rejected_text: Option<String>,
     dataplane: Dataplane,
     reconciler: Reconciler,
     health: HashMap<(String, SocketAddr), (Health, Option<String>)>,
@@ -124,11 +126,16 @@ struct Agent {
     changes: mpsc::Sender<HealthChange>,
 }
 
-fn read_config(path: &Path) -> anyhow::Result<(String, Config)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
-    let config = config::parse(&text).with_context(|| format!("config {}", path.display()))?;
-    Ok((text, config))
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))
+}
+
+fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
+    let config = config::parse(text).with_context(|| format!("config {}", path.display()))?;
+    for warning in config.warnings() {
+        warn!(config = %path.display(), %warning, "configuration accepted with a warning");
+    }
+    Ok(config)
 }
 
 impl Agent {
@@ -170,9 +177,21 @@ impl Agent {
 
     /// Re-reads the config file; keeps the running config when the new one is bad.
     fn reload(&mut self, why: &str) {
-        match read_config(&self.config_path) {
-            Ok((text, _)) if text == self.config_text => {}
-            Ok((text, config)) => {
+        let parsed = read_text(&self.config_path).and_then(|text| {
+            if text == self.config_text || self.rejected_text.as_ref() == Some(&text) {
+                return Ok(None);
+            }
+            match parse_config(&self.config_path, &text) {
+                Ok(config) => Ok(Some((text, config))),
+                Err(e) => {
+                    self.rejected_text = Some(text);
+                    Err(e)
+                }
+            }
+        });
+        match parsed {
+            Ok(None) => {}
+            Ok(Some((text, config))) => {
                 info!(
                     why,
                     services = config.services.len(),
@@ -180,6 +199,7 @@ impl Agent {
                 );
                 self.config = config;
                 self.config_text = text;
+                self.rejected_text = None;
                 self.probes
                     .sync(&self.config, &self.changes, &mut self.health);
                 self.apply();
@@ -293,7 +313,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    let (config_text, config) = read_config(&args.config)?;
+    let config_text = read_text(&args.config)?;
+    let config = parse_config(&args.config, &config_text)?;
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => find_cgroup2_mount()?,
@@ -314,6 +335,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config_path: args.config.clone(),
         config,
         config_text,
+        rejected_text: None,
         dataplane,
         reconciler,
         health: HashMap::new(),
@@ -353,7 +375,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             Some((request, reply)) = api_rx.recv() => {
                 let _ = reply.send(agent.answer(request));
             }
-            _ = hup.recv() => agent.reload("SIGHUP"),
+            _ = hup.recv() => {
+                // An explicit reload reports a still-bad file again.
+                agent.rejected_text = None;
+                agent.reload("SIGHUP");
+            }
             _ = poll.tick() => agent.reload("file changed"),
             _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.apply(),
             _ = term.recv() => break,
