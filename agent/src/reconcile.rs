@@ -119,6 +119,7 @@ pub struct Reconciler {
     frontends: BTreeMap<SocketAddr, FrontendState>,
     backends: HashMap<SocketAddr, BackendState>,
     backend_ids: BTreeSet<u32>,
+    service_ids: BTreeSet<u32>,
     max_backends: u32,
     max_frontends: u32,
     next_backend_id: u32,
@@ -132,6 +133,7 @@ impl Reconciler {
             frontends: BTreeMap::new(),
             backends: HashMap::new(),
             backend_ids: BTreeSet::new(),
+            service_ids: BTreeSet::new(),
             max_backends,
             max_frontends,
             next_backend_id: 0,
@@ -189,6 +191,7 @@ impl Reconciler {
                 }
             }
             this.next_service_id = this.next_service_id.max(entry.service_id + 1);
+            this.service_ids.insert(entry.service_id);
             this.frontends.insert(
                 frontend,
                 FrontendState {
@@ -275,26 +278,39 @@ impl Reconciler {
         for addr in table {
             ids.push(self.ensure_backend(maps, frontend, *addr)?);
         }
-        let wrap = |source| ReconcileError::Frontend { frontend, source };
-
-        let (service_id, generation, added) = match self.frontends.get(&frontend) {
+        let (service_id, generation, added) = match self.frontends.get_mut(&frontend) {
             Some(state) if state.live == ids => return Ok(Change::None),
-            Some(state) => (state.service_id, 1 - state.generation, false),
+            Some(state) => {
+                let generation = 1 - state.generation;
+                // Recorded before writing, so slots of a write that fails half-way are
+                // still deleted when the frontend goes (deleting a missing slot is fine).
+                let written = &mut state.written[generation as usize];
+                *written = (*written).max(ids.len() as u32);
+                (state.service_id, generation, false)
+            }
             None => (self.allocate_service_id(frontend)?, 0, true),
         };
-        for (index, id) in ids.iter().enumerate() {
-            maps.write_slot(SlotKey::new(service_id, generation, index as u32), *id)
-                .map_err(wrap)?;
-        }
         let entry = ServiceEntry {
             service_id,
             generation,
             slot_count: ids.len() as u32,
             flags: 0,
         };
+        let written = ids.iter().enumerate().try_for_each(|(index, id)| {
+            maps.write_slot(SlotKey::new(service_id, generation, index as u32), *id)
+        });
         // The switch: from here on connects read the new generation.
-        maps.write_service(&frontend_key(frontend), &entry)
-            .map_err(wrap)?;
+        let switched = written.and_then(|()| maps.write_service(&frontend_key(frontend), &entry));
+        if let Err(source) = switched {
+            if added {
+                // Nothing points at the new id's slots: undo them and free the id.
+                for index in 0..entry.slot_count {
+                    let _ = maps.delete_slot(SlotKey::new(service_id, generation, index));
+                }
+                self.service_ids.remove(&service_id);
+            }
+            return Err(ReconcileError::Frontend { frontend, source });
+        }
 
         let state = self.frontends.entry(frontend).or_insert(FrontendState {
             service_id,
@@ -324,6 +340,7 @@ impl Reconciler {
         };
         maps.delete_service(&frontend_key(frontend)).map_err(wrap)?;
         self.frontends.remove(&frontend);
+        self.service_ids.remove(&state.service_id);
         for generation in 0..2u32 {
             for index in 0..state.written[generation as usize] {
                 maps.delete_slot(SlotKey::new(state.service_id, generation, index))
@@ -374,12 +391,12 @@ impl Reconciler {
                 max: self.max_frontends,
             });
         }
-        let used: BTreeSet<u32> = self.frontends.values().map(|f| f.service_id).collect();
         let mut id = self.next_service_id;
-        while used.contains(&id) {
+        while self.service_ids.contains(&id) {
             id = id.wrapping_add(1);
         }
         self.next_service_id = id.wrapping_add(1);
+        self.service_ids.insert(id);
         Ok(id)
     }
 
@@ -797,6 +814,27 @@ mod tests {
             now,
         );
         assert_eq!(maps.served(sa(a)), Some(vec![sa("127.0.2.1:8080")]));
+    }
+
+    #[test]
+    fn a_failed_add_leaves_no_slots_and_no_id_behind() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let now = Instant::now();
+        let a = "127.200.0.1:80";
+        maps.fail_service_writes_for = Some(frontend_key(sa(a)));
+        let report = r.apply(&mut maps, &desired(&[(a, &["127.0.1.1:8080"])]), now);
+        assert_eq!(report.errors.len(), 1);
+        assert!(maps.slots.is_empty(), "orphan slots: {:?}", maps.slots);
+        maps.fail_service_writes_for = None;
+        let report = r.apply(&mut maps, &desired(&[(a, &["127.0.1.1:8080"])]), now);
+        assert_eq!(report.added, 1);
+        assert_eq!(maps.served(sa(a)), Some(vec![sa("127.0.1.1:8080")]));
+        assert_eq!(
+            maps.services[&frontend_key(sa(a))].service_id,
+            1,
+            "id 0 was freed, next id is used"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!   kernel serves the configuration";
 //! - leaving the loop (SIGTERM, SIGINT) never detaches the programs: they stay pinned.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan};
 use detour_agent::health::{self, Health, HealthChange, ProbeSpec, Thresholds};
 use detour_agent::reconcile::Reconciler;
+use detour_agent::selection::Tier;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -146,13 +147,10 @@ impl Agent {
                 .get(&(service.to_string(), target))
                 .map_or(Health::Unknown, |(h, _)| *h)
         });
+        let tiers_before: HashMap<SocketAddr, &Option<Tier>> =
+            self.plans.iter().map(|p| (p.frontend, &p.tier)).collect();
         for plan in &plans {
-            let before = self
-                .plans
-                .iter()
-                .find(|p| p.frontend == plan.frontend)
-                .map(|p| p.tier.clone());
-            if before.as_ref() != Some(&plan.tier) {
+            if tiers_before.get(&plan.frontend) != Some(&&plan.tier) {
                 let tier = tier_name(plan);
                 info!(service = %plan.service, frontend = %plan.frontend, %tier, backends = plan.table.len(), "tier selected");
             }
@@ -232,43 +230,42 @@ impl Agent {
     }
 
     fn service_views(&self) -> Vec<ServiceView> {
+        // One row per (service, port), in config order; several VIPs share the row.
         let mut views: Vec<ServiceView> = Vec::new();
+        let mut row_of: HashMap<(&str, u16), usize> = HashMap::new();
+        let mut targets: Vec<BTreeSet<SocketAddr>> = Vec::new();
         for plan in &self.plans {
             let tier = tier_name(plan);
-            if let Some(v) = views
-                .iter_mut()
-                .find(|v| v.name == plan.service && v.port == plan.port)
-            {
-                v.vips.push(plan.frontend.to_string());
-                if !v.tier.split(',').any(|t| t == tier) {
-                    v.tier = format!("{},{tier}", v.tier);
-                }
-                v.endpoints += plan.endpoints.len();
-                v.healthy += plan.endpoints.iter().filter(|e| e.health.usable()).count();
-                v.in_table += plan.endpoints.iter().filter(|e| e.in_table).count();
-                continue;
+            let row = *row_of
+                .entry((plan.service.as_str(), plan.port))
+                .or_insert_with(|| {
+                    views.push(ServiceView {
+                        name: plan.service.clone(),
+                        port: plan.port,
+                        vips: Vec::new(),
+                        tier: String::new(),
+                        endpoints: 0,
+                        healthy: 0,
+                        in_table: 0,
+                        connects: 0,
+                    });
+                    targets.push(BTreeSet::new());
+                    views.len() - 1
+                });
+            let v = &mut views[row];
+            v.vips.push(plan.frontend.to_string());
+            if v.tier.is_empty() {
+                v.tier = tier;
+            } else if !v.tier.split(',').any(|t| t == tier) {
+                v.tier = format!("{},{tier}", v.tier);
             }
-            views.push(ServiceView {
-                name: plan.service.clone(),
-                port: plan.port,
-                vips: vec![plan.frontend.to_string()],
-                tier,
-                endpoints: plan.endpoints.len(),
-                healthy: plan.endpoints.iter().filter(|e| e.health.usable()).count(),
-                in_table: plan.endpoints.iter().filter(|e| e.in_table).count(),
-                connects: 0,
-            });
+            v.endpoints += plan.endpoints.len();
+            v.healthy += plan.endpoints.iter().filter(|e| e.health.usable()).count();
+            v.in_table += plan.endpoints.iter().filter(|e| e.in_table).count();
+            targets[row].extend(plan.endpoints.iter().map(|e| e.target));
         }
-        for v in &mut views {
-            let mut seen = std::collections::BTreeSet::new();
-            v.connects = self
-                .plans
-                .iter()
-                .filter(|p| p.service == v.name && p.port == v.port)
-                .flat_map(|p| p.endpoints.iter().map(|e| e.target))
-                .filter(|t| seen.insert(*t))
-                .map(|t| self.connects(&t))
-                .sum();
+        for (v, targets) in views.iter_mut().zip(&targets) {
+            v.connects = targets.iter().map(|t| self.connects(t)).sum();
         }
         views
     }
