@@ -19,7 +19,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{loaded_programs, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
@@ -322,12 +322,29 @@ fn op_err(map: &'static str, op: &'static str, e: aya::maps::MapError) -> MapOpE
     }
 }
 
+fn op_err_io(map: &'static str, op: &'static str, e: io::Error) -> MapOpError {
+    MapOpError {
+        map,
+        op,
+        reason: e.to_string(),
+    }
+}
+
 fn is_not_found(e: &aya::maps::MapError) -> bool {
     matches!(e, aya::maps::MapError::KeyNotFound)
 }
 
 impl Maps for Dataplane {
     fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapOpError> {
+        // The reconciler writes a backend only when it hands out the id: the counters
+        // start from zero for the new address, whatever the id counted before.
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| op_err_io(maps::BACKEND_STATS, "count cpus", e))?;
+        let zeros = PerCpuValues::try_from(vec![BackendStats::default(); cpus])
+            .map_err(|e| op_err_io(maps::BACKEND_STATS, "build values", e))?;
+        self.stats
+            .set(id, zeros, 0)
+            .map_err(|e| op_err(maps::BACKEND_STATS, "update", e))?;
         self.backends
             .set(id, backend, 0)
             .map_err(|e| op_err(maps::BACKENDS, "update", e))

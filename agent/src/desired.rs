@@ -15,7 +15,7 @@ use detour_ebpf::MAX_SLOTS;
 
 use crate::config::{Config, ServiceConfig};
 use crate::health::Health;
-use crate::reconcile::DesiredTables;
+use crate::reconcile::Desired;
 use crate::selection::{self, Candidate, Tier};
 
 /// One endpoint of a frontend as the plan sees it.
@@ -109,12 +109,19 @@ pub fn plan(config: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec
     plans
 }
 
-/// The tables the reconciler should make the kernel serve.
-pub fn tables(plans: &[FrontendPlan]) -> DesiredTables {
-    plans
-        .iter()
-        .map(|p| (p.frontend, p.table.clone()))
-        .collect::<BTreeMap<_, _>>()
+/// What the reconciler should make the kernel serve: every plan's table, and every
+/// endpoint of every plan as a configured backend.
+pub fn desired(plans: &[FrontendPlan]) -> Desired {
+    Desired {
+        tables: plans
+            .iter()
+            .map(|p| (p.frontend, p.table.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        backends: plans
+            .iter()
+            .flat_map(|p| p.endpoints.iter().map(|e| e.target))
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -201,7 +208,8 @@ services:
 "#,
         )
         .unwrap();
-        let t = tables(&plan(&cfg, |_, _| Health::Healthy));
+        let d = desired(&plan(&cfg, |_, _| Health::Healthy));
+        let t = &d.tables;
         assert_eq!(t[&sa("127.200.0.9:443")], vec![sa("127.0.9.1:8443")]);
         assert_eq!(t[&sa("[fd00::9]:443")], vec![sa("[fd00::91]:8443")]);
     }

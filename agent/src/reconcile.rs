@@ -86,8 +86,16 @@ pub enum ReconcileError {
     },
 }
 
-/// Desired slot tables by frontend. An empty table means "no backend".
-pub type DesiredTables = BTreeMap<SocketAddr, Vec<SocketAddr>>;
+/// What the maps should serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Slot tables by frontend. An empty table means "no backend".
+    pub tables: BTreeMap<SocketAddr, Vec<SocketAddr>>,
+    /// Every configured backend, in a table or not. Each keeps its id (and so its kernel
+    /// counters) while it is configured, and a failover target's address is in the maps
+    /// before any table needs it.
+    pub backends: BTreeSet<SocketAddr>,
+}
 
 #[derive(Debug, Clone)]
 struct FrontendState {
@@ -220,13 +228,10 @@ impl Reconciler {
     }
 
     /// Makes the maps serve `desired`. Frontends not in `desired` are removed.
-    pub fn apply(
-        &mut self,
-        maps: &mut impl Maps,
-        desired: &DesiredTables,
-        now: Instant,
-    ) -> ApplyReport {
+    pub fn apply(&mut self, maps: &mut impl Maps, desired: &Desired, now: Instant) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let wanted_backends = &desired.backends;
+        let desired = &desired.tables;
 
         let gone: Vec<SocketAddr> = self
             .frontends
@@ -241,6 +246,11 @@ impl Reconciler {
             }
         }
 
+        for backend in wanted_backends {
+            if let Err(e) = self.ensure_backend(maps, *backend, *backend) {
+                report.errors.push(e);
+            }
+        }
         for (frontend, table) in desired {
             match self.apply_frontend(maps, *frontend, table) {
                 Ok(Change::None) => {}
@@ -250,7 +260,7 @@ impl Reconciler {
             }
         }
 
-        if let Err(e) = self.release_unreferenced(maps, now) {
+        if let Err(e) = self.release_unreferenced(maps, wanted_backends, now) {
             report.errors.push(e);
         }
         report
@@ -400,10 +410,12 @@ impl Reconciler {
         Ok(id)
     }
 
-    /// Clears backends that no live table has named for [`BACKEND_RELEASE_DELAY`].
+    /// Clears backends that are neither configured nor named by a live table, once they
+    /// have been so for [`BACKEND_RELEASE_DELAY`].
     fn release_unreferenced(
         &mut self,
         maps: &mut impl Maps,
+        configured: &BTreeSet<SocketAddr>,
         now: Instant,
     ) -> Result<(), ReconcileError> {
         let referenced: BTreeSet<u32> = self
@@ -413,7 +425,7 @@ impl Reconciler {
             .collect();
         let mut release = Vec::new();
         for (addr, state) in &mut self.backends {
-            if referenced.contains(&state.id) {
+            if referenced.contains(&state.id) || configured.contains(addr) {
                 state.unreferenced_since = None;
                 continue;
             }
@@ -600,11 +612,14 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn desired(entries: &[(&str, &[&str])]) -> DesiredTables {
-        entries
+    /// Tables as given; the configured backends are those the tables name.
+    fn desired(entries: &[(&str, &[&str])]) -> Desired {
+        let tables: BTreeMap<SocketAddr, Vec<SocketAddr>> = entries
             .iter()
             .map(|(f, bs)| (sa(f), bs.iter().map(|b| sa(b)).collect()))
-            .collect()
+            .collect();
+        let backends = tables.values().flatten().copied().collect();
+        Desired { tables, backends }
     }
 
     #[test]
@@ -644,7 +659,7 @@ mod tests {
         assert_eq!(report.added, 1);
         assert_eq!(
             maps.served(sa("127.200.0.1:80")),
-            Some(want[&sa("127.200.0.1:80")].clone())
+            Some(want.tables[&sa("127.200.0.1:80")].clone())
         );
 
         maps.writes.clear();
@@ -693,7 +708,7 @@ mod tests {
         assert!(last_backend < first_slot);
         assert_eq!(
             maps.served(sa("127.200.0.1:80")),
-            Some(want[&sa("127.200.0.1:80")].clone())
+            Some(want.tables[&sa("127.200.0.1:80")].clone())
         );
     }
 
@@ -752,6 +767,28 @@ mod tests {
             t0 + BACKEND_RELEASE_DELAY,
         );
         assert_ne!(r.backend_id(&sa("127.0.3.1:8080")), Some(old_id));
+    }
+
+    #[test]
+    fn a_configured_backend_keeps_its_id_while_out_of_every_table() {
+        // A failover target or an ejected backend is still configured: its id, and so
+        // the kernel's counters for it, must survive any time out of the table.
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 16);
+        let t0 = Instant::now();
+        let mut want = desired(&[("127.200.0.1:80", &["127.0.1.1:8080"])]);
+        want.backends.insert(sa("127.0.2.1:8080"));
+        r.apply(&mut maps, &want, t0);
+        let standby = r
+            .backend_id(&sa("127.0.2.1:8080"))
+            .expect("configured backend has an id");
+        assert!(
+            maps.backends.contains_key(&standby),
+            "written before any table needs it"
+        );
+        r.apply(&mut maps, &want, t0 + 10 * BACKEND_RELEASE_DELAY);
+        assert_eq!(r.backend_id(&sa("127.0.2.1:8080")), Some(standby));
+        assert!(!r.has_pending_releases());
     }
 
     #[test]

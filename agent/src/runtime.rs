@@ -155,10 +155,11 @@ impl Agent {
                 info!(service = %plan.service, frontend = %plan.frontend, %tier, backends = plan.table.len(), "tier selected");
             }
         }
-        let tables = desired::tables(&plans);
-        let report = self
-            .reconciler
-            .apply(&mut self.dataplane, &tables, Instant::now());
+        let report = self.reconciler.apply(
+            &mut self.dataplane,
+            &desired::desired(&plans),
+            Instant::now(),
+        );
         for e in &report.errors {
             error!(error = %e, "could not program a frontend; it keeps its previous table");
         }

@@ -333,6 +333,13 @@ services:
     w.start_agent()?;
     let by = w.answers("127.210.7.1:80", 20)?;
     ensure!(by.keys().all(|k| k.starts_with("east")), "{by:?}");
+    let east_a_connects = |w: &mut World| -> Result<u64> {
+        let eps = w.agent().endpoints_json(Some("mydb"))?;
+        Ok(endpoint(&eps, "127.10.7.1:8080")?["connects"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let before_failover = east_a_connects(&mut w)?;
 
     w.stop_backend("east-a");
     w.stop_backend("east-b");
@@ -353,6 +360,12 @@ services:
     })?;
     let by = w.answers("127.210.7.1:80", 20)?;
     ensure!(by.keys().all(|k| k.starts_with("east")), "{by:?}");
+    // Out of the table and back: the endpoint's counters carried on.
+    let after_return = east_a_connects(&mut w)?;
+    ensure!(
+        after_return >= before_failover + u64::from(by.get("east-a").copied().unwrap_or(0)),
+        "east-a connects went from {before_failover} to {after_return}"
+    );
 
     // Everything down: panic mode keeps every endpoint in the table rather than none.
     for b in ["east-a", "east-b", "west"] {
