@@ -36,9 +36,7 @@ impl Cgroup {
         crate::require_root("creating a cgroup")?;
         let root = crate::mount_point_of("cgroup2")?
             .context("no cgroup2 filesystem in /proc/mounts; detour needs cgroup v2")?;
-        let path = root.join(crate::unique_name());
-        std::fs::create_dir(&path)
-            .with_context(|| format!("creating cgroup {}", path.display()))?;
+        let path = crate::create_unique_dir(&root).context("creating a cgroup")?;
         Ok(Self { path })
     }
 

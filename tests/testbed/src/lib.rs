@@ -48,6 +48,37 @@ pub fn unique_name() -> String {
     format!("{NAME_PREFIX}-{}-{n}", std::process::id())
 }
 
+/// Creates a fresh directory `parent/<unique_name()>` and returns its path.
+///
+/// A name left behind by a crashed run whose pid has been reused is skipped, never
+/// reused: the directory returned was created by this call.
+pub(crate) fn create_unique_dir(parent: &std::path::Path) -> Result<std::path::PathBuf> {
+    create_dir_named(parent, unique_name)
+}
+
+fn create_dir_named(
+    parent: &std::path::Path,
+    mut name: impl FnMut() -> String,
+) -> Result<std::path::PathBuf> {
+    let mut last_err = None;
+    for _ in 0..16 {
+        let path = parent.join(name());
+        match std::fs::create_dir(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_err = Some(e),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("creating {}", path.display())))
+            }
+        }
+    }
+    Err(
+        anyhow::Error::new(last_err.expect("the loop ran")).context(format!(
+            "no free {NAME_PREFIX}-* name in {}",
+            parent.display()
+        )),
+    )
+}
+
 /// Whether this process runs as root (effective uid 0).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -108,6 +139,19 @@ mod tests {
         let (a, b) = (unique_name(), unique_name());
         assert_ne!(a, b);
         assert!(a.starts_with("detour-test-"));
+    }
+
+    #[test]
+    fn unique_dirs_skip_leftovers() {
+        let parent = TempDir::new().unwrap();
+        std::fs::create_dir(parent.join("leftover")).unwrap();
+        let mut names = ["leftover", "fresh"].into_iter().map(String::from);
+        let made = create_dir_named(parent.path(), || names.next().unwrap()).unwrap();
+        assert_eq!(made, parent.join("fresh"));
+        let a = create_unique_dir(parent.path()).unwrap();
+        let b = create_unique_dir(parent.path()).unwrap();
+        assert_ne!(a, b);
+        assert!(a.is_dir() && b.is_dir());
     }
 
     #[test]

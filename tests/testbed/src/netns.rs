@@ -31,7 +31,10 @@ impl Netns {
     /// Creates the namespace and brings its loopback up.
     pub fn new() -> Result<Self> {
         crate::require_root("creating a network namespace")?;
-        let name = crate::unique_name();
+        // Skip names a crashed run left behind (its pid since reused).
+        let name = std::iter::repeat_with(crate::unique_name)
+            .find(|n| !Path::new("/run/netns").join(n).exists())
+            .expect("repeat_with never ends");
         run_checked(Command::new("ip").args(["netns", "add", &name]), IP_TIMEOUT)?;
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"])?;

@@ -65,8 +65,7 @@ impl PinDir {
     pub fn new() -> Result<Self> {
         crate::require_root("creating a bpffs pin directory")?;
         ensure_bpffs_mounted()?;
-        let path = Path::new(BPFFS_MOUNT).join(crate::unique_name());
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        let path = crate::create_unique_dir(Path::new(BPFFS_MOUNT))?;
         Ok(Self { path })
     }
 

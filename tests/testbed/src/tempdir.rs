@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 /// A uniquely named directory below the system temp dir, removed on `Drop`.
 #[derive(Debug)]
@@ -18,8 +18,7 @@ pub struct TempDir {
 impl TempDir {
     /// Creates `$TMPDIR/detour-test-<pid>-<n>`.
     pub fn new() -> Result<Self> {
-        let path = std::env::temp_dir().join(crate::unique_name());
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        let path = crate::create_unique_dir(&std::env::temp_dir())?;
         Ok(Self { path, keep: false })
     }
 

@@ -1,0 +1,660 @@
+//! `cargo xtask bench`: what a VIP costs a `connect()`.
+//!
+//! A client process inside a test cgroup opens and closes TCP connections in a tight loop,
+//! alternating between the backend's own address ("direct") and a detour VIP that maps to
+//! it ("vip"). Three setups: no program attached (baseline), the agent with 1 service, the
+//! agent with 100,000 services. Each row is the median over runs of the mean time per
+//! connect, so one noisy run does not move it.
+//!
+//! Invariants:
+//! - all traffic is loopback: the backend is an accept-and-drop listener on
+//!   127.0.3.1:9000, VIPs are in 127.201.0.0/16 and 127.210.0.0/16;
+//! - the client closes with `SO_LINGER {on, 0}` (RST, no TIME_WAIT), so hundreds of
+//!   thousands of connects do not exhaust ephemeral ports and skew later runs;
+//! - the whole task is time-bounded: each client has a deadline, the task has one overall;
+//! - agents, cgroups and pins are guards, torn down after each setup and on any error.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use detour_testbed::{Agent, AgentOptions, Cgroup, PinDir, TempDir};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::{cmd, setup};
+
+const BACKEND: &str = "127.0.3.1:9000";
+const VIP: &str = "127.201.0.1:80";
+const LOCALITY: &str = "us-east1/us-east1-b";
+/// The whole task's budget.
+const TASK_BUDGET: Duration = Duration::from_secs(570);
+/// A connect slower than this means a dropped SYN (full accept queue) or similar.
+const SLOW_CONNECT: Duration = Duration::from_millis(10);
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Runs per target and setup.
+    #[arg(long, default_value_t = 7)]
+    runs: u32,
+    /// Connects per run.
+    #[arg(long, default_value_t = 20_000)]
+    connects: u32,
+    /// Services loaded in the large setup (the benchmark's own service included).
+    #[arg(long, default_value_t = 100_000)]
+    services: u32,
+}
+
+/// Arguments of the hidden `bench-client` subcommand.
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    /// `NAME=ADDR`, repeated; each run visits them in rotating order.
+    #[arg(long = "target", value_parser = parse_target, required = true)]
+    targets: Vec<(String, SocketAddr)>,
+    #[arg(long)]
+    runs: u32,
+    #[arg(long)]
+    connects: u32,
+    /// Unmeasured connects per target before the first run.
+    #[arg(long, default_value_t = 1000)]
+    warmup: u32,
+}
+
+fn parse_target(s: &str) -> Result<(String, SocketAddr)> {
+    let (name, addr) = s.split_once('=').context("expected NAME=ADDR")?;
+    Ok((name.to_owned(), addr.parse()?))
+}
+
+/// One measured run, as the client reports it (one JSON object per line).
+#[derive(Debug, Clone)]
+struct RunResult {
+    target: String,
+    elapsed: Duration,
+    connects: u32,
+    slow: u32,
+}
+
+impl RunResult {
+    fn ns_per_connect(&self) -> f64 {
+        self.elapsed.as_nanos() as f64 / f64::from(self.connects)
+    }
+
+    fn connects_per_sec(&self) -> f64 {
+        f64::from(self.connects) / self.elapsed.as_secs_f64()
+    }
+}
+
+/// The client: runs inside the cgroup, prints one JSON line per run.
+pub fn client(args: &ClientArgs) -> Result<()> {
+    let targets: Vec<(String, SockAddr)> = args
+        .targets
+        .iter()
+        .map(|(name, addr)| (name.clone(), SockAddr::from(*addr)))
+        .collect();
+    for (name, addr) in &targets {
+        for _ in 0..args.warmup {
+            connect_once(addr).with_context(|| format!("warm-up connect to {name}"))?;
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for run in 0..args.runs {
+        let n = targets.len();
+        for i in 0..n {
+            let (name, addr) = &targets[(i + run as usize) % n];
+            let mut slow = 0u32;
+            let start = Instant::now();
+            for _ in 0..args.connects {
+                let t = Instant::now();
+                connect_once(addr).with_context(|| format!("connect to {name}"))?;
+                if t.elapsed() > SLOW_CONNECT {
+                    slow += 1;
+                }
+            }
+            let elapsed = start.elapsed();
+            let line = serde_json::json!({
+                "target": name,
+                "run": run,
+                "elapsed_ns": u64::try_from(elapsed.as_nanos())?,
+                "connects": args.connects,
+                "slow": slow,
+            });
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// socket, connect, close with RST (no TIME_WAIT).
+fn connect_once(addr: &SockAddr) -> std::io::Result<()> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    socket.connect(addr)
+}
+
+/// A listener that accepts and immediately drops every connection.
+struct AcceptSink {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AcceptSink {
+    fn start(addr: SocketAddr) -> Result<Self> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("binding {addr}"))?;
+        // The kernel caps this at net.core.somaxconn.
+        socket.listen(65_535)?;
+        socket.set_nonblocking(true)?;
+        let listener: TcpListener = socket.into();
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, accepted) = (stop.clone(), accepted.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // Drain the queue, then sleep in poll until the next connection.
+                    while listener.accept().is_ok() {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let mut pfd = libc::pollfd {
+                        fd: listener.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(&mut pfd, 1, 20) };
+                }
+            })
+        };
+        Ok(Self {
+            addr,
+            stop,
+            accepted,
+            thread: Some(thread),
+        })
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for AcceptSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One row of the report.
+struct Row {
+    setup: String,
+    target: String,
+    ns_per_connect: f64,
+    connects_per_sec: f64,
+    /// VIP over direct of the same setup, for VIP rows.
+    ratio: Option<f64>,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    detour_testbed::require_root("cargo xtask bench")?;
+    if args.runs == 0 || args.connects == 0 || args.services == 0 {
+        bail!("--runs, --connects and --services must be positive");
+    }
+    let deadline = Instant::now() + TASK_BUDGET;
+    setup::run()?;
+    let binary = cmd::build_agent()?;
+
+    let sink = AcceptSink::start(BACKEND.parse()?)?;
+    let tmp = TempDir::new()?;
+    let overflows_before = listen_overflows();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+
+    eprintln!("bench: baseline, no program attached");
+    {
+        let cgroup = Cgroup::new()?;
+        let results = run_client(&cgroup, &[("direct", BACKEND)], args, deadline)?;
+        rows.extend(summarize("no program attached", &results));
+    }
+
+    let mut failed = Vec::new();
+    for services in [1, args.services] {
+        let setup_name = if services == 1 {
+            "agent, 1 service".to_owned()
+        } else {
+            format!("agent, {} services", thousands(f64::from(services)))
+        };
+        eprintln!("bench: {setup_name}");
+        match bench_with_agent(&binary, &tmp, services, args, deadline) {
+            Ok((results, setup_notes)) => {
+                rows.extend(summarize(&setup_name, &results));
+                notes.extend(
+                    setup_notes
+                        .into_iter()
+                        .map(|n| format!("{setup_name}: {n}")),
+                );
+            }
+            Err(e) => {
+                // Keep going: the other setups' figures are still worth reporting.
+                eprintln!("bench: {setup_name} failed: {e:#}");
+                let first_line = format!("{e:#}")
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                notes.push(format!("{setup_name}: FAILED: {first_line}"));
+                failed.push(setup_name);
+            }
+        }
+    }
+
+    let overflows = listen_overflows().zip(overflows_before).map(|(a, b)| a - b);
+    notes.push(format!(
+        "backend {} accepted {} connections; listen queue overflows during the bench: {}",
+        sink.addr,
+        thousands(sink.accepted() as f64),
+        overflows.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
+    ));
+    print!("{}", report(args, &rows, &notes));
+    if !failed.is_empty() {
+        bail!("bench setups failed: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// One agent setup: load `services` services, wait until `bench` is programmed, run the
+/// client against the backend and the VIP. Returns the runs and notes for the report.
+fn bench_with_agent(
+    binary: &Path,
+    tmp: &TempDir,
+    services: u32,
+    args: &BenchArgs,
+    deadline: Instant,
+) -> Result<(Vec<RunResult>, Vec<String>)> {
+    let config = tmp.join(&format!("bench-{services}.yaml"));
+    write_config(&config, services)?;
+    // Guards: dropped in reverse order — agent, then cgroup (detaching), then pins.
+    let pins = PinDir::new()?;
+    let cgroup = Cgroup::new()?;
+    let mut agent = Agent::start(AgentOptions {
+        binary: binary.to_owned(),
+        config,
+        cgroup: cgroup.path().to_owned(),
+        bpffs: pins.path().to_owned(),
+        socket: tmp.join(&format!("detour-{services}.sock")),
+        log: tmp.join(&format!("agent-{services}.log")),
+    })?;
+    let loading = Instant::now();
+    let ready_budget = deadline
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_secs(240));
+    agent.wait_ready(ready_budget)?;
+    wait_in_table(&agent, deadline)?;
+    let mut notes = vec![format!(
+        "agent ready and `bench` in the table {:.1}s after start",
+        loading.elapsed().as_secs_f64()
+    )];
+    let results = run_client(
+        &cgroup,
+        &[("direct", BACKEND), ("VIP", VIP)],
+        args,
+        deadline,
+    )
+    .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
+    if let Some(connects) = bench_connects(&agent) {
+        notes.push(format!("the agent counted {connects} connects to `bench`"));
+    }
+    Ok((results, notes))
+}
+
+/// Runs `bench-client` in `cgroup` and collects its per-run results.
+fn run_client(
+    cgroup: &Cgroup,
+    targets: &[(&str, &str)],
+    args: &BenchArgs,
+    deadline: Instant,
+) -> Result<Vec<RunResult>> {
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let mut command = Command::new(exe);
+    command
+        .arg("bench-client")
+        .args(["--runs", &args.runs.to_string()])
+        .args(["--connects", &args.connects.to_string()])
+        .stdout(Stdio::piped());
+    for (name, addr) in targets {
+        command.arg("--target").arg(format!("{name}={addr}"));
+    }
+    let mut child = cgroup.spawn(&mut command)?;
+    let stdout = child.stdout.take().context("client stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut results = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .with_context(|| format!("bad client line {line:?}"))?;
+                let result = RunResult {
+                    target: v["target"].as_str().unwrap_or_default().to_owned(),
+                    elapsed: Duration::from_nanos(v["elapsed_ns"].as_u64().unwrap_or(0)),
+                    connects: u32::try_from(v["connects"].as_u64().unwrap_or(0))?,
+                    slow: u32::try_from(v["slow"].as_u64().unwrap_or(0))?,
+                };
+                eprintln!(
+                    "  run {:>2} {:<6} {:>9.0} ns/connect{}",
+                    v["run"],
+                    result.target,
+                    result.ns_per_connect(),
+                    if result.slow > 0 {
+                        format!(" ({} connects over {SLOW_CONNECT:?})", result.slow)
+                    } else {
+                        String::new()
+                    }
+                );
+                results.push(result);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the benchmark ran out of its {TASK_BUDGET:?} budget");
+            }
+        }
+    }
+    let _ = reader.join();
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("the bench client failed: {status}");
+    }
+    let expected = targets.len() * args.runs as usize;
+    if results.len() != expected {
+        bail!(
+            "the bench client reported {} runs, expected {expected}",
+            results.len()
+        );
+    }
+    Ok(results)
+}
+
+/// Waits until the benchmark service has a backend in its kernel table.
+fn wait_in_table(agent: &Agent, deadline: Instant) -> Result<()> {
+    let deadline = deadline.min(Instant::now() + Duration::from_secs(60));
+    loop {
+        let in_table = agent
+            .endpoints_json(Some("bench"))
+            .ok()
+            .and_then(|eps| Some(eps.as_array()?.iter().any(|e| e["in_table"] == true)))
+            .unwrap_or(false);
+        if in_table {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "`bench` never got a backend in the table{}",
+                agent.log_tail()
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn bench_connects(agent: &Agent) -> Option<u64> {
+    let eps = agent.endpoints_json(Some("bench")).ok()?;
+    Some(
+        eps.as_array()?
+            .iter()
+            .filter_map(|e| e["connects"].as_u64())
+            .sum(),
+    )
+}
+
+/// The agent config: the benchmark's service first, then `services - 1` fillers with
+/// health checks disabled, each with its own VIP:port and endpoint.
+fn write_config(path: &Path, services: u32) -> Result<()> {
+    let mut w = BufWriter::new(std::fs::File::create(path)?);
+    writeln!(w, "node: {{ locality: {LOCALITY} }}")?;
+    writeln!(w, "services:")?;
+    writeln!(w, "  - name: bench")?;
+    writeln!(w, "    vips: [127.201.0.1]")?;
+    writeln!(w, "    ports: [{{number: 80, name: http}}]")?;
+    writeln!(w, "    endpoints:")?;
+    writeln!(
+        w,
+        "      - {{address: 127.0.3.1, ports: {{http: 9000}}, locality: {LOCALITY}}}"
+    )?;
+    writeln!(w, "    healthCheck: {{interval: 1s, timeout: 500ms}}")?;
+    for i in 1..services {
+        let (vip, port) = filler_vip(i - 1);
+        let endpoint = filler_endpoint(i - 1);
+        writeln!(
+            w,
+            "  - {{name: filler-{i:06}, vips: [{vip}], ports: [{{number: {port}, name: http}}], \
+             endpoints: [{{address: {endpoint}, ports: {{http: 9000}}, locality: {LOCALITY}}}], \
+             healthCheck: {{disabled: true}}}}"
+        )?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Filler `j`'s VIP: 127.210.0.0/16, one port per 65,536 fillers.
+fn filler_vip(j: u32) -> (String, u32) {
+    let ip = format!("127.210.{}.{}", (j >> 8) & 0xff, j & 0xff);
+    (ip, 80 + (j >> 16))
+}
+
+/// Filler `j`'s endpoint: 127.211.0.0/16 (never contacted: health checks are off).
+fn filler_endpoint(j: u32) -> String {
+    format!("127.211.{}.{}", (j >> 8) & 0xff, j & 0xff)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// One row per target, in first-seen order, with the VIP/direct ratio on VIP rows.
+fn summarize(setup: &str, results: &[RunResult]) -> Vec<Row> {
+    let mut targets: Vec<&str> = Vec::new();
+    for r in results {
+        if !targets.contains(&r.target.as_str()) {
+            targets.push(&r.target);
+        }
+    }
+    let mut rows: Vec<Row> = targets
+        .iter()
+        .map(|t| {
+            let of = |f: fn(&RunResult) -> f64| {
+                median(results.iter().filter(|r| r.target == *t).map(f).collect())
+            };
+            Row {
+                setup: setup.to_owned(),
+                target: (*t).to_owned(),
+                ns_per_connect: of(RunResult::ns_per_connect),
+                connects_per_sec: of(RunResult::connects_per_sec),
+                ratio: None,
+            }
+        })
+        .collect();
+    let direct = rows
+        .iter()
+        .find(|r| r.target == "direct")
+        .map(|r| r.ns_per_connect);
+    if let Some(direct) = direct {
+        for row in rows.iter_mut().filter(|r| r.target == "VIP") {
+            row.ratio = Some(row.ns_per_connect / direct);
+        }
+    }
+    rows
+}
+
+/// `12345.6` → `12,346`.
+fn thousands(value: f64) -> String {
+    let digits = format!("{value:.0}");
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn report(args: &BenchArgs, rows: &[Row], notes: &[String]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## connect() through a detour VIP vs direct\n\n\
+         {} runs × {} connects per row (connect, then close with RST), alternating targets; \
+         each figure is the median over runs.\n",
+        args.runs,
+        thousands(f64::from(args.connects))
+    );
+    let _ = writeln!(
+        out,
+        "| setup | target | mean ns/connect | connects/s | VIP / direct |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|");
+    for r in rows {
+        let addr = if r.target == "VIP" { VIP } else { BACKEND };
+        let ratio = r.ratio.map_or_else(String::new, |x| format!("{x:.3}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} {addr} | {} | {} | {ratio} |",
+            r.setup,
+            r.target,
+            thousands(r.ns_per_connect),
+            thousands(r.connects_per_sec)
+        );
+    }
+    let _ = writeln!(out);
+    for note in notes {
+        let _ = writeln!(out, "- {note}");
+    }
+    out
+}
+
+/// `TcpExt: ListenOverflows` from /proc/net/netstat (this network namespace).
+fn listen_overflows() -> Option<u64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next()?, tcp_ext.next()?);
+    let index = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(index)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn filler_vips_are_distinct_for_100k() {
+        let mut seen = std::collections::HashSet::new();
+        for j in 0..100_000 {
+            let (ip, port) = filler_vip(j);
+            assert!(ip.starts_with("127.210."));
+            assert!(seen.insert((ip, port)), "duplicate VIP for filler {j}");
+        }
+        assert_ne!(filler_endpoint(0), filler_endpoint(256));
+    }
+
+    #[test]
+    fn config_has_bench_plus_fillers() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.join("c.yaml");
+        write_config(&path, 3).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("vips: [127.201.0.1]"));
+        assert_eq!(text.matches("healthCheck: {disabled: true}").count(), 2);
+        assert!(text.contains("{name: filler-000002, vips: [127.210.0.1]"));
+    }
+
+    #[test]
+    fn summary_ratio() {
+        let r = |target: &str, ms: u64| RunResult {
+            target: target.into(),
+            elapsed: Duration::from_millis(ms),
+            connects: 1000,
+            slow: 0,
+        };
+        let rows = summarize(
+            "s",
+            &[
+                r("direct", 10),
+                r("VIP", 11),
+                r("direct", 20),
+                r("VIP", 12),
+                r("direct", 12),
+                r("VIP", 13),
+            ],
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].ns_per_connect, 12_000.0);
+        assert!((rows[1].ratio.unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn client_connects_and_sink_accepts() {
+        let sink = AcceptSink::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = SockAddr::from(sink.addr);
+        for _ in 0..100 {
+            connect_once(&addr).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.accepted() < 100 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(sink.accepted(), 100);
+        drop(sink);
+        assert!(connect_once(&addr).is_err(), "the sink must stop listening");
+    }
+
+    #[test]
+    fn reads_listen_overflows() {
+        assert!(listen_overflows().is_some());
+    }
+}
