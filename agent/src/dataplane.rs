@@ -79,6 +79,7 @@ pub struct LoadOptions {
     pub max_services: u32,
     pub max_backends: u32,
     pub max_slots: u32,
+    pub max_sockets: u32,
 }
 
 /// What happened to each program at load time.
@@ -198,7 +199,8 @@ impl Dataplane {
             .map_max_entries(maps::SERVICES, opts.max_services)
             .map_max_entries(maps::SLOTS, opts.max_slots)
             .map_max_entries(maps::BACKENDS, opts.max_backends)
-            .map_max_entries(maps::BACKEND_STATS, opts.max_backends);
+            .map_max_entries(maps::BACKEND_STATS, opts.max_backends)
+            .map_max_entries(maps::SOCK_ORIGIN, opts.max_sockets);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let mut links = Vec::new();

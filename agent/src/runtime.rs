@@ -52,6 +52,9 @@ pub struct AgentArgs {
     max_backends: u32,
     #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_TABLE_SLOTS)]
     max_slots: u32,
+    /// Connected sockets whose VIP `getpeername` remembers (the oldest are forgotten).
+    #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_SOCKETS)]
+    max_sockets: u32,
 }
 
 type ApiCall = (Request, oneshot::Sender<Response>);
@@ -323,6 +326,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         max_services: args.max_services,
         max_backends: args.max_backends,
         max_slots: args.max_slots,
+        max_sockets: args.max_sockets,
     })
     .context("loading the datapath")?;
     let reconciler = Reconciler::restore(&dataplane, args.max_services, args.max_backends)

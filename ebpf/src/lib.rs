@@ -28,6 +28,8 @@ pub const MAX_SLOTS: u32 = 4096;
 pub const DEFAULT_MAX_SERVICES: u32 = 131_072;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_TABLE_SLOTS: u32 = 1_048_576;
+/// Sockets whose VIP `getpeername` can still return (LRU: the oldest are forgotten).
+pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
 
 /// Map names, as the `#[map]`/`#[btf_map]` statics are named in the object.
 pub mod maps {
@@ -39,7 +41,7 @@ pub mod maps {
     pub const BACKENDS: &str = "DETOUR_BACKENDS";
     /// backend id → [`crate::BackendStats`], per CPU.
     pub const BACKEND_STATS: &str = "DETOUR_BACKEND_STATS";
-    /// socket → [`crate::SockOrigin`] (socket-local storage).
+    /// socket cookie → [`crate::SockOrigin`] (LRU).
     pub const SOCK_ORIGIN: &str = "DETOUR_SOCK_ORIGIN";
 }
 
