@@ -122,12 +122,33 @@ struct Agent {
     config_text: String,
     /// The last file content that failed to parse, so a bad file is reported once.
     rejected_text: Option<String>,
+    /// What the config file looked like when last read; the poll reads it again only
+    /// when this changes, so a large file costs a `stat` per poll, not a read.
+    config_stamp: Option<FileStamp>,
     dataplane: Dataplane,
     reconciler: Reconciler,
     health: HashMap<(String, SocketAddr), (Health, Option<String>)>,
     probes: Probes,
     plans: Vec<FrontendPlan>,
     changes: mpsc::Sender<HealthChange>,
+}
+
+/// Enough of a file's metadata to notice a write or a replacement (rename over it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {
@@ -178,7 +199,18 @@ impl Agent {
     }
 
     /// Re-reads the config file; keeps the running config when the new one is bad.
+    /// Reloads if the file's metadata changed since it was last read.
+    fn poll_config(&mut self) {
+        let now = stamp(&self.config_path);
+        if now.is_some() && now != self.config_stamp {
+            self.reload("file changed");
+        }
+    }
+
     fn reload(&mut self, why: &str) {
+        // Stamped before reading: a write landing during the read changes the stamp
+        // again, so the next poll reads once more.
+        self.config_stamp = stamp(&self.config_path);
         let parsed = read_text(&self.config_path).and_then(|text| {
             if text == self.config_text || self.rejected_text.as_ref() == Some(&text) {
                 return Ok(None);
@@ -314,6 +346,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    let config_stamp = stamp(&args.config);
     let config_text = read_text(&args.config)?;
     let config = parse_config(&args.config, &config_text)?;
     let cgroup = match args.cgroup {
@@ -338,6 +371,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config,
         config_text,
         rejected_text: None,
+        config_stamp,
         dataplane,
         reconciler,
         health: HashMap::new(),
@@ -382,7 +416,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 agent.rejected_text = None;
                 agent.reload("SIGHUP");
             }
-            _ = poll.tick() => agent.reload("file changed"),
+            _ = poll.tick() => agent.poll_config(),
             _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.apply(),
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -287,6 +287,14 @@ services:
     ensure!(line.contains("line 7"), "line not named: {line}");
     ensure!(w.agent().services_json()? == before);
     expect_answers(&w, "127.210.6.1:80", 5, &[("a", 5)])?;
+
+    // A corrected file is picked up by itself (no SIGHUP): the agent watches the file.
+    w.backend("b", "127.10.6.2:8080")?;
+    w.write_config(&good.replace("127.10.6.1", "127.10.6.2"))?;
+    w.wait_endpoints("steady", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.6.2:8080").is_ok_and(|e| e["in_table"] == true)
+    })?;
+    expect_answers(&w, "127.210.6.1:80", 5, &[("b", 5)])?;
     Ok(())
 }
 
