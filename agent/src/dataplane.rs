@@ -137,14 +137,12 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
         )));
     }
     fs::create_dir_all(root).map_err(err)?;
-    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in literal");
-    let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
     let rc = unsafe {
         libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
             0,
             std::ptr::null(),
         )

@@ -65,8 +65,14 @@ pub enum ReconcileError {
         #[source]
         source: MapOpError,
     },
-    #[error("frontend {frontend}: no free backend id (all {max} in use)")]
-    BackendIdsExhausted { frontend: SocketAddr, max: u32 },
+    #[error("backend {backend}: no free backend id (all {max} in use)")]
+    BackendIdsExhausted { backend: SocketAddr, max: u32 },
+    #[error("backend {backend}: {source}")]
+    Backend {
+        backend: SocketAddr,
+        #[source]
+        source: MapOpError,
+    },
     #[error("frontend {frontend}: no free frontend id (all {max} in use)")]
     FrontendIdsExhausted { frontend: SocketAddr, max: u32 },
     #[error("frontend {frontend}: table of {len} slots exceeds the limit of {MAX_SLOTS}")]
@@ -247,7 +253,7 @@ impl Reconciler {
         }
 
         for backend in wanted_backends {
-            if let Err(e) = self.ensure_backend(maps, *backend, *backend) {
+            if let Err(e) = self.ensure_backend(maps, *backend) {
                 report.errors.push(e);
             }
         }
@@ -286,7 +292,7 @@ impl Reconciler {
         }
         let mut ids = Vec::with_capacity(table.len());
         for addr in table {
-            ids.push(self.ensure_backend(maps, frontend, *addr)?);
+            ids.push(self.ensure_backend(maps, *addr)?);
         }
         let (service_id, generation, added) = match self.frontends.get_mut(&frontend) {
             Some(state) if state.live == ids => return Ok(Change::None),
@@ -363,7 +369,6 @@ impl Reconciler {
     fn ensure_backend(
         &mut self,
         maps: &mut impl Maps,
-        frontend: SocketAddr,
         addr: SocketAddr,
     ) -> Result<u32, ReconcileError> {
         if let Some(state) = self.backends.get_mut(&addr) {
@@ -372,7 +377,7 @@ impl Reconciler {
         }
         if self.backend_ids.len() as u32 >= self.max_backends {
             return Err(ReconcileError::BackendIdsExhausted {
-                frontend,
+                backend: addr,
                 max: self.max_backends,
             });
         }
@@ -381,7 +386,10 @@ impl Reconciler {
             id = (id + 1) % self.max_backends;
         }
         maps.write_backend(id, &backend_value(addr))
-            .map_err(|source| ReconcileError::Frontend { frontend, source })?;
+            .map_err(|source| ReconcileError::Backend {
+                backend: addr,
+                source,
+            })?;
         self.next_backend_id = (id + 1) % self.max_backends;
         self.backend_ids.insert(id);
         self.backends.insert(
