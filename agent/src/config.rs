@@ -375,13 +375,33 @@ impl Default for HealthCheckConfig {
     }
 }
 
-/// What an active health check does. YAML: `tcp: {}` (the default) or `disabled: true`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What an active health check does. YAML: `tcp: {}` (the default), `http: {...}` or
+/// `disabled: true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthCheckKind {
     /// A TCP connect to the endpoint's port succeeds.
     Tcp,
+    /// An HTTP/1.1 GET answers with an expected status.
+    Http(HttpCheck),
     /// No active checks: only what passive health sees of real connections counts.
     None,
+}
+
+/// An HTTP/1.1 check, as Envoy's `http_health_check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCheck {
+    /// Request path; starts with `/`; default `/`.
+    pub path: String,
+    /// `Host` header; default: the service's name.
+    pub host: String,
+    /// Status ranges `[start, end)` that count as healthy; default `[200, 201)`.
+    pub expected_statuses: Vec<std::ops::Range<u16>>,
+}
+
+impl HttpCheck {
+    pub fn expects(&self, status: u16) -> bool {
+        self.expected_statuses.iter().any(|r| r.contains(&status))
+    }
 }
 
 /// A configuration that cannot be used, with where in the file the problem is.
@@ -455,6 +475,15 @@ pub enum ConfigErrorKind {
     },
     #[error("tcp is set but disabled is true: keep one of them")]
     DisabledCheckConfigured,
+    #[error("{first} and {second} are both set: a health check is one kind")]
+    ConflictingCheckKinds {
+        first: &'static str,
+        second: &'static str,
+    },
+    #[error("path {path:?} must start with `/`")]
+    BadHttpPath { path: String },
+    #[error("status range [{start}, {end}) is empty or outside 100..=599 (end is exclusive, as in Envoy)")]
+    BadStatusRange { start: u16, end: u16 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -628,7 +657,7 @@ struct RawFailoverRule {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a healthCheck mapping (interval, timeout, thresholds, tcp or disabled)",
+    expecting = "a healthCheck mapping (interval, timeout, thresholds, tcp, http or disabled)",
     rename_all = "camelCase"
 )]
 struct RawHealthCheck {
@@ -649,7 +678,35 @@ struct RawHealthCheck {
     #[serde(default)]
     tcp: Option<RawTcpCheck>,
     #[serde(default)]
+    http: Option<RawHttpCheck>,
+    #[serde(default)]
     disabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an http check mapping (path, host, expectedStatuses)",
+    rename_all = "camelCase"
+)]
+struct RawHttpCheck {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    expected_statuses: Option<Vec<RawStatusRange>>,
+}
+
+/// Envoy's `{start, end}` with `end` exclusive.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a status range `{start: 200, end: 300}`"
+)]
+struct RawStatusRange {
+    start: u16,
+    end: u16,
 }
 
 /// `tcp: {}` has no settings yet; `deny_unknown_fields` keeps it that way until it has.
@@ -1058,7 +1115,7 @@ impl Validator<'_> {
             None => LocalityLbSetting::default(),
         };
         let health_check = match raw.health_check {
-            Some(raw_check) => self.health_check(&path.key("healthCheck"), raw_check)?,
+            Some(raw_check) => self.health_check(&path.key("healthCheck"), &raw.name, raw_check)?,
             None => HealthCheckConfig::default(),
         };
         Ok(ServiceConfig {
@@ -1200,12 +1257,24 @@ impl Validator<'_> {
     fn health_check(
         &self,
         path: &FieldPath,
+        service: &str,
         raw: RawHealthCheck,
     ) -> Result<HealthCheckConfig, ConfigError> {
         if raw.disabled && raw.tcp.is_some() {
             return Err(self.error(
                 &path.key("disabled"),
                 ConfigErrorKind::DisabledCheckConfigured,
+            ));
+        }
+        let conflict = match (raw.tcp.is_some(), raw.http.is_some(), raw.disabled) {
+            (true, true, _) => Some(("tcp", "http")),
+            (_, true, true) => Some(("http", "disabled")),
+            _ => None,
+        };
+        if let Some((first, second)) = conflict {
+            return Err(self.error(
+                &path.key(second),
+                ConfigErrorKind::ConflictingCheckKinds { first, second },
             ));
         }
         // An unset timeout follows a short interval down rather than making the
@@ -1225,11 +1294,52 @@ impl Validator<'_> {
             timeout,
             healthy_threshold: raw.healthy_threshold,
             unhealthy_threshold: raw.unhealthy_threshold,
-            kind: if raw.disabled {
-                HealthCheckKind::None
-            } else {
-                HealthCheckKind::Tcp
+            kind: match (raw.disabled, raw.http) {
+                (true, _) => HealthCheckKind::None,
+                (false, Some(http)) => {
+                    HealthCheckKind::Http(self.http_check(&path.key("http"), service, http)?)
+                }
+                (false, None) => HealthCheckKind::Tcp,
             },
+        })
+    }
+
+    fn http_check(
+        &self,
+        path: &FieldPath,
+        service: &str,
+        raw: RawHttpCheck,
+    ) -> Result<HttpCheck, ConfigError> {
+        let request_path = raw.path.unwrap_or_else(|| "/".into());
+        if !request_path.starts_with('/') || request_path.chars().any(char::is_whitespace) {
+            return Err(self.error(
+                &path.key("path"),
+                ConfigErrorKind::BadHttpPath { path: request_path },
+            ));
+        }
+        let expected_statuses = match raw.expected_statuses {
+            None => std::iter::once(200..201).collect(),
+            Some(ranges) => {
+                let mut out = Vec::with_capacity(ranges.len());
+                for (i, r) in ranges.into_iter().enumerate() {
+                    if r.start < 100 || r.end > 600 || r.start >= r.end {
+                        return Err(self.error(
+                            &path.key("expectedStatuses").index(i),
+                            ConfigErrorKind::BadStatusRange {
+                                start: r.start,
+                                end: r.end,
+                            },
+                        ));
+                    }
+                    out.push(r.start..r.end);
+                }
+                out
+            }
+        };
+        Ok(HttpCheck {
+            path: request_path,
+            host: raw.host.unwrap_or_else(|| service.to_string()),
+            expected_statuses,
         })
     }
 }
@@ -1632,6 +1742,90 @@ mod tests {
         assert_eq!(config.services[0].health_check.kind, HealthCheckKind::None);
     }
 
+    #[test]
+    fn http_checks_default_like_envoy_and_take_path_host_and_statuses() {
+        let config = parse_ok(
+            "
+            services:
+              - name: mydb
+                vips: [127.200.0.1]
+                ports: [{number: 80}]
+                healthCheck:
+                  http: {}
+              - name: other
+                vips: [127.200.0.2]
+                ports: [{number: 80}]
+                healthCheck:
+                  http:
+                    path: /healthz
+                    host: mydb.com
+                    expectedStatuses: [{start: 200, end: 300}, {start: 404, end: 405}]
+            ",
+        );
+        let HealthCheckKind::Http(default) = &config.services[0].health_check.kind else {
+            panic!("expected an http check");
+        };
+        assert_eq!(default.path, "/");
+        assert_eq!(default.host, "mydb");
+        assert!(default.expects(200) && !default.expects(201) && !default.expects(503));
+        let HealthCheckKind::Http(set) = &config.services[1].health_check.kind else {
+            panic!("expected an http check");
+        };
+        assert_eq!(
+            (set.path.as_str(), set.host.as_str()),
+            ("/healthz", "mydb.com")
+        );
+        assert!(set.expects(204) && set.expects(404) && !set.expects(300) && !set.expects(503));
+    }
+
+    #[test]
+    fn bad_http_checks_are_refused_with_field_and_line() {
+        let cases = [
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    healthCheck:
+                      tcp: {}
+                      http: {}
+                ",
+                "services[0].healthCheck.http (line 7): tcp and http are both set: a health \
+                 check is one kind",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    healthCheck:
+                      http: {path: healthz}
+                ",
+                "services[0].healthCheck.http.path (line 6): path \"healthz\" must start with `/`",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    healthCheck:
+                      http:
+                        expectedStatuses:
+                          - {start: 200, end: 300}
+                          - {start: 300, end: 300}
+                ",
+                "services[0].healthCheck.http.expectedStatuses[1] (line 9): status range [300, \
+                 300) is empty or outside 100..=599 (end is exclusive, as in Envoy)",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(refused(text), expected, "{text}");
+        }
+    }
+
     /// A service with one VIP, one port and one endpoint, followed by `extra` lines at
     /// the service's indentation; `extra` starts on line 6.
     fn service_with(extra: &str) -> String {
@@ -1658,7 +1852,7 @@ mod tests {
                 "
             )),
             "services[0].healthCheck.intervall (line 7): unknown field `intervall`, expected one \
-             of `interval`, `timeout`, `healthyThreshold`, `unhealthyThreshold`, `tcp`, `disabled`"
+             of `interval`, `timeout`, `healthyThreshold`, `unhealthyThreshold`, `tcp`, `http`, `disabled`"
         );
         assert_eq!(
             refused(&service_with(

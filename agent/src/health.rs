@@ -1,8 +1,9 @@
 //! Active health checks: probes → observations → a health verdict per target.
 //!
 //! [`HealthTracker`] is the pure part (thresholds, no clock, no I/O). [`spawn_tcp_probe`]
-//! is the I/O part: one tokio task per (service, target) that connects on an interval with
-//! jitter and a timeout and reports *changes* of verdict on a channel.
+//! is the I/O part: one tokio task per (service, target) that probes on an interval with
+//! jitter and a timeout — a TCP connect, or an HTTP/1.1 GET whose status must be one of
+//! the expected ones — and reports *changes* of verdict on a channel.
 //!
 //! Invariants:
 //! - a target starts `Unknown`, which selection treats as usable, so a new endpoint or a
@@ -20,6 +21,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
+
+use crate::config::HttpCheck;
 use tokio::task::JoinHandle;
 
 /// What the checks say about a target.
@@ -113,12 +116,20 @@ pub struct HealthChange {
     pub last_error: Option<String>,
 }
 
+/// What one probe does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeKind {
+    Tcp,
+    Http(HttpCheck),
+}
+
 /// How one target is probed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeSpec {
     pub interval: Duration,
     pub timeout: Duration,
     pub thresholds: Thresholds,
+    pub kind: ProbeKind,
 }
 
 /// The delay before the next probe: the interval plus up to 10% of random jitter, so
@@ -127,9 +138,9 @@ pub fn next_delay(interval: Duration, unit_random: f64) -> Duration {
     interval + interval.mul_f64(0.1 * unit_random.clamp(0.0, 1.0))
 }
 
-/// Starts probing `target` over TCP; the task ends when the receiver is dropped or the
-/// handle is aborted.
-pub fn spawn_tcp_probe(
+/// Starts probing `target`; the task ends when the receiver is dropped or the handle is
+/// aborted.
+pub fn spawn_probe(
     service: String,
     target: SocketAddr,
     spec: ProbeSpec,
@@ -138,7 +149,10 @@ pub fn spawn_tcp_probe(
     tokio::spawn(async move {
         let mut tracker = HealthTracker::new(spec.thresholds);
         loop {
-            let result = tcp_probe(target, spec.timeout).await;
+            let result = match &spec.kind {
+                ProbeKind::Tcp => tcp_probe(target, spec.timeout).await,
+                ProbeKind::Http(check) => http_probe(target, check, spec.timeout).await,
+            };
             let last_error = result.as_ref().err().map(ToString::to_string);
             if let Some(health) = tracker.observe(result.is_ok()) {
                 tracing::info!(%service, %target, %health, error = last_error.as_deref(), "health changed");
@@ -164,6 +178,71 @@ pub enum ProbeError {
     Timeout(Duration),
     #[error("connect failed: {0}")]
     Connect(#[source] std::io::Error),
+    #[error("no complete response within {0:?}")]
+    ResponseTimeout(Duration),
+    #[error("request failed: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("response is not HTTP/1.x: {0:?}")]
+    NotHttp(String),
+    #[error("status {0} is not an expected status")]
+    Status(u16),
+}
+
+/// One HTTP/1.1 check: within `timeout`, connect, `GET path` with the check's Host, and
+/// read a status line whose status is expected. The body is not read.
+pub async fn http_probe(
+    target: SocketAddr,
+    check: &HttpCheck,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let started = tokio::time::Instant::now();
+    let mut stream =
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(ProbeError::Connect(e)),
+            Err(_) => return Err(ProbeError::Timeout(timeout)),
+        };
+    let exchange = async {
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: detour-health-check\r\nConnection: close\r\n\r\n",
+            check.path, check.host
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(ProbeError::Io)?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(&mut stream)
+            .read_line(&mut line)
+            .await
+            .map_err(ProbeError::Io)?;
+        parse_status_line(&line)
+    };
+    let remaining = timeout.saturating_sub(started.elapsed());
+    let status = tokio::time::timeout(remaining, exchange)
+        .await
+        .map_err(|_| ProbeError::ResponseTimeout(timeout))??;
+    if check.expects(status) {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(status))
+    }
+}
+
+/// The status of an `HTTP/1.x NNN reason` line.
+pub fn parse_status_line(line: &str) -> Result<u16, ProbeError> {
+    let bad = || ProbeError::NotHttp(line.trim_end().chars().take(80).collect());
+    let mut parts = line.split_ascii_whitespace();
+    let version = parts.next().ok_or_else(bad)?;
+    if !version.starts_with("HTTP/1.") {
+        return Err(bad());
+    }
+    let status = parts.next().ok_or_else(bad)?;
+    if status.len() != 3 {
+        return Err(bad());
+    }
+    status.parse().map_err(|_| bad())
 }
 
 /// One TCP check: the handshake completes within `timeout`.
@@ -232,6 +311,94 @@ mod tests {
         assert!(matches!(err, ProbeError::Connect(_)), "{err}");
     }
 
+    #[test]
+    fn status_lines_are_parsed_strictly() {
+        assert_eq!(parse_status_line("HTTP/1.1 200 OK\r\n").unwrap(), 200);
+        assert_eq!(
+            parse_status_line("HTTP/1.0 503 Service Unavailable\r\n").unwrap(),
+            503
+        );
+        assert_eq!(parse_status_line("HTTP/1.1 204\r\n").unwrap(), 204);
+        for bad in [
+            "",
+            "SSH-2.0-OpenSSH\r\n",
+            "HTTP/2 200\r\n",
+            "HTTP/1.1 20\r\n",
+            "HTTP/1.1 abc\r\n",
+        ] {
+            assert!(
+                matches!(parse_status_line(bad), Err(ProbeError::NotHttp(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// A one-shot HTTP server answering every request with `status`, recording the
+    /// request head it received.
+    async fn http_server(status: u16) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap();
+            let reply = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+            s.write_all(reply.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        (addr, task)
+    }
+
+    fn check(statuses: Vec<std::ops::Range<u16>>) -> HttpCheck {
+        HttpCheck {
+            path: "/healthz".into(),
+            host: "mydb.com".into(),
+            expected_statuses: statuses,
+        }
+    }
+
+    #[tokio::test]
+    async fn http_probe_sends_path_and_host_and_checks_the_status() {
+        let (addr, server) = http_server(204).await;
+        http_probe(
+            addr,
+            &check(std::iter::once(200..300).collect()),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        let head = server.await.unwrap();
+        assert!(head.starts_with("GET /healthz HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nHost: mydb.com\r\n"), "{head}");
+
+        let (addr, _server) = http_server(503).await;
+        let err = http_probe(
+            addr,
+            &check(std::iter::once(200..201).collect()),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProbeError::Status(503)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn http_probe_times_out_on_a_silent_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts (the kernel completes the handshake) but never answers.
+        let err = http_probe(
+            addr,
+            &check(std::iter::once(200..201).collect()),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProbeError::ResponseTimeout(_)), "{err}");
+        drop(listener);
+    }
+
     #[tokio::test]
     async fn probe_task_reports_changes_only() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -244,8 +411,9 @@ mod tests {
                 healthy: 1,
                 unhealthy: 2,
             },
+            kind: ProbeKind::Tcp,
         };
-        let task = spawn_tcp_probe("svc".into(), target, spec, tx);
+        let task = spawn_probe("svc".into(), target, spec, tx);
         let first = rx.recv().await.unwrap();
         assert_eq!(first.health, Health::Healthy);
         drop(listener);

@@ -21,7 +21,7 @@ use detour_agent::api::{self, EndpointView, Request, Response, ServiceView};
 use detour_agent::config::{self, Config, HealthCheckKind};
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan};
-use detour_agent::health::{self, Health, HealthChange, ProbeSpec, Thresholds};
+use detour_agent::health::{self, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds};
 use detour_agent::reconcile::Reconciler;
 use detour_agent::selection::Tier;
 use tokio::signal::unix::{signal, SignalKind};
@@ -77,23 +77,26 @@ impl Probes {
         let mut wanted = HashMap::new();
         for service in &config.services {
             let hc = &service.health_check;
-            let spec = match hc.kind {
-                HealthCheckKind::Tcp => Some(ProbeSpec {
-                    interval: hc.interval,
-                    timeout: hc.timeout,
-                    thresholds: Thresholds {
-                        healthy: hc.healthy_threshold,
-                        unhealthy: hc.unhealthy_threshold,
-                    },
-                }),
+            let kind = match &hc.kind {
+                HealthCheckKind::Tcp => Some(ProbeKind::Tcp),
+                HealthCheckKind::Http(check) => Some(ProbeKind::Http(check.clone())),
                 HealthCheckKind::None => None,
             };
+            let spec = kind.map(|kind| ProbeSpec {
+                interval: hc.interval,
+                timeout: hc.timeout,
+                thresholds: Thresholds {
+                    healthy: hc.healthy_threshold,
+                    unhealthy: hc.unhealthy_threshold,
+                },
+                kind,
+            });
             for target in desired::targets(service) {
-                wanted.insert((service.name.clone(), target), spec);
+                wanted.insert((service.name.clone(), target), spec.clone());
             }
         }
         self.running.retain(|key, (spec, task)| {
-            let keep = wanted.get(key) == Some(&Some(*spec));
+            let keep = wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec));
             if !keep {
                 task.abort();
             }
@@ -107,7 +110,8 @@ impl Probes {
                 }
                 Some(spec) if !self.running.contains_key(&key) => {
                     health.insert(key.clone(), (Health::Unknown, None));
-                    let task = health::spawn_tcp_probe(key.0.clone(), key.1, spec, changes.clone());
+                    let task =
+                        health::spawn_probe(key.0.clone(), key.1, spec.clone(), changes.clone());
                     self.running.insert(key, (spec, task));
                 }
                 Some(_) => {}

@@ -388,3 +388,52 @@ services:
     ensure!(w.agent().services_json()?[0]["tier"] == "panic");
     Ok(())
 }
+
+#[test]
+fn an_http_check_takes_a_backend_answering_503_out_and_puts_it_back() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("primary", "127.10.9.1:8080")?;
+    w.backend("standby", "127.10.9.2:8080")?;
+    w.write_config(
+        r#"
+node: { locality: us-east1/us-east1-b }
+services:
+  - name: checked
+    vips: [127.210.9.1]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints:
+      - {address: 127.10.9.1, locality: us-east1/us-east1-b}
+      - {address: 127.10.9.2, locality: us-west/us-west-1a}
+    healthCheck:
+      interval: 100ms
+      timeout: 100ms
+      unhealthyThreshold: 2
+      healthyThreshold: 2
+      http: {path: /healthz, host: checked.example, expectedStatuses: [{start: 200, end: 300}]}
+"#,
+    )?;
+    w.start_agent()?;
+    w.wait_endpoints("checked", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.9.1:8080").is_ok_and(|e| e["health"] == "HEALTHY")
+    })?;
+    expect_answers(&w, "127.210.9.1:80", 5, &[("primary", 5)])?;
+
+    // Up and accepting connections, but failing: a TCP check would not notice.
+    w.set_status("primary", 503);
+    let eps = w.wait_endpoints("checked", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.9.1:8080").is_ok_and(|e| e["health"] == "UNHEALTHY")
+    })?;
+    let last_error = &endpoint(&eps, "127.10.9.1:8080")?["last_error"];
+    ensure!(
+        last_error == "status 503 is not an expected status",
+        "{eps:#}"
+    );
+    expect_answers(&w, "127.210.9.1:80", 5, &[("standby", 5)])?;
+
+    w.set_status("primary", 200);
+    w.wait_endpoints("checked", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.9.1:8080").is_ok_and(|e| e["in_table"] == true)
+    })?;
+    expect_answers(&w, "127.210.9.1:80", 5, &[("primary", 5)])?;
+    Ok(())
+}

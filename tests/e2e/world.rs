@@ -49,6 +49,13 @@ impl World {
         self.backends.get_mut(name).expect("known backend").start()
     }
 
+    pub fn set_status(&self, name: &str, status: u16) {
+        self.backends
+            .get(name)
+            .expect("known backend")
+            .set_status(status);
+    }
+
     pub fn write_config(&self, yaml: &str) -> Result<()> {
         // Write then rename, as a config management tool would: the agent never reads a
         // half-written file.

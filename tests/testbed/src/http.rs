@@ -30,12 +30,25 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// State shared between the backend handle and its threads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     requests: AtomicU64,
+    /// The status every response carries; 200 unless a test says otherwise.
+    status: std::sync::atomic::AtomicU16,
     /// Accepted connections still being served, so `stop()` can shut them down.
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            status: std::sync::atomic::AtomicU16::new(200),
+            conns: Mutex::default(),
+            next_conn: AtomicU64::new(0),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -44,7 +57,8 @@ struct Running {
     thread: JoinHandle<()>,
 }
 
-/// A stoppable HTTP/1.1 server that answers every request with `200 "<name>\n"`.
+/// A stoppable HTTP/1.1 server that answers every request with `200 "<name>\n"` (or
+/// another status, see [`HttpBackend::set_status`]).
 #[derive(Debug)]
 pub struct HttpBackend {
     name: String,
@@ -92,6 +106,12 @@ impl HttpBackend {
     /// Requests answered so far, over all start/stop cycles.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Answers every later request with `status` (the body stays the name), as a backend
+    /// that is up but failing does.
+    pub fn set_status(&self, status: u16) {
+        self.shared.status.store(status, Ordering::Relaxed);
     }
 
     /// Whether it is listening.
@@ -227,8 +247,9 @@ fn serve(mut conn: TcpStream, shared: &Shared, body: &str) {
         }
     }
     shared.requests.fetch_add(1, Ordering::Relaxed);
+    let status = shared.status.load(Ordering::Relaxed);
     let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+        "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
         body.len()
     );
