@@ -383,6 +383,8 @@ pub enum HealthCheckKind {
     Tcp,
     /// An HTTP/1.1 GET answers with an expected status.
     Http(HttpCheck),
+    /// A gRPC `grpc.health.v1.Health/Check` answers SERVING.
+    Grpc(GrpcCheck),
     /// No active checks: only what passive health sees of real connections counts.
     None,
 }
@@ -396,6 +398,15 @@ pub struct HttpCheck {
     pub host: String,
     /// Status ranges `[start, end)` that count as healthy; default `[200, 201)`.
     pub expected_statuses: Vec<std::ops::Range<u16>>,
+}
+
+/// A gRPC health check, as Envoy's `grpc_health_check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcCheck {
+    /// `HealthCheckRequest.service`; empty (the default) asks about the server as a whole.
+    pub service: String,
+    /// `:authority` of the call; default: the service's name.
+    pub authority: String,
 }
 
 impl HttpCheck {
@@ -657,7 +668,7 @@ struct RawFailoverRule {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a healthCheck mapping (interval, timeout, thresholds, tcp, http or disabled)",
+    expecting = "a healthCheck mapping (interval, timeout, thresholds, tcp, http, grpc or disabled)",
     rename_all = "camelCase"
 )]
 struct RawHealthCheck {
@@ -680,7 +691,22 @@ struct RawHealthCheck {
     #[serde(default)]
     http: Option<RawHttpCheck>,
     #[serde(default)]
+    grpc: Option<RawGrpcCheck>,
+    #[serde(default)]
     disabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a grpc check mapping (serviceName, authority)",
+    rename_all = "camelCase"
+)]
+struct RawGrpcCheck {
+    #[serde(default)]
+    service_name: String,
+    #[serde(default)]
+    authority: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1266,11 +1292,16 @@ impl Validator<'_> {
                 ConfigErrorKind::DisabledCheckConfigured,
             ));
         }
-        let conflict = match (raw.tcp.is_some(), raw.http.is_some(), raw.disabled) {
-            (true, true, _) => Some(("tcp", "http")),
-            (_, true, true) => Some(("http", "disabled")),
-            _ => None,
-        };
+        let set: Vec<&'static str> = [
+            ("tcp", raw.tcp.is_some()),
+            ("http", raw.http.is_some()),
+            ("grpc", raw.grpc.is_some()),
+            ("disabled", raw.disabled),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        let conflict = (set.len() > 1).then(|| (set[0], set[1]));
         if let Some((first, second)) = conflict {
             return Err(self.error(
                 &path.key(second),
@@ -1294,12 +1325,16 @@ impl Validator<'_> {
             timeout,
             healthy_threshold: raw.healthy_threshold,
             unhealthy_threshold: raw.unhealthy_threshold,
-            kind: match (raw.disabled, raw.http) {
-                (true, _) => HealthCheckKind::None,
-                (false, Some(http)) => {
+            kind: match (raw.disabled, raw.http, raw.grpc) {
+                (true, _, _) => HealthCheckKind::None,
+                (false, Some(http), _) => {
                     HealthCheckKind::Http(self.http_check(&path.key("http"), service, http)?)
                 }
-                (false, None) => HealthCheckKind::Tcp,
+                (false, None, Some(grpc)) => HealthCheckKind::Grpc(GrpcCheck {
+                    service: grpc.service_name,
+                    authority: grpc.authority.unwrap_or_else(|| service.to_string()),
+                }),
+                (false, None, None) => HealthCheckKind::Tcp,
             },
         })
     }
@@ -1779,6 +1814,42 @@ mod tests {
     }
 
     #[test]
+    fn grpc_checks_name_the_service_and_default_the_authority() {
+        let config = parse_ok(
+            "
+            services:
+              - name: reviews
+                vips: [127.200.0.1]
+                ports: [{number: 9080}]
+                healthCheck:
+                  grpc: {serviceName: reviews.v1}
+            ",
+        );
+        assert_eq!(
+            config.services[0].health_check.kind,
+            HealthCheckKind::Grpc(GrpcCheck {
+                service: "reviews.v1".into(),
+                authority: "reviews".into(),
+            })
+        );
+        assert_eq!(
+            refused(
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    healthCheck:
+                      grpc: {}
+                      disabled: true
+                "
+            ),
+            "services[0].healthCheck.disabled (line 7): grpc and disabled are both set: a \
+             health check is one kind"
+        );
+    }
+
+    #[test]
     fn bad_http_checks_are_refused_with_field_and_line() {
         let cases = [
             (
@@ -1852,7 +1923,7 @@ mod tests {
                 "
             )),
             "services[0].healthCheck.intervall (line 7): unknown field `intervall`, expected one \
-             of `interval`, `timeout`, `healthyThreshold`, `unhealthyThreshold`, `tcp`, `http`, `disabled`"
+             of `interval`, `timeout`, `healthyThreshold`, `unhealthyThreshold`, `tcp`, `http`, `grpc`, `disabled`"
         );
         assert_eq!(
             refused(&service_with(

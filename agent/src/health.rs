@@ -2,8 +2,9 @@
 //!
 //! [`HealthTracker`] is the pure part (thresholds, no clock, no I/O). [`spawn_tcp_probe`]
 //! is the I/O part: one tokio task per (service, target) that probes on an interval with
-//! jitter and a timeout — a TCP connect, or an HTTP/1.1 GET whose status must be one of
-//! the expected ones — and reports *changes* of verdict on a channel.
+//! jitter and a timeout — a TCP connect, an HTTP/1.1 GET whose status must be one of the
+//! expected ones, or a gRPC `grpc.health.v1.Health/Check` that must answer SERVING — and
+//! reports *changes* of verdict on a channel.
 //!
 //! Invariants:
 //! - a target starts `Unknown`, which selection treats as usable, so a new endpoint or a
@@ -22,7 +23,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::config::HttpCheck;
+use crate::config::{GrpcCheck, HttpCheck};
 use tokio::task::JoinHandle;
 
 /// What the checks say about a target.
@@ -121,6 +122,7 @@ pub struct HealthChange {
 pub enum ProbeKind {
     Tcp,
     Http(HttpCheck),
+    Grpc(GrpcCheck),
 }
 
 /// How one target is probed.
@@ -152,6 +154,7 @@ pub fn spawn_probe(
             let result = match &spec.kind {
                 ProbeKind::Tcp => tcp_probe(target, spec.timeout).await,
                 ProbeKind::Http(check) => http_probe(target, check, spec.timeout).await,
+                ProbeKind::Grpc(check) => grpc_probe(target, check, spec.timeout).await,
             };
             let last_error = result.as_ref().err().map(ToString::to_string);
             if let Some(health) = tracker.observe(result.is_ok()) {
@@ -186,6 +189,197 @@ pub enum ProbeError {
     NotHttp(String),
     #[error("status {0} is not an expected status")]
     Status(u16),
+    #[error("HTTP/2: {0}")]
+    H2(#[source] h2::Error),
+    #[error("gRPC call failed: grpc-status {code}{}", message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())]
+    GrpcStatus {
+        code: String,
+        message: Option<String>,
+    },
+    #[error("gRPC health response is malformed: {0}")]
+    GrpcMalformed(&'static str),
+    #[error("service reports {0}")]
+    NotServing(ServingStatus),
+}
+
+/// `grpc.health.v1.HealthCheckResponse.ServingStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServingStatus {
+    Unknown,
+    Serving,
+    NotServing,
+    ServiceUnknown,
+    Other(u64),
+}
+
+impl fmt::Display for ServingStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServingStatus::Unknown => f.write_str("UNKNOWN"),
+            ServingStatus::Serving => f.write_str("SERVING"),
+            ServingStatus::NotServing => f.write_str("NOT_SERVING"),
+            ServingStatus::ServiceUnknown => f.write_str("SERVICE_UNKNOWN"),
+            ServingStatus::Other(n) => write!(f, "status {n}"),
+        }
+    }
+}
+
+/// A gRPC message frame holding `HealthCheckRequest { service }` (field 1, a string).
+pub fn grpc_health_request(service: &str) -> Vec<u8> {
+    let mut message = Vec::new();
+    if !service.is_empty() {
+        message.push(0x0a); // field 1, length-delimited
+        push_varint(&mut message, service.len() as u64);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8]; // not compressed
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    frame
+}
+
+fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn read_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// The status in a gRPC frame holding `HealthCheckResponse { status }` (field 1, enum).
+/// Unknown fields are skipped, as protobuf requires.
+pub fn grpc_health_status(frame: &[u8]) -> Result<ServingStatus, ProbeError> {
+    let malformed = ProbeError::GrpcMalformed;
+    let (&compressed, rest) = frame.split_first().ok_or(malformed("empty body"))?;
+    if compressed != 0 {
+        return Err(malformed("compressed message (none was asked for)"));
+    }
+    let len = rest
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or(malformed("short frame header"))?;
+    let mut message = rest.get(4..4 + len).ok_or(malformed("short message"))?;
+    let mut status = 0; // proto3 default: UNKNOWN
+    while !message.is_empty() {
+        let key = read_varint(&mut message).ok_or(malformed("bad field key"))?;
+        match key & 7 {
+            0 => {
+                let value = read_varint(&mut message).ok_or(malformed("bad varint"))?;
+                if key >> 3 == 1 {
+                    status = value;
+                }
+            }
+            2 => {
+                let n = read_varint(&mut message).ok_or(malformed("bad length"))? as usize;
+                message = message.get(n..).ok_or(malformed("short field"))?;
+            }
+            1 => message = message.get(8..).ok_or(malformed("short field"))?,
+            5 => message = message.get(4..).ok_or(malformed("short field"))?,
+            _ => return Err(malformed("unsupported wire type")),
+        }
+    }
+    Ok(match status {
+        0 => ServingStatus::Unknown,
+        1 => ServingStatus::Serving,
+        2 => ServingStatus::NotServing,
+        3 => ServingStatus::ServiceUnknown,
+        n => ServingStatus::Other(n),
+    })
+}
+
+/// One gRPC health check (`grpc.health.v1.Health/Check` over h2c): within `timeout`,
+/// the call succeeds with grpc-status 0 and the service reports SERVING.
+pub async fn grpc_probe(
+    target: SocketAddr,
+    check: &GrpcCheck,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let started = tokio::time::Instant::now();
+    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(ProbeError::Connect(e)),
+        Err(_) => return Err(ProbeError::Timeout(timeout)),
+    };
+    let call = async {
+        let (client, connection) = h2::client::handshake(stream)
+            .await
+            .map_err(ProbeError::H2)?;
+        // The connection task ends with the call: aborted below, or on its own when the
+        // client is dropped.
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let result = async {
+            let mut client = client.ready().await.map_err(ProbeError::H2)?;
+            let request = http::Request::builder()
+                .method("POST")
+                .uri(format!(
+                    "http://{}/grpc.health.v1.Health/Check",
+                    check.authority
+                ))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .header("user-agent", "detour-health-check")
+                .body(())
+                .map_err(|_| ProbeError::GrpcMalformed("authority is not a valid URI part"))?;
+            let (response, mut send) = client
+                .send_request(request, false)
+                .map_err(ProbeError::H2)?;
+            send.send_data(grpc_health_request(&check.service).into(), true)
+                .map_err(ProbeError::H2)?;
+            let response = response.await.map_err(ProbeError::H2)?;
+            if response.status() != http::StatusCode::OK {
+                return Err(ProbeError::Status(response.status().as_u16()));
+            }
+            let headers = response.headers().clone();
+            let mut body = response.into_body();
+            let mut frame = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.map_err(ProbeError::H2)?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                frame.extend_from_slice(&chunk);
+            }
+            // A trailers-only response carries grpc-status in the headers.
+            let trailers = body.trailers().await.map_err(ProbeError::H2)?;
+            let meta = trailers.as_ref().unwrap_or(&headers);
+            let code = meta
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("missing")
+                .to_string();
+            if code != "0" {
+                let message = meta
+                    .get("grpc-message")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                return Err(ProbeError::GrpcStatus { code, message });
+            }
+            match grpc_health_status(&frame)? {
+                ServingStatus::Serving => Ok(()),
+                other => Err(ProbeError::NotServing(other)),
+            }
+        }
+        .await;
+        driver.abort();
+        result
+    };
+    let remaining = timeout.saturating_sub(started.elapsed());
+    tokio::time::timeout(remaining, call)
+        .await
+        .map_err(|_| ProbeError::ResponseTimeout(timeout))?
 }
 
 /// One HTTP/1.1 check: within `timeout`, connect, `GET path` with the check's Host, and
@@ -397,6 +591,126 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, ProbeError::ResponseTimeout(_)), "{err}");
         drop(listener);
+    }
+
+    #[test]
+    fn grpc_health_messages_round_trip_the_wire_format() {
+        // HealthCheckRequest{service: "mydb"}: frame header, then 0x0a 0x04 "mydb".
+        assert_eq!(
+            grpc_health_request("mydb"),
+            [0, 0, 0, 0, 6, 0x0a, 4, b'm', b'y', b'd', b'b']
+        );
+        assert_eq!(grpc_health_request(""), [0, 0, 0, 0, 0]);
+        let response = |fields: &[u8]| {
+            let mut f = vec![0];
+            f.extend_from_slice(&(fields.len() as u32).to_be_bytes());
+            f.extend_from_slice(fields);
+            f
+        };
+        assert_eq!(
+            grpc_health_status(&response(&[0x08, 1])).unwrap(),
+            ServingStatus::Serving
+        );
+        assert_eq!(
+            grpc_health_status(&response(&[0x08, 2])).unwrap(),
+            ServingStatus::NotServing
+        );
+        // proto3 leaves a default (UNKNOWN) out; unknown fields are skipped.
+        assert_eq!(
+            grpc_health_status(&response(&[])).unwrap(),
+            ServingStatus::Unknown
+        );
+        assert_eq!(
+            grpc_health_status(&response(&[0x12, 2, b'h', b'i', 0x08, 1])).unwrap(),
+            ServingStatus::Serving
+        );
+        assert!(grpc_health_status(&[]).is_err());
+        assert!(grpc_health_status(&[1, 0, 0, 0, 0]).is_err());
+        assert!(grpc_health_status(&response(&[0x08])).is_err());
+    }
+
+    /// A gRPC health server over h2c answering every Check with `status`, or with
+    /// grpc-status `code` when it is not "0"; returns the request's :path and body.
+    async fn grpc_server(
+        status: u8,
+        code: &'static str,
+    ) -> (SocketAddr, tokio::task::JoinHandle<(String, Vec<u8>)>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let served = tokio::spawn(async move {
+                let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+            });
+            let path = request.uri().path().to_string();
+            let mut body = request.into_body();
+            let mut received = Vec::new();
+            while let Some(chunk) = body.data().await {
+                received.extend_from_slice(&chunk.unwrap());
+            }
+            let response = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let mut send = respond.send_response(response, false).unwrap();
+            if code == "0" {
+                let frame = vec![0, 0, 0, 0, 2, 0x08, status];
+                send.send_data(frame.into(), false).unwrap();
+            }
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", code.parse().unwrap());
+            send.send_trailers(trailers).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            served.abort();
+            (path, received)
+        });
+        (addr, task)
+    }
+
+    fn grpc_check() -> GrpcCheck {
+        GrpcCheck {
+            service: "mydb".into(),
+            authority: "mydb.com".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_probe_needs_serving() {
+        let (addr, server) = grpc_server(1, "0").await;
+        grpc_probe(addr, &grpc_check(), Duration::from_secs(2))
+            .await
+            .unwrap();
+        let (path, body) = server.await.unwrap();
+        assert_eq!(path, "/grpc.health.v1.Health/Check");
+        assert_eq!(body, grpc_health_request("mydb"));
+
+        let (addr, _server) = grpc_server(2, "0").await;
+        let err = grpc_probe(addr, &grpc_check(), Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "service reports NOT_SERVING");
+
+        // grpc-status 12: UNIMPLEMENTED, a server without the health service.
+        let (addr, _server) = grpc_server(0, "12").await;
+        let err = grpc_probe(addr, &grpc_check(), Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "gRPC call failed: grpc-status 12");
+    }
+
+    #[tokio::test]
+    async fn grpc_probe_fails_on_a_server_that_does_not_speak_http2() {
+        let (addr, _server) = http_server(200).await;
+        let err = grpc_probe(addr, &grpc_check(), Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProbeError::H2(_) | ProbeError::ResponseTimeout(_)),
+            "{err}"
+        );
     }
 
     #[tokio::test]

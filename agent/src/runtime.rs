@@ -80,6 +80,7 @@ impl Probes {
             let kind = match &hc.kind {
                 HealthCheckKind::Tcp => Some(ProbeKind::Tcp),
                 HealthCheckKind::Http(check) => Some(ProbeKind::Http(check.clone())),
+                HealthCheckKind::Grpc(check) => Some(ProbeKind::Grpc(check.clone())),
                 HealthCheckKind::None => None,
             };
             let spec = kind.map(|kind| ProbeSpec {
