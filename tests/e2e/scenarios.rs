@@ -437,3 +437,56 @@ services:
     expect_answers(&w, "127.210.9.1:80", 5, &[("primary", 5)])?;
     Ok(())
 }
+
+#[test]
+fn a_grpc_check_takes_a_not_serving_backend_out_and_puts_it_back() -> Result<()> {
+    let mut w = World::new()?;
+    let primary = detour_testbed::GrpcHealthBackend::start_at("127.10.10.1:9090".parse()?)?;
+    let _standby = detour_testbed::GrpcHealthBackend::start_at("127.10.10.2:9090".parse()?)?;
+    w.write_config(
+        r#"
+node: { locality: us-east1/us-east1-b }
+services:
+  - name: rpc
+    vips: [127.210.10.1]
+    ports: [{number: 9090, name: grpc}]
+    endpoints:
+      - {address: 127.10.10.1, locality: us-east1/us-east1-b}
+      - {address: 127.10.10.2, locality: us-west/us-west-1a}
+    healthCheck:
+      interval: 100ms
+      timeout: 100ms
+      unhealthyThreshold: 1
+      healthyThreshold: 1
+      grpc: {serviceName: rpc.v1}
+"#,
+    )?;
+    w.start_agent()?;
+    w.wait_endpoints("rpc", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.10.1:9090")
+            .is_ok_and(|e| e["health"] == "HEALTHY" && e["in_table"] == true)
+    })?;
+    primary.set_serving(false);
+    let eps = w.wait_endpoints("rpc", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.10.1:9090").is_ok_and(|e| e["health"] == "UNHEALTHY")
+    })?;
+    ensure!(
+        endpoint(&eps, "127.10.10.1:9090")?["last_error"] == "service reports NOT_SERVING",
+        "{eps:#}"
+    );
+    ensure!(
+        endpoint(&eps, "127.10.10.2:9090")?["in_table"] == true,
+        "{eps:#}"
+    );
+    ensure!(
+        w.agent().services_json()?[0]["tier"] == "other",
+        "{:#}",
+        w.agent().services_json()?
+    );
+    primary.set_serving(true);
+    w.wait_endpoints("rpc", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.10.1:9090").is_ok_and(|e| e["in_table"] == true)
+            && endpoint(eps, "127.10.10.2:9090").is_ok_and(|e| e["in_table"] == false)
+    })?;
+    Ok(())
+}

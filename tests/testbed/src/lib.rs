@@ -17,6 +17,7 @@
 
 mod agent;
 mod cgroup;
+mod grpc;
 mod http;
 mod netns;
 mod pindir;
@@ -25,6 +26,7 @@ mod tempdir;
 
 pub use agent::{Agent, AgentOptions};
 pub use cgroup::Cgroup;
+pub use grpc::GrpcHealthBackend;
 pub use http::{http_get, http_request, HttpBackend, HttpResponse};
 pub use netns::{Netns, Veth};
 pub use pindir::{ensure_bpffs_mounted, PinDir, BPFFS_MOUNT};
