@@ -8,7 +8,7 @@
 //! - the table is `selection::slot_table` of `selection::select`'s members, so weights,
 //!   tiers and panic routing come from `selection` alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use detour_ebpf::MAX_SLOTS;
@@ -64,35 +64,43 @@ pub fn plan(config: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec
                     .iter()
                     .filter(|ep| same_family(&ep.address))
                     .collect();
-                let candidates: Vec<Candidate<SocketAddr>> = endpoints
+                // One health lookup per endpoint: the plan is rebuilt on every change.
+                let healths: Vec<(SocketAddr, Health)> = endpoints
                     .iter()
                     .map(|ep| {
                         let target = SocketAddr::new(ep.address, ep.port_for(port));
-                        Candidate {
-                            key: target,
-                            locality: ep.locality.clone(),
-                            weight: ep.weight,
-                            healthy: health(&service.name, target).usable(),
-                        }
+                        (target, health(&service.name, target))
+                    })
+                    .collect();
+                let candidates: Vec<Candidate<SocketAddr>> = endpoints
+                    .iter()
+                    .zip(&healths)
+                    .map(|(ep, (target, h))| Candidate {
+                        key: *target,
+                        locality: ep.locality.clone(),
+                        weight: ep.weight,
+                        healthy: h.usable(),
                     })
                     .collect();
                 let selected =
                     selection::select(&config.node.locality, &service.locality_lb, &candidates);
                 let table = selection::slot_table(&selected.members, MAX_SLOTS as usize);
+                let members: HashSet<SocketAddr> =
+                    selected.members.iter().map(|(k, _)| *k).collect();
                 let planned = endpoints
                     .iter()
-                    .zip(&candidates)
-                    .map(|(ep, c)| PlannedEndpoint {
-                        target: c.key,
+                    .zip(healths)
+                    .map(|(ep, (target, health))| PlannedEndpoint {
+                        target,
                         locality: ep.locality.to_string(),
                         weight: ep.weight,
-                        health: health(&service.name, c.key),
+                        health,
                         tier: selection::tier_of(
                             &config.node.locality,
                             &service.locality_lb,
                             &ep.locality,
                         ),
-                        in_table: selected.members.iter().any(|(k, _)| *k == c.key),
+                        in_table: members.contains(&target),
                     })
                     .collect();
                 plans.push(FrontendPlan {
