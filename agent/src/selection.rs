@@ -61,6 +61,27 @@ impl fmt::Display for Tier {
     }
 }
 
+/// How traffic moves from one tier to the next as the better tier loses backends.
+/// Chosen per service (`localityLbSetting.spill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spill {
+    /// A tier takes all traffic until it has no usable backend left.
+    Strict,
+    /// Envoy's priority load: a tier keeps `min(100%, factor × usable share)` of the
+    /// traffic and the rest spills to the next tiers. `overprovisioning_percent` is
+    /// Envoy's `overprovisioning_factor` (140 = 1.4), at least 100.
+    Gradual { overprovisioning_percent: u32 },
+}
+
+impl Default for Spill {
+    /// Envoy's and Istio's default: gradual with a factor of 1.4.
+    fn default() -> Self {
+        Self::Gradual {
+            overprovisioning_percent: 140,
+        }
+    }
+}
+
 /// The outcome for one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection<K> {
