@@ -19,11 +19,14 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
-use aya::programs::{loaded_programs, CgroupSockAddr};
+use aya::programs::{loaded_programs, CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use detour_ebpf::{maps, programs, Backend, BackendStats, FrontendKey, ServiceEntry, SlotKey};
+use detour_ebpf::{
+    counters, globals, maps, programs, Backend, BackendState, BackendStats, FrontendKey,
+    ServiceEntry, SlotKey,
+};
 use tracing::{debug, info};
 
 use crate::reconcile::{MapOpError, Maps};
@@ -96,6 +99,10 @@ pub struct Dataplane {
     slots: BpfHashMap<MapData, SlotKey, u32>,
     backends: Array<MapData, Backend>,
     stats: PerCpuArray<MapData, BackendStats>,
+    state: Array<MapData, BackendState>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Taken by the event reader ([`Dataplane::take_events`]).
+    events: Option<RingBuf<MapData>>,
     pub links: Vec<(&'static str, LinkOutcome)>,
     pub pin_dir: PathBuf,
 }
@@ -154,23 +161,42 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-const PROGRAMS: [(&str, aya::programs::CgroupSockAddrAttachType); 4] = {
-    use aya::programs::CgroupSockAddrAttachType as T;
-    [
-        (programs::CONNECT4, T::Connect4),
-        (programs::CONNECT6, T::Connect6),
-        (programs::GETPEERNAME4, T::GetPeerName4),
-        (programs::GETPEERNAME6, T::GetPeerName6),
-    ]
-};
+/// Programs in attach order: `sock_ops` first, so that every connect the connect
+/// programs rewrite from the start is also watched.
+const PROGRAMS: [&str; 5] = [
+    programs::SOCK_OPS,
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+];
 
-const MAP_NAMES: [&str; 5] = [
+const MAP_NAMES: [&str; 8] = [
     maps::SERVICES,
     maps::SLOTS,
     maps::BACKENDS,
     maps::BACKEND_STATS,
     maps::SOCK_ORIGIN,
+    maps::BACKEND_STATE,
+    maps::EVENTS,
+    maps::COUNTERS,
 ];
+
+/// The kernel's HZ, from the resolution of the coarse clock, which ticks once per
+/// jiffy. `None` if it cannot be read or makes no sense.
+pub fn kernel_hz() -> Option<u32> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `res` is a valid timespec to write to.
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+    if rc != 0 || res.tv_sec != 0 || res.tv_nsec <= 0 {
+        return None;
+    }
+    let hz = 1_000_000_000 / res.tv_nsec as u64;
+    (10..=10_000).contains(&hz).then_some(hz as u32)
+}
 
 impl Dataplane {
     /// Loads the object (reusing pinned maps), attaches or adopts the programs.
@@ -189,7 +215,12 @@ impl Dataplane {
             source,
         })?;
 
+        let hz = kernel_hz().unwrap_or_else(|| {
+            tracing::warn!("cannot tell the kernel's HZ; SYN timeouts of rewritten connects stay at the kernel's default");
+            0
+        });
         let mut loader = EbpfLoader::new();
+        loader.override_global(globals::HZ, &hz, true);
         for name in MAP_NAMES {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -198,11 +229,12 @@ impl Dataplane {
             .map_max_entries(maps::SLOTS, opts.max_slots)
             .map_max_entries(maps::BACKENDS, opts.max_backends)
             .map_max_entries(maps::BACKEND_STATS, opts.max_backends)
+            .map_max_entries(maps::BACKEND_STATE, opts.max_backends)
             .map_max_entries(maps::SOCK_ORIGIN, opts.max_sockets);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let mut links = Vec::new();
-        for (name, _) in PROGRAMS {
+        for name in PROGRAMS {
             let outcome = attach_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
             info!(program = name, outcome = ?outcome, cgroup = %opts.cgroup.display(), "program ready");
             links.push((name, outcome));
@@ -221,6 +253,13 @@ impl Dataplane {
                 .map_err(map_err(maps::BACKENDS))?,
             stats: PerCpuArray::try_from(take(&mut ebpf, maps::BACKEND_STATS)?)
                 .map_err(map_err(maps::BACKEND_STATS))?,
+            state: Array::try_from(take(&mut ebpf, maps::BACKEND_STATE)?)
+                .map_err(map_err(maps::BACKEND_STATE))?,
+            counters: PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)
+                .map_err(map_err(maps::COUNTERS))?,
+            events: Some(
+                RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?).map_err(map_err(maps::EVENTS))?,
+            ),
             links,
             pin_dir: opts.pin_dir.clone(),
         })
@@ -236,7 +275,51 @@ impl Dataplane {
             .iter()
             .fold(BackendStats::default(), |acc, s| BackendStats {
                 connects: acc.connects + s.connects,
+                established: acc.established + s.established,
+                refused: acc.refused + s.refused,
+                timeouts: acc.timeouts + s.timeouts,
+                resets: acc.resets + s.resets,
             }))
+    }
+
+    /// The kernel's passive view of a backend id.
+    pub fn backend_state(&self, id: u32) -> Result<BackendState, MapOpError> {
+        self.state
+            .get(&id, 0)
+            .map_err(|e| op_err(maps::BACKEND_STATE, "lookup", e))
+    }
+
+    /// Lifts the kernel's suspect mark and failure run of a backend: the agent decided
+    /// it is not (or no longer) ejected. The measured RTT is kept.
+    pub fn clear_suspect(&mut self, id: u32) -> Result<(), MapOpError> {
+        let mut state = self.backend_state(id)?;
+        if state.suspect_until_ns == 0 && state.fail_streak == 0 {
+            return Ok(());
+        }
+        state.suspect_until_ns = 0;
+        state.fail_streak = 0;
+        self.state
+            .set(id, state, 0)
+            .map_err(|e| op_err(maps::BACKEND_STATE, "update", e))
+    }
+
+    /// The global counters ([`counters`]), summed over CPUs.
+    pub fn counters(&self) -> Result<[u64; counters::COUNT as usize], MapOpError> {
+        let mut out = [0; counters::COUNT as usize];
+        for (index, slot) in out.iter_mut().enumerate() {
+            *slot = self
+                .counters
+                .get(&(index as u32), 0)
+                .map_err(|e| op_err(maps::COUNTERS, "lookup", e))?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+
+    /// The ring buffer of connection events; `None` after the first call.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 }
 
@@ -256,13 +339,10 @@ fn attach_program(
         path: pin.to_owned(),
         reason,
     };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
+    let mut program = Attachable::find(ebpf, name)
         .ok_or_else(|| link_err("program missing from the eBPF object".into()))?
-        .try_into()
         .map_err(perr)?;
-    program.load().map_err(perr)?;
-    let new_tag = program.info().map_err(perr)?.tag();
+    let new_tag = program.load().map_err(perr)?;
 
     let existing = if pin.exists() {
         let pinned = PinnedLink::from_pin(pin).map_err(|e| link_err(e.to_string()))?;
@@ -290,16 +370,7 @@ fn attach_program(
         None
     };
 
-    // With bpf_link (kernel >= 5.7) the kernel rejects attach flags: links always share
-    // the cgroup with other programs, which is what lets an upgrade overlap old and new.
-    let link_id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(perr)?;
-    let link: FdLink = program
-        .take_link(link_id)
-        .map_err(perr)?
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| link_err(e.to_string()))?;
+    let link = program.attach(cgroup).map_err(perr)?.map_err(link_err)?;
     if existing.is_none() {
         link.pin(pin).map_err(|e| link_err(e.to_string()))?;
         return Ok(LinkOutcome::Attached);
@@ -312,6 +383,54 @@ fn attach_program(
     fs::rename(&staging, pin).map_err(|e| link_err(e.to_string()))?;
     drop(existing);
     Ok(LinkOutcome::Replaced)
+}
+
+/// The program kinds detour attaches to its cgroup.
+enum Attachable<'a> {
+    SockAddr(&'a mut CgroupSockAddr),
+    SockOps(&'a mut SockOps),
+}
+
+impl<'a> Attachable<'a> {
+    fn find(ebpf: &'a mut Ebpf, name: &str) -> Option<Result<Self, ProgramError>> {
+        let program = ebpf.program_mut(name)?;
+        Some(if name == programs::SOCK_OPS {
+            program.try_into().map(Self::SockOps)
+        } else {
+            program.try_into().map(Self::SockAddr)
+        })
+    }
+
+    /// Loads the program into the kernel; returns its tag.
+    fn load(&mut self) -> Result<u64, ProgramError> {
+        Ok(match self {
+            Self::SockAddr(p) => {
+                p.load()?;
+                p.info()?.tag()
+            }
+            Self::SockOps(p) => {
+                p.load()?;
+                p.info()?.tag()
+            }
+        })
+    }
+
+    /// Attaches to the cgroup as a bpf_link and hands the link over.
+    fn attach(&mut self, cgroup: &fs::File) -> Result<Result<FdLink, String>, ProgramError> {
+        // With bpf_link (kernel >= 5.7) the kernel rejects attach flags: links always
+        // share the cgroup with other programs, which lets an upgrade overlap old and new.
+        let to_fd = |e: aya::programs::links::LinkError| e.to_string();
+        Ok(match self {
+            Self::SockAddr(p) => {
+                let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into().map_err(to_fd)
+            }
+            Self::SockOps(p) => {
+                let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into().map_err(to_fd)
+            }
+        })
+    }
 }
 
 fn op_err(map: &'static str, op: &'static str, e: aya::maps::MapError) -> MapOpError {
@@ -345,6 +464,9 @@ impl Maps for Dataplane {
         self.stats
             .set(id, zeros, 0)
             .map_err(|e| op_err(maps::BACKEND_STATS, "update", e))?;
+        self.state
+            .set(id, BackendState::default(), 0)
+            .map_err(|e| op_err(maps::BACKEND_STATE, "update", e))?;
         self.backends
             .set(id, backend, 0)
             .map_err(|e| op_err(maps::BACKENDS, "update", e))

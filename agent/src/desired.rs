@@ -15,7 +15,7 @@ use detour_ebpf::MAX_SLOTS;
 
 use crate::config::{Config, ServiceConfig};
 use crate::health::Health;
-use crate::reconcile::Desired;
+use crate::reconcile::{Desired, Table};
 use crate::selection::{self, Candidate, Tier};
 
 /// One endpoint of a frontend as the plan sees it.
@@ -123,7 +123,7 @@ pub fn desired(plans: &[FrontendPlan]) -> Desired {
     Desired {
         tables: plans
             .iter()
-            .map(|p| (p.frontend, p.table.clone()))
+            .map(|p| (p.frontend, Table::plain(p.table.clone())))
             .collect::<BTreeMap<_, _>>(),
         backends: plans
             .iter()
@@ -217,7 +217,12 @@ services:
         )
         .unwrap();
         let d = desired(&plan(&cfg, |_, _| Health::Healthy));
-        let t = &d.tables;
+        let t: BTreeMap<_, _> = d
+            .tables
+            .iter()
+            .map(|(k, v)| (*k, v.slots.clone()))
+            .collect();
+        let t = &t;
         assert_eq!(t[&sa("127.200.0.9:443")], vec![sa("127.0.9.1:8443")]);
         assert_eq!(t[&sa("[fd00::9]:443")], vec![sa("[fd00::91]:8443")]);
     }

@@ -1,8 +1,10 @@
 //! Reconciler: desired backend tables → BPF maps, by diff, in an order that never lets a
 //! connect see a half-written table.
 //!
-//! The desired state is, per frontend (VIP:port), the slot table: backend addresses
-//! repeated in proportion to their weights. The reconciler owns the id spaces (frontend
+//! The desired state is, per frontend (VIP:port), a [`Table`]: the slot table (backend
+//! addresses repeated in proportion to their weights), the standby slots the kernel
+//! falls back to when every backend it probes is suspect, and the passive-health
+//! parameters the kernel applies to the frontend's connections. The reconciler owns the id spaces (frontend
 //! ids and backend ids) and the knowledge of what is in the maps.
 //!
 //! Ordering invariants (each write is one map update):
@@ -92,11 +94,39 @@ pub enum ReconcileError {
     },
 }
 
+/// The kernel's passive-health parameters of one frontend (see [`ServiceEntry`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Passive {
+    pub fail_threshold: u32,
+    pub suspect_ms: u32,
+    pub handshake_timeout_ms: u32,
+}
+
+/// What one frontend should serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    /// The slot table. Empty means "no backend": connects are left alone.
+    pub slots: Vec<SocketAddr>,
+    /// Standby slots, used by the kernel only when the slots it probes are all suspect.
+    pub standby: Vec<SocketAddr>,
+    pub passive: Passive,
+}
+
+impl Table {
+    /// A table with no standby and no passive parameters.
+    pub fn plain(slots: Vec<SocketAddr>) -> Self {
+        Self {
+            slots,
+            ..Self::default()
+        }
+    }
+}
+
 /// What the maps should serve.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Slot tables by frontend. An empty table means "no backend".
-    pub tables: BTreeMap<SocketAddr, Vec<SocketAddr>>,
+    /// Tables by frontend.
+    pub tables: BTreeMap<SocketAddr, Table>,
     /// Every configured backend, in a table or not. Each keeps its id (and so its kernel
     /// counters) while it is configured, and a failover target's address is in the maps
     /// before any table needs it.
@@ -107,8 +137,11 @@ pub struct Desired {
 struct FrontendState {
     service_id: u32,
     generation: u32,
-    /// The live slots, as backend ids.
+    /// The live slots followed by the live standby slots, as backend ids.
     live: Vec<u32>,
+    /// How many of `live` are table slots; the rest are standby.
+    slot_count: u32,
+    passive: Passive,
     /// How many slots have ever been written in each generation (for removal).
     written: [u32; 2],
 }
@@ -166,15 +199,16 @@ impl Reconciler {
             let Some(frontend) = frontend_addr(&key) else {
                 continue;
             };
-            let mut live = Vec::with_capacity(entry.slot_count as usize);
-            for index in 0..entry.slot_count {
+            let total = entry.slot_count + entry.standby_count;
+            let mut live = Vec::with_capacity(total as usize);
+            for index in 0..total {
                 let slot = SlotKey::new(entry.service_id, entry.generation, index);
                 if let Some(id) = maps.slot(slot).map_err(ReconcileError::Restore)? {
                     live.push(id);
                 }
             }
             let mut written = [0u32; 2];
-            written[entry.generation as usize & 1] = entry.slot_count;
+            written[entry.generation as usize & 1] = total;
             // Slots are always written from index 0 up, so the first miss ends them.
             let other = 1 - (entry.generation & 1);
             let mut n = 0;
@@ -211,8 +245,14 @@ impl Reconciler {
                 FrontendState {
                     service_id: entry.service_id,
                     generation: entry.generation & 1,
+                    slot_count: entry.slot_count.min(live.len() as u32),
                     live,
                     written,
+                    passive: Passive {
+                        fail_threshold: entry.fail_threshold,
+                        suspect_ms: entry.suspect_ms,
+                        handshake_timeout_ms: entry.handshake_timeout_ms,
+                    },
                 },
             );
         }
@@ -228,9 +268,23 @@ impl Reconciler {
         self.backends.get(addr).map(|b| b.id)
     }
 
-    /// The live slot table of a frontend, as backend ids.
+    /// The live slot table of a frontend, as backend ids (without the standby slots).
     pub fn live_table(&self, frontend: &SocketAddr) -> Option<&[u32]> {
-        self.frontends.get(frontend).map(|f| f.live.as_slice())
+        self.frontends
+            .get(frontend)
+            .map(|f| &f.live[..f.slot_count as usize])
+    }
+
+    /// The live standby slots of a frontend, as backend ids.
+    pub fn live_standby(&self, frontend: &SocketAddr) -> Option<&[u32]> {
+        self.frontends
+            .get(frontend)
+            .map(|f| &f.live[f.slot_count as usize..])
+    }
+
+    /// Every backend address with its id.
+    pub fn backend_ids(&self) -> impl Iterator<Item = (SocketAddr, u32)> + '_ {
+        self.backends.iter().map(|(addr, state)| (*addr, state.id))
     }
 
     /// Makes the maps serve `desired`. Frontends not in `desired` are removed.
@@ -276,26 +330,32 @@ impl Reconciler {
         &mut self,
         maps: &mut impl Maps,
         frontend: SocketAddr,
-        table: &[SocketAddr],
+        table: &Table,
     ) -> Result<Change, ReconcileError> {
-        if table.len() > MAX_SLOTS as usize {
-            return Err(ReconcileError::TableTooLarge {
-                frontend,
-                len: table.len(),
-            });
+        let len = table.slots.len() + table.standby.len();
+        if len > MAX_SLOTS as usize {
+            return Err(ReconcileError::TableTooLarge { frontend, len });
         }
-        if let Some(backend) = table.iter().find(|b| b.is_ipv4() != frontend.is_ipv4()) {
+        let all = table.slots.iter().chain(&table.standby);
+        if let Some(backend) = all.clone().find(|b| b.is_ipv4() != frontend.is_ipv4()) {
             return Err(ReconcileError::FamilyMismatch {
                 frontend,
                 backend: *backend,
             });
         }
-        let mut ids = Vec::with_capacity(table.len());
-        for addr in table {
+        let mut ids = Vec::with_capacity(len);
+        for addr in all {
             ids.push(self.ensure_backend(maps, *addr)?);
         }
+        let slot_count = table.slots.len() as u32;
         let (service_id, generation, added) = match self.frontends.get_mut(&frontend) {
-            Some(state) if state.live == ids => return Ok(Change::None),
+            Some(state)
+                if state.live == ids
+                    && state.slot_count == slot_count
+                    && state.passive == table.passive =>
+            {
+                return Ok(Change::None)
+            }
             Some(state) => {
                 let generation = 1 - state.generation;
                 // Recorded before writing, so slots of a write that fails half-way are
@@ -306,10 +366,20 @@ impl Reconciler {
             }
             None => (self.allocate_service_id(frontend)?, 0, true),
         };
+        // An empty table leaves connects alone, standby or not.
+        let standby_count = if slot_count == 0 {
+            0
+        } else {
+            ids.len() as u32 - slot_count
+        };
         let entry = ServiceEntry {
             service_id,
             generation,
-            slot_count: ids.len() as u32,
+            slot_count,
+            standby_count,
+            fail_threshold: table.passive.fail_threshold,
+            suspect_ms: table.passive.suspect_ms,
+            handshake_timeout_ms: table.passive.handshake_timeout_ms,
             flags: 0,
         };
         let written = ids.iter().enumerate().try_for_each(|(index, id)| {
@@ -320,7 +390,7 @@ impl Reconciler {
         if let Err(source) = switched {
             if added {
                 // Nothing points at the new id's slots: undo them and free the id.
-                for index in 0..entry.slot_count {
+                for index in 0..ids.len() as u32 {
                     let _ = maps.delete_slot(SlotKey::new(service_id, generation, index));
                 }
                 self.service_ids.remove(&service_id);
@@ -332,12 +402,15 @@ impl Reconciler {
             service_id,
             generation,
             live: Vec::new(),
+            slot_count: 0,
+            passive: Passive::default(),
             written: [0, 0],
         });
         state.generation = generation;
+        state.written[generation as usize] = state.written[generation as usize].max(len as u32);
         state.live = ids;
-        let written = &mut state.written[generation as usize];
-        *written = (*written).max(entry.slot_count);
+        state.slot_count = slot_count;
+        state.passive = table.passive;
         Ok(if added {
             Change::Added
         } else {
@@ -622,11 +695,11 @@ mod tests {
 
     /// Tables as given; the configured backends are those the tables name.
     fn desired(entries: &[(&str, &[&str])]) -> Desired {
-        let tables: BTreeMap<SocketAddr, Vec<SocketAddr>> = entries
+        let tables: BTreeMap<SocketAddr, Table> = entries
             .iter()
-            .map(|(f, bs)| (sa(f), bs.iter().map(|b| sa(b)).collect()))
+            .map(|(f, bs)| (sa(f), Table::plain(bs.iter().map(|b| sa(b)).collect())))
             .collect();
-        let backends = tables.values().flatten().copied().collect();
+        let backends = tables.values().flat_map(|t| t.slots.clone()).collect();
         Desired { tables, backends }
     }
 
@@ -667,7 +740,7 @@ mod tests {
         assert_eq!(report.added, 1);
         assert_eq!(
             maps.served(sa("127.200.0.1:80")),
-            Some(want.tables[&sa("127.200.0.1:80")].clone())
+            Some(want.tables[&sa("127.200.0.1:80")].slots.clone())
         );
 
         maps.writes.clear();
@@ -716,7 +789,7 @@ mod tests {
         assert!(last_backend < first_slot);
         assert_eq!(
             maps.served(sa("127.200.0.1:80")),
-            Some(want.tables[&sa("127.200.0.1:80")].clone())
+            Some(want.tables[&sa("127.200.0.1:80")].slots.clone())
         );
     }
 

@@ -43,7 +43,45 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "DETOUR_BACKEND_STATS";
     /// socket cookie → [`crate::SockOrigin`] (LRU).
     pub const SOCK_ORIGIN: &str = "DETOUR_SOCK_ORIGIN";
+    /// backend id → [`crate::BackendState`] (array, shared by all CPUs): the kernel's
+    /// passive view of a backend, which the connect programs consult.
+    pub const BACKEND_STATE: &str = "DETOUR_BACKEND_STATE";
+    /// Ring buffer of [`crate::ConnEvent`]s for the agent.
+    pub const EVENTS: &str = "DETOUR_EVENTS";
+    /// [`crate::counters`] index → `u64`, per CPU.
+    pub const COUNTERS: &str = "DETOUR_COUNTERS";
 }
+
+/// Global variables the agent sets when it loads the object.
+pub mod globals {
+    /// The kernel's `HZ`: jiffies per second, to express the initial SYN timeout.
+    /// 0 leaves the kernel's own timeout alone.
+    pub const HZ: &str = "DETOUR_HZ";
+}
+
+/// Size in bytes of [`maps::EVENTS`]: 256 KiB holds about 10,000 events.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// Indexes of [`maps::COUNTERS`].
+pub mod counters {
+    /// Events the ring buffer had no room for (dropped, never waited for).
+    pub const EVENTS_DROPPED: u32 = 0;
+    /// Events written to the ring buffer.
+    pub const EVENTS_SENT: u32 = 1;
+    /// Connects whose first pick was suspect and that went to another table member.
+    pub const SUSPECT_AVOIDED: u32 = 2;
+    /// Connects that went to the standby set because the members probed were suspect.
+    pub const STANDBY_USED: u32 = 3;
+    /// Connects that found only suspect backends and used the first pick anyway.
+    pub const ALL_SUSPECT: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 5;
+}
+
+/// How many table slots a connect examines, from its random pick onwards, looking for a
+/// backend that is not suspect (and as many again in the standby set). Tables are
+/// interleaved, so a window this long holds every member whose share is above 1/16.
+pub const SUSPECT_PROBES: u32 = 16;
 
 /// Program function names in the object.
 pub mod programs {
@@ -51,6 +89,8 @@ pub mod programs {
     pub const CONNECT6: &str = "detour_connect6";
     pub const GETPEERNAME4: &str = "detour_getpeername4";
     pub const GETPEERNAME6: &str = "detour_getpeername6";
+    /// `sock_ops`: watches rewritten connections and reports their outcomes.
+    pub const SOCK_OPS: &str = "detour_sock_ops";
 }
 
 /// A service frontend: the VIP and port an application connects to.
@@ -65,12 +105,13 @@ pub struct FrontendKey {
     pub pad: u8,
 }
 
-/// A frontend's current backend table.
+/// A frontend's current backend table and passive-health parameters.
 ///
 /// The agent replaces this value in one map update to switch tables: `generation` says
-/// which half of the slot space holds the live table and `slot_count` how many slots it
-/// has. The slots of a generation are fully written before the entry points at them, so
-/// a connect sees the old table or the new one, never a mix.
+/// which half of the slot space holds the live table, `slot_count` how many slots the
+/// table has and `standby_count` how many standby slots follow them. The slots of a
+/// generation are fully written before the entry points at them, so a connect sees the
+/// old table or the new one, never a mix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
@@ -78,8 +119,20 @@ pub struct ServiceEntry {
     pub service_id: u32,
     /// 0 or 1: which generation of slots is live.
     pub generation: u32,
-    /// Number of live slots; 0 means no backend, the connect is left alone.
+    /// Number of live slots (indexes `0..slot_count`); 0 means no backend, the connect
+    /// is left alone.
     pub slot_count: u32,
+    /// Number of standby slots (indexes `slot_count..slot_count + standby_count`): the
+    /// next tier, used only when every table slot probed is suspect.
+    pub standby_count: u32,
+    /// Failed connects in a row after which the kernel marks a backend suspect on its
+    /// own; 0 turns the kernel's marking off.
+    pub fail_threshold: u32,
+    /// How long a kernel suspect mark lasts if the agent does not act on it, in ms.
+    pub suspect_ms: u32,
+    /// Initial SYN timeout of rewritten connects, in ms (0: the kernel's default). A
+    /// handshake with no answer by then is reported as a timeout.
+    pub handshake_timeout_ms: u32,
     pub flags: u32,
 }
 
@@ -121,6 +174,66 @@ pub struct Backend {
 pub struct BackendStats {
     /// Connects rewritten to this backend.
     pub connects: u64,
+    /// Of those, handshakes that completed.
+    pub established: u64,
+    /// Handshakes that failed without a retransmission timeout: refused or reset.
+    pub refused: u64,
+    /// Handshakes whose SYN went unanswered for the handshake timeout.
+    pub timeouts: u64,
+    /// Established connections that ended in a reset (or an abort) instead of a close.
+    pub resets: u64,
+}
+
+/// The kernel's passive view of one backend, shared by all CPUs.
+///
+/// Written by the `sock_ops` program as connections succeed and fail; the connect
+/// programs avoid a backend while `suspect_until_ns` is in the future. The agent is the
+/// authority: it clears the mark when it restores a backend or decides not to eject it,
+/// and it resets the state when it hands the id to a new address. A mark it never acts
+/// on (no agent running) expires by itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendState {
+    /// `bpf_ktime_get_ns()` until which connects avoid this backend; 0 = not suspect.
+    pub suspect_until_ns: u64,
+    /// Failed handshakes since the last successful one. 64 bits because that is the
+    /// only width the BPF target has atomic adds for.
+    pub fail_streak: u64,
+    /// Smoothed handshake round-trip time in µs (0 = never measured); the initial SYN
+    /// timeout is at least 3× this, so a far backend is not mistaken for a dead one.
+    pub rtt_us: u32,
+    pub pad: u32,
+}
+
+/// Kinds of [`ConnEvent`].
+pub mod event_kind {
+    /// A handshake completed after one or more failures (the first success ends a
+    /// failure run; other successes are only counted in [`crate::BackendStats`]).
+    pub const ESTABLISHED: u32 = 1;
+    /// A handshake failed without a retransmission timeout: refused or reset.
+    pub const REFUSED: u32 = 2;
+    /// A SYN went unanswered for the handshake timeout: a black hole, or a slow backend.
+    pub const TIMEOUT: u32 = 3;
+    /// An established connection ended in a reset instead of a close.
+    pub const RESET: u32 = 4;
+}
+
+/// One connection outcome, as the `sock_ops` program reports it through [`maps::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it happened.
+    pub ts_ns: u64,
+    /// One of [`event_kind`].
+    pub kind: u32,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// The backend's failure run including this event (0 for a success).
+    pub fail_streak: u32,
+    /// Handshake RTT in µs for [`event_kind::ESTABLISHED`], else 0.
+    pub rtt_us: u32,
+    /// 1 if this event made the kernel mark the backend suspect.
+    pub marked_suspect: u32,
 }
 
 /// What detour did to a socket at connect time; read back by `getpeername` so the
@@ -134,7 +247,17 @@ pub struct SockOrigin {
     pub backend_port: u16,
     pub service_id: u32,
     pub backend_id: u32,
+    /// Copied from the frontend's [`ServiceEntry`] at connect time, so the `sock_ops`
+    /// program needs no second lookup.
+    pub fail_threshold: u32,
+    pub suspect_ms: u32,
+    pub handshake_timeout_ms: u32,
+    /// [`ORIGIN_OUTCOME_REPORTED`] once the handshake's outcome has been reported.
+    pub flags: u32,
 }
+
+/// [`SockOrigin::flags`]: the handshake's outcome has been reported.
+pub const ORIGIN_OUTCOME_REPORTED: u32 = 1;
 
 /// The IPv4-mapped prefix word (`::ffff:0:0/96`, third word) in network order.
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
@@ -149,12 +272,16 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::SockOrigin {}
+    unsafe impl aya::Pod for super::BackendState {}
+    unsafe impl aya::Pod for super::ConnEvent {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the field sizes.
 const _: () = assert!(core::mem::size_of::<FrontendKey>() == 20);
-const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 32);
 const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
-const _: () = assert!(core::mem::size_of::<BackendStats>() == 8);
-const _: () = assert!(core::mem::size_of::<SockOrigin>() == 44);
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 40);
+const _: () = assert!(core::mem::size_of::<BackendState>() == 24);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<SockOrigin>() == 60);

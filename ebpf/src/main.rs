@@ -10,30 +10,67 @@
 //! so an entry can only ever match its own socket; an entry evicted from a full map makes
 //! `getpeername` show the backend instead of the VIP, never a wrong address.)
 //!
+//! Passive health (`sock_ops`, attached to the same cgroup): for every socket the connect
+//! programs rewrote (it has a `DETOUR_SOCK_ORIGIN` entry) the program asks for state and
+//! retransmission-timeout callbacks, shortens the initial SYN timeout to the service's
+//! handshake timeout (at least 3× the backend's measured handshake RTT), and reports the
+//! outcome: a first SYN timeout in SYN_SENT (black hole), SYN_SENT → CLOSE without one
+//! (refused or reset), established, established → CLOSE (reset). Outcomes are counted
+//! per backend per CPU; failures, resets and the success that ends a failure run go to
+//! the agent through a ring buffer, and a full ring drops the event and counts the drop.
+//!
+//! In-kernel fast path: a failure that completes `fail_threshold` failures in a row
+//! marks the backend suspect in `DETOUR_BACKEND_STATE` until `suspect_ms` from now. A
+//! connect whose random pick is suspect looks at the next [`SUSPECT_PROBES`] slots of the
+//! table, then of the standby set (the next tier), and only when all of those are suspect
+//! uses its first pick, so a service is never black-holed. The agent stays the authority:
+//! it clears marks it does not confirm and rewrites tables without ejected backends.
+//!
+//! Why `sock_ops` rather than the `inet_sock_set_state` tracepoint: it runs only for
+//! sockets of the attached cgroup, it can shorten the SYN timeout (`TIMEOUT_INIT`), which
+//! the tracepoint cannot, and it sees retransmission timeouts (`RTO_CB`), which is the
+//! only early sign of a black hole: a tracepoint would learn of one when the handshake
+//! finally gives up, seconds later.
+//!
 //! Invariants the agent relies on:
 //! - a connect that is not to a known TCP frontend is never touched;
 //! - a missing slot or backend (a table being replaced under us) leaves the connect alone
 //!   rather than guessing: the agent only points a frontend at fully written slots;
-//! - every program returns 1 (allow): detour redirects, it never refuses a connect.
+//! - every program returns 1 (allow): detour redirects, it never refuses a connect;
+//! - `sock_ops` acts only on sockets with a `DETOUR_SOCK_ORIGIN` entry, never blocks
+//!   (ring buffer full → drop and count), and forgets a socket's entry when it closes.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// `atomic_xadd`: the BPF target has no `fetch_add` on its atomic types.
+#![cfg_attr(
+    target_arch = "bpf",
+    allow(internal_features),
+    feature(core_intrinsics)
+)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 
 #[cfg(target_arch = "bpf")]
 mod programs {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
     use aya_ebpf::{
-        bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
-        helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie},
-        macros::{cgroup_sock_addr, map},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray},
-        programs::SockAddrContext,
+        bindings::{
+            bpf_sock_addr, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+            BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
+        },
+        helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+        programs::{SockAddrContext, SockOpsContext},
         EbpfContext,
     };
     use detour_ebpf::{
-        Backend, BackendStats, FrontendKey, ServiceEntry, SlotKey, SockOrigin, AF_INET, AF_INET6,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TABLE_SLOTS,
-        IPPROTO_TCP, V4_MAPPED_WORD,
+        counters, event_kind, Backend, BackendState, BackendStats, ConnEvent, FrontendKey,
+        ServiceEntry, SlotKey, SockOrigin, AF_INET, AF_INET6, DEFAULT_MAX_BACKENDS,
+        DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TABLE_SLOTS, EVENTS_RING_BYTES,
+        IPPROTO_TCP, ORIGIN_OUTCOME_REPORTED, SUSPECT_PROBES, V4_MAPPED_WORD,
     };
 
     /// Allow the syscall to go on (with whatever address we left in the context).
@@ -60,16 +97,88 @@ mod programs {
     static SOCK_ORIGIN: LruHashMap<u64, SockOrigin> =
         LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
+    #[map(name = "DETOUR_BACKEND_STATE")]
+    static BACKEND_STATE: Array<BackendState> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+    #[map(name = "DETOUR_EVENTS")]
+    static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+    #[map(name = "DETOUR_COUNTERS")]
+    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+    /// The kernel's HZ, set by the agent at load time (0: leave SYN timeouts alone).
+    #[unsafe(no_mangle)]
+    static DETOUR_HZ: u32 = 0;
+
+    // TCP states as the kernel numbers them (include/net/tcp_states.h).
+    const TCP_ESTABLISHED: u32 = 1;
+    const TCP_SYN_SENT: u32 = 2;
+    const TCP_CLOSE: u32 = 7;
+
     #[inline(always)]
-    fn cookie(ctx: &SockAddrContext) -> u64 {
+    fn cookie(ctx: &impl EbpfContext) -> u64 {
         unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
     }
 
-    /// The backend chosen for a frontend, with the ids needed for bookkeeping.
+    #[inline(always)]
+    fn count(index: u32) {
+        if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+            // Per-CPU value: no other writer can race this increment.
+            unsafe { *counter += 1 };
+        }
+    }
+
+    /// The backend chosen for a frontend, with what the socket's bookkeeping needs.
     struct Choice {
-        service_id: u32,
+        entry: ServiceEntry,
         backend_id: u32,
         backend: Backend,
+    }
+
+    #[inline(always)]
+    fn slot_backend(entry: &ServiceEntry, index: u32) -> Option<u32> {
+        let slot = SlotKey::new(entry.service_id, entry.generation, index);
+        unsafe { SLOTS.get(&slot) }.copied()
+    }
+
+    /// Whether the kernel's fast path currently avoids `backend_id`. `now` is read once,
+    /// and only when some backend has a mark: healthy services never pay for the clock.
+    #[inline(always)]
+    fn is_suspect(backend_id: u32, now: &mut u64) -> bool {
+        let Some(state) = BACKEND_STATE.get(backend_id) else {
+            return false;
+        };
+        let until = unsafe { core::ptr::read_volatile(&state.suspect_until_ns) };
+        if until == 0 {
+            return false;
+        }
+        if *now == 0 {
+            *now = unsafe { bpf_ktime_get_ns() };
+        }
+        until > *now
+    }
+
+    /// The first backend that is not suspect among `probes` slots `base + (start + i) %
+    /// len`, `i` from `first`.
+    #[inline(always)]
+    fn unsuspected(
+        entry: &ServiceEntry,
+        base: u32,
+        len: u32,
+        start: u32,
+        first: u32,
+        now: &mut u64,
+    ) -> Option<u32> {
+        let mut i = first;
+        while i < SUSPECT_PROBES && i < len {
+            if let Some(id) = slot_backend(entry, base + (start + i) % len) {
+                if !is_suspect(id, now) {
+                    return Some(id);
+                }
+            }
+            i += 1;
+        }
+        None
     }
 
     #[inline(always)]
@@ -79,16 +188,42 @@ mod programs {
         if entry.slot_count == 0 {
             return None;
         }
-        let index = unsafe { bpf_get_prandom_u32() } % entry.slot_count;
-        let slot = SlotKey::new(entry.service_id, entry.generation, index);
-        let backend_id = *unsafe { SLOTS.get(&slot) }?;
+        let random = unsafe { bpf_get_prandom_u32() };
+        let start = random % entry.slot_count;
+        let first = slot_backend(&entry, start)?;
+        let mut now = 0;
+        let mut backend_id = first;
+        if is_suspect(first, &mut now) {
+            if let Some(id) = unsuspected(&entry, 0, entry.slot_count, start, 1, &mut now) {
+                count(counters::SUSPECT_AVOIDED);
+                backend_id = id;
+            } else if let Some(id) = (entry.standby_count > 0)
+                .then(|| {
+                    let start = (random >> 16) % entry.standby_count;
+                    unsuspected(
+                        &entry,
+                        entry.slot_count,
+                        entry.standby_count,
+                        start,
+                        0,
+                        &mut now,
+                    )
+                })
+                .flatten()
+            {
+                count(counters::STANDBY_USED);
+                backend_id = id;
+            } else {
+                // Everything suspect: trying a backend beats refusing the connect.
+                count(counters::ALL_SUSPECT);
+            }
+        }
         let backend = *BACKENDS.get(backend_id)?;
         if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
-            // Per-CPU value: no other writer can race this increment.
             unsafe { (*stats).connects += 1 };
         }
         Some(Choice {
-            service_id: entry.service_id,
+            entry,
             backend_id,
             backend,
         })
@@ -101,8 +236,12 @@ mod programs {
             backend: choice.backend.addr,
             vip_port: key.port,
             backend_port: choice.backend.port,
-            service_id: choice.service_id,
+            service_id: choice.entry.service_id,
             backend_id: choice.backend_id,
+            fail_threshold: choice.entry.fail_threshold,
+            suspect_ms: choice.entry.suspect_ms,
+            handshake_timeout_ms: choice.entry.handshake_timeout_ms,
+            flags: 0,
         };
         // A failed insert only costs getpeername the VIP; the connect goes on regardless.
         // A later connect of the same socket overwrites: the latest connect wins.
@@ -215,6 +354,160 @@ mod programs {
     #[cgroup_sock_addr(getpeername6)]
     pub fn detour_getpeername6(ctx: SockAddrContext) -> i32 {
         restore_peer(&ctx, true)
+    }
+
+    #[sock_ops]
+    pub fn detour_sock_ops(ctx: SockOpsContext) -> u32 {
+        let op = ctx.op();
+        if op == BPF_SOCK_OPS_TCP_CONNECT_CB
+            || op == BPF_SOCK_OPS_TIMEOUT_INIT
+            || op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            || op == BPF_SOCK_OPS_RTO_CB
+            || op == BPF_SOCK_OPS_STATE_CB
+        {
+            let cookie = cookie(&ctx);
+            // Only sockets the connect programs rewrote have an origin.
+            if let Some(origin) = SOCK_ORIGIN.get_ptr_mut(&cookie) {
+                on_tracked(&ctx, op, cookie, origin);
+            }
+        }
+        // sock_ops: 1 means the callback's reply (if any) is valid; never an error.
+        1
+    }
+
+    #[inline(always)]
+    fn on_tracked(ctx: &SockOpsContext, op: u32, cookie: u64, origin: *mut SockOrigin) {
+        let backend_id = unsafe { (*origin).backend_id };
+        if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
+            let _ = ctx.set_cb_flags(flags as i32);
+        } else if op == BPF_SOCK_OPS_TIMEOUT_INIT {
+            let hz = u64::from(unsafe { core::ptr::read_volatile(&DETOUR_HZ) });
+            let timeout_ms = u64::from(unsafe { (*origin).handshake_timeout_ms });
+            if hz == 0 || timeout_ms == 0 {
+                return;
+            }
+            let mut timeout_us = timeout_ms * 1000;
+            if let Some(state) = BACKEND_STATE.get(backend_id) {
+                timeout_us = timeout_us.max(u64::from(state.rtt_us) * 3);
+            }
+            let jiffies = (timeout_us * hz).div_ceil(1_000_000).max(1);
+            ctx.set_reply(jiffies as u32);
+        } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+            on_established(ctx, origin, backend_id);
+        } else if op == BPF_SOCK_OPS_RTO_CB {
+            // Only the first timeout of a handshake counts; later ones are the same stall.
+            let state = unsafe { (*ctx.ops).state };
+            if state == TCP_SYN_SENT && unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED == 0 {
+                unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+                on_failure(origin, backend_id, event_kind::TIMEOUT);
+            }
+        } else if op == BPF_SOCK_OPS_STATE_CB {
+            let (old, new) = (ctx.arg(0), ctx.arg(1));
+            if new != TCP_CLOSE {
+                return;
+            }
+            if old == TCP_SYN_SENT && unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED == 0 {
+                on_failure(origin, backend_id, event_kind::REFUSED);
+            } else if old == TCP_ESTABLISHED {
+                if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+                    unsafe { (*stats).resets += 1 };
+                }
+                emit(origin, backend_id, event_kind::RESET, 0, 0, 0);
+            }
+            // The socket is gone: its cookie will never be seen again.
+            let _ = SOCK_ORIGIN.remove(&cookie);
+        }
+    }
+
+    #[inline(always)]
+    fn on_established(ctx: &SockOpsContext, origin: *mut SockOrigin, backend_id: u32) {
+        if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+            unsafe { (*stats).established += 1 };
+        }
+        let Some(state) = BACKEND_STATE.get_ptr_mut(backend_id) else {
+            return;
+        };
+        // srtt_us is kept <<3 by TCP; at this point it is the handshake's one sample.
+        let rtt_us = unsafe { (*ctx.ops).srtt_us } >> 3;
+        unsafe {
+            let old = (*state).rtt_us;
+            (*state).rtt_us = if old == 0 {
+                rtt_us
+            } else {
+                (old * 7 + rtt_us) / 8
+            };
+            // Only the success that ends a failure run is news to the agent.
+            if (*state).fail_streak != 0 {
+                (*state).fail_streak = 0;
+                emit(origin, backend_id, event_kind::ESTABLISHED, 0, rtt_us, 0);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn on_failure(origin: *mut SockOrigin, backend_id: u32, kind: u32) {
+        if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+            unsafe {
+                if kind == event_kind::TIMEOUT {
+                    (*stats).timeouts += 1;
+                } else {
+                    (*stats).refused += 1;
+                }
+            }
+        }
+        let Some(state) = BACKEND_STATE.get_ptr_mut(backend_id) else {
+            return;
+        };
+        // Shared by all CPUs: count with an atomic add so concurrent failures all count.
+        // The `generic` BPF CPU cannot return the old value from the add, so read the
+        // count back; concurrent failures may then read the same total, never a lower one.
+        let streak = unsafe {
+            let streak = &raw mut (*state).fail_streak;
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(streak, 1);
+            core::ptr::read_volatile(streak)
+        }
+        .min(u64::from(u32::MAX)) as u32;
+        let threshold = unsafe { (*origin).fail_threshold };
+        let mut marked = 0;
+        if threshold != 0 && streak >= threshold {
+            let until = unsafe { bpf_ktime_get_ns() }
+                + u64::from(unsafe { (*origin).suspect_ms }) * 1_000_000;
+            unsafe {
+                if until > (*state).suspect_until_ns {
+                    (*state).suspect_until_ns = until;
+                }
+            }
+            marked = 1;
+        }
+        emit(origin, backend_id, kind, streak, 0, marked);
+    }
+
+    #[inline(always)]
+    fn emit(
+        origin: *mut SockOrigin,
+        backend_id: u32,
+        kind: u32,
+        fail_streak: u32,
+        rtt_us: u32,
+        marked_suspect: u32,
+    ) {
+        let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
+            count(counters::EVENTS_DROPPED);
+            return;
+        };
+        entry.write(ConnEvent {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            kind,
+            service_id: unsafe { (*origin).service_id },
+            backend_id,
+            fail_streak,
+            rtt_us,
+            marked_suspect,
+        });
+        entry.submit(0);
+        count(counters::EVENTS_SENT);
     }
 
     #[cfg(not(test))]
