@@ -1,5 +1,6 @@
 //! The standalone YAML configuration: the node's locality and, per service, its VIPs,
-//! ports, endpoints, locality failover policy and health check.
+//! ports, endpoints, locality failover policy, active health check, passive outlier
+//! detection and what happens to open connections when a backend goes away.
 //!
 //! It is parsed and validated here, in one place, so the rest of the agent receives a
 //! [`Config`] it can trust and never re-checks it on the hot path. This module only turns
@@ -7,9 +8,16 @@
 //!
 //! Field names are Istio's where the concept is the same (`ServiceEntry.ports[].number`,
 //! `name`, `targetPort`; `endpoints[].address`, `ports`, `weight`, `locality`, `labels`;
-//! `DestinationRule...localityLbSetting.enabled`, `failover[].from/to`), plus detour's own
-//! `failoverOrder` (an ordered list, like Gloo's ordered `backingServices`) and
-//! `healthCheck`. Unknown fields are rejected: a typo must not silently do nothing.
+//! `DestinationRule...localityLbSetting.enabled`, `failover[].from/to`;
+//! `DestinationRule...outlierDetection.consecutiveErrors`, `consecutive5xxErrors`,
+//! `consecutiveLocalOriginFailures`, `interval`, `baseEjectionTime`, `maxEjectionTime`,
+//! `maxEjectionPercent`, `minHealthPercent`), plus detour's own `failoverOrder` (an
+//! ordered list, like Gloo's ordered `backingServices`), `localityLbSetting.spill` and
+//! `overprovisioningFactor` (Envoy's), `outlierDetection.handshakeTimeout`,
+//! `terminateConnections` and `healthCheck`. Unknown fields are rejected: a typo must not
+//! silently do nothing. Istio outlier fields that only make sense for HTTP responses
+//! (`consecutiveGatewayErrors`, `splitExternalLocalOriginErrors`) are refused with the
+//! reason, because detour works at connect time and never sees a response.
 //!
 //! Invariants of every `Config` that [`parse`] returns:
 //! - services keep their file order; names match `[a-z0-9]([-a-z0-9.]*[a-z0-9])?`,
@@ -24,7 +32,13 @@
 //!   backend (same address and same port for every service port);
 //! - failover rules have non-empty, distinct `from` and `to`; `failoverOrder` entries
 //!   are non-empty;
-//! - health checks have `interval >= 10ms`, `0 < timeout <= interval`, thresholds `>= 1`.
+//! - health checks have `interval >= 10ms`, `0 < timeout <= interval`, thresholds `>= 1`;
+//! - outlier detection is a valid [`EjectionPolicy`] (non-zero `interval` and
+//!   `baseEjectionTime`, `baseEjectionTime <= maxEjectionTime`, durations at most
+//!   [`crate::outlier::MAX_POLICY_DURATION`], percentages in `0..=100`), set from at most
+//!   one of the three consecutive-failure fields, with `handshakeTimeout` in `10ms..=10s`;
+//! - spill is `strict`, or `gradual` with an overprovisioning factor `>= 100` (percent);
+//!   a factor is only accepted with `gradual`.
 //!
 //! Every error names the field path (`services[1].vips[0]`) and, where the YAML has it,
 //! the line. Checks on a single value run inside deserialization, where serde_yaml
@@ -38,8 +52,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, MapAccess, Unexpected, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Unexpected, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
+
+use crate::outlier::{EjectionPolicy, EjectionSettings, OutlierError};
+use crate::selection::{Spill, Tier};
 
 /// The whole standalone configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,13 +76,45 @@ impl Config {
     /// Things that are valid but probably not what the user meant, for the agent to log.
     #[must_use]
     pub fn warnings(&self) -> Vec<ConfigWarning> {
-        self.services
-            .iter()
-            .filter(|service| service.endpoints.is_empty())
-            .map(|service| ConfigWarning::NoEndpoints {
+        let mut warnings = Vec::new();
+        for service in &self.services {
+            if service.endpoints.is_empty() {
+                warnings.push(ConfigWarning::NoEndpoints {
+                    service: service.name.clone(),
+                });
+            }
+            warnings.extend(self.tier_too_small_to_eject(service));
+        }
+        warnings
+    }
+
+    /// The best tier of `service` in which a `maxEjectionPercent` below 100 allows no
+    /// ejection at all. 0% and `consecutiveErrors: 0` turn ejection off on purpose and
+    /// are not reported.
+    fn tier_too_small_to_eject(&self, service: &ServiceConfig) -> Option<ConfigWarning> {
+        let settings = service.outlier_detection.policy.settings();
+        let percent = settings.max_ejection_percent;
+        if settings.consecutive_failures == 0 || percent == 0 || percent >= 100 {
+            return None;
+        }
+        let mut tiers: BTreeMap<Tier, usize> = BTreeMap::new();
+        for endpoint in &service.endpoints {
+            let tier = crate::selection::tier_of(
+                &self.node.locality,
+                &service.locality_lb,
+                &endpoint.locality,
+            );
+            *tiers.entry(tier).or_default() += 1;
+        }
+        tiers
+            .into_iter()
+            .find(|(_, size)| service.outlier_detection.policy.max_ejected(*size) == 0)
+            .map(|(tier, tier_size)| ConfigWarning::TierTooSmallToEject {
                 service: service.name.clone(),
+                tier: tier.to_string(),
+                tier_size,
+                max_ejection_percent: percent,
             })
-            .collect()
     }
 }
 
@@ -75,6 +124,15 @@ impl Config {
 pub enum ConfigWarning {
     /// Nothing can be chosen for the service's VIPs until it has endpoints.
     NoEndpoints { service: String },
+    /// `maxEjectionPercent` of `tier_size` rounds down to 0, so a failing backend of that
+    /// tier is never ejected and the tier never fails over on passive signals.
+    TierTooSmallToEject {
+        service: String,
+        /// The tier as selection names it, e.g. `same-zone` or `failover[0]:us-west`.
+        tier: String,
+        tier_size: usize,
+        max_ejection_percent: u32,
+    },
 }
 
 impl fmt::Display for ConfigWarning {
@@ -83,6 +141,18 @@ impl fmt::Display for ConfigWarning {
             Self::NoEndpoints { service } => write!(
                 f,
                 "service {service:?} has no endpoints: connections to its VIPs have no backend"
+            ),
+            Self::TierTooSmallToEject {
+                service,
+                tier,
+                tier_size,
+                max_ejection_percent,
+            } => write!(
+                f,
+                "service {service:?}: outlierDetection.maxEjectionPercent {max_ejection_percent} \
+                 of the {tier_size} endpoint(s) in tier {tier} allows no ejection, so a failing \
+                 backend there keeps its connections; detour caps ejection per tier, and 100 \
+                 (its default) lets the tier fail over"
             ),
         }
     }
@@ -107,6 +177,44 @@ pub struct ServiceConfig {
     pub locality_lb: LocalityLbSetting,
     /// YAML `healthCheck`.
     pub health_check: HealthCheckConfig,
+    /// YAML `outlierDetection`; the defaults when absent, so passive ejection is on.
+    pub outlier_detection: OutlierDetectionConfig,
+    /// YAML `terminateConnections`, default true: when a backend is ejected, fails its
+    /// active health check or is removed, connections detour made to it are destroyed so
+    /// applications reconnect to a healthy backend.
+    pub terminate_connections: bool,
+}
+
+/// Passive health: Istio's `DestinationRule.trafficPolicy.outlierDetection` at L4, where
+/// every failure is a failed connection.
+///
+/// Defaults are [`EjectionSettings::default`]: 5 failures in a row, `interval` 10s,
+/// `baseEjectionTime` 30s, `maxEjectionTime` 300s, `maxEjectionPercent` 100,
+/// `minHealthPercent` 0. `maxEjectionPercent` deliberately defaults to 100, not Istio's
+/// 10: detour caps ejection per locality tier, and with 10% a tier of fewer than ten
+/// backends could eject none and so never fail over (see
+/// [`EjectionSettings::max_ejection_percent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierDetectionConfig {
+    /// Validated ejection policy, built with [`EjectionPolicy::try_new`].
+    pub policy: EjectionPolicy,
+    /// detour's `handshakeTimeout`: a rewritten connection whose handshake has had no
+    /// answer after this long counts as a `timeout` failure (the SYN is retransmitted
+    /// then). Default 100ms, allowed `10ms..=10s`.
+    pub handshake_timeout: Duration,
+}
+
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(100);
+const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(10);
+const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for OutlierDetectionConfig {
+    fn default() -> Self {
+        Self {
+            policy: EjectionPolicy::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
 }
 
 /// A service port, as in Istio's `ServiceEntry.ports[]`.
@@ -325,6 +433,9 @@ pub struct LocalityLbSetting {
     pub failover: Vec<FailoverRule>,
     /// Where to go next, in order, after the matching `failover` rules' targets.
     pub failover_order: Vec<Locality>,
+    /// `spill: strict | gradual` with `overprovisioningFactor` (Envoy's, in percent:
+    /// 140 = 1.4, at least 100, only with `gradual`); default gradual 140.
+    pub spill: Spill,
 }
 
 impl Default for LocalityLbSetting {
@@ -333,6 +444,7 @@ impl Default for LocalityLbSetting {
             enabled: true,
             failover: Vec::new(),
             failover_order: Vec::new(),
+            spill: Spill::default(),
         }
     }
 }
@@ -495,6 +607,25 @@ pub enum ConfigErrorKind {
     BadHttpPath { path: String },
     #[error("status range [{start}, {end}) is empty or outside 100..=599 (end is exclusive, as in Envoy)")]
     BadStatusRange { start: u16, end: u16 },
+    #[error(
+        "{keep} and {remove} are both set, and both mean failed connections in a row here \
+         (detour works at L4): keep {keep} and remove {remove}"
+    )]
+    ConflictingConsecutiveCounts {
+        keep: &'static str,
+        remove: &'static str,
+    },
+    /// An Istio `outlierDetection` field that needs to see HTTP responses.
+    #[error("{field} {reason}")]
+    UnsupportedOutlierField {
+        field: &'static str,
+        reason: &'static str,
+    },
+    /// Refused by [`EjectionPolicy::try_new`]; the text names the field, as Istio does.
+    #[error(transparent)]
+    Outlier(OutlierError),
+    #[error("overprovisioningFactor only applies to spill: gradual, but spill is strict: remove one of them")]
+    OverprovisioningWithStrictSpill,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -602,6 +733,14 @@ struct RawService {
     locality_lb: Option<RawLocalityLb>,
     #[serde(default)]
     health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    outlier_detection: Option<RawOutlierDetection>,
+    #[serde(default = "default_true")]
+    terminate_connections: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -646,7 +785,7 @@ fn default_weight() -> u32 {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with `enabled`, `failover` and `failoverOrder`",
+    expecting = "a mapping with `enabled`, `failover`, `failoverOrder`, `spill` and `overprovisioningFactor`",
     rename_all = "camelCase"
 )]
 struct RawLocalityLb {
@@ -656,6 +795,55 @@ struct RawLocalityLb {
     failover: Vec<RawFailoverRule>,
     #[serde(default)]
     failover_order: Vec<Locality>,
+    #[serde(default)]
+    spill: Option<RawSpill>,
+    #[serde(default, deserialize_with = "de_overprovisioning_factor")]
+    overprovisioning_factor: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawSpill {
+    Strict,
+    Gradual,
+}
+
+/// Istio's `outlierDetection`, plus detour's `handshakeTimeout`. Everything is optional
+/// so that validation knows what the user wrote, to point at it.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an outlierDetection mapping (consecutiveErrors, interval, baseEjectionTime, ...)",
+    rename_all = "camelCase"
+)]
+struct RawOutlierDetection {
+    #[serde(default, deserialize_with = "de_some_count")]
+    consecutive_errors: Option<u32>,
+    #[serde(
+        default,
+        rename = "consecutive5xxErrors",
+        deserialize_with = "de_some_count"
+    )]
+    consecutive_5xx_errors: Option<u32>,
+    #[serde(default, deserialize_with = "de_some_count")]
+    consecutive_local_origin_failures: Option<u32>,
+    /// Present at all (any value) is refused, with the reason.
+    #[serde(default, deserialize_with = "de_present")]
+    consecutive_gateway_errors: bool,
+    #[serde(default, deserialize_with = "de_present")]
+    split_external_local_origin_errors: bool,
+    #[serde(default, deserialize_with = "de_policy_duration")]
+    interval: Option<Duration>,
+    #[serde(default, deserialize_with = "de_policy_duration")]
+    base_ejection_time: Option<Duration>,
+    #[serde(default, deserialize_with = "de_policy_duration")]
+    max_ejection_time: Option<Duration>,
+    #[serde(default, deserialize_with = "de_some_percent")]
+    max_ejection_percent: Option<u32>,
+    #[serde(default, deserialize_with = "de_some_percent")]
+    min_health_percent: Option<u32>,
+    #[serde(default, deserialize_with = "de_handshake_timeout")]
+    handshake_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -813,6 +1001,30 @@ fn de_threshold<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Er
     de_ranged::<D, u32, 1, { u32::MAX as u64 }>(deserializer, "a count")
 }
 
+/// A count where 0 means "off".
+fn de_some_count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    de_ranged::<D, u32, 0, { u32::MAX as u64 }>(deserializer, "a count").map(Some)
+}
+
+fn de_some_percent<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    de_ranged::<D, u32, 0, 100>(deserializer, "a percentage").map(Some)
+}
+
+fn de_overprovisioning_factor<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    de_ranged::<D, u32, 100, { u32::MAX as u64 }>(
+        deserializer,
+        "an overprovisioning factor in percent (140 = 1.4)",
+    )
+    .map(Some)
+}
+
+/// True for any value, so that validation can refuse the field by name and line.
+fn de_present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    IgnoredAny::deserialize(deserializer).map(|_| true)
+}
+
 /// A string that passes `check`, which returns why not.
 struct StrVisitor<T> {
     what: &'static str,
@@ -921,12 +1133,15 @@ fn de_addresses<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpAddr
     Ok(addresses.into_iter().map(|Address(ip)| ip).collect())
 }
 
+/// A duration in `minimum..=maximum`.
 fn de_duration<'de, D: Deserializer<'de>>(
     deserializer: D,
     minimum: Duration,
+    maximum: Duration,
 ) -> Result<Duration, D::Error> {
     struct DurationVisitor {
         minimum: Duration,
+        maximum: Duration,
     }
     impl Visitor<'_> for DurationVisitor {
         type Value = Duration;
@@ -942,19 +1157,39 @@ fn de_duration<'de, D: Deserializer<'de>>(
                     humantime::format_duration(self.minimum)
                 )));
             }
+            if duration > self.maximum {
+                return Err(E::custom(format!(
+                    "{value:?} is too long: the maximum is {}",
+                    humantime::format_duration(self.maximum)
+                )));
+            }
             Ok(duration)
         }
     }
-    deserializer.deserialize_str(DurationVisitor { minimum })
+    deserializer.deserialize_str(DurationVisitor { minimum, maximum })
 }
 
 fn de_interval<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    de_duration(deserializer, MIN_INTERVAL)
+    de_duration(deserializer, MIN_INTERVAL, Duration::MAX)
 }
 
 fn de_timeout<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
     // The smallest duration humantime can express; "0s" is rejected.
-    de_duration(deserializer, Duration::from_nanos(1)).map(Some)
+    de_duration(deserializer, Duration::from_nanos(1), Duration::MAX).map(Some)
+}
+
+/// Any duration: `EjectionPolicy::try_new` is the one judge of outlier durations, and
+/// validation points its verdict at the field.
+fn de_policy_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    de_duration(deserializer, Duration::ZERO, Duration::MAX).map(Some)
+}
+
+fn de_handshake_timeout<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    de_duration(deserializer, MIN_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT).map(Some)
 }
 
 /// A mapping whose keys are unique. serde_yaml would keep the last of two equal keys,
@@ -1144,6 +1379,12 @@ impl Validator<'_> {
             Some(raw_check) => self.health_check(&path.key("healthCheck"), &raw.name, raw_check)?,
             None => HealthCheckConfig::default(),
         };
+        let outlier_detection = match raw.outlier_detection {
+            Some(raw_outlier) => {
+                self.outlier_detection(&path.key("outlierDetection"), raw_outlier)?
+            }
+            None => OutlierDetectionConfig::default(),
+        };
         Ok(ServiceConfig {
             name: raw.name,
             vips: raw.vips,
@@ -1151,6 +1392,8 @@ impl Validator<'_> {
             endpoints,
             locality_lb,
             health_check,
+            outlier_detection,
+            terminate_connections: raw.terminate_connections,
         })
     }
 
@@ -1273,10 +1516,108 @@ impl Validator<'_> {
                 },
             ));
         }
+        let spill = match (raw.spill, raw.overprovisioning_factor) {
+            (Some(RawSpill::Strict), Some(_)) => {
+                return Err(self.error(
+                    &path.key("overprovisioningFactor"),
+                    ConfigErrorKind::OverprovisioningWithStrictSpill,
+                ));
+            }
+            (Some(RawSpill::Strict), None) => Spill::Strict,
+            (Some(RawSpill::Gradual) | None, Some(overprovisioning_percent)) => Spill::Gradual {
+                overprovisioning_percent,
+            },
+            (Some(RawSpill::Gradual) | None, None) => Spill::default(),
+        };
         Ok(LocalityLbSetting {
             enabled: raw.enabled.unwrap_or(true),
             failover,
             failover_order: raw.failover_order,
+            spill,
+        })
+    }
+
+    fn outlier_detection(
+        &self,
+        path: &FieldPath,
+        raw: RawOutlierDetection,
+    ) -> Result<OutlierDetectionConfig, ConfigError> {
+        let http_only = [
+            (
+                "consecutiveGatewayErrors",
+                raw.consecutive_gateway_errors,
+                "counts HTTP 502/503/504 responses, which detour, working at connect time, \
+                 cannot see; use consecutiveErrors, which counts failed connections",
+            ),
+            (
+                "splitExternalLocalOriginErrors",
+                raw.split_external_local_origin_errors,
+                "separates HTTP errors from connection failures, but detour, working at \
+                 connect time, only sees connection failures; remove it and use \
+                 consecutiveErrors",
+            ),
+        ];
+        if let Some((field, _, reason)) = http_only.into_iter().find(|(_, set, _)| *set) {
+            return Err(self.error(
+                &path.key(field),
+                ConfigErrorKind::UnsupportedOutlierField { field, reason },
+            ));
+        }
+        let counts: Vec<(&'static str, u32)> = [
+            ("consecutiveErrors", raw.consecutive_errors),
+            ("consecutive5xxErrors", raw.consecutive_5xx_errors),
+            (
+                "consecutiveLocalOriginFailures",
+                raw.consecutive_local_origin_failures,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(field, count)| count.map(|count| (field, count)))
+        .collect();
+        // Even equal values are refused: two spellings of one setting invite an edit to
+        // one of them that silently does nothing.
+        if let [(keep, _), (remove, _), ..] = counts[..] {
+            return Err(self.error(
+                &path.key(remove),
+                ConfigErrorKind::ConflictingConsecutiveCounts { keep, remove },
+            ));
+        }
+        let defaults = EjectionSettings::default();
+        let settings = EjectionSettings {
+            consecutive_failures: counts
+                .first()
+                .map_or(defaults.consecutive_failures, |(_, count)| *count),
+            interval: raw.interval.unwrap_or(defaults.interval),
+            base_ejection_time: raw
+                .base_ejection_time
+                .unwrap_or(defaults.base_ejection_time),
+            max_ejection_time: raw.max_ejection_time.unwrap_or(defaults.max_ejection_time),
+            max_ejection_percent: raw
+                .max_ejection_percent
+                .unwrap_or(defaults.max_ejection_percent),
+            panic_threshold_percent: raw
+                .min_health_percent
+                .unwrap_or(defaults.panic_threshold_percent),
+        };
+        let policy = EjectionPolicy::try_new(settings).map_err(|error| {
+            let field = match &error {
+                OutlierError::ZeroInterval => "interval",
+                OutlierError::ZeroBaseEjectionTime => "baseEjectionTime",
+                // Point at whichever of the two the user wrote; a defaulted maximum is
+                // the base's fault.
+                OutlierError::MaxBelowBase { .. } if raw.max_ejection_time.is_none() => {
+                    "baseEjectionTime"
+                }
+                OutlierError::MaxBelowBase { .. } => "maxEjectionTime",
+                OutlierError::TooLong { field, .. } => *field,
+                OutlierError::MaxEjectionPercentOutOfRange(_) => "maxEjectionPercent",
+                OutlierError::PanicThresholdOutOfRange(_) => "minHealthPercent",
+            };
+            self.error(&path.key(field), ConfigErrorKind::Outlier(error))
+        })?;
+        Ok(OutlierDetectionConfig {
+            policy,
+            handshake_timeout: raw.handshake_timeout.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
         })
     }
 
@@ -1625,6 +1966,7 @@ mod tests {
                     to: locality("us-west"),
                 }],
                 failover_order: vec![],
+                spill: Spill::default(),
             }
         );
         assert_eq!(mydb.health_check, HealthCheckConfig::default());
@@ -2253,6 +2595,365 @@ mod tests {
         for (text, expected) in cases {
             assert_eq!(refused(text), expected, "{text}");
         }
+    }
+
+    /// The outlier settings of the single service in `service_with(extra)`.
+    fn outlier_of(extra: &str) -> OutlierDetectionConfig {
+        match parse(&service_with(extra)) {
+            Ok(config) => config.services[0].outlier_detection.clone(),
+            Err(error) => panic!("expected a valid config, got: {error}"),
+        }
+    }
+
+    #[test]
+    fn the_seed_outlier_detection_blocks_parse() {
+        let config = parse_ok(
+            "
+            services:
+              - name: mydb
+                vips: [127.200.0.1]
+                ports: [{number: 80}]
+                outlierDetection:
+                  consecutiveErrors: 1
+                  interval: 10s
+                  baseEjectionTime: 2m
+              - name: reviews
+                vips: [127.200.0.2]
+                ports: [{number: 9080}]
+                outlierDetection:
+                  consecutive5xxErrors: 1
+                  interval: 15s
+                  baseEjectionTime: 1m
+            ",
+        );
+        let settings = |index: usize| *config.services[index].outlier_detection.policy.settings();
+        assert_eq!(
+            settings(0),
+            EjectionSettings {
+                consecutive_failures: 1,
+                interval: Duration::from_secs(10),
+                base_ejection_time: Duration::from_secs(120),
+                ..EjectionSettings::default()
+            }
+        );
+        assert_eq!(
+            settings(1),
+            EjectionSettings {
+                consecutive_failures: 1,
+                interval: Duration::from_secs(15),
+                base_ejection_time: Duration::from_secs(60),
+                ..EjectionSettings::default()
+            }
+        );
+        for service in &config.services {
+            assert_eq!(
+                service.outlier_detection.handshake_timeout,
+                Duration::from_millis(100)
+            );
+        }
+    }
+
+    #[test]
+    fn outlier_detection_defaults_to_ejecting_after_five_failures() {
+        let absent = parse_ok(
+            "
+            services:
+              - name: db
+                vips: [127.200.0.1]
+                ports: [{number: 80}]
+            ",
+        );
+        let db = &absent.services[0];
+        assert_eq!(db.outlier_detection, OutlierDetectionConfig::default());
+        assert_eq!(
+            *db.outlier_detection.policy.settings(),
+            EjectionSettings {
+                consecutive_failures: 5,
+                interval: Duration::from_secs(10),
+                base_ejection_time: Duration::from_secs(30),
+                max_ejection_time: Duration::from_secs(300),
+                max_ejection_percent: 100,
+                panic_threshold_percent: 0,
+            }
+        );
+        assert_eq!(
+            db.outlier_detection.handshake_timeout,
+            Duration::from_millis(100)
+        );
+        assert!(db.terminate_connections);
+        assert_eq!(
+            outlier_of("outlierDetection: {}"),
+            OutlierDetectionConfig::default()
+        );
+    }
+
+    #[test]
+    fn every_outlier_field_is_read() {
+        let outlier = outlier_of(
+            "
+            outlierDetection:
+              consecutiveLocalOriginFailures: 3
+              interval: 500ms
+              baseEjectionTime: 15s
+              maxEjectionTime: 15s
+              maxEjectionPercent: 50
+              minHealthPercent: 30
+              handshakeTimeout: 250ms
+            ",
+        );
+        assert_eq!(
+            *outlier.policy.settings(),
+            EjectionSettings {
+                consecutive_failures: 3,
+                interval: Duration::from_millis(500),
+                base_ejection_time: Duration::from_secs(15),
+                max_ejection_time: Duration::from_secs(15),
+                max_ejection_percent: 50,
+                panic_threshold_percent: 30,
+            }
+        );
+        assert_eq!(outlier.handshake_timeout, Duration::from_millis(250));
+        // 0 turns passive ejection off; it is not an error.
+        let off = outlier_of("outlierDetection: {consecutive5xxErrors: 0}");
+        assert_eq!(off.policy.settings().consecutive_failures, 0);
+        for bound in ["10ms", "10s"] {
+            let outlier = outlier_of(&format!("outlierDetection: {{handshakeTimeout: {bound}}}"));
+            assert_eq!(
+                outlier.handshake_timeout,
+                humantime::parse_duration(bound).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn bad_outlier_detection_is_refused_with_field_and_line() {
+        let cases = [
+            (
+                "outlierDetection:\n  consecutiveErrors: 1\n  consecutive5xxErrors: 1",
+                "services[0].outlierDetection.consecutive5xxErrors (line 8): consecutiveErrors \
+                 and consecutive5xxErrors are both set, and both mean failed connections in a \
+                 row here (detour works at L4): keep consecutiveErrors and remove \
+                 consecutive5xxErrors",
+            ),
+            (
+                "outlierDetection:\n  consecutiveLocalOriginFailures: 2\n  consecutive5xxErrors: 3",
+                "services[0].outlierDetection.consecutiveLocalOriginFailures (line 7): \
+                 consecutive5xxErrors and consecutiveLocalOriginFailures are both set, and both \
+                 mean failed connections in a row here (detour works at L4): keep \
+                 consecutive5xxErrors and remove consecutiveLocalOriginFailures",
+            ),
+            (
+                "outlierDetection:\n  consecutiveGatewayErrors: 3",
+                "services[0].outlierDetection.consecutiveGatewayErrors (line 7): \
+                 consecutiveGatewayErrors counts HTTP 502/503/504 responses, which detour, \
+                 working at connect time, cannot see; use consecutiveErrors, which counts \
+                 failed connections",
+            ),
+            (
+                "outlierDetection:\n  consecutiveErrors: 2\n  splitExternalLocalOriginErrors: true",
+                "services[0].outlierDetection.splitExternalLocalOriginErrors (line 8): \
+                 splitExternalLocalOriginErrors separates HTTP errors from connection failures, \
+                 but detour, working at connect time, only sees connection failures; remove it \
+                 and use consecutiveErrors",
+            ),
+            (
+                "outlierDetection:\n  interval: 0s",
+                "services[0].outlierDetection.interval (line 7): outlierDetection.interval must \
+                 be greater than 0",
+            ),
+            (
+                "outlierDetection:\n  baseEjectionTime: 0s",
+                "services[0].outlierDetection.baseEjectionTime (line 7): \
+                 outlierDetection.baseEjectionTime must be greater than 0",
+            ),
+            (
+                "outlierDetection:\n  baseEjectionTime: 1m\n  maxEjectionTime: 30s",
+                "services[0].outlierDetection.maxEjectionTime (line 8): \
+                 outlierDetection.maxEjectionTime (30s) must be at least baseEjectionTime (60s)",
+            ),
+            (
+                // The maximum is the default 300s: the base is what the user wrote.
+                "outlierDetection:\n  baseEjectionTime: 10m",
+                "services[0].outlierDetection.baseEjectionTime (line 7): \
+                 outlierDetection.maxEjectionTime (300s) must be at least baseEjectionTime \
+                 (600s)",
+            ),
+            (
+                "outlierDetection:\n  maxEjectionTime: 400days",
+                "services[0].outlierDetection.maxEjectionTime (line 7): \
+                 outlierDetection.maxEjectionTime (34560000s) must be at most 31536000s",
+            ),
+            (
+                "outlierDetection:\n  interval: 10",
+                "services[0].outlierDetection.interval (line 7): invalid duration \"10\": time \
+                 unit needed, for example 10sec or 10ms",
+            ),
+            (
+                "outlierDetection:\n  maxEjectionPercent: 101",
+                "services[0].outlierDetection.maxEjectionPercent (line 7): invalid value: \
+                 integer `101`, expected a percentage from 0 to 100",
+            ),
+            (
+                "outlierDetection:\n  minHealthPercent: -1",
+                "services[0].outlierDetection.minHealthPercent (line 7): invalid type: \
+                 integer `-1`, expected a percentage from 0 to 100",
+            ),
+            (
+                "outlierDetection:\n  consecutiveErrors: -1",
+                "services[0].outlierDetection.consecutiveErrors (line 7): invalid type: \
+                 integer `-1`, expected a count from 0 to 4294967295",
+            ),
+            (
+                "outlierDetection:\n  handshakeTimeout: 5ms",
+                "services[0].outlierDetection.handshakeTimeout (line 7): \"5ms\" is too short: \
+                 the minimum is 10ms",
+            ),
+            (
+                "outlierDetection:\n  handshakeTimeout: 11s",
+                "services[0].outlierDetection.handshakeTimeout (line 7): \"11s\" is too long: \
+                 the maximum is 10s",
+            ),
+            (
+                "outlierDetection:\n  consecutiveErorrs: 1",
+                "services[0].outlierDetection.consecutiveErorrs (line 7): unknown field \
+                 `consecutiveErorrs`, expected one of `consecutiveErrors`, \
+                 `consecutive5xxErrors`, `consecutiveLocalOriginFailures`, \
+                 `consecutiveGatewayErrors`, `splitExternalLocalOriginErrors`, `interval`, \
+                 `baseEjectionTime`, `maxEjectionTime`, `maxEjectionPercent`, \
+                 `minHealthPercent`, `handshakeTimeout`",
+            ),
+        ];
+        for (extra, expected) in cases {
+            assert_eq!(refused(&service_with(extra)), expected, "{extra}");
+        }
+    }
+
+    #[test]
+    fn an_outlier_error_value_carries_the_policy_reason() {
+        let error = parse(&service_with(
+            "outlierDetection:\n  baseEjectionTime: 1m\n  maxEjectionTime: 30s",
+        ))
+        .unwrap_err();
+        assert_eq!(error.path, "services[0].outlierDetection.maxEjectionTime");
+        assert_eq!(error.line, Some(8));
+        assert_eq!(
+            error.kind,
+            ConfigErrorKind::Outlier(OutlierError::MaxBelowBase {
+                base: Duration::from_secs(60),
+                max: Duration::from_secs(30),
+            })
+        );
+    }
+
+    #[test]
+    fn spill_is_gradual_140_unless_told_otherwise() {
+        let spill_of = |extra: &str| match parse(&service_with(extra)) {
+            Ok(config) => config.services[0].locality_lb.spill,
+            Err(error) => panic!("expected a valid config, got: {error}"),
+        };
+        let gradual = |overprovisioning_percent| Spill::Gradual {
+            overprovisioning_percent,
+        };
+        assert_eq!(spill_of(""), gradual(140));
+        assert_eq!(spill_of("localityLbSetting: {enabled: true}"), gradual(140));
+        assert_eq!(
+            spill_of("localityLbSetting: {spill: strict}"),
+            Spill::Strict
+        );
+        assert_eq!(
+            spill_of("localityLbSetting: {spill: gradual}"),
+            gradual(140)
+        );
+        assert_eq!(
+            spill_of("localityLbSetting: {spill: gradual, overprovisioningFactor: 200}"),
+            gradual(200)
+        );
+        assert_eq!(
+            spill_of("localityLbSetting: {overprovisioningFactor: 100}"),
+            gradual(100)
+        );
+        assert_eq!(LocalityLbSetting::default().spill, gradual(140));
+    }
+
+    #[test]
+    fn bad_spill_is_refused_with_field_and_line() {
+        let cases = [
+            (
+                "localityLbSetting:\n  spill: strict\n  overprovisioningFactor: 140",
+                "services[0].localityLbSetting.overprovisioningFactor (line 8): \
+                 overprovisioningFactor only applies to spill: gradual, but spill is strict: \
+                 remove one of them",
+            ),
+            (
+                "localityLbSetting:\n  overprovisioningFactor: 99",
+                "services[0].localityLbSetting.overprovisioningFactor (line 7): invalid value: \
+                 integer `99`, expected an overprovisioning factor in percent (140 = 1.4) from \
+                 100 to 4294967295",
+            ),
+            (
+                "localityLbSetting:\n  spill: fast",
+                "services[0].localityLbSetting.spill (line 7): unknown variant `fast`, expected \
+                 `strict` or `gradual`",
+            ),
+        ];
+        for (extra, expected) in cases {
+            assert_eq!(refused(&service_with(extra)), expected, "{extra}");
+        }
+    }
+
+    #[test]
+    fn terminate_connections_defaults_to_true() {
+        let terminate = |extra: &str| match parse(&service_with(extra)) {
+            Ok(config) => config.services[0].terminate_connections,
+            Err(error) => panic!("expected a valid config, got: {error}"),
+        };
+        assert!(terminate(""));
+        assert!(terminate("terminateConnections: true"));
+        assert!(!terminate("terminateConnections: false"));
+        assert_eq!(
+            refused(&service_with("terminateConnections: sometimes")),
+            "services[0].terminateConnections (line 6): invalid type: string \"sometimes\", \
+             expected a boolean"
+        );
+    }
+
+    #[test]
+    fn a_percent_cap_that_ejects_nobody_in_a_tier_is_reported() {
+        let warnings = |percent: &str| -> Vec<String> {
+            parse_ok(&format!(
+                "
+                node:
+                  locality: us-east1/b
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{{number: 80}}]
+                    endpoints:
+                      - {{address: 127.0.1.1, locality: us-east1/b}}
+                      - {{address: 127.0.1.2, locality: us-east1/b}}
+                      - {{address: 127.0.2.1, locality: us-west}}
+                    outlierDetection: {percent}
+                "
+            ))
+            .warnings()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+        };
+        // 50% of the two same-zone endpoints is one; of the lone `other` one, none.
+        assert_eq!(
+            warnings("{maxEjectionPercent: 50}"),
+            [
+                "service \"db\": outlierDetection.maxEjectionPercent 50 of the 1 endpoint(s) in \
+              tier other allows no ejection, so a failing backend there keeps its \
+              connections; detour caps ejection per tier, and 100 (its default) lets the tier \
+              fail over"
+            ]
+        );
+        assert!(warnings("{}").is_empty());
+        // Ejection turned off on purpose is not a mistake.
+        assert!(warnings("{maxEjectionPercent: 0}").is_empty());
+        assert!(warnings("{maxEjectionPercent: 50, consecutiveErrors: 0}").is_empty());
     }
 
     #[test]

@@ -384,6 +384,7 @@ mod tests {
                 })
                 .collect(),
             failover_order: order.iter().map(|text| locality(text)).collect(),
+            ..LocalityLbSetting::default()
         }
     }
 
