@@ -4,14 +4,16 @@
 //! observe) feed `desired`, which asks `selection` (pure) which backends should serve
 //! each VIP:port; `reconcile` writes those tables into the BPF maps through `dataplane`,
 //! the only module that touches aya. The binary's runtime runs that loop; `api` and `cli`
-//! let a person on the node see what it is doing. `outlier` (pure) is the ejection state
-//! machine for the passive signals the kernel will report; it is not wired in yet.
+//! let a person on the node see what it is doing, and `metrics` lets Prometheus see it.
+//! `outlier` (pure) is the ejection state machine for the passive signals the kernel will
+//! report; it is not wired in yet.
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod desired;
 pub mod health;
+pub mod metrics;
 pub mod outlier;
 pub mod reconcile;
 pub mod selection;
