@@ -1,9 +1,12 @@
 //! The node-local API between a running agent and the `detour` CLI: one JSON request
-//! line, one JSON response line, over a Unix socket that only root can open.
+//! line, one JSON response line, over a Unix socket that only root can open. The one
+//! exception is [`Request::Events`], answered with a stream of [`Response::Event`]
+//! lines until the client goes away.
 //!
 //! Invariants: the socket file is created mode 0600 in a directory of mode 0700, so only
-//! root reaches the agent; every request gets exactly one response line; an unknown
-//! request is answered with an error, never with silence.
+//! root reaches the agent; every request gets exactly one response line (or, for
+//! `Events`, one line per event); an unknown request is answered with an error, never
+//! with silence.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,7 +25,11 @@ pub const DEFAULT_SOCKET: &str = "/run/detour/detour.sock";
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Services,
-    Endpoints { service: Option<String> },
+    Endpoints {
+        service: Option<String>,
+    },
+    /// Stream events as they happen.
+    Events,
 }
 
 /// One (service, port) as `detour services` shows it.
@@ -57,6 +64,35 @@ pub struct EndpointView {
     /// Connects the kernel rewrote to this backend address (through any service).
     pub connects: u64,
     pub last_error: Option<String>,
+    /// Passive health: `OK`, `EJECTED` (by outlier detection, see `ejected_for_ms`) or
+    /// `SUSPECT` (the kernel avoids it after failures; the agent has not ejected it).
+    pub outlier: String,
+    /// Ejection time left, while ejected.
+    pub ejected_for_ms: Option<u64>,
+    /// Times outlier detection ejected this backend since the agent started.
+    pub ejections: u32,
+    /// Failed connects in the current run.
+    pub consecutive_failures: u32,
+    /// Kernel counters, like `connects`: handshakes completed, refused or reset, timed
+    /// out (SYN unanswered), and established connections reset.
+    pub established: u64,
+    pub refused: u64,
+    pub timeouts: u64,
+    pub resets: u64,
+}
+
+/// Something that happened, as `detour events` streams it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventView {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    /// `ejected`, `restored`, `ejection-skipped`, `tier-changed`, `health-changed`,
+    /// `refused`, `timeout`, `reset`, `recovered` (a connect succeeded after failures),
+    /// `sockets-destroyed`, `lagged` (this stream missed events).
+    pub kind: String,
+    pub service: String,
+    pub backend: Option<SocketAddr>,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -64,6 +100,7 @@ pub struct EndpointView {
 pub enum Response {
     Services(Vec<ServiceView>),
     Endpoints(Vec<EndpointView>),
+    Event(EventView),
     Error(String),
 }
 
@@ -123,6 +160,37 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response, ApiError
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| ApiError::Timeout(timeout))?
+}
+
+/// Sends [`Request::Events`] and hands every event to `on_event` until the agent goes
+/// away (then `Ok`) or the connection fails.
+pub async fn stream_events(
+    socket: &Path,
+    mut on_event: impl FnMut(EventView) -> io::Result<()>,
+) -> Result<(), ApiError> {
+    let io = |source| ApiError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ApiError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(&Request::Events)?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.map_err(io)?;
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await.map_err(io)? {
+        match serde_json::from_str(&line)? {
+            Response::Event(event) => on_event(event).map_err(io)?,
+            Response::Error(e) => return Err(io(io::Error::other(e))),
+            other => return Err(io(io::Error::other(format!("unexpected answer {other:?}")))),
+        }
+    }
+    Ok(())
 }
 
 /// Binds the agent's socket: root-only, replacing a stale socket file.

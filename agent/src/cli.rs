@@ -1,11 +1,12 @@
 //! Rendering of the CLI's tables. Pure: views in, text out.
 //!
 //! Columns follow `istioctl proxy-config endpoints` where the concept is the same
-//! (ENDPOINT, HEALTH), and add what a failover agent needs to explain itself: the
-//! endpoint's locality and tier, whether it is in the kernel's table now, and how many
-//! connects the kernel sent it.
+//! (ENDPOINT, HEALTH for the active check, OUTLIER for passive ejection), and add what a
+//! failover agent needs to explain itself: the endpoint's locality and tier, whether it
+//! is in the kernel's table now, how many connects the kernel sent it, how many of them
+//! failed, and how often it was ejected.
 
-use crate::api::{EndpointView, ServiceView};
+use crate::api::{EndpointView, EventView, ServiceView};
 
 /// Left-aligned columns separated by two spaces, widths from the widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -67,6 +68,7 @@ pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
                 e.address.to_string(),
                 format!("{}:{}", e.service, e.port),
                 e.health.clone(),
+                outlier_cell(e),
                 if e.locality.is_empty() {
                     "-".into()
                 } else {
@@ -76,14 +78,43 @@ pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
                 e.weight.to_string(),
                 if e.in_table { "yes" } else { "no" }.into(),
                 e.connects.to_string(),
+                (e.refused + e.timeouts).to_string(),
+                e.ejections.to_string(),
             ]
         })
         .collect();
     table(
         &[
-            "ENDPOINT", "SERVICE", "HEALTH", "LOCALITY", "TIER", "WEIGHT", "IN-TABLE", "CONNECTS",
+            "ENDPOINT",
+            "SERVICE",
+            "HEALTH",
+            "OUTLIER",
+            "LOCALITY",
+            "TIER",
+            "WEIGHT",
+            "IN-TABLE",
+            "CONNECTS",
+            "FAILURES",
+            "EJECTIONS",
         ],
         &rows,
+    )
+}
+
+/// `OK`, `SUSPECT`, or `EJECTED` with the time left, rounded up to the second.
+fn outlier_cell(e: &EndpointView) -> String {
+    match e.ejected_for_ms {
+        Some(ms) => format!("{} {}s", e.outlier, ms.div_ceil(1000)),
+        None => e.outlier.clone(),
+    }
+}
+
+/// One event as a line: time, kind, service, backend, detail.
+pub fn event_line(e: &EventView) -> String {
+    let backend = e.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
+    format!(
+        "{}  {:<16}  {}  {}  {}\n",
+        e.time, e.kind, e.service, backend, e.detail
     )
 }
 
@@ -105,6 +136,14 @@ mod tests {
                 in_table: false,
                 connects: 12,
                 last_error: Some("connect failed: Connection refused".into()),
+                outlier: "EJECTED".into(),
+                ejected_for_ms: Some(28_100),
+                ejections: 1,
+                consecutive_failures: 0,
+                established: 11,
+                refused: 1,
+                timeouts: 0,
+                resets: 0,
             },
             EndpointView {
                 service: "mydb".into(),
@@ -117,16 +156,45 @@ mod tests {
                 in_table: true,
                 connects: 3,
                 last_error: None,
+                outlier: "OK".into(),
+                ejected_for_ms: None,
+                ejections: 0,
+                consecutive_failures: 0,
+                established: 3,
+                refused: 0,
+                timeouts: 0,
+                resets: 0,
             },
         ];
         let text = endpoints_table(&rows);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert!(lines[0].starts_with("ENDPOINT        SERVICE  HEALTH"));
-        assert!(lines[1].starts_with("127.0.1.1:8080  mydb:80  UNHEALTHY"));
+        assert!(lines[0].starts_with("ENDPOINT        SERVICE  HEALTH     OUTLIER"));
+        assert!(lines[1].starts_with("127.0.1.1:8080  mydb:80  UNHEALTHY  EJECTED 29s"));
         assert!(lines[1].contains(" no "));
+        assert!(lines[1].ends_with(" 12        1         1"), "{}", lines[1]);
+        assert!(lines[2].contains("HEALTHY    OK "));
         assert!(lines[2].contains("failover[0]:us-west"));
-        assert!(lines[2].ends_with(" yes       3"));
+        assert!(
+            lines[2].ends_with(" yes       3         0         0"),
+            "{}",
+            lines[2]
+        );
+    }
+
+    #[test]
+    fn event_lines_name_what_happened() {
+        let line = event_line(&EventView {
+            time: "2026-11-22T10:00:00.000Z".into(),
+            kind: "ejected".into(),
+            service: "mydb".into(),
+            backend: Some("127.0.1.1:8080".parse().unwrap()),
+            detail: "refused; ejection 1, for 30s".into(),
+        });
+        assert_eq!(
+            line,
+            "2026-11-22T10:00:00.000Z  ejected           mydb  127.0.1.1:8080  refused; ejection 1, for 30s\n"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use detour_ebpf::MAX_SLOTS;
 
 use crate::config::{Config, ServiceConfig};
 use crate::health::Health;
-use crate::reconcile::{Desired, Table};
+use crate::reconcile::{Desired, Passive, Table};
 use crate::selection::{self, Candidate, Tier};
 
 /// One endpoint of a frontend as the plan sees it.
@@ -25,6 +25,8 @@ pub struct PlannedEndpoint {
     pub locality: String,
     pub weight: u32,
     pub health: Health,
+    /// Ejected by passive health (outlier detection).
+    pub ejected: bool,
     /// The tier the endpoint belongs to when healthy.
     pub tier: Tier,
     pub in_table: bool,
@@ -40,6 +42,26 @@ pub struct FrontendPlan {
     pub tier: Option<Tier>,
     pub endpoints: Vec<PlannedEndpoint>,
     pub table: Vec<SocketAddr>,
+    /// The kernel's passive-health parameters for this frontend.
+    pub passive: Passive,
+}
+
+/// The kernel's passive-health parameters of a service.
+pub fn passive_params(service: &ServiceConfig) -> Passive {
+    let od = &service.outlier_detection;
+    let settings = od.policy.settings();
+    // The kernel marks suspect only what the agent could eject.
+    let ejects = settings.consecutive_failures > 0 && settings.max_ejection_percent > 0;
+    let ms = |d: std::time::Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    Passive {
+        fail_threshold: if ejects {
+            settings.consecutive_failures
+        } else {
+            0
+        },
+        suspect_ms: ms(settings.base_ejection_time),
+        handshake_timeout_ms: ms(od.handshake_timeout),
+    }
 }
 
 /// The targets a service's endpoints are reached at, one per (endpoint, port) pair.
@@ -52,10 +74,17 @@ pub fn targets(service: &ServiceConfig) -> impl Iterator<Item = SocketAddr> + '_
     })
 }
 
-/// Plans every frontend of `config`; `health` answers for (service, target).
-pub fn plan(config: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec<FrontendPlan> {
+/// Plans every frontend of `config`; `health` (active checks) and `ejected` (outlier
+/// detection) answer for (service, target). A target is usable when its active health
+/// is usable and it is not ejected.
+pub fn plan(
+    config: &Config,
+    health: impl Fn(&str, SocketAddr) -> Health,
+    ejected: impl Fn(&str, SocketAddr) -> bool,
+) -> Vec<FrontendPlan> {
     let mut plans = Vec::new();
     for service in &config.services {
+        let passive = passive_params(service);
         for port in &service.ports {
             for vip in &service.vips {
                 let same_family = |ip: &IpAddr| ip.is_ipv4() == vip.is_ipv4();
@@ -65,21 +94,25 @@ pub fn plan(config: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec
                     .filter(|ep| same_family(&ep.address))
                     .collect();
                 // One health lookup per endpoint: the plan is rebuilt on every change.
-                let healths: Vec<(SocketAddr, Health)> = endpoints
+                let healths: Vec<(SocketAddr, (Health, bool))> = endpoints
                     .iter()
                     .map(|ep| {
                         let target = SocketAddr::new(ep.address, ep.port_for(port));
-                        (target, health(&service.name, target))
+                        let verdict = (
+                            health(&service.name, target),
+                            ejected(&service.name, target),
+                        );
+                        (target, verdict)
                     })
                     .collect();
                 let candidates: Vec<Candidate<SocketAddr>> = endpoints
                     .iter()
                     .zip(&healths)
-                    .map(|(ep, (target, h))| Candidate {
+                    .map(|(ep, (target, (h, ejected)))| Candidate {
                         key: *target,
                         locality: ep.locality.clone(),
                         weight: ep.weight,
-                        healthy: h.usable(),
+                        healthy: h.usable() && !ejected,
                     })
                     .collect();
                 let selected =
@@ -90,11 +123,12 @@ pub fn plan(config: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec
                 let planned = endpoints
                     .iter()
                     .zip(healths)
-                    .map(|(ep, (target, health))| PlannedEndpoint {
+                    .map(|(ep, (target, (health, ejected)))| PlannedEndpoint {
                         target,
                         locality: ep.locality.to_string(),
                         weight: ep.weight,
                         health,
+                        ejected,
                         tier: selection::tier_of(
                             &config.node.locality,
                             &service.locality_lb,
@@ -110,6 +144,7 @@ pub fn plan(config: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec
                     tier: selected.tier,
                     endpoints: planned,
                     table,
+                    passive,
                 });
             }
         }
@@ -123,7 +158,14 @@ pub fn desired(plans: &[FrontendPlan]) -> Desired {
     Desired {
         tables: plans
             .iter()
-            .map(|p| (p.frontend, Table::plain(p.table.clone())))
+            .map(|p| {
+                let table = Table {
+                    slots: p.table.clone(),
+                    standby: Vec::new(),
+                    passive: p.passive,
+                };
+                (p.frontend, table)
+            })
             .collect::<BTreeMap<_, _>>(),
         backends: plans
             .iter()
@@ -136,6 +178,11 @@ pub fn desired(plans: &[FrontendPlan]) -> Desired {
 mod tests {
     use super::*;
     use crate::config;
+
+    /// Plans with active health only: nothing ejected.
+    fn plan_h(cfg: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec<FrontendPlan> {
+        plan(cfg, health, |_, _| false)
+    }
 
     const MYDB: &str = r#"
 node: { locality: us-east1/us-east1-b }
@@ -157,13 +204,13 @@ services:
     #[test]
     fn plans_follow_zone_then_region_then_failover() {
         let cfg = config::parse(MYDB).unwrap();
-        let all_up = plan(&cfg, |_, _| Health::Healthy);
+        let all_up = plan_h(&cfg, |_, _| Health::Healthy);
         assert_eq!(all_up.len(), 1);
         assert_eq!(all_up[0].frontend, sa("127.200.0.1:80"));
         assert_eq!(all_up[0].tier, Some(Tier::SameZone));
         assert_eq!(all_up[0].table, vec![sa("127.0.1.1:8080")]);
 
-        let zone_down = plan(&cfg, |_, t| {
+        let zone_down = plan_h(&cfg, |_, t| {
             if t == sa("127.0.1.1:8080") {
                 Health::Unhealthy
             } else {
@@ -173,7 +220,7 @@ services:
         assert_eq!(zone_down[0].tier, Some(Tier::SameRegion));
         assert_eq!(zone_down[0].table, vec![sa("127.0.1.2:8080")]);
 
-        let east_down = plan(&cfg, |_, t| {
+        let east_down = plan_h(&cfg, |_, t| {
             if t.ip().to_string().starts_with("127.0.1.") {
                 Health::Unhealthy
             } else {
@@ -189,7 +236,7 @@ services:
         assert!(west.in_table);
         assert!(!east_down[0].endpoints[0].in_table);
 
-        let all_down = plan(&cfg, |_, _| Health::Unhealthy);
+        let all_down = plan_h(&cfg, |_, _| Health::Unhealthy);
         assert_eq!(all_down[0].tier, Some(Tier::Panic));
         // Panic keeps every endpoint, weights included (3 slots for weight 3).
         assert_eq!(all_down[0].table.len(), 5);
@@ -198,7 +245,7 @@ services:
     #[test]
     fn unknown_health_is_served() {
         let cfg = config::parse(MYDB).unwrap();
-        let plans = plan(&cfg, |_, _| Health::Unknown);
+        let plans = plan_h(&cfg, |_, _| Health::Unknown);
         assert_eq!(plans[0].tier, Some(Tier::SameZone));
     }
 
@@ -216,7 +263,7 @@ services:
 "#,
         )
         .unwrap();
-        let d = desired(&plan(&cfg, |_, _| Health::Healthy));
+        let d = desired(&plan_h(&cfg, |_, _| Health::Healthy));
         let t: BTreeMap<_, _> = d
             .tables
             .iter()
@@ -230,6 +277,6 @@ services:
     #[test]
     fn empty_config_plans_nothing() {
         let cfg = config::parse("services: []").unwrap();
-        assert!(plan(&cfg, |_, _| Health::Healthy).is_empty());
+        assert!(plan_h(&cfg, |_, _| Health::Healthy).is_empty());
     }
 }

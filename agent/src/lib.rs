@@ -15,5 +15,6 @@ pub mod desired;
 pub mod health;
 pub mod metrics;
 pub mod outlier;
+pub mod passive;
 pub mod reconcile;
 pub mod selection;

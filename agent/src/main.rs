@@ -38,9 +38,18 @@ enum Command {
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Show endpoints (of one service, or all): health, locality, tier, in-table, connects.
+    /// Show endpoints (of one service, or all): active health (HEALTH), passive health
+    /// (OUTLIER), locality, tier, in-table, connects, failures and ejections.
     Endpoints {
         service: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Stream ejections, restorations, tier and health changes and failed connects as
+    /// they happen, until interrupted.
+    Events {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
@@ -70,6 +79,7 @@ fn main() -> ExitCode {
                 output,
                 socket,
             } => query(&socket, Request::Endpoints { service }, output).await,
+            Command::Events { output, socket } => events(&socket, output).await,
         }
     });
     match result {
@@ -89,7 +99,24 @@ async fn query(socket: &std::path::Path, request: Request, output: Output) -> an
         (Response::Endpoints(e), Output::Json) => serde_json::to_string_pretty(e)? + "\n",
         (Response::Services(s), Output::Table) => cli::services_table(s),
         (Response::Endpoints(e), Output::Table) => cli::endpoints_table(e),
+        (Response::Event(_), _) => anyhow::bail!("the agent answered with an event"),
     };
     print!("{text}");
+    Ok(())
+}
+
+async fn events(socket: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout();
+    api::stream_events(socket, |event| {
+        let line = match output {
+            Output::Json => serde_json::to_string(&event).map_err(std::io::Error::other)? + "\n",
+            Output::Table => cli::event_line(&event),
+        };
+        // Flushed per line: the point of a stream is to see each event as it happens.
+        stdout.write_all(line.as_bytes())?;
+        stdout.flush()
+    })
+    .await?;
     Ok(())
 }

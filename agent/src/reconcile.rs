@@ -268,6 +268,11 @@ impl Reconciler {
         self.backends.get(addr).map(|b| b.id)
     }
 
+    /// The kernel's id of a frontend (the `service_id` of its entry and events).
+    pub fn service_id(&self, frontend: &SocketAddr) -> Option<u32> {
+        self.frontends.get(frontend).map(|f| f.service_id)
+    }
+
     /// The live slot table of a frontend, as backend ids (without the standby slots).
     pub fn live_table(&self, frontend: &SocketAddr) -> Option<&[u32]> {
         self.frontends

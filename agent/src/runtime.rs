@@ -4,8 +4,11 @@
 //! Invariants:
 //! - the configuration in force is always one that parsed and validated; a bad file on
 //!   reload is logged with its field and line and the running state keeps serving;
-//! - every change (config, health, release timer) ends in one `apply`, which diffs and
-//!   writes only what changed;
+//! - every change (config, health, ejection, restoration, release timer) ends in one
+//!   `apply`, which diffs and writes only what changed;
+//! - the kernel's suspect mark of a backend stands only while some service has it
+//!   ejected: a mark the agent does not confirm (the tier's ejection cap was reached) is
+//!   cleared as soon as its event is read, and every restoration clears it;
 //! - the API socket is bound only after the first apply, so "socket answers" means "the
 //!   kernel serves the configuration";
 //! - leaving the loop (SIGTERM, SIGINT) never detaches the programs: they stay pinned.
@@ -16,16 +19,21 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use clap::Args;
-use detour_agent::api::{self, EndpointView, Request, Response, ServiceView};
+use detour_agent::api::{self, EndpointView, EventView, Request, Response, ServiceView};
 use detour_agent::config::{self, Config, HealthCheckKind};
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan};
 use detour_agent::health::{self, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds};
+use detour_agent::outlier::Event as OutlierEvent;
+use detour_agent::passive::{self, PassiveHealth};
 use detour_agent::reconcile::Reconciler;
 use detour_agent::selection::Tier;
+use detour_ebpf::ConnEvent;
+use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -136,6 +144,12 @@ struct Agent {
     probes: Probes,
     plans: Vec<FrontendPlan>,
     changes: mpsc::Sender<HealthChange>,
+    passive: PassiveHealth,
+    /// Kernel ids → names, rebuilt after every apply.
+    service_of_id: HashMap<u32, String>,
+    backend_of_id: HashMap<u32, SocketAddr>,
+    /// What `detour events` streams.
+    events: broadcast::Sender<EventView>,
 }
 
 /// Enough of a file's metadata to notice a write or a replacement (rename over it).
@@ -171,18 +185,31 @@ fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
 impl Agent {
     fn apply(&mut self) {
         let health = &self.health;
-        let plans = desired::plan(&self.config, |service, target| {
-            health
-                .get(&(service.to_string(), target))
-                .map_or(Health::Unknown, |(h, _)| *h)
-        });
+        let passive = &self.passive;
+        let plans = desired::plan(
+            &self.config,
+            |service, target| {
+                health
+                    .get(&(service.to_string(), target))
+                    .map_or(Health::Unknown, |(h, _)| *h)
+            },
+            |service, target| passive.is_ejected(service, target),
+        );
         let tiers_before: HashMap<SocketAddr, &Option<Tier>> =
             self.plans.iter().map(|p| (p.frontend, &p.tier)).collect();
+        let mut tier_events = Vec::new();
         for plan in &plans {
             if tiers_before.get(&plan.frontend) != Some(&&plan.tier) {
                 let tier = tier_name(plan);
                 info!(service = %plan.service, frontend = %plan.frontend, %tier, backends = plan.table.len(), "tier selected");
+                tier_events.push((
+                    plan.service.clone(),
+                    format!("{}: {tier}, {} slots", plan.frontend, plan.table.len()),
+                ));
             }
+        }
+        for (service, detail) in tier_events {
+            self.publish("tier-changed", &service, None, detail);
         }
         let report = self.reconciler.apply(
             &mut self.dataplane,
@@ -201,6 +228,176 @@ impl Agent {
             );
         }
         self.plans = plans;
+        self.service_of_id = self
+            .plans
+            .iter()
+            .filter_map(|p| Some((self.reconciler.service_id(&p.frontend)?, p.service.clone())))
+            .collect();
+        self.backend_of_id = self
+            .reconciler
+            .backend_ids()
+            .map(|(addr, id)| (id, addr))
+            .collect();
+    }
+
+    /// Sends an event to `detour events` streams (if any) and nowhere else: callers log.
+    fn publish(&self, kind: &str, service: &str, backend: Option<SocketAddr>, detail: String) {
+        let _ = self.events.send(EventView {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            kind: kind.to_string(),
+            service: service.to_string(),
+            backend,
+            detail,
+        });
+    }
+
+    /// A batch of connection outcomes from the kernel.
+    fn on_kernel_events(&mut self, batch: Vec<ConnEvent>) {
+        let now = Instant::now();
+        let mut changed = false;
+        for event in batch {
+            let (Some(service), Some(&target)) = (
+                self.service_of_id.get(&event.service_id).cloned(),
+                self.backend_of_id.get(&event.backend_id),
+            ) else {
+                // A frontend or backend removed since the connect: nothing to judge.
+                continue;
+            };
+            let kind = passive::kind_name(event.kind);
+            let detail = match event.kind {
+                detour_ebpf::event_kind::ESTABLISHED => {
+                    format!("handshake completed in {}µs", event.rtt_us)
+                }
+                detour_ebpf::event_kind::RESET => "established connection reset".to_string(),
+                detour_ebpf::event_kind::SYN_RETRANSMIT => format!(
+                    "SYN unanswered, retransmitted{}",
+                    if event.marked_suspect != 0 {
+                        "; kernel marked it suspect"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => format!(
+                    "{} in a row{}",
+                    event.fail_streak,
+                    if event.marked_suspect != 0 {
+                        "; kernel marked it suspect"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+            self.publish(kind, &service, Some(target), detail);
+            if let Some(outcome) = passive::outcome(event.kind) {
+                match self.passive.observe(&service, target, outcome, now) {
+                    Some(OutlierEvent::Ejected {
+                        until,
+                        ejection_count,
+                        kind,
+                        ..
+                    }) => {
+                        let secs = until.saturating_duration_since(now).as_secs_f64();
+                        warn!(%service, backend = %target, %kind, ejection = ejection_count, seconds = secs, "backend ejected");
+                        self.publish(
+                            "ejected",
+                            &service,
+                            Some(target),
+                            format!("{kind}; ejection {ejection_count}, for {secs:.0}s"),
+                        );
+                        changed = true;
+                    }
+                    Some(OutlierEvent::EjectionSkipped { kind, reason, .. }) => {
+                        warn!(%service, backend = %target, %kind, %reason, "backend not ejected");
+                        self.publish(
+                            "ejection-skipped",
+                            &service,
+                            Some(target),
+                            format!("{kind}; {reason}"),
+                        );
+                    }
+                    Some(OutlierEvent::Restored { .. }) | None => {}
+                }
+            }
+            // The kernel's mark stands while the backend is ejected, and while a first
+            // SYN retransmission awaits its outcome; a success or a failure run the
+            // agent does not eject for lifts it.
+            let settles = event.kind == detour_ebpf::event_kind::ESTABLISHED
+                || (event.marked_suspect != 0
+                    && event.kind != detour_ebpf::event_kind::SYN_RETRANSMIT);
+            if settles && !self.passive.is_ejected_anywhere(target) {
+                self.clear_suspect(event.backend_id, target);
+            }
+        }
+        if changed {
+            self.apply();
+        }
+    }
+
+    fn clear_suspect(&mut self, id: u32, target: SocketAddr) {
+        if let Err(e) = self.dataplane.clear_suspect(id) {
+            error!(backend = %target, error = %e, "could not clear the kernel's suspect mark");
+        }
+    }
+
+    /// Restorations whose time has come.
+    fn on_outlier_deadline(&mut self) {
+        let restored = self.passive.advance(Instant::now());
+        for (service, event) in &restored {
+            if let OutlierEvent::Restored { key } = event {
+                self.on_restored(service, *key, "ejection time over");
+            }
+        }
+        if !restored.is_empty() {
+            self.apply();
+        }
+    }
+
+    fn on_restored(&mut self, service: &str, target: SocketAddr, why: &str) {
+        info!(%service, backend = %target, why, "backend restored");
+        self.publish("restored", service, Some(target), why.to_string());
+        if !self.passive.is_ejected_anywhere(target) {
+            if let Some(id) = self.reconciler.backend_id(&target) {
+                self.clear_suspect(id, target);
+            }
+        }
+    }
+
+    /// An active health check changed its verdict.
+    fn on_health_change(&mut self, change: HealthChange) {
+        let key = (change.service.clone(), change.target);
+        // A change from a probe that a reload just stopped is stale: ignore it.
+        let Some(entry) = self.health.get_mut(&key) else {
+            return;
+        };
+        let before = entry.0;
+        *entry = (change.health, change.last_error.clone());
+        if before != change.health {
+            self.publish(
+                "health-changed",
+                &change.service,
+                Some(change.target),
+                format!(
+                    "{before} -> {}{}",
+                    change.health,
+                    change
+                        .last_error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
+        // Envoy's successful_active_health_check_uneject_host: a passing active check
+        // ends an ejection.
+        if change.health == Health::Healthy
+            && self
+                .passive
+                .restore(&change.service, change.target, Instant::now())
+                .is_some()
+        {
+            self.on_restored(&change.service, change.target, "active health check passed");
+        }
+        self.apply();
     }
 
     /// Re-reads the config file; keeps the running config when the new one is bad.
@@ -252,6 +449,8 @@ impl Agent {
     fn answer(&self, request: Request) -> Response {
         match request {
             Request::Services => Response::Services(self.service_views()),
+            // Streams are served by `serve_api` itself.
+            Request::Events => Response::Error("events are streamed, not answered".into()),
             Request::Endpoints { service } => {
                 if let Some(name) = &service {
                     if !self.config.services.iter().any(|s| &s.name == name) {
@@ -263,11 +462,27 @@ impl Agent {
         }
     }
 
-    fn connects(&self, target: &SocketAddr) -> u64 {
+    fn stats(&self, target: &SocketAddr) -> detour_ebpf::BackendStats {
         self.reconciler
             .backend_id(target)
             .and_then(|id| self.dataplane.backend_stats(id).ok())
-            .map_or(0, |s| s.connects)
+            .unwrap_or_default()
+    }
+
+    fn connects(&self, target: &SocketAddr) -> u64 {
+        self.stats(target).connects
+    }
+
+    /// Whether the kernel currently avoids `target` on its own.
+    fn kernel_suspect(&self, target: &SocketAddr) -> bool {
+        let Some(state) = self
+            .reconciler
+            .backend_id(target)
+            .and_then(|id| self.dataplane.backend_state(id).ok())
+        else {
+            return false;
+        };
+        state.suspect_until_ns != 0 && state.suspect_until_ns > monotonic_ns()
     }
 
     fn service_views(&self) -> Vec<ServiceView> {
@@ -312,28 +527,99 @@ impl Agent {
     }
 
     fn endpoint_views(&self, service: Option<&str>) -> Vec<EndpointView> {
+        let now = Instant::now();
         self.plans
             .iter()
             .filter(|p| service.is_none_or(|s| s == p.service))
             .flat_map(|p| {
-                p.endpoints.iter().map(move |e| EndpointView {
-                    service: p.service.clone(),
-                    port: p.port,
-                    address: e.target,
-                    locality: e.locality.clone(),
-                    health: e.health.to_string(),
-                    weight: e.weight,
-                    tier: e.tier.to_string(),
-                    in_table: e.in_table,
-                    connects: self.connects(&e.target),
-                    last_error: self
-                        .health
-                        .get(&(p.service.clone(), e.target))
-                        .and_then(|(_, err)| err.clone()),
+                p.endpoints.iter().map(move |e| {
+                    let stats = self.stats(&e.target);
+                    let outlier = self.passive.state(&p.service, e.target);
+                    let ejected = outlier.filter(|o| o.is_ejected());
+                    EndpointView {
+                        service: p.service.clone(),
+                        port: p.port,
+                        address: e.target,
+                        locality: e.locality.clone(),
+                        health: e.health.to_string(),
+                        weight: e.weight,
+                        tier: e.tier.to_string(),
+                        in_table: e.in_table,
+                        connects: stats.connects,
+                        last_error: self
+                            .health
+                            .get(&(p.service.clone(), e.target))
+                            .and_then(|(_, err)| err.clone()),
+                        outlier: if ejected.is_some() {
+                            "EJECTED"
+                        } else if self.kernel_suspect(&e.target) {
+                            "SUSPECT"
+                        } else {
+                            "OK"
+                        }
+                        .to_string(),
+                        ejected_for_ms: ejected
+                            .map(|o| o.time_left(now).as_millis().try_into().unwrap_or(u64::MAX)),
+                        ejections: outlier.map_or(0, |o| o.ejections_total),
+                        consecutive_failures: outlier.map_or(0, |o| o.consecutive_failures),
+                        established: stats.established,
+                        refused: stats.refused,
+                        timeouts: stats.timeouts,
+                        resets: stats.resets,
+                    }
                 })
             })
             .collect()
     }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads the kernel's ring buffer of connection outcomes and passes them on in batches.
+/// Never blocks the kernel: a slow agent only makes the ring fill, and the kernel then
+/// drops and counts.
+fn spawn_event_reader(
+    ring: RingBuf<MapData>,
+    batches: mpsc::Sender<Vec<ConnEvent>>,
+) -> anyhow::Result<JoinHandle<()>> {
+    const MAX_BATCH: usize = 4096;
+    // SAFETY: the AsyncFd owns the ring buffer, so the fd stays open, and is the only
+    // one registered for it, for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ring.readable_mut().await else {
+                error!("event ring buffer unreadable; passive health stops");
+                return;
+            };
+            let reader = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while batch.len() < MAX_BATCH {
+                let Some(item) = reader.next() else { break };
+                if item.len() >= std::mem::size_of::<ConnEvent>() {
+                    // SAFETY: the kernel wrote a whole ConnEvent; it may be unaligned.
+                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+                }
+            }
+            // A full batch may have left more behind: stay ready and read again.
+            if batch.len() < MAX_BATCH {
+                guard.clear_ready();
+            }
+            if !batch.is_empty() && batches.send(batch).await.is_err() {
+                return;
+            }
+        }
+    }))
 }
 
 fn tier_name(plan: &FrontendPlan) -> String {
@@ -371,6 +657,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .context("restoring state from pinned maps")?;
 
     let (changes_tx, mut changes_rx) = mpsc::channel::<HealthChange>(1024);
+    let (events_tx, _) = broadcast::channel::<EventView>(4096);
+    let mut dataplane = dataplane;
+    let ring = dataplane
+        .take_events()
+        .context("the event ring buffer is missing")?;
+    let (kernel_tx, mut kernel_rx) = mpsc::channel::<Vec<ConnEvent>>(256);
+    let event_reader = spawn_event_reader(ring, kernel_tx)?;
     let mut agent = Agent {
         config_path: args.config.clone(),
         config,
@@ -383,10 +676,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         probes: Probes::default(),
         plans: Vec::new(),
         changes: changes_tx,
+        passive: PassiveHealth::default(),
+        service_of_id: HashMap::new(),
+        backend_of_id: HashMap::new(),
+        events: events_tx,
     };
     agent
         .probes
         .sync(&agent.config, &agent.changes, &mut agent.health);
+    agent.passive.sync(&agent.config);
     agent.apply();
     info!(
         cgroup = %cgroup.display(),
@@ -397,7 +695,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
     let listener = api::bind(&args.socket)?;
-    let api_task = tokio::spawn(serve_api(listener, api_tx));
+    let api_task = tokio::spawn(serve_api(listener, api_tx, agent.events.clone()));
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -405,14 +703,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut poll = tokio::time::interval(args.config_poll);
     let mut release = tokio::time::interval(Duration::from_secs(1));
     loop {
+        let outlier_deadline = agent.passive.next_deadline();
         tokio::select! {
-            Some(change) = changes_rx.recv() => {
-                // A change from a probe that a reload just stopped is stale: ignore it.
-                if let Some(entry) = agent.health.get_mut(&(change.service.clone(), change.target)) {
-                    *entry = (change.health, change.last_error);
-                    agent.apply();
-                }
+            Some(batch) = kernel_rx.recv() => agent.on_kernel_events(batch),
+            () = sleep_until(outlier_deadline), if outlier_deadline.is_some() => {
+                agent.on_outlier_deadline();
             }
+            Some(change) = changes_rx.recv() => agent.on_health_change(change),
             Some((request, reply)) = api_rx.recv() => {
                 let _ = reply.send(agent.answer(request));
             }
@@ -428,22 +725,38 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     api_task.abort();
+    event_reader.abort();
     let _ = std::fs::remove_file(&args.socket);
     warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");
     Ok(())
 }
 
-async fn serve_api(listener: tokio::net::UnixListener, calls: mpsc::Sender<ApiCall>) {
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+    }
+}
+
+async fn serve_api(
+    listener: tokio::net::UnixListener,
+    calls: mpsc::Sender<ApiCall>,
+    events: broadcast::Sender<EventView>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let calls = calls.clone();
+        let events = events.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut read = tokio::io::BufReader::new(read);
             let response = match api::read_request(&mut read).await {
                 Ok(None) => return,
+                Ok(Some(Request::Events)) => {
+                    stream_events(events.subscribe(), &mut write).await;
+                    return;
+                }
                 Ok(Some(request)) => {
                     let (tx, rx) = oneshot::channel();
                     if calls.send((request, tx)).await.is_err() {
@@ -456,5 +769,31 @@ async fn serve_api(listener: tokio::net::UnixListener, calls: mpsc::Sender<ApiCa
             };
             let _ = api::write_response(&mut write, &response).await;
         });
+    }
+}
+
+/// Writes events to one `detour events` client until it goes away.
+async fn stream_events(
+    mut events: broadcast::Receiver<EventView>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(missed)) => EventView {
+                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                kind: "lagged".into(),
+                service: String::new(),
+                backend: None,
+                detail: format!("this stream fell behind and missed {missed} events"),
+            },
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if api::write_response(write, &Response::Event(event))
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }

@@ -178,7 +178,7 @@ pub struct BackendStats {
     pub established: u64,
     /// Handshakes that failed without a retransmission timeout: refused or reset.
     pub refused: u64,
-    /// Handshakes whose SYN went unanswered for the handshake timeout.
+    /// Handshakes whose SYN went unanswered for two retransmission timeouts.
     pub timeouts: u64,
     /// Established connections that ended in a reset (or an abort) instead of a close.
     pub resets: u64,
@@ -196,7 +196,8 @@ pub struct BackendStats {
 pub struct BackendState {
     /// `bpf_ktime_get_ns()` until which connects avoid this backend; 0 = not suspect.
     pub suspect_until_ns: u64,
-    /// Failed handshakes since the last successful one. 64 bits because that is the
+    /// Failed handshakes since the last successful one (a first SYN retransmission
+    /// does not count). 64 bits because that is the
     /// only width the BPF target has atomic adds for.
     pub fail_streak: u64,
     /// Smoothed handshake round-trip time in µs (0 = never measured); the initial SYN
@@ -212,10 +213,15 @@ pub mod event_kind {
     pub const ESTABLISHED: u32 = 1;
     /// A handshake failed without a retransmission timeout: refused or reset.
     pub const REFUSED: u32 = 2;
-    /// A SYN went unanswered for the handshake timeout: a black hole, or a slow backend.
+    /// The SYN went unanswered for a second retransmission timeout: a black hole.
     pub const TIMEOUT: u32 = 3;
     /// An established connection ended in a reset instead of a close.
     pub const RESET: u32 = 4;
+    /// The SYN went unanswered for the handshake timeout once and was retransmitted.
+    /// A black hole, or a listen queue that overflowed: the kernel avoids the backend
+    /// at once, but only [`TIMEOUT`] (or the handshake failing) counts as a failure,
+    /// and a handshake that completes after all clears the suspicion.
+    pub const SYN_RETRANSMIT: u32 = 5;
 }
 
 /// One connection outcome, as the `sock_ops` program reports it through [`maps::EVENTS`].

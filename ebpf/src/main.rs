@@ -14,13 +14,15 @@
 //! programs rewrote (it has a `DETOUR_SOCK_ORIGIN` entry) the program asks for state and
 //! retransmission-timeout callbacks, shortens the initial SYN timeout to the service's
 //! handshake timeout (at least 3× the backend's measured handshake RTT), and reports the
-//! outcome: a first SYN timeout in SYN_SENT (black hole), SYN_SENT → CLOSE without one
-//! (refused or reset), established, established → CLOSE (reset). Outcomes are counted
-//! per backend per CPU; failures, resets and the success that ends a failure run go to
-//! the agent through a ring buffer, and a full ring drops the event and counts the drop.
+//! outcome: a first SYN retransmission (suspect), a second one (timeout: a black hole),
+//! SYN_SENT → CLOSE before that (refused or reset), established, established → CLOSE
+//! (reset). Outcomes are counted per backend per CPU; failures, resets, retransmissions
+//! and the success that ends a failure run go to the agent through a ring buffer, and a
+//! full ring drops the event and counts the drop.
 //!
-//! In-kernel fast path: a failure that completes `fail_threshold` failures in a row
-//! marks the backend suspect in `DETOUR_BACKEND_STATE` until `suspect_ms` from now. A
+//! In-kernel fast path: a first SYN retransmission, or a failure that completes
+//! `fail_threshold` failures in a row, marks the backend suspect in
+//! `DETOUR_BACKEND_STATE` until `suspect_ms` from now. A
 //! connect whose random pick is suspect looks at the next [`SUSPECT_PROBES`] slots of the
 //! table, then of the standby set (the next tier), and only when all of those are suspect
 //! uses its first pick, so a service is never black-holed. The agent stays the authority:
@@ -397,9 +399,16 @@ mod programs {
             unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
             on_established(ctx, origin, backend_id);
         } else if op == BPF_SOCK_OPS_RTO_CB {
-            // Only the first timeout of a handshake counts; later ones are the same stall.
             let state = unsafe { (*ctx.ops).state };
-            if state == TCP_SYN_SENT && unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED == 0 {
+            if state != TCP_SYN_SENT || unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED != 0 {
+                return;
+            }
+            // args[0]: retransmissions so far. The first timeout makes the backend
+            // suspect (new connects avoid it now); the second is the failure. Later ones
+            // are the same stall.
+            if ctx.arg(0) == 0 {
+                on_first_retransmit(origin, backend_id);
+            } else {
                 unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
                 on_failure(origin, backend_id, event_kind::TIMEOUT);
             }
@@ -438,12 +447,45 @@ mod programs {
             } else {
                 (old * 7 + rtt_us) / 8
             };
-            // Only the success that ends a failure run is news to the agent.
-            if (*state).fail_streak != 0 {
+            // Only the success that ends a failure run or a suspicion is news to the
+            // agent, which decides about the mark.
+            if (*state).fail_streak != 0 || (*state).suspect_until_ns != 0 {
                 (*state).fail_streak = 0;
                 emit(origin, backend_id, event_kind::ESTABLISHED, 0, rtt_us, 0);
             }
         }
+    }
+
+    #[inline(always)]
+    fn mark_suspect(origin: *mut SockOrigin, state: *mut BackendState) {
+        let until =
+            unsafe { bpf_ktime_get_ns() } + u64::from(unsafe { (*origin).suspect_ms }) * 1_000_000;
+        unsafe {
+            if until > (*state).suspect_until_ns {
+                (*state).suspect_until_ns = until;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn on_first_retransmit(origin: *mut SockOrigin, backend_id: u32) {
+        let Some(state) = BACKEND_STATE.get_ptr_mut(backend_id) else {
+            return;
+        };
+        let mut marked = 0;
+        if unsafe { (*origin).fail_threshold } != 0 {
+            mark_suspect(origin, state);
+            marked = 1;
+        }
+        let streak = unsafe { (*state).fail_streak }.min(u64::from(u32::MAX)) as u32;
+        emit(
+            origin,
+            backend_id,
+            event_kind::SYN_RETRANSMIT,
+            streak,
+            0,
+            marked,
+        );
     }
 
     #[inline(always)]
@@ -472,13 +514,7 @@ mod programs {
         let threshold = unsafe { (*origin).fail_threshold };
         let mut marked = 0;
         if threshold != 0 && streak >= threshold {
-            let until = unsafe { bpf_ktime_get_ns() }
-                + u64::from(unsafe { (*origin).suspect_ms }) * 1_000_000;
-            unsafe {
-                if until > (*state).suspect_until_ns {
-                    (*state).suspect_until_ns = until;
-                }
-            }
+            mark_suspect(origin, state);
             marked = 1;
         }
         emit(origin, backend_id, kind, streak, 0, marked);

@@ -31,6 +31,26 @@ pub enum Script {
         stop_file: PathBuf,
         max_ms: u64,
     },
+    /// Connect once, create `ready_file`, then wait for the connection to end (or
+    /// `max_ms` to pass); one [`HoldEnd`] line.
+    Hold {
+        target: SocketAddr,
+        ready_file: PathBuf,
+        max_ms: u64,
+    },
+}
+
+/// How a held connection ended.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HoldEnd {
+    /// The error a blocking read returned, `None` for end-of-stream or the time limit.
+    pub error: Option<String>,
+    /// `io::ErrorKind` of `error`, as its `Debug` text (e.g. `ConnectionAborted`).
+    pub kind: Option<String>,
+    /// Whether the time limit ended it (nothing happened to the connection).
+    pub timed_out: bool,
+    /// From the connect until the connection ended.
+    pub after_ms: u64,
 }
 
 /// One HTTP GET as the application saw it.
@@ -124,6 +144,48 @@ fn run_script(script: Script) {
                 }
             }
             emit(&summary);
+        }
+        Script::Hold {
+            target,
+            ready_file,
+            max_ms,
+        } => {
+            let start = Instant::now();
+            let end = match TcpStream::connect_timeout(&target, IO_TIMEOUT) {
+                Err(e) => HoldEnd {
+                    kind: Some(format!("{:?}", e.kind())),
+                    error: Some(format!("connect: {e}")),
+                    timed_out: false,
+                    after_ms: 0,
+                },
+                Ok(mut stream) => {
+                    let _ = std::fs::write(&ready_file, b"");
+                    stream
+                        .set_read_timeout(Some(Duration::from_millis(max_ms)))
+                        .expect("a non-zero timeout");
+                    let mut buf = [0u8; 64];
+                    let result = stream.read(&mut buf);
+                    let after_ms = start.elapsed().as_millis() as u64;
+                    match result {
+                        Ok(_) => HoldEnd {
+                            error: None,
+                            kind: None,
+                            timed_out: false,
+                            after_ms,
+                        },
+                        Err(e) => HoldEnd {
+                            timed_out: matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ),
+                            kind: Some(format!("{:?}", e.kind())),
+                            error: Some(e.to_string()),
+                            after_ms,
+                        },
+                    }
+                }
+            };
+            emit(&end);
         }
     }
 }

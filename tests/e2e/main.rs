@@ -14,5 +14,6 @@
 //! These tests need root; they fail (never skip) without it.
 
 mod client;
+mod passive;
 mod scenarios;
 mod world;

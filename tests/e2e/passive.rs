@@ -1,0 +1,310 @@
+//! Passive health end to end: what the kernel sees of real connections ejects backends,
+//! with active health checks off, and the kernel's own fast path protects the
+//! connections in between.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use detour_testbed::{HttpBackend, Netns};
+
+use crate::client::{self, HoldEnd, LoopSummary, Script};
+use crate::world::{endpoint, World};
+
+const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connect loop against `vip` from inside the test's cgroup; stop it with
+/// [`finish_loop`].
+fn connect_loop(w: &World, vip: &str) -> Result<(Child, std::path::PathBuf)> {
+    let stop = w
+        .dir
+        .join(&format!("stop-{}", detour_testbed::unique_name()));
+    let child = client::spawn_in(
+        &w.cgroup,
+        &Script::ConnectLoop {
+            target: vip.parse()?,
+            stop_file: stop.clone(),
+            max_ms: 60_000,
+        },
+    )?;
+    Ok((child, stop))
+}
+
+fn finish_loop(child: Child, stop: &Path) -> Result<LoopSummary> {
+    std::fs::write(stop, b"")?;
+    let mut lines: Vec<LoopSummary> = client::results(child, Duration::from_secs(15))?;
+    lines
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
+}
+
+/// Waits (bounded) for a file the client creates.
+fn wait_for_file(path: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn is_ejected(eps: &serde_json::Value, address: &str) -> bool {
+    endpoint(eps, address).is_ok_and(|e| e["outlier"] == "EJECTED" && e["in_table"] == false)
+}
+
+fn outlier_config(name: &str, vip: &str, outlier: &str, endpoints: &str) -> String {
+    format!(
+        r#"
+node: {{ locality: us-east1/us-east1-b }}
+services:
+  - name: {name}
+    vips: [{vip}]
+    ports: [{{number: 80, targetPort: 8080}}]
+    localityLbSetting: {{failover: [{{from: us-east1, to: us-west}}]}}
+    healthCheck: {{disabled: true}}
+    outlierDetection: {outlier}
+    endpoints:
+{endpoints}"#
+    )
+}
+
+#[test]
+fn a_killed_backend_costs_at_most_one_failed_connect() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("a", "127.10.11.1:8080")?;
+    w.backend("b", "127.10.11.2:8080")?;
+    w.write_config(&outlier_config(
+        "killed",
+        "127.210.11.1",
+        "{consecutiveErrors: 1, interval: 10s, baseEjectionTime: 30s}",
+        "      - {address: 127.10.11.1, locality: us-east1/us-east1-b}\n      - {address: 127.10.11.2, locality: us-east1/us-east1-b}\n",
+    ))?;
+    w.start_agent()?;
+    let (child, stop) = connect_loop(&w, "127.210.11.1:80")?;
+    std::thread::sleep(Duration::from_millis(300));
+    w.stop_backend("a");
+    let started = Instant::now();
+    let eps = w.wait_endpoints("killed", EJECT_TIMEOUT, |eps| {
+        is_ejected(eps, "127.10.11.1:8080")
+    })?;
+    eprintln!(
+        "killed backend ejected {:?} after it stopped",
+        started.elapsed()
+    );
+    // Keep connecting for a while with the backend out.
+    std::thread::sleep(Duration::from_millis(500));
+    let summary = finish_loop(child, &stop)?;
+    ensure!(summary.ok > 100, "the loop barely ran: {summary:?}");
+    if summary.failed > 1 {
+        let now = w.agent().endpoints_json(Some("killed"))?;
+        bail!(
+            "a refusing backend must cost at most one failed connect: {summary:?}\nendpoints: {now:#}\nagent log:\n{}",
+            w.log()
+        );
+    }
+    let a = endpoint(&eps, "127.10.11.1:8080")?;
+    ensure!(a["refused"].as_u64() >= Some(1), "{a:#}");
+    ensure!(a["ejections"] == 1, "{a:#}");
+    ensure!(
+        endpoint(&eps, "127.10.11.2:8080")?["outlier"] == "OK",
+        "{eps:#}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_black_holed_backend_is_ejected_without_active_checks_and_its_connections_are_reset(
+) -> Result<()> {
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    let veth = ns.veth("10.231.12.1/30", "10.231.12.2/30")?;
+    let primary = HttpBackend::start_in(&ns, "primary", "10.231.12.2:8080".parse()?)?;
+    w.backend("standby", "127.10.12.2:8080")?;
+    w.write_config(&outlier_config(
+        "blackhole",
+        "127.210.12.1",
+        "{consecutiveErrors: 1, interval: 10s, baseEjectionTime: 30s, handshakeTimeout: 100ms}",
+        "      - {address: 10.231.12.2, locality: us-east1/us-east1-b}\n      - {address: 127.10.12.2, locality: us-west/us-west-1a}\n",
+    ))?;
+    w.start_agent()?;
+    let by = w.answers("127.210.12.1:80", 5)?;
+    ensure!(by.get("primary") == Some(&5), "{by:?}");
+
+    // An established connection to the primary, held open by a client in the cgroup.
+    let ready = w.dir.join("hold-ready");
+    let hold = client::spawn_in(
+        &w.cgroup,
+        &Script::Hold {
+            target: "127.210.12.1:80".parse()?,
+            ready_file: ready.clone(),
+            max_ms: 20_000,
+        },
+    )?;
+    wait_for_file(&ready, Duration::from_secs(10))?;
+
+    let (child, stop) = connect_loop(&w, "127.210.12.1:80")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    veth.set_peer_up(false)?;
+    let eps = w.wait_endpoints("blackhole", EJECT_TIMEOUT, |eps| {
+        is_ejected(eps, "10.231.12.2:8080")
+    })?;
+    let took = started.elapsed();
+    eprintln!("black-holed backend ejected {took:?} after its link went down (active checks off)");
+    std::thread::sleep(Duration::from_millis(500));
+    let summary = finish_loop(child, &stop)?;
+
+    let held: Vec<HoldEnd> = client::results(hold, Duration::from_secs(30))?;
+    let held = held.first().context("the holding client printed nothing")?;
+    ensure!(
+        !held.timed_out && held.error.is_some(),
+        "the established connection to the ejected backend was not reset: {held:?}"
+    );
+    ensure!(
+        held.kind.as_deref() == Some("ConnectionAborted"),
+        "expected the kernel's abort (ECONNABORTED), got {held:?}"
+    );
+    ensure!(summary.ok > 100, "the loop barely ran: {summary:?}");
+    ensure!(
+        summary.failed <= 1,
+        "only the handshake that found the black hole may fail, and at once: {summary:?}"
+    );
+    let p = endpoint(&eps, "10.231.12.2:8080")?;
+    ensure!(p["timeouts"].as_u64() >= Some(1), "{p:#}");
+    let by = w.answers("127.210.12.1:80", 5)?;
+    ensure!(by.get("standby") == Some(&5), "{by:?}");
+    drop(primary);
+    Ok(())
+}
+
+#[test]
+fn with_every_backend_ejected_connects_still_go_to_all_of_them() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("a", "127.10.13.1:8080")?;
+    w.backend("b", "127.10.13.2:8080")?;
+    w.write_config(&outlier_config(
+        "panic",
+        "127.210.13.1",
+        "{consecutiveErrors: 1, interval: 10s, baseEjectionTime: 30s}",
+        "      - {address: 127.10.13.1, locality: us-east1/us-east1-b}\n      - {address: 127.10.13.2, locality: us-east1/us-east1-b}\n",
+    ))?;
+    w.start_agent()?;
+    w.stop_backend("a");
+    w.stop_backend("b");
+    w.gets("127.210.13.1:80", 20)?;
+    w.wait_endpoints("panic", EJECT_TIMEOUT, |eps| {
+        eps.as_array().is_some_and(|a| {
+            a.iter()
+                .all(|e| e["outlier"] == "EJECTED" && e["in_table"] == true)
+        })
+    })?;
+    ensure!(w.agent().services_json()?[0]["tier"] == "panic");
+    let connects = |w: &mut World| -> Result<Vec<u64>> {
+        let eps = w.agent().endpoints_json(Some("panic"))?;
+        ["127.10.13.1:8080", "127.10.13.2:8080"]
+            .iter()
+            .map(|a| Ok(endpoint(&eps, a)?["connects"].as_u64().unwrap_or(0)))
+            .collect()
+    };
+    let before = connects(&mut w)?;
+    let gets = w.gets("127.210.13.1:80", 40)?;
+    ensure!(
+        gets.iter().all(|g| g.error.is_some()),
+        "every backend is down"
+    );
+    let after = connects(&mut w)?;
+    ensure!(
+        after[0] > before[0] && after[1] > before[1],
+        "panic mode must keep trying every backend: connects {before:?} -> {after:?}"
+    );
+    // The agent itself is fine and answers.
+    ensure!(w
+        .agent()
+        .services_json()?
+        .as_array()
+        .is_some_and(|a| a.len() == 1));
+    Ok(())
+}
+
+#[test]
+fn an_ejected_backend_comes_back_after_its_ejection_time_and_events_tell_the_story() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("a", "127.10.14.1:8080")?;
+    w.backend("b", "127.10.14.2:8080")?;
+    w.write_config(&outlier_config(
+        "restore",
+        "127.210.14.1",
+        "{consecutiveErrors: 1, interval: 10s, baseEjectionTime: 1s}",
+        "      - {address: 127.10.14.1, locality: us-east1/us-east1-b}\n      - {address: 127.10.14.2, locality: us-east1/us-east1-b}\n",
+    ))?;
+    w.start_agent()?;
+    let mut events = Command::new(env!("CARGO_BIN_EXE_detour"))
+        .args(["events", "-o", "json", "--socket"])
+        .arg(w.dir.join("detour.sock"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting `detour events`")?;
+    let stdout = events.stdout.take().context("events stdout")?;
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    // Let the stream subscribe before anything happens.
+    std::thread::sleep(Duration::from_millis(300));
+
+    w.stop_backend("a");
+    let gets = w.gets("127.210.14.1:80", 20)?;
+    let failed = gets.iter().filter(|g| g.error.is_some()).count();
+    ensure!(failed <= 1, "{failed} of 20 requests failed");
+    w.wait_endpoints("restore", EJECT_TIMEOUT, |eps| {
+        is_ejected(eps, "127.10.14.1:8080")
+    })?;
+    w.start_backend("a")?;
+    let eps = w.wait_endpoints("restore", EJECT_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.14.1:8080")
+            .is_ok_and(|e| e["outlier"] == "OK" && e["in_table"] == true)
+    })?;
+    ensure!(
+        endpoint(&eps, "127.10.14.1:8080")?["ejections"] == 1,
+        "{eps:#}"
+    );
+    let by = w.answers("127.210.14.1:80", 30)?;
+    ensure!(by.contains_key("a") && !by.contains_key("ERR"), "{by:?}");
+
+    let _ = events.kill();
+    let _ = events.wait();
+    let lines = lines
+        .join()
+        .map_err(|_| anyhow::anyhow!("events reader panicked"))?;
+    let kinds: Vec<(String, String)> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or("").to_string(),
+                e["backend"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let position = |kind: &str| {
+        kinds
+            .iter()
+            .position(|(k, b)| k == kind && b == "127.10.14.1:8080")
+    };
+    let (Some(refused), Some(ejected), Some(restored)) = (
+        position("refused"),
+        position("ejected"),
+        position("restored"),
+    ) else {
+        bail!("`detour events` missed part of the story: {lines:#?}");
+    };
+    ensure!(refused < ejected && ejected < restored, "{lines:#?}");
+    Ok(())
+}
