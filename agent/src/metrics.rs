@@ -65,6 +65,11 @@ pub struct Snapshot {
     pub config_reloads_ok: u64,
     pub config_reloads_failed: u64,
     pub sockets_destroyed: u64,
+    /// The kernel's fast path: connects whose first pick was suspect and that went to
+    /// another table member, to the standby set, or (all suspect) to the first pick.
+    pub fast_path_avoided: u64,
+    pub fast_path_standby: u64,
+    pub fast_path_all_suspect: u64,
 }
 
 /// One configured service.
@@ -362,6 +367,18 @@ pub fn render(snapshot: &Snapshot) -> String {
         &[],
         snapshot.sockets_destroyed,
     );
+    out.family(
+        "detour_fast_path_connects_total",
+        "counter",
+        "Connects whose random pick the kernel found suspect, by where they went: another table member, the standby set, or the pick anyway (all suspect).",
+    );
+    for (path, value) in [
+        ("avoided", snapshot.fast_path_avoided),
+        ("standby", snapshot.fast_path_standby),
+        ("all-suspect", snapshot.fast_path_all_suspect),
+    ] {
+        out.sample("detour_fast_path_connects_total", &[("path", path)], value);
+    }
 
     out.text
 }
@@ -747,6 +764,9 @@ mod tests {
             config_reloads_ok: 2,
             config_reloads_failed: 1,
             sockets_destroyed: 5,
+            fast_path_avoided: 6,
+            fast_path_standby: 7,
+            fast_path_all_suspect: 8,
         }
     }
 
@@ -826,6 +846,11 @@ detour_config_reloads_total{result="error"} 1
 # HELP detour_sockets_destroyed_total Client sockets the agent destroyed because their backend left the table.
 # TYPE detour_sockets_destroyed_total counter
 detour_sockets_destroyed_total 5
+# HELP detour_fast_path_connects_total Connects whose random pick the kernel found suspect, by where they went: another table member, the standby set, or the pick anyway (all suspect).
+# TYPE detour_fast_path_connects_total counter
+detour_fast_path_connects_total{path="avoided"} 6
+detour_fast_path_connects_total{path="standby"} 7
+detour_fast_path_connects_total{path="all-suspect"} 8
 "#;
         let rendered = render(&small_snapshot());
         for (i, (got, want)) in rendered.lines().zip(expected.lines()).enumerate() {
@@ -1088,7 +1113,7 @@ detour_sockets_destroyed_total 5
             assert!(parse_sample(line).is_some(), "not a sample: {line:?}");
             samples += 1;
         }
-        assert_eq!(samples, 44);
+        assert_eq!(samples, 47);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
