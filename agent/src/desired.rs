@@ -1,12 +1,15 @@
 //! Desired state: the configured services plus what the health checks say → one plan per
-//! frontend (VIP:port): its tier, its members and the slot table the kernel will serve.
+//! frontend (VIP:port): its tiers and their loads, its members, and the slot tables the
+//! kernel will serve: the primary table and the standby table it falls back to.
 //!
 //! Pure: no I/O, no clock. Invariants:
-//! - every (VIP, port) of every service is one frontend with its own table;
+//! - every (VIP, port) of every service is one frontend with its own tables;
 //! - a frontend's candidates are the service's endpoints of the VIP's address family, at
 //!   the port the endpoint serves for that service port (`EndpointConfig::port_for`);
-//! - the table is `selection::slot_table` of `selection::select`'s members, so weights,
-//!   tiers and panic routing come from `selection` alone.
+//! - the tables are `selection::slot_table` of `selection::select`'s members and standby
+//!   members ([`slot_tables`]), so weights, tiers, spill and panic routing come from
+//!   `selection` alone;
+//! - the primary and standby tables together never exceed `MAX_SLOTS`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -16,7 +19,12 @@ use detour_ebpf::MAX_SLOTS;
 use crate::config::{Config, ServiceConfig};
 use crate::health::Health;
 use crate::reconcile::{Desired, Passive, Table};
-use crate::selection::{self, Candidate, Tier};
+use crate::selection::{self, Candidate, Selection, Tier};
+
+/// The most slots a standby table may take; the primary table gets what is left of
+/// `MAX_SLOTS`. A standby table only has to carry the first connections after a whole
+/// tier dies, so a coarser weight resolution is fine there.
+pub const MAX_STANDBY_SLOTS: usize = 256;
 
 /// One endpoint of a frontend as the plan sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +38,8 @@ pub struct PlannedEndpoint {
     /// The tier the endpoint belongs to when healthy.
     pub tier: Tier,
     pub in_table: bool,
+    /// In the standby table (never also in the primary table).
+    pub standby: bool,
 }
 
 /// The plan of one frontend.
@@ -38,10 +48,14 @@ pub struct FrontendPlan {
     pub service: String,
     pub port: u16,
     pub frontend: SocketAddr,
-    /// `None` when the frontend has no endpoints at all.
+    /// The best tier that receives traffic; `None` when the frontend has no endpoints.
     pub tier: Option<Tier>,
+    /// Percent of the traffic each tier receives, best first; sums to 100.
+    pub loads: Vec<(Tier, u32)>,
     pub endpoints: Vec<PlannedEndpoint>,
     pub table: Vec<SocketAddr>,
+    /// What the kernel picks from when every backend of `table` is suspect.
+    pub standby: Vec<SocketAddr>,
     /// The kernel's passive-health parameters for this frontend.
     pub passive: Passive,
 }
@@ -62,6 +76,16 @@ pub fn passive_params(service: &ServiceConfig) -> Passive {
         suspect_ms: ms(settings.base_ejection_time),
         handshake_timeout_ms: ms(od.handshake_timeout),
     }
+}
+
+/// The primary and standby slot tables of a selection. The standby table is built first,
+/// capped at [`MAX_STANDBY_SLOTS`]; the primary table is capped at `MAX_SLOTS` minus the
+/// standby table's length, so the two together never exceed `MAX_SLOTS`.
+#[must_use]
+pub fn slot_tables<K: Clone>(selected: &Selection<K>) -> (Vec<K>, Vec<K>) {
+    let standby = selection::slot_table(&selected.standby, MAX_STANDBY_SLOTS);
+    let table = selection::slot_table(&selected.members, MAX_SLOTS as usize - standby.len());
+    (table, standby)
 }
 
 /// The targets a service's endpoints are reached at, one per (endpoint, port) pair.
@@ -115,11 +139,17 @@ pub fn plan(
                         healthy: h.usable() && !ejected,
                     })
                     .collect();
-                let selected =
-                    selection::select(&config.node.locality, &service.locality_lb, &candidates);
-                let table = selection::slot_table(&selected.members, MAX_SLOTS as usize);
+                let selected = selection::select(
+                    &config.node.locality,
+                    &service.locality_lb,
+                    service.locality_lb.spill,
+                    &candidates,
+                );
+                let (table, standby) = slot_tables(&selected);
                 let members: HashSet<SocketAddr> =
                     selected.members.iter().map(|(k, _)| *k).collect();
+                let standbys: HashSet<SocketAddr> =
+                    selected.standby.iter().map(|(k, _)| *k).collect();
                 let planned = endpoints
                     .iter()
                     .zip(healths)
@@ -135,6 +165,7 @@ pub fn plan(
                             &ep.locality,
                         ),
                         in_table: members.contains(&target),
+                        standby: standbys.contains(&target),
                     })
                     .collect();
                 plans.push(FrontendPlan {
@@ -142,8 +173,10 @@ pub fn plan(
                     port: port.number,
                     frontend: SocketAddr::new(*vip, port.number),
                     tier: selected.tier,
+                    loads: selected.loads,
                     endpoints: planned,
                     table,
+                    standby,
                     passive,
                 });
             }
@@ -161,7 +194,7 @@ pub fn desired(plans: &[FrontendPlan]) -> Desired {
             .map(|p| {
                 let table = Table {
                     slots: p.table.clone(),
-                    standby: Vec::new(),
+                    standby: p.standby.clone(),
                     passive: p.passive,
                 };
                 (p.frontend, table)
@@ -209,6 +242,10 @@ services:
         assert_eq!(all_up[0].frontend, sa("127.200.0.1:80"));
         assert_eq!(all_up[0].tier, Some(Tier::SameZone));
         assert_eq!(all_up[0].table, vec![sa("127.0.1.1:8080")]);
+        // The weight-3 endpoint alone needs one slot.
+        assert_eq!(all_up[0].standby, vec![sa("127.0.1.2:8080")]);
+        assert_eq!(all_up[0].loads, vec![(Tier::SameZone, 100)]);
+        assert!(all_up[0].endpoints[1].standby && !all_up[0].endpoints[1].in_table);
 
         let zone_down = plan_h(&cfg, |_, t| {
             if t == sa("127.0.1.1:8080") {
@@ -219,6 +256,7 @@ services:
         });
         assert_eq!(zone_down[0].tier, Some(Tier::SameRegion));
         assert_eq!(zone_down[0].table, vec![sa("127.0.1.2:8080")]);
+        assert_eq!(zone_down[0].standby, vec![sa("127.0.2.1:8080")]);
 
         let east_down = plan_h(&cfg, |_, t| {
             if t.ip().to_string().starts_with("127.0.1.") {
@@ -232,6 +270,7 @@ services:
             Some(Tier::Failover { position: 0, .. })
         ));
         assert_eq!(east_down[0].table, vec![sa("127.0.2.1:8080")]);
+        assert!(east_down[0].standby.is_empty());
         let west = &east_down[0].endpoints[2];
         assert!(west.in_table);
         assert!(!east_down[0].endpoints[0].in_table);
@@ -240,6 +279,68 @@ services:
         assert_eq!(all_down[0].tier, Some(Tier::Panic));
         // Panic keeps every endpoint, weights included (3 slots for weight 3).
         assert_eq!(all_down[0].table.len(), 5);
+        assert!(all_down[0].standby.is_empty());
+        assert!(all_down[0].endpoints.iter().all(|e| !e.standby));
+    }
+
+    #[test]
+    fn standby_and_primary_tables_share_max_slots() {
+        let selected = Selection {
+            tier: Some(Tier::SameZone),
+            loads: vec![(Tier::SameZone, 100)],
+            members: (0..5000).map(|key| (key, 1)).collect(),
+            standby: (5000..5300).map(|key| (key, 1)).collect(),
+        };
+        let (table, standby) = slot_tables(&selected);
+        assert_eq!(standby.len(), MAX_STANDBY_SLOTS);
+        assert_eq!(table.len(), MAX_SLOTS as usize - MAX_STANDBY_SLOTS);
+        // A small standby table leaves the rest to the primary.
+        let selected = Selection {
+            standby: vec![(9999, 7)],
+            ..selected
+        };
+        let (table, standby) = slot_tables(&selected);
+        assert_eq!((table.len(), standby), (MAX_SLOTS as usize - 1, vec![9999]));
+    }
+
+    mod properties {
+        use super::super::*;
+        use crate::selection::tests::properties::{candidates, node, policy, spill};
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Each loaded tier's share of the primary table is its load, to within the
+            /// table's resolution. Largest-remainder apportionment puts each member
+            /// within one slot of its quota of the `budget` slots it had (raising a
+            /// member to one slot takes less than a slot from the others in all), and
+            /// reducing by the gcd keeps the shares; so a tier is off by less than N
+            /// slots of `budget` (N members), plus the weights' own rounding to parts
+            /// per million (2N ppm, see selection's properties). Tables that fit
+            /// `budget` are exact but for that rounding.
+            #[test]
+            fn tables_carry_each_tier_its_load(candidates in candidates(), spill in spill()) {
+                let (node, policy) = (node(), policy());
+                let selected = selection::select(&node, &policy, spill, &candidates);
+                let (table, standby) = slot_tables(&selected);
+                prop_assert!(table.len() + standby.len() <= MAX_SLOTS as usize);
+                prop_assert!(standby.len() <= MAX_STANDBY_SLOTS);
+                prop_assert_eq!(table.is_empty(), candidates.is_empty());
+                prop_assert!(table.iter().all(|key| !standby.contains(key)));
+                if selected.tier == Some(Tier::Panic) {
+                    return Ok(());
+                }
+                let budget = (MAX_SLOTS as usize - standby.len()) as f64;
+                let n = selected.members.len() as f64;
+                let tier = |key: usize| selection::tier_of(&node, &policy, &candidates[key].locality);
+                for (loaded, load) in &selected.loads {
+                    let slots = table.iter().filter(|&&key| tier(key) == *loaded).count();
+                    let share = slots as f64 / table.len() as f64;
+                    let error = (share - f64::from(*load) / 100.0).abs();
+                    prop_assert!(error < n / budget + 2.0 * n / 1e6,
+                        "{} has {} of {} slots for a load of {}%", loaded, slots, table.len(), load);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,17 +1,31 @@
-//! Which backends go in a service's table: health + locality policy → tier and members,
-//! then members → a weighted slot table the kernel picks from in O(1).
+//! Which backends go in a service's table: health + locality policy → how much of the
+//! traffic each tier takes and which endpoints serve it, then members → a weighted slot
+//! table the kernel picks from in O(1).
 //!
-//! This is Istio/Envoy locality load balancing with strict spill: all traffic goes to
-//! the best tier that has a usable endpoint, none to the tiers after it. Tiers, best
-//! first: same zone, same region, each failover target in order, then everything else.
+//! This is Istio/Envoy locality load balancing. Tiers, best first: same zone, same region,
+//! each failover target in order, then everything else; they play the part of Envoy's
+//! priorities. The service's [`Spill`] says how traffic moves down the tiers: strictly
+//! (all of it to the best tier with a usable endpoint) or gradually (Envoy's priority
+//! load, see [`Spill::Gradual`]). An endpoint is usable when healthy with weight > 0.
 //!
 //! Invariants:
 //! - every endpoint belongs to exactly one tier, the best it qualifies for, and that
 //!   tier depends only on localities and policy, never on health ([`tier_of`]);
-//! - the chosen tier is the best one with a healthy endpoint of weight > 0, and its
-//!   members are exactly those endpoints, in candidate order, with their weights;
+//! - only tiers with a usable endpoint receive traffic; `loads` lists them best first
+//!   with whole percents that sum to exactly 100. Strict: the best such tier, 100.
+//!   Gradual: Envoy's priority load over the tiers present (`priority_loads`), or
+//!   strict when every tier's health rounds down to 0;
+//! - `tier` is the first tier in `loads`;
+//! - the members are exactly the usable endpoints of the tiers in `loads`, grouped by
+//!   tier best first, in candidate order within a tier. With one tier in `loads` they
+//!   keep the endpoints' weights; with several, a member's share of the total weight is
+//!   its tier's load × its weight / its tier's usable weight: exactly when the reduced
+//!   integers fit in a `u32`, else to the nearest part per million (at least 1);
+//! - the standby members are the usable endpoints, with their weights and in candidate
+//!   order, of the first tier after the last tier in `loads` that has one; empty when
+//!   there is none and in panic. They are never members;
 //! - a service with endpoints is never black-holed: when none is usable, the tier is
-//!   [`Tier::Panic`] and every endpoint is a member;
+//!   [`Tier::Panic`] with load 100 and every endpoint is a member;
 //! - [`slot_table`] is deterministic, never longer than `max_slots`, and gives every
 //!   member with weight > 0 at least one slot as long as they fit.
 //!
@@ -85,10 +99,18 @@ impl Default for Spill {
 /// The outcome for one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection<K> {
-    /// `None` when the service has no endpoints at all.
+    /// The best tier that receives traffic, [`Tier::Panic`] when nothing is usable, `None`
+    /// when the service has no endpoints at all.
     pub tier: Option<Tier>,
-    /// Key and weight of each member, in candidate order.
+    /// Percent of the traffic each tier receives, best first, only tiers that receive
+    /// some; sums to 100 (empty when there are no endpoints).
+    pub loads: Vec<(Tier, u32)>,
+    /// Key and effective weight of each member: grouped by tier best first, in candidate
+    /// order within a tier. See the module invariants for how weights are scaled.
     pub members: Vec<(K, u32)>,
+    /// Key and weight of each usable endpoint of the next tier after those receiving
+    /// traffic, for the kernel to fall back to when it finds every member suspect.
+    pub standby: Vec<(K, u32)>,
 }
 
 impl<K> fmt::Display for Selection<K> {
@@ -158,17 +180,21 @@ fn classify(
         })
 }
 
-/// Chooses the tier and its members for one service. See the module invariants.
+/// Chooses the tiers, their loads, members and standby for one service. See the module
+/// invariants.
 #[must_use]
 pub fn select<K: Clone>(
     node: &Locality,
     policy: &LocalityLbSetting,
+    spill: Spill,
     candidates: &[Candidate<K>],
 ) -> Selection<K> {
     if candidates.is_empty() {
         return Selection {
             tier: None,
+            loads: Vec::new(),
             members: Vec::new(),
+            standby: Vec::new(),
         };
     }
     let targets = failover_targets(node, policy);
@@ -176,31 +202,177 @@ pub fn select<K: Clone>(
         .iter()
         .map(|candidate| classify(node, policy, &targets, &candidate.locality))
         .collect();
-    let usable = |candidate: &Candidate<K>| candidate.healthy && candidate.weight > 0;
-    let best = candidates
+    // The tiers present, best first; `level[c]` is candidate c's index into them.
+    let mut present = tiers.clone();
+    present.sort();
+    present.dedup();
+    let level: Vec<usize> = tiers
         .iter()
-        .zip(&tiers)
-        .filter(|(candidate, _)| usable(candidate))
-        .map(|(_, tier)| tier)
-        .min()
-        .cloned();
-    let member = |candidate: &Candidate<K>| (candidate.key.clone(), candidate.weight);
-    match best {
-        Some(tier) => Selection {
-            members: candidates
-                .iter()
-                .zip(&tiers)
-                .filter(|(candidate, candidate_tier)| usable(candidate) && **candidate_tier == tier)
-                .map(|(candidate, _)| member(candidate))
-                .collect(),
-            tier: Some(tier),
-        },
-        // Sending to backends that may be down beats refusing every connection.
-        None => Selection {
-            tier: Some(Tier::Panic),
-            members: candidates.iter().map(member).collect(),
-        },
+        .map(|tier| present.partition_point(|other| other < tier))
+        .collect();
+    let usable = |candidate: &Candidate<K>| candidate.healthy && candidate.weight > 0;
+    let mut hosts = vec![0; present.len()];
+    let mut usable_hosts = vec![0; present.len()];
+    for (candidate, &at) in candidates.iter().zip(&level) {
+        hosts[at] += 1;
+        usable_hosts[at] += u64::from(usable(candidate));
     }
+    let member = |candidate: &Candidate<K>| (candidate.key.clone(), candidate.weight);
+    let Some(best) = usable_hosts.iter().position(|&count| count > 0) else {
+        // Sending to backends that may be down beats refusing every connection.
+        return Selection {
+            tier: Some(Tier::Panic),
+            loads: vec![(Tier::Panic, 100)],
+            members: candidates.iter().map(member).collect(),
+            standby: Vec::new(),
+        };
+    };
+    let loads = match spill {
+        Spill::Strict => None,
+        Spill::Gradual {
+            overprovisioning_percent,
+        } => priority_loads(&hosts, &usable_hosts, overprovisioning_percent),
+    }
+    .unwrap_or_else(|| {
+        let mut strict = vec![0; present.len()];
+        strict[best] = 100;
+        strict
+    });
+    let usable_in = |at: usize| -> Vec<(K, u32)> {
+        candidates
+            .iter()
+            .zip(&level)
+            .filter(|&(candidate, &of)| of == at && usable(candidate))
+            .map(|(candidate, _)| member(candidate))
+            .collect()
+    };
+    let loaded: Vec<usize> = (0..present.len()).filter(|&at| loads[at] > 0).collect();
+    let members = match loaded[..] {
+        [only] => usable_in(only),
+        _ => spread(
+            loaded
+                .iter()
+                .map(|&at| (loads[at], usable_in(at)))
+                .collect(),
+        ),
+    };
+    let after = loaded.last().map_or(present.len(), |&last| last + 1);
+    let standby = (after..present.len())
+        .find(|&at| usable_hosts[at] > 0)
+        .map_or_else(Vec::new, usable_in);
+    Selection {
+        tier: loaded.first().map(|&at| present[at].clone()),
+        loads: loaded
+            .iter()
+            .map(|&at| (present[at].clone(), loads[at]))
+            .collect(),
+        members,
+        standby,
+    }
+}
+
+/// Envoy's priority load over tiers best first, in whole percents summing to 100, or
+/// `None` when every tier's health is 0. Follows Envoy's
+/// `LoadBalancerBase::recalculatePerPriorityState` and `distributeLoad`
+/// (`source/common/upstream/load_balancer_impl.cc`), integer arithmetic included:
+///
+/// - health_i = min(100, ⌊factor × usable_i / hosts_i⌋), factor in percent (140 = 1.4),
+///   counting endpoints, not weights; a weight-0 or unhealthy endpoint is a host but
+///   not usable;
+/// - normalised = min(100, Σ health_i);
+/// - load_i = min(remaining, ⌊health_i × 100 / normalised⌋), best tier first, so when
+///   the tiers together are short of 100 each keeps its proportion of the traffic;
+/// - what the floors leave over goes to the first tier with health > 0.
+///
+/// Envoy has no traffic to place at a total health of 0 and enters panic; detour still
+/// has usable endpoints then (at most 1% of a large tier each), and the caller falls
+/// back to strict rather than send traffic to endpoints it knows are down. Envoy's
+/// per-priority panic threshold is not modelled: panic is "nothing usable" alone.
+fn priority_loads(
+    hosts: &[u64],
+    usable: &[u64],
+    overprovisioning_percent: u32,
+) -> Option<Vec<u32>> {
+    let health: Vec<u64> = hosts
+        .iter()
+        .zip(usable)
+        .map(|(&hosts, &usable)| {
+            (u64::from(overprovisioning_percent) * usable)
+                .checked_div(hosts)
+                .map_or(0, |health| health.min(100))
+        })
+        .collect();
+    let normalised = health.iter().sum::<u64>().min(100);
+    let first = health.iter().position(|&h| h > 0)?;
+    let mut remaining = 100;
+    let mut loads: Vec<u32> = health
+        .iter()
+        .map(|&h| {
+            let load = remaining.min(h * 100 / normalised);
+            remaining -= load;
+            // At most 100, so the cast is exact.
+            load as u32
+        })
+        .collect();
+    loads[first] += remaining as u32;
+    Some(loads)
+}
+
+/// Members of several tiers, each tier given as its load and its usable members, with
+/// weights whose shares are load × weight / the tier's weight sum. Exact when those
+/// integers, divided by their gcd, fit in a `u32`; else parts per million of the
+/// traffic, rounded to nearest, at least 1 so that no member loses its slot.
+fn spread<K>(tiers: Vec<(u32, Vec<(K, u32)>)>) -> Vec<(K, u32)> {
+    let sums: Vec<u128> = tiers
+        .iter()
+        .map(|(_, members)| members.iter().map(|(_, w)| u128::from(*w)).sum())
+        .collect();
+    let weights = exact_weights(&tiers, &sums).unwrap_or_else(|| {
+        tiers
+            .iter()
+            .zip(&sums)
+            .flat_map(|((load, members), &sum)| {
+                members.iter().map(move |(_, weight)| {
+                    let ppm = u128::from(*load) * 10_000 * u128::from(*weight);
+                    // ≤ 1_000_000 since weight ≤ sum and load ≤ 100.
+                    ((2 * ppm + sum) / (2 * sum)).max(1) as u32
+                })
+            })
+            .collect()
+    });
+    tiers
+        .into_iter()
+        .flat_map(|(_, members)| members)
+        .zip(weights)
+        .map(|((key, _), weight)| (key, weight))
+        .collect()
+}
+
+/// load × weight × (lcm of the sums / the tier's sum), divided by the gcd of all; `None`
+/// on overflow or when a result does not fit in a `u32`.
+fn exact_weights<K>(tiers: &[(u32, Vec<(K, u32)>)], sums: &[u128]) -> Option<Vec<u32>> {
+    let lcm = sums.iter().try_fold(1u128, |lcm, &sum| {
+        (lcm / wide_gcd(lcm, sum)).checked_mul(sum)
+    })?;
+    let mut weights = Vec::new();
+    for ((load, members), &sum) in tiers.iter().zip(sums) {
+        let scale = (lcm / sum).checked_mul(u128::from(*load))?;
+        for (_, weight) in members {
+            weights.push(scale.checked_mul(u128::from(*weight))?);
+        }
+    }
+    let divisor = weights.iter().copied().fold(0, wide_gcd).max(1);
+    weights
+        .into_iter()
+        .map(|weight| u32::try_from(weight / divisor).ok())
+        .collect()
+}
+
+fn wide_gcd(mut a: u128, mut b: u128) -> u128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Expands members into a table of at most `max_slots` keys, for a uniform random
@@ -343,7 +515,7 @@ fn interleave(counts: &[u64]) -> Vec<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::FailoverRule;
 
@@ -427,7 +599,10 @@ mod tests {
             ([false; 5], "panic zone-b,zone-c,region,west,europe"),
         ];
         for (health, expected) in cases {
-            assert_eq!(shown(&select(&node, &policy, &mydb(health))), expected);
+            assert_eq!(
+                shown(&select(&node, &policy, Spill::Strict, &mydb(health))),
+                expected
+            );
         }
     }
 
@@ -486,7 +661,7 @@ mod tests {
             up("west-1a", "eu-west/eu-west-1a"),
         ];
         assert_eq!(
-            shown(&select(&node, &policy, &candidates)),
+            shown(&select(&node, &policy, Spill::Strict, &candidates)),
             "failover[2]:eu-west/eu-west-1a west-1a"
         );
     }
@@ -502,12 +677,12 @@ mod tests {
         ];
         let node = Locality::default();
         assert_eq!(
-            shown(&select(&node, &policy, &candidates)),
+            shown(&select(&node, &policy, Spill::Strict, &candidates)),
             "failover[0]:kind2 kind2-b"
         );
         let candidates = [up("kind3-a", "kind3"), down("kind2-a", "kind2")];
         assert_eq!(
-            shown(&select(&node, &policy, &candidates)),
+            shown(&select(&node, &policy, Spill::Strict, &candidates)),
             "failover[1]:kind3 kind3-a"
         );
     }
@@ -523,7 +698,7 @@ mod tests {
             up("nowhere", ""),
         ];
         assert_eq!(
-            shown(&select(&node, &policy, &candidates)),
+            shown(&select(&node, &policy, Spill::Strict, &candidates)),
             "other east,west,nowhere"
         );
         assert_eq!(
@@ -539,7 +714,7 @@ mod tests {
         policy.enabled = false;
         let candidates = [up("west", "us-west"), up("zone-b", NODE)];
         assert_eq!(
-            shown(&select(&node, &policy, &candidates)),
+            shown(&select(&node, &policy, Spill::Strict, &candidates)),
             "other west,zone-b"
         );
     }
@@ -554,7 +729,7 @@ mod tests {
             candidate("light", "us-east1", 2, true),
             candidate("down", "us-east1", 7, false),
         ];
-        let selection = select(&node, &policy, &candidates);
+        let selection = select(&node, &policy, Spill::Strict, &candidates);
         assert_eq!(selection.tier, Some(Tier::SameRegion));
         assert_eq!(selection.members, vec![("heavy", 5), ("light", 2)]);
     }
@@ -567,7 +742,12 @@ mod tests {
             candidate("b", "eu-west", 0, true),
             candidate("c", "", 1, false),
         ];
-        let selection = select(&node, &LocalityLbSetting::default(), &candidates);
+        let selection = select(
+            &node,
+            &LocalityLbSetting::default(),
+            Spill::Strict,
+            &candidates,
+        );
         assert_eq!(selection.to_string(), "panic");
         assert_eq!(selection.members, vec![("a", 3), ("b", 0), ("c", 1)]);
         assert_eq!(
@@ -578,10 +758,221 @@ mod tests {
 
     #[test]
     fn no_endpoints_selects_nothing() {
-        let selection = select::<&str>(&locality(NODE), &LocalityLbSetting::default(), &[]);
+        let selection = select::<&str>(
+            &locality(NODE),
+            &LocalityLbSetting::default(),
+            Spill::Strict,
+            &[],
+        );
         assert_eq!(selection.tier, None);
         assert!(selection.members.is_empty());
         assert_eq!(selection.to_string(), "none");
+        assert!(selection.loads.is_empty());
+        assert!(selection.standby.is_empty());
+    }
+
+    fn gradual(overprovisioning_percent: u32) -> Spill {
+        Spill::Gradual {
+            overprovisioning_percent,
+        }
+    }
+
+    /// Tier names and loads as the CLI might print them.
+    fn loads(selection: &Selection<&'static str>) -> String {
+        let loads: Vec<String> = selection
+            .loads
+            .iter()
+            .map(|(tier, load)| format!("{tier}={load}%"))
+            .collect();
+        loads.join(" ")
+    }
+
+    #[test]
+    fn strict_loads_one_tier_and_stands_by_with_the_next_usable_one() {
+        let node = locality(NODE);
+        let policy = policy(&[("us-east1", "us-west")], &[]);
+        let selection = select(&node, &policy, Spill::Strict, &mydb([true; 5]));
+        assert_eq!(loads(&selection), "same-zone=100%");
+        assert_eq!(selection.standby, vec![("zone-c", 1), ("region", 1)]);
+        let selection = select(
+            &node,
+            &policy,
+            Spill::Strict,
+            &mydb([false, true, true, true, true]),
+        );
+        assert_eq!(selection.standby, vec![("west", 1)]);
+        // The same region has nothing usable, so us-west stands by for the zone.
+        let selection = select(
+            &node,
+            &policy,
+            Spill::Strict,
+            &mydb([true, false, false, true, true]),
+        );
+        assert_eq!(shown(&selection), "same-zone zone-b");
+        assert_eq!(selection.standby, vec![("west", 1)]);
+        // The last tier has nothing after it.
+        let selection = select(
+            &node,
+            &policy,
+            Spill::Strict,
+            &mydb([false, false, false, false, true]),
+        );
+        assert!(selection.standby.is_empty());
+    }
+
+    /// The seed: a node in us-east1, two endpoints there, one in us-west to fail over to.
+    fn seed(second_east_healthy: bool) -> Vec<Candidate<&'static str>> {
+        vec![
+            up("east-1", "us-east1/us-east1-b"),
+            candidate("east-2", "us-east1/us-east1-c", 1, second_east_healthy),
+            up("west", "us-west/us-west-1a"),
+        ]
+    }
+
+    #[test]
+    fn gradual_spill_sends_what_a_tier_cannot_carry_to_the_next() {
+        let node = locality("us-east1");
+        let policy = policy(&[("us-east1", "us-west")], &[]);
+        // One of two east endpoints left: health min(100, 1.4 × 50%) = 70%.
+        let selection = select(&node, &policy, gradual(140), &seed(false));
+        assert_eq!(loads(&selection), "same-region=70% failover[0]:us-west=30%");
+        assert_eq!(selection.tier, Some(Tier::SameRegion));
+        assert_eq!(selection.members, vec![("east-1", 7), ("west", 3)]);
+        assert!(selection.standby.is_empty());
+        let table = slot_table(&selection.members, 4096);
+        assert_eq!((counts(&table, "east-1"), counts(&table, "west")), (7, 3));
+
+        let selection = select(&node, &policy, gradual(140), &seed(true));
+        assert_eq!(loads(&selection), "same-region=100%");
+        assert_eq!(selection.members, vec![("east-1", 1), ("east-2", 1)]);
+        assert_eq!(selection.standby, vec![("west", 1)]);
+
+        // Without overprovisioning a tier carries exactly its usable share.
+        let selection = select(&node, &policy, gradual(100), &seed(false));
+        assert_eq!(loads(&selection), "same-region=50% failover[0]:us-west=50%");
+        assert_eq!(selection.members, vec![("east-1", 1), ("west", 1)]);
+    }
+
+    #[test]
+    fn gradual_spill_normalises_when_all_tiers_together_are_short() {
+        let node = locality(NODE);
+        let policy = policy(&[("us-east1", "us-west")], &[]);
+        let mut candidates = vec![up("zone", NODE), up("region", "us-east1/us-east1-c")];
+        candidates.push(up("west", "us-west"));
+        candidates.extend(std::iter::repeat_n(down("zone-down", NODE), 3));
+        candidates.extend(std::iter::repeat_n(down("region-down", "us-east1"), 4));
+        candidates.extend(std::iter::repeat_n(down("west-down", "us-west"), 9));
+        // Health 35%, 28% and 14%: 77% in all. Loads ⌊35·100/77⌋ = 45, ⌊2800/77⌋ = 36,
+        // ⌊1400/77⌋ = 18, and the 1 the floors leave goes to the first tier.
+        let selection = select(&node, &policy, gradual(140), &candidates);
+        assert_eq!(
+            loads(&selection),
+            "same-zone=46% same-region=36% failover[0]:us-west=18%"
+        );
+        assert_eq!(
+            selection.members,
+            vec![("zone", 23), ("region", 18), ("west", 9)]
+        );
+    }
+
+    #[test]
+    fn gradual_spill_shares_a_tier_by_weight_and_counts_hosts_not_weights() {
+        let node = locality(NODE);
+        let policy = policy(&[], &[]);
+        let candidates = [
+            candidate("heavy", NODE, 3, true),
+            candidate("light", NODE, 1, true),
+            candidate("down", NODE, 8, false),
+            candidate("region", "us-east1", 5, true),
+        ];
+        // Health ⌊140 × 2/3⌋ = 93: heavy 93·3/4, light 93·1/4, region 7.
+        let selection = select(&node, &policy, gradual(140), &candidates);
+        assert_eq!(loads(&selection), "same-zone=93% same-region=7%");
+        assert_eq!(
+            selection.members,
+            vec![("heavy", 279), ("light", 93), ("region", 28)]
+        );
+        // A drained endpoint counts as a host that cannot take traffic.
+        let candidates = [
+            up("zone", NODE),
+            candidate("drained", NODE, 0, true),
+            up("region", "us-east1"),
+        ];
+        let selection = select(&node, &policy, gradual(140), &candidates);
+        assert_eq!(loads(&selection), "same-zone=70% same-region=30%");
+        assert_eq!(selection.members, vec![("zone", 7), ("region", 3)]);
+    }
+
+    #[test]
+    fn gradual_weights_fall_back_to_parts_per_million_when_exact_ones_do_not_fit() {
+        let node = locality(NODE);
+        let policy = policy(&[], &[]);
+        let candidates = [
+            candidate("zone", NODE, 4_000_000_000, true),
+            down("zone-down", NODE),
+            candidate("heavy", "us-east1", 3_999_999_999, true),
+            candidate("light", "us-east1", 1, true),
+        ];
+        let selection = select(&node, &policy, gradual(140), &candidates);
+        assert_eq!(loads(&selection), "same-zone=70% same-region=30%");
+        // `light` would round to 0 ppm; it keeps 1 so that it keeps a slot.
+        assert_eq!(
+            selection.members,
+            vec![("zone", 700_000), ("heavy", 300_000), ("light", 1)]
+        );
+    }
+
+    #[test]
+    fn gradual_spill_stands_by_with_the_tier_after_the_loaded_ones() {
+        let node = locality(NODE);
+        let policy = policy(&[("us-east1", "us-west")], &[]);
+        let selection = select(
+            &node,
+            &policy,
+            gradual(140),
+            &mydb([false, true, true, true, true]),
+        );
+        assert_eq!(loads(&selection), "same-region=100%");
+        assert_eq!(selection.standby, vec![("west", 1)]);
+        let mut candidates = mydb([true; 5]);
+        candidates.push(down("zone-b-down", NODE));
+        candidates.push(down("west-down", "us-west"));
+        let selection = select(&node, &policy, gradual(140), &candidates);
+        assert_eq!(loads(&selection), "same-zone=70% same-region=30%");
+        assert_eq!(selection.standby, vec![("west", 1)]);
+        candidates[3].healthy = false;
+        let selection = select(&node, &policy, gradual(140), &candidates);
+        assert_eq!(selection.standby, vec![("europe", 1)]);
+    }
+
+    #[test]
+    fn gradual_spill_falls_back_to_strict_when_every_health_rounds_to_zero() {
+        let node = locality(NODE);
+        let policy = policy(&[], &[]);
+        // 1 of 141: ⌊140/141⌋ = 0, yet the endpoint is usable.
+        let mut candidates = vec![up("last", NODE)];
+        candidates.extend(std::iter::repeat_n(down("down", NODE), 140));
+        candidates.push(down("region", "us-east1"));
+        candidates.push(up("other", "eu-west"));
+        let selection = select(&node, &policy, gradual(140), &candidates[..142]);
+        assert_eq!(shown(&selection), "same-zone last");
+        assert_eq!(loads(&selection), "same-zone=100%");
+        // With a healthy tier elsewhere, Envoy gives the zone nothing, and so do we.
+        let selection = select(&node, &policy, gradual(140), &candidates);
+        assert_eq!(shown(&selection), "other other");
+        assert!(selection.standby.is_empty());
+    }
+
+    #[test]
+    fn panic_has_no_standby() {
+        let node = locality(NODE);
+        let policy = policy(&[("us-east1", "us-west")], &[]);
+        for spill in [Spill::Strict, gradual(140)] {
+            let selection = select(&node, &policy, spill, &mydb([false; 5]));
+            assert_eq!(loads(&selection), "panic=100%");
+            assert_eq!(selection.members.len(), 5);
+            assert!(selection.standby.is_empty());
+        }
     }
 
     #[test]
@@ -653,7 +1044,7 @@ mod tests {
         assert_eq!(heavy_first_half, 2, "{table:?}");
     }
 
-    mod properties {
+    pub(crate) mod properties {
         use super::super::*;
         use proptest::prelude::*;
 
@@ -662,7 +1053,133 @@ mod tests {
                 .prop_map(|weights| weights.into_iter().enumerate().collect())
         }
 
+        const PLACES: [&str; 6] = [
+            "us-east1/us-east1-b",
+            "us-east1/us-east1-c",
+            "us-east1",
+            "us-west/us-west-1a",
+            "eu-west",
+            "",
+        ];
+
+        /// Candidates keyed by their index, spread over the tiers of [`PLACES`].
+        pub(crate) fn candidates() -> impl Strategy<Value = Vec<Candidate<usize>>> {
+            let one = (
+                0..PLACES.len(),
+                prop_oneof![Just(0u32), 1u32..=10, 1u32..=1_000_000, Just(u32::MAX)],
+                prop::bool::weighted(0.7),
+            );
+            prop::collection::vec(one, 0..24).prop_map(|picks| {
+                picks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(key, (place, weight, healthy))| Candidate {
+                        key,
+                        locality: PLACES[place].parse().unwrap(),
+                        weight,
+                        healthy,
+                    })
+                    .collect()
+            })
+        }
+
+        pub(crate) fn spill() -> impl Strategy<Value = Spill> {
+            prop_oneof![
+                Just(Spill::Strict),
+                (100u32..=400).prop_map(|overprovisioning_percent| Spill::Gradual {
+                    overprovisioning_percent
+                }),
+            ]
+        }
+
+        /// The mydb policy: from us-east1 fail over to us-west.
+        pub(crate) fn policy() -> LocalityLbSetting {
+            super::policy(&[("us-east1", "us-west")], &[])
+        }
+
+        pub(crate) fn node() -> Locality {
+            super::NODE.parse().unwrap()
+        }
+
         proptest! {
+            #[test]
+            fn selections_keep_the_invariants(candidates in candidates(), spill in spill()) {
+                let (node, policy) = (node(), policy());
+                let selection = select(&node, &policy, spill, &candidates);
+                let tier = |key: usize| tier_of(&node, &policy, &candidates[key].locality);
+                let usable = |c: &Candidate<usize>| c.healthy && c.weight > 0;
+                if candidates.is_empty() {
+                    prop_assert_eq!(selection.tier, None);
+                    prop_assert!(selection.loads.is_empty() && selection.members.is_empty());
+                    prop_assert!(selection.standby.is_empty());
+                    return Ok(());
+                }
+                prop_assert_eq!(selection.loads.iter().map(|(_, load)| load).sum::<u32>(), 100);
+                prop_assert!(selection.loads.iter().all(|(_, load)| *load > 0));
+                prop_assert!(selection.loads.windows(2).all(|w| w[0].0 < w[1].0));
+                prop_assert_eq!(selection.tier.as_ref(), Some(&selection.loads[0].0));
+                if !candidates.iter().any(usable) {
+                    prop_assert_eq!(selection.tier, Some(Tier::Panic));
+                    let all: Vec<(usize, u32)> = candidates.iter().map(|c| (c.key, c.weight)).collect();
+                    prop_assert_eq!(selection.members, all);
+                    prop_assert!(selection.standby.is_empty());
+                    return Ok(());
+                }
+                let loaded: Vec<&Tier> = selection.loads.iter().map(|(tier, _)| tier).collect();
+                // Members: the usable endpoints of the loaded tiers, by tier, then in order.
+                let mut expected: Vec<usize> = candidates
+                    .iter()
+                    .filter(|c| usable(c) && loaded.contains(&&tier(c.key)))
+                    .map(|c| c.key)
+                    .collect();
+                expected.sort_by_key(|&key| tier(key));
+                let keys: Vec<usize> = selection.members.iter().map(|(key, _)| *key).collect();
+                prop_assert_eq!(keys, expected);
+                prop_assert!(selection.members.iter().all(|(_, weight)| *weight > 0));
+                if let [(_, 100)] = selection.loads[..] {
+                    let own: Vec<(usize, u32)> = selection
+                        .members
+                        .iter()
+                        .map(|(key, _)| (*key, candidates[*key].weight))
+                        .collect();
+                    prop_assert_eq!(&selection.members, &own, "one tier keeps its weights");
+                }
+                let best_usable = candidates.iter().filter(|c| usable(c)).map(|c| tier(c.key)).min();
+                if spill == Spill::Strict {
+                    prop_assert_eq!(selection.loads.len(), 1);
+                    prop_assert_eq!(selection.tier, best_usable);
+                }
+                // Each tier's share of the weights is its load, to within the rounding to
+                // parts per million: each member off by at most 1 ppm, the total by at
+                // most one per member.
+                let total: u64 = selection.members.iter().map(|(_, w)| u64::from(*w)).sum();
+                let n = selection.members.len() as f64;
+                for (loaded, load) in &selection.loads {
+                    let weight: u64 = selection
+                        .members
+                        .iter()
+                        .filter(|(key, _)| tier(*key) == *loaded)
+                        .map(|(_, w)| u64::from(*w))
+                        .sum();
+                    let share = weight as f64 / total as f64;
+                    prop_assert!((share - f64::from(*load) / 100.0).abs() <= 2.0 * n / 1e6,
+                        "{} has {} of the weight for a load of {}%", loaded, share, load);
+                }
+                // Standby: the first tier with a usable endpoint after the loaded ones.
+                let last = loaded.last().copied().cloned();
+                let next = candidates
+                    .iter()
+                    .filter(|c| usable(c) && Some(tier(c.key)) > last)
+                    .map(|c| tier(c.key))
+                    .min();
+                let standby: Vec<(usize, u32)> = candidates
+                    .iter()
+                    .filter(|c| usable(c) && Some(tier(c.key)) == next)
+                    .map(|c| (c.key, c.weight))
+                    .collect();
+                prop_assert_eq!(selection.standby, standby);
+            }
+
             #[test]
             fn tables_respect_the_bound_and_the_shares(
                 members in members(),
