@@ -5,8 +5,10 @@
 //! each VIP:port; `reconcile` writes those tables into the BPF maps through `dataplane`,
 //! the only module that touches aya. The binary's runtime runs that loop; `api` and `cli`
 //! let a person on the node see what it is doing, and `metrics` lets Prometheus see it.
-//! `outlier` (pure) is the ejection state machine for the passive signals the kernel will
-//! report; it is not wired in yet.
+//!
+//! Passive health: the kernel reports what happens to the connections it rewrote;
+//! `passive` turns those reports into per-service `outlier` (pure) ejections, and
+//! `sockdiag` destroys the sockets still connected to a backend once it leaves.
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -18,3 +20,4 @@ pub mod outlier;
 pub mod passive;
 pub mod reconcile;
 pub mod selection;
+pub mod sockdiag;
