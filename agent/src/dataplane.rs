@@ -25,7 +25,7 @@ use aya::programs::{loaded_programs, CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use detour_ebpf::{
     counters, globals, maps, programs, Backend, BackendState, BackendStats, FrontendKey,
-    ServiceEntry, SlotKey,
+    ServiceEntry, SlotKey, SockOrigin,
 };
 use tracing::{debug, info};
 
@@ -293,10 +293,11 @@ impl Dataplane {
     /// it is not (or no longer) ejected. The measured RTT is kept.
     pub fn clear_suspect(&mut self, id: u32) -> Result<(), MapOpError> {
         let mut state = self.backend_state(id)?;
-        if state.suspect_until_ns == 0 && state.fail_streak == 0 {
+        if state.suspect_until_ns == 0 && state.soft_until_ns == 0 && state.fail_streak == 0 {
             return Ok(());
         }
         state.suspect_until_ns = 0;
+        state.soft_until_ns = 0;
         state.fail_streak = 0;
         self.state
             .set(id, state, 0)
@@ -315,6 +316,17 @@ impl Dataplane {
                 .sum();
         }
         Ok(out)
+    }
+
+    /// A second handle on the map of rewritten sockets, for a blocking task that asks
+    /// "did detour rewrite this socket, and where to?" by cookie.
+    pub fn origins(&self) -> Result<SockOrigins, MapOpError> {
+        let path = self.pin_dir.join("maps").join(maps::SOCK_ORIGIN);
+        let data =
+            MapData::from_pin(&path).map_err(|e| op_err(maps::SOCK_ORIGIN, "open pin", e))?;
+        let map = BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
+            .map_err(|e| op_err(maps::SOCK_ORIGIN, "open", e))?;
+        Ok(SockOrigins { map })
     }
 
     /// The ring buffer of connection events; `None` after the first call.
@@ -383,6 +395,18 @@ fn attach_program(
     fs::rename(&staging, pin).map_err(|e| link_err(e.to_string()))?;
     drop(existing);
     Ok(LinkOutcome::Replaced)
+}
+
+/// Read access to `DETOUR_SOCK_ORIGIN`, independent of the [`Dataplane`].
+pub struct SockOrigins {
+    map: BpfHashMap<MapData, u64, SockOrigin>,
+}
+
+impl SockOrigins {
+    /// What detour did to the socket with this cookie, if it rewrote it.
+    pub fn get(&self, cookie: u64) -> Option<SockOrigin> {
+        self.map.get(&cookie, 0).ok()
+    }
 }
 
 /// The program kinds detour attaches to its cgroup.

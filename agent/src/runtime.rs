@@ -26,10 +26,12 @@ use detour_agent::config::{self, Config, HealthCheckKind};
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan};
 use detour_agent::health::{self, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds};
+use detour_agent::metrics::{self, BackendMetrics, Histogram, ServiceMetrics, Snapshot};
 use detour_agent::outlier::Event as OutlierEvent;
 use detour_agent::passive::{self, PassiveHealth};
 use detour_agent::reconcile::Reconciler;
 use detour_agent::selection::Tier;
+use detour_agent::sockdiag::{self, Which};
 use detour_ebpf::ConnEvent;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
@@ -63,6 +65,9 @@ pub struct AgentArgs {
     /// Connected sockets whose VIP `getpeername` remembers (the oldest are forgotten).
     #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_SOCKETS)]
     max_sockets: u32,
+    /// Where Prometheus scrapes `/metrics` (port 0: any free port, logged at start).
+    #[arg(long, default_value = "127.0.0.1:9474")]
+    metrics_address: SocketAddr,
 }
 
 type ApiCall = (Request, oneshot::Sender<Response>);
@@ -150,6 +155,29 @@ struct Agent {
     backend_of_id: HashMap<u32, SocketAddr>,
     /// What `detour events` streams.
     events: broadcast::Sender<EventView>,
+    /// The cgroup the programs are attached to: whose sockets detour may destroy.
+    cgroup: PathBuf,
+    /// Finished socket destructions come back here.
+    destroyed: mpsc::UnboundedSender<Destroyed>,
+    counters: Counters,
+}
+
+/// What the agent counts itself, for metrics.
+#[derive(Default)]
+struct Counters {
+    events_received: u64,
+    config_reloads_ok: u64,
+    config_reloads_failed: u64,
+    sockets_destroyed: u64,
+    reconcile: Histogram,
+}
+
+/// The outcome of destroying the sockets of one backend of one service.
+struct Destroyed {
+    service: String,
+    backend: SocketAddr,
+    why: &'static str,
+    report: Result<sockdiag::DestroyReport, String>,
 }
 
 /// Enough of a file's metadata to notice a write or a replacement (rename over it).
@@ -184,6 +212,7 @@ fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
 
 impl Agent {
     fn apply(&mut self) {
+        let started = Instant::now();
         let health = &self.health;
         let passive = &self.passive;
         let plans = desired::plan(
@@ -216,6 +245,7 @@ impl Agent {
             &desired::desired(&plans),
             Instant::now(),
         );
+        self.counters.reconcile.observe(started.elapsed());
         for e in &report.errors {
             error!(error = %e, "could not program a frontend; it keeps its previous table");
         }
@@ -254,6 +284,7 @@ impl Agent {
     /// A batch of connection outcomes from the kernel.
     fn on_kernel_events(&mut self, batch: Vec<ConnEvent>) {
         let now = Instant::now();
+        self.counters.events_received += batch.len() as u64;
         let mut changed = false;
         for event in batch {
             let (Some(service), Some(&target)) = (
@@ -304,6 +335,7 @@ impl Agent {
                             Some(target),
                             format!("{kind}; ejection {ejection_count}, for {secs:.0}s"),
                         );
+                        self.terminate(&service, target, "ejected");
                         changed = true;
                     }
                     Some(OutlierEvent::EjectionSkipped { kind, reason, .. }) => {
@@ -330,6 +362,81 @@ impl Agent {
         }
         if changed {
             self.apply();
+        }
+    }
+
+    /// Destroys, in the background, the sockets detour rewrote to `target` for
+    /// `service` (established and still connecting), if the service wants that.
+    fn terminate(&self, service: &str, target: SocketAddr, why: &'static str) {
+        let Some(config) = self.config.service(service) else {
+            return;
+        };
+        if !config.terminate_connections {
+            return;
+        }
+        let frontends: BTreeSet<u32> = self
+            .plans
+            .iter()
+            .filter(|p| p.service == service)
+            .filter_map(|p| self.reconciler.service_id(&p.frontend))
+            .collect();
+        let Some(backend_id) = self.reconciler.backend_id(&target) else {
+            return;
+        };
+        let origins = match self.dataplane.origins() {
+            Ok(origins) => origins,
+            Err(e) => {
+                error!(%service, backend = %target, error = %e, "cannot destroy its sockets");
+                return;
+            }
+        };
+        let (cgroup, done) = (self.cgroup.clone(), self.destroyed.clone());
+        let service = service.to_string();
+        tokio::task::spawn_blocking(move || {
+            // Only sockets detour rewrote, for this service, to this backend.
+            let ours = |cookie: u64| {
+                origins.get(cookie).is_some_and(|o| {
+                    o.backend_id == backend_id && frontends.contains(&o.service_id)
+                })
+            };
+            let report = sockdiag::destroy_in_cgroup(&cgroup, &[target], Which::Both, &ours)
+                .map_err(|e| e.to_string());
+            let _ = done.send(Destroyed {
+                service,
+                backend: target,
+                why,
+                report,
+            });
+        });
+    }
+
+    fn on_destroyed(&mut self, done: Destroyed) {
+        let Destroyed {
+            service,
+            backend,
+            why,
+            report,
+        } = done;
+        match report {
+            Ok(report) => {
+                self.counters.sockets_destroyed += report.destroyed as u64;
+                for e in &report.namespace_errors {
+                    warn!(%service, %backend, error = %e, "could not search a network namespace for sockets");
+                }
+                for (cookie, e) in &report.failed {
+                    warn!(%service, %backend, cookie, error = %e, "could not destroy a socket");
+                }
+                if report.destroyed > 0 {
+                    info!(%service, %backend, why, destroyed = report.destroyed, namespaces = report.namespaces, "sockets destroyed");
+                    self.publish(
+                        "sockets-destroyed",
+                        &service,
+                        Some(backend),
+                        format!("{} ({why})", report.destroyed),
+                    );
+                }
+            }
+            Err(e) => error!(%service, %backend, error = %e, "could not destroy sockets"),
         }
     }
 
@@ -371,6 +478,9 @@ impl Agent {
         };
         let before = entry.0;
         *entry = (change.health, change.last_error.clone());
+        if before.usable() && !change.health.usable() {
+            self.terminate(&change.service, change.target, "failed its health check");
+        }
         if before != change.health {
             self.publish(
                 "health-changed",
@@ -433,14 +543,35 @@ impl Agent {
                     services = config.services.len(),
                     "configuration reloaded"
                 );
+                let removed: Vec<(String, SocketAddr)> = self
+                    .config
+                    .services
+                    .iter()
+                    .flat_map(|old| {
+                        let new = config.service(&old.name);
+                        desired::targets(old)
+                            .filter(move |t| {
+                                new.is_none_or(|n| !desired::targets(n).any(|x| x == *t))
+                            })
+                            .map(|t| (old.name.clone(), t))
+                    })
+                    .collect();
+                // Destroyed with the old plans' frontend ids, before the apply forgets
+                // them; the backend ids outlive the apply by the release delay.
+                for (service, target) in &removed {
+                    self.terminate(service, *target, "removed");
+                }
+                self.counters.config_reloads_ok += 1;
                 self.config = config;
                 self.config_text = text;
                 self.rejected_text = None;
                 self.probes
                     .sync(&self.config, &self.changes, &mut self.health);
+                self.passive.sync(&self.config);
                 self.apply();
             }
             Err(e) => {
+                self.counters.config_reloads_failed += 1;
                 error!(why, error = %format!("{e:#}"), "configuration rejected; still serving the previous one");
             }
         }
@@ -482,7 +613,8 @@ impl Agent {
         else {
             return false;
         };
-        state.suspect_until_ns != 0 && state.suspect_until_ns > monotonic_ns()
+        let now = monotonic_ns();
+        state.suspect_until_ns > now || state.soft_until_ns > now
     }
 
     fn service_views(&self) -> Vec<ServiceView> {
@@ -622,6 +754,67 @@ fn spawn_event_reader(
     }))
 }
 
+impl Agent {
+    fn metrics_snapshot(&self) -> Snapshot {
+        let mut backends = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut services: Vec<ServiceMetrics> = Vec::new();
+        for plan in &self.plans {
+            match services.iter_mut().find(|s| s.service == plan.service) {
+                Some(s) => {
+                    s.backends_in_table +=
+                        plan.endpoints.iter().filter(|e| e.in_table).count() as u64
+                }
+                None => services.push(ServiceMetrics {
+                    service: plan.service.clone(),
+                    tier: tier_name(plan),
+                    panic: plan.tier == Some(Tier::Panic),
+                    backends_in_table: plan.endpoints.iter().filter(|e| e.in_table).count() as u64,
+                }),
+            }
+            for e in &plan.endpoints {
+                if !seen.insert((plan.service.clone(), e.target)) {
+                    continue;
+                }
+                let stats = self.stats(&e.target);
+                let outlier = self.passive.state(&plan.service, e.target);
+                backends.push(BackendMetrics {
+                    service: plan.service.clone(),
+                    backend: e.target.to_string(),
+                    locality: e.locality.clone(),
+                    connects: stats.connects,
+                    established: stats.established,
+                    failures_refused: stats.refused,
+                    failures_timeout: stats.timeouts,
+                    failures_reset: stats.resets,
+                    ejections: outlier.map_or(0, |o| u64::from(o.ejections_total)),
+                    ejected: e.ejected,
+                    healthy: match e.health {
+                        Health::Healthy => Some(true),
+                        Health::Unhealthy => Some(false),
+                        Health::Unknown | Health::Unchecked => None,
+                    },
+                    in_table: e.in_table,
+                });
+            }
+        }
+        let kernel = self.dataplane.counters().unwrap_or_default();
+        Snapshot {
+            backends,
+            services,
+            events_dropped: kernel[detour_ebpf::counters::EVENTS_DROPPED as usize],
+            events_received: self.counters.events_received,
+            reconcile: self.counters.reconcile.clone(),
+            config_reloads_ok: self.counters.config_reloads_ok,
+            config_reloads_failed: self.counters.config_reloads_failed,
+            sockets_destroyed: self.counters.sockets_destroyed,
+            fast_path_avoided: kernel[detour_ebpf::counters::SUSPECT_AVOIDED as usize],
+            fast_path_standby: kernel[detour_ebpf::counters::STANDBY_USED as usize],
+            fast_path_all_suspect: kernel[detour_ebpf::counters::ALL_SUSPECT as usize],
+        }
+    }
+}
+
 fn tier_name(plan: &FrontendPlan) -> String {
     plan.tier
         .as_ref()
@@ -664,6 +857,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .context("the event ring buffer is missing")?;
     let (kernel_tx, mut kernel_rx) = mpsc::channel::<Vec<ConnEvent>>(256);
     let event_reader = spawn_event_reader(ring, kernel_tx)?;
+    let (destroyed_tx, mut destroyed_rx) = mpsc::unbounded_channel::<Destroyed>();
     let mut agent = Agent {
         config_path: args.config.clone(),
         config,
@@ -680,6 +874,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         service_of_id: HashMap::new(),
         backend_of_id: HashMap::new(),
         events: events_tx,
+        cgroup: cgroup.clone(),
+        destroyed: destroyed_tx,
+        counters: Counters::default(),
     };
     agent
         .probes
@@ -696,6 +893,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (api_tx, mut api_rx) = mpsc::channel::<ApiCall>(64);
     let listener = api::bind(&args.socket)?;
     let api_task = tokio::spawn(serve_api(listener, api_tx, agent.events.clone()));
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_address)
+        .await
+        .with_context(|| format!("binding the metrics address {}", args.metrics_address))?;
+    info!(address = %metrics_listener.local_addr()?, "metrics listening");
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<oneshot::Sender<String>>(16);
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, move || {
+        let scrape = scrape_tx.clone();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            if scrape.send(tx).await.is_err() {
+                return String::new();
+            }
+            rx.await.unwrap_or_default()
+        }
+    }));
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -706,6 +918,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let outlier_deadline = agent.passive.next_deadline();
         tokio::select! {
             Some(batch) = kernel_rx.recv() => agent.on_kernel_events(batch),
+            Some(done) = destroyed_rx.recv() => agent.on_destroyed(done),
+            Some(reply) = scrape_rx.recv() => {
+                let _ = reply.send(metrics::render(&agent.metrics_snapshot()));
+            }
             () = sleep_until(outlier_deadline), if outlier_deadline.is_some() => {
                 agent.on_outlier_deadline();
             }
@@ -726,6 +942,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     api_task.abort();
     event_reader.abort();
+    metrics_task.abort();
     let _ = std::fs::remove_file(&args.socket);
     warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");
     Ok(())

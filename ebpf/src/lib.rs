@@ -204,6 +204,11 @@ pub struct BackendState {
     /// timeout is at least 3× this, so a far backend is not mistaken for a dead one.
     pub rtt_us: u32,
     pub pad: u32,
+    /// A softer mark: a SYN was retransmitted and the handshake's outcome is not known
+    /// yet (a black hole, or a listen queue that overflowed). Connects avoid the
+    /// backend until then, but prefer it to one with a `suspect_until_ns` mark when
+    /// everything is suspect. Lasts 4 handshake timeouts; a completed handshake ends it.
+    pub soft_until_ns: u64,
 }
 
 /// Kinds of [`ConnEvent`].
@@ -288,6 +293,6 @@ const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 32);
 const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 40);
-const _: () = assert!(core::mem::size_of::<BackendState>() == 24);
+const _: () = assert!(core::mem::size_of::<BackendState>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32);
 const _: () = assert!(core::mem::size_of::<SockOrigin>() == 60);

@@ -20,12 +20,14 @@
 //! and the success that ends a failure run go to the agent through a ring buffer, and a
 //! full ring drops the event and counts the drop.
 //!
-//! In-kernel fast path: a first SYN retransmission, or a failure that completes
-//! `fail_threshold` failures in a row, marks the backend suspect in
-//! `DETOUR_BACKEND_STATE` until `suspect_ms` from now. A
+//! In-kernel fast path: a failure that completes `fail_threshold` failures in a row
+//! marks the backend suspect in `DETOUR_BACKEND_STATE` until `suspect_ms` from now; a
+//! first SYN retransmission marks it softly suspect for 4 handshake timeouts (its
+//! handshake completing ends that). A
 //! connect whose random pick is suspect looks at the next [`SUSPECT_PROBES`] slots of the
 //! table, then of the standby set (the next tier), and only when all of those are suspect
-//! uses its first pick, so a service is never black-holed. The agent stays the authority:
+//! uses the first softly suspect backend it saw, else its first pick, so a service is
+//! never black-holed. The agent stays the authority:
 //! it clears marks it does not confirm and rewrites tables without ejected backends.
 //!
 //! Why `sock_ops` rather than the `inet_sock_set_state` tracepoint: it runs only for
@@ -143,25 +145,39 @@ mod programs {
         unsafe { SLOTS.get(&slot) }.copied()
     }
 
-    /// Whether the kernel's fast path currently avoids `backend_id`. `now` is read once,
-    /// and only when some backend has a mark: healthy services never pay for the clock.
+    const CLEAR: u32 = 0;
+    const SOFT: u32 = 1;
+    const HARD: u32 = 2;
+
+    /// How strongly the kernel's fast path currently avoids `backend_id`: [`CLEAR`],
+    /// [`SOFT`] (a SYN retransmission awaits its outcome) or [`HARD`] (failures). `now`
+    /// is read once, and only when some backend has a mark: healthy services never pay
+    /// for the clock.
     #[inline(always)]
-    fn is_suspect(backend_id: u32, now: &mut u64) -> bool {
+    fn suspicion(backend_id: u32, now: &mut u64) -> u32 {
         let Some(state) = BACKEND_STATE.get(backend_id) else {
-            return false;
+            return CLEAR;
         };
-        let until = unsafe { core::ptr::read_volatile(&state.suspect_until_ns) };
-        if until == 0 {
-            return false;
+        let hard = unsafe { core::ptr::read_volatile(&state.suspect_until_ns) };
+        let soft = unsafe { core::ptr::read_volatile(&state.soft_until_ns) };
+        if hard == 0 && soft == 0 {
+            return CLEAR;
         }
         if *now == 0 {
             *now = unsafe { bpf_ktime_get_ns() };
         }
-        until > *now
+        if hard > *now {
+            HARD
+        } else if soft > *now {
+            SOFT
+        } else {
+            CLEAR
+        }
     }
 
-    /// The first backend that is not suspect among `probes` slots `base + (start + i) %
-    /// len`, `i` from `first`.
+    /// The first backend that is not suspect among the slots `base + (start + i) % len`,
+    /// `i` from `first` up to [`SUSPECT_PROBES`]; meanwhile remembers in `soft` the first
+    /// one that is only softly suspect.
     #[inline(always)]
     fn unsuspected(
         entry: &ServiceEntry,
@@ -170,12 +186,15 @@ mod programs {
         start: u32,
         first: u32,
         now: &mut u64,
+        soft: &mut Option<u32>,
     ) -> Option<u32> {
         let mut i = first;
         while i < SUSPECT_PROBES && i < len {
             if let Some(id) = slot_backend(entry, base + (start + i) % len) {
-                if !is_suspect(id, now) {
-                    return Some(id);
+                match suspicion(id, now) {
+                    CLEAR => return Some(id),
+                    SOFT if soft.is_none() => *soft = Some(id),
+                    _ => {}
                 }
             }
             i += 1;
@@ -195,29 +214,29 @@ mod programs {
         let first = slot_backend(&entry, start)?;
         let mut now = 0;
         let mut backend_id = first;
-        if is_suspect(first, &mut now) {
-            if let Some(id) = unsuspected(&entry, 0, entry.slot_count, start, 1, &mut now) {
+        let first_suspicion = suspicion(first, &mut now);
+        if first_suspicion != CLEAR {
+            let mut soft = (first_suspicion == SOFT).then_some(first);
+            if let Some(id) =
+                unsuspected(&entry, 0, entry.slot_count, start, 1, &mut now, &mut soft)
+            {
                 count(counters::SUSPECT_AVOIDED);
                 backend_id = id;
             } else if let Some(id) = (entry.standby_count > 0)
                 .then(|| {
                     let start = (random >> 16) % entry.standby_count;
-                    unsuspected(
-                        &entry,
-                        entry.slot_count,
-                        entry.standby_count,
-                        start,
-                        0,
-                        &mut now,
-                    )
+                    let (base, len) = (entry.slot_count, entry.standby_count);
+                    unsuspected(&entry, base, len, start, 0, &mut now, &mut soft)
                 })
                 .flatten()
             {
                 count(counters::STANDBY_USED);
                 backend_id = id;
             } else {
-                // Everything suspect: trying a backend beats refusing the connect.
+                // Everything suspect: trying a backend beats refusing the connect, and
+                // one that may only be slow beats one that failed.
                 count(counters::ALL_SUSPECT);
+                backend_id = soft.unwrap_or(first);
             }
         }
         let backend = *BACKENDS.get(backend_id)?;
@@ -447,8 +466,10 @@ mod programs {
             } else {
                 (old * 7 + rtt_us) / 8
             };
-            // Only the success that ends a failure run or a suspicion is news to the
-            // agent, which decides about the mark.
+            // A completed handshake ends the kernel's own soft suspicion. Only the
+            // success that ends a failure run or a hard mark is news to the agent,
+            // which decides about that mark.
+            (*state).soft_until_ns = 0;
             if (*state).fail_streak != 0 || (*state).suspect_until_ns != 0 {
                 (*state).fail_streak = 0;
                 emit(origin, backend_id, event_kind::ESTABLISHED, 0, rtt_us, 0);
@@ -474,7 +495,8 @@ mod programs {
         };
         let mut marked = 0;
         if unsafe { (*origin).fail_threshold } != 0 {
-            mark_suspect(origin, state);
+            let ttl_ns = u64::from(unsafe { (*origin).handshake_timeout_ms }).max(1) * 4_000_000;
+            unsafe { (*state).soft_until_ns = bpf_ktime_get_ns() + ttl_ns };
             marked = 1;
         }
         let streak = unsafe { (*state).fail_streak }.min(u64::from(u32::MAX)) as u32;

@@ -66,6 +66,9 @@ pub struct Get {
 pub struct LoopSummary {
     pub ok: u64,
     pub failed: u64,
+    /// Of `failed`, connects refused (`ECONNREFUSED`): the ones that went to a backend
+    /// that was not listening.
+    pub refused: u64,
     /// The first few errors, for the failure message.
     pub errors: Vec<String>,
 }
@@ -130,6 +133,7 @@ fn run_script(script: Script) {
             let mut summary = LoopSummary {
                 ok: 0,
                 failed: 0,
+                refused: 0,
                 errors: Vec::new(),
             };
             while !stop_file.exists() && Instant::now() < deadline {
@@ -137,6 +141,9 @@ fn run_script(script: Script) {
                     Ok(_) => summary.ok += 1,
                     Err(e) => {
                         summary.failed += 1;
+                        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                            summary.refused += 1;
+                        }
                         if summary.errors.len() < 5 {
                             summary.errors.push(e.to_string());
                         }

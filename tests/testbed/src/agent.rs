@@ -75,6 +75,9 @@ impl Agent {
             .arg(&o.bpffs)
             .arg("--socket")
             .arg(&o.socket)
+            // Tests run side by side: each agent takes a free port (see `metrics_address`).
+            .arg("--metrics-address")
+            .arg("127.0.0.1:0")
             // The log is a file: colour codes would only make it harder to read.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -82,6 +85,21 @@ impl Agent {
             .stderr(log);
         self.child = Some(cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?);
         Ok(())
+    }
+
+    /// Where the agent serves `/metrics`, from the line it logs once it listens.
+    pub fn metrics_address(&self) -> Result<std::net::SocketAddr> {
+        let log = std::fs::read_to_string(&self.opts.log)
+            .with_context(|| format!("reading {}", self.opts.log.display()))?;
+        let marker = "metrics listening address=";
+        let line = log
+            .lines()
+            .rev()
+            .find_map(|l| l.split_once(marker).map(|(_, rest)| rest.to_string()))
+            .context("the agent has not logged its metrics address")?;
+        let addr = line.split_whitespace().next().unwrap_or_default();
+        addr.parse()
+            .with_context(|| format!("metrics address {addr:?} in the agent log"))
     }
 
     /// The agent's process id, while it runs.
