@@ -648,7 +648,12 @@ impl Agent {
                 v.tier = format!("{},{tier}", v.tier);
             }
             v.endpoints += plan.endpoints.len();
-            v.healthy += plan.endpoints.iter().filter(|e| e.health.usable()).count();
+            // Usable: not failing its active check and not ejected.
+            v.healthy += plan
+                .endpoints
+                .iter()
+                .filter(|e| e.health.usable() && !e.ejected)
+                .count();
             v.in_table += plan.endpoints.iter().filter(|e| e.in_table).count();
             targets[row].extend(plan.endpoints.iter().map(|e| e.target));
         }

@@ -48,6 +48,8 @@ services:
       - {address: 127.0.2.1, ports: {http: 8080}, locality: us-west/us-west-1a}
     localityLbSetting: {failover: [{from: us-east1, to: us-west}]}
     healthCheck: {interval: 200ms, timeout: 100ms, unhealthyThreshold: 1, healthyThreshold: 1}
+    # The seed's DestinationRule outlierDetection, field for field.
+    outlierDetection: {consecutive5xxErrors: 1, interval: 15s, baseEjectionTime: 1m}
 ";
 
 /// Arguments of the hidden `demo-client` subcommand.
