@@ -1,6 +1,6 @@
 //! Active health checks: probes → observations → a health verdict per target.
 //!
-//! [`HealthTracker`] is the pure part (thresholds, no clock, no I/O). [`spawn_tcp_probe`]
+//! [`HealthTracker`] is the pure part (thresholds, no clock, no I/O). [`spawn_probe`]
 //! is the I/O part: one tokio task per (service, target) that probes on an interval with
 //! jitter and a timeout — a TCP connect, an HTTP/1.1 GET whose status must be one of the
 //! expected ones, or a gRPC `grpc.health.v1.Health/Check` that must answer SERVING — and
