@@ -353,3 +353,70 @@ fn an_ejected_backend_comes_back_after_its_ejection_time_and_events_tell_the_sto
     ensure!(refused < ejected && ejected < restored, "{lines:#?}");
     Ok(())
 }
+
+#[test]
+fn a_full_event_ring_drops_and_counts_and_never_blocks_a_connect() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("a", "127.10.15.1:8080")?;
+    // Passive ejection off, so every connect keeps going to the dead backend and every
+    // one of them is an event.
+    w.write_config(&outlier_config(
+        "ring",
+        "127.210.15.1",
+        "{consecutiveErrors: 0}",
+        "      - {address: 127.10.15.1, locality: us-east1/us-east1-b}\n",
+    ))?;
+    w.start_agent()?;
+    w.stop_backend("a");
+    let pid = w.agent().pid().context("agent pid")?;
+    // A stopped agent reads nothing: the 256 KiB ring fills after some thousands.
+    // SAFETY: plain signal to our own child process.
+    ensure!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) } == 0);
+    let (child, stop) = connect_loop(&w, "127.210.15.1:80")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let summary = finish_loop(child, &stop);
+    // SAFETY: as above.
+    ensure!(unsafe { libc::kill(pid as i32, libc::SIGCONT) } == 0);
+    let summary = summary?;
+    ensure!(
+        summary.ok == 0 && summary.refused == summary.failed,
+        "every connect is refused: {summary:?}"
+    );
+    ensure!(
+        summary.failed > 20_000,
+        "connects did not run at full speed with the agent stopped: {summary:?}"
+    );
+    // Once running again, the agent reads what the ring held; everything else was
+    // dropped, and counted.
+    let addr = w.agent().metrics_address()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (received, dropped) = loop {
+        let metrics = scrape(addr)?;
+        let value = |name: &str| -> Result<u64> {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .with_context(|| format!("no {name} in\n{metrics}"))
+        };
+        let (received, dropped) = (
+            value("detour_events_received_total ")?,
+            value("detour_events_dropped_total ")?,
+        );
+        if received + dropped >= summary.failed {
+            break (received, dropped);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "events lost without being counted: {received} received + {dropped} dropped < {} failed connects",
+                summary.failed
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(dropped > 0, "the ring never overflowed: {summary:?}");
+    eprintln!(
+        "{} refused connects with the agent stopped: {received} events received, {dropped} dropped and counted",
+        summary.failed
+    );
+    Ok(())
+}
