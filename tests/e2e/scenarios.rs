@@ -353,8 +353,13 @@ services:
 
     w.stop_backend("east-a");
     w.stop_backend("east-b");
+    // With gradual spill us-west joins the table as soon as one us-east1 backend is out;
+    // failover is complete when both are.
     let eps = w.wait_endpoints("mydb", CHECK_TIMEOUT, |eps| {
         endpoint(eps, "127.10.7.3:8080").is_ok_and(|e| e["in_table"] == true)
+            && ["127.10.7.1:8080", "127.10.7.2:8080"]
+                .iter()
+                .all(|a| endpoint(eps, a).is_ok_and(|e| e["in_table"] == false))
     })?;
     ensure!(
         endpoint(&eps, "127.10.7.1:8080")?["health"] == "UNHEALTHY",
