@@ -443,12 +443,19 @@ impl Display for LabelValue<'_> {
 /// [`render`] of a snapshot built from the agent's state. It is a closure returning a
 /// future, rather than a `String`, so that the snapshot can be taken under an async lock:
 ///
-/// ```ignore
-/// let state = state.clone();
+/// ```no_run
+/// use std::sync::Arc;
+/// use detour_agent::metrics::{self, Snapshot};
+///
+/// # async fn example() -> std::io::Result<()> {
+/// let state = Arc::new(tokio::sync::Mutex::new(Snapshot::default()));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 /// tokio::spawn(metrics::serve(listener, move || {
 ///     let state = state.clone();
-///     async move { metrics::render(&state.lock().await.metrics_snapshot()) }
+///     async move { metrics::render(&*state.lock().await) }
 /// }));
+/// # Ok(())
+/// # }
 /// ```
 ///
 /// Other paths get 404, other methods 405, a malformed request 400, an HTTP version
