@@ -1,15 +1,18 @@
 //! `cargo xtask`: detour's developer tasks — machine setup, the eBPF build, the full test
-//! gate, a failover demo and a `connect()` benchmark.
+//! gate, a failover demo, a `connect()` benchmark and a failover benchmark against HAProxy.
 //!
 //! Everything that changes the machine (installs, bpffs, cgroups, pins, the agent) goes
 //! through `setup` or through `detour-testbed` guards, so every task either leaves the
-//! machine as it found it (demo, bench) or only adds what is missing (setup).
-//! The hidden `demo-client` and `bench-client` subcommands are this same binary re-executed
-//! inside a test cgroup, so their connects are the ones detour's programs see.
+//! machine as it found it (demo, bench, bench-failover) or only adds what is missing
+//! (setup, and bench-failover's Debian `haproxy` package).
+//! The hidden `demo-client`, `bench-client` and `failover-client` subcommands are this
+//! same binary re-executed inside a test cgroup, so their connects are the ones detour's
+//! programs see.
 
 mod bench;
 mod cmd;
 mod demo;
+mod failover;
 mod setup;
 
 use std::process::ExitCode;
@@ -45,12 +48,17 @@ enum Task {
     Demo,
     /// Benchmark connect() through a VIP against direct connects.
     Bench(bench::BenchArgs),
+    /// Measure failover (refused, black-holed backend) and the request path against HAProxy.
+    BenchFailover(failover::FailoverArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
     #[command(hide = true)]
     DemoClient(demo::ClientArgs),
     /// The benchmark's connect loop, run inside the bench cgroup.
     #[command(hide = true)]
     BenchClient(bench::ClientArgs),
+    /// The failover benchmark's HTTP load, run inside the bench cgroup.
+    #[command(hide = true)]
+    FailoverClient(failover::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,8 +80,10 @@ fn run(task: Task) -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
+        Task::BenchFailover(args) => failover::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
+        Task::FailoverClient(args) => failover::client(&args),
     }
 }
 
