@@ -407,6 +407,18 @@ impl SockOrigins {
     pub fn get(&self, cookie: u64) -> Option<SockOrigin> {
         self.map.get(&cookie, 0).ok()
     }
+
+    /// Tells the kernel that the agent is about to destroy this socket, so its end is
+    /// not counted as the backend refusing or resetting it. `false` if the socket is no
+    /// longer known (it closed meanwhile).
+    pub fn mark_destroyed(&mut self, cookie: u64) -> bool {
+        let Some(mut origin) = self.get(cookie) else {
+            return false;
+        };
+        origin.flags |= detour_ebpf::ORIGIN_DESTROYED_BY_AGENT;
+        // BPF_EXIST: update only, never re-create an entry the socket's close removed.
+        self.map.insert(cookie, origin, 2).is_ok()
+    }
 }
 
 /// The program kinds detour attaches to its cgroup.

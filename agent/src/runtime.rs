@@ -393,11 +393,14 @@ impl Agent {
         let (cgroup, done) = (self.cgroup.clone(), self.destroyed.clone());
         let service = service.to_string();
         tokio::task::spawn_blocking(move || {
-            // Only sockets detour rewrote, for this service, to this backend.
+            // Only sockets detour rewrote, for this service, to this backend; each is
+            // marked first so the kernel does not count its end as a failure.
+            let origins = std::cell::RefCell::new(origins);
             let ours = |cookie: u64| {
-                origins.get(cookie).is_some_and(|o| {
+                let ours = origins.borrow().get(cookie).is_some_and(|o| {
                     o.backend_id == backend_id && frontends.contains(&o.service_id)
-                })
+                });
+                ours && origins.borrow_mut().mark_destroyed(cookie)
             };
             let report = sockdiag::destroy_in_cgroup(&cgroup, &[target], Which::Both, &ours)
                 .map_err(|e| e.to_string());

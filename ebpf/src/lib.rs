@@ -269,6 +269,9 @@ pub struct SockOrigin {
 
 /// [`SockOrigin::flags`]: the handshake's outcome has been reported.
 pub const ORIGIN_OUTCOME_REPORTED: u32 = 1;
+/// [`SockOrigin::flags`]: the agent is destroying this socket (its backend left); its
+/// end is not the backend's doing and is neither counted nor reported.
+pub const ORIGIN_DESTROYED_BY_AGENT: u32 = 2;
 
 /// The IPv4-mapped prefix word (`::ffff:0:0/96`, third word) in network order.
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);

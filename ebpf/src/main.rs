@@ -74,7 +74,8 @@ mod programs {
         counters, event_kind, Backend, BackendState, BackendStats, ConnEvent, FrontendKey,
         ServiceEntry, SlotKey, SockOrigin, AF_INET, AF_INET6, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TABLE_SLOTS, EVENTS_RING_BYTES,
-        IPPROTO_TCP, ORIGIN_OUTCOME_REPORTED, SUSPECT_PROBES, V4_MAPPED_WORD,
+        IPPROTO_TCP, ORIGIN_DESTROYED_BY_AGENT, ORIGIN_OUTCOME_REPORTED, SUSPECT_PROBES,
+        V4_MAPPED_WORD,
     };
 
     /// Allow the syscall to go on (with whatever address we left in the context).
@@ -434,6 +435,10 @@ mod programs {
         } else if op == BPF_SOCK_OPS_STATE_CB {
             let (old, new) = (ctx.arg(0), ctx.arg(1));
             if new != TCP_CLOSE {
+                return;
+            }
+            if unsafe { (*origin).flags } & ORIGIN_DESTROYED_BY_AGENT != 0 {
+                let _ = SOCK_ORIGIN.remove(&cookie);
                 return;
             }
             if old == TCP_SYN_SENT && unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED == 0 {

@@ -220,6 +220,10 @@ fn a_black_holed_backend_is_ejected_without_active_checks_and_its_connections_ar
     );
     let p = endpoint(&eps, "10.231.12.2:8080")?;
     ensure!(p["timeouts"].as_u64() >= Some(1), "{p:#}");
+    // The sockets the agent destroyed are not the backend refusing or resetting them.
+    let now = w.agent().endpoints_json(Some("blackhole"))?;
+    let p = endpoint(&now, "10.231.12.2:8080")?;
+    ensure!(p["refused"] == 0 && p["resets"] == 0, "{p:#}");
     let by = w.answers("127.210.12.1:80", 5)?;
     ensure!(by.get("standby") == Some(&5), "{by:?}");
     drop(primary);
