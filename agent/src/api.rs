@@ -132,29 +132,45 @@ pub enum ApiError {
     },
 }
 
+/// Connects to the agent and sends one request line; the reply is read from the
+/// returned half.
+async fn send(
+    socket: &Path,
+    request: &Request,
+) -> Result<tokio::net::unix::OwnedReadHalf, ApiError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ApiError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    write
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|source| io_err(socket, source))?;
+    Ok(read)
+}
+
+fn io_err(socket: &Path, source: io::Error) -> ApiError {
+    ApiError::Io {
+        path: socket.to_owned(),
+        source,
+    }
+}
+
 /// Sends one request and waits for its response.
 pub async fn call(socket: &Path, request: &Request) -> Result<Response, ApiError> {
     let timeout = Duration::from_secs(10);
-    let io = |source| ApiError::Io {
-        path: socket.to_owned(),
-        source,
-    };
     let exchange = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| ApiError::Connect {
-                path: socket.to_owned(),
-                source,
-            })?;
-        let (read, mut write) = stream.into_split();
-        let mut line = serde_json::to_string(request)?;
-        line.push('\n');
-        write.write_all(line.as_bytes()).await.map_err(io)?;
+        let read = send(socket, request).await?;
         let mut reply = String::new();
         BufReader::new(read)
             .read_line(&mut reply)
             .await
-            .map_err(io)?;
+            .map_err(|source| io_err(socket, source))?;
         Ok(serde_json::from_str(&reply)?)
     };
     tokio::time::timeout(timeout, exchange)
@@ -168,21 +184,8 @@ pub async fn stream_events(
     socket: &Path,
     mut on_event: impl FnMut(EventView) -> io::Result<()>,
 ) -> Result<(), ApiError> {
-    let io = |source| ApiError::Io {
-        path: socket.to_owned(),
-        source,
-    };
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| ApiError::Connect {
-            path: socket.to_owned(),
-            source,
-        })?;
-    let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_string(&Request::Events)?;
-    line.push('\n');
-    write.write_all(line.as_bytes()).await.map_err(io)?;
-    let mut lines = BufReader::new(read).lines();
+    let io = |source| io_err(socket, source);
+    let mut lines = BufReader::new(send(socket, &Request::Events).await?).lines();
     while let Some(line) = lines.next_line().await.map_err(io)? {
         match serde_json::from_str(&line)? {
             Response::Event(event) => on_event(event).map_err(io)?,

@@ -4,41 +4,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use detour_testbed::{HttpBackend, Netns};
 
-use crate::client::{self, HoldEnd, LoopSummary, Script};
+use crate::client::{self, HoldEnd, Script};
 use crate::world::{endpoint, World};
 
 const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A connect loop against `vip` from inside the test's cgroup; stop it with
-/// [`finish_loop`].
-fn connect_loop(w: &World, vip: &str) -> Result<(Child, std::path::PathBuf)> {
-    let stop = w
-        .dir
-        .join(&format!("stop-{}", detour_testbed::unique_name()));
-    let child = client::spawn_in(
-        &w.cgroup,
-        &Script::ConnectLoop {
-            target: vip.parse()?,
-            stop_file: stop.clone(),
-            max_ms: 60_000,
-        },
-    )?;
-    Ok((child, stop))
-}
-
-fn finish_loop(child: Child, stop: &Path) -> Result<LoopSummary> {
-    std::fs::write(stop, b"")?;
-    let mut lines: Vec<LoopSummary> = client::results(child, Duration::from_secs(15))?;
-    lines
-        .pop()
-        .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
-}
 
 /// Waits (bounded) for a file the client creates.
 fn wait_for_file(path: &Path, timeout: Duration) -> Result<()> {
@@ -84,7 +59,7 @@ fn a_killed_backend_costs_at_most_one_failed_connect() -> Result<()> {
         "      - {address: 127.10.11.1, locality: us-east1/us-east1-b}\n      - {address: 127.10.11.2, locality: us-east1/us-east1-b}\n",
     ))?;
     w.start_agent()?;
-    let (child, stop) = connect_loop(&w, "127.210.11.1:80")?;
+    let (child, stop) = w.connect_loop("127.210.11.1:80")?;
     std::thread::sleep(Duration::from_millis(300));
     w.stop_backend("a");
     let started = Instant::now();
@@ -97,7 +72,7 @@ fn a_killed_backend_costs_at_most_one_failed_connect() -> Result<()> {
     );
     // Keep connecting for a while with the backend out.
     std::thread::sleep(Duration::from_millis(500));
-    let summary = finish_loop(child, &stop)?;
+    let summary = World::finish_loop(child, &stop)?;
     ensure!(summary.ok > 100, "the loop barely ran: {summary:?}");
     // A connect whose handshake had completed when the backend died is reset with the
     // backend's queue (as with any crash): not a connect detour sent to a dead backend.
@@ -191,7 +166,7 @@ fn a_black_holed_backend_is_ejected_without_active_checks_and_its_connections_ar
     )?;
     wait_for_file(&ready, Duration::from_secs(10))?;
 
-    let (child, stop) = connect_loop(&w, "127.210.12.1:80")?;
+    let (child, stop) = w.connect_loop("127.210.12.1:80")?;
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     veth.set_peer_up(false)?;
@@ -201,7 +176,7 @@ fn a_black_holed_backend_is_ejected_without_active_checks_and_its_connections_ar
     let took = started.elapsed();
     eprintln!("black-holed backend ejected {took:?} after its link went down (active checks off)");
     std::thread::sleep(Duration::from_millis(500));
-    let summary = finish_loop(child, &stop)?;
+    let summary = World::finish_loop(child, &stop)?;
 
     let held: Vec<HoldEnd> = client::results(hold, Duration::from_secs(30))?;
     let held = held.first().context("the holding client printed nothing")?;
@@ -376,9 +351,9 @@ fn a_full_event_ring_drops_and_counts_and_never_blocks_a_connect() -> Result<()>
     // A stopped agent reads nothing: the 256 KiB ring fills after some thousands.
     // SAFETY: plain signal to our own child process.
     ensure!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) } == 0);
-    let (child, stop) = connect_loop(&w, "127.210.15.1:80")?;
+    let (child, stop) = w.connect_loop("127.210.15.1:80")?;
     std::thread::sleep(Duration::from_millis(1500));
-    let summary = finish_loop(child, &stop);
+    let summary = World::finish_loop(child, &stop);
     // SAFETY: as above.
     ensure!(unsafe { libc::kill(pid as i32, libc::SIGCONT) } == 0);
     let summary = summary?;

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 
-use crate::client::{self, LoopSummary, Script};
 use crate::world::{endpoint, World};
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -133,29 +132,6 @@ services:
     Ok(())
 }
 
-fn connect_loop(w: &World, vip: &str) -> Result<(std::process::Child, std::path::PathBuf)> {
-    let stop = w
-        .dir
-        .join(&format!("stop-{}", detour_testbed::unique_name()));
-    let child = client::spawn_in(
-        &w.cgroup,
-        &Script::ConnectLoop {
-            target: vip.parse()?,
-            stop_file: stop.clone(),
-            max_ms: 60_000,
-        },
-    )?;
-    Ok((child, stop))
-}
-
-fn finish_loop(child: std::process::Child, stop: &std::path::Path) -> Result<LoopSummary> {
-    std::fs::write(stop, b"")?;
-    let mut lines: Vec<LoopSummary> = client::results(child, Duration::from_secs(15))?;
-    lines
-        .pop()
-        .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
-}
-
 #[test]
 fn table_swaps_under_a_connect_loop_fail_no_connect() -> Result<()> {
     let mut w = World::new()?;
@@ -185,7 +161,7 @@ fn table_swaps_under_a_connect_loop_fail_no_connect() -> Result<()> {
     ];
     w.write_config(&config(sets[0]))?;
     w.start_agent()?;
-    let (child, stop) = connect_loop(&w, "127.210.4.1:80")?;
+    let (child, stop) = w.connect_loop("127.210.4.1:80")?;
     let mut swaps = 0;
     for round in 0..24 {
         let set = sets[(round + 1) % sets.len()];
@@ -198,7 +174,7 @@ fn table_swaps_under_a_connect_loop_fail_no_connect() -> Result<()> {
         swaps += 1;
         std::thread::sleep(Duration::from_millis(50));
     }
-    let summary = finish_loop(child, &stop)?;
+    let summary = World::finish_loop(child, &stop)?;
     ensure!(summary.failed == 0, "{swaps} swaps: {summary:?}");
     ensure!(summary.ok > 100, "the loop barely ran: {summary:?}");
     Ok(())
@@ -218,14 +194,14 @@ services:
 "#,
     )?;
     w.start_agent()?;
-    let (child, stop) = connect_loop(&w, "127.210.5.1:80")?;
+    let (child, stop) = w.connect_loop("127.210.5.1:80")?;
     std::thread::sleep(Duration::from_millis(300));
     w.agent().kill9()?;
     std::thread::sleep(Duration::from_millis(500));
     w.agent().restart()?;
     w.agent().wait_ready(crate::world::READY_TIMEOUT)?;
     std::thread::sleep(Duration::from_millis(300));
-    let summary = finish_loop(child, &stop)?;
+    let summary = World::finish_loop(child, &stop)?;
     ensure!(summary.failed == 0, "{summary:?}");
     ensure!(summary.ok > 100, "{summary:?}");
     let log = w.log();

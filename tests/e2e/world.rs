@@ -3,12 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use detour_testbed::{require_root, Agent, AgentOptions, Cgroup, HttpBackend, PinDir, TempDir};
 
-use crate::client::{self, Get};
+use crate::client::{self, Get, LoopSummary, Script};
 
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -98,6 +100,32 @@ impl World {
                 .or_insert(0) += 1;
         }
         Ok(by)
+    }
+
+    /// Starts a connect loop against `vip` from inside the test's cgroup; stop it with
+    /// [`World::finish_loop`].
+    pub fn connect_loop(&self, vip: &str) -> Result<(Child, PathBuf)> {
+        let stop = self
+            .dir
+            .join(&format!("stop-{}", detour_testbed::unique_name()));
+        let child = client::spawn_in(
+            &self.cgroup,
+            &Script::ConnectLoop {
+                target: vip.parse()?,
+                stop_file: stop.clone(),
+                max_ms: 60_000,
+            },
+        )?;
+        Ok((child, stop))
+    }
+
+    /// Stops a [`World::connect_loop`] and returns its summary.
+    pub fn finish_loop(child: Child, stop: &Path) -> Result<LoopSummary> {
+        std::fs::write(stop, b"")?;
+        let mut lines: Vec<LoopSummary> = client::results(child, Duration::from_secs(15))?;
+        lines
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
     }
 
     /// Polls the agent's endpoints until `pred` holds, bounded by `timeout`.

@@ -516,7 +516,7 @@ fn summarize(setup: &str, results: &[RunResult]) -> Vec<Row> {
 }
 
 /// `12345.6` → `12,346`.
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{value:.0}");
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

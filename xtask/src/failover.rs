@@ -57,6 +57,7 @@ use detour_testbed::{
     wait_with_timeout, Agent, AgentOptions, Cgroup, HttpBackend, Netns, PinDir, TempDir, Veth,
 };
 
+use crate::bench::thousands;
 use crate::{cmd, parse_duration, setup};
 
 /// The detour VIP of the service.
@@ -1395,18 +1396,6 @@ fn fmt_ms(v: Option<f64>) -> String {
         Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
         Some(v) => format!("{v:.2}"),
     }
-}
-
-fn thousands(value: f64) -> String {
-    let digits = format!("{value:.0}");
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// `2 (1–3)`: median and range of a count over runs.
