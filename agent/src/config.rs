@@ -564,6 +564,18 @@ pub enum ConfigErrorKind {
     /// serde_yaml's or the field check's text.
     #[error("{message}")]
     Decode { message: String },
+    /// The document holds nothing: the most common torn write is a truncated file.
+    #[error(
+        "the configuration is empty (a file caught mid-write?); to remove every service, \
+         write `services: []`"
+    )]
+    Empty,
+    /// `services` is missing or null: a file cut off after `node:` or `services:`.
+    #[error(
+        "`services` is missing or empty (a file caught mid-write?); to remove every service, \
+         write `services: []`"
+    )]
+    MissingServices,
     #[error("service name {name:?} is already used by services[{first}]")]
     DuplicateServiceName { name: String, first: usize },
     #[error("a service needs at least one VIP")]
@@ -652,7 +664,11 @@ impl fmt::Display for IpFamily {
     }
 }
 
-/// Parses and validates a whole configuration. An empty document means no services.
+/// Parses and validates a whole configuration.
+///
+/// An empty document, or one without a `services` list, is an error rather than "no
+/// services": a file truncated by a torn write looks exactly like that, and applying it
+/// would remove every service. Removing them all takes an explicit `services: []`.
 ///
 /// # Errors
 /// The first problem found, with its field path and line.
@@ -660,7 +676,21 @@ pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
     let deserializer = serde_yaml::Deserializer::from_str(yaml);
     let raw: Option<RawConfig> =
         serde_path_to_error::deserialize(deserializer).map_err(syntax_error)?;
-    Validator { yaml }.config(raw.unwrap_or_default())
+    let Some(raw) = raw else {
+        return Err(ConfigError {
+            path: String::new(),
+            line: None,
+            kind: ConfigErrorKind::Empty,
+        });
+    };
+    if raw.services.is_none() {
+        return Err(ConfigError {
+            path: "services".to_owned(),
+            line: line_of(yaml, &FieldPath::default().key("services").0),
+            kind: ConfigErrorKind::MissingServices,
+        });
+    }
+    Validator { yaml }.config(raw)
 }
 
 fn syntax_error(error: serde_path_to_error::Error<serde_yaml::Error>) -> ConfigError {
@@ -2027,10 +2057,34 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_config_has_no_services() {
-        for text in ["", "# nothing yet\n", "services: []", "services:", "---\n"] {
-            assert_eq!(parse(text), Ok(Config::default()), "{text:?}");
+    fn only_an_explicit_empty_list_removes_every_service() {
+        for text in [
+            "services: []",
+            "node:\n  locality: us-east1\nservices: []\n",
+        ] {
+            assert_eq!(parse(text).unwrap().services, Vec::new(), "{text:?}");
         }
+    }
+
+    #[test]
+    fn an_empty_or_truncated_document_is_an_error() {
+        for text in ["", "  \n", "# nothing yet\n", "---\n"] {
+            let error = parse(text).unwrap_err();
+            assert_eq!(error.kind, ConfigErrorKind::Empty, "{text:?}");
+            assert!(error.to_string().contains("services: []"), "{error}");
+        }
+        for text in [
+            "node:\n  locality: us-east1/us-east1-b\n",
+            "node:\n  locality: us-east1\nservices:\n",
+            "services:",
+        ] {
+            let error = parse(text).unwrap_err();
+            assert_eq!(error.kind, ConfigErrorKind::MissingServices, "{text:?}");
+            assert_eq!(error.path, "services", "{text:?}");
+        }
+        // The line is given where the key is there to point at.
+        let error = parse("node:\n  locality: us-east1\nservices:\n").unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use aya::maps::{MapData, RingBuf};
 use clap::Args;
 use detour_agent::api::{self, EndpointView, EventView, Request, Response, ServiceView};
 use detour_agent::config::{self, Config, HealthCheckKind};
+use detour_agent::config_watch::{self, Decision, FileEvent, SettlePolicy, Trust, WriteTracker};
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan};
 use detour_agent::health::{self, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds};
@@ -53,9 +54,18 @@ pub struct AgentArgs {
     /// Unix socket for the CLI.
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// How often the config file is checked for changes (SIGHUP reloads at once).
+    /// How often the config file's stamp is polled when inotify cannot watch it
+    /// (SIGHUP reloads at once).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     config_poll: Duration,
+    /// How long a file written in place must stand still, after its writer closed it,
+    /// before it is read.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    config_settle: Duration,
+    /// How long a file written in place must stand still before a change that removes
+    /// services, frontends or endpoints is applied (a rename or SIGHUP applies at once).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    config_removal_hold: Duration,
     #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_SERVICES)]
     max_services: u32,
     #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_BACKENDS)]
@@ -143,6 +153,14 @@ struct Agent {
     /// What the config file looked like when last read; the poll reads it again only
     /// when this changes, so a large file costs a `stat` per poll, not a read.
     config_stamp: Option<FileStamp>,
+    /// Whether the file is whole yet: see `config_watch`.
+    config_tracker: WriteTracker,
+    /// inotify watches the file; otherwise its stamp is polled.
+    config_watched: bool,
+    /// When to look at the file again (a settle or a removal hold ends).
+    config_wake: Option<Instant>,
+    /// A parsed change that removes something waits for the file to stand still.
+    config_held: Option<String>,
     dataplane: Dataplane,
     reconciler: Reconciler,
     health: HashMap<(String, SocketAddr), (Health, Option<String>)>,
@@ -513,16 +531,49 @@ impl Agent {
         self.apply();
     }
 
-    /// Re-reads the config file; keeps the running config when the new one is bad.
-    /// Reloads if the file's metadata changed since it was last read.
+    /// Without inotify: a new stamp is a change whose writer the agent cannot see.
     fn poll_config(&mut self) {
         let now = stamp(&self.config_path);
         if now.is_some() && now != self.config_stamp {
-            self.reload("file changed");
+            self.config_stamp = now;
+            self.config_tracker
+                .observe(FileEvent::Unknown, Instant::now());
+            self.check_config();
         }
     }
 
-    fn reload(&mut self, why: &str) {
+    fn on_file_event(&mut self, event: FileEvent) {
+        self.config_tracker.observe(event, Instant::now());
+        self.check_config();
+    }
+
+    /// Reads the file if `config_watch` says it is whole, or schedules the next look.
+    fn check_config(&mut self) {
+        let now = Instant::now();
+        self.config_wake = None;
+        match self.config_tracker.decide(now) {
+            Decision::Idle => {
+                if self.config_held.is_some() {
+                    // The file has not changed since a removal was held: apply it once
+                    // the hold is over.
+                    match self.config_tracker.removal_wait(now) {
+                        Some(at) => self.config_wake = Some(at),
+                        None => self.reload("file stood still", Trust::InPlace),
+                    }
+                }
+            }
+            Decision::WaitUntil(at) => self.config_wake = at,
+            Decision::Read(trust) => {
+                self.config_tracker.read_done();
+                self.reload("file changed", trust);
+            }
+        }
+    }
+
+    /// Re-reads the config file and applies it if it parses, validates and (for an
+    /// in-place write that removes something) has stood still long enough; keeps the
+    /// running config otherwise.
+    fn reload(&mut self, why: &str, trust: Trust) {
         // Stamped before reading: a write landing during the read changes the stamp
         // again, so the next poll reads once more.
         self.config_stamp = stamp(&self.config_path);
@@ -538,9 +589,32 @@ impl Agent {
                 }
             }
         });
+        if !matches!(parsed, Ok(Some(_))) {
+            // Unchanged or rejected: nothing is held any more.
+            self.config_held = None;
+        }
         match parsed {
             Ok(None) => {}
             Ok(Some((text, config))) => {
+                let removed = config_watch::removals(&self.config, &config);
+                let hold = match trust {
+                    Trust::Complete => None,
+                    Trust::InPlace if removed.is_empty() => None,
+                    Trust::InPlace => self.config_tracker.removal_wait(Instant::now()),
+                };
+                if let Some(until) = hold {
+                    if self.config_held.as_ref() != Some(&text) {
+                        info!(
+                            removes = %removed.join(", "),
+                            wait_ms = until.saturating_duration_since(Instant::now()).as_millis(),
+                            "config file written in place removes something; applying it once the file stands still (rename the file into place, or SIGHUP, to apply at once)"
+                        );
+                    }
+                    self.config_held = Some(text);
+                    self.config_wake = Some(until);
+                    return;
+                }
+                self.config_held = None;
                 info!(
                     why,
                     services = config.services.len(),
@@ -838,6 +912,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    // Watching starts before the first read, so no write after it goes unseen; an
+    // event for what was read costs one compare of texts.
+    let (file_tx, mut file_rx) = mpsc::channel::<FileEvent>(64);
+    let watcher = match config_watch::Watcher::new(&args.config).and_then(|w| w.spawn(file_tx)) {
+        Ok(task) => Some(task),
+        Err(error) => {
+            warn!(%error, config = %args.config.display(), "cannot watch the config file with inotify; polling it instead (in-place writes are read once they stand still)");
+            None
+        }
+    };
     let config_stamp = stamp(&args.config);
     let config_text = read_text(&args.config)?;
     let config = parse_config(&args.config, &config_text)?;
@@ -872,6 +956,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config_text,
         rejected_text: None,
         config_stamp,
+        config_tracker: WriteTracker::new(SettlePolicy {
+            settle: args.config_settle,
+            removal_hold: args.config_removal_hold,
+        }),
+        config_watched: watcher.is_some(),
+        config_wake: None,
+        config_held: None,
         dataplane,
         reconciler,
         health: HashMap::new(),
@@ -938,11 +1029,24 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let _ = reply.send(agent.answer(request));
             }
             _ = hup.recv() => {
-                // An explicit reload reports a still-bad file again.
+                // An explicit reload reports a still-bad file again, and says the
+                // writer is done: whatever the file holds now is applied.
                 agent.rejected_text = None;
-                agent.reload("SIGHUP");
+                agent.config_tracker.read_done();
+                agent.config_held = None;
+                agent.reload("SIGHUP", Trust::Complete);
             }
-            _ = poll.tick() => agent.poll_config(),
+            event = file_rx.recv(), if agent.config_watched => match event {
+                Some(event) => agent.on_file_event(event),
+                None => {
+                    warn!("config file watch ended; polling the file instead");
+                    agent.config_watched = false;
+                }
+            },
+            () = sleep_until(agent.config_wake), if agent.config_wake.is_some() => {
+                agent.check_config();
+            }
+            _ = poll.tick(), if !agent.config_watched => agent.poll_config(),
             _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.apply(),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -950,6 +1054,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     api_task.abort();
     event_reader.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     metrics_task.abort();
     let _ = std::fs::remove_file(&args.socket);
     warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");

@@ -14,6 +14,7 @@
 //! These tests need root; they fail (never skip) without it.
 
 mod client;
+mod config_file;
 mod passive;
 mod scenarios;
 mod world;
