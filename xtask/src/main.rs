@@ -18,7 +18,7 @@ mod setup;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -40,6 +40,10 @@ enum Task {
     BuildEbpf,
     /// Setup, rustfmt check, clippy -D warnings, then every test (privileged ones too).
     Test {
+        /// Run the tests this many times in a row (fmt and clippy once); any failing run
+        /// fails the task. For finding flaky tests: `cargo xtask test --repeat 20`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
         /// Passed to `cargo test` after its own `--`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -77,7 +81,7 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::run(),
         Task::BuildEbpf => cmd::build_ebpf(),
-        Task::Test { args } => test(&args),
+        Task::Test { repeat, args } => test(repeat, &args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
         Task::BenchFailover(args) => failover::run(&args),
@@ -88,7 +92,7 @@ fn run(task: Task) -> Result<()> {
 }
 
 /// The gate CI runs: any failing step fails the task.
-fn test(extra: &[String]) -> Result<()> {
+fn test(repeat: u32, extra: &[String]) -> Result<()> {
     setup::run()?;
     cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
     cmd::run(cmd::cargo().args([
@@ -99,20 +103,28 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let totals = cmd::run_cargo_test(
-        cmd::cargo()
-            .args(["test", "--workspace"])
-            .args((!extra.is_empty()).then_some("--"))
-            .args(extra),
-    )?;
-    // cargo's own last line is the last crate's (often doc tests: "0 passed"); this one
-    // tells the whole run at a glance.
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
-    );
-    if totals.passed == 0 {
-        anyhow::bail!("cargo test ran no test");
+    for run in 1..=repeat {
+        let totals = cmd::run_cargo_test(
+            cmd::cargo()
+                .args(["test", "--workspace"])
+                .args((!extra.is_empty()).then_some("--"))
+                .args(extra),
+        )
+        .with_context(|| format!("test run {run} of {repeat}"))?;
+        // cargo's own last line is the last crate's (often doc tests: "0 passed"); this
+        // one tells the whole run at a glance.
+        let of = if repeat > 1 {
+            format!(" (run {run} of {repeat})")
+        } else {
+            String::new()
+        };
+        println!(
+            "tests: {} passed, {} failed, {} skipped{of}",
+            totals.passed, totals.failed, totals.ignored
+        );
+        if totals.passed == 0 {
+            anyhow::bail!("cargo test ran no test");
+        }
     }
     Ok(())
 }
