@@ -62,15 +62,19 @@ use crate::selection::{Spill, Tier};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub node: NodeConfig,
-    /// In file order.
+    /// In file order. Read-only once parsed: `by_name` indexes it.
     pub services: Vec<ServiceConfig>,
+    /// Position of each service in `services`, so that a lookup by name costs O(1):
+    /// reloads and kernel events look services up by name, and a scan made them
+    /// quadratic at 100,000 services.
+    by_name: HashMap<String, usize>,
 }
 
 impl Config {
     /// The service with this name, if any.
     #[must_use]
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
-        self.services.iter().find(|service| service.name == name)
+        self.by_name.get(name).map(|&at| &self.services[at])
     }
 
     /// Things that are valid but probably not what the user meant, for the agent to log.
@@ -1369,7 +1373,16 @@ impl Validator<'_> {
             }
             services.push(service);
         }
-        Ok(Config { node, services })
+        let by_name = services
+            .iter()
+            .enumerate()
+            .map(|(at, service)| (service.name.clone(), at))
+            .collect();
+        Ok(Config {
+            node,
+            services,
+            by_name,
+        })
     }
 
     fn service(&self, path: &FieldPath, raw: RawService) -> Result<ServiceConfig, ConfigError> {

@@ -577,6 +577,7 @@ impl Agent {
         // Stamped before reading: a write landing during the read changes the stamp
         // again, so the next poll reads once more.
         self.config_stamp = stamp(&self.config_path);
+        let started = Instant::now();
         let parsed = read_text(&self.config_path).and_then(|text| {
             if text == self.config_text || self.rejected_text.as_ref() == Some(&text) {
                 return Ok(None);
@@ -615,21 +616,18 @@ impl Agent {
                     return;
                 }
                 self.config_held = None;
-                info!(
-                    why,
-                    services = config.services.len(),
-                    "configuration reloaded"
-                );
+                let parsed_in = started.elapsed();
                 let removed: Vec<(String, SocketAddr)> = self
                     .config
                     .services
                     .iter()
                     .flat_map(|old| {
-                        let new = config.service(&old.name);
+                        let kept: std::collections::HashSet<SocketAddr> = config
+                            .service(&old.name)
+                            .map(|new| desired::targets(new).collect())
+                            .unwrap_or_default();
                         desired::targets(old)
-                            .filter(move |t| {
-                                new.is_none_or(|n| !desired::targets(n).any(|x| x == *t))
-                            })
+                            .filter(move |t| !kept.contains(t))
                             .map(|t| (old.name.clone(), t))
                     })
                     .collect();
@@ -645,7 +643,16 @@ impl Agent {
                 self.probes
                     .sync(&self.config, &self.changes, &mut self.health);
                 self.passive.sync(&self.config);
+                let applying = Instant::now();
                 self.apply();
+                info!(
+                    why,
+                    services = self.config.services.len(),
+                    read_parse_ms = parsed_in.as_millis(),
+                    apply_ms = applying.elapsed().as_millis(),
+                    total_ms = started.elapsed().as_millis(),
+                    "configuration reloaded"
+                );
             }
             Err(e) => {
                 self.counters.config_reloads_failed += 1;
@@ -842,7 +849,9 @@ impl Agent {
         let mut seen = BTreeSet::new();
         let mut services: Vec<ServiceMetrics> = Vec::new();
         for plan in &self.plans {
-            match services.iter_mut().find(|s| s.service == plan.service) {
+            // A service's plans are contiguous (planned service by service), so only the
+            // last row can be this service's; a search made scrapes quadratic.
+            match services.last_mut().filter(|s| s.service == plan.service) {
                 Some(s) => {
                     s.backends_in_table +=
                         plan.endpoints.iter().filter(|e| e.in_table).count() as u64

@@ -10,6 +10,7 @@
 //! programs see.
 
 mod bench;
+mod bench_reload;
 mod cmd;
 mod demo;
 mod failover;
@@ -54,6 +55,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Measure failover (refused, black-holed backend) and the request path against HAProxy.
     BenchFailover(failover::FailoverArgs),
+    /// Measure a one-service edit of the config file reaching connects, and agent memory.
+    BenchReload(bench_reload::ReloadArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
     #[command(hide = true)]
     DemoClient(demo::ClientArgs),
@@ -63,6 +66,9 @@ enum Task {
     /// The failover benchmark's HTTP load, run inside the bench cgroup.
     #[command(hide = true)]
     FailoverClient(failover::ClientArgs),
+    /// The reload benchmark's connect loop, run inside the bench cgroup.
+    #[command(hide = true)]
+    ReloadClient(bench_reload::ReloadClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,9 +91,11 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
         Task::BenchFailover(args) => failover::run(&args),
+        Task::BenchReload(args) => bench_reload::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
         Task::FailoverClient(args) => failover::client(&args),
+        Task::ReloadClient(args) => bench_reload::client(&args),
     }
 }
 
