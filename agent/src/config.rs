@@ -729,9 +729,10 @@ pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
     Validator { yaml }.config(raw)
 }
 
-/// The largest configuration accepted, in bytes: a config with thousands of services
-/// is far below it, and the parser never sees more text than this.
-pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+/// The largest configuration accepted, in bytes, and the most the agent reads of the
+/// file: 100,000 services with ten endpoints each take about 40 MiB, so this leaves room
+/// while still bounding what a runaway generator can make the agent hold.
+pub const MAX_DOCUMENT_BYTES: usize = 128 * 1024 * 1024;
 
 /// Nesting the config never needs: its deepest field
 /// (`services[].healthCheck.http.expectedStatuses[].start`) is six containers down.
@@ -753,8 +754,10 @@ fn yaml_options() -> serde_saphyr::Options {
             max_depth: MAX_DEPTH,
             flow_nesting_limit: MAX_DEPTH,
             max_documents: 1,
-            max_events: 1_000_000,
-            max_nodes: 500_000,
+            // About 30 events and 15 nodes per endpoint line: room for a document of
+            // MAX_DOCUMENT_BYTES written densely, and still a bound.
+            max_events: 60_000_000,
+            max_nodes: 30_000_000,
             max_aliases: 10_000,
             max_anchors: 10_000,
             max_total_scalar_bytes: MAX_DOCUMENT_BYTES,

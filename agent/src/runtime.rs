@@ -216,8 +216,22 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
+/// Reads the config file, at most [`config::MAX_DOCUMENT_BYTES`] of it: a file past
+/// that is refused without being held in memory whole.
 fn read_text(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))
+    use std::io::Read as _;
+    let limit = config::MAX_DOCUMENT_BYTES as u64;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(limit + 1).read_to_string(&mut text))
+        .with_context(|| format!("reading config {}", path.display()))?;
+    if text.len() as u64 > limit {
+        anyhow::bail!(
+            "config {} is larger than the {limit} bytes accepted",
+            path.display()
+        );
+    }
+    Ok(text)
 }
 
 fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
@@ -242,6 +256,7 @@ impl Agent {
             },
             |service, target| passive.is_ejected(service, target),
         );
+        let planned_in = started.elapsed();
         let tiers_before: HashMap<SocketAddr, &Option<Tier>> =
             self.plans.iter().map(|p| (p.frontend, &p.tier)).collect();
         let mut tier_events = Vec::new();
@@ -258,11 +273,13 @@ impl Agent {
         for (service, detail) in tier_events {
             self.publish("tier-changed", &service, None, detail);
         }
+        let reconciling = Instant::now();
         let report = self.reconciler.apply(
             &mut self.dataplane,
             &desired::desired(&plans),
             Instant::now(),
         );
+        let reconciled_in = reconciling.elapsed();
         self.counters.reconcile.observe(started.elapsed());
         for e in &report.errors {
             error!(error = %e, "could not program a frontend; it keeps its previous table");
@@ -272,6 +289,8 @@ impl Agent {
                 added = report.added,
                 switched = report.switched,
                 removed = report.removed,
+                plan_ms = planned_in.as_millis(),
+                reconcile_ms = reconciled_in.as_millis(),
                 "maps updated"
             );
         }
@@ -636,6 +655,7 @@ impl Agent {
                 for (service, target) in &removed {
                     self.terminate(service, *target, "removed");
                 }
+                let diffed_in = started.elapsed();
                 self.counters.config_reloads_ok += 1;
                 self.config = config;
                 self.config_text = text;
@@ -643,12 +663,15 @@ impl Agent {
                 self.probes
                     .sync(&self.config, &self.changes, &mut self.health);
                 self.passive.sync(&self.config);
+                let synced_in = started.elapsed();
                 let applying = Instant::now();
                 self.apply();
                 info!(
                     why,
                     services = self.config.services.len(),
                     read_parse_ms = parsed_in.as_millis(),
+                    diff_ms = (diffed_in - parsed_in).as_millis(),
+                    sync_ms = (synced_in - diffed_in).as_millis(),
                     apply_ms = applying.elapsed().as_millis(),
                     total_ms = started.elapsed().as_millis(),
                     "configuration reloaded"
