@@ -104,6 +104,20 @@ pub struct Snapshot {
     pub fast_path_avoided: u64,
     pub fast_path_standby: u64,
     pub fast_path_all_suspect: u64,
+    /// Services the BPF maps have no room for, one entry per limit (all three, zeros
+    /// included, so an alert has a series to watch).
+    pub services_over_limit: Vec<LimitMetrics>,
+}
+
+/// Services that hit one map limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitMetrics {
+    /// The flag that sets the limit: `max-services`, `max-backends` or `max-slots`.
+    pub limit: String,
+    /// Services with nothing in the maps.
+    pub refused: u64,
+    /// Running services whose new state has no room (they keep their previous tables).
+    pub not_updated: u64,
 }
 
 /// One configured service.
@@ -369,6 +383,21 @@ impl Collector for SnapshotCollector {
                 ("all-suspect", snapshot.fast_path_all_suspect),
             ]
             .map(|(path, n)| ([("path", path)], n)),
+        )?;
+        let over = &snapshot.services_over_limit;
+        gauges(
+            e,
+            "detour_services_refused",
+            "Services not programmed because the BPF maps have no room for them, by the limit they hit (the agent's --max-services, --max-backends, --max-slots).",
+            over.iter()
+                .map(|l| ([("limit", l.limit.as_str())], saturating_i64(l.refused))),
+        )?;
+        gauges(
+            e,
+            "detour_services_not_updated",
+            "Running services whose new state has no room in the BPF maps, by the limit they hit; they keep their previous tables.",
+            over.iter()
+                .map(|l| ([("limit", l.limit.as_str())], saturating_i64(l.not_updated))),
         )
     }
 }
