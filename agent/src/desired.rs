@@ -385,6 +385,34 @@ services:
     }
 
     #[test]
+    fn desired_groups_frontends_by_service_in_config_order() {
+        // Admission goes by this order when the maps are full: the file's, not the
+        // addresses'.
+        let cfg = config::parse(
+            r#"
+services:
+  - name: zeta
+    vips: [127.200.0.9, 127.200.0.8]
+    ports: [{number: 80}, {number: 81}]
+    endpoints: [{address: 127.0.9.1}]
+  - name: alpha
+    vips: [127.200.0.1]
+    ports: [{number: 80}]
+    endpoints: [{address: 127.0.1.1}, {address: 127.0.1.2}]
+"#,
+        )
+        .unwrap();
+        let d = desired(&plan_h(&cfg, |_, _| Health::Healthy));
+        let names: Vec<&str> = d.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["zeta", "alpha"]);
+        assert_eq!(d.services[0].tables.len(), 4);
+        assert_eq!(
+            d.services[1].backends.iter().copied().collect::<Vec<_>>(),
+            [sa("127.0.1.1:80"), sa("127.0.1.2:80")]
+        );
+    }
+
+    #[test]
     fn empty_config_plans_nothing() {
         let cfg = config::parse("services: []").unwrap();
         assert!(plan_h(&cfg, |_, _| Health::Healthy).is_empty());

@@ -444,14 +444,6 @@ impl Reconciler {
                 owner.entry(*frontend).or_insert(index);
             }
         }
-        let owned = |index: usize| {
-            let owner = &owner;
-            desired.services[index]
-                .tables
-                .iter()
-                .filter(move |(frontend, _)| owner[*frontend] == index)
-        };
-
         // Removals first: what they free is there for everything after.
         let gone: Vec<SocketAddr> = self
             .frontends
@@ -466,6 +458,39 @@ impl Reconciler {
             }
         }
 
+        let mut configured = self.admit(maps, desired, &owner, &mut report);
+        match self.release_unreferenced(maps, &configured, now) {
+            // Ids released: a service refused for want of them may fit now.
+            Ok(released) if released > 0 && !report.refused.is_empty() => {
+                report.refused.clear();
+                configured = self.admit(maps, desired, &owner, &mut report);
+                // Marks what the second pass left unreferenced; nothing new expires.
+                if let Err(e) = self.release_unreferenced(maps, &configured, now) {
+                    report.errors.push(e);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => report.errors.push(e),
+        }
+        report
+    }
+
+    /// Applies the services that fit, running ones first (see the module doc); returns
+    /// the backends of the services that have something in the maps, which keep their
+    /// ids.
+    fn admit(
+        &mut self,
+        maps: &mut impl Maps,
+        desired: &Desired,
+        owner: &HashMap<SocketAddr, usize>,
+        report: &mut ApplyReport,
+    ) -> BTreeSet<SocketAddr> {
+        let owned = |index: usize| {
+            desired.services[index]
+                .tables
+                .iter()
+                .filter(move |(frontend, _)| owner[*frontend] == index)
+        };
         let (running, waiting): (Vec<usize>, Vec<usize>) = (0..desired.services.len())
             .partition(|&i| owned(i).any(|(f, _)| self.frontends.contains_key(f)));
         let mut slots = self.slots_in_use();
@@ -493,7 +518,7 @@ impl Reconciler {
                     refuse(self, Some(*frontend), limit);
                     continue;
                 }
-                self.apply_counted(maps, *frontend, table, &mut slots, &mut report);
+                self.apply_counted(maps, *frontend, table, &mut slots, report);
             }
             // Failover targets, as far as ids are left; a table that needs one later
             // gets it then, if there is room.
@@ -544,14 +569,11 @@ impl Reconciler {
                 }
             }
             for (frontend, table) in owned(index) {
-                self.apply_counted(maps, *frontend, table, &mut slots, &mut report);
+                self.apply_counted(maps, *frontend, table, &mut slots, report);
             }
         }
 
-        if let Err(e) = self.release_unreferenced(maps, &configured, now) {
-            report.errors.push(e);
-        }
-        report
+        configured
     }
 
     /// [`Reconciler::apply_frontend`], keeping `slots` (the slot entries in use) and the
@@ -815,7 +837,7 @@ impl Reconciler {
         maps: &mut impl Maps,
         configured: &BTreeSet<SocketAddr>,
         now: Instant,
-    ) -> Result<(), ReconcileError> {
+    ) -> Result<usize, ReconcileError> {
         let referenced: BTreeSet<u32> = self
             .frontends
             .values()
@@ -832,13 +854,14 @@ impl Reconciler {
                 release.push((*addr, state.id));
             }
         }
+        let count = release.len();
         for (addr, id) in release {
             maps.clear_backend(id)
                 .map_err(|source| ReconcileError::Release { id, source })?;
             self.backends.remove(&addr);
             self.backend_ids.remove(&id);
         }
-        Ok(())
+        Ok(count)
     }
 
     /// Whether some backend is waiting for its release delay (the caller should call
@@ -933,6 +956,37 @@ mod tests {
         backends: HashMap<u32, Backend>,
         writes: Vec<String>,
         fail_service_writes_for: Option<FrontendKey>,
+        /// Map sizes, enforced as the kernel does: a new key in a full hash map and an
+        /// array index past the end fail (E2BIG); replacing a key always works.
+        capacity: Option<Capacity>,
+    }
+
+    #[derive(Clone, Copy)]
+    struct Capacity {
+        services: usize,
+        backends: u32,
+        slots: usize,
+    }
+
+    impl FakeMaps {
+        fn sized(services: usize, backends: u32, slots: usize) -> Self {
+            Self {
+                capacity: Some(Capacity {
+                    services,
+                    backends,
+                    slots,
+                }),
+                ..Self::default()
+            }
+        }
+    }
+
+    fn full(map: &'static str) -> MapOpError {
+        MapOpError {
+            map,
+            op: "update",
+            reason: "Argument list too long (os error 7)".into(),
+        }
     }
 
     fn err(op: &'static str) -> MapOpError {
@@ -945,6 +999,9 @@ mod tests {
 
     impl Maps for FakeMaps {
         fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapOpError> {
+            if self.capacity.is_some_and(|c| id >= c.backends) {
+                return Err(full("backends"));
+            }
             self.writes.push(format!("backend {id}"));
             self.backends.insert(id, *backend);
             Ok(())
@@ -955,6 +1012,11 @@ mod tests {
             Ok(())
         }
         fn write_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError> {
+            if self.capacity.is_some_and(|c| {
+                self.slots.len() >= c.slots && !self.slots.contains_key(&(key.service_id, key.slot))
+            }) {
+                return Err(full("slots"));
+            }
             self.writes
                 .push(format!("slot {}/{}", key.service_id, key.slot));
             self.slots.insert((key.service_id, key.slot), backend_id);
@@ -971,6 +1033,11 @@ mod tests {
         ) -> Result<(), MapOpError> {
             if self.fail_service_writes_for == Some(*key) {
                 return Err(err("update"));
+            }
+            if self.capacity.is_some_and(|c| {
+                self.services.len() >= c.services && !self.services.contains_key(key)
+            }) {
+                return Err(full("services"));
             }
             self.writes.push(format!("service {}", entry.service_id));
             self.services.insert(*key, *entry);
@@ -1033,6 +1100,351 @@ mod tests {
             tables,
             backends,
         }
+    }
+
+    /// A reconciler with the fake's limits.
+    fn sized(services: u32, backends: u32, slots: u32) -> (FakeMaps, Reconciler) {
+        (
+            FakeMaps::sized(services as usize, backends, slots as usize),
+            Reconciler::new(services, backends).with_max_slots(slots),
+        )
+    }
+
+    /// The reconciler's counts are the maps' (so its limits are the maps' limits).
+    fn assert_accounting(maps: &FakeMaps, r: &Reconciler) {
+        assert_eq!(maps.slots.len() as u64, r.slots_in_use(), "slot entries");
+        assert_eq!(maps.services.len(), r.frontends_in_use(), "service entries");
+        assert_eq!(maps.backends.len(), r.backends_in_use(), "backend ids");
+    }
+
+    /// (service, limit, running) of each refusal.
+    fn refusals(report: &ApplyReport) -> Vec<(String, Limit, bool)> {
+        report
+            .refused
+            .iter()
+            .map(|r| (r.service.clone(), r.limit, r.running))
+            .collect()
+    }
+
+    #[test]
+    fn services_past_max_services_are_refused_in_the_order_given() {
+        let (mut maps, mut r) = sized(2, 16, 64);
+        // The order given, not the addresses' order, decides: .3 and .2 come first.
+        let want = desired(&[
+            ("127.200.0.3:80", &["127.0.0.3:80"]),
+            ("127.200.0.2:80", &["127.0.0.2:80"]),
+            ("127.200.0.1:80", &["127.0.0.1:80"]),
+        ]);
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            refusals(&report),
+            [("127.200.0.1:80".into(), Limit::Services, false)]
+        );
+        assert_eq!(report.refused[0].to_string(), "max-services (2) reached");
+        assert_eq!(report.refused[0].frontends, [sa("127.200.0.1:80")]);
+        assert_eq!(
+            maps.served(sa("127.200.0.3:80")),
+            Some(vec![sa("127.0.0.3:80")])
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.2:80")),
+            Some(vec![sa("127.0.0.2:80")])
+        );
+        assert!(maps.served(sa("127.200.0.1:80")).is_none());
+        // Its backend took no id.
+        assert_eq!(r.backend_id(&sa("127.0.0.1:80")), None);
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn a_service_that_does_not_fit_is_refused_whole_and_a_later_one_that_fits_is_admitted() {
+        let (mut maps, mut r) = sized(16, 3, 64);
+        let want = Desired {
+            services: vec![
+                service(
+                    "s1",
+                    &[("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"])],
+                ),
+                // Two VIPs: both or neither.
+                service(
+                    "s2",
+                    &[
+                        ("127.200.0.2:80", &["127.0.2.1:80"]),
+                        ("127.200.0.12:80", &["127.0.2.2:80"]),
+                    ],
+                ),
+                service("s3", &[("127.200.0.3:80", &["127.0.3.1:80"])]),
+            ],
+        };
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(refusals(&report), [("s2".into(), Limit::Backends, false)]);
+        assert_eq!(
+            report.refused[0].frontends,
+            [sa("127.200.0.2:80"), sa("127.200.0.12:80")]
+        );
+        assert!(maps.served(sa("127.200.0.2:80")).is_none());
+        assert!(
+            maps.served(sa("127.200.0.12:80")).is_none(),
+            "half a service"
+        );
+        assert_eq!(
+            r.backend_id(&sa("127.0.2.1:80")),
+            None,
+            "no id for half of it"
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.3:80")),
+            Some(vec![sa("127.0.3.1:80")])
+        );
+        assert_accounting(&maps, &r);
+        // Applying again changes nothing and refuses the same.
+        maps.writes.clear();
+        let again = r.apply(&mut maps, &want, Instant::now());
+        assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+        assert_eq!(refusals(&again), refusals(&report));
+    }
+
+    #[test]
+    fn failover_targets_count_against_max_backends_when_admitting() {
+        // A service is admitted with ids for every configured backend, so failing over
+        // later never needs an id that is not there.
+        let (mut maps, mut r) = sized(16, 2, 64);
+        let mut s1 = service("s1", &[("127.200.0.1:80", &["127.0.1.1:80"])]);
+        s1.backends.insert(sa("127.0.9.1:80"));
+        let want = Desired {
+            services: vec![s1, service("s2", &[("127.200.0.2:80", &["127.0.2.1:80"])])],
+        };
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert_eq!(refusals(&report), [("s2".into(), Limit::Backends, false)]);
+        assert!(r.backend_id(&sa("127.0.9.1:80")).is_some());
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn tables_past_max_slots_are_refused() {
+        let (mut maps, mut r) = sized(16, 16, 5);
+        let four = [
+            "127.0.2.1:80",
+            "127.0.2.2:80",
+            "127.0.2.3:80",
+            "127.0.2.4:80",
+        ];
+        let want = desired(&[
+            ("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"]),
+            ("127.200.0.2:80", &four),
+            ("127.200.0.3:80", &["127.0.3.1:80"]),
+        ]);
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            refusals(&report),
+            [("127.200.0.2:80".into(), Limit::Slots, false)]
+        );
+        assert_eq!(maps.slots.len(), 3);
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn running_services_are_never_evicted_by_new_ones() {
+        let (mut maps, mut r) = sized(2, 16, 64);
+        let now = Instant::now();
+        let a = ("127.200.0.1:80", &["127.0.1.1:80"][..]);
+        let b = ("127.200.0.2:80", &["127.0.2.1:80"][..]);
+        r.apply(&mut maps, &desired(&[a, b]), now);
+        maps.writes.clear();
+        // A new service listed first still comes after the running ones.
+        let report = r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.9:80", &["127.0.9.1:80"]), a, b]),
+            now,
+        );
+        assert_eq!(
+            refusals(&report),
+            [("127.200.0.9:80".into(), Limit::Services, false)]
+        );
+        assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+        assert_eq!(maps.served(sa(a.0)), Some(vec![sa("127.0.1.1:80")]));
+        assert_eq!(maps.served(sa(b.0)), Some(vec![sa("127.0.2.1:80")]));
+    }
+
+    #[test]
+    fn growth_past_a_limit_keeps_the_previous_table_of_what_does_not_fit() {
+        let (mut maps, mut r) = sized(16, 4, 64);
+        let now = Instant::now();
+        let before = Desired {
+            services: vec![
+                service(
+                    "grows",
+                    &[
+                        ("127.200.0.1:80", &["127.0.1.1:80"]),
+                        ("127.200.0.11:80", &["127.0.1.1:80", "127.0.1.2:80"]),
+                    ],
+                ),
+                service("same", &[("127.200.0.2:80", &["127.0.2.1:80"])]),
+            ],
+        };
+        r.apply(&mut maps, &before, now);
+        assert_accounting(&maps, &r);
+        // .1 grows by two new backends (one id is free); .11 changes within the ids it
+        // has; a new VIP needs another id; a new service needs one too.
+        let after = Desired {
+            services: vec![
+                service(
+                    "grows",
+                    &[
+                        (
+                            "127.200.0.1:80",
+                            &["127.0.1.1:80", "127.0.1.3:80", "127.0.1.4:80"],
+                        ),
+                        ("127.200.0.11:80", &["127.0.1.2:80"]),
+                        ("127.200.0.21:80", &["127.0.1.5:80"]),
+                    ],
+                ),
+                service("same", &[("127.200.0.2:80", &["127.0.2.1:80"])]),
+                service("new", &[("127.200.0.3:80", &["127.0.3.1:80"])]),
+            ],
+        };
+        let report = r.apply(&mut maps, &after, now);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        // The running service is tried first: its new VIP takes the free id, so the new
+        // service finds none.
+        assert_eq!(
+            refusals(&report),
+            [
+                ("grows".into(), Limit::Backends, true),
+                ("new".into(), Limit::Backends, false)
+            ]
+        );
+        assert_eq!(report.refused[0].frontends, [sa("127.200.0.1:80")]);
+        assert_eq!(
+            maps.served(sa("127.200.0.1:80")),
+            Some(vec![sa("127.0.1.1:80")]),
+            "keeps its previous table"
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.11:80")),
+            Some(vec![sa("127.0.1.2:80")])
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.21:80")),
+            Some(vec![sa("127.0.1.5:80")])
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.2:80")),
+            Some(vec![sa("127.0.2.1:80")])
+        );
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn a_refused_service_is_admitted_once_room_is_made() {
+        let (mut maps, mut r) = sized(16, 2, 64);
+        let t0 = Instant::now();
+        let a = ("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"][..]);
+        let c = ("127.200.0.3:80", &["127.0.3.1:80"][..]);
+        let report = r.apply(&mut maps, &desired(&[a, c]), t0);
+        assert_eq!(refusals(&report), [(c.0.into(), Limit::Backends, false)]);
+        // `a` goes; its ids are held for the release delay, so `c` waits for them.
+        let report = r.apply(&mut maps, &desired(&[c]), t0);
+        assert_eq!(refusals(&report), [(c.0.into(), Limit::Backends, false)]);
+        assert!(r.has_pending_releases());
+        let report = r.apply(&mut maps, &desired(&[c]), t0 + BACKEND_RELEASE_DELAY);
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        assert_eq!(maps.served(sa(c.0)), Some(vec![sa("127.0.3.1:80")]));
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn slots_a_table_no_longer_needs_are_freed_for_others() {
+        let (mut maps, mut r) = sized(16, 16, 6);
+        let now = Instant::now();
+        let four = [
+            "127.0.1.1:80",
+            "127.0.1.2:80",
+            "127.0.1.3:80",
+            "127.0.1.4:80",
+        ];
+        let a = "127.200.0.1:80";
+        let b = ("127.200.0.2:80", &four[..]);
+        r.apply(&mut maps, &desired(&[(a, &four)]), now);
+        // 4 slots in one generation, then 1 in the other: 5 entries.
+        r.apply(&mut maps, &desired(&[(a, &four[..1])]), now);
+        assert_eq!(r.slots_in_use(), 5);
+        let report = r.apply(&mut maps, &desired(&[(a, &four[..1]), b]), now);
+        assert_eq!(refusals(&report), [(b.0.into(), Limit::Slots, false)]);
+        // Back to the first generation with one slot: its three others are deleted.
+        let report = r.apply(&mut maps, &desired(&[(a, &four[1..2]), b]), now);
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        assert_eq!(r.slots_in_use(), 6);
+        assert_eq!(maps.served(sa(a)), Some(vec![sa("127.0.1.2:80")]));
+        assert_eq!(maps.served(sa(b.0)), Some(four.map(sa).to_vec()));
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn a_switch_past_max_slots_keeps_the_live_table() {
+        let (mut maps, mut r) = sized(16, 16, 4);
+        let now = Instant::now();
+        let a = "127.200.0.1:80";
+        r.apply(
+            &mut maps,
+            &desired(&[(a, &["127.0.1.1:80", "127.0.1.2:80"])]),
+            now,
+        );
+        // Three more slots in the other generation: 5 > 4.
+        let three = ["127.0.1.1:80", "127.0.1.2:80", "127.0.1.3:80"];
+        let report = r.apply(&mut maps, &desired(&[(a, &three)]), now);
+        assert_eq!(refusals(&report), [(a.into(), Limit::Slots, true)]);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            maps.served(sa(a)),
+            Some(vec![sa("127.0.1.1:80"), sa("127.0.1.2:80")])
+        );
+        // A change that fits in what the frontend holds is applied.
+        let report = r.apply(&mut maps, &desired(&[(a, &three[1..])]), now);
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        assert_eq!(
+            maps.served(sa(a)),
+            Some(three[1..].iter().map(|b| sa(b)).collect())
+        );
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn maps_smaller_than_the_limits_fail_per_frontend_and_keep_what_serves() {
+        // Injected: the kernel's maps are smaller than the reconciler was told (a pinned
+        // map of another size). Writes fail, and nothing is left half-done.
+        let mut maps = FakeMaps::sized(16, 16, 3);
+        let mut r = Reconciler::new(16, 16).with_max_slots(100);
+        let now = Instant::now();
+        let a = ("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"][..]);
+        let b = ("127.200.0.2:80", &["127.0.2.1:80", "127.0.2.2:80"][..]);
+        let report = r.apply(&mut maps, &desired(&[a, b]), now);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        let error = report.errors[0].to_string();
+        assert!(
+            error.contains("127.200.0.2:80") && error.contains("os error 7"),
+            "{error}"
+        );
+        assert_eq!(
+            maps.served(sa(a.0)),
+            Some(vec![sa("127.0.1.1:80"), sa("127.0.1.2:80")])
+        );
+        assert!(maps.served(sa(b.0)).is_none());
+        assert_eq!(maps.slots.len(), 2, "the failed add left slots behind");
+        // A switch that the map cannot take keeps the live table.
+        let report = r.apply(
+            &mut maps,
+            &desired(&[(a.0, &["127.0.1.3:80", "127.0.1.4:80"])]),
+            now,
+        );
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert_eq!(
+            maps.served(sa(a.0)),
+            Some(vec![sa("127.0.1.1:80"), sa("127.0.1.2:80")])
+        );
     }
 
     #[test]
@@ -1368,10 +1780,13 @@ mod tests {
             )]),
             Instant::now(),
         );
-        assert!(matches!(
-            report.errors[0],
-            ReconcileError::BackendIdsExhausted { .. }
-        ));
+        // Refused before anything is written, with the limit named.
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            refusals(&report),
+            [("127.200.0.1:80".into(), Limit::Backends, false)]
+        );
         assert!(maps.services.is_empty());
+        assert!(maps.backends.is_empty());
     }
 }
