@@ -500,38 +500,41 @@ impl Reconciler {
         for index in running {
             let service = &desired.services[index];
             configured.extend(service.backends.iter().copied());
-            let mut refusal: Option<Refusal> = None;
-            let mut refuse = |this: &Self, frontend: Option<SocketAddr>, limit: Limit| {
-                let r = refusal.get_or_insert_with(|| Refusal {
-                    service: service.name.clone(),
-                    limit,
-                    max: this.limit(limit),
-                    running: true,
-                    frontends: Vec::new(),
-                });
-                r.frontends.extend(frontend);
+            let new_refusal = |this: &Self, limit: Limit| Refusal {
+                service: service.name.clone(),
+                limit,
+                max: this.limit(limit),
+                running: true,
+                frontends: Vec::new(),
             };
+            let mut refusal: Option<Refusal> = None;
             for (frontend, table) in owned(index) {
                 let need = self.frontend_need(*frontend, table);
                 if let Some(limit) = self.exceeded(&need, slots) {
                     // Keeps its previous table, or stays out if it has none.
-                    refuse(self, Some(*frontend), limit);
+                    refusal
+                        .get_or_insert_with(|| new_refusal(self, limit))
+                        .frontends
+                        .push(*frontend);
                     continue;
                 }
                 self.apply_counted(maps, *frontend, table, &mut slots, report);
             }
-            // Failover targets, as far as ids are left; a table that needs one later
-            // gets it then, if there is room.
-            for backend in &service.backends {
-                if self.backends.contains_key(backend) {
-                    continue;
-                }
-                if self.backend_ids.len() >= self.max_backends as usize {
-                    refuse(self, None, Limit::Backends);
-                    break;
-                }
-                if let Err(e) = self.ensure_backend(maps, *backend) {
-                    report.errors.push(e);
+            // Failover targets, as far as ids are left, if the tables fit: a service
+            // that is already short does not take ids it cannot use for its new tables
+            // (a table that needs one later gets it then, if there is room).
+            if refusal.is_none() {
+                for backend in &service.backends {
+                    if self.backends.contains_key(backend) {
+                        continue;
+                    }
+                    if self.backend_ids.len() >= self.max_backends as usize {
+                        refusal = Some(new_refusal(self, Limit::Backends));
+                        break;
+                    }
+                    if let Err(e) = self.ensure_backend(maps, *backend) {
+                        report.errors.push(e);
+                    }
                 }
             }
             report.refused.extend(refusal);
