@@ -47,6 +47,15 @@ pub struct ServiceView {
     pub healthy: usize,
     pub in_table: usize,
     pub connects: u64,
+    /// `OK`; `NOT-PROGRAMMED` when the BPF maps have no room for the service (nothing
+    /// of it is in them, its VIPs are not rewritten); `NOT-UPDATED` when it runs but its
+    /// new state has no room (its frontends keep their previous tables, a new frontend
+    /// of it is left out). An agent older than this field answers without it (`""`).
+    #[serde(default)]
+    pub state: String,
+    /// The limit reached, for a state other than `OK`: `max-backends (262144) reached`.
+    #[serde(default)]
+    pub limit: Option<String>,
 }
 
 /// One endpoint of a service port as `detour endpoints` shows it.
@@ -88,7 +97,9 @@ pub struct EventView {
     pub time: String,
     /// `ejected`, `restored`, `ejection-skipped`, `tier-changed`, `health-changed`,
     /// `refused`, `timeout`, `reset`, `recovered` (a connect succeeded after failures),
-    /// `sockets-destroyed`, `lagged` (this stream missed events).
+    /// `sockets-destroyed`, `lagged` (this stream missed events), `not-programmed` and
+    /// `not-updated` (the BPF maps have no room for a service, or for its new state; see
+    /// [`ServiceView::state`]), `programmed` (room was made for it).
     pub kind: String,
     pub service: String,
     pub backend: Option<SocketAddr>,

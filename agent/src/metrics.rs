@@ -104,6 +104,20 @@ pub struct Snapshot {
     pub fast_path_avoided: u64,
     pub fast_path_standby: u64,
     pub fast_path_all_suspect: u64,
+    /// Services the BPF maps have no room for, one entry per limit (all three, zeros
+    /// included, so an alert has a series to watch).
+    pub services_over_limit: Vec<LimitMetrics>,
+}
+
+/// Services that hit one map limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitMetrics {
+    /// The flag that sets the limit: `max-services`, `max-backends` or `max-slots`.
+    pub limit: String,
+    /// Services with nothing in the maps.
+    pub refused: u64,
+    /// Running services whose new state has no room (they keep their previous tables).
+    pub not_updated: u64,
 }
 
 /// One configured service.
@@ -369,6 +383,21 @@ impl Collector for SnapshotCollector {
                 ("all-suspect", snapshot.fast_path_all_suspect),
             ]
             .map(|(path, n)| ([("path", path)], n)),
+        )?;
+        let over = &snapshot.services_over_limit;
+        gauges(
+            e,
+            "detour_services_refused",
+            "Services not programmed because the BPF maps have no room for them, by the limit they hit (the agent's --max-services, --max-backends, --max-slots).",
+            over.iter()
+                .map(|l| ([("limit", l.limit.as_str())], saturating_i64(l.refused))),
+        )?;
+        gauges(
+            e,
+            "detour_services_not_updated",
+            "Running services whose new state has no room in the BPF maps, by the limit they hit; they keep their previous tables.",
+            over.iter()
+                .map(|l| ([("limit", l.limit.as_str())], saturating_i64(l.not_updated))),
         )
     }
 }
@@ -676,6 +705,18 @@ mod tests {
             fast_path_avoided: 6,
             fast_path_standby: 7,
             fast_path_all_suspect: 8,
+            services_over_limit: vec![
+                LimitMetrics {
+                    limit: "max-services".into(),
+                    refused: 2,
+                    not_updated: 0,
+                },
+                LimitMetrics {
+                    limit: "max-slots".into(),
+                    refused: 0,
+                    not_updated: 1,
+                },
+            ],
         }
     }
 
@@ -760,6 +801,14 @@ detour_sockets_destroyed_total 5
 detour_fast_path_connects_total{path="avoided"} 6
 detour_fast_path_connects_total{path="standby"} 7
 detour_fast_path_connects_total{path="all-suspect"} 8
+# HELP detour_services_refused Services not programmed because the BPF maps have no room for them, by the limit they hit (the agent's --max-services, --max-backends, --max-slots).
+# TYPE detour_services_refused gauge
+detour_services_refused{limit="max-services"} 2
+detour_services_refused{limit="max-slots"} 0
+# HELP detour_services_not_updated Running services whose new state has no room in the BPF maps, by the limit they hit; they keep their previous tables.
+# TYPE detour_services_not_updated gauge
+detour_services_not_updated{limit="max-services"} 0
+detour_services_not_updated{limit="max-slots"} 1
 "#;
         let rendered = render(&small_snapshot());
         for (i, (got, want)) in rendered.lines().zip(expected.lines()).enumerate() {
@@ -968,7 +1017,8 @@ detour_fast_path_connects_total{path="all-suspect"} 8
             assert!(parse_sample(line).is_some(), "not a sample: {line:?}");
             samples += 1;
         }
-        assert_eq!(samples, 47);
+        // 47 before the two families of services over a map limit (2 samples each here).
+        assert_eq!(samples, 47 + 4);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
@@ -1087,9 +1137,9 @@ detour_fast_path_connects_total{path="all-suspect"} 8
         // The parser skips lines it cannot read, so first check that it read them all:
         // the histogram's 17 bucket lines become one sample, its _sum and _count one each.
         let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(sample_lines, 47);
-        assert_eq!(scrape.samples.len(), 47 - 17 + 1);
-        assert_eq!(scrape.docs.len(), 16, "{:?}", scrape.docs.keys());
+        assert_eq!(sample_lines, 47 + 4);
+        assert_eq!(scrape.samples.len(), 47 + 4 - 17 + 1);
+        assert_eq!(scrape.docs.len(), 16 + 2, "{:?}", scrape.docs.keys());
         assert_eq!(
             scrape.docs["detour_backend_ejections_total"],
             "Times outlier detection ejected the backend."
@@ -1142,6 +1192,14 @@ detour_fast_path_connects_total{path="all-suspect"} 8
             .any(|s| s.metric == "detour_backend_healthy"
                 && s.labels.get("backend") == b[1].1.into()));
         assert_eq!(find("detour_backend_in_table", &b), Value::Gauge(1.0));
+        assert_eq!(
+            find("detour_services_refused", &[("limit", "max-services")]),
+            Value::Gauge(2.0)
+        );
+        assert_eq!(
+            find("detour_services_not_updated", &[("limit", "max-slots")]),
+            Value::Gauge(1.0)
+        );
         let web = [("service", "web")];
         assert_eq!(
             find("detour_service_backends_in_table", &web),

@@ -13,7 +13,7 @@
 //!   kernel serves the configuration";
 //! - leaving the loop (SIGTERM, SIGINT) never detaches the programs: they stay pinned.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,12 +25,14 @@ use detour_agent::api::{self, EndpointView, EventView, Request, Response, Servic
 use detour_agent::config::{self, Config, HealthCheckKind};
 use detour_agent::config_watch::{self, Decision, FileEvent, SettlePolicy, Trust, WriteTracker};
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
-use detour_agent::desired::{self, FrontendPlan};
+use detour_agent::desired::{self, FrontendPlan, PlannedEndpoint};
 use detour_agent::health::{self, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds};
-use detour_agent::metrics::{self, BackendMetrics, Histogram, ServiceMetrics, Snapshot};
+use detour_agent::metrics::{
+    self, BackendMetrics, Histogram, LimitMetrics, ServiceMetrics, Snapshot,
+};
 use detour_agent::outlier::Event as OutlierEvent;
 use detour_agent::passive::{self, PassiveHealth};
-use detour_agent::reconcile::Reconciler;
+use detour_agent::reconcile::{Limit, Reconciler, Refusal};
 use detour_agent::selection::Tier;
 use detour_agent::sockdiag::{self, Which};
 use detour_ebpf::ConnEvent;
@@ -166,6 +168,9 @@ struct Agent {
     health: HashMap<(String, SocketAddr), (Health, Option<String>)>,
     probes: Probes,
     plans: Vec<FrontendPlan>,
+    /// Services the maps have no room for (or for their new state), by name, from the
+    /// last apply.
+    refused: BTreeMap<String, Refusal>,
     changes: mpsc::Sender<HealthChange>,
     passive: PassiveHealth,
     /// Kernel ids → names, rebuilt after every apply.
@@ -295,6 +300,7 @@ impl Agent {
             );
         }
         self.plans = plans;
+        self.note_refusals(report.refused);
         self.service_of_id = self
             .plans
             .iter()
@@ -305,6 +311,73 @@ impl Agent {
             .backend_ids()
             .map(|(addr, id)| (id, addr))
             .collect();
+    }
+
+    /// Logs and publishes what changed in which services the maps have no room for.
+    fn note_refusals(&mut self, refused: Vec<Refusal>) {
+        let refused: BTreeMap<String, Refusal> = refused
+            .into_iter()
+            .map(|r| (r.service.clone(), r))
+            .collect();
+        for (service, r) in &refused {
+            let before = self.refused.get(service);
+            if before.is_some_and(|b| (b.limit, b.max, b.running) == (r.limit, r.max, r.running)) {
+                continue;
+            }
+            let frontends: Vec<String> = r.frontends.iter().map(ToString::to_string).collect();
+            let frontends = frontends.join(",");
+            if r.running {
+                warn!(%service, limit = %r.limit, max = r.max, %frontends, "service's new state does not fit in the maps; these frontends keep their previous tables (or stay out, if new)");
+            } else {
+                warn!(%service, limit = %r.limit, max = r.max, %frontends, "service does not fit in the maps; not programmed");
+            }
+            let kind = if r.running {
+                "not-updated"
+            } else {
+                "not-programmed"
+            };
+            self.publish(kind, service, None, format!("{r}; frontends {frontends}"));
+        }
+        for service in self.refused.keys() {
+            if !refused.contains_key(service) && self.config.service(service).is_some() {
+                info!(%service, "service fits in the maps now; programmed");
+                self.publish(
+                    "programmed",
+                    service,
+                    None,
+                    "the maps have room for it now".into(),
+                );
+            }
+        }
+        self.refused = refused;
+    }
+
+    /// `STATE` of a service: `OK`, or `NOT-PROGRAMMED`/`NOT-UPDATED` and the limit.
+    fn service_state(&self, service: &str) -> (String, Option<String>) {
+        match self.refused.get(service) {
+            None => ("OK".into(), None),
+            Some(r) if r.running => ("NOT-UPDATED".into(), Some(r.to_string())),
+            Some(r) => ("NOT-PROGRAMMED".into(), Some(r.to_string())),
+        }
+    }
+
+    /// Whether the kernel's table of `plan`'s frontend has `e` now: the plan's word,
+    /// unless the frontend is one the maps had no room for.
+    fn in_kernel_table(&self, plan: &FrontendPlan, e: &PlannedEndpoint) -> bool {
+        let left_out = self
+            .refused
+            .get(&plan.service)
+            .is_some_and(|r| r.frontends.contains(&plan.frontend));
+        if !left_out {
+            return e.in_table;
+        }
+        match (
+            self.reconciler.live_table(&plan.frontend),
+            self.reconciler.backend_id(&e.target),
+        ) {
+            (Some(live), Some(id)) => live.contains(&id),
+            _ => false,
+        }
     }
 
     /// Sends an event to `detour events` streams (if any) and nowhere else: callers log.
@@ -743,6 +816,8 @@ impl Agent {
                         healthy: 0,
                         in_table: 0,
                         connects: 0,
+                        state: String::new(),
+                        limit: None,
                     });
                     targets.push(BTreeSet::new());
                     views.len() - 1
@@ -761,11 +836,16 @@ impl Agent {
                 .iter()
                 .filter(|e| e.health.usable() && !e.ejected)
                 .count();
-            v.in_table += plan.endpoints.iter().filter(|e| e.in_table).count();
+            v.in_table += plan
+                .endpoints
+                .iter()
+                .filter(|e| self.in_kernel_table(plan, e))
+                .count();
             targets[row].extend(plan.endpoints.iter().map(|e| e.target));
         }
         for (v, targets) in views.iter_mut().zip(&targets) {
             v.connects = targets.iter().map(|t| self.connects(t)).sum();
+            (v.state, v.limit) = self.service_state(&v.name);
         }
         views
     }
@@ -788,7 +868,7 @@ impl Agent {
                         health: e.health.to_string(),
                         weight: e.weight,
                         tier: e.tier.to_string(),
-                        in_table: e.in_table,
+                        in_table: self.in_kernel_table(p, e),
                         connects: stats.connects,
                         last_error: self
                             .health
@@ -872,18 +952,20 @@ impl Agent {
         let mut seen = BTreeSet::new();
         let mut services: Vec<ServiceMetrics> = Vec::new();
         for plan in &self.plans {
+            let in_table = plan
+                .endpoints
+                .iter()
+                .filter(|e| self.in_kernel_table(plan, e))
+                .count() as u64;
             // A service's plans are contiguous (planned service by service), so only the
             // last row can be this service's; a search made scrapes quadratic.
             match services.last_mut().filter(|s| s.service == plan.service) {
-                Some(s) => {
-                    s.backends_in_table +=
-                        plan.endpoints.iter().filter(|e| e.in_table).count() as u64
-                }
+                Some(s) => s.backends_in_table += in_table,
                 None => services.push(ServiceMetrics {
                     service: plan.service.clone(),
                     tier: tier_name(plan),
                     panic: plan.tier == Some(Tier::Panic),
-                    backends_in_table: plan.endpoints.iter().filter(|e| e.in_table).count() as u64,
+                    backends_in_table: in_table,
                 }),
             }
             for e in &plan.endpoints {
@@ -908,12 +990,24 @@ impl Agent {
                         Health::Unhealthy => Some(false),
                         Health::Unknown | Health::Unchecked => None,
                     },
-                    in_table: e.in_table,
+                    in_table: self.in_kernel_table(plan, e),
                 });
             }
         }
         let kernel = self.dataplane.counters().unwrap_or_default();
+        let services_over_limit = Limit::ALL
+            .iter()
+            .map(|limit| {
+                let hit = || self.refused.values().filter(|r| r.limit == *limit);
+                LimitMetrics {
+                    limit: limit.flag().to_string(),
+                    refused: hit().filter(|r| !r.running).count() as u64,
+                    not_updated: hit().filter(|r| r.running).count() as u64,
+                }
+            })
+            .collect();
         Snapshot {
+            services_over_limit,
             backends,
             services,
             events_dropped: kernel[detour_ebpf::counters::EVENTS_DROPPED as usize],
@@ -971,7 +1065,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     })
     .context("loading the datapath")?;
     let reconciler = Reconciler::restore(&dataplane, args.max_services, args.max_backends)
-        .context("restoring state from pinned maps")?;
+        .context("restoring state from pinned maps")?
+        .with_max_slots(args.max_slots);
 
     let (changes_tx, mut changes_rx) = mpsc::channel::<HealthChange>(1024);
     let (events_tx, _) = broadcast::channel::<EventView>(4096);
@@ -1000,6 +1095,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         health: HashMap::new(),
         probes: Probes::default(),
         plans: Vec::new(),
+        refused: BTreeMap::new(),
         changes: changes_tx,
         passive: PassiveHealth::default(),
         service_of_id: HashMap::new(),
