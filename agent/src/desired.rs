@@ -106,8 +106,23 @@ pub fn plan(
     health: impl Fn(&str, SocketAddr) -> Health,
     ejected: impl Fn(&str, SocketAddr) -> bool,
 ) -> Vec<FrontendPlan> {
+    config
+        .services
+        .iter()
+        .flat_map(|service| plan_service(config, service, &health, &ejected))
+        .collect()
+}
+
+/// Plans the frontends of one service of `config` (its VIPs × ports, VIP-major within
+/// a port), as [`plan`] does for all of them: a change to one service re-plans only it.
+pub fn plan_service(
+    config: &Config,
+    service: &ServiceConfig,
+    health: impl Fn(&str, SocketAddr) -> Health,
+    ejected: impl Fn(&str, SocketAddr) -> bool,
+) -> Vec<FrontendPlan> {
     let mut plans = Vec::new();
-    for service in &config.services {
+    {
         let passive = passive_params(service);
         for port in &service.ports {
             for vip in &service.vips {
@@ -200,19 +215,36 @@ pub fn desired(plans: &[FrontendPlan]) -> Desired {
             });
         }
         let service = services.last_mut().expect("pushed above");
-        service.tables.insert(
-            p.frontend,
-            Table {
-                slots: p.table.clone(),
-                standby: p.standby.clone(),
-                passive: p.passive,
-            },
-        );
-        service
-            .backends
-            .extend(p.endpoints.iter().map(|e| e.target));
+        add_plan(service, p);
     }
     Desired { services }
+}
+
+/// What one service's plans ask of the reconciler: [`desired`] for a single service.
+#[must_use]
+pub fn desired_service(name: &str, plans: &[FrontendPlan]) -> DesiredService {
+    let mut service = DesiredService {
+        name: name.to_owned(),
+        ..DesiredService::default()
+    };
+    for p in plans {
+        add_plan(&mut service, p);
+    }
+    service
+}
+
+fn add_plan(service: &mut DesiredService, p: &FrontendPlan) {
+    service.tables.insert(
+        p.frontend,
+        Table {
+            slots: p.table.clone(),
+            standby: p.standby.clone(),
+            passive: p.passive,
+        },
+    );
+    service
+        .backends
+        .extend(p.endpoints.iter().map(|e| e.target));
 }
 
 #[cfg(test)]

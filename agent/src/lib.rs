@@ -20,6 +20,7 @@ pub mod health;
 pub mod metrics;
 pub mod outlier;
 pub mod passive;
+pub mod plan_cache;
 pub mod reconcile;
 pub mod selection;
 pub mod sockdiag;

@@ -32,6 +32,7 @@ use detour_agent::metrics::{
 };
 use detour_agent::outlier::Event as OutlierEvent;
 use detour_agent::passive::{self, PassiveHealth};
+use detour_agent::plan_cache::{Dirty, PlanCache};
 use detour_agent::reconcile::{Limit, Reconciler, Refusal};
 use detour_agent::selection::Tier;
 use detour_agent::sockdiag::{self, Which};
@@ -92,15 +93,25 @@ struct Probes {
 
 impl Probes {
     /// Starts, restarts and stops probe tasks so they match `config`; forgets the health
-    /// of targets that are no longer probed.
+    /// of targets that are no longer probed. Only the services `scope` names are looked
+    /// at (the others' probes run on untouched), unless it says all.
     fn sync(
         &mut self,
         config: &Config,
+        scope: &Dirty,
         changes: &mpsc::Sender<HealthChange>,
         health: &mut HashMap<(String, SocketAddr), (Health, Option<String>)>,
     ) {
+        let in_scope = |service: &str| match scope {
+            Dirty::All => true,
+            Dirty::Services(names) => names.contains(service),
+        };
+        let services: Vec<&config::ServiceConfig> = match scope {
+            Dirty::All => config.services.iter().collect(),
+            Dirty::Services(names) => names.iter().filter_map(|n| config.service(n)).collect(),
+        };
         let mut wanted = HashMap::new();
-        for service in &config.services {
+        for service in services {
             let hc = &service.health_check;
             let kind = match &hc.kind {
                 HealthCheckKind::Tcp => Some(ProbeKind::Tcp),
@@ -122,13 +133,14 @@ impl Probes {
             }
         }
         self.running.retain(|key, (spec, task)| {
-            let keep = wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec));
+            let keep =
+                !in_scope(&key.0) || wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec));
             if !keep {
                 task.abort();
             }
             keep
         });
-        health.retain(|key, _| wanted.contains_key(key));
+        health.retain(|key, _| !in_scope(&key.0) || wanted.contains_key(key));
         for (key, spec) in wanted {
             match spec {
                 None => {
@@ -167,7 +179,10 @@ struct Agent {
     reconciler: Reconciler,
     health: HashMap<(String, SocketAddr), (Health, Option<String>)>,
     probes: Probes,
-    plans: Vec<FrontendPlan>,
+    /// Per-service plans, re-planned only where `dirty` says.
+    plans: PlanCache,
+    /// What changed since the last apply: the services to re-plan.
+    dirty: Dirty,
     /// Services the maps have no room for (or for their new state), by name, from the
     /// last apply.
     refused: BTreeMap<String, Refusal>,
@@ -248,12 +263,14 @@ fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
 }
 
 impl Agent {
+    /// Re-plans the services marked dirty and makes the maps serve the result.
     fn apply(&mut self) {
         let started = Instant::now();
         let health = &self.health;
         let passive = &self.passive;
-        let plans = desired::plan(
+        let refreshed = self.plans.refresh(
             &self.config,
+            &mut self.dirty,
             |service, target| {
                 health
                     .get(&(service.to_string(), target))
@@ -262,10 +279,17 @@ impl Agent {
             |service, target| passive.is_ejected(service, target),
         );
         let planned_in = started.elapsed();
-        let tiers_before: HashMap<SocketAddr, &Option<Tier>> =
-            self.plans.iter().map(|p| (p.frontend, &p.tier)).collect();
+        let tiers_before: HashMap<SocketAddr, &Option<Tier>> = refreshed
+            .previous
+            .iter()
+            .map(|p| (p.frontend, &p.tier))
+            .collect();
         let mut tier_events = Vec::new();
-        for plan in &plans {
+        let replanned = refreshed
+            .services
+            .iter()
+            .flat_map(|service| self.plans.service(service));
+        for plan in replanned {
             if tiers_before.get(&plan.frontend) != Some(&&plan.tier) {
                 let tier = tier_name(plan);
                 info!(service = %plan.service, frontend = %plan.frontend, %tier, backends = plan.table.len(), "tier selected");
@@ -279,11 +303,9 @@ impl Agent {
             self.publish("tier-changed", &service, None, detail);
         }
         let reconciling = Instant::now();
-        let report = self.reconciler.apply(
-            &mut self.dataplane,
-            &desired::desired(&plans),
-            Instant::now(),
-        );
+        let report =
+            self.reconciler
+                .apply(&mut self.dataplane, self.plans.desired(), Instant::now());
         let reconciled_in = reconciling.elapsed();
         self.counters.reconcile.observe(started.elapsed());
         for e in &report.errors {
@@ -294,12 +316,12 @@ impl Agent {
                 added = report.added,
                 switched = report.switched,
                 removed = report.removed,
+                replanned = refreshed.services.len(),
                 plan_ms = planned_in.as_millis(),
                 reconcile_ms = reconciled_in.as_millis(),
                 "maps updated"
             );
         }
-        self.plans = plans;
         self.note_refusals(report.refused);
         self.service_of_id = self
             .plans
@@ -446,6 +468,7 @@ impl Agent {
                             format!("{kind}; ejection {ejection_count}, for {secs:.0}s"),
                         );
                         self.terminate(&service, target, "ejected");
+                        self.dirty.mark(&service);
                         changed = true;
                     }
                     Some(OutlierEvent::EjectionSkipped { kind, reason, .. }) => {
@@ -486,8 +509,8 @@ impl Agent {
         }
         let frontends: BTreeSet<u32> = self
             .plans
+            .service(service)
             .iter()
-            .filter(|p| p.service == service)
             .filter_map(|p| self.reconciler.service_id(&p.frontend))
             .collect();
         let Some(backend_id) = self.reconciler.backend_id(&target) else {
@@ -573,6 +596,7 @@ impl Agent {
     }
 
     fn on_restored(&mut self, service: &str, target: SocketAddr, why: &str) {
+        self.dirty.mark(service);
         info!(%service, backend = %target, why, "backend restored");
         self.publish("restored", service, Some(target), why.to_string());
         if !self.passive.is_ejected_anywhere(target) {
@@ -589,6 +613,7 @@ impl Agent {
         let Some(entry) = self.health.get_mut(&key) else {
             return;
         };
+        self.dirty.mark(&change.service);
         let before = entry.0;
         *entry = (change.health, change.last_error.clone());
         if before.usable() && !change.health.usable() {
@@ -728,14 +753,33 @@ impl Agent {
                 for (service, target) in &removed {
                     self.terminate(service, *target, "removed");
                 }
+                // What the reload changes: only those services are re-synced and
+                // re-planned. A new node locality changes every service's tiers.
+                let scope = if config.node == self.config.node {
+                    let mut scope = std::mem::take(&mut self.dirty);
+                    for service in &config.services {
+                        if self.config.service(&service.name) != Some(service) {
+                            scope.mark(&service.name);
+                        }
+                    }
+                    for service in &self.config.services {
+                        if config.service(&service.name).is_none() {
+                            scope.mark(&service.name);
+                        }
+                    }
+                    scope
+                } else {
+                    Dirty::All
+                };
                 let diffed_in = started.elapsed();
                 self.counters.config_reloads_ok += 1;
                 self.config = config;
                 self.config_text = text;
                 self.rejected_text = None;
                 self.probes
-                    .sync(&self.config, &self.changes, &mut self.health);
-                self.passive.sync(&self.config);
+                    .sync(&self.config, &scope, &self.changes, &mut self.health);
+                self.passive.sync_scope(&self.config, &scope);
+                self.dirty = scope;
                 let synced_in = started.elapsed();
                 let applying = Instant::now();
                 self.apply();
@@ -802,7 +846,7 @@ impl Agent {
         let mut views: Vec<ServiceView> = Vec::new();
         let mut row_of: HashMap<(&str, u16), usize> = HashMap::new();
         let mut targets: Vec<BTreeSet<SocketAddr>> = Vec::new();
-        for plan in &self.plans {
+        for plan in self.plans.iter() {
             let tier = tier_name(plan);
             let row = *row_of
                 .entry((plan.service.as_str(), plan.port))
@@ -951,7 +995,7 @@ impl Agent {
         let mut backends = Vec::new();
         let mut seen = BTreeSet::new();
         let mut services: Vec<ServiceMetrics> = Vec::new();
-        for plan in &self.plans {
+        for plan in self.plans.iter() {
             let in_table = plan
                 .endpoints
                 .iter()
@@ -1094,7 +1138,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         reconciler,
         health: HashMap::new(),
         probes: Probes::default(),
-        plans: Vec::new(),
+        plans: PlanCache::default(),
+        dirty: Dirty::All,
         refused: BTreeMap::new(),
         changes: changes_tx,
         passive: PassiveHealth::default(),
@@ -1105,9 +1150,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         destroyed: destroyed_tx,
         counters: Counters::default(),
     };
-    agent
-        .probes
-        .sync(&agent.config, &agent.changes, &mut agent.health);
+    agent.probes.sync(
+        &agent.config,
+        &Dirty::All,
+        &agent.changes,
+        &mut agent.health,
+    );
     agent.passive.sync(&agent.config);
     agent.apply();
     info!(
