@@ -738,7 +738,9 @@ impl Agent {
                     .config
                     .services
                     .iter()
+                    .filter(|old| config.service(&old.name) != Some(*old))
                     .flat_map(|old| {
+                        // Only services the reload changed can lose a backend.
                         let kept: std::collections::HashSet<SocketAddr> = config
                             .service(&old.name)
                             .map(|new| desired::targets(new).collect())
