@@ -257,8 +257,8 @@ impl Dataplane {
 
         let mut links = Vec::new();
         for name in PROGRAMS {
-            let pin = links_dir.join(name);
-            let outcome = attach_program(&mut ebpf, name, &cgroup, &pin, &our_maps)?;
+            let outcome =
+                attach_program(&mut ebpf, name, &cgroup, &links_dir.join(name), &our_maps)?;
             info!(program = name, outcome = ?outcome, cgroup = %opts.cgroup.display(), "program ready");
             links.push((name, outcome));
         }

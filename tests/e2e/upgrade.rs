@@ -4,9 +4,10 @@
 //!
 //! Two real builds: build A is the `detour` these tests are built with; build B is the
 //! same agent built with `DETOUR_EBPF_VARIANT=1` (see `agent/build.rs`), whose connect
-//! programs differ in code and so in program tag. B is built on first use into
-//! `<target>/upgrade-variant` (a cold build takes minutes, later ones only rebuild what
-//! changed); a failing build fails the test, it never skips.
+//! programs differ in code and so in program tag. B lives in `<target>/upgrade-variant`:
+//! `cargo xtask test` builds it before the tests run, and the test runs the same cargo
+//! command first (a no-op then; alone, a cold build takes minutes and later ones only
+//! rebuild what changed). A failing build fails the test, it never skips.
 //!
 //! Which program a pinned link runs is read from the kernel: each pin under `links/` is
 //! opened and the tag of the program its link holds is looked up by id.
@@ -275,6 +276,7 @@ fn an_upgrade_and_a_downgrade_replace_the_programs_under_a_connect_loop() -> Res
     }
 
     let summary = World::finish_loop(child, &stop_file)?;
+    eprintln!("upgrade: connect loop across upgrade and downgrade: {summary:?}");
     ensure!(
         summary.failed == 0,
         "connects failed across the upgrade and downgrade: {summary:?}\nlog:\n{}",
@@ -380,6 +382,7 @@ fn a_map_resized_between_runs_is_migrated_under_a_connect_loop() -> Result<()> {
     ensure!(pinned_size(&w, "DETOUR_SERVICES")? == 6);
 
     let summary = World::finish_loop(child, &stop_file)?;
+    eprintln!("upgrade: connect loop across two map migrations: {summary:?}");
     ensure!(
         summary.failed == 0,
         "connects failed across the map migrations: {summary:?}\nlog:\n{}",

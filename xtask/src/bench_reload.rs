@@ -207,7 +207,10 @@ fn one_setup(
     // Kept for a closer look: the temp dir goes away with the task.
     let kept = Path::new("target/bench-reload");
     if std::fs::create_dir_all(kept).is_ok() {
-        let _ = std::fs::write(kept.join(format!("agent-{services}x{endpoints}.log")), &text);
+        let _ = std::fs::write(
+            kept.join(format!("agent-{services}x{endpoints}.log")),
+            &text,
+        );
     }
     let (read_parse_ms, apply_ms) = reload_timings(&text);
     Ok(SetupResult {
