@@ -13,9 +13,12 @@
 //!   is copied into it, and the staging pin is renamed over the old one — all before any
 //!   new program is attached. The programs still attached keep the old map until their
 //!   links are replaced (the caller does that next, see `attach_program`), so connects
-//!   see a full table throughout. Counters that the old programs bump between the copy
-//!   and the link swap (milliseconds) are lost; the ring buffer is recreated empty (its
-//!   events in flight are lost, as when an agent restarts);
+//!   see a full table throughout. What the old programs write into a migrated map
+//!   between the copy and the link swap (milliseconds) stays in the old map: counter
+//!   increments are lost, and a socket they rewrite then is forgotten by the new
+//!   programs (its `getpeername` shows the backend, its outcome is not reported). The
+//!   ring buffer is recreated empty (events in flight are lost, as when an agent
+//!   restarts);
 //! - another type, key or value size: **refused** before anything changes (the running
 //!   programs and maps keep serving), with an error naming the map and both layouts. The
 //!   meaning of a value's bytes is not in the map, so no generic copy can be right: a
