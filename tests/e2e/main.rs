@@ -18,4 +18,5 @@ mod config_file;
 mod limits;
 mod passive;
 mod scenarios;
+mod upgrade;
 mod world;

@@ -111,6 +111,18 @@ fn test(repeat: u32, extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The upgrade tests' second agent build (tests/e2e/upgrade.rs builds it the same way
+    // if it is missing). Built here, before the tests run, so that its compile does not
+    // compete with the timing-sensitive tests for the CPUs.
+    cmd::run(
+        cmd::cargo()
+            .args(["build", "-p", "detour-agent", "--bin", "detour"])
+            .env(
+                "CARGO_TARGET_DIR",
+                cmd::target_dir().join("upgrade-variant"),
+            )
+            .env("DETOUR_EBPF_VARIANT", "1"),
+    )?;
     for run in 1..=repeat {
         let totals = cmd::run_cargo_test(
             cmd::cargo()
