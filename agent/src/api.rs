@@ -287,15 +287,17 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
                     limits.max_request_bytes
                 )));
             }
-            parse_request(content).map(Some)
+            parse_request(content)
+                .map(Some)
+                .map_err(|e| Response::Error(format!("bad request: {e}")))
         }
     }
 }
 
-/// Parses one request line (without its newline); `Err` is the response that says why
-/// it is not a request. Total: any bytes give a request or an error.
-pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
-    serde_json::from_slice(line).map_err(|e| Response::Error(format!("bad request: {e}")))
+/// Parses one request line (without its newline). Total: any bytes give a request or
+/// the JSON error that says why they are not one.
+pub fn parse_request(line: &[u8]) -> Result<Request, serde_json::Error> {
+    serde_json::from_slice(line)
 }
 
 /// Writes one response line.

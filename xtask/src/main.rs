@@ -13,6 +13,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod failover;
+mod fuzz;
 mod setup;
 
 use std::process::ExitCode;
@@ -50,6 +51,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Measure failover (refused, black-holed backend) and the request path against HAProxy.
     BenchFailover(failover::FailoverArgs),
+    /// Fuzz the parsers of outside bytes with libFuzzer, `--time` seconds per target.
+    Fuzz(fuzz::FuzzArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
     #[command(hide = true)]
     DemoClient(demo::ClientArgs),
@@ -81,6 +84,7 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
         Task::BenchFailover(args) => failover::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
         Task::FailoverClient(args) => failover::client(&args),
