@@ -461,15 +461,10 @@ pub async fn http_probe(
 /// bytes of it (all that [`http_probe`] reads): longer is [`ProbeError::TooLarge`],
 /// bytes that are not text or not a status line are [`ProbeError::NotHttp`].
 pub fn status_of(head: &[u8]) -> Result<u16, ProbeError> {
+    // Without a newline the server closed mid-line (judge what came) or the line is
+    // longer than the bound.
     let line = match head.iter().position(|&b| b == b'\n') {
         Some(end) => &head[..=end],
-        None if head.len() > MAX_STATUS_LINE => {
-            return Err(ProbeError::TooLarge {
-                what: "HTTP status line",
-                limit: MAX_STATUS_LINE,
-            })
-        }
-        // The server closed before the end of the line: judge what came.
         None => head,
     };
     if line.len() > MAX_STATUS_LINE {
