@@ -45,6 +45,16 @@
 //! write) and is reported per frontend; other frontends are still applied.
 //! State is restored from the maps at start-up, so a restarted agent continues from what
 //! the kernel is serving instead of rebuilding from scratch.
+//!
+//! Restoring trusts nothing in the maps (an older build, a foreign layout or a bug may
+//! have written them): an entry is adopted only if its generation is 0 or 1, its slot
+//! and standby counts add up (checked) to at most [`MAX_SLOTS`], every backend id its
+//! slots name is below the backend map's capacity, its service id is not another
+//! entry's, and the frontends adopted stay within the frontend map's capacity; reading
+//! one costs at most `2 × MAX_SLOTS` lookups and allocates no more than that. An entry
+//! that fails is logged with what is wrong, is not adopted, and keeps its service id
+//! reserved until the next [`Reconciler::apply`] replaces it (its frontend is desired:
+//! written anew, switched in one update) or deletes it (not desired).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -116,6 +126,23 @@ pub enum ReconcileError {
     },
 }
 
+/// Why restore did not adopt a service entry found in the maps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreReject {
+    #[error("generation {0} is neither 0 nor 1")]
+    Generation(u32),
+    #[error("{slots} slots and {standby} standby slots exceed the limit of {MAX_SLOTS}")]
+    TooManySlots { slots: u32, standby: u32 },
+    #[error("a slot names backend id {id}, beyond the backend map's {max} entries")]
+    BackendId { id: u32, max: u32 },
+    #[error("service id {0} is already another frontend's")]
+    DuplicateServiceId(u32),
+    #[error("more frontends than the map's {0} entries")]
+    OverCapacity(u32),
+    #[error("the key is not one detour writes (padding set)")]
+    NonCanonicalKey,
+}
+
 /// The kernel's passive-health parameters of one frontend (see [`ServiceEntry`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Passive {
@@ -155,6 +182,11 @@ impl Desired {
     /// The table of a frontend, whichever service has it.
     pub fn table(&self, frontend: &SocketAddr) -> Option<&Table> {
         self.services.iter().find_map(|s| s.tables.get(frontend))
+    }
+
+    /// Every frontend's table, service by service.
+    pub fn tables(&self) -> impl Iterator<Item = (&SocketAddr, &Table)> {
+        self.services.iter().flat_map(|s| s.tables.iter())
     }
 }
 
@@ -269,8 +301,23 @@ pub struct ApplyReport {
     pub refused: Vec<Refusal>,
 }
 
+/// A service entry found at restore that was not adopted; [`Reconciler::apply`] replaces
+/// or deletes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Untrusted {
+    key: FrontendKey,
+    /// The frontend the key names.
+    frontend: SocketAddr,
+    /// Whether `key` is the one detour writes for `frontend` (so a new entry for it
+    /// replaces this one).
+    canonical: bool,
+    service_id: u32,
+}
+
 pub struct Reconciler {
     frontends: BTreeMap<SocketAddr, FrontendState>,
+    /// Entries restore did not adopt, until apply replaces or deletes them.
+    untrusted: Vec<Untrusted>,
     backends: HashMap<SocketAddr, BackendState>,
     backend_ids: BTreeSet<u32>,
     service_ids: BTreeSet<u32>,
@@ -287,6 +334,7 @@ impl Reconciler {
     pub fn new(max_frontends: u32, max_backends: u32) -> Self {
         Self {
             frontends: BTreeMap::new(),
+            untrusted: Vec::new(),
             backends: HashMap::new(),
             backend_ids: BTreeSet::new(),
             service_ids: BTreeSet::new(),
@@ -298,7 +346,9 @@ impl Reconciler {
         }
     }
 
-    /// Rebuilds the reconciler's view from maps a previous agent left behind.
+    /// Rebuilds the reconciler's view from maps a previous agent left behind. Entries
+    /// that cannot be trusted (see the module doc) are logged and left for the next
+    /// [`Reconciler::apply`]; only a failing map read is an error.
     pub fn restore(
         maps: &impl Maps,
         max_frontends: u32,
@@ -307,64 +357,31 @@ impl Reconciler {
         let mut this = Self::new(max_frontends, max_backends);
         for (key, entry) in maps.services().map_err(ReconcileError::Restore)? {
             let Some(frontend) = frontend_addr(&key) else {
+                // Not TCP: not detour's to judge (nor to delete).
                 continue;
             };
-            let total = entry.slot_count + entry.standby_count;
-            let mut live = Vec::with_capacity(total as usize);
-            for index in 0..total {
-                let slot = SlotKey::new(entry.service_id, entry.generation, index);
-                if let Some(id) = maps.slot(slot).map_err(ReconcileError::Restore)? {
-                    live.push(id);
-                }
-            }
-            let mut written = [0u32; 2];
-            written[entry.generation as usize & 1] = total;
-            // Slots are always written from index 0 up, so the first miss ends them.
-            let other = 1 - (entry.generation & 1);
-            let mut n = 0;
-            while n < MAX_SLOTS
-                && maps
-                    .slot(SlotKey::new(entry.service_id, other, n))
-                    .map_err(ReconcileError::Restore)?
-                    .is_some()
-            {
-                n += 1;
-            }
-            written[other as usize] = n;
-            for &id in &live {
-                if this.backend_ids.contains(&id) {
-                    continue;
-                }
-                if let Some(backend) = maps.backend(id).map_err(ReconcileError::Restore)? {
-                    if let Some(addr) = backend_addr(&backend) {
-                        this.backends.insert(
-                            addr,
-                            BackendState {
-                                id,
-                                unreferenced_since: None,
-                            },
-                        );
-                        this.backend_ids.insert(id);
-                    }
-                }
-            }
-            this.next_service_id = this.next_service_id.max(entry.service_id + 1);
-            this.service_ids.insert(entry.service_id);
-            this.frontends.insert(
-                frontend,
-                FrontendState {
+            let adopted = if frontend_key(frontend) != key {
+                Err(RestoreReject::NonCanonicalKey)
+            } else {
+                this.adopt(maps, frontend, &entry)?
+            };
+            if let Err(why) = adopted {
+                tracing::warn!(
+                    %frontend,
+                    service_id = entry.service_id,
+                    generation = entry.generation,
+                    slot_count = entry.slot_count,
+                    standby_count = entry.standby_count,
+                    %why,
+                    "pinned service entry not adopted; the next apply replaces or deletes it"
+                );
+                this.untrusted.push(Untrusted {
+                    key,
+                    frontend,
+                    canonical: frontend_key(frontend) == key,
                     service_id: entry.service_id,
-                    generation: entry.generation & 1,
-                    slot_count: entry.slot_count.min(live.len() as u32),
-                    live,
-                    written,
-                    passive: Passive {
-                        fail_threshold: entry.fail_threshold,
-                        suspect_ms: entry.suspect_ms,
-                        handshake_timeout_ms: entry.handshake_timeout_ms,
-                    },
-                },
-            );
+                });
+            }
         }
         this.next_backend_id = this
             .backend_ids
@@ -402,6 +419,98 @@ impl Reconciler {
     /// Frontends in the maps.
     pub fn frontends_in_use(&self) -> usize {
         self.frontends.len()
+    }
+
+    /// Adopts one service entry read from the maps, after checking it; `Ok(Err)` says
+    /// why it was not adopted (nothing of it is then kept).
+    fn adopt(
+        &mut self,
+        maps: &impl Maps,
+        frontend: SocketAddr,
+        entry: &ServiceEntry,
+    ) -> Result<Result<(), RestoreReject>, ReconcileError> {
+        let restore = ReconcileError::Restore;
+        if self.frontends.len() >= self.max_frontends as usize {
+            return Ok(Err(RestoreReject::OverCapacity(self.max_frontends)));
+        }
+        if entry.generation > 1 {
+            return Ok(Err(RestoreReject::Generation(entry.generation)));
+        }
+        let total = match entry.slot_count.checked_add(entry.standby_count) {
+            Some(total) if total <= MAX_SLOTS => total,
+            _ => {
+                return Ok(Err(RestoreReject::TooManySlots {
+                    slots: entry.slot_count,
+                    standby: entry.standby_count,
+                }))
+            }
+        };
+        if self.service_ids.contains(&entry.service_id) {
+            return Ok(Err(RestoreReject::DuplicateServiceId(entry.service_id)));
+        }
+        // Grows with the slots found, never from the count alone.
+        let mut live = Vec::new();
+        for index in 0..total {
+            let slot = SlotKey::new(entry.service_id, entry.generation, index);
+            if let Some(id) = maps.slot(slot).map_err(restore)? {
+                if id >= self.max_backends {
+                    return Ok(Err(RestoreReject::BackendId {
+                        id,
+                        max: self.max_backends,
+                    }));
+                }
+                live.push(id);
+            }
+        }
+        let mut written = [0u32; 2];
+        written[entry.generation as usize] = total;
+        // Slots are always written from index 0 up, so the first miss ends them.
+        let other = 1 - entry.generation;
+        let mut n = 0;
+        while n < MAX_SLOTS
+            && maps
+                .slot(SlotKey::new(entry.service_id, other, n))
+                .map_err(restore)?
+                .is_some()
+        {
+            n += 1;
+        }
+        written[other as usize] = n;
+        for &id in &live {
+            if self.backend_ids.contains(&id) {
+                continue;
+            }
+            if let Some(backend) = maps.backend(id).map_err(restore)? {
+                if let Some(addr) = backend_addr(&backend) {
+                    self.backends.insert(
+                        addr,
+                        BackendState {
+                            id,
+                            unreferenced_since: None,
+                        },
+                    );
+                    self.backend_ids.insert(id);
+                }
+            }
+        }
+        self.next_service_id = self.next_service_id.max(entry.service_id.saturating_add(1));
+        self.service_ids.insert(entry.service_id);
+        self.frontends.insert(
+            frontend,
+            FrontendState {
+                service_id: entry.service_id,
+                generation: entry.generation,
+                slot_count: entry.slot_count.min(live.len() as u32),
+                live,
+                written,
+                passive: Passive {
+                    fail_threshold: entry.fail_threshold,
+                    suspect_ms: entry.suspect_ms,
+                    handshake_timeout_ms: entry.handshake_timeout_ms,
+                },
+            },
+        );
+        Ok(Ok(()))
     }
 
     /// The backend id of an address, if it has one.
@@ -444,6 +553,7 @@ impl Reconciler {
                 owner.entry(*frontend).or_insert(index);
             }
         }
+        self.delete_untrusted(maps, &owner, &mut report);
         // Removals first: what they free is there for everything after.
         let gone: Vec<SocketAddr> = self
             .frontends
@@ -459,6 +569,10 @@ impl Reconciler {
         }
 
         let mut configured = self.admit(maps, desired, &owner, &mut report);
+        // A desired frontend's untrusted entry was replaced by its new one.
+        let frontends = &self.frontends;
+        self.untrusted
+            .retain(|u| !(u.canonical && frontends.contains_key(&u.frontend)));
         match self.release_unreferenced(maps, &configured, now) {
             // Ids released: a service refused for want of them may fit now.
             Ok(released) if released > 0 && !report.refused.is_empty() => {
@@ -658,6 +772,34 @@ impl Reconciler {
         }
     }
 
+    /// Deletes the entries restore did not adopt whose frontend is not desired (the
+    /// others are replaced when their frontend is added).
+    fn delete_untrusted(
+        &mut self,
+        maps: &mut impl Maps,
+        desired: &HashMap<SocketAddr, usize>,
+        report: &mut ApplyReport,
+    ) {
+        let mut kept = Vec::new();
+        for untrusted in std::mem::take(&mut self.untrusted) {
+            if untrusted.canonical && desired.contains_key(&untrusted.frontend) {
+                kept.push(untrusted);
+                continue;
+            }
+            match maps.delete_service(&untrusted.key) {
+                Ok(()) => report.removed += 1,
+                Err(source) => {
+                    report.errors.push(ReconcileError::Frontend {
+                        frontend: untrusted.frontend,
+                        source,
+                    });
+                    kept.push(untrusted);
+                }
+            }
+        }
+        self.untrusted = kept;
+    }
+
     fn apply_frontend(
         &mut self,
         maps: &mut impl Maps,
@@ -825,7 +967,8 @@ impl Reconciler {
             });
         }
         let mut id = self.next_service_id;
-        while self.service_ids.contains(&id) {
+        // An untrusted entry's id stays reserved: its slots may still be read.
+        while self.service_ids.contains(&id) || self.untrusted.iter().any(|u| u.service_id == id) {
             id = id.wrapping_add(1);
         }
         self.next_service_id = id.wrapping_add(1);
@@ -952,7 +1095,7 @@ mod tests {
     use super::*;
 
     /// A map fake that records every write and can be told to fail.
-    #[derive(Default)]
+    #[derive(Default, Debug)]
     struct FakeMaps {
         services: BTreeMap<FrontendKey, ServiceEntry>,
         slots: HashMap<(u32, u32), u32>,
@@ -964,7 +1107,7 @@ mod tests {
         capacity: Option<Capacity>,
     }
 
-    #[derive(Clone, Copy)]
+    #[derive(Debug, Clone, Copy)]
     struct Capacity {
         services: usize,
         backends: u32,
@@ -1791,5 +1934,227 @@ mod tests {
         );
         assert!(maps.services.is_empty());
         assert!(maps.backends.is_empty());
+    }
+
+    fn entry(
+        service_id: u32,
+        generation: u32,
+        slot_count: u32,
+        standby_count: u32,
+    ) -> ServiceEntry {
+        ServiceEntry {
+            service_id,
+            generation,
+            slot_count,
+            standby_count,
+            fail_threshold: 0,
+            suspect_ms: 0,
+            handshake_timeout_ms: 0,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn restore_adopts_only_entries_that_fit_and_apply_replaces_or_deletes_the_rest() {
+        let mut maps = FakeMaps::default();
+        let good = sa("127.200.0.1:80");
+        maps.services.insert(frontend_key(good), entry(3, 1, 1, 0));
+        maps.slots.insert((3, SlotKey::new(3, 1, 0).slot), 0);
+        maps.backends.insert(0, backend_value(sa("127.0.1.1:8080")));
+        let bad = [
+            (
+                "127.200.0.2:80",
+                entry(4, 0, u32::MAX, 1),
+                "exceed the limit",
+            ),
+            (
+                "127.200.0.3:80",
+                entry(5, 0, MAX_SLOTS + 1, 0),
+                "exceed the limit",
+            ),
+            ("127.200.0.4:80", entry(6, 7, 1, 0), "generation 7"),
+            ("127.200.0.5:80", entry(7, 0, 1, 0), "backend id 1000000"),
+            ("127.200.0.6:80", entry(3, 0, 1, 0), "service id 3"),
+            ("127.200.0.7:80", entry(u32::MAX, 0, 0, 0), "padding"),
+        ];
+        for (frontend, e, _) in &bad {
+            let mut key = frontend_key(sa(frontend));
+            if e.service_id == u32::MAX {
+                key.pad = 1;
+            }
+            maps.services.insert(key, *e);
+        }
+        maps.slots.insert((7, 0), 1_000_000);
+
+        let started = Instant::now();
+        let mut r = Reconciler::restore(&maps, 16, 16).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(r.live_table(&good), Some(&[0][..]));
+        assert_eq!(r.backend_id(&sa("127.0.1.1:8080")), Some(0));
+        let rejected: BTreeSet<SocketAddr> = r.untrusted.iter().map(|u| u.frontend).collect();
+        let expected: BTreeSet<SocketAddr> = bad.iter().map(|(f, ..)| sa(f)).collect();
+        assert_eq!(rejected, expected);
+        for (frontend, ..) in &bad {
+            assert_eq!(r.live_table(&sa(frontend)), None, "{frontend} adopted");
+        }
+
+        // One rejected frontend is still desired: it gets a fresh id and a new entry,
+        // never the service id an untrusted entry still holds; the rest are deleted.
+        let want = desired(&[
+            ("127.200.0.1:80", &["127.0.1.1:8080"]),
+            ("127.200.0.4:80", &["127.0.1.2:8080"]),
+        ]);
+        maps.writes.clear();
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(maps.served(good), Some(vec![sa("127.0.1.1:8080")]));
+        assert_eq!(
+            maps.served(sa("127.200.0.4:80")),
+            Some(vec![sa("127.0.1.2:8080")])
+        );
+        let replaced = maps.services[&frontend_key(sa("127.200.0.4:80"))].service_id;
+        // Neither the adopted frontend's id nor the id its own untrusted entry held.
+        assert!(![3, 6].contains(&replaced), "{replaced}");
+        let keys: BTreeSet<FrontendKey> = maps.services.keys().copied().collect();
+        let wanted: BTreeSet<FrontendKey> = want.tables().map(|(f, _)| frontend_key(*f)).collect();
+        assert_eq!(keys, wanted);
+        assert!(r.untrusted.is_empty());
+        // The adopted table was not rewritten.
+        assert!(
+            !maps.writes.contains(&"service 3".to_string()),
+            "{:?}",
+            maps.writes
+        );
+    }
+
+    mod restore_properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const FRONTENDS: [&str; 4] = [
+            "127.200.0.1:80",
+            "127.200.0.2:80",
+            "127.200.0.3:80",
+            "[fd00::1]:80",
+        ];
+        const BACKENDS: [&str; 4] = [
+            "127.0.1.1:8080",
+            "127.0.1.2:8080",
+            "127.0.1.3:8080",
+            "[fd00::2]:8080",
+        ];
+
+        fn counts() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                0..4u32,
+                Just(MAX_SLOTS),
+                Just(MAX_SLOTS - 1),
+                Just(u32::MAX)
+            ]
+        }
+
+        prop_compose! {
+            fn arb_entry()(
+                service_id in prop_oneof![0..4u32, Just(u32::MAX)],
+                generation in prop_oneof![0..2u32, Just(2u32), Just(u32::MAX)],
+                slot_count in counts(),
+                standby_count in counts(),
+            ) -> ServiceEntry {
+                entry(service_id, generation, slot_count, standby_count)
+            }
+        }
+
+        prop_compose! {
+            fn arb_maps()(
+                services in proptest::collection::vec(
+                    (0..FRONTENDS.len(), prop_oneof![4 => Just(0u8), 1 => Just(1u8)],
+                     prop_oneof![4 => Just(IPPROTO_TCP), 1 => Just(17u8)], arb_entry()),
+                    0..6,
+                ),
+                slots in proptest::collection::vec(
+                    (prop_oneof![0..4u32, Just(u32::MAX)],
+                     prop_oneof![0..4u32, MAX_SLOTS..MAX_SLOTS + 4, Just(u32::MAX)],
+                     prop_oneof![0..20u32, Just(u32::MAX)]),
+                    0..24,
+                ),
+                backends in proptest::collection::vec(
+                    (0..20u32, 0..BACKENDS.len(), prop_oneof![4 => Just(true), 1 => Just(false)]),
+                    0..12,
+                ),
+            ) -> FakeMaps {
+                let mut maps = FakeMaps::default();
+                for (f, pad, proto, e) in services {
+                    let mut key = frontend_key(sa(FRONTENDS[f]));
+                    key.pad = pad;
+                    key.proto = proto;
+                    maps.services.insert(key, e);
+                }
+                for (sid, slot, id) in slots {
+                    maps.slots.insert((sid, slot), id);
+                }
+                for (id, b, valid) in backends {
+                    let mut value = backend_value(sa(BACKENDS[b]));
+                    if !valid {
+                        value.family = 99;
+                    }
+                    maps.backends.insert(id, value);
+                }
+                maps
+            }
+        }
+
+        prop_compose! {
+            fn arb_desired()(
+                tables in proptest::collection::btree_map(
+                    0..3usize,
+                    proptest::collection::vec(0..3usize, 1..4),
+                    0..4,
+                ),
+            ) -> Desired {
+                // IPv4 frontends and backends only, so every table is valid.
+                let tables: BTreeMap<SocketAddr, Table> = tables
+                    .into_iter()
+                    .map(|(f, bs)| {
+                        (sa(FRONTENDS[f]), Table::plain(bs.into_iter().map(|b| sa(BACKENDS[b])).collect()))
+                    })
+                    .collect();
+                let backends = tables.values().flat_map(|t| t.slots.clone()).collect();
+                Desired {
+                    services: vec![DesiredService {
+                        name: "any".into(),
+                        tables,
+                        backends,
+                    }],
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Whatever the maps hold, restore does not panic, and the first apply makes
+            /// them serve exactly what is desired.
+            #[test]
+            fn any_pinned_state_converges_to_what_is_desired(
+                mut maps in arb_maps(),
+                want in arb_desired(),
+            ) {
+                let mut r = Reconciler::restore(&maps, 16, 16).unwrap();
+                let report = r.apply(&mut maps, &want, Instant::now());
+                prop_assert!(report.errors.is_empty(), "{:?}", report.errors);
+                for (frontend, table) in want.tables() {
+                    prop_assert_eq!(maps.served(*frontend), Some(table.slots.clone()));
+                }
+                let keys: BTreeSet<FrontendKey> = maps
+                    .services
+                    .keys()
+                    .filter(|k| k.proto == IPPROTO_TCP)
+                    .copied()
+                    .collect();
+                let wanted: BTreeSet<FrontendKey> =
+                    want.tables().map(|(f, _)| frontend_key(*f)).collect();
+                prop_assert_eq!(keys, wanted);
+            }
+        }
     }
 }

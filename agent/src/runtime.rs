@@ -1247,39 +1247,34 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Serves the CLI socket within [`api::Limits`]: answers come from the agent's loop,
+/// event streams straight from the broadcast channel.
 async fn serve_api(
     listener: tokio::net::UnixListener,
     calls: mpsc::Sender<ApiCall>,
     events: broadcast::Sender<EventView>,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    let limits = api::Limits::default();
+    api::serve(listener, limits, move |request, mut write| {
         let calls = calls.clone();
         let events = events.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut read = tokio::io::BufReader::new(read);
-            let response = match api::read_request(&mut read).await {
-                Ok(None) => return,
-                Ok(Some(Request::Events)) => {
-                    stream_events(events.subscribe(), &mut write).await;
-                    return;
-                }
-                Ok(Some(request)) => {
-                    let (tx, rx) = oneshot::channel();
-                    if calls.send((request, tx)).await.is_err() {
-                        return;
-                    }
-                    rx.await
-                        .unwrap_or_else(|_| Response::Error("agent is stopping".into()))
-                }
-                Err(response) => response,
-            };
-            let _ = api::write_response(&mut write, &response).await;
-        });
-    }
+        async move {
+            if request == Request::Events {
+                stream_events(events.subscribe(), &mut write).await;
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            if calls.send((request, tx)).await.is_err() {
+                return;
+            }
+            let response = rx
+                .await
+                .unwrap_or_else(|_| Response::Error("agent is stopping".into()));
+            let answer = api::write_response(&mut write, &response);
+            let _ = tokio::time::timeout(limits.write_timeout, answer).await;
+        }
+    })
+    .await;
 }
 
 /// Writes events to one `detour events` client until it goes away.

@@ -14,6 +14,7 @@ mod bench_reload;
 mod cmd;
 mod demo;
 mod failover;
+mod fuzz;
 mod setup;
 
 use std::process::ExitCode;
@@ -57,6 +58,8 @@ enum Task {
     BenchFailover(failover::FailoverArgs),
     /// Measure a one-service edit of the config file reaching connects, and agent memory.
     BenchReload(bench_reload::ReloadArgs),
+    /// Fuzz the parsers of outside bytes with libFuzzer, `--time` seconds per target.
+    Fuzz(fuzz::FuzzArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
     #[command(hide = true)]
     DemoClient(demo::ClientArgs),
@@ -92,6 +95,7 @@ fn run(task: Task) -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::BenchFailover(args) => failover::run(&args),
         Task::BenchReload(args) => bench_reload::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
         Task::FailoverClient(args) => failover::client(&args),
