@@ -399,7 +399,7 @@ fn run_client(
 }
 
 /// Waits until the benchmark service has a backend in its kernel table.
-fn wait_in_table(agent: &Agent, deadline: Instant) -> Result<()> {
+pub(crate) fn wait_in_table(agent: &Agent, deadline: Instant) -> Result<()> {
     let deadline = deadline.min(Instant::now() + Duration::from_secs(60));
     loop {
         let in_table = agent

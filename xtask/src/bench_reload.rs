@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 use detour_testbed::{Agent, AgentOptions, Cgroup, PinDir, TempDir};
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::bench::{median, thousands, AcceptSink};
+use crate::bench::{median, thousands, wait_in_table, AcceptSink};
 use crate::{cmd, setup};
 
 const VIP: &str = "127.233.0.1:80";
@@ -160,7 +160,7 @@ fn one_setup(
     })?;
     let loading = Instant::now();
     agent.wait_ready(Duration::from_secs(240))?;
-    wait_in_table(&agent, Duration::from_secs(60))?;
+    wait_in_table(&agent, Instant::now() + Duration::from_secs(60))?;
     let load = loading.elapsed();
     let pid = agent.pid().context("agent pid")?;
     let stop = tmp.join(&format!("stop-reload-{services}x{endpoints}"));
@@ -225,28 +225,6 @@ fn one_setup(
         rss_after_mib,
         client,
     })
-}
-
-/// Waits until `bench` has its backend in the kernel's table.
-fn wait_in_table(agent: &Agent, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let in_table = agent
-            .endpoints_json(Some("bench"))
-            .ok()
-            .and_then(|eps| Some(eps.as_array()?.iter().any(|e| e["in_table"] == true)))
-            .unwrap_or(false);
-        if in_table {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "`bench` never got its backend in the table{}",
-                agent.log_tail()
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Waits until `sink` accepted a connection after this call, bounded by `timeout`.
