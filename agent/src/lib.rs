@@ -24,3 +24,4 @@ pub mod plan_cache;
 pub mod reconcile;
 pub mod selection;
 pub mod sockdiag;
+pub mod sources;

@@ -1,5 +1,6 @@
-//! `cargo xtask`: detour's developer tasks — machine setup, the eBPF build, the full test
-//! gate, a failover demo, a `connect()` benchmark and a failover benchmark against HAProxy.
+//! `cargo xtask`: detour's developer tasks — machine setup, the eBPF build, the CRDs in
+//! `deploy/crds/`, the full test gate, a failover demo, a `connect()` benchmark and a
+//! failover benchmark against HAProxy.
 //!
 //! Everything that changes the machine (installs, bpffs, cgroups, pins, the agent) goes
 //! through `setup` or through `detour-testbed` guards, so every task either leaves the
@@ -12,6 +13,7 @@
 mod bench;
 mod bench_reload;
 mod cmd;
+mod crd;
 mod demo;
 mod failover;
 mod fuzz;
@@ -40,6 +42,8 @@ enum Task {
     Setup,
     /// Build the eBPF object into target/bpfel-unknown-none/release/detour.
     BuildEbpf,
+    /// Write the CRDs generated from the agent's types into deploy/crds/.
+    Crd,
     /// Setup, rustfmt check, clippy -D warnings, then every test (privileged ones too).
     Test {
         /// Run the tests this many times in a row (fmt and clippy once); any failing run
@@ -90,6 +94,7 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::run(),
         Task::BuildEbpf => cmd::build_ebpf(),
+        Task::Crd => crd::run(),
         Task::Test { repeat, args } => test(repeat, &args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),

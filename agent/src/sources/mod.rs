@@ -1,0 +1,13 @@
+//! Where detour learns which services to serve: the sources of the service model.
+//!
+//! Two sources describe the same thing (VIPs or a hostname, ports, endpoints with their
+//! locality and cluster, the locality policy, health checking, outlier detection, spill
+//! and connection termination):
+//! - the standalone YAML file, read on a single machine (`crate::config` today);
+//! - Kubernetes, where a `FailoverService` custom resource names the Services that back
+//!   it ([`kubernetes`]).
+//!
+//! Invariant: a source only reads and checks what its own input can say; what a service
+//! means (defaults, cross-field rules, the errors a user sees) is decided once, in the
+//! service model both sources produce.
+pub mod kubernetes;
