@@ -6,6 +6,12 @@
 //! agent with 100,000 services. Each row is the median over runs of the mean time per
 //! connect, so one noisy run does not move it.
 //!
+//! With the agent, the kernel's own accounting of the programs' run time
+//! (`BPF_ENABLE_STATS`, what `kernel.bpf_stats_enabled` turns on) is read between runs
+//! (the client pauses after each), so every program's cost per connect is attributed to
+//! the target that caused it: on "direct" the programs only find no VIP, on "vip" they
+//! rewrite the connect and follow the socket to its RST close.
+//!
 //! Invariants:
 //! - all traffic is loopback: the backend is an accept-and-drop listener on
 //!   127.0.3.1:9000, VIPs are in 127.201.0.0/16 and 127.210.0.0/16;
@@ -14,6 +20,7 @@
 //! - the whole task is time-bounded: each client has a deadline, the task has one overall;
 //! - agents, cgroups and pins are guards, torn down after each setup and on any error.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -26,6 +33,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use aya::programs::links::{FdLink, PinnedLink};
 use detour_testbed::{Agent, AgentOptions, Cgroup, PinDir, TempDir};
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -65,6 +73,10 @@ pub struct ClientArgs {
     /// Unmeasured connects per target before the first run.
     #[arg(long, default_value_t = 1000)]
     warmup: u32,
+    /// Pause after each line printed (the warm-up's and every run's), so the parent can
+    /// read the kernel's program statistics between runs.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
 }
 
 fn parse_target(s: &str) -> Result<(String, SocketAddr)> {
@@ -104,6 +116,10 @@ pub fn client(args: &ClientArgs) -> Result<()> {
         }
     }
     let mut out = std::io::stdout().lock();
+    let pause = Duration::from_millis(args.pause_ms);
+    writeln!(out, "{}", serde_json::json!({"warmed_up": true}))?;
+    out.flush()?;
+    thread::sleep(pause);
     for run in 0..args.runs {
         let n = targets.len();
         for i in 0..n {
@@ -127,6 +143,7 @@ pub fn client(args: &ClientArgs) -> Result<()> {
             });
             writeln!(out, "{line}")?;
             out.flush()?;
+            thread::sleep(pause);
         }
     }
     Ok(())
@@ -224,12 +241,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let tmp = TempDir::new()?;
     let overflows_before = listen_overflows();
     let mut rows = Vec::new();
+    let mut costs = Vec::new();
     let mut notes = Vec::new();
 
     eprintln!("bench: baseline, no program attached");
     {
         let cgroup = Cgroup::new()?;
-        let results = run_client(&cgroup, &[("direct", BACKEND)], args, deadline)?;
+        let results = run_client(&cgroup, &[("direct", BACKEND)], args, deadline, None)?;
         rows.extend(summarize("no program attached", &results));
     }
 
@@ -242,8 +260,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         eprintln!("bench: {setup_name}");
         match bench_with_agent(&binary, &tmp, services, args, deadline) {
-            Ok((results, setup_notes)) => {
+            Ok((results, setup_costs, setup_notes)) => {
                 rows.extend(summarize(&setup_name, &results));
+                costs.extend(setup_costs.into_iter().map(|c| (setup_name.clone(), c)));
                 notes.extend(
                     setup_notes
                         .into_iter()
@@ -271,7 +290,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         thousands(sink.accepted() as f64),
         overflows.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
     ));
-    print!("{}", report(args, &rows, &notes));
+    print!("{}", report(args, &rows, &costs, &notes));
     if !failed.is_empty() {
         bail!("bench setups failed: {}", failed.join("; "));
     }
@@ -279,14 +298,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// One agent setup: load `services` services, wait until `bench` is programmed, run the
-/// client against the backend and the VIP. Returns the runs and notes for the report.
+/// client against the backend and the VIP, reading the programs' run time between runs.
+/// Returns the runs, the programs' costs by target and notes for the report.
 fn bench_with_agent(
     binary: &Path,
     tmp: &TempDir,
     services: u32,
     args: &BenchArgs,
     deadline: Instant,
-) -> Result<(Vec<RunResult>, Vec<String>)> {
+) -> Result<(Vec<RunResult>, Vec<ProgramCost>, Vec<String>)> {
     let config = tmp.join(&format!("bench-{services}.yaml"));
     write_config(&config, services)?;
     // Guards: dropped in reverse order — agent, then cgroup (detaching), then pins.
@@ -310,32 +330,187 @@ fn bench_with_agent(
         "agent ready and `bench` in the table {:.1}s after start",
         loading.elapsed().as_secs_f64()
     )];
+    // The kernel accounts run time while this fd is open (BPF_ENABLE_STATS).
+    let _stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("turning on the kernel's BPF run-time statistics")?;
+    let programs = AgentPrograms::find(pins.path())?;
+    let mut costs = Costs::default();
+    let mut last = programs.read()?;
+    let mut between = |run: Option<&RunResult>| -> Result<()> {
+        let now = programs.read()?;
+        if let Some(run) = run {
+            costs.add(run, &last, &now);
+        }
+        last = now;
+        Ok(())
+    };
     let results = run_client(
         &cgroup,
         &[("direct", BACKEND), ("VIP", VIP)],
         args,
         deadline,
+        Some(&mut between),
     )
     .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
     if let Some(connects) = bench_connects(&agent) {
         notes.push(format!("the agent counted {connects} connects to `bench`"));
     }
-    Ok((results, notes))
+    Ok((results, costs.rows(), notes))
 }
 
-/// Runs `bench-client` in `cgroup` and collects its per-run results.
+/// How long the client pauses after each run while the parent reads program statistics.
+const STATS_PAUSE: Duration = Duration::from_millis(50);
+
+/// A program's accumulated run time and invocations, as the kernel accounts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RunTime {
+    ns: u64,
+    count: u64,
+}
+
+/// The programs one agent attached, found through its link pins (`links/<program>`).
+struct AgentPrograms {
+    /// (program name, program id), by name.
+    ids: Vec<(String, u32)>,
+}
+
+impl AgentPrograms {
+    fn find(pins: &Path) -> Result<Self> {
+        let dir = pins.join("links");
+        let mut ids = Vec::new();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
+            let path = entry?.path();
+            let link: FdLink = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening the link pinned at {}", path.display()))?
+                .into();
+            let id = link
+                .info()
+                .with_context(|| format!("link info of {}", path.display()))?
+                .program_id();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            ids.push((name, id));
+        }
+        ids.sort();
+        if ids.is_empty() {
+            bail!("no program links pinned under {}", dir.display());
+        }
+        Ok(Self { ids })
+    }
+
+    /// Every program's run time now.
+    fn read(&self) -> Result<BTreeMap<String, RunTime>> {
+        let mut out = BTreeMap::new();
+        // Other programs on the machine come and go while this iterates: an entry that
+        // cannot be read is someone else's that just left, or ours missing (below).
+        for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+            if let Some((name, _)) = self.ids.iter().find(|(_, id)| *id == info.id()) {
+                let ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+                out.insert(
+                    name.clone(),
+                    RunTime {
+                        ns,
+                        count: info.run_count(),
+                    },
+                );
+            }
+        }
+        if out.len() != self.ids.len() {
+            bail!(
+                "read run time of {} of the agent's {} programs",
+                out.len(),
+                self.ids.len()
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Program run time summed over the runs of each target.
+#[derive(Default)]
+struct Costs {
+    /// (target, program) → run time; connects by target.
+    by_program: BTreeMap<(String, String), RunTime>,
+    connects: BTreeMap<String, u64>,
+}
+
+impl Costs {
+    fn add(
+        &mut self,
+        run: &RunResult,
+        before: &BTreeMap<String, RunTime>,
+        after: &BTreeMap<String, RunTime>,
+    ) {
+        *self.connects.entry(run.target.clone()).or_default() += u64::from(run.connects);
+        for (program, now) in after {
+            let then = before.get(program).copied().unwrap_or_default();
+            let sum = self
+                .by_program
+                .entry((run.target.clone(), program.clone()))
+                .or_default();
+            sum.ns += now.ns.saturating_sub(then.ns);
+            sum.count += now.count.saturating_sub(then.count);
+        }
+    }
+
+    /// Programs that ran, per target ("direct" first).
+    fn rows(&self) -> Vec<ProgramCost> {
+        let mut rows: Vec<ProgramCost> = self
+            .by_program
+            .iter()
+            .filter(|(_, t)| t.count > 0)
+            .map(|((target, program), t)| {
+                let connects = self.connects.get(target).copied().unwrap_or(0).max(1) as f64;
+                ProgramCost {
+                    target: target.clone(),
+                    program: program.clone(),
+                    runs_per_connect: t.count as f64 / connects,
+                    ns_per_run: t.ns as f64 / t.count as f64,
+                    ns_per_connect: t.ns as f64 / connects,
+                }
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.target != "direct", r.program.clone()));
+        rows
+    }
+}
+
+/// One program's cost on one target of a setup.
+#[derive(Debug, Clone, PartialEq)]
+struct ProgramCost {
+    target: String,
+    program: String,
+    runs_per_connect: f64,
+    ns_per_run: f64,
+    ns_per_connect: f64,
+}
+
+/// Runs `bench-client` in `cgroup` and collects its per-run results. `between` is called
+/// while the client pauses after its warm-up (`None`) and after each run (`Some`); with
+/// it the client pauses [`STATS_PAUSE`] there.
 fn run_client(
     cgroup: &Cgroup,
     targets: &[(&str, &str)],
     args: &BenchArgs,
     deadline: Instant,
+    mut between: Option<&mut dyn FnMut(Option<&RunResult>) -> Result<()>>,
 ) -> Result<Vec<RunResult>> {
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let mut command = Command::new(exe);
+    let pause = if between.is_some() {
+        STATS_PAUSE
+    } else {
+        Duration::ZERO
+    };
     command
         .arg("bench-client")
         .args(["--runs", &args.runs.to_string()])
         .args(["--connects", &args.connects.to_string()])
+        .args(["--pause-ms", &pause.as_millis().to_string()])
         .stdout(Stdio::piped());
     for (name, addr) in targets {
         command.arg("--target").arg(format!("{name}={addr}"));
@@ -356,6 +531,12 @@ fn run_client(
             Ok(line) => {
                 let v: serde_json::Value = serde_json::from_str(&line)
                     .with_context(|| format!("bad client line {line:?}"))?;
+                if v["warmed_up"] == true {
+                    if let Some(between) = between.as_mut() {
+                        between(None)?;
+                    }
+                    continue;
+                }
                 let result = RunResult {
                     target: v["target"].as_str().unwrap_or_default().to_owned(),
                     elapsed: Duration::from_nanos(v["elapsed_ns"].as_u64().unwrap_or(0)),
@@ -373,6 +554,9 @@ fn run_client(
                         String::new()
                     }
                 );
+                if let Some(between) = between.as_mut() {
+                    between(Some(&result))?;
+                }
                 results.push(result);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -528,7 +712,12 @@ pub(crate) fn thousands(value: f64) -> String {
     out
 }
 
-fn report(args: &BenchArgs, rows: &[Row], notes: &[String]) -> String {
+fn report(
+    args: &BenchArgs,
+    rows: &[Row],
+    costs: &[(String, ProgramCost)],
+    notes: &[String],
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -553,6 +742,22 @@ fn report(args: &BenchArgs, rows: &[Row], notes: &[String]) -> String {
             r.target,
             thousands(r.ns_per_connect),
             thousands(r.connects_per_sec)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n### The programs' own run time (BPF_ENABLE_STATS), summed over each target's runs\n"
+    );
+    let _ = writeln!(
+        out,
+        "| setup | target | program | runs/connect | ns/run | ns/connect |"
+    );
+    let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+    for (setup, c) in costs {
+        let _ = writeln!(
+            out,
+            "| {setup} | {} | {} | {:.2} | {:.0} | {:.0} |",
+            c.target, c.program, c.runs_per_connect, c.ns_per_run, c.ns_per_connect
         );
     }
     let _ = writeln!(out);
