@@ -489,6 +489,10 @@ struct ProgramCost {
     ns_per_connect: f64,
 }
 
+/// What runs between the client's runs: given the run that just ended (`None` after the
+/// warm-up).
+type Between<'a> = dyn FnMut(Option<&RunResult>) -> Result<()> + 'a;
+
 /// Runs `bench-client` in `cgroup` and collects its per-run results. `between` is called
 /// while the client pauses after its warm-up (`None`) and after each run (`Some`); with
 /// it the client pauses [`STATS_PAUSE`] there.
@@ -497,7 +501,7 @@ fn run_client(
     targets: &[(&str, &str)],
     args: &BenchArgs,
     deadline: Instant,
-    mut between: Option<&mut dyn FnMut(Option<&RunResult>) -> Result<()>>,
+    mut between: Option<&mut Between<'_>>,
 ) -> Result<Vec<RunResult>> {
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let mut command = Command::new(exe);
@@ -840,6 +844,33 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].ns_per_connect, 12_000.0);
         assert!((rows[1].ratio.unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn program_costs_are_attributed_to_the_run_that_caused_them() {
+        let at =
+            |ns, count| BTreeMap::from([("detour_connect4".to_owned(), RunTime { ns, count })]);
+        let run = |target: &str| RunResult {
+            target: target.into(),
+            elapsed: Duration::from_millis(1),
+            connects: 100,
+            slow: 0,
+        };
+        let mut costs = Costs::default();
+        costs.add(&run("VIP"), &at(1_000, 10), &at(51_000, 110));
+        costs.add(&run("direct"), &at(51_000, 110), &at(61_000, 210));
+        costs.add(&run("VIP"), &at(61_000, 210), &at(101_000, 310));
+        let rows = costs.rows();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].target.as_str(), rows[0].ns_per_run),
+            ("direct", 100.0)
+        );
+        let vip = &rows[1];
+        assert_eq!(vip.target, "VIP");
+        assert_eq!(vip.runs_per_connect, 1.0);
+        assert_eq!(vip.ns_per_run, 450.0);
+        assert_eq!(vip.ns_per_connect, 450.0);
     }
 
     #[test]
