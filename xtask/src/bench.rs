@@ -1,16 +1,21 @@
 //! `cargo xtask bench`: what a VIP costs a `connect()`.
 //!
-//! A client process inside a test cgroup opens and closes TCP connections in a tight loop,
-//! alternating between the backend's own address ("direct") and a detour VIP that maps to
-//! it ("vip"). Three setups: no program attached (baseline), the agent with 1 service, the
-//! agent with 100,000 services. Each row is the median over runs of the mean time per
-//! connect, so one noisy run does not move it.
+//! A client process inside a test cgroup opens and closes TCP connections (closing with
+//! RST, as many pools and load generators do) in a tight loop, against the backend's own
+//! address ("direct") and a detour VIP that maps to it ("VIP"), with the agent running.
+//! Three setups: no program attached (baseline), the agent with 1 service, the agent with
+//! 100,000 services. Each row is the median over runs of the mean time per connect, so one
+//! noisy run does not move it.
 //!
-//! With the agent, the kernel's own accounting of the programs' run time
-//! (`BPF_ENABLE_STATS`, what `kernel.bpf_stats_enabled` turns on) is read between runs
-//! (the client pauses after each), so every program's cost per connect is attributed to
-//! the target that caused it: on "direct" the programs only find no VIP, on "vip" they
-//! rewrite the connect and follow the socket to its RST close.
+//! With the agent, each setup runs the client twice:
+//! - one target after the other, pausing after each run while the kernel's own
+//!   accounting of the programs' run time (`BPF_ENABLE_STATS`, what
+//!   `kernel.bpf_stats_enabled` turns on) is read, so every program's cost per connect is
+//!   attributed to the target that caused it: on "direct" the programs only find no VIP,
+//!   on "VIP" they rewrite the connect and follow the socket to its RST close;
+//! - direct and VIP interleaved in blocks of `--block` connects within each run, for the
+//!   wall-time rows: a run's VIP/direct ratio then compares connects made side by side,
+//!   and the ratio reported is the median of the runs' ratios.
 //!
 //! Invariants:
 //! - all traffic is loopback: the backend is an accept-and-drop listener on
@@ -58,6 +63,9 @@ pub struct BenchArgs {
     /// Services loaded in the large setup (the benchmark's own service included).
     #[arg(long, default_value_t = 100_000)]
     services: u32,
+    /// Connects per block when direct and VIP are interleaved within a run.
+    #[arg(long, default_value_t = 500)]
+    block: u32,
 }
 
 /// Arguments of the hidden `bench-client` subcommand.
@@ -77,6 +85,10 @@ pub struct ClientArgs {
     /// read the kernel's program statistics between runs.
     #[arg(long, default_value_t = 0)]
     pause_ms: u64,
+    /// Interleave the targets in blocks of this many connects within each run (0: one
+    /// target after the other).
+    #[arg(long, default_value_t = 0)]
+    block: u32,
 }
 
 fn parse_target(s: &str) -> Result<(String, SocketAddr)> {
@@ -88,6 +100,8 @@ fn parse_target(s: &str) -> Result<(String, SocketAddr)> {
 #[derive(Debug, Clone)]
 struct RunResult {
     target: String,
+    /// Which run of the client it was (runs of different targets pair up by it).
+    run: u32,
     elapsed: Duration,
     connects: u32,
     slow: u32,
@@ -120,32 +134,71 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     writeln!(out, "{}", serde_json::json!({"warmed_up": true}))?;
     out.flush()?;
     thread::sleep(pause);
+    let n = targets.len();
     for run in 0..args.runs {
-        let n = targets.len();
-        for i in 0..n {
-            let (name, addr) = &targets[(i + run as usize) % n];
-            let mut slow = 0u32;
-            let start = Instant::now();
-            for _ in 0..args.connects {
-                let t = Instant::now();
-                connect_once(addr).with_context(|| format!("connect to {name}"))?;
-                if t.elapsed() > SLOW_CONNECT {
-                    slow += 1;
-                }
+        let order: Vec<usize> = (0..n).map(|i| (i + run as usize) % n).collect();
+        if args.block == 0 {
+            // One target after the other, pausing between them.
+            for &t in &order {
+                let (elapsed, slow) = timed_connects(&targets[t], args.connects)?;
+                print_run(&mut out, &targets[t].0, run, elapsed, args.connects, slow)?;
+                thread::sleep(pause);
             }
-            let elapsed = start.elapsed();
-            let line = serde_json::json!({
-                "target": name,
-                "run": run,
-                "elapsed_ns": u64::try_from(elapsed.as_nanos())?,
-                "connects": args.connects,
-                "slow": slow,
-            });
-            writeln!(out, "{line}")?;
-            out.flush()?;
+        } else {
+            // Blocks of the targets in turn, so what else the machine does falls on all
+            // of them alike.
+            let mut totals = vec![(Duration::ZERO, 0u32); n];
+            let mut done = 0;
+            while done < args.connects {
+                let count = args.block.min(args.connects - done);
+                for &t in &order {
+                    let (elapsed, slow) = timed_connects(&targets[t], count)?;
+                    totals[t].0 += elapsed;
+                    totals[t].1 += slow;
+                }
+                done += count;
+            }
+            for &t in &order {
+                let (elapsed, slow) = totals[t];
+                print_run(&mut out, &targets[t].0, run, elapsed, args.connects, slow)?;
+            }
             thread::sleep(pause);
         }
     }
+    Ok(())
+}
+
+/// `count` connects to one target: the time they took and how many were slow.
+fn timed_connects((name, addr): &(String, SockAddr), count: u32) -> Result<(Duration, u32)> {
+    let mut slow = 0u32;
+    let start = Instant::now();
+    for _ in 0..count {
+        let t = Instant::now();
+        connect_once(addr).with_context(|| format!("connect to {name}"))?;
+        if t.elapsed() > SLOW_CONNECT {
+            slow += 1;
+        }
+    }
+    Ok((start.elapsed(), slow))
+}
+
+fn print_run(
+    out: &mut impl Write,
+    target: &str,
+    run: u32,
+    elapsed: Duration,
+    connects: u32,
+    slow: u32,
+) -> Result<()> {
+    let line = serde_json::json!({
+        "target": target,
+        "run": run,
+        "elapsed_ns": u64::try_from(elapsed.as_nanos())?,
+        "connects": connects,
+        "slow": slow,
+    });
+    writeln!(out, "{line}")?;
+    out.flush()?;
     Ok(())
 }
 
@@ -230,8 +283,8 @@ struct Row {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     detour_testbed::require_root("cargo xtask bench")?;
-    if args.runs == 0 || args.connects == 0 || args.services == 0 {
-        bail!("--runs, --connects and --services must be positive");
+    if args.runs == 0 || args.connects == 0 || args.services == 0 || args.block == 0 {
+        bail!("--runs, --connects, --services and --block must be positive");
     }
     let deadline = Instant::now() + TASK_BUDGET;
     setup::run()?;
@@ -344,14 +397,16 @@ fn bench_with_agent(
         last = now;
         Ok(())
     };
-    let results = run_client(
-        &cgroup,
-        &[("direct", BACKEND), ("VIP", VIP)],
-        args,
-        deadline,
-        Some(&mut between),
-    )
-    .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
+    let targets = [("direct", BACKEND), ("VIP", VIP)];
+    eprintln!("  one target at a time, reading the programs' run time between runs");
+    run_client(&cgroup, &targets, args, deadline, Some(&mut between))
+        .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
+    eprintln!(
+        "  direct and VIP interleaved in blocks of {} connects",
+        args.block
+    );
+    let results = run_client(&cgroup, &targets, args, deadline, None)
+        .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
     if let Some(connects) = bench_connects(&agent) {
         notes.push(format!("the agent counted {connects} connects to `bench`"));
     }
@@ -515,6 +570,11 @@ fn run_client(
         .args(["--runs", &args.runs.to_string()])
         .args(["--connects", &args.connects.to_string()])
         .args(["--pause-ms", &pause.as_millis().to_string()])
+        // Program statistics need one target at a time; wall time is fairer interleaved.
+        .args([
+            "--block",
+            &if between.is_some() { 0 } else { args.block }.to_string(),
+        ])
         .stdout(Stdio::piped());
     for (name, addr) in targets {
         command.arg("--target").arg(format!("{name}={addr}"));
@@ -543,6 +603,7 @@ fn run_client(
                 }
                 let result = RunResult {
                     target: v["target"].as_str().unwrap_or_default().to_owned(),
+                    run: u32::try_from(v["run"].as_u64().unwrap_or(0))?,
                     elapsed: Duration::from_nanos(v["elapsed_ns"].as_u64().unwrap_or(0)),
                     connects: u32::try_from(v["connects"].as_u64().unwrap_or(0))?,
                     slow: u32::try_from(v["slow"].as_u64().unwrap_or(0))?,
@@ -668,7 +729,8 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// One row per target, in first-seen order, with the VIP/direct ratio on VIP rows.
+/// One row per target, in first-seen order, with the VIP/direct ratio on VIP rows: the
+/// median over runs of each run's ratio.
 fn summarize(setup: &str, results: &[RunResult]) -> Vec<Row> {
     let mut targets: Vec<&str> = Vec::new();
     for r in results {
@@ -691,13 +753,21 @@ fn summarize(setup: &str, results: &[RunResult]) -> Vec<Row> {
             }
         })
         .collect();
-    let direct = rows
+    // Each run's VIP time over the same run's direct time: the two were measured side by
+    // side, so the ratio of a run cancels what the machine did meanwhile.
+    let ratios: Vec<f64> = results
         .iter()
-        .find(|r| r.target == "direct")
-        .map(|r| r.ns_per_connect);
-    if let Some(direct) = direct {
+        .filter(|r| r.target == "VIP")
+        .filter_map(|vip| {
+            let direct = results
+                .iter()
+                .find(|r| r.target == "direct" && r.run == vip.run)?;
+            Some(vip.ns_per_connect() / direct.ns_per_connect())
+        })
+        .collect();
+    if !ratios.is_empty() {
         for row in rows.iter_mut().filter(|r| r.target == "VIP") {
-            row.ratio = Some(row.ns_per_connect / direct);
+            row.ratio = Some(median(ratios.clone()));
         }
     }
     rows
@@ -726,10 +796,12 @@ fn report(
     let _ = writeln!(
         out,
         "\n## connect() through a detour VIP vs direct\n\n\
-         {} runs × {} connects per row (connect, then close with RST), alternating targets; \
-         each figure is the median over runs.\n",
+         {} runs × {} connects per row (connect, then close with RST), with the agent: \
+         direct and VIP interleaved in blocks of {}; each figure is the median over runs, \
+         the ratio the median of each run's VIP / direct.\n",
         args.runs,
-        thousands(f64::from(args.connects))
+        thousands(f64::from(args.connects)),
+        args.block
     );
     let _ = writeln!(
         out,
@@ -824,8 +896,9 @@ mod tests {
 
     #[test]
     fn summary_ratio() {
-        let r = |target: &str, ms: u64| RunResult {
+        let r = |target: &str, run: u32, ms: u64| RunResult {
             target: target.into(),
+            run,
             elapsed: Duration::from_millis(ms),
             connects: 1000,
             slow: 0,
@@ -833,17 +906,18 @@ mod tests {
         let rows = summarize(
             "s",
             &[
-                r("direct", 10),
-                r("VIP", 11),
-                r("direct", 20),
-                r("VIP", 12),
-                r("direct", 12),
-                r("VIP", 13),
+                r("direct", 0, 10),
+                r("VIP", 0, 11),
+                r("direct", 1, 20),
+                r("VIP", 1, 12),
+                r("VIP", 2, 13),
+                r("direct", 2, 12),
             ],
         );
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].ns_per_connect, 12_000.0);
-        assert!((rows[1].ratio.unwrap() - 1.0).abs() < 1e-9);
+        // Per run: 1.1, 0.6, 13/12; the median is 13/12, not 12/12 (ratio of medians).
+        assert!((rows[1].ratio.unwrap() - 13.0 / 12.0).abs() < 1e-9);
     }
 
     #[test]
@@ -852,6 +926,7 @@ mod tests {
             |ns, count| BTreeMap::from([("detour_connect4".to_owned(), RunTime { ns, count })]);
         let run = |target: &str| RunResult {
             target: target.into(),
+            run: 0,
             elapsed: Duration::from_millis(1),
             connects: 100,
             slow: 0,
