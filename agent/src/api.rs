@@ -7,19 +7,64 @@
 //! root reaches the agent; every request gets exactly one response line (or, for
 //! `Events`, one line per event); an unknown request is answered with an error, never
 //! with silence.
+//!
+//! Bounds ([`Limits`]): nothing a client sends is trusted, root or not (a buggy client
+//! does what a hostile one would). A request line longer than
+//! [`MAX_REQUEST_BYTES`] or not complete within [`REQUEST_TIMEOUT`] is answered with an
+//! error and the connection is closed, having buffered at most the bound; at most
+//! [`MAX_CONNECTIONS`] connections (event streams included) are served at once and a
+//! client past that is told so and closed at once; an answer the client does not read
+//! within [`WRITE_TIMEOUT`] is dropped; a failing `accept` (EMFILE, ENFILE, ENOBUFS…)
+//! backs off up to [`MAX_ACCEPT_BACKOFF`] instead of spinning.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/detour/detour.sock";
+
+/// The longest request line the agent reads, newline excluded. Every request is a few
+/// dozen bytes; a service name is bounded by the config, not by this.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+/// How long a client has, from accept, to send its whole request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an answer may wait for the client to read it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once, `detour events` streams included.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest pause between two failing `accept` calls.
+pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The bounds [`serve`] applies to every connection (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub request_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: MAX_REQUEST_BYTES,
+            request_timeout: REQUEST_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -47,6 +92,15 @@ pub struct ServiceView {
     pub healthy: usize,
     pub in_table: usize,
     pub connects: u64,
+    /// `OK`; `NOT-PROGRAMMED` when the BPF maps have no room for the service (nothing
+    /// of it is in them, its VIPs are not rewritten); `NOT-UPDATED` when it runs but its
+    /// new state has no room (its frontends keep their previous tables, a new frontend
+    /// of it is left out). An agent older than this field answers without it (`""`).
+    #[serde(default)]
+    pub state: String,
+    /// The limit reached, for a state other than `OK`: `max-backends (262144) reached`.
+    #[serde(default)]
+    pub limit: Option<String>,
 }
 
 /// One endpoint of a service port as `detour endpoints` shows it.
@@ -88,7 +142,9 @@ pub struct EventView {
     pub time: String,
     /// `ejected`, `restored`, `ejection-skipped`, `tier-changed`, `health-changed`,
     /// `refused`, `timeout`, `reset`, `recovered` (a connect succeeded after failures),
-    /// `sockets-destroyed`, `lagged` (this stream missed events).
+    /// `sockets-destroyed`, `lagged` (this stream missed events), `not-programmed` and
+    /// `not-updated` (the BPF maps have no room for a service, or for its new state; see
+    /// [`ServiceView::state`]), `programmed` (room was made for it).
     pub kind: String,
     pub service: String,
     pub backend: Option<SocketAddr>,
@@ -215,28 +271,118 @@ pub fn bind(socket: &Path) -> Result<UnixListener, ApiError> {
     Ok(listener)
 }
 
-/// Reads one request from a connection; `Err` carries the response to send instead.
-pub async fn read_request(
-    read: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+/// Reads one request line from a connection, reading at most `limits.max_request_bytes`
+/// and a newline, within `limits.request_timeout`. `Ok(None)`: the client closed
+/// without sending anything. `Err` carries the response to send instead; the caller
+/// then closes the connection (what is left unread is never read).
+pub async fn read_request<R: AsyncBufRead + Unpin>(
+    read: &mut R,
+    limits: &Limits,
 ) -> Result<Option<Request>, Response> {
-    let mut line = String::new();
-    match read.read_line(&mut line).await {
-        Ok(0) => Ok(None),
-        Ok(_) => serde_json::from_str(&line)
-            .map(Some)
-            .map_err(|e| Response::Error(format!("bad request: {e}"))),
-        Err(e) => Err(Response::Error(format!("reading request: {e}"))),
+    let mut line = Vec::new();
+    // One byte past the bound tells "exactly at the bound" from "longer".
+    let mut bounded = (&mut *read).take(limits.max_request_bytes as u64 + 1);
+    let bounded = bounded.read_until(b'\n', &mut line);
+    match tokio::time::timeout(limits.request_timeout, bounded).await {
+        Err(_) => Err(Response::Error(format!(
+            "no complete request line within {:?}",
+            limits.request_timeout
+        ))),
+        Ok(Err(e)) => Err(Response::Error(format!("reading request: {e}"))),
+        Ok(Ok(0)) => Ok(None),
+        Ok(Ok(_)) => {
+            let content = line.strip_suffix(b"\n").unwrap_or(&line);
+            if content.len() > limits.max_request_bytes {
+                return Err(Response::Error(format!(
+                    "request line is longer than {} bytes",
+                    limits.max_request_bytes
+                )));
+            }
+            parse_request(content)
+                .map(Some)
+                .map_err(|e| Response::Error(format!("bad request: {e}")))
+        }
     }
 }
 
+/// Parses one request line (without its newline). Total: any bytes give a request or
+/// the JSON error that says why they are not one.
+pub fn parse_request(line: &[u8]) -> Result<Request, serde_json::Error> {
+    serde_json::from_slice(line)
+}
+
 /// Writes one response line.
-pub async fn write_response(
-    write: &mut tokio::net::unix::OwnedWriteHalf,
-    response: &Response,
-) -> io::Result<()> {
+pub async fn write_response(write: &mut OwnedWriteHalf, response: &Response) -> io::Result<()> {
     let mut line = serde_json::to_string(response).map_err(io::Error::other)?;
     line.push('\n');
     write.write_all(line.as_bytes()).await
+}
+
+/// The pause after `failures` `accept` calls in a row have failed: 10 ms, doubling, at
+/// most [`MAX_ACCEPT_BACKOFF`].
+pub fn accept_backoff(failures: u32) -> Duration {
+    let ms = 10u64.saturating_mul(1u64 << failures.saturating_sub(1).min(16));
+    Duration::from_millis(ms).min(MAX_ACCEPT_BACKOFF)
+}
+
+/// Serves the socket until the task is aborted: every connection's request line is read
+/// within `limits` and handed to `handle` with the connection's write half (`handle`
+/// answers, or streams, and the connection closes when it returns). A request that is
+/// not one is answered with the error here, and `handle` does not see it.
+pub async fn serve<F, Fut>(listener: UnixListener, limits: Limits, handle: F)
+where
+    F: Fn(Request, OwnedWriteHalf) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let handle = Arc::new(handle);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut failures = 0u32;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failures = 0;
+                stream
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                let pause = accept_backoff(failures);
+                tracing::warn!(%error, failures, pause_ms = pause.as_millis() as u64, "accepting an API connection failed; backing off");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Told without a task or a wait: the line fits any fresh socket's buffer,
+            // and a client that cannot take it loses nothing it was promised.
+            let busy = Response::Error(format!(
+                "the agent is serving {} connections already; try again",
+                limits.max_connections
+            ));
+            if let Ok(mut line) = serde_json::to_vec(&busy) {
+                line.push(b'\n');
+                let _ = stream.try_write(&line);
+            }
+            tracing::warn!(
+                max = limits.max_connections,
+                "API connection refused: too many at once"
+            );
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            match read_request(&mut read, &limits).await {
+                Ok(None) => {}
+                Ok(Some(request)) => handle(request, write).await,
+                Err(response) => {
+                    let answer = write_response(&mut write, &response);
+                    let _ = tokio::time::timeout(limits.write_timeout, answer).await;
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -269,7 +415,10 @@ mod tests {
             let (stream, _) = listener.accept().await.unwrap();
             let (read, mut write) = stream.into_split();
             let mut read = BufReader::new(read);
-            let req = read_request(&mut read).await.unwrap().unwrap();
+            let req = read_request(&mut read, &Limits::default())
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(req, Request::Services);
             write_response(&mut write, &Response::Services(vec![]))
                 .await
@@ -290,5 +439,182 @@ mod tests {
             err.to_string().contains("is `detour agent` running"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn request_lines_are_bounded_in_size() {
+        let limits = Limits {
+            max_request_bytes: 32,
+            ..Limits::default()
+        };
+        // Exactly at the bound (padding is JSON whitespace) is a request.
+        let mut line = br#"{"request":"services"}"#.to_vec();
+        line.resize(32, b' ');
+        line.push(b'\n');
+        assert_eq!(
+            read_request(&mut &line[..], &limits).await,
+            Ok(Some(Request::Services))
+        );
+        // One byte more, with or without a newline ever coming, is an error that says so.
+        let mut long = line.clone();
+        long.insert(0, b' ');
+        let endless = vec![b'a'; 1 << 20];
+        for input in [&long[..], &endless[..]] {
+            let mut reader = input;
+            let err = read_request(&mut reader, &limits).await.unwrap_err();
+            assert_eq!(
+                err,
+                Response::Error("request line is longer than 32 bytes".into())
+            );
+            // Read no further than the bound (and the one byte that proves it).
+            assert_eq!(input.len() - reader.len(), 33);
+        }
+        // A last line without a newline is still read; nothing at all is no request.
+        assert_eq!(
+            read_request(&mut &br#"{"request":"services"}"#[..], &limits).await,
+            Ok(Some(Request::Services))
+        );
+        assert_eq!(read_request(&mut &b""[..], &limits).await, Ok(None));
+        let Err(Response::Error(e)) = read_request(&mut &b"\xff\xfe\n"[..], &limits).await else {
+            panic!("bytes that are not JSON were accepted");
+        };
+        assert!(e.starts_with("bad request: "), "{e}");
+    }
+
+    #[test]
+    fn accept_backoff_grows_and_is_capped() {
+        assert_eq!(accept_backoff(1), Duration::from_millis(10));
+        assert_eq!(accept_backoff(2), Duration::from_millis(20));
+        assert_eq!(accept_backoff(5), Duration::from_millis(160));
+        assert_eq!(accept_backoff(8), MAX_ACCEPT_BACKOFF);
+        assert_eq!(accept_backoff(u32::MAX), MAX_ACCEPT_BACKOFF);
+        assert!(accept_backoff(0) > Duration::ZERO, "never a busy loop");
+    }
+
+    /// A socket served with `limits`, answering `Services` with an empty list.
+    struct Served {
+        dir: PathBuf,
+        socket: PathBuf,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Served {
+        fn start(name: &str, limits: Limits) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("detour-api-{name}-{}", std::process::id()));
+            let socket = dir.join("s.sock");
+            let listener = bind(&socket).unwrap();
+            let task = tokio::spawn(serve(listener, limits, |request, mut write| async move {
+                assert_eq!(request, Request::Services);
+                write_response(&mut write, &Response::Services(vec![]))
+                    .await
+                    .unwrap();
+            }));
+            Self { dir, socket, task }
+        }
+
+        /// Sends `bytes` on a new connection and returns everything the agent answers
+        /// until it closes the connection. An agent that closes without reading all
+        /// of a request makes the kernel report a reset after its answer: that counts
+        /// as closed.
+        async fn exchange(&self, bytes: &[u8]) -> String {
+            use tokio::io::AsyncReadExt;
+            let mut stream = UnixStream::connect(&self.socket).await.unwrap();
+            // The agent may close before taking it all: that is the point.
+            let _ = stream.write_all(bytes).await;
+            let mut answer = Vec::new();
+            let read = async {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) => break,
+                        Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                        Err(e) => panic!("reading the answer: {e}"),
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .expect("the agent closes the connection");
+            String::from_utf8(answer).unwrap()
+        }
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            self.task.abort();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endless_request_line_is_answered_and_closed() {
+        let served = Served::start("endless", Limits::default());
+        let answer = served.exchange(&vec![b'x'; 8 << 20]).await;
+        let response: Response = serde_json::from_str(&answer).unwrap();
+        assert_eq!(
+            response,
+            Response::Error(format!(
+                "request line is longer than {MAX_REQUEST_BYTES} bytes"
+            ))
+        );
+        // The socket still serves others.
+        let answer = served.exchange(b"{\"request\":\"services\"}\n").await;
+        assert_eq!(answer, "{\"services\":[]}\n");
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_timed_out() {
+        let limits = Limits {
+            request_timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let served = Served::start("silent", limits);
+        let started = std::time::Instant::now();
+        // Half a line, never finished.
+        let answer = served.exchange(b"{\"request\":").await;
+        assert_eq!(
+            serde_json::from_str::<Response>(&answer).unwrap(),
+            Response::Error("no complete request line within 100ms".into())
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_refused_with_a_reason() {
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let served = Served::start("cap", limits);
+        // Two clients that hold their connections open without a request.
+        let first = UnixStream::connect(&served.socket).await.unwrap();
+        let _second = UnixStream::connect(&served.socket).await.unwrap();
+        // Accepted in order, so the third is past the cap once the first two are taken;
+        // retried in case the agent has not accepted them yet.
+        let mut answer = String::new();
+        for _ in 0..100 {
+            answer = served.exchange(b"{\"request\":\"services\"}\n").await;
+            if answer.contains("connections already") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            serde_json::from_str::<Response>(&answer).unwrap(),
+            Response::Error("the agent is serving 2 connections already; try again".into())
+        );
+        // A client that leaves frees its place.
+        drop(first);
+        let mut answer = String::new();
+        for _ in 0..100 {
+            answer = served.exchange(b"{\"request\":\"services\"}\n").await;
+            if answer == "{\"services\":[]}\n" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(answer, "{\"services\":[]}\n");
     }
 }

@@ -48,13 +48,25 @@ pub fn services_table(services: &[ServiceView]) -> String {
                 format!("{}/{}", s.healthy, s.endpoints),
                 s.in_table.to_string(),
                 s.connects.to_string(),
+                state_cell(s),
             ]
         })
         .collect();
     table(
-        &["SERVICE", "VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS"],
+        &[
+            "SERVICE", "VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS", "STATE",
+        ],
         &rows,
     )
+}
+
+/// `OK`, or e.g. `NOT-PROGRAMMED: max-backends (262144) reached`.
+fn state_cell(s: &ServiceView) -> String {
+    match (s.state.as_str(), &s.limit) {
+        ("", _) => "-".into(),
+        (state, Some(limit)) => format!("{state}: {limit}"),
+        (state, None) => state.into(),
+    }
 }
 
 pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
@@ -179,6 +191,47 @@ mod tests {
             lines[2].ends_with(" yes       3         0         0"),
             "{}",
             lines[2]
+        );
+    }
+
+    #[test]
+    fn services_table_names_what_does_not_fit() {
+        let view = |name: &str, state: &str, limit: Option<&str>| ServiceView {
+            name: name.into(),
+            port: 80,
+            vips: vec!["127.200.0.1:80".into()],
+            tier: "same-zone".into(),
+            endpoints: 2,
+            healthy: 2,
+            in_table: 2,
+            connects: 7,
+            state: state.into(),
+            limit: limit.map(Into::into),
+        };
+        let text = services_table(&[
+            view("mydb", "OK", None),
+            ServiceView {
+                in_table: 0,
+                connects: 0,
+                ..view("big", "NOT-PROGRAMMED", Some("max-backends (3) reached"))
+            },
+            view("grown", "NOT-UPDATED", Some("max-slots (8) reached")),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "SERVICE  VIP             TIER       HEALTHY  IN-TABLE  CONNECTS  STATE"
+        );
+        assert!(lines[1].ends_with(" 7         OK"), "{}", lines[1]);
+        assert!(
+            lines[2].ends_with(" 0         0         NOT-PROGRAMMED: max-backends (3) reached"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].ends_with("NOT-UPDATED: max-slots (8) reached"),
+            "{}",
+            lines[3]
         );
     }
 

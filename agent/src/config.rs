@@ -41,9 +41,20 @@
 //!   a factor is only accepted with `gradual`.
 //!
 //! Every error names the field path (`services[1].vips[0]`) and, where the YAML has it,
-//! the line. Checks on a single value run inside deserialization, where serde_yaml
-//! knows the position; checks across fields run afterwards and find the line by
-//! walking the YAML's events once more (serde_yaml keeps no spans).
+//! the line. The YAML is read by serde-saphyr (serde_yaml is unmaintained), with
+//! serde_path_to_error around it for the path. Checks on a single value run inside
+//! deserialization, where serde-saphyr knows the position; checks across fields run
+//! afterwards and find the line by walking the YAML's events once more with
+//! granit-parser, the parser serde-saphyr itself uses (and re-exports), so the walk
+//! reads the text exactly as the deserializer did. serde-saphyr's `Spanned<T>` would
+//! give those lines too, but only by wrapping every raw field, and it points at a
+//! value where errors here point at its key (`vips:`, not the list under it).
+//!
+//! Hostile text is bounded before it costs anything: at most [`MAX_DOCUMENT_BYTES`],
+//! one document, nesting at most 32 deep (block or flow, so the stack is safe), and
+//! alias expansion capped so that a "billion laughs" document is refused in well under
+//! a second. The walk for lines only runs on text the deserializer accepted, and never
+//! expands aliases.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -62,15 +73,19 @@ use crate::selection::{Spill, Tier};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub node: NodeConfig,
-    /// In file order.
+    /// In file order. Read-only once parsed: `by_name` indexes it.
     pub services: Vec<ServiceConfig>,
+    /// Position of each service in `services`, so that a lookup by name costs O(1):
+    /// reloads and kernel events look services up by name, and a scan made them
+    /// quadratic at 100,000 services.
+    by_name: HashMap<String, usize>,
 }
 
 impl Config {
     /// The service with this name, if any.
     #[must_use]
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
-        self.services.iter().find(|service| service.name == name)
+        self.by_name.get(name).map(|&at| &self.services[at])
     }
 
     /// Things that are valid but probably not what the user meant, for the agent to log.
@@ -561,9 +576,24 @@ impl fmt::Display for Where<'_> {
 pub enum ConfigErrorKind {
     /// Malformed YAML, an unknown or missing field, a wrong type, or a value its own
     /// field refuses (a bad IP, locality, duration, weight, name or port); `message` is
-    /// serde_yaml's or the field check's text.
+    /// serde-saphyr's or the field check's text.
     #[error("{message}")]
     Decode { message: String },
+    /// The document holds nothing: the most common torn write is a truncated file.
+    #[error(
+        "the configuration is empty (a file caught mid-write?); to remove every service, \
+         write `services: []`"
+    )]
+    Empty,
+    /// More text than [`MAX_DOCUMENT_BYTES`]; not parsed at all.
+    #[error("the configuration is {bytes} bytes, more than the {limit} accepted")]
+    TooLarge { bytes: usize, limit: usize },
+    /// `services` is missing or null: a file cut off after `node:` or `services:`.
+    #[error(
+        "`services` is missing or empty (a file caught mid-write?); to remove every service, \
+         write `services: []`"
+    )]
+    MissingServices,
     #[error("service name {name:?} is already used by services[{first}]")]
     DuplicateServiceName { name: String, first: usize },
     #[error("a service needs at least one VIP")]
@@ -652,49 +682,264 @@ impl fmt::Display for IpFamily {
     }
 }
 
-/// Parses and validates a whole configuration. An empty document means no services.
+/// Parses and validates a whole configuration.
+///
+/// An empty document, or one without a `services` list, is an error rather than "no
+/// services": a file truncated by a torn write looks exactly like that, and applying it
+/// would remove every service. Removing them all takes an explicit `services: []`.
 ///
 /// # Errors
 /// The first problem found, with its field path and line.
 pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
-    let deserializer = serde_yaml::Deserializer::from_str(yaml);
+    if yaml.len() > MAX_DOCUMENT_BYTES {
+        return Err(ConfigError {
+            path: String::new(),
+            line: None,
+            kind: ConfigErrorKind::TooLarge {
+                bytes: yaml.len(),
+                limit: MAX_DOCUMENT_BYTES,
+            },
+        });
+    }
+    // serde-saphyr lends its deserializer to a closure whose error must be its own, so
+    // the path serde_path_to_error found is carried out beside it.
+    let mut error_path = None;
     let raw: Option<RawConfig> =
-        serde_path_to_error::deserialize(deserializer).map_err(syntax_error)?;
-    Validator { yaml }.config(raw.unwrap_or_default())
+        serde_saphyr::with_deserializer_from_str_with_options(yaml, yaml_options(), |de| {
+            serde_path_to_error::deserialize(de).map_err(|error| {
+                error_path = Some(error.path().clone());
+                error.into_inner()
+            })
+        })
+        .map_err(|error| syntax_error(yaml, error_path.as_ref(), &error))?;
+    let Some(raw) = raw else {
+        return Err(ConfigError {
+            path: String::new(),
+            line: None,
+            kind: ConfigErrorKind::Empty,
+        });
+    };
+    if raw.services.is_none() {
+        return Err(ConfigError {
+            path: "services".to_owned(),
+            line: line_of(yaml, &FieldPath::default().key("services").0),
+            kind: ConfigErrorKind::MissingServices,
+        });
+    }
+    Validator { yaml }.config(raw)
 }
 
-fn syntax_error(error: serde_path_to_error::Error<serde_yaml::Error>) -> ConfigError {
-    let path = match error.path().to_string() {
-        root if root == "." => String::new(),
-        path => path,
-    };
-    let inner = error.into_inner();
-    let location = inner.location();
-    let mut message = inner.to_string();
-    // serde_yaml repeats the position and its own idea of the path in its text; both
-    // are already in `path` and `line`, so they are cut to show each once.
-    if let Some(location) = &location {
-        let position = format!(" at line {} column {}", location.line(), location.column());
-        message = message.replacen(&position, "", 1);
+/// The largest configuration accepted, in bytes, and the most the agent reads of the
+/// file: 100,000 services with ten endpoints each take about 40 MiB, so this leaves room
+/// while still bounding what a runaway generator can make the agent hold.
+pub const MAX_DOCUMENT_BYTES: usize = 128 * 1024 * 1024;
+
+/// Nesting the config never needs: its deepest field
+/// (`services[].healthCheck.http.expectedStatuses[].start`) is six containers down.
+const MAX_DEPTH: usize = 32;
+
+/// Events that aliases may replay in all. Anchors are fine for sharing a health check
+/// or an outlier policy among services (1,000 services sharing both replay about 25,000
+/// events); a document that expands past this is an attack ("billion laughs": a few
+/// hundred bytes that expand to billions of nodes).
+const MAX_REPLAYED_EVENTS: usize = 50_000;
+
+/// How serde-saphyr reads a config. Its budget is what keeps hostile YAML bounded: alias
+/// expansion stops at [`MAX_REPLAYED_EVENTS`], nesting (block or flow) at [`MAX_DEPTH`]
+/// before it can exhaust the stack, and a stream holds one document. The other counts
+/// are far above what a config of [`MAX_DOCUMENT_BYTES`] holds legitimately.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_DEPTH,
+            flow_nesting_limit: MAX_DEPTH,
+            max_documents: 1,
+            // About 30 events and 15 nodes per endpoint line: room for a document of
+            // MAX_DOCUMENT_BYTES written densely, and still a bound.
+            max_events: 60_000_000,
+            max_nodes: 30_000_000,
+            max_aliases: 10_000,
+            max_anchors: 10_000,
+            max_total_scalar_bytes: MAX_DOCUMENT_BYTES,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: MAX_REPLAYED_EVENTS,
+            max_replay_stack_depth: MAX_DEPTH,
+        },
+        // Repeated keys reach the visitors: derived structs refuse a repeated field, and
+        // `de_unique_map` a repeated label or port name, each pointing at its mapping.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+        // YAML 1.2 booleans only, as before: `enabled: no` is not silently false.
+        strict_booleans: true,
+        // The line and path are given apart; the text is the message alone.
+        with_snippet: false,
     }
-    if let Some((prefix, rest)) = message.split_once(": ") {
-        let is_ancestor = path
-            .strip_prefix(prefix)
-            .is_some_and(|tail| tail.is_empty() || tail.starts_with(['.', '[']));
-        if !prefix.is_empty() && is_ancestor {
-            message = rest.to_owned();
+}
+
+/// Turns a serde-saphyr error, with the path serde_path_to_error found, into a
+/// `ConfigError` whose message holds neither the path nor the position, which are
+/// shown apart.
+///
+/// `path` is `None` for errors the parser finds before serde does (malformed YAML, a
+/// budget breach), which concern the document rather than a field.
+fn syntax_error(
+    yaml: &str,
+    path: Option<&serde_path_to_error::Path>,
+    error: &serde_saphyr::Error,
+) -> ConfigError {
+    let line = match (error.without_snippet(), path) {
+        // serde-saphyr places a missing field where its mapping ends; point at where the
+        // mapping starts, as every other error about a mapping does.
+        (serde_saphyr::Error::SerdeMissingField { .. }, Some(path)) => {
+            line_of(yaml, &path.iter().cloned().collect::<Vec<_>>())
         }
+        _ => None,
     }
+    .or_else(|| {
+        error
+            .location()
+            .map(|location| location.line())
+            .filter(|line| *line > 0)
+            .and_then(|line| usize::try_from(line).ok())
+    });
+    let path = match path.map(ToString::to_string) {
+        // "." is the root, "?" a key the parser never got to deliver.
+        Some(path) if path != "." && path != "?" => path,
+        _ => String::new(),
+    };
     ConfigError {
         path,
-        line: location.map(|location| location.line()),
-        kind: ConfigErrorKind::Decode { message },
+        line,
+        kind: ConfigErrorKind::Decode {
+            message: decode_message(yaml, error),
+        },
+    }
+}
+
+/// The library's text for what is wrong, without "at line X, column Y", which
+/// `ConfigError` adds itself. Control characters from the YAML are escaped, since the
+/// text goes to logs and terminals.
+fn decode_message(yaml: &str, error: &serde_saphyr::Error) -> String {
+    use serde_saphyr::MessageFormatter as _;
+
+    let mut error = error.without_snippet();
+    // An error inside an alias's expansion: the message is the original error's.
+    while let serde_saphyr::Error::AliasError { error: inner, .. } = error {
+        error = inner.without_snippet();
+    }
+    let text = match error {
+        // The library's own texts for these speak of its options and Rust types.
+        serde_saphyr::Error::InvalidBooleanStrict { .. } => {
+            "invalid boolean, expected true or false".into()
+        }
+        serde_saphyr::Error::NullIntoString { .. } => {
+            "invalid type: null (an empty value), expected a string".into()
+        }
+        // serde's own wording, which quotes each name so that a list of camelCase
+        // fields stays readable.
+        serde_saphyr::Error::SerdeUnknownField {
+            field, expected, ..
+        } => format!("unknown field `{field}`, {}", one_of(expected, "fields")).into(),
+        serde_saphyr::Error::SerdeUnknownVariant {
+            variant, expected, ..
+        } => format!(
+            "unknown variant `{variant}`, {}",
+            one_of(expected, "variants")
+        )
+        .into(),
+        // The library names the parser event it wanted ("mapping start"); say it in the
+        // user's terms, with what the YAML has there instead.
+        serde_saphyr::Error::Unexpected { expected, location } => {
+            let expected = match *expected {
+                "mapping start" => "a mapping",
+                "sequence start" => "a list",
+                "string scalar" => "a string",
+                other => other,
+            };
+            match node_at(yaml, *location) {
+                Some(found) => format!("invalid type: {found}, expected {expected}").into(),
+                None => format!("invalid type, expected {expected}").into(),
+            }
+        }
+        serde_saphyr::Error::Budget { breach, .. } => budget_message(breach).into(),
+        serde_saphyr::Error::AliasReplayLimitExceeded {
+            total_replayed_events,
+            ..
+        } => format!(
+            "aliases expand to more than {MAX_REPLAYED_EVENTS} YAML events \
+             ({total_replayed_events} so far); refused as a \"billion laughs\" attack"
+        )
+        .into(),
+        serde_saphyr::Error::ExternalMessage { source, .. }
+            if matches!(
+                &**source,
+                serde_saphyr::ExternalMessageSource::Parser(scan)
+                    if *scan.kind() == serde_saphyr::granit_parser::ErrorKind::RecursionLimitExceeded
+            ) =>
+        {
+            format!("nested deeper than {MAX_DEPTH} levels").into()
+        }
+        _ => serde_saphyr::DefaultMessageFormatter.format_message(error),
+    };
+    let mut message = String::new();
+    for c in text.chars() {
+        if c.is_control() {
+            message.extend(c.escape_default());
+        } else {
+            message.push(c);
+        }
+    }
+    message
+}
+
+/// The limit that hostile or runaway YAML ran into, in the user's terms.
+fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach;
+
+    match breach {
+        BudgetBreach::Depth { .. } => format!("nested deeper than {MAX_DEPTH} levels"),
+        BudgetBreach::Documents { .. } => {
+            "more than one YAML document: a config is a single document".to_owned()
+        }
+        other => format!("the YAML is over a limit set against hostile input: {other:?}"),
+    }
+}
+
+/// What the YAML holds at `location`, as "sequence", "mapping" or "value \"text\"".
+fn node_at(yaml: &str, location: serde_saphyr::Location) -> Option<String> {
+    use serde_saphyr::granit_parser::{Event, Parser};
+
+    let at = |span: &serde_saphyr::granit_parser::Span| {
+        u64::try_from(span.start.line()).ok() == Some(location.line())
+            && u64::try_from(span.start.col() + 1).ok() == Some(location.column())
+    };
+    Parser::new_from_str(yaml)
+        .map_while(Result::ok)
+        .find_map(|(event, span)| match event {
+            _ if !at(&span) => None,
+            Event::SequenceStart(..) => Some("sequence".to_owned()),
+            Event::MappingStart(..) => Some("mapping".to_owned()),
+            Event::Scalar(text, ..) => Some(format!("value {text:?}")),
+            _ => None,
+        })
+}
+
+/// "expected `a`", "expected `a` or `b`", "expected one of `a`, `b`, `c`", as serde says it.
+fn one_of(names: &[&str], what: &str) -> String {
+    match names {
+        [] => format!("there are no {what}"),
+        [name] => format!("expected `{name}`"),
+        [first, second] => format!("expected `{first}` or `{second}`"),
+        names => {
+            let quoted: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
+            format!("expected one of {}", quoted.join(", "))
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------
 // The YAML as written. Single-value checks live in the `de_*` functions so that
-// serde_yaml attaches the value's position; everything else is in `Validator`.
+// serde-saphyr attaches the value's position; everything else is in `Validator`.
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(
@@ -941,7 +1186,7 @@ fn default_unhealthy_threshold() -> u32 {
 }
 
 // ---------------------------------------------------------------------------------
-// Single-value checks. Each runs inside a Visitor so that serde_yaml reports the
+// Single-value checks. Each runs inside a Visitor so that serde-saphyr reports the
 // line of the offending value rather than of the enclosing mapping.
 
 /// An unsigned integer in `MIN..=MAX`.
@@ -967,7 +1212,7 @@ impl<const MIN: u64, const MAX: u64> Visitor<'_> for RangeVisitor<MIN, MAX> {
     fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
         match u64::try_from(value) {
             Ok(value) => self.visit_u64(value),
-            Err(_) => Err(E::invalid_value(Unexpected::Signed(value), &self)),
+            Err(_) => Err(E::invalid_type(Unexpected::Signed(value), &self)),
         }
     }
 }
@@ -980,7 +1225,9 @@ where
     D: Deserializer<'de>,
     T: TryFrom<u64>,
 {
-    let value = deserializer.deserialize_u64(RangeVisitor::<MIN, MAX> { what })?;
+    // `deserialize_any`, not `deserialize_u64`: serde-saphyr parses the latter itself and
+    // reports a bare "invalid u64", where the visitor names the value and the range.
+    let value = deserializer.deserialize_any(RangeVisitor::<MIN, MAX> { what })?;
     // MAX is chosen to fit T at every call site, so this cannot fail.
     T::try_from(value).map_err(|_| de::Error::custom(format!("{what} {value} is too large")))
 }
@@ -1192,8 +1439,10 @@ fn de_handshake_timeout<'de, D: Deserializer<'de>>(
     de_duration(deserializer, MIN_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_TIMEOUT).map(Some)
 }
 
-/// A mapping whose keys are unique. serde_yaml would keep the last of two equal keys,
+/// A mapping whose keys are unique. A map type would keep the last of two equal keys,
 /// and a silently ignored entry is exactly what `deny_unknown_fields` is there to stop.
+/// serde-saphyr passes repeated keys through to here (`DuplicateKeyPolicy::PassThrough`)
+/// so that the error names the mapping, as it did before.
 fn de_unique_map<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
 where
     D: Deserializer<'de>,
@@ -1339,7 +1588,16 @@ impl Validator<'_> {
             }
             services.push(service);
         }
-        Ok(Config { node, services })
+        let by_name = services
+            .iter()
+            .enumerate()
+            .map(|(at, service)| (service.name.clone(), at))
+            .collect();
+        Ok(Config {
+            node,
+            services,
+            by_name,
+        })
     }
 
     fn service(&self, path: &FieldPath, raw: RawService) -> Result<ServiceConfig, ConfigError> {
@@ -1753,28 +2011,46 @@ enum Role {
     Value(Step),
 }
 
-fn step_matches(step: &Step, segment: &Segment) -> bool {
-    match (step, segment) {
-        (Step::Key(key), Segment::Key(wanted)) => key == wanted,
-        (Step::Index(index), Segment::Index(wanted)) => index == wanted,
-        _ => false,
+/// A step of a path to look for: ours, or serde_path_to_error's for decode errors.
+trait TargetStep {
+    fn matches(&self, step: &Step) -> bool;
+}
+
+impl TargetStep for Segment {
+    fn matches(&self, step: &Step) -> bool {
+        match (step, self) {
+            (Step::Key(key), Segment::Key(wanted)) => key == wanted,
+            (Step::Index(index), Segment::Index(wanted)) => index == wanted,
+            _ => false,
+        }
+    }
+}
+
+impl TargetStep for serde_path_to_error::Segment {
+    fn matches(&self, step: &Step) -> bool {
+        match (step, self) {
+            (Step::Key(key), Self::Map { key: wanted }) => key == wanted,
+            (Step::Index(index), Self::Seq { index: wanted }) => index == wanted,
+            _ => false,
+        }
     }
 }
 
 /// The 1-based line of the node at `target`: a mapping entry's key, or a sequence
 /// item. When the node is absent (a defaulted field) it is the line of the deepest
 /// ancestor that is present. `None` only when the YAML cannot be re-read, which
-/// does not happen for text that serde_yaml accepted.
-fn line_of(yaml: &str, target: &[Segment]) -> Option<usize> {
-    use yaml_rust2::Event;
+/// does not happen for text that serde-saphyr accepted: this is the same parser, and
+/// the walk is linear in the events of a document the budget already bounded.
+fn line_of<S: TargetStep>(yaml: &str, target: &[S]) -> Option<usize> {
+    use serde_saphyr::granit_parser::{Event, Parser};
 
-    let mut parser = yaml_rust2::parser::Parser::new_from_str(yaml);
+    let mut parser = Parser::new_from_str(yaml);
     let mut stack: Vec<Frame> = Vec::new();
     let mut path: Vec<Step> = Vec::new();
     // (depth, line) of the deepest prefix of `target` seen so far.
     let mut best: Option<(usize, usize)> = None;
 
-    while let Ok((event, mark)) = parser.next_token() {
+    while let Some(Ok((event, span))) = parser.next() {
         let is_sequence = matches!(event, Event::SequenceStart(..));
         let is_container = is_sequence || matches!(event, Event::MappingStart(..));
         match event {
@@ -1791,12 +2067,13 @@ fn line_of(yaml: &str, target: &[Segment]) -> Option<usize> {
             }
             Event::Scalar(..)
             | Event::Alias(..)
+            | Event::UnresolvedAlias(..)
             | Event::SequenceStart(..)
             | Event::MappingStart(..) => {}
-            Event::Nothing | Event::StreamStart | Event::DocumentStart | Event::DocumentEnd => {
-                continue;
-            }
+            // Stream and document markers, and comment or anchor metadata: not nodes.
+            _ => continue,
         }
+        let mark = span.start;
         let role = match stack.last_mut() {
             None => Role::Root,
             Some(Frame::Sequence { next_index, .. }) => {
@@ -1807,7 +2084,7 @@ fn line_of(yaml: &str, target: &[Segment]) -> Option<usize> {
                 Some(step) => Role::Value(step),
                 None => {
                     let step = match &event {
-                        Event::Scalar(key, ..) => Step::Key(key.clone()),
+                        Event::Scalar(key, ..) => Step::Key(key.to_string()),
                         _ => Step::Opaque,
                     };
                     *value_step = Some(step.clone());
@@ -1822,7 +2099,7 @@ fn line_of(yaml: &str, target: &[Segment]) -> Option<usize> {
                     .iter()
                     .chain(std::iter::once(step))
                     .zip(target)
-                    .all(|(step, segment)| step_matches(step, segment));
+                    .all(|(step, segment)| segment.matches(step));
             if is_prefix {
                 if depth == target.len() {
                     return Some(mark.line());
@@ -2027,10 +2304,34 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_config_has_no_services() {
-        for text in ["", "# nothing yet\n", "services: []", "services:", "---\n"] {
-            assert_eq!(parse(text), Ok(Config::default()), "{text:?}");
+    fn only_an_explicit_empty_list_removes_every_service() {
+        for text in [
+            "services: []",
+            "node:\n  locality: us-east1\nservices: []\n",
+        ] {
+            assert_eq!(parse(text).unwrap().services, Vec::new(), "{text:?}");
         }
+    }
+
+    #[test]
+    fn an_empty_or_truncated_document_is_an_error() {
+        for text in ["", "  \n", "# nothing yet\n", "---\n"] {
+            let error = parse(text).unwrap_err();
+            assert_eq!(error.kind, ConfigErrorKind::Empty, "{text:?}");
+            assert!(error.to_string().contains("services: []"), "{error}");
+        }
+        for text in [
+            "node:\n  locality: us-east1/us-east1-b\n",
+            "node:\n  locality: us-east1\nservices:\n",
+            "services:",
+        ] {
+            let error = parse(text).unwrap_err();
+            assert_eq!(error.kind, ConfigErrorKind::MissingServices, "{text:?}");
+            assert_eq!(error.path, "services", "{text:?}");
+        }
+        // The line is given where the key is there to point at.
+        let error = parse("node:\n  locality: us-east1\nservices:\n").unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
     }
 
     #[test]
@@ -2403,11 +2704,11 @@ mod tests {
         );
         assert_eq!(
             refused("services: [\n"),
-            "services (line 2): did not find expected node content, while parsing a flow node"
+            "services (line 1): unclosed bracket '['"
         );
         assert_eq!(
             refused("- a\n- b\n"),
-            "line 1: invalid type: sequence, expected a mapping with `node` and `services`"
+            "line 1: invalid type: sequence, expected a mapping"
         );
     }
 
@@ -2912,8 +3213,7 @@ mod tests {
         assert!(!terminate("terminateConnections: false"));
         assert_eq!(
             refused(&service_with("terminateConnections: sometimes")),
-            "services[0].terminateConnections (line 6): invalid type: string \"sometimes\", \
-             expected a boolean"
+            "services[0].terminateConnections (line 6): invalid boolean, expected true or false"
         );
     }
 
@@ -3010,6 +3310,131 @@ mod tests {
     }
 
     #[test]
+    fn the_yaml_library_s_errors_are_in_the_user_s_terms() {
+        let service =
+            "services:\n  - name: db\n    vips: [127.200.0.1]\n    ports: [{number: 80}]\n";
+        let cases = [
+            (
+                service.replace("name: db", "name:"),
+                "services[0].name (line 2): invalid type: null (an empty value), expected a string",
+            ),
+            (
+                service.replace("[127.200.0.1]", "127.200.0.1"),
+                "services[0].vips (line 3): invalid type: value \"127.200.0.1\", expected a list",
+            ),
+            (
+                format!("{service}    healthCheck: 5s\n"),
+                "services[0].healthCheck (line 5): invalid type: value \"5s\", expected a mapping",
+            ),
+            (
+                format!("{service}    name: again\n"),
+                "services[0] (line 2): duplicate field `name`",
+            ),
+            (
+                format!("{service}---\nservices: []\n"),
+                "line 5: more than one YAML document: a config is a single document",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse(&text).unwrap_err().to_string(), expected, "{text}");
+        }
+    }
+
+    /// A service whose `consecutiveGatewayErrors` holds `value`: the field takes any
+    /// YAML at all (it is refused afterwards, by name), so whatever is there is read.
+    fn service_holding(value: &str) -> String {
+        format!(
+            "services:\n  - name: db\n    vips: [127.200.0.1]\n    ports: [{{number: 80}}]\n    \
+             outlierDetection:\n      consecutiveGatewayErrors: {value}\n"
+        )
+    }
+
+    /// Parses `text`, which must be refused within five seconds, and returns the message.
+    /// Unbounded, each case here would run for minutes or exhaust memory or the stack;
+    /// bounded, it takes well under a second even in a debug build, so the margin is
+    /// for a loaded machine, not for slack in the limits.
+    fn refused_quickly(text: &str) -> String {
+        let started = std::time::Instant::now();
+        let result = parse(text);
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_secs(5),
+            "took {elapsed:?} to refuse {} bytes: {result:?}",
+            text.len()
+        );
+        match result {
+            Ok(config) => panic!("expected an error, got {config:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_field_that_takes_any_yaml_reads_an_ordinary_value() {
+        // The hostile cases below go through this field; here it is shown to read what
+        // it is given (and refuse it by name), so they test the budget, not a shortcut.
+        let error = parse(&service_holding("[[1, 2], {a: b}]")).unwrap_err();
+        assert_eq!(
+            error.path,
+            "services[0].outlierDetection.consecutiveGatewayErrors"
+        );
+        assert!(matches!(
+            error.kind,
+            ConfigErrorKind::UnsupportedOutlierField { .. }
+        ));
+    }
+
+    #[test]
+    fn a_billion_laughs_is_refused_quickly() {
+        // Nine levels of nine aliases each: 9^9 (387 million) strings once expanded,
+        // from under 400 bytes of text.
+        let mut levels = vec!["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]".to_owned()];
+        for level in 1..=9 {
+            let aliases = vec![format!("*l{}", level - 1); 9].join(", ");
+            levels.push(format!("&l{level} [{aliases}]"));
+        }
+        let text = service_holding(&format!("[{}]", levels.join(", ")));
+        assert!(text.len() < 1024, "{} bytes", text.len());
+        let message = refused_quickly(&text);
+        assert!(
+            message.contains(&format!(
+                "aliases expand to more than {MAX_REPLAYED_EVENTS} YAML events"
+            )),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn nesting_ten_thousand_deep_is_refused_quickly() {
+        let depth = 10_000;
+        let flow = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let block = format!("\n{}{}1", " ".repeat(8), "- ".repeat(depth));
+        for (style, value) in [("flow", flow), ("block", block)] {
+            let message = refused_quickly(&service_holding(&value));
+            assert!(
+                message.ends_with(&format!("nested deeper than {MAX_DEPTH} levels")),
+                "{style}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_document_over_the_size_limit_is_not_parsed() {
+        let text = format!("{}\nservices: []\n", "#".repeat(MAX_DOCUMENT_BYTES));
+        let error = refused_quickly(&text);
+        assert_eq!(
+            error,
+            format!(
+                "the configuration is {} bytes, more than the {MAX_DOCUMENT_BYTES} accepted",
+                text.len()
+            )
+        );
+        // At the limit it is parsed as usual.
+        let padded = format!("services: []\n{}", "#".repeat(MAX_DOCUMENT_BYTES - 13));
+        assert_eq!(padded.len(), MAX_DOCUMENT_BYTES);
+        assert_eq!(parse(&padded).unwrap().services, Vec::new());
+    }
+
+    #[test]
     fn the_error_value_carries_path_line_and_kind() {
         let error = parse(&yaml(
             "
@@ -3097,8 +3522,8 @@ mod tests {
         );
         assert!(refused("us east").contains("whitespace"));
         assert_eq!(
-            serde_yaml::to_string(&locality("r/z")).unwrap(),
-            "r/z\n",
+            serde_json::to_string(&locality("r/z")).unwrap(),
+            "\"r/z\"",
             "serializes as its text"
         );
     }

@@ -14,6 +14,9 @@
 //!   new program is attached alongside, its link pin is renamed over the old one, and the
 //!   old link detaches when its last reference goes. Both programs read the same maps and
 //!   a connect already rewritten by one is no VIP for the other.
+//! - A pinned link is adopted only if its program also uses this agent's pinned maps: a
+//!   map migrated to another layout ([`map_upgrade`]) replaces every program using the old
+//!   one, the same way.
 
 use std::fs;
 use std::io;
@@ -27,9 +30,11 @@ use detour_ebpf::{
     counters, globals, maps, programs, Backend, BackendState, BackendStats, FrontendKey,
     ServiceEntry, SlotKey, SockOrigin,
 };
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::reconcile::{MapOpError, Maps};
+
+mod map_upgrade;
 
 /// The compiled eBPF object, built by `build.rs` (aya-build) for bpfel-unknown-none.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detour"));
@@ -72,6 +77,14 @@ pub enum DataplaneError {
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("parsing the eBPF object: {0}")]
+    Object(#[from] Box<aya_obj::ParseError>),
+    #[error("pinned map {map} has layout {pinned}, this agent declares {declared}: its key or value type changed, which cannot be migrated; the running programs keep serving (delete the pin directory to start afresh, with a gap)")]
+    MapLayout {
+        map: &'static str,
+        pinned: String,
+        declared: String,
+    },
 }
 
 /// Where and how to load.
@@ -221,21 +234,31 @@ impl Dataplane {
         });
         let mut loader = EbpfLoader::new();
         loader.override_global(globals::HZ, &hz, true);
+        let max_entries = std::collections::HashMap::from([
+            (maps::SERVICES, opts.max_services),
+            (maps::SLOTS, opts.max_slots),
+            (maps::BACKENDS, opts.max_backends),
+            (maps::BACKEND_STATS, opts.max_backends),
+            (maps::BACKEND_STATE, opts.max_backends),
+            (maps::SOCK_ORIGIN, opts.max_sockets),
+        ]);
+        let declared = map_upgrade::declared(EBPF_OBJECT, &MAP_NAMES, &max_entries)?;
+        let migration = map_upgrade::Plan::new(&maps_dir, &declared)?;
         for name in MAP_NAMES {
-            loader.map_pin_path(name, maps_dir.join(name));
+            loader.map_pin_path(name, migration.pin_path(&maps_dir, name));
         }
-        loader
-            .map_max_entries(maps::SERVICES, opts.max_services)
-            .map_max_entries(maps::SLOTS, opts.max_slots)
-            .map_max_entries(maps::BACKENDS, opts.max_backends)
-            .map_max_entries(maps::BACKEND_STATS, opts.max_backends)
-            .map_max_entries(maps::BACKEND_STATE, opts.max_backends)
-            .map_max_entries(maps::SOCK_ORIGIN, opts.max_sockets);
+        for (&name, &size) in &max_entries {
+            loader.map_max_entries(name, size);
+        }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // Migrated maps are complete and pinned before any program of ours runs.
+        migration.migrate(&mut ebpf)?;
+        let our_maps = map_ids(&ebpf)?;
 
         let mut links = Vec::new();
         for name in PROGRAMS {
-            let outcome = attach_program(&mut ebpf, name, &cgroup, &links_dir.join(name))?;
+            let outcome =
+                attach_program(&mut ebpf, name, &cgroup, &links_dir.join(name), &our_maps)?;
             info!(program = name, outcome = ?outcome, cgroup = %opts.cgroup.display(), "program ready");
             links.push((name, outcome));
         }
@@ -335,12 +358,51 @@ impl Dataplane {
     }
 }
 
+/// Kernel ids of the loaded object's pinned maps (`DETOUR_*`).
+fn map_ids(ebpf: &Ebpf) -> Result<std::collections::HashSet<u32>, DataplaneError> {
+    MAP_NAMES
+        .iter()
+        .map(|&map| {
+            let data: &MapData = match ebpf.map(map).ok_or(DataplaneError::MissingMap(map))? {
+                aya::maps::Map::HashMap(d)
+                | aya::maps::Map::LruHashMap(d)
+                | aya::maps::Map::Array(d)
+                | aya::maps::Map::PerCpuArray(d)
+                | aya::maps::Map::RingBuf(d) => d,
+                _ => return Err(DataplaneError::MissingMap(map)),
+            };
+            Ok(data
+                .info()
+                .map_err(|source| DataplaneError::Map { map, source })?
+                .id())
+        })
+        .collect()
+}
+
+/// Whether a loaded program uses only `our_maps` among detour's pinned maps (kernel map
+/// names are the first 15 bytes of `DETOUR_*`; the object's own data sections are not).
+fn uses_our_maps(
+    program: &aya::programs::ProgramInfo,
+    our_maps: &std::collections::HashSet<u32>,
+) -> bool {
+    let Ok(Some(ids)) = program.map_ids() else {
+        // Unknown (a kernel before 4.15): trust the tag, as before.
+        return true;
+    };
+    ids.iter().all(|id| {
+        our_maps.contains(id)
+            || aya::maps::MapInfo::from_id(*id)
+                .is_ok_and(|m| m.name_as_str().is_some_and(|n| !n.starts_with("DETOUR_")))
+    })
+}
+
 /// Attaches `name` to the cgroup, or adopts/replaces the link pinned at `pin`.
 fn attach_program(
     ebpf: &mut Ebpf,
     name: &'static str,
     cgroup: &fs::File,
     pin: &Path,
+    our_maps: &std::collections::HashSet<u32>,
 ) -> Result<LinkOutcome, DataplaneError> {
     let perr = |source| DataplaneError::Program {
         program: name,
@@ -363,19 +425,21 @@ fn attach_program(
             .info()
             .map_err(|e| link_err(e.to_string()))?
             .program_id();
-        let old_tag = loaded_programs()
+        let old = loaded_programs()
             .filter_map(Result::ok)
-            .find(|p| p.id() == prog_id)
-            .map(|p| p.tag());
-        if old_tag == Some(new_tag) {
+            .find(|p| p.id() == prog_id);
+        let old_tag = old.as_ref().map(|p| p.tag());
+        let same_maps = old.as_ref().is_some_and(|p| uses_our_maps(p, our_maps));
+        if old_tag == Some(new_tag) && same_maps {
             // Same program already serving from the same pinned maps: keep it.
             return Ok(LinkOutcome::Adopted);
         }
-        debug!(
+        info!(
             program = name,
-            ?old_tag,
-            new_tag,
-            "pinned link runs another program; replacing"
+            old_tag = %old_tag.map_or_else(|| "none".to_string(), |t| format!("{t:016x}")),
+            new_tag = %format!("{new_tag:016x}"),
+            same_maps,
+            "pinned link runs another program or other maps; replacing"
         );
         Some(link)
     } else {
@@ -389,12 +453,20 @@ fn attach_program(
     }
     // Pin beside the old link, then rename over it: the pin path always names a live
     // link, and the old one detaches when `existing` (its last fd) is dropped.
-    let staging = pin.with_extension("new");
+    // bpffs refuses names with a dot (EPERM): no `.new`.
+    let staging = staging_pin(pin);
     let _ = fs::remove_file(&staging);
     link.pin(&staging).map_err(|e| link_err(e.to_string()))?;
     fs::rename(&staging, pin).map_err(|e| link_err(e.to_string()))?;
     drop(existing);
     Ok(LinkOutcome::Replaced)
+}
+
+/// Where a pin's replacement is made before it is renamed over it.
+fn staging_pin(pin: &Path) -> PathBuf {
+    let mut name = pin.as_os_str().to_owned();
+    name.push("-new");
+    PathBuf::from(name)
 }
 
 /// Read access to `DETOUR_SOCK_ORIGIN`, independent of the [`Dataplane`].

@@ -11,14 +11,14 @@
 //!   `selection` alone;
 //! - the primary and standby tables together never exceed `MAX_SLOTS`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
 use detour_ebpf::MAX_SLOTS;
 
 use crate::config::{Config, ServiceConfig};
 use crate::health::Health;
-use crate::reconcile::{Desired, Passive, Table};
+use crate::reconcile::{Desired, DesiredService, Passive, Table};
 use crate::selection::{self, Candidate, Selection, Tier};
 
 /// The most slots a standby table may take; the primary table gets what is left of
@@ -106,8 +106,23 @@ pub fn plan(
     health: impl Fn(&str, SocketAddr) -> Health,
     ejected: impl Fn(&str, SocketAddr) -> bool,
 ) -> Vec<FrontendPlan> {
+    config
+        .services
+        .iter()
+        .flat_map(|service| plan_service(config, service, &health, &ejected))
+        .collect()
+}
+
+/// Plans the frontends of one service of `config` (its VIPs × ports, VIP-major within
+/// a port), as [`plan`] does for all of them: a change to one service re-plans only it.
+pub fn plan_service(
+    config: &Config,
+    service: &ServiceConfig,
+    health: impl Fn(&str, SocketAddr) -> Health,
+    ejected: impl Fn(&str, SocketAddr) -> bool,
+) -> Vec<FrontendPlan> {
     let mut plans = Vec::new();
-    for service in &config.services {
+    {
         let passive = passive_params(service);
         for port in &service.ports {
             for vip in &service.vips {
@@ -185,26 +200,51 @@ pub fn plan(
     plans
 }
 
-/// What the reconciler should make the kernel serve: every plan's table, and every
-/// endpoint of every plan as a configured backend.
+/// What the reconciler should make the kernel serve: the plans grouped by service, in
+/// the order of `plans` (the configuration's, which decides who gets the room when the
+/// maps are full); each service with its frontends' tables and all its endpoints as
+/// configured backends.
 pub fn desired(plans: &[FrontendPlan]) -> Desired {
-    Desired {
-        tables: plans
-            .iter()
-            .map(|p| {
-                let table = Table {
-                    slots: p.table.clone(),
-                    standby: p.standby.clone(),
-                    passive: p.passive,
-                };
-                (p.frontend, table)
-            })
-            .collect::<BTreeMap<_, _>>(),
-        backends: plans
-            .iter()
-            .flat_map(|p| p.endpoints.iter().map(|e| e.target))
-            .collect(),
+    let mut services: Vec<DesiredService> = Vec::new();
+    for p in plans {
+        // A service's plans are adjacent (`plan` goes service by service).
+        if services.last().is_none_or(|s| s.name != p.service) {
+            services.push(DesiredService {
+                name: p.service.clone(),
+                ..DesiredService::default()
+            });
+        }
+        let service = services.last_mut().expect("pushed above");
+        add_plan(service, p);
     }
+    Desired { services }
+}
+
+/// What one service's plans ask of the reconciler: [`desired`] for a single service.
+#[must_use]
+pub fn desired_service(name: &str, plans: &[FrontendPlan]) -> DesiredService {
+    let mut service = DesiredService {
+        name: name.to_owned(),
+        ..DesiredService::default()
+    };
+    for p in plans {
+        add_plan(&mut service, p);
+    }
+    service
+}
+
+fn add_plan(service: &mut DesiredService, p: &FrontendPlan) {
+    service.tables.insert(
+        p.frontend,
+        Table {
+            slots: p.table.clone(),
+            standby: p.standby.clone(),
+            passive: p.passive,
+        },
+    );
+    service
+        .backends
+        .extend(p.endpoints.iter().map(|e| e.target));
 }
 
 #[cfg(test)]
@@ -365,14 +405,43 @@ services:
         )
         .unwrap();
         let d = desired(&plan_h(&cfg, |_, _| Health::Healthy));
-        let t: BTreeMap<_, _> = d
-            .tables
+        let t: std::collections::BTreeMap<_, _> = d
+            .services
             .iter()
+            .flat_map(|s| &s.tables)
             .map(|(k, v)| (*k, v.slots.clone()))
             .collect();
         let t = &t;
         assert_eq!(t[&sa("127.200.0.9:443")], vec![sa("127.0.9.1:8443")]);
         assert_eq!(t[&sa("[fd00::9]:443")], vec![sa("[fd00::91]:8443")]);
+    }
+
+    #[test]
+    fn desired_groups_frontends_by_service_in_config_order() {
+        // Admission goes by this order when the maps are full: the file's, not the
+        // addresses'.
+        let cfg = config::parse(
+            r#"
+services:
+  - name: zeta
+    vips: [127.200.0.9, 127.200.0.8]
+    ports: [{number: 80}, {number: 81}]
+    endpoints: [{address: 127.0.9.1}]
+  - name: alpha
+    vips: [127.200.0.1]
+    ports: [{number: 80}]
+    endpoints: [{address: 127.0.1.1}, {address: 127.0.1.2}]
+"#,
+        )
+        .unwrap();
+        let d = desired(&plan_h(&cfg, |_, _| Health::Healthy));
+        let names: Vec<&str> = d.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["zeta", "alpha"]);
+        assert_eq!(d.services[0].tables.len(), 4);
+        assert_eq!(
+            d.services[1].backends.iter().copied().collect::<Vec<_>>(),
+            [sa("127.0.1.1:80"), sa("127.0.1.2:80")]
+        );
     }
 
     #[test]

@@ -14,7 +14,13 @@
 //!   `healthy_threshold` consecutive successes;
 //! - probes connect to backend addresses, never to VIPs, so the connect programs never
 //!   rewrite them; every target of every tier is probed at the full rate, so a failover
-//!   tier is known good before it is needed.
+//!   tier is known good before it is needed;
+//! - a backend's answer is read within the probe's timeout and within fixed sizes: at
+//!   most [`MAX_STATUS_LINE`] bytes of an HTTP status line (nothing after it is read), a
+//!   gRPC header list of at most [`MAX_GRPC_HEADER_LIST`] bytes and a gRPC body of at
+//!   most [`MAX_GRPC_BODY`] bytes. Past a bound the probe fails with
+//!   [`ProbeError::TooLarge`]: a misbehaving backend costs a failed probe, never memory
+//!   without end.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -25,6 +31,15 @@ use tokio::sync::mpsc;
 
 use crate::config::{GrpcCheck, HttpCheck};
 use tokio::task::JoinHandle;
+
+/// The longest HTTP status line a probe reads, line ending included.
+pub const MAX_STATUS_LINE: usize = 4096;
+/// The largest gRPC response body (all DATA frames) a probe accepts; a health response
+/// is a handful of bytes.
+pub const MAX_GRPC_BODY: usize = 64 * 1024;
+/// The largest header list (headers or trailers, as HTTP/2 counts it) a gRPC probe
+/// accepts; advertised to the server, which should not send more.
+pub const MAX_GRPC_HEADER_LIST: u32 = 16 * 1024;
 
 /// What the checks say about a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -187,6 +202,8 @@ pub enum ProbeError {
     Io(#[source] std::io::Error),
     #[error("response is not HTTP/1.x: {0:?}")]
     NotHttp(String),
+    #[error("{what} is longer than {limit} bytes")]
+    TooLarge { what: &'static str, limit: usize },
     #[error("status {0} is not an expected status")]
     Status(u16),
     #[error("HTTP/2: {0}")]
@@ -271,7 +288,10 @@ pub fn grpc_health_status(frame: &[u8]) -> Result<ServingStatus, ProbeError> {
         .get(..4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or(malformed("short frame header"))?;
-    let mut message = rest.get(4..4 + len).ok_or(malformed("short message"))?;
+    let mut message = 4usize
+        .checked_add(len)
+        .and_then(|end| rest.get(4..end))
+        .ok_or(malformed("short message"))?;
     let mut status = 0; // proto3 default: UNKNOWN
     while !message.is_empty() {
         let key = read_varint(&mut message).ok_or(malformed("bad field key"))?;
@@ -314,7 +334,11 @@ pub async fn grpc_probe(
         Err(_) => return Err(ProbeError::Timeout(timeout)),
     };
     let call = async {
-        let (client, connection) = h2::client::handshake(stream)
+        let (client, connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .max_header_list_size(MAX_GRPC_HEADER_LIST)
+            .initial_window_size(MAX_GRPC_BODY as u32)
+            .handshake::<_, bytes::Bytes>(stream)
             .await
             .map_err(ProbeError::H2)?;
         // The connection task ends with the call: aborted below, or on its own when the
@@ -349,6 +373,12 @@ pub async fn grpc_probe(
             let mut frame = Vec::new();
             while let Some(chunk) = body.data().await {
                 let chunk = chunk.map_err(ProbeError::H2)?;
+                if frame.len() + chunk.len() > MAX_GRPC_BODY {
+                    return Err(ProbeError::TooLarge {
+                        what: "gRPC response body",
+                        limit: MAX_GRPC_BODY,
+                    });
+                }
                 let _ = body.flow_control().release_capacity(chunk.len());
                 frame.extend_from_slice(&chunk);
             }
@@ -383,13 +413,14 @@ pub async fn grpc_probe(
 }
 
 /// One HTTP/1.1 check: within `timeout`, connect, `GET path` with the check's Host, and
-/// read a status line whose status is expected. The body is not read.
+/// read a status line (at most [`MAX_STATUS_LINE`] bytes) whose status is expected.
+/// Headers and body are not read.
 pub async fn http_probe(
     target: SocketAddr,
     check: &HttpCheck,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let started = tokio::time::Instant::now();
     let mut stream =
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
@@ -406,12 +437,14 @@ pub async fn http_probe(
             .write_all(request.as_bytes())
             .await
             .map_err(ProbeError::Io)?;
-        let mut line = String::new();
+        let mut line = Vec::new();
+        // One byte past the bound tells a line at the bound from a longer one.
         tokio::io::BufReader::new(&mut stream)
-            .read_line(&mut line)
+            .take(MAX_STATUS_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
             .await
             .map_err(ProbeError::Io)?;
-        parse_status_line(&line)
+        status_of(&line)
     };
     let remaining = timeout.saturating_sub(started.elapsed());
     let status = tokio::time::timeout(remaining, exchange)
@@ -424,6 +457,25 @@ pub async fn http_probe(
     }
 }
 
+/// The status of the first line of a response, given at most [`MAX_STATUS_LINE`] + 1
+/// bytes of it (all that [`http_probe`] reads): longer is [`ProbeError::TooLarge`],
+/// bytes that are not text or not a status line are [`ProbeError::NotHttp`].
+pub fn status_of(head: &[u8]) -> Result<u16, ProbeError> {
+    // Without a newline the server closed mid-line (judge what came) or the line is
+    // longer than the bound.
+    let line = match head.iter().position(|&b| b == b'\n') {
+        Some(end) => &head[..=end],
+        None => head,
+    };
+    if line.len() > MAX_STATUS_LINE {
+        return Err(ProbeError::TooLarge {
+            what: "HTTP status line",
+            limit: MAX_STATUS_LINE,
+        });
+    }
+    parse_status_line(&String::from_utf8_lossy(line))
+}
+
 /// The status of an `HTTP/1.x NNN reason` line.
 pub fn parse_status_line(line: &str) -> Result<u16, ProbeError> {
     let bad = || ProbeError::NotHttp(line.trim_end().chars().take(80).collect());
@@ -433,7 +485,7 @@ pub fn parse_status_line(line: &str) -> Result<u16, ProbeError> {
         return Err(bad());
     }
     let status = parts.next().ok_or_else(bad)?;
-    if status.len() != 3 {
+    if status.len() != 3 || !status.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     status.parse().map_err(|_| bad())
@@ -519,12 +571,171 @@ mod tests {
             "HTTP/2 200\r\n",
             "HTTP/1.1 20\r\n",
             "HTTP/1.1 abc\r\n",
+            "HTTP/1.1 +20\r\n",
         ] {
             assert!(
                 matches!(parse_status_line(bad), Err(ProbeError::NotHttp(_))),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn status_lines_are_bounded() {
+        let mut at_bound = b"HTTP/1.1 200 ".to_vec();
+        at_bound.resize(MAX_STATUS_LINE - 2, b'x');
+        at_bound.extend_from_slice(b"\r\n");
+        assert_eq!(status_of(&at_bound).unwrap(), 200);
+        let mut over = at_bound.clone();
+        over.insert(13, b'x');
+        for head in [over, vec![b'H'; MAX_STATUS_LINE + 1]] {
+            let err = status_of(&head).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ProbeError::TooLarge {
+                        limit: MAX_STATUS_LINE,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert_eq!(
+                err.to_string(),
+                "HTTP status line is longer than 4096 bytes"
+            );
+        }
+        // A server that closes mid-line is judged on what it sent; bytes that are not
+        // text are not HTTP.
+        assert_eq!(status_of(b"HTTP/1.1 204").unwrap(), 204);
+        assert!(matches!(
+            status_of(b"HTTP/1.1 \xff\xfe\r\n"),
+            Err(ProbeError::NotHttp(_))
+        ));
+        // What follows the line is not looked at.
+        assert_eq!(status_of(b"HTTP/1.1 200 OK\r\nX: \xff").unwrap(), 200);
+    }
+
+    /// A server that accepts one connection and writes `prefix` then `filler` in a loop
+    /// until the peer goes away: an endless status line or body.
+    async fn endless_server(prefix: &'static [u8], filler: u8) -> SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let chunk = vec![filler; 16 * 1024];
+            if s.write_all(prefix).await.is_err() {
+                return;
+            }
+            // Bounded anyway, so a test that goes wrong cannot fill the disk or hang.
+            for _ in 0..(1 << 16) {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_endless_status_line_fails_the_probe_promptly() {
+        let timeout = Duration::from_secs(10);
+        for prefix in [&b"HTTP/1.1 200 "[..], &b""[..]] {
+            let addr = endless_server(prefix, b'A').await;
+            let started = std::time::Instant::now();
+            let err = http_probe(addr, &check(std::iter::once(200..201).collect()), timeout)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ProbeError::TooLarge {
+                        what: "HTTP status line",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "took {:?}: the bound, not the timeout, must end it",
+                started.elapsed()
+            );
+        }
+    }
+
+    /// A gRPC server over h2c that answers one call with response headers and then DATA
+    /// frames without end, or with `header_bytes` of headers.
+    async fn hostile_grpc_server(header_bytes: usize) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            let Some(Ok((_request, mut respond))) = conn.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+            });
+            let mut response = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc");
+            if header_bytes > 0 {
+                response = response.header("x-filler", "a".repeat(header_bytes));
+            }
+            let Ok(mut send) = respond.send_response(response.body(()).unwrap(), false) else {
+                return;
+            };
+            // A valid frame header announcing a huge message, then its endless bytes.
+            let _ = send.send_data(vec![0, 0x7f, 0xff, 0xff, 0xff].into(), false);
+            for _ in 0..(1 << 16) {
+                send.reserve_capacity(16 * 1024);
+                match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(n)) => {
+                        if send.send_data(vec![0x08; n].into(), false).is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_endless_grpc_body_fails_the_probe_promptly() {
+        let addr = hostile_grpc_server(0).await;
+        let started = std::time::Instant::now();
+        let err = grpc_probe(addr, &grpc_check(), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "gRPC response body is longer than 65536 bytes"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_grpc_headers_fail_the_probe_promptly() {
+        let addr = hostile_grpc_server(1 << 20).await;
+        let started = std::time::Instant::now();
+        let err = grpc_probe(addr, &grpc_check(), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProbeError::H2(_)), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 
     /// A one-shot HTTP server answering every request with `status`, recording the

@@ -1,6 +1,7 @@
 //! detour: node-level failover for Kubernetes services, without a proxy.
 //!
-//! Data flows one way: `config` (what the operator asked for) and `health` (what probes
+//! Data flows one way: `config` (what the operator asked for, read only when
+//! `config_watch` says the file is whole) and `health` (what probes
 //! observe) feed `desired`, which asks `selection` (pure) which backends should serve
 //! each VIP:port; `reconcile` writes those tables into the BPF maps through `dataplane`,
 //! the only module that touches aya. The binary's runtime runs that loop; `api` and `cli`
@@ -12,12 +13,14 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod config_watch;
 pub mod dataplane;
 pub mod desired;
 pub mod health;
 pub mod metrics;
 pub mod outlier;
 pub mod passive;
+pub mod plan_cache;
 pub mod reconcile;
 pub mod selection;
 pub mod sockdiag;

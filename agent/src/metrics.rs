@@ -1,56 +1,90 @@
-//! Prometheus metrics: a [`Snapshot`] of counters and gauges → the text exposition format
-//! (0.0.4) → a minimal HTTP/1.1 server that answers `GET /metrics`.
+//! Prometheus metrics: a [`Snapshot`] of counters and gauges → the Prometheus text
+//! exposition format 0.0.4, written by `prometheus-client` → an HTTP/1.1 server (hyper)
+//! that answers `GET /metrics`.
 //!
 //! The agent fills a [`Snapshot`] on each scrape from whatever state it keeps; this module
 //! knows nothing of that state, so [`render`] is a pure function and is tested as one.
 //! [`serve`] is the I/O edge: it calls the caller's render future once per scrape.
 //!
+//! The snapshot is encoded by a `prometheus-client` [`Collector`] rather than kept in its
+//! live `Counter`/`Family` types: the agent's state (per-CPU kernel counters, outlier and
+//! selection state) is the source of truth and is read on each scrape, so there is nothing
+//! to keep in sync between scrapes. The text format 0.0.4 (not OpenMetrics) is served
+//! because its metadata names equal the series names (`# TYPE detour_x_total counter`),
+//! so the exposition is the one detour always served; counters are registered without
+//! the `_total` suffix and `prometheus-client` appends it, so the series names users
+//! scrape are unchanged.
+//!
 //! Invariants:
 //! - label sets are bounded by construction: series exist only for the configured
-//!   services and backends (and the fixed `kind`/`result` values), never for peers,
-//!   clients or error strings, so the number of series follows the configuration, not the
-//!   traffic. A removed backend's series disappear with it (Prometheus marks them stale);
+//!   services and backends (and the fixed `kind`/`result`/`path` values), never for
+//!   peers, clients or error strings, so the number of series follows the configuration,
+//!   not the traffic. A removed backend's series disappear with it (Prometheus marks them
+//!   stale);
 //! - each metric family is written as one contiguous group behind its `# HELP` and
 //!   `# TYPE` lines, as the format requires; the family is written (with no samples) even
 //!   when the snapshot has nothing for it, so its documentation is always discoverable;
 //! - series follow the order of `Snapshot::backends` and `Snapshot::services`; the caller
 //!   keeps (service, backend) pairs and services unique, as duplicates are invalid
 //!   exposition;
-//! - label values are escaped (`\` → `\\`, `"` → `\"`, newline → `\n`), so a configured
-//!   name can never break the output;
+//! - label values are escaped by the encoder (`\` → `\\`, `"` → `\"`, newline → `\n`), so
+//!   a configured name can never break the output;
 //! - the server never lets one client stall another or the agent: every connection runs in
-//!   its own task, at most [`MAX_CONNECTIONS`] at a time, and reading the request head is
-//!   bounded in size ([`MAX_REQUEST_HEAD`]) and time ([`REQUEST_HEAD_TIMEOUT`]), writing
-//!   the response in time ([`RESPONSE_TIMEOUT`]). Errors are logged and end only the
-//!   connection they happened on.
+//!   its own task, at most [`MAX_CONNECTIONS`] at a time (the rest wait in the kernel's
+//!   backlog); hyper reads the request head into at most [`MAX_REQUEST_HEAD`] bytes
+//!   (431 past it) within [`REQUEST_HEAD_TIMEOUT`] (408 past it), and a whole connection
+//!   lives at most [`REQUEST_HEAD_TIMEOUT`] + [`RESPONSE_TIMEOUT`]. One request per
+//!   connection (no keep-alive), so an idle client holds no slot. Accept errors (such as
+//!   running out of file descriptors) back off, doubling up to a second. Errors are logged
+//!   and end only the connection they happened on.
 
-use std::fmt::{self, Display, Write as _};
+use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-/// The `Content-Type` of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The `Content-Type` of the text exposition format 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Largest request head (request line and headers) the server reads; a longer one is
-/// answered with 431. A scrape's head is a few hundred bytes.
+/// answered with 431. A scrape's head is a few hundred bytes; this is also the smallest
+/// read buffer hyper accepts.
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 /// How long a client has to send its whole request head; then it gets 408 and is closed.
 pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a client has to take the whole response.
+/// How long a client has, after its head, to take the whole response.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections served at once; further ones wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Pause after the first failed `accept`; it doubles on each further failure in a row.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Everything one scrape exposes. Counters are totals since the agent started.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -70,6 +104,20 @@ pub struct Snapshot {
     pub fast_path_avoided: u64,
     pub fast_path_standby: u64,
     pub fast_path_all_suspect: u64,
+    /// Services the BPF maps have no room for, one entry per limit (all three, zeros
+    /// included, so an alert has a series to watch).
+    pub services_over_limit: Vec<LimitMetrics>,
+}
+
+/// Services that hit one map limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitMetrics {
+    /// The flag that sets the limit: `max-services`, `max-backends` or `max-slots`.
+    pub limit: String,
+    /// Services with nothing in the maps.
+    pub refused: u64,
+    /// Running services whose new state has no room (they keep their previous tables).
+    pub not_updated: u64,
 }
 
 /// One configured service.
@@ -169,218 +217,232 @@ impl Histogram {
     }
 }
 
-/// The snapshot in the text exposition format 0.0.4, ending with a newline.
+/// The snapshot in the Prometheus text exposition format 0.0.4, ending with a newline.
 pub fn render(snapshot: &Snapshot) -> String {
-    let mut out = Exposition::default();
-    let backends = &snapshot.backends;
+    let mut registry = Registry::default();
+    // A collector must be `'static`; the clone is a few strings per backend, small next to
+    // the text it becomes.
+    registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
+    let mut text = String::new();
+    prometheus_text::encode(&mut text, &registry)
+        .expect("encoding into a String fails only if the writer does, and a String's cannot");
+    text
+}
 
-    out.family(
-        "detour_backend_connects_total",
-        "counter",
-        "Connections to the backend that the agent's programs saw being attempted.",
-    );
-    for b in backends {
-        out.sample(
-            "detour_backend_connects_total",
-            &backend_labels(b),
-            b.connects,
-        );
-    }
-    out.family(
-        "detour_backend_established_total",
-        "counter",
-        "Connections to the backend that were established.",
-    );
-    for b in backends {
-        out.sample(
-            "detour_backend_established_total",
-            &backend_labels(b),
-            b.established,
-        );
-    }
-    out.family(
-        "detour_backend_failures_total",
-        "counter",
-        "Connections to the backend that failed, by kind: refused, timeout or reset.",
-    );
-    for b in backends {
-        let [service, backend, locality] = backend_labels(b);
-        for (kind, n) in [
-            ("refused", b.failures_refused),
-            ("timeout", b.failures_timeout),
-            ("reset", b.failures_reset),
-        ] {
-            let labels = [service, backend, locality, ("kind", kind)];
-            out.sample("detour_backend_failures_total", &labels, n);
-        }
-    }
-    out.family(
-        "detour_backend_ejections_total",
-        "counter",
-        "Times outlier detection ejected the backend.",
-    );
-    for b in backends {
-        out.sample(
-            "detour_backend_ejections_total",
-            &backend_labels(b),
-            b.ejections,
-        );
-    }
-    out.family(
-        "detour_backend_ejected",
-        "gauge",
-        "1 while outlier detection keeps the backend ejected, else 0.",
-    );
-    for b in backends {
-        out.sample(
+/// Encodes one [`Snapshot`] when the registry is encoded.
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let snapshot = &self.0;
+        let backends = &snapshot.backends;
+        let e = &mut encoder;
+
+        counters(
+            e,
+            "detour_backend_connects",
+            "Connections to the backend that the agent's programs saw being attempted.",
+            backends.iter().map(|b| (backend_labels(b), b.connects)),
+        )?;
+        counters(
+            e,
+            "detour_backend_established",
+            "Connections to the backend that were established.",
+            backends.iter().map(|b| (backend_labels(b), b.established)),
+        )?;
+        counters(
+            e,
+            "detour_backend_failures",
+            "Connections to the backend that failed, by kind: refused, timeout or reset.",
+            backends.iter().flat_map(|b| {
+                let [service, backend, locality] = backend_labels(b);
+                [
+                    ("refused", b.failures_refused),
+                    ("timeout", b.failures_timeout),
+                    ("reset", b.failures_reset),
+                ]
+                .map(|(kind, n)| ([service, backend, locality, ("kind", kind)], n))
+            }),
+        )?;
+        counters(
+            e,
+            "detour_backend_ejections",
+            "Times outlier detection ejected the backend.",
+            backends.iter().map(|b| (backend_labels(b), b.ejections)),
+        )?;
+        gauges(
+            e,
             "detour_backend_ejected",
-            &backend_labels(b),
-            u8::from(b.ejected),
-        );
-    }
-    out.family(
-        "detour_backend_healthy",
-        "gauge",
-        "1 if the active health check passes, 0 if it fails; absent when not checked.",
-    );
-    for b in backends {
-        if let Some(healthy) = b.healthy {
-            out.sample(
-                "detour_backend_healthy",
-                &backend_labels(b),
-                u8::from(healthy),
-            );
-        }
-    }
-    out.family(
-        "detour_backend_in_table",
-        "gauge",
-        "1 if the backend is in the service's kernel table, else 0.",
-    );
-    for b in backends {
-        out.sample(
+            "1 while outlier detection keeps the backend ejected, else 0.",
+            backends
+                .iter()
+                .map(|b| (backend_labels(b), i64::from(b.ejected))),
+        )?;
+        gauges(
+            e,
+            "detour_backend_healthy",
+            "1 if the active health check passes, 0 if it fails; absent when not checked.",
+            backends
+                .iter()
+                .filter_map(|b| Some((backend_labels(b), i64::from(b.healthy?)))),
+        )?;
+        gauges(
+            e,
             "detour_backend_in_table",
-            &backend_labels(b),
-            u8::from(b.in_table),
-        );
-    }
+            "1 if the backend is in the service's kernel table, else 0.",
+            backends
+                .iter()
+                .map(|b| (backend_labels(b), i64::from(b.in_table))),
+        )?;
 
-    let services = &snapshot.services;
-    out.family(
-        "detour_service_panic",
-        "gauge",
-        "1 while the service is in panic mode (too few usable backends; all are used), else 0.",
-    );
-    for s in services {
-        let labels = [("service", s.service.as_str())];
-        out.sample("detour_service_panic", &labels, u8::from(s.panic));
-    }
-    out.family(
-        "detour_service_backends_in_table",
-        "gauge",
-        "Backends in the service's kernel table.",
-    );
-    for s in services {
-        let labels = [("service", s.service.as_str())];
-        out.sample(
+        let services = &snapshot.services;
+        gauges(
+            e,
+            "detour_service_panic",
+            "1 while the service is in panic mode (too few usable backends; all are used), else 0.",
+            services
+                .iter()
+                .map(|s| (service_labels(s), i64::from(s.panic))),
+        )?;
+        gauges(
+            e,
             "detour_service_backends_in_table",
-            &labels,
-            s.backends_in_table,
-        );
-    }
-    out.family(
-        "detour_service_tier_info",
-        "gauge",
-        "Always 1; the tier label names the best tier currently serving the service.",
-    );
-    for s in services {
-        let labels = [("service", s.service.as_str()), ("tier", s.tier.as_str())];
-        out.sample("detour_service_tier_info", &labels, 1);
-    }
+            "Backends in the service's kernel table.",
+            services
+                .iter()
+                .map(|s| (service_labels(s), saturating_i64(s.backends_in_table))),
+        )?;
+        // An info metric: `prometheus-client` appends `_info` and writes the value 1.
+        let mut family = e.encode_descriptor(
+            "detour_service_tier",
+            "Always 1; the tier label names the best tier currently serving the service.",
+            None,
+            MetricType::Info,
+        )?;
+        for s in services {
+            family.encode_info(&[("service", s.service.as_str()), ("tier", s.tier.as_str())])?;
+        }
 
-    out.family(
-        "detour_events_received_total",
-        "counter",
-        "Connection events read from the kernel ring buffer.",
-    );
-    out.sample(
-        "detour_events_received_total",
-        &[],
-        snapshot.events_received,
-    );
-    out.family(
-        "detour_events_dropped_total",
-        "counter",
-        "Connection events the kernel dropped because the ring buffer was full.",
-    );
-    out.sample("detour_events_dropped_total", &[], snapshot.events_dropped);
+        counter(
+            e,
+            "detour_events_received",
+            "Connection events read from the kernel ring buffer.",
+            snapshot.events_received,
+        )?;
+        counter(
+            e,
+            "detour_events_dropped",
+            "Connection events the kernel dropped because the ring buffer was full.",
+            snapshot.events_dropped,
+        )?;
 
-    let reconcile = &snapshot.reconcile;
-    out.family(
-        "detour_reconcile_duration_seconds",
-        "histogram",
-        "Seconds from a change (config, health, ejection) to the BPF maps being written.",
-    );
-    for (bound, n) in reconcile.cumulative() {
-        let le = bound.as_secs_f64().to_string();
-        let labels = [("le", le.as_str())];
-        out.sample("detour_reconcile_duration_seconds_bucket", &labels, n);
+        let reconcile = &snapshot.reconcile;
+        let mut family = e.encode_descriptor(
+            "detour_reconcile_duration",
+            "Seconds from a change (config, health, ejection) to the BPF maps being written.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        // Per-bucket (not cumulative) counts: the encoder accumulates them and adds the
+        // `+Inf` bucket from the total count.
+        let buckets: Vec<(f64, u64)> = HISTOGRAM_BUCKETS
+            .iter()
+            .zip(&reconcile.counts)
+            .map(|(bound, n)| (bound.as_secs_f64(), *n))
+            .collect();
+        family.encode_histogram::<NoLabelSet>(
+            reconcile.sum.as_secs_f64(),
+            reconcile.count,
+            &buckets,
+            None,
+        )?;
+
+        counters(
+            e,
+            "detour_config_reloads",
+            "Configuration reloads, by result: ok or error.",
+            [
+                ([("result", "ok")], snapshot.config_reloads_ok),
+                ([("result", "error")], snapshot.config_reloads_failed),
+            ],
+        )?;
+        counter(
+            e,
+            "detour_sockets_destroyed",
+            "Client sockets the agent destroyed because their backend left the table.",
+            snapshot.sockets_destroyed,
+        )?;
+        counters(
+            e,
+            "detour_fast_path_connects",
+            "Connects whose random pick the kernel found suspect, by where they went: another table member, the standby set, or the pick anyway (all suspect).",
+            [
+                ("avoided", snapshot.fast_path_avoided),
+                ("standby", snapshot.fast_path_standby),
+                ("all-suspect", snapshot.fast_path_all_suspect),
+            ]
+            .map(|(path, n)| ([("path", path)], n)),
+        )?;
+        let over = &snapshot.services_over_limit;
+        gauges(
+            e,
+            "detour_services_refused",
+            "Services not programmed because the BPF maps have no room for them, by the limit they hit (the agent's --max-services, --max-backends, --max-slots).",
+            over.iter()
+                .map(|l| ([("limit", l.limit.as_str())], saturating_i64(l.refused))),
+        )?;
+        gauges(
+            e,
+            "detour_services_not_updated",
+            "Running services whose new state has no room in the BPF maps, by the limit they hit; they keep their previous tables.",
+            over.iter()
+                .map(|l| ([("limit", l.limit.as_str())], saturating_i64(l.not_updated))),
+        )
     }
-    let labels = [("le", "+Inf")];
-    out.sample(
-        "detour_reconcile_duration_seconds_bucket",
-        &labels,
-        reconcile.count(),
-    );
-    let sum = reconcile.sum().as_secs_f64();
-    out.sample("detour_reconcile_duration_seconds_sum", &[], sum);
-    out.sample(
-        "detour_reconcile_duration_seconds_count",
-        &[],
-        reconcile.count(),
-    );
+}
 
-    out.family(
-        "detour_config_reloads_total",
-        "counter",
-        "Configuration reloads, by result: ok or error.",
-    );
-    let labels = [("result", "ok")];
-    out.sample(
-        "detour_config_reloads_total",
-        &labels,
-        snapshot.config_reloads_ok,
-    );
-    let labels = [("result", "error")];
-    out.sample(
-        "detour_config_reloads_total",
-        &labels,
-        snapshot.config_reloads_failed,
-    );
-    out.family(
-        "detour_sockets_destroyed_total",
-        "counter",
-        "Client sockets the agent destroyed because their backend left the table.",
-    );
-    out.sample(
-        "detour_sockets_destroyed_total",
-        &[],
-        snapshot.sockets_destroyed,
-    );
-    out.family(
-        "detour_fast_path_connects_total",
-        "counter",
-        "Connects whose random pick the kernel found suspect, by where they went: another table member, the standby set, or the pick anyway (all suspect).",
-    );
-    for (path, value) in [
-        ("avoided", snapshot.fast_path_avoided),
-        ("standby", snapshot.fast_path_standby),
-        ("all-suspect", snapshot.fast_path_all_suspect),
-    ] {
-        out.sample("detour_fast_path_connects_total", &[("path", path)], value);
+/// A counter family; `name` is without `_total`, which the encoder appends.
+fn counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
     }
+    Ok(())
+}
 
-    out.text
+/// A counter without labels; `name` is without `_total`, which the encoder appends.
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+}
+
+fn gauges<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, i64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Gauges are signed in `prometheus-client`; a count past `i64::MAX` cannot happen, and
+/// saturating keeps it from turning negative if it ever did.
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn service_labels(s: &ServiceMetrics) -> [(&'static str, &str); 1] {
+    [("service", s.service.as_str())]
 }
 
 fn backend_labels(b: &BackendMetrics) -> [(&'static str, &str); 3] {
@@ -389,52 +451,6 @@ fn backend_labels(b: &BackendMetrics) -> [(&'static str, &str); 3] {
         ("backend", b.backend.as_str()),
         ("locality", b.locality.as_str()),
     ]
-}
-
-/// The text being built; writing to a `String` cannot fail, so these helpers drop the
-/// `fmt::Result`.
-#[derive(Default)]
-struct Exposition {
-    text: String,
-}
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (label, value)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{label}=\"{}\"", LabelValue(value));
-            }
-            self.text.push('}');
-        }
-        let _ = writeln!(self.text, " {value}");
-    }
-}
-
-/// A label value escaped as the exposition format requires.
-struct LabelValue<'a>(&'a str);
-
-impl Display for LabelValue<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '\\' => f.write_str("\\\\")?,
-                '"' => f.write_str("\\\"")?,
-                '\n' => f.write_str("\\n")?,
-                c => f.write_char(c)?,
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Serves `GET /metrics` (and `HEAD`) on `listener` until the task running it is dropped.
@@ -458,8 +474,8 @@ impl Display for LabelValue<'_> {
 /// # }
 /// ```
 ///
-/// Other paths get 404, other methods 405, a malformed request 400, an HTTP version
-/// other than 1.0 or 1.1 505, a request head larger than [`MAX_REQUEST_HEAD`] 431, a
+/// Other paths get 404, other methods 405, a malformed request 400 (hyper's parser
+/// decides what is malformed), a request head larger than [`MAX_REQUEST_HEAD`] 431, a
 /// client slower than [`REQUEST_HEAD_TIMEOUT`] 408. Every response closes the connection.
 pub async fn serve<F, Fut>(listener: TcpListener, render: F)
 where
@@ -500,6 +516,7 @@ where
     Fut: Future<Output = String> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         // Taking a slot before accepting leaves excess clients in the kernel's backlog
         // instead of in memory here.
@@ -508,99 +525,66 @@ where
             .await
             .expect("the semaphore is never closed");
         let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
+            }
             Err(error) => {
                 // Usually out of file descriptors; pausing lets some close instead of
                 // spinning on the error.
-                warn!(%error, "metrics: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                warn!(%error, ?backoff, "metrics: accept failed; pausing");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
         let render = Arc::clone(&render);
         tokio::spawn(async move {
-            if let Err(error) = handle(stream, peer, &*render, limits).await {
-                debug!(%peer, %error, "metrics: connection failed");
-            }
+            handle(stream, peer, render, limits).await;
             drop(slot);
         });
     }
 }
 
-/// What a request asks for, once its head is read and parsed.
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    Metrics { head_only: bool },
-    Error(Status),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    Ok,
-    BadRequest,
-    NotFound,
-    MethodNotAllowed,
-    RequestTimeout,
-    HeadTooLarge,
-    VersionNotSupported,
-}
-
-impl Status {
-    fn line(self) -> &'static str {
-        match self {
-            Status::Ok => "200 OK",
-            Status::BadRequest => "400 Bad Request",
-            Status::NotFound => "404 Not Found",
-            Status::MethodNotAllowed => "405 Method Not Allowed",
-            Status::RequestTimeout => "408 Request Timeout",
-            Status::HeadTooLarge => "431 Request Header Fields Too Large",
-            Status::VersionNotSupported => "505 HTTP Version Not Supported",
+/// Serves one request on `stream` with hyper, then closes it.
+async fn handle<F, Fut>(mut stream: TcpStream, peer: SocketAddr, render: Arc<F>, limits: Limits)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send + 'static,
+{
+    let service = service_fn(move |request: Request<Incoming>| {
+        let render = Arc::clone(&render);
+        async move { Ok::<_, Infallible>(respond(&request, &*render).await) }
+    });
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(limits.max_head)
+        .keep_alive(false);
+    // hyper borrows the stream, so that it is still ours afterwards to answer a timed-out
+    // head and to drain.
+    let connection = http.serve_connection(TokioIo::new(&mut stream), service);
+    let deadline = limits.head_timeout + limits.response_timeout;
+    match tokio::time::timeout(deadline, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) if error.is_timeout() => {
+            // hyper closes without a word when the head is late; a status says why.
+            debug!(%peer, "metrics: request head not received in time");
+            let written = tokio::time::timeout(limits.response_timeout, async {
+                stream.write_all(REQUEST_TIMEOUT_RESPONSE).await?;
+                stream.shutdown().await
+            })
+            .await;
+            if let Ok(Err(error)) = written {
+                debug!(%peer, %error, "metrics: writing the 408 failed");
+            }
+        }
+        Ok(Err(error)) => debug!(%peer, %error, "metrics: connection failed"),
+        Err(_elapsed) => {
+            debug!(%peer, ?deadline, "metrics: connection outlived its deadline; closing");
+            return;
         }
     }
-}
-
-async fn handle<F, Fut>(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    render: &F,
-    limits: Limits,
-) -> io::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = String>,
-{
-    let route =
-        match tokio::time::timeout(limits.head_timeout, read_head(&mut stream, limits.max_head))
-            .await
-        {
-            Ok(Ok(Some(head))) => route(&head),
-            Ok(Ok(None)) => Route::Error(Status::HeadTooLarge),
-            Ok(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
-                // Closed before a whole request: a port probe, nothing to answer.
-                debug!(%peer, "metrics: connection closed before a request");
-                return Ok(());
-            }
-            Ok(Err(error)) => return Err(error),
-            Err(_elapsed) => Route::Error(Status::RequestTimeout),
-        };
-
-    let response = match route {
-        Route::Metrics { head_only } => {
-            let body = render().await;
-            response(Status::Ok, CONTENT_TYPE, &body, head_only)
-        }
-        Route::Error(status) => {
-            debug!(%peer, status = status.line(), "metrics: request refused");
-            let body = format!("{}\n", status.line());
-            response(status, "text/plain; charset=utf-8", &body, false)
-        }
-    };
-    tokio::time::timeout(limits.response_timeout, async {
-        stream.write_all(&response).await?;
-        stream.shutdown().await
-    })
-    .await
-    .map_err(|_elapsed| io::Error::new(io::ErrorKind::TimedOut, "writing the response"))??;
 
     // The client may still be sending (an oversized head, a body we never read); closing
     // with unread bytes would reset the connection and could discard the response before
@@ -616,108 +600,55 @@ where
         }
     })
     .await;
-    Ok(())
 }
 
-/// Reads up to the blank line that ends the request head. `Ok(None)` when the head does
-/// not fit in `max` bytes; `UnexpectedEof` when the client closes first.
-async fn read_head(stream: &mut TcpStream, max: usize) -> io::Result<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; max];
-    let mut filled = 0;
-    loop {
-        let n = stream.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        // Only the new bytes and the two before them can complete the blank line, so a
-        // client trickling bytes costs linear, not quadratic, time.
-        let from = filled.saturating_sub(2);
-        filled += n;
-        if let Some(end) = head_end(&buf[..filled], from) {
-            buf.truncate(end);
-            return Ok(Some(buf));
-        }
-        if filled == max {
-            return Ok(None);
-        }
-    }
-}
+/// What the server sends when a client's head is late; hyper sends nothing then.
+const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
+content-type: text/plain; charset=utf-8\r\n\
+content-length: 20\r\n\
+connection: close\r\n\
+\r\n\
+408 Request Timeout\n";
 
-/// Where the head ends, searching from `from`: after the first empty line. Bare LF line
-/// ends are accepted, as RFC 9112 §2.2 allows.
-fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    (from..buf.len()).find_map(|i| match &buf[i..] {
-        [b'\n', b'\n', ..] => Some(i + 2),
-        [b'\n', b'\r', b'\n', ..] => Some(i + 3),
-        _ => None,
-    })
-}
-
-/// Parses the request head (without the request body, which is never read).
-fn route(head: &[u8]) -> Route {
-    let Ok(head) = std::str::from_utf8(head) else {
-        return Route::Error(Status::BadRequest);
-    };
-    let mut lines = head.lines();
-    let Some(request_line) = lines.next() else {
-        return Route::Error(Status::BadRequest);
-    };
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Route::Error(Status::BadRequest);
-    };
-    let token = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-    };
-    if !token(method) || !target.starts_with('/') {
-        return Route::Error(Status::BadRequest);
+/// The response to one parsed request.
+async fn respond<F, Fut>(request: &Request<Incoming>, render: &F) -> Response<Full<Bytes>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = String>,
+{
+    // Origin form (`/metrics`) and absolute form (`http://host/metrics`) carry a path;
+    // authority form (`host:port`) and asterisk form (`*`) do not, and are not for us.
+    let path = request.uri().path();
+    if !path.starts_with('/') {
+        return error(StatusCode::BAD_REQUEST);
     }
-    match version.strip_prefix("HTTP/") {
-        Some("1.0" | "1.1") => {}
-        Some(v) if v.len() == 3 && v.as_bytes()[1] == b'.' => {
-            return Route::Error(Status::VersionNotSupported)
-        }
-        _ => return Route::Error(Status::BadRequest),
-    }
-    for line in lines.take_while(|l| !l.is_empty()) {
-        // A field line is `name: value`; a line starting with whitespace would be the
-        // obsolete line folding, which RFC 9112 §5.2 lets a server reject.
-        match line.split_once(':') {
-            Some((name, _value)) if token(name) => {}
-            _ => return Route::Error(Status::BadRequest),
-        }
-    }
-
-    let path = target.split_once('?').map_or(target, |(path, _query)| path);
     if path != "/metrics" {
-        return Route::Error(Status::NotFound);
+        return error(StatusCode::NOT_FOUND);
     }
-    match method {
-        "GET" => Route::Metrics { head_only: false },
-        "HEAD" => Route::Metrics { head_only: true },
-        _ => Route::Error(Status::MethodNotAllowed),
+    match *request.method() {
+        // hyper leaves the body out for HEAD and keeps its length.
+        Method::GET | Method::HEAD => Response::builder()
+            .header(header::CONTENT_TYPE, CONTENT_TYPE)
+            .header(header::CONNECTION, "close")
+            .body(Full::new(Bytes::from(render().await)))
+            .expect("a response from valid parts"),
+        _ => {
+            let mut response = error(StatusCode::METHOD_NOT_ALLOWED);
+            response
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            response
+        }
     }
 }
 
-fn response(status: Status, content_type: &str, body: &str, head_only: bool) -> Vec<u8> {
-    let mut head = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        status.line(),
-        body.len(),
-    );
-    if status == Status::MethodNotAllowed {
-        head.push_str("Allow: GET, HEAD\r\n");
-    }
-    head.push_str("\r\n");
-    let mut response = head.into_bytes();
-    if !head_only {
-        response.extend_from_slice(body.as_bytes());
-    }
-    response
+fn error(status: StatusCode) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CONNECTION, "close")
+        .body(Full::new(Bytes::from(format!("{status}\n"))))
+        .expect("a response from valid parts")
 }
 
 #[cfg(test)]
@@ -774,6 +705,18 @@ mod tests {
             fast_path_avoided: 6,
             fast_path_standby: 7,
             fast_path_all_suspect: 8,
+            services_over_limit: vec![
+                LimitMetrics {
+                    limit: "max-services".into(),
+                    refused: 2,
+                    not_updated: 0,
+                },
+                LimitMetrics {
+                    limit: "max-slots".into(),
+                    refused: 0,
+                    not_updated: 1,
+                },
+            ],
         }
     }
 
@@ -858,6 +801,14 @@ detour_sockets_destroyed_total 5
 detour_fast_path_connects_total{path="avoided"} 6
 detour_fast_path_connects_total{path="standby"} 7
 detour_fast_path_connects_total{path="all-suspect"} 8
+# HELP detour_services_refused Services not programmed because the BPF maps have no room for them, by the limit they hit (the agent's --max-services, --max-backends, --max-slots).
+# TYPE detour_services_refused gauge
+detour_services_refused{limit="max-services"} 2
+detour_services_refused{limit="max-slots"} 0
+# HELP detour_services_not_updated Running services whose new state has no room in the BPF maps, by the limit they hit; they keep their previous tables.
+# TYPE detour_services_not_updated gauge
+detour_services_not_updated{limit="max-services"} 0
+detour_services_not_updated{limit="max-slots"} 1
 "#;
         let rendered = render(&small_snapshot());
         for (i, (got, want)) in rendered.lines().zip(expected.lines()).enumerate() {
@@ -956,61 +907,6 @@ detour_fast_path_connects_total{path="all-suspect"} 8
         assert_eq!(h.count(), 2);
     }
 
-    #[test]
-    fn routes_requests() {
-        let get = |head: &str| route(head.as_bytes());
-        let metrics = Route::Metrics { head_only: false };
-        assert_eq!(get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), metrics);
-        assert_eq!(get("GET /metrics?x=1 HTTP/1.0\r\n\r\n"), metrics);
-        assert_eq!(get("GET /metrics HTTP/1.1\nHost: x\n\n"), metrics);
-        assert_eq!(
-            get("HEAD /metrics HTTP/1.1\r\n\r\n"),
-            Route::Metrics { head_only: true }
-        );
-        let error = |status| Route::Error(status);
-        assert_eq!(get("GET / HTTP/1.1\r\n\r\n"), error(Status::NotFound));
-        assert_eq!(
-            get("GET /metricsx HTTP/1.1\r\n\r\n"),
-            error(Status::NotFound)
-        );
-        assert_eq!(
-            get("POST /metrics HTTP/1.1\r\n\r\n"),
-            error(Status::MethodNotAllowed)
-        );
-        assert_eq!(
-            get("GET /metrics HTTP/2.0\r\n\r\n"),
-            error(Status::VersionNotSupported)
-        );
-        for bad in [
-            "\r\n\r\n",
-            "GET /metrics\r\n\r\n",
-            "GET  /metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/1.1 x\r\n\r\n",
-            "GET metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics SPDY/3\r\n\r\n",
-            "G(T /metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nno colon\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
-        ] {
-            assert_eq!(get(bad), error(Status::BadRequest), "{bad:?}");
-        }
-        assert_eq!(
-            route(b"GET /metrics HTTP/1.1\r\nX: \xff\r\n\r\n"),
-            error(Status::BadRequest)
-        );
-    }
-
-    #[test]
-    fn finds_the_end_of_the_head() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n", 0), None);
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody", 0), Some(18));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\nbody", 0), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\r\n\n", 0), Some(22));
-        // The search resumes two bytes before the previous end of the buffer.
-        let head = b"GET / HTTP/1.1\r\n\r\n";
-        assert_eq!(head_end(head, head.len() - 1 - 2), Some(18));
-    }
-
     /// `name{labels} value` with valid names, quoted and escaped label values and a
     /// number; returns the name.
     fn parse_sample(line: &str) -> Option<&str> {
@@ -1083,6 +979,7 @@ detour_fast_path_connects_total{path="all-suspect"} 8
         let (head, body) = response.split_once("\r\n\r\n").expect("a whole head");
         let status = head
             .strip_prefix("HTTP/1.1 ")
+            .or_else(|| head.strip_prefix("HTTP/1.0 "))
             .and_then(|s| s.get(..3))
             .and_then(|s| s.parse().ok())
             .expect("a status line");
@@ -1120,7 +1017,8 @@ detour_fast_path_connects_total{path="all-suspect"} 8
             assert!(parse_sample(line).is_some(), "not a sample: {line:?}");
             samples += 1;
         }
-        assert_eq!(samples, 47);
+        // 47 before the two families of services over a map limit (2 samples each here).
+        assert_eq!(samples, 47 + 4);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
@@ -1185,6 +1083,188 @@ detour_fast_path_connects_total{path="all-suspect"} 8
             .await
             .expect("the server closes the slow connection")
             .unwrap();
+        assert!(response.starts_with(b"HTTP/1.1 408 "), "{response:?}");
+    }
+    #[tokio::test]
+    async fn routes_requests() {
+        let addr = start(Limits::default()).await;
+        let get = |request: &'static str| async move { exchange(addr, request.as_bytes()).await.0 };
+        assert_eq!(get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await, 200);
+        assert_eq!(get("GET /metrics?x=1 HTTP/1.0\r\n\r\n").await, 200);
+        assert_eq!(get("GET /metrics HTTP/1.1\nHost: x\n\n").await, 200);
+        assert_eq!(
+            get("GET http://x/metrics HTTP/1.1\r\nHost: x\r\n\r\n").await,
+            200
+        );
+        assert_eq!(get("HEAD /metrics HTTP/1.1\r\n\r\n").await, 200);
+        assert_eq!(get("GET / HTTP/1.1\r\n\r\n").await, 404);
+        assert_eq!(get("GET /metricsx HTTP/1.1\r\n\r\n").await, 404);
+        assert_eq!(get("POST /metrics HTTP/1.1\r\n\r\n").await, 405);
+        assert_eq!(get("DELETE /metrics HTTP/1.1\r\n\r\n").await, 405);
+        for bad in [
+            "GET /metrics\r\n\r\n",
+            "GET  /metrics HTTP/1.1\r\n\r\n",
+            "GET /metrics HTTP/1.1 x\r\n\r\n",
+            "GET metrics HTTP/1.1\r\n\r\n",
+            "GET /metrics SPDY/3\r\n\r\n",
+            "G(T /metrics HTTP/1.1\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nno colon\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+            "GET /metrics HTTP/2.0\r\n\r\n",
+        ] {
+            assert_eq!(get(bad).await, 400, "{bad:?}");
+        }
+    }
+
+    /// Prometheus' own scrape request, answered over TCP and read by a Prometheus text
+    /// parser: every sample line is understood, with its type, labels and value.
+    #[tokio::test]
+    async fn a_scrape_parses_as_prometheus_text_with_the_snapshot_values() {
+        use prometheus_parse::{Scrape, Value};
+
+        let addr = start(Limits::default()).await;
+        let (status, head, body) = exchange(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nUser-Agent: Prometheus/3.0.0\r\n\
+              Accept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1\r\n\
+              X-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(header(&head, "content-type"), Some(CONTENT_TYPE));
+        let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+
+        // The parser skips lines it cannot read, so first check that it read them all:
+        // the histogram's 17 bucket lines become one sample, its _sum and _count one each.
+        let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(sample_lines, 47 + 4);
+        assert_eq!(scrape.samples.len(), 47 + 4 - 17 + 1);
+        assert_eq!(scrape.docs.len(), 16 + 2, "{:?}", scrape.docs.keys());
+        assert_eq!(
+            scrape.docs["detour_backend_ejections_total"],
+            "Times outlier detection ejected the backend."
+        );
+
+        let find = |metric: &str, labels: &[(&str, &str)]| {
+            let found: Vec<_> = scrape
+                .samples
+                .iter()
+                .filter(|s| {
+                    s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                })
+                .collect();
+            assert_eq!(found.len(), 1, "{metric} {labels:?}: {found:?}");
+            found[0].value.clone()
+        };
+        let a = [
+            ("service", "web"),
+            ("backend", "10.0.0.1:80"),
+            ("locality", "eu/a"),
+        ];
+        let b = [
+            ("service", "web"),
+            ("backend", "10.0.0.2:80"),
+            ("locality", "eu/b"),
+        ];
+        assert_eq!(
+            find("detour_backend_connects_total", &a),
+            Value::Counter(10.0)
+        );
+        assert_eq!(
+            find("detour_backend_connects_total", &b),
+            Value::Counter(3.0)
+        );
+        assert_eq!(
+            find("detour_backend_established_total", &a),
+            Value::Counter(7.0)
+        );
+        let timeouts = [a[0], a[1], a[2], ("kind", "timeout")];
+        assert_eq!(
+            find("detour_backend_failures_total", &timeouts),
+            Value::Counter(2.0)
+        );
+        assert_eq!(find("detour_backend_ejected", &a), Value::Gauge(1.0));
+        assert_eq!(find("detour_backend_ejected", &b), Value::Gauge(0.0));
+        assert_eq!(find("detour_backend_healthy", &a), Value::Gauge(0.0));
+        assert!(!scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "detour_backend_healthy"
+                && s.labels.get("backend") == b[1].1.into()));
+        assert_eq!(find("detour_backend_in_table", &b), Value::Gauge(1.0));
+        assert_eq!(
+            find("detour_services_refused", &[("limit", "max-services")]),
+            Value::Gauge(2.0)
+        );
+        assert_eq!(
+            find("detour_services_not_updated", &[("limit", "max-slots")]),
+            Value::Gauge(1.0)
+        );
+        let web = [("service", "web")];
+        assert_eq!(
+            find("detour_service_backends_in_table", &web),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            find("detour_service_tier_info", &[("tier", "same-region")]),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            find("detour_events_received_total", &[]),
+            Value::Counter(100.0)
+        );
+        assert_eq!(
+            find("detour_config_reloads_total", &[("result", "error")]),
+            Value::Counter(1.0)
+        );
+        assert_eq!(
+            find(
+                "detour_fast_path_connects_total",
+                &[("path", "all-suspect")]
+            ),
+            Value::Counter(8.0)
+        );
+
+        let Value::Histogram(buckets) = find("detour_reconcile_duration_seconds", &[]) else {
+            panic!("the reconcile duration is a histogram");
+        };
+        let buckets: Vec<(f64, f64)> = buckets.iter().map(|b| (b.less_than, b.count)).collect();
+        assert_eq!(buckets.len(), HISTOGRAM_BUCKETS.len() + 1);
+        assert_eq!(buckets[1], (0.00025, 0.0));
+        assert_eq!(buckets[2], (0.0005, 1.0));
+        assert_eq!(buckets[4], (0.0025, 2.0));
+        assert_eq!(buckets[16], (f64::INFINITY, 2.0));
+        let value = |metric: &str| match find(metric, &[]) {
+            Value::Untyped(v) | Value::Gauge(v) | Value::Counter(v) => v,
+            other => panic!("{metric}: {other:?}"),
+        };
+        assert_eq!(value("detour_reconcile_duration_seconds_sum"), 0.0023);
+        assert_eq!(value("detour_reconcile_duration_seconds_count"), 2.0);
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_and_are_then_served() {
+        let limits = Limits {
+            head_timeout: Duration::from_millis(300),
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let addr = start(limits).await;
+        // Holds the only slot until its head times out.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let started = std::time::Instant::now();
+        let (status, _, _) = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "served while the slot was taken: {:?}",
+            started.elapsed()
+        );
+        let mut response = Vec::new();
+        slow.read_to_end(&mut response).await.unwrap();
         assert!(response.starts_with(b"HTTP/1.1 408 "), "{response:?}");
     }
 }

@@ -37,6 +37,7 @@ use crate::desired;
 use crate::outlier::{
     BackendOutlierState, EjectionPolicy, Event, FailureKind, Outcome, OutlierDetector,
 };
+use crate::plan_cache::Dirty;
 use crate::selection::{self, Tier};
 
 /// What a kernel event kind means for ejection: `None` for kinds that never eject.
@@ -80,16 +81,36 @@ impl PassiveHealth {
         self.services
             .retain(|name, _| names.contains(name.as_str()));
         for service in &config.services {
-            let policy = policy(service);
-            let detector = self
-                .services
-                .entry(service.name.clone())
-                .or_insert_with(|| OutlierDetector::new(policy));
-            if *detector.policy() != policy {
-                *detector = OutlierDetector::new(policy);
-            }
-            detector.set_backends(tiered_targets(config, service));
+            self.sync_service(config, service);
         }
+    }
+
+    /// [`PassiveHealth::sync`] for the services `scope` names only: a reload that
+    /// touched one service re-syncs one detector.
+    pub fn sync_scope(&mut self, config: &Config, scope: &Dirty) {
+        let Dirty::Services(names) = scope else {
+            return self.sync(config);
+        };
+        for name in names {
+            match config.service(name) {
+                None => {
+                    self.services.remove(name);
+                }
+                Some(service) => self.sync_service(config, service),
+            }
+        }
+    }
+
+    fn sync_service(&mut self, config: &Config, service: &ServiceConfig) {
+        let policy = policy(service);
+        let detector = self
+            .services
+            .entry(service.name.clone())
+            .or_insert_with(|| OutlierDetector::new(policy));
+        if *detector.policy() != policy {
+            *detector = OutlierDetector::new(policy);
+        }
+        detector.set_backends(tiered_targets(config, service));
     }
 
     /// Records one outcome; `None` for unknown services or backends, and when nothing

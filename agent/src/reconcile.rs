@@ -18,11 +18,43 @@
 //!    [`BACKEND_RELEASE_DELAY`], and ids are handed out round-robin, so an id is not
 //!    reused while a connect could still be reading an old slot that names it.
 //!
+//! 5. after a switch, slots of the new live generation past its length (left by an
+//!    earlier, longer table) are deleted: no connect that reads the new entry can reach
+//!    them, so each frontend holds at most its live table and the one before it.
+//!
+//! Capacity: the maps hold at most `max_frontends` service entries, `max_backends`
+//! backend ids (ids waiting for their release delay included) and `max_slots` slot
+//! entries (both generations of every frontend). Admission is decided per service,
+//! before anything is written, so the kernel never has to refuse a write:
+//! - services that already have a frontend in the maps come first, in the order given;
+//!   each of their frontends gets its new table if that fits, and keeps its previous
+//!   table otherwise (a new frontend of such a service that does not fit is left out).
+//!   A running service is never evicted, nor held back, by one that is not running yet;
+//! - then the other services, in the order given (the configuration's): a service is
+//!   admitted whole (all its frontends and the ids of all its configured backends) if it
+//!   fits in what is left, or refused whole, and the next one is tried. So the first
+//!   service that does not fit is refused, as is every later one that does not fit,
+//!   while a later, smaller one that fits is admitted; the outcome depends only on the
+//!   order given and on what is already running, never on map iteration order;
+//! - a service left out ([`Refusal`]) is named with the first limit it hit, in the
+//!   order services, backends, slots; it is tried again on every apply, so it is
+//!   programmed as soon as room is made (a service removed, a backend id released).
+//!
 //! Idempotency: applying the same desired state twice writes nothing the second time.
 //! A failed write leaves that frontend's live table as it was (the switch is the last
 //! write) and is reported per frontend; other frontends are still applied.
 //! State is restored from the maps at start-up, so a restarted agent continues from what
 //! the kernel is serving instead of rebuilding from scratch.
+//!
+//! Restoring trusts nothing in the maps (an older build, a foreign layout or a bug may
+//! have written them): an entry is adopted only if its generation is 0 or 1, its slot
+//! and standby counts add up (checked) to at most [`MAX_SLOTS`], every backend id its
+//! slots name is below the backend map's capacity, its service id is not another
+//! entry's, and the frontends adopted stay within the frontend map's capacity; reading
+//! one costs at most `2 × MAX_SLOTS` lookups and allocates no more than that. An entry
+//! that fails is logged with what is wrong, is not adopted, and keeps its service id
+//! reserved until the next [`Reconciler::apply`] replaces it (its frontend is desired:
+//! written anew, switched in one update) or deletes it (not desired).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -94,6 +126,23 @@ pub enum ReconcileError {
     },
 }
 
+/// Why restore did not adopt a service entry found in the maps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreReject {
+    #[error("generation {0} is neither 0 nor 1")]
+    Generation(u32),
+    #[error("{slots} slots and {standby} standby slots exceed the limit of {MAX_SLOTS}")]
+    TooManySlots { slots: u32, standby: u32 },
+    #[error("a slot names backend id {id}, beyond the backend map's {max} entries")]
+    BackendId { id: u32, max: u32 },
+    #[error("service id {0} is already another frontend's")]
+    DuplicateServiceId(u32),
+    #[error("more frontends than the map's {0} entries")]
+    OverCapacity(u32),
+    #[error("the key is not one detour writes (padding set)")]
+    NonCanonicalKey,
+}
+
 /// The kernel's passive-health parameters of one frontend (see [`ServiceEntry`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Passive {
@@ -122,15 +171,96 @@ impl Table {
     }
 }
 
-/// What the maps should serve.
+/// What the maps should serve: services in the order they are admitted in (see the
+/// module doc). A frontend belongs to one service; a later duplicate is ignored.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
+    pub services: Vec<DesiredService>,
+}
+
+impl Desired {
+    /// The table of a frontend, whichever service has it.
+    pub fn table(&self, frontend: &SocketAddr) -> Option<&Table> {
+        self.services.iter().find_map(|s| s.tables.get(frontend))
+    }
+
+    /// Every frontend's table, service by service.
+    pub fn tables(&self) -> impl Iterator<Item = (&SocketAddr, &Table)> {
+        self.services.iter().flat_map(|s| s.tables.iter())
+    }
+}
+
+/// What one service should serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredService {
+    /// The name [`Refusal`]s report.
+    pub name: String,
     /// Tables by frontend.
     pub tables: BTreeMap<SocketAddr, Table>,
-    /// Every configured backend, in a table or not. Each keeps its id (and so its kernel
-    /// counters) while it is configured, and a failover target's address is in the maps
-    /// before any table needs it.
+    /// Every configured backend of the service, in a table or not. Each keeps its id
+    /// (and so its kernel counters) while it is configured, and a failover target's
+    /// address is in the maps before any table needs it.
     pub backends: BTreeSet<SocketAddr>,
+}
+
+/// A map size the reconciler keeps within, named as the agent's flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Limit {
+    /// Service entries: one per frontend (VIP:port).
+    Services,
+    /// Backend ids: one per distinct backend address.
+    Backends,
+    /// Slot entries: a frontend's live table and the one before it.
+    Slots,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 3] = [Limit::Services, Limit::Backends, Limit::Slots];
+
+    /// The flag that sets it: `max-services`, `max-backends` or `max-slots`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Limit::Services => "max-services",
+            Limit::Backends => "max-backends",
+            Limit::Slots => "max-slots",
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.flag())
+    }
+}
+
+/// A service the maps could not take (all of it, or its new state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub service: String,
+    /// The first limit the service hit.
+    pub limit: Limit,
+    /// That limit's value.
+    pub max: u32,
+    /// `true`: the service runs, on the tables it had where the new ones did not fit
+    /// (its new frontends that did not fit are not programmed). `false`: nothing of it
+    /// is in the maps.
+    pub running: bool,
+    /// The frontends that do not serve what is desired.
+    pub frontends: Vec<SocketAddr>,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}) reached", self.limit, self.max)
+    }
+}
+
+/// What a service or frontend would add to the maps.
+#[derive(Debug, Default)]
+struct Need {
+    entries: u32,
+    ids: BTreeSet<SocketAddr>,
+    slots: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +274,13 @@ struct FrontendState {
     passive: Passive,
     /// How many slots have ever been written in each generation (for removal).
     written: [u32; 2],
+}
+
+impl FrontendState {
+    /// Slot entries this frontend holds in the maps.
+    fn slots(&self) -> u64 {
+        u64::from(self.written[0]) + u64::from(self.written[1])
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -160,15 +297,34 @@ pub struct ApplyReport {
     pub added: usize,
     pub removed: usize,
     pub errors: Vec<ReconcileError>,
+    /// Services (or their new state) that do not fit, in the order they were tried.
+    pub refused: Vec<Refusal>,
+}
+
+/// A service entry found at restore that was not adopted; [`Reconciler::apply`] replaces
+/// or deletes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Untrusted {
+    key: FrontendKey,
+    /// The frontend the key names.
+    frontend: SocketAddr,
+    /// Whether `key` is the one detour writes for `frontend` (so a new entry for it
+    /// replaces this one).
+    canonical: bool,
+    service_id: u32,
 }
 
 pub struct Reconciler {
     frontends: BTreeMap<SocketAddr, FrontendState>,
+    /// Entries restore did not adopt, until apply replaces or deletes them.
+    untrusted: Vec<Untrusted>,
     backends: HashMap<SocketAddr, BackendState>,
     backend_ids: BTreeSet<u32>,
     service_ids: BTreeSet<u32>,
     max_backends: u32,
     max_frontends: u32,
+    /// Slot entries the slot map holds; unbounded unless set ([`Reconciler::with_max_slots`]).
+    max_slots: u32,
     next_backend_id: u32,
     next_service_id: u32,
 }
@@ -178,17 +334,21 @@ impl Reconciler {
     pub fn new(max_frontends: u32, max_backends: u32) -> Self {
         Self {
             frontends: BTreeMap::new(),
+            untrusted: Vec::new(),
             backends: HashMap::new(),
             backend_ids: BTreeSet::new(),
             service_ids: BTreeSet::new(),
             max_backends,
             max_frontends,
+            max_slots: u32::MAX,
             next_backend_id: 0,
             next_service_id: 0,
         }
     }
 
-    /// Rebuilds the reconciler's view from maps a previous agent left behind.
+    /// Rebuilds the reconciler's view from maps a previous agent left behind. Entries
+    /// that cannot be trusted (see the module doc) are logged and left for the next
+    /// [`Reconciler::apply`]; only a failing map read is an error.
     pub fn restore(
         maps: &impl Maps,
         max_frontends: u32,
@@ -197,70 +357,160 @@ impl Reconciler {
         let mut this = Self::new(max_frontends, max_backends);
         for (key, entry) in maps.services().map_err(ReconcileError::Restore)? {
             let Some(frontend) = frontend_addr(&key) else {
+                // Not TCP: not detour's to judge (nor to delete).
                 continue;
             };
-            let total = entry.slot_count + entry.standby_count;
-            let mut live = Vec::with_capacity(total as usize);
-            for index in 0..total {
-                let slot = SlotKey::new(entry.service_id, entry.generation, index);
-                if let Some(id) = maps.slot(slot).map_err(ReconcileError::Restore)? {
-                    live.push(id);
-                }
-            }
-            let mut written = [0u32; 2];
-            written[entry.generation as usize & 1] = total;
-            // Slots are always written from index 0 up, so the first miss ends them.
-            let other = 1 - (entry.generation & 1);
-            let mut n = 0;
-            while n < MAX_SLOTS
-                && maps
-                    .slot(SlotKey::new(entry.service_id, other, n))
-                    .map_err(ReconcileError::Restore)?
-                    .is_some()
-            {
-                n += 1;
-            }
-            written[other as usize] = n;
-            for &id in &live {
-                if this.backend_ids.contains(&id) {
-                    continue;
-                }
-                if let Some(backend) = maps.backend(id).map_err(ReconcileError::Restore)? {
-                    if let Some(addr) = backend_addr(&backend) {
-                        this.backends.insert(
-                            addr,
-                            BackendState {
-                                id,
-                                unreferenced_since: None,
-                            },
-                        );
-                        this.backend_ids.insert(id);
-                    }
-                }
-            }
-            this.next_service_id = this.next_service_id.max(entry.service_id + 1);
-            this.service_ids.insert(entry.service_id);
-            this.frontends.insert(
-                frontend,
-                FrontendState {
+            let adopted = if frontend_key(frontend) != key {
+                Err(RestoreReject::NonCanonicalKey)
+            } else {
+                this.adopt(maps, frontend, &entry)?
+            };
+            if let Err(why) = adopted {
+                tracing::warn!(
+                    %frontend,
+                    service_id = entry.service_id,
+                    generation = entry.generation,
+                    slot_count = entry.slot_count,
+                    standby_count = entry.standby_count,
+                    %why,
+                    "pinned service entry not adopted; the next apply replaces or deletes it"
+                );
+                this.untrusted.push(Untrusted {
+                    key,
+                    frontend,
+                    canonical: frontend_key(frontend) == key,
                     service_id: entry.service_id,
-                    generation: entry.generation & 1,
-                    slot_count: entry.slot_count.min(live.len() as u32),
-                    live,
-                    written,
-                    passive: Passive {
-                        fail_threshold: entry.fail_threshold,
-                        suspect_ms: entry.suspect_ms,
-                        handshake_timeout_ms: entry.handshake_timeout_ms,
-                    },
-                },
-            );
+                });
+            }
         }
         this.next_backend_id = this
             .backend_ids
             .last()
             .map_or(0, |id| (id + 1) % max_backends.max(1));
         Ok(this)
+    }
+
+    /// Bounds the slot entries this reconciler writes (the slot map's size).
+    #[must_use]
+    pub fn with_max_slots(mut self, max_slots: u32) -> Self {
+        self.max_slots = max_slots;
+        self
+    }
+
+    /// The value of a limit.
+    pub fn limit(&self, limit: Limit) -> u32 {
+        match limit {
+            Limit::Services => self.max_frontends,
+            Limit::Backends => self.max_backends,
+            Limit::Slots => self.max_slots,
+        }
+    }
+
+    /// Slot entries in the maps: both generations of every frontend.
+    pub fn slots_in_use(&self) -> u64 {
+        self.frontends.values().map(FrontendState::slots).sum()
+    }
+
+    /// Backend ids in use, those waiting for their release delay included.
+    pub fn backends_in_use(&self) -> usize {
+        self.backend_ids.len()
+    }
+
+    /// Frontends in the maps.
+    pub fn frontends_in_use(&self) -> usize {
+        self.frontends.len()
+    }
+
+    /// Adopts one service entry read from the maps, after checking it; `Ok(Err)` says
+    /// why it was not adopted (nothing of it is then kept).
+    fn adopt(
+        &mut self,
+        maps: &impl Maps,
+        frontend: SocketAddr,
+        entry: &ServiceEntry,
+    ) -> Result<Result<(), RestoreReject>, ReconcileError> {
+        let restore = ReconcileError::Restore;
+        if self.frontends.len() >= self.max_frontends as usize {
+            return Ok(Err(RestoreReject::OverCapacity(self.max_frontends)));
+        }
+        if entry.generation > 1 {
+            return Ok(Err(RestoreReject::Generation(entry.generation)));
+        }
+        let total = match entry.slot_count.checked_add(entry.standby_count) {
+            Some(total) if total <= MAX_SLOTS => total,
+            _ => {
+                return Ok(Err(RestoreReject::TooManySlots {
+                    slots: entry.slot_count,
+                    standby: entry.standby_count,
+                }))
+            }
+        };
+        if self.service_ids.contains(&entry.service_id) {
+            return Ok(Err(RestoreReject::DuplicateServiceId(entry.service_id)));
+        }
+        // Grows with the slots found, never from the count alone.
+        let mut live = Vec::new();
+        for index in 0..total {
+            let slot = SlotKey::new(entry.service_id, entry.generation, index);
+            if let Some(id) = maps.slot(slot).map_err(restore)? {
+                if id >= self.max_backends {
+                    return Ok(Err(RestoreReject::BackendId {
+                        id,
+                        max: self.max_backends,
+                    }));
+                }
+                live.push(id);
+            }
+        }
+        let mut written = [0u32; 2];
+        written[entry.generation as usize] = total;
+        // Slots are always written from index 0 up, so the first miss ends them.
+        let other = 1 - entry.generation;
+        let mut n = 0;
+        while n < MAX_SLOTS
+            && maps
+                .slot(SlotKey::new(entry.service_id, other, n))
+                .map_err(restore)?
+                .is_some()
+        {
+            n += 1;
+        }
+        written[other as usize] = n;
+        for &id in &live {
+            if self.backend_ids.contains(&id) {
+                continue;
+            }
+            if let Some(backend) = maps.backend(id).map_err(restore)? {
+                if let Some(addr) = backend_addr(&backend) {
+                    self.backends.insert(
+                        addr,
+                        BackendState {
+                            id,
+                            unreferenced_since: None,
+                        },
+                    );
+                    self.backend_ids.insert(id);
+                }
+            }
+        }
+        self.next_service_id = self.next_service_id.max(entry.service_id.saturating_add(1));
+        self.service_ids.insert(entry.service_id);
+        self.frontends.insert(
+            frontend,
+            FrontendState {
+                service_id: entry.service_id,
+                generation: entry.generation,
+                slot_count: entry.slot_count.min(live.len() as u32),
+                live,
+                written,
+                passive: Passive {
+                    fail_threshold: entry.fail_threshold,
+                    suspect_ms: entry.suspect_ms,
+                    handshake_timeout_ms: entry.handshake_timeout_ms,
+                },
+            },
+        );
+        Ok(Ok(()))
     }
 
     /// The backend id of an address, if it has one.
@@ -292,16 +542,23 @@ impl Reconciler {
         self.backends.iter().map(|(addr, state)| (*addr, state.id))
     }
 
-    /// Makes the maps serve `desired`. Frontends not in `desired` are removed.
+    /// Makes the maps serve `desired`, as far as they have room (see the module doc).
+    /// Frontends not in `desired` are removed.
     pub fn apply(&mut self, maps: &mut impl Maps, desired: &Desired, now: Instant) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let wanted_backends = &desired.backends;
-        let desired = &desired.tables;
-
+        // The first service to name a frontend has it.
+        let mut owner: HashMap<SocketAddr, usize> = HashMap::new();
+        for (index, service) in desired.services.iter().enumerate() {
+            for frontend in service.tables.keys() {
+                owner.entry(*frontend).or_insert(index);
+            }
+        }
+        self.delete_untrusted(maps, &owner, &mut report);
+        // Removals first: what they free is there for everything after.
         let gone: Vec<SocketAddr> = self
             .frontends
             .keys()
-            .filter(|k| !desired.contains_key(k))
+            .filter(|k| !owner.contains_key(k))
             .copied()
             .collect();
         for frontend in gone {
@@ -311,24 +568,236 @@ impl Reconciler {
             }
         }
 
-        for backend in wanted_backends {
-            if let Err(e) = self.ensure_backend(maps, *backend) {
-                report.errors.push(e);
+        let mut configured = self.admit(maps, desired, &owner, &mut report);
+        // A desired frontend's untrusted entry was replaced by its new one.
+        let frontends = &self.frontends;
+        self.untrusted
+            .retain(|u| !(u.canonical && frontends.contains_key(&u.frontend)));
+        match self.release_unreferenced(maps, &configured, now) {
+            // Ids released: a service refused for want of them may fit now.
+            Ok(released) if released > 0 && !report.refused.is_empty() => {
+                report.refused.clear();
+                configured = self.admit(maps, desired, &owner, &mut report);
+                // Marks what the second pass left unreferenced; nothing new expires.
+                if let Err(e) = self.release_unreferenced(maps, &configured, now) {
+                    report.errors.push(e);
+                }
             }
+            Ok(_) => {}
+            Err(e) => report.errors.push(e),
         }
-        for (frontend, table) in desired {
-            match self.apply_frontend(maps, *frontend, table) {
-                Ok(Change::None) => {}
-                Ok(Change::Added) => report.added += 1,
-                Ok(Change::Switched) => report.switched += 1,
-                Err(e) => report.errors.push(e),
+        report
+    }
+
+    /// Applies the services that fit, running ones first (see the module doc); returns
+    /// the backends of the services that have something in the maps, which keep their
+    /// ids.
+    fn admit(
+        &mut self,
+        maps: &mut impl Maps,
+        desired: &Desired,
+        owner: &HashMap<SocketAddr, usize>,
+        report: &mut ApplyReport,
+    ) -> BTreeSet<SocketAddr> {
+        let owned = |index: usize| {
+            desired.services[index]
+                .tables
+                .iter()
+                .filter(move |(frontend, _)| owner[*frontend] == index)
+        };
+        let (running, waiting): (Vec<usize>, Vec<usize>) = (0..desired.services.len())
+            .partition(|&i| owned(i).any(|(f, _)| self.frontends.contains_key(f)));
+        let mut slots = self.slots_in_use();
+        // Backends of services with something in the maps: these keep their ids.
+        let mut configured = BTreeSet::new();
+
+        for index in running {
+            let service = &desired.services[index];
+            configured.extend(service.backends.iter().copied());
+            let new_refusal = |this: &Self, limit: Limit| Refusal {
+                service: service.name.clone(),
+                limit,
+                max: this.limit(limit),
+                running: true,
+                frontends: Vec::new(),
+            };
+            let mut refusal: Option<Refusal> = None;
+            for (frontend, table) in owned(index) {
+                let need = self.frontend_need(*frontend, table);
+                if let Some(limit) = self.exceeded(&need, slots) {
+                    // Keeps its previous table, or stays out if it has none.
+                    refusal
+                        .get_or_insert_with(|| new_refusal(self, limit))
+                        .frontends
+                        .push(*frontend);
+                    continue;
+                }
+                self.apply_counted(maps, *frontend, table, &mut slots, report);
+            }
+            // Failover targets, as far as ids are left, if the tables fit: a service
+            // that is already short does not take ids it cannot use for its new tables
+            // (a table that needs one later gets it then, if there is room).
+            if refusal.is_none() {
+                for backend in &service.backends {
+                    if self.backends.contains_key(backend) {
+                        continue;
+                    }
+                    if self.backend_ids.len() >= self.max_backends as usize {
+                        refusal = Some(new_refusal(self, Limit::Backends));
+                        break;
+                    }
+                    if let Err(e) = self.ensure_backend(maps, *backend) {
+                        report.errors.push(e);
+                    }
+                }
+            }
+            report.refused.extend(refusal);
+        }
+
+        for index in waiting {
+            let service = &desired.services[index];
+            let mut need = Need::default();
+            for (frontend, table) in owned(index) {
+                let n = self.frontend_need(*frontend, table);
+                need.entries += n.entries;
+                need.ids.extend(n.ids);
+                need.slots += n.slots;
+            }
+            need.ids.extend(
+                service
+                    .backends
+                    .iter()
+                    .filter(|b| !self.backends.contains_key(b)),
+            );
+            if let Some(limit) = self.exceeded(&need, slots) {
+                report.refused.push(Refusal {
+                    service: service.name.clone(),
+                    limit,
+                    max: self.limit(limit),
+                    running: false,
+                    frontends: owned(index).map(|(f, _)| *f).collect(),
+                });
+                continue;
+            }
+            configured.extend(service.backends.iter().copied());
+            for backend in &service.backends {
+                if let Err(e) = self.ensure_backend(maps, *backend) {
+                    report.errors.push(e);
+                }
+            }
+            for (frontend, table) in owned(index) {
+                self.apply_counted(maps, *frontend, table, &mut slots, report);
             }
         }
 
-        if let Err(e) = self.release_unreferenced(maps, wanted_backends, now) {
-            report.errors.push(e);
+        configured
+    }
+
+    /// [`Reconciler::apply_frontend`], keeping `slots` (the slot entries in use) and the
+    /// report up to date.
+    fn apply_counted(
+        &mut self,
+        maps: &mut impl Maps,
+        frontend: SocketAddr,
+        table: &Table,
+        slots: &mut u64,
+        report: &mut ApplyReport,
+    ) {
+        let held = |this: &Self| {
+            this.frontends
+                .get(&frontend)
+                .map_or(0, FrontendState::slots)
+        };
+        let before = held(self);
+        let result = self.apply_frontend(maps, frontend, table);
+        *slots = *slots + held(self) - before;
+        match result {
+            Ok(Change::None) => {}
+            Ok(Change::Added) => report.added += 1,
+            Ok(Change::Switched) => report.switched += 1,
+            Err(e) => report.errors.push(e),
         }
-        report
+    }
+
+    /// What writing `table` for `frontend` would add to the maps.
+    fn frontend_need(&self, frontend: SocketAddr, table: &Table) -> Need {
+        let addrs = table.slots.iter().chain(&table.standby);
+        let ids: BTreeSet<SocketAddr> = addrs
+            .clone()
+            .filter(|a| !self.backends.contains_key(a))
+            .copied()
+            .collect();
+        let len = (table.slots.len() + table.standby.len()) as u64;
+        let Some(state) = self.frontends.get(&frontend) else {
+            return Need {
+                entries: 1,
+                ids,
+                slots: len,
+            };
+        };
+        let unchanged = ids.is_empty()
+            && state.slot_count as usize == table.slots.len()
+            && state.passive == table.passive
+            && state.live.len() == len as usize
+            && addrs
+                .zip(&state.live)
+                .all(|(a, id)| self.backends.get(a).is_some_and(|b| b.id == *id));
+        let slots = if unchanged {
+            0
+        } else {
+            // The switch writes into the other generation, over what is there already.
+            len.saturating_sub(u64::from(state.written[1 - state.generation as usize]))
+        };
+        Need {
+            entries: 0,
+            ids,
+            slots,
+        }
+    }
+
+    /// The first limit `need` would cross, with `slots` slot entries in use. What needs
+    /// nothing of a kind fits, even when the maps hold more than the limit (pinned maps
+    /// of an agent that ran with larger limits).
+    fn exceeded(&self, need: &Need, slots: u64) -> Option<Limit> {
+        let entries = self.frontends.len() as u64 + u64::from(need.entries);
+        let ids = (self.backend_ids.len() + need.ids.len()) as u64;
+        if need.entries > 0 && entries > u64::from(self.max_frontends) {
+            Some(Limit::Services)
+        } else if !need.ids.is_empty() && ids > u64::from(self.max_backends) {
+            Some(Limit::Backends)
+        } else if need.slots > 0 && slots + need.slots > u64::from(self.max_slots) {
+            Some(Limit::Slots)
+        } else {
+            None
+        }
+    }
+
+    /// Deletes the entries restore did not adopt whose frontend is not desired (the
+    /// others are replaced when their frontend is added).
+    fn delete_untrusted(
+        &mut self,
+        maps: &mut impl Maps,
+        desired: &HashMap<SocketAddr, usize>,
+        report: &mut ApplyReport,
+    ) {
+        let mut kept = Vec::new();
+        for untrusted in std::mem::take(&mut self.untrusted) {
+            if untrusted.canonical && desired.contains_key(&untrusted.frontend) {
+                kept.push(untrusted);
+                continue;
+            }
+            match maps.delete_service(&untrusted.key) {
+                Ok(()) => report.removed += 1,
+                Err(source) => {
+                    report.errors.push(ReconcileError::Frontend {
+                        frontend: untrusted.frontend,
+                        source,
+                    });
+                    kept.push(untrusted);
+                }
+            }
+        }
+        self.untrusted = kept;
     }
 
     fn apply_frontend(
@@ -412,7 +881,17 @@ impl Reconciler {
             written: [0, 0],
         });
         state.generation = generation;
-        state.written[generation as usize] = state.written[generation as usize].max(len as u32);
+        // Invariant 5: what lies past the new table in its generation is unreachable now.
+        // Deleted from the top, so `written` stays the length of a prefix whatever fails.
+        let written = &mut state.written[generation as usize];
+        *written = (*written).max(len as u32);
+        while *written > len as u32
+            && maps
+                .delete_slot(SlotKey::new(service_id, generation, *written - 1))
+                .is_ok()
+        {
+            *written -= 1;
+        }
         state.live = ids;
         state.slot_count = slot_count;
         state.passive = table.passive;
@@ -488,7 +967,8 @@ impl Reconciler {
             });
         }
         let mut id = self.next_service_id;
-        while self.service_ids.contains(&id) {
+        // An untrusted entry's id stays reserved: its slots may still be read.
+        while self.service_ids.contains(&id) || self.untrusted.iter().any(|u| u.service_id == id) {
             id = id.wrapping_add(1);
         }
         self.next_service_id = id.wrapping_add(1);
@@ -503,7 +983,7 @@ impl Reconciler {
         maps: &mut impl Maps,
         configured: &BTreeSet<SocketAddr>,
         now: Instant,
-    ) -> Result<(), ReconcileError> {
+    ) -> Result<usize, ReconcileError> {
         let referenced: BTreeSet<u32> = self
             .frontends
             .values()
@@ -520,13 +1000,14 @@ impl Reconciler {
                 release.push((*addr, state.id));
             }
         }
+        let count = release.len();
         for (addr, id) in release {
             maps.clear_backend(id)
                 .map_err(|source| ReconcileError::Release { id, source })?;
             self.backends.remove(&addr);
             self.backend_ids.remove(&id);
         }
-        Ok(())
+        Ok(count)
     }
 
     /// Whether some backend is waiting for its release delay (the caller should call
@@ -614,13 +1095,44 @@ mod tests {
     use super::*;
 
     /// A map fake that records every write and can be told to fail.
-    #[derive(Default)]
+    #[derive(Default, Debug)]
     struct FakeMaps {
         services: BTreeMap<FrontendKey, ServiceEntry>,
         slots: HashMap<(u32, u32), u32>,
         backends: HashMap<u32, Backend>,
         writes: Vec<String>,
         fail_service_writes_for: Option<FrontendKey>,
+        /// Map sizes, enforced as the kernel does: a new key in a full hash map and an
+        /// array index past the end fail (E2BIG); replacing a key always works.
+        capacity: Option<Capacity>,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    struct Capacity {
+        services: usize,
+        backends: u32,
+        slots: usize,
+    }
+
+    impl FakeMaps {
+        fn sized(services: usize, backends: u32, slots: usize) -> Self {
+            Self {
+                capacity: Some(Capacity {
+                    services,
+                    backends,
+                    slots,
+                }),
+                ..Self::default()
+            }
+        }
+    }
+
+    fn full(map: &'static str) -> MapOpError {
+        MapOpError {
+            map,
+            op: "update",
+            reason: "Argument list too long (os error 7)".into(),
+        }
     }
 
     fn err(op: &'static str) -> MapOpError {
@@ -633,6 +1145,9 @@ mod tests {
 
     impl Maps for FakeMaps {
         fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapOpError> {
+            if self.capacity.is_some_and(|c| id >= c.backends) {
+                return Err(full("backends"));
+            }
             self.writes.push(format!("backend {id}"));
             self.backends.insert(id, *backend);
             Ok(())
@@ -643,6 +1158,11 @@ mod tests {
             Ok(())
         }
         fn write_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError> {
+            if self.capacity.is_some_and(|c| {
+                self.slots.len() >= c.slots && !self.slots.contains_key(&(key.service_id, key.slot))
+            }) {
+                return Err(full("slots"));
+            }
             self.writes
                 .push(format!("slot {}/{}", key.service_id, key.slot));
             self.slots.insert((key.service_id, key.slot), backend_id);
@@ -659,6 +1179,11 @@ mod tests {
         ) -> Result<(), MapOpError> {
             if self.fail_service_writes_for == Some(*key) {
                 return Err(err("update"));
+            }
+            if self.capacity.is_some_and(|c| {
+                self.services.len() >= c.services && !self.services.contains_key(key)
+            }) {
+                return Err(full("services"));
             }
             self.writes.push(format!("service {}", entry.service_id));
             self.services.insert(*key, *entry);
@@ -698,14 +1223,374 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// Tables as given; the configured backends are those the tables name.
+    /// One service per frontend, named as the frontend, in the order given; the
+    /// configured backends are those the tables name.
     fn desired(entries: &[(&str, &[&str])]) -> Desired {
-        let tables: BTreeMap<SocketAddr, Table> = entries
+        Desired {
+            services: entries
+                .iter()
+                .map(|(f, bs)| service(f, &[(f, bs)]))
+                .collect(),
+        }
+    }
+
+    /// A service with the given frontends and tables; its backends are those they name.
+    fn service(name: &str, frontends: &[(&str, &[&str])]) -> DesiredService {
+        let tables: BTreeMap<SocketAddr, Table> = frontends
             .iter()
             .map(|(f, bs)| (sa(f), Table::plain(bs.iter().map(|b| sa(b)).collect())))
             .collect();
         let backends = tables.values().flat_map(|t| t.slots.clone()).collect();
-        Desired { tables, backends }
+        DesiredService {
+            name: name.to_string(),
+            tables,
+            backends,
+        }
+    }
+
+    /// A reconciler with the fake's limits.
+    fn sized(services: u32, backends: u32, slots: u32) -> (FakeMaps, Reconciler) {
+        (
+            FakeMaps::sized(services as usize, backends, slots as usize),
+            Reconciler::new(services, backends).with_max_slots(slots),
+        )
+    }
+
+    /// The reconciler's counts are the maps' (so its limits are the maps' limits).
+    fn assert_accounting(maps: &FakeMaps, r: &Reconciler) {
+        assert_eq!(maps.slots.len() as u64, r.slots_in_use(), "slot entries");
+        assert_eq!(maps.services.len(), r.frontends_in_use(), "service entries");
+        assert_eq!(maps.backends.len(), r.backends_in_use(), "backend ids");
+    }
+
+    /// (service, limit, running) of each refusal.
+    fn refusals(report: &ApplyReport) -> Vec<(String, Limit, bool)> {
+        report
+            .refused
+            .iter()
+            .map(|r| (r.service.clone(), r.limit, r.running))
+            .collect()
+    }
+
+    #[test]
+    fn services_past_max_services_are_refused_in_the_order_given() {
+        let (mut maps, mut r) = sized(2, 16, 64);
+        // The order given, not the addresses' order, decides: .3 and .2 come first.
+        let want = desired(&[
+            ("127.200.0.3:80", &["127.0.0.3:80"]),
+            ("127.200.0.2:80", &["127.0.0.2:80"]),
+            ("127.200.0.1:80", &["127.0.0.1:80"]),
+        ]);
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            refusals(&report),
+            [("127.200.0.1:80".into(), Limit::Services, false)]
+        );
+        assert_eq!(report.refused[0].to_string(), "max-services (2) reached");
+        assert_eq!(report.refused[0].frontends, [sa("127.200.0.1:80")]);
+        assert_eq!(
+            maps.served(sa("127.200.0.3:80")),
+            Some(vec![sa("127.0.0.3:80")])
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.2:80")),
+            Some(vec![sa("127.0.0.2:80")])
+        );
+        assert!(maps.served(sa("127.200.0.1:80")).is_none());
+        // Its backend took no id.
+        assert_eq!(r.backend_id(&sa("127.0.0.1:80")), None);
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn a_service_that_does_not_fit_is_refused_whole_and_a_later_one_that_fits_is_admitted() {
+        let (mut maps, mut r) = sized(16, 3, 64);
+        let want = Desired {
+            services: vec![
+                service(
+                    "s1",
+                    &[("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"])],
+                ),
+                // Two VIPs: both or neither.
+                service(
+                    "s2",
+                    &[
+                        ("127.200.0.2:80", &["127.0.2.1:80"]),
+                        ("127.200.0.12:80", &["127.0.2.2:80"]),
+                    ],
+                ),
+                service("s3", &[("127.200.0.3:80", &["127.0.3.1:80"])]),
+            ],
+        };
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(refusals(&report), [("s2".into(), Limit::Backends, false)]);
+        assert_eq!(
+            report.refused[0].frontends,
+            [sa("127.200.0.2:80"), sa("127.200.0.12:80")]
+        );
+        assert!(maps.served(sa("127.200.0.2:80")).is_none());
+        assert!(
+            maps.served(sa("127.200.0.12:80")).is_none(),
+            "half a service"
+        );
+        assert_eq!(
+            r.backend_id(&sa("127.0.2.1:80")),
+            None,
+            "no id for half of it"
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.3:80")),
+            Some(vec![sa("127.0.3.1:80")])
+        );
+        assert_accounting(&maps, &r);
+        // Applying again changes nothing and refuses the same.
+        maps.writes.clear();
+        let again = r.apply(&mut maps, &want, Instant::now());
+        assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+        assert_eq!(refusals(&again), refusals(&report));
+    }
+
+    #[test]
+    fn failover_targets_count_against_max_backends_when_admitting() {
+        // A service is admitted with ids for every configured backend, so failing over
+        // later never needs an id that is not there.
+        let (mut maps, mut r) = sized(16, 2, 64);
+        let mut s1 = service("s1", &[("127.200.0.1:80", &["127.0.1.1:80"])]);
+        s1.backends.insert(sa("127.0.9.1:80"));
+        let want = Desired {
+            services: vec![s1, service("s2", &[("127.200.0.2:80", &["127.0.2.1:80"])])],
+        };
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert_eq!(refusals(&report), [("s2".into(), Limit::Backends, false)]);
+        assert!(r.backend_id(&sa("127.0.9.1:80")).is_some());
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn tables_past_max_slots_are_refused() {
+        let (mut maps, mut r) = sized(16, 16, 5);
+        let four = [
+            "127.0.2.1:80",
+            "127.0.2.2:80",
+            "127.0.2.3:80",
+            "127.0.2.4:80",
+        ];
+        let want = desired(&[
+            ("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"]),
+            ("127.200.0.2:80", &four),
+            ("127.200.0.3:80", &["127.0.3.1:80"]),
+        ]);
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            refusals(&report),
+            [("127.200.0.2:80".into(), Limit::Slots, false)]
+        );
+        assert_eq!(maps.slots.len(), 3);
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn running_services_are_never_evicted_by_new_ones() {
+        let (mut maps, mut r) = sized(2, 16, 64);
+        let now = Instant::now();
+        let a = ("127.200.0.1:80", &["127.0.1.1:80"][..]);
+        let b = ("127.200.0.2:80", &["127.0.2.1:80"][..]);
+        r.apply(&mut maps, &desired(&[a, b]), now);
+        maps.writes.clear();
+        // A new service listed first still comes after the running ones.
+        let report = r.apply(
+            &mut maps,
+            &desired(&[("127.200.0.9:80", &["127.0.9.1:80"]), a, b]),
+            now,
+        );
+        assert_eq!(
+            refusals(&report),
+            [("127.200.0.9:80".into(), Limit::Services, false)]
+        );
+        assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+        assert_eq!(maps.served(sa(a.0)), Some(vec![sa("127.0.1.1:80")]));
+        assert_eq!(maps.served(sa(b.0)), Some(vec![sa("127.0.2.1:80")]));
+    }
+
+    #[test]
+    fn growth_past_a_limit_keeps_the_previous_table_of_what_does_not_fit() {
+        let (mut maps, mut r) = sized(16, 4, 64);
+        let now = Instant::now();
+        let before = Desired {
+            services: vec![
+                service(
+                    "grows",
+                    &[
+                        ("127.200.0.1:80", &["127.0.1.1:80"]),
+                        ("127.200.0.11:80", &["127.0.1.1:80", "127.0.1.2:80"]),
+                    ],
+                ),
+                service("same", &[("127.200.0.2:80", &["127.0.2.1:80"])]),
+            ],
+        };
+        r.apply(&mut maps, &before, now);
+        assert_accounting(&maps, &r);
+        // .1 grows by two new backends (one id is free); .11 changes within the ids it
+        // has; a new VIP needs another id; a new service needs one too.
+        let after = Desired {
+            services: vec![
+                service(
+                    "grows",
+                    &[
+                        (
+                            "127.200.0.1:80",
+                            &["127.0.1.1:80", "127.0.1.3:80", "127.0.1.4:80"],
+                        ),
+                        ("127.200.0.11:80", &["127.0.1.2:80"]),
+                        ("127.200.0.21:80", &["127.0.1.5:80"]),
+                    ],
+                ),
+                service("same", &[("127.200.0.2:80", &["127.0.2.1:80"])]),
+                service("new", &[("127.200.0.3:80", &["127.0.3.1:80"])]),
+            ],
+        };
+        let report = r.apply(&mut maps, &after, now);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        // The running service is tried first: its new VIP takes the free id, so the new
+        // service finds none.
+        assert_eq!(
+            refusals(&report),
+            [
+                ("grows".into(), Limit::Backends, true),
+                ("new".into(), Limit::Backends, false)
+            ]
+        );
+        assert_eq!(report.refused[0].frontends, [sa("127.200.0.1:80")]);
+        assert_eq!(
+            maps.served(sa("127.200.0.1:80")),
+            Some(vec![sa("127.0.1.1:80")]),
+            "keeps its previous table"
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.11:80")),
+            Some(vec![sa("127.0.1.2:80")])
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.21:80")),
+            Some(vec![sa("127.0.1.5:80")])
+        );
+        assert_eq!(
+            maps.served(sa("127.200.0.2:80")),
+            Some(vec![sa("127.0.2.1:80")])
+        );
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn a_refused_service_is_admitted_once_room_is_made() {
+        let (mut maps, mut r) = sized(16, 2, 64);
+        let t0 = Instant::now();
+        let a = ("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"][..]);
+        let c = ("127.200.0.3:80", &["127.0.3.1:80"][..]);
+        let report = r.apply(&mut maps, &desired(&[a, c]), t0);
+        assert_eq!(refusals(&report), [(c.0.into(), Limit::Backends, false)]);
+        // `a` goes; its ids are held for the release delay, so `c` waits for them.
+        let report = r.apply(&mut maps, &desired(&[c]), t0);
+        assert_eq!(refusals(&report), [(c.0.into(), Limit::Backends, false)]);
+        assert!(r.has_pending_releases());
+        let report = r.apply(&mut maps, &desired(&[c]), t0 + BACKEND_RELEASE_DELAY);
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        assert_eq!(maps.served(sa(c.0)), Some(vec![sa("127.0.3.1:80")]));
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn slots_a_table_no_longer_needs_are_freed_for_others() {
+        let (mut maps, mut r) = sized(16, 16, 6);
+        let now = Instant::now();
+        let four = [
+            "127.0.1.1:80",
+            "127.0.1.2:80",
+            "127.0.1.3:80",
+            "127.0.1.4:80",
+        ];
+        let a = "127.200.0.1:80";
+        let b = ("127.200.0.2:80", &four[..]);
+        r.apply(&mut maps, &desired(&[(a, &four)]), now);
+        // 4 slots in one generation, then 1 in the other: 5 entries.
+        r.apply(&mut maps, &desired(&[(a, &four[..1])]), now);
+        assert_eq!(r.slots_in_use(), 5);
+        let report = r.apply(&mut maps, &desired(&[(a, &four[..1]), b]), now);
+        assert_eq!(refusals(&report), [(b.0.into(), Limit::Slots, false)]);
+        // Back to the first generation with one slot: its three others are deleted.
+        let report = r.apply(&mut maps, &desired(&[(a, &four[1..2]), b]), now);
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        assert_eq!(r.slots_in_use(), 6);
+        assert_eq!(maps.served(sa(a)), Some(vec![sa("127.0.1.2:80")]));
+        assert_eq!(maps.served(sa(b.0)), Some(four.map(sa).to_vec()));
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn a_switch_past_max_slots_keeps_the_live_table() {
+        let (mut maps, mut r) = sized(16, 16, 4);
+        let now = Instant::now();
+        let a = "127.200.0.1:80";
+        r.apply(
+            &mut maps,
+            &desired(&[(a, &["127.0.1.1:80", "127.0.1.2:80"])]),
+            now,
+        );
+        // Three more slots in the other generation: 5 > 4.
+        let three = ["127.0.1.1:80", "127.0.1.2:80", "127.0.1.3:80"];
+        let report = r.apply(&mut maps, &desired(&[(a, &three)]), now);
+        assert_eq!(refusals(&report), [(a.into(), Limit::Slots, true)]);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            maps.served(sa(a)),
+            Some(vec![sa("127.0.1.1:80"), sa("127.0.1.2:80")])
+        );
+        // A change that fits in what the frontend holds is applied.
+        let report = r.apply(&mut maps, &desired(&[(a, &three[1..])]), now);
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        assert_eq!(
+            maps.served(sa(a)),
+            Some(three[1..].iter().map(|b| sa(b)).collect())
+        );
+        assert_accounting(&maps, &r);
+    }
+
+    #[test]
+    fn maps_smaller_than_the_limits_fail_per_frontend_and_keep_what_serves() {
+        // Injected: the kernel's maps are smaller than the reconciler was told (a pinned
+        // map of another size). Writes fail, and nothing is left half-done.
+        let mut maps = FakeMaps::sized(16, 16, 3);
+        let mut r = Reconciler::new(16, 16).with_max_slots(100);
+        let now = Instant::now();
+        let a = ("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"][..]);
+        let b = ("127.200.0.2:80", &["127.0.2.1:80", "127.0.2.2:80"][..]);
+        let report = r.apply(&mut maps, &desired(&[a, b]), now);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        let error = report.errors[0].to_string();
+        assert!(
+            error.contains("127.200.0.2:80") && error.contains("os error 7"),
+            "{error}"
+        );
+        assert_eq!(
+            maps.served(sa(a.0)),
+            Some(vec![sa("127.0.1.1:80"), sa("127.0.1.2:80")])
+        );
+        assert!(maps.served(sa(b.0)).is_none());
+        assert_eq!(maps.slots.len(), 2, "the failed add left slots behind");
+        // A switch that the map cannot take keeps the live table.
+        let report = r.apply(
+            &mut maps,
+            &desired(&[(a.0, &["127.0.1.3:80", "127.0.1.4:80"])]),
+            now,
+        );
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert_eq!(
+            maps.served(sa(a.0)),
+            Some(vec![sa("127.0.1.1:80"), sa("127.0.1.2:80")])
+        );
     }
 
     #[test]
@@ -745,7 +1630,7 @@ mod tests {
         assert_eq!(report.added, 1);
         assert_eq!(
             maps.served(sa("127.200.0.1:80")),
-            Some(want.tables[&sa("127.200.0.1:80")].slots.clone())
+            Some(want.table(&sa("127.200.0.1:80")).unwrap().slots.clone())
         );
 
         maps.writes.clear();
@@ -794,7 +1679,7 @@ mod tests {
         assert!(last_backend < first_slot);
         assert_eq!(
             maps.served(sa("127.200.0.1:80")),
-            Some(want.tables[&sa("127.200.0.1:80")].slots.clone())
+            Some(want.table(&sa("127.200.0.1:80")).unwrap().slots.clone())
         );
     }
 
@@ -863,7 +1748,7 @@ mod tests {
         let mut r = Reconciler::new(16, 16);
         let t0 = Instant::now();
         let mut want = desired(&[("127.200.0.1:80", &["127.0.1.1:8080"])]);
-        want.backends.insert(sa("127.0.2.1:8080"));
+        want.services[0].backends.insert(sa("127.0.2.1:8080"));
         r.apply(&mut maps, &want, t0);
         let standby = r
             .backend_id(&sa("127.0.2.1:8080"))
@@ -1041,10 +1926,235 @@ mod tests {
             )]),
             Instant::now(),
         );
-        assert!(matches!(
-            report.errors[0],
-            ReconcileError::BackendIdsExhausted { .. }
-        ));
+        // Refused before anything is written, with the limit named.
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            refusals(&report),
+            [("127.200.0.1:80".into(), Limit::Backends, false)]
+        );
         assert!(maps.services.is_empty());
+        assert!(maps.backends.is_empty());
+    }
+
+    fn entry(
+        service_id: u32,
+        generation: u32,
+        slot_count: u32,
+        standby_count: u32,
+    ) -> ServiceEntry {
+        ServiceEntry {
+            service_id,
+            generation,
+            slot_count,
+            standby_count,
+            fail_threshold: 0,
+            suspect_ms: 0,
+            handshake_timeout_ms: 0,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn restore_adopts_only_entries_that_fit_and_apply_replaces_or_deletes_the_rest() {
+        let mut maps = FakeMaps::default();
+        let good = sa("127.200.0.1:80");
+        maps.services.insert(frontend_key(good), entry(3, 1, 1, 0));
+        maps.slots.insert((3, SlotKey::new(3, 1, 0).slot), 0);
+        maps.backends.insert(0, backend_value(sa("127.0.1.1:8080")));
+        let bad = [
+            (
+                "127.200.0.2:80",
+                entry(4, 0, u32::MAX, 1),
+                "exceed the limit",
+            ),
+            (
+                "127.200.0.3:80",
+                entry(5, 0, MAX_SLOTS + 1, 0),
+                "exceed the limit",
+            ),
+            ("127.200.0.4:80", entry(6, 7, 1, 0), "generation 7"),
+            ("127.200.0.5:80", entry(7, 0, 1, 0), "backend id 1000000"),
+            ("127.200.0.6:80", entry(3, 0, 1, 0), "service id 3"),
+            ("127.200.0.7:80", entry(u32::MAX, 0, 0, 0), "padding"),
+        ];
+        for (frontend, e, _) in &bad {
+            let mut key = frontend_key(sa(frontend));
+            if e.service_id == u32::MAX {
+                key.pad = 1;
+            }
+            maps.services.insert(key, *e);
+        }
+        maps.slots.insert((7, 0), 1_000_000);
+
+        let started = Instant::now();
+        let mut r = Reconciler::restore(&maps, 16, 16).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(r.live_table(&good), Some(&[0][..]));
+        assert_eq!(r.backend_id(&sa("127.0.1.1:8080")), Some(0));
+        let rejected: BTreeSet<SocketAddr> = r.untrusted.iter().map(|u| u.frontend).collect();
+        let expected: BTreeSet<SocketAddr> = bad.iter().map(|(f, ..)| sa(f)).collect();
+        assert_eq!(rejected, expected);
+        for (frontend, ..) in &bad {
+            assert_eq!(r.live_table(&sa(frontend)), None, "{frontend} adopted");
+        }
+
+        // One rejected frontend is still desired: it gets a fresh id and a new entry,
+        // never the service id an untrusted entry still holds; the rest are deleted.
+        let want = desired(&[
+            ("127.200.0.1:80", &["127.0.1.1:8080"]),
+            ("127.200.0.4:80", &["127.0.1.2:8080"]),
+        ]);
+        maps.writes.clear();
+        let report = r.apply(&mut maps, &want, Instant::now());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(maps.served(good), Some(vec![sa("127.0.1.1:8080")]));
+        assert_eq!(
+            maps.served(sa("127.200.0.4:80")),
+            Some(vec![sa("127.0.1.2:8080")])
+        );
+        let replaced = maps.services[&frontend_key(sa("127.200.0.4:80"))].service_id;
+        // Neither the adopted frontend's id nor the id its own untrusted entry held.
+        assert!(![3, 6].contains(&replaced), "{replaced}");
+        let keys: BTreeSet<FrontendKey> = maps.services.keys().copied().collect();
+        let wanted: BTreeSet<FrontendKey> = want.tables().map(|(f, _)| frontend_key(*f)).collect();
+        assert_eq!(keys, wanted);
+        assert!(r.untrusted.is_empty());
+        // The adopted table was not rewritten.
+        assert!(
+            !maps.writes.contains(&"service 3".to_string()),
+            "{:?}",
+            maps.writes
+        );
+    }
+
+    mod restore_properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const FRONTENDS: [&str; 4] = [
+            "127.200.0.1:80",
+            "127.200.0.2:80",
+            "127.200.0.3:80",
+            "[fd00::1]:80",
+        ];
+        const BACKENDS: [&str; 4] = [
+            "127.0.1.1:8080",
+            "127.0.1.2:8080",
+            "127.0.1.3:8080",
+            "[fd00::2]:8080",
+        ];
+
+        fn counts() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                0..4u32,
+                Just(MAX_SLOTS),
+                Just(MAX_SLOTS - 1),
+                Just(u32::MAX)
+            ]
+        }
+
+        prop_compose! {
+            fn arb_entry()(
+                service_id in prop_oneof![0..4u32, Just(u32::MAX)],
+                generation in prop_oneof![0..2u32, Just(2u32), Just(u32::MAX)],
+                slot_count in counts(),
+                standby_count in counts(),
+            ) -> ServiceEntry {
+                entry(service_id, generation, slot_count, standby_count)
+            }
+        }
+
+        prop_compose! {
+            fn arb_maps()(
+                services in proptest::collection::vec(
+                    (0..FRONTENDS.len(), prop_oneof![4 => Just(0u8), 1 => Just(1u8)],
+                     prop_oneof![4 => Just(IPPROTO_TCP), 1 => Just(17u8)], arb_entry()),
+                    0..6,
+                ),
+                slots in proptest::collection::vec(
+                    (prop_oneof![0..4u32, Just(u32::MAX)],
+                     prop_oneof![0..4u32, MAX_SLOTS..MAX_SLOTS + 4, Just(u32::MAX)],
+                     prop_oneof![0..20u32, Just(u32::MAX)]),
+                    0..24,
+                ),
+                backends in proptest::collection::vec(
+                    (0..20u32, 0..BACKENDS.len(), prop_oneof![4 => Just(true), 1 => Just(false)]),
+                    0..12,
+                ),
+            ) -> FakeMaps {
+                let mut maps = FakeMaps::default();
+                for (f, pad, proto, e) in services {
+                    let mut key = frontend_key(sa(FRONTENDS[f]));
+                    key.pad = pad;
+                    key.proto = proto;
+                    maps.services.insert(key, e);
+                }
+                for (sid, slot, id) in slots {
+                    maps.slots.insert((sid, slot), id);
+                }
+                for (id, b, valid) in backends {
+                    let mut value = backend_value(sa(BACKENDS[b]));
+                    if !valid {
+                        value.family = 99;
+                    }
+                    maps.backends.insert(id, value);
+                }
+                maps
+            }
+        }
+
+        prop_compose! {
+            fn arb_desired()(
+                tables in proptest::collection::btree_map(
+                    0..3usize,
+                    proptest::collection::vec(0..3usize, 1..4),
+                    0..4,
+                ),
+            ) -> Desired {
+                // IPv4 frontends and backends only, so every table is valid.
+                let tables: BTreeMap<SocketAddr, Table> = tables
+                    .into_iter()
+                    .map(|(f, bs)| {
+                        (sa(FRONTENDS[f]), Table::plain(bs.into_iter().map(|b| sa(BACKENDS[b])).collect()))
+                    })
+                    .collect();
+                let backends = tables.values().flat_map(|t| t.slots.clone()).collect();
+                Desired {
+                    services: vec![DesiredService {
+                        name: "any".into(),
+                        tables,
+                        backends,
+                    }],
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Whatever the maps hold, restore does not panic, and the first apply makes
+            /// them serve exactly what is desired.
+            #[test]
+            fn any_pinned_state_converges_to_what_is_desired(
+                mut maps in arb_maps(),
+                want in arb_desired(),
+            ) {
+                let mut r = Reconciler::restore(&maps, 16, 16).unwrap();
+                let report = r.apply(&mut maps, &want, Instant::now());
+                prop_assert!(report.errors.is_empty(), "{:?}", report.errors);
+                for (frontend, table) in want.tables() {
+                    prop_assert_eq!(maps.served(*frontend), Some(table.slots.clone()));
+                }
+                let keys: BTreeSet<FrontendKey> = maps
+                    .services
+                    .keys()
+                    .filter(|k| k.proto == IPPROTO_TCP)
+                    .copied()
+                    .collect();
+                let wanted: BTreeSet<FrontendKey> =
+                    want.tables().map(|(f, _)| frontend_key(*f)).collect();
+                prop_assert_eq!(keys, wanted);
+            }
+        }
     }
 }

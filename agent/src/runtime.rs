@@ -13,7 +13,7 @@
 //!   kernel serves the configuration";
 //! - leaving the loop (SIGTERM, SIGINT) never detaches the programs: they stay pinned.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,13 +23,17 @@ use aya::maps::{MapData, RingBuf};
 use clap::Args;
 use detour_agent::api::{self, EndpointView, EventView, Request, Response, ServiceView};
 use detour_agent::config::{self, Config, HealthCheckKind};
+use detour_agent::config_watch::{self, Decision, FileEvent, SettlePolicy, Trust, WriteTracker};
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
-use detour_agent::desired::{self, FrontendPlan};
+use detour_agent::desired::{self, FrontendPlan, PlannedEndpoint};
 use detour_agent::health::{self, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds};
-use detour_agent::metrics::{self, BackendMetrics, Histogram, ServiceMetrics, Snapshot};
+use detour_agent::metrics::{
+    self, BackendMetrics, Histogram, LimitMetrics, ServiceMetrics, Snapshot,
+};
 use detour_agent::outlier::Event as OutlierEvent;
 use detour_agent::passive::{self, PassiveHealth};
-use detour_agent::reconcile::Reconciler;
+use detour_agent::plan_cache::{Dirty, PlanCache};
+use detour_agent::reconcile::{Limit, Reconciler, Refusal};
 use detour_agent::selection::Tier;
 use detour_agent::sockdiag::{self, Which};
 use detour_ebpf::ConnEvent;
@@ -53,9 +57,18 @@ pub struct AgentArgs {
     /// Unix socket for the CLI.
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// How often the config file is checked for changes (SIGHUP reloads at once).
+    /// How often the config file's stamp is polled when inotify cannot watch it
+    /// (SIGHUP reloads at once).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     config_poll: Duration,
+    /// How long a file written in place must stand still, after its writer closed it,
+    /// before it is read.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    config_settle: Duration,
+    /// How long a file written in place must stand still before a change that removes
+    /// services, frontends or endpoints is applied (a rename or SIGHUP applies at once).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    config_removal_hold: Duration,
     #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_SERVICES)]
     max_services: u32,
     #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_BACKENDS)]
@@ -80,15 +93,25 @@ struct Probes {
 
 impl Probes {
     /// Starts, restarts and stops probe tasks so they match `config`; forgets the health
-    /// of targets that are no longer probed.
+    /// of targets that are no longer probed. Only the services `scope` names are looked
+    /// at (the others' probes run on untouched), unless it says all.
     fn sync(
         &mut self,
         config: &Config,
+        scope: &Dirty,
         changes: &mpsc::Sender<HealthChange>,
         health: &mut HashMap<(String, SocketAddr), (Health, Option<String>)>,
     ) {
+        let in_scope = |service: &str| match scope {
+            Dirty::All => true,
+            Dirty::Services(names) => names.contains(service),
+        };
+        let services: Vec<&config::ServiceConfig> = match scope {
+            Dirty::All => config.services.iter().collect(),
+            Dirty::Services(names) => names.iter().filter_map(|n| config.service(n)).collect(),
+        };
         let mut wanted = HashMap::new();
-        for service in &config.services {
+        for service in services {
             let hc = &service.health_check;
             let kind = match &hc.kind {
                 HealthCheckKind::Tcp => Some(ProbeKind::Tcp),
@@ -110,13 +133,14 @@ impl Probes {
             }
         }
         self.running.retain(|key, (spec, task)| {
-            let keep = wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec));
+            let keep =
+                !in_scope(&key.0) || wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec));
             if !keep {
                 task.abort();
             }
             keep
         });
-        health.retain(|key, _| wanted.contains_key(key));
+        health.retain(|key, _| !in_scope(&key.0) || wanted.contains_key(key));
         for (key, spec) in wanted {
             match spec {
                 None => {
@@ -143,11 +167,25 @@ struct Agent {
     /// What the config file looked like when last read; the poll reads it again only
     /// when this changes, so a large file costs a `stat` per poll, not a read.
     config_stamp: Option<FileStamp>,
+    /// Whether the file is whole yet: see `config_watch`.
+    config_tracker: WriteTracker,
+    /// inotify watches the file; otherwise its stamp is polled.
+    config_watched: bool,
+    /// When to look at the file again (a settle or a removal hold ends).
+    config_wake: Option<Instant>,
+    /// A parsed change that removes something waits for the file to stand still.
+    config_held: Option<String>,
     dataplane: Dataplane,
     reconciler: Reconciler,
     health: HashMap<(String, SocketAddr), (Health, Option<String>)>,
     probes: Probes,
-    plans: Vec<FrontendPlan>,
+    /// Per-service plans, re-planned only where `dirty` says.
+    plans: PlanCache,
+    /// What changed since the last apply: the services to re-plan.
+    dirty: Dirty,
+    /// Services the maps have no room for (or for their new state), by name, from the
+    /// last apply.
+    refused: BTreeMap<String, Refusal>,
     changes: mpsc::Sender<HealthChange>,
     passive: PassiveHealth,
     /// Kernel ids → names, rebuilt after every apply.
@@ -198,8 +236,22 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
+/// Reads the config file, at most [`config::MAX_DOCUMENT_BYTES`] of it: a file past
+/// that is refused without being held in memory whole.
 fn read_text(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))
+    use std::io::Read as _;
+    let limit = config::MAX_DOCUMENT_BYTES as u64;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(limit + 1).read_to_string(&mut text))
+        .with_context(|| format!("reading config {}", path.display()))?;
+    if text.len() as u64 > limit {
+        anyhow::bail!(
+            "config {} is larger than the {limit} bytes accepted",
+            path.display()
+        );
+    }
+    Ok(text)
 }
 
 fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
@@ -211,12 +263,14 @@ fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
 }
 
 impl Agent {
+    /// Re-plans the services marked dirty and makes the maps serve the result.
     fn apply(&mut self) {
         let started = Instant::now();
         let health = &self.health;
         let passive = &self.passive;
-        let plans = desired::plan(
+        let refreshed = self.plans.refresh(
             &self.config,
+            &mut self.dirty,
             |service, target| {
                 health
                     .get(&(service.to_string(), target))
@@ -224,10 +278,18 @@ impl Agent {
             },
             |service, target| passive.is_ejected(service, target),
         );
-        let tiers_before: HashMap<SocketAddr, &Option<Tier>> =
-            self.plans.iter().map(|p| (p.frontend, &p.tier)).collect();
+        let planned_in = started.elapsed();
+        let tiers_before: HashMap<SocketAddr, &Option<Tier>> = refreshed
+            .previous
+            .iter()
+            .map(|p| (p.frontend, &p.tier))
+            .collect();
         let mut tier_events = Vec::new();
-        for plan in &plans {
+        let replanned = refreshed
+            .services
+            .iter()
+            .flat_map(|service| self.plans.service(service));
+        for plan in replanned {
             if tiers_before.get(&plan.frontend) != Some(&&plan.tier) {
                 let tier = tier_name(plan);
                 info!(service = %plan.service, frontend = %plan.frontend, %tier, backends = plan.table.len(), "tier selected");
@@ -240,11 +302,11 @@ impl Agent {
         for (service, detail) in tier_events {
             self.publish("tier-changed", &service, None, detail);
         }
-        let report = self.reconciler.apply(
-            &mut self.dataplane,
-            &desired::desired(&plans),
-            Instant::now(),
-        );
+        let reconciling = Instant::now();
+        let report =
+            self.reconciler
+                .apply(&mut self.dataplane, self.plans.desired(), Instant::now());
+        let reconciled_in = reconciling.elapsed();
         self.counters.reconcile.observe(started.elapsed());
         for e in &report.errors {
             error!(error = %e, "could not program a frontend; it keeps its previous table");
@@ -254,10 +316,13 @@ impl Agent {
                 added = report.added,
                 switched = report.switched,
                 removed = report.removed,
+                replanned = refreshed.services.len(),
+                plan_ms = planned_in.as_millis(),
+                reconcile_ms = reconciled_in.as_millis(),
                 "maps updated"
             );
         }
-        self.plans = plans;
+        self.note_refusals(report.refused);
         self.service_of_id = self
             .plans
             .iter()
@@ -268,6 +333,73 @@ impl Agent {
             .backend_ids()
             .map(|(addr, id)| (id, addr))
             .collect();
+    }
+
+    /// Logs and publishes what changed in which services the maps have no room for.
+    fn note_refusals(&mut self, refused: Vec<Refusal>) {
+        let refused: BTreeMap<String, Refusal> = refused
+            .into_iter()
+            .map(|r| (r.service.clone(), r))
+            .collect();
+        for (service, r) in &refused {
+            let before = self.refused.get(service);
+            if before.is_some_and(|b| (b.limit, b.max, b.running) == (r.limit, r.max, r.running)) {
+                continue;
+            }
+            let frontends: Vec<String> = r.frontends.iter().map(ToString::to_string).collect();
+            let frontends = frontends.join(",");
+            if r.running {
+                warn!(%service, limit = %r.limit, max = r.max, %frontends, "service's new state does not fit in the maps; these frontends keep their previous tables (or stay out, if new)");
+            } else {
+                warn!(%service, limit = %r.limit, max = r.max, %frontends, "service does not fit in the maps; not programmed");
+            }
+            let kind = if r.running {
+                "not-updated"
+            } else {
+                "not-programmed"
+            };
+            self.publish(kind, service, None, format!("{r}; frontends {frontends}"));
+        }
+        for service in self.refused.keys() {
+            if !refused.contains_key(service) && self.config.service(service).is_some() {
+                info!(%service, "service fits in the maps now; programmed");
+                self.publish(
+                    "programmed",
+                    service,
+                    None,
+                    "the maps have room for it now".into(),
+                );
+            }
+        }
+        self.refused = refused;
+    }
+
+    /// `STATE` of a service: `OK`, or `NOT-PROGRAMMED`/`NOT-UPDATED` and the limit.
+    fn service_state(&self, service: &str) -> (String, Option<String>) {
+        match self.refused.get(service) {
+            None => ("OK".into(), None),
+            Some(r) if r.running => ("NOT-UPDATED".into(), Some(r.to_string())),
+            Some(r) => ("NOT-PROGRAMMED".into(), Some(r.to_string())),
+        }
+    }
+
+    /// Whether the kernel's table of `plan`'s frontend has `e` now: the plan's word,
+    /// unless the frontend is one the maps had no room for.
+    fn in_kernel_table(&self, plan: &FrontendPlan, e: &PlannedEndpoint) -> bool {
+        let left_out = self
+            .refused
+            .get(&plan.service)
+            .is_some_and(|r| r.frontends.contains(&plan.frontend));
+        if !left_out {
+            return e.in_table;
+        }
+        match (
+            self.reconciler.live_table(&plan.frontend),
+            self.reconciler.backend_id(&e.target),
+        ) {
+            (Some(live), Some(id)) => live.contains(&id),
+            _ => false,
+        }
     }
 
     /// Sends an event to `detour events` streams (if any) and nowhere else: callers log.
@@ -336,6 +468,7 @@ impl Agent {
                             format!("{kind}; ejection {ejection_count}, for {secs:.0}s"),
                         );
                         self.terminate(&service, target, "ejected");
+                        self.dirty.mark(&service);
                         changed = true;
                     }
                     Some(OutlierEvent::EjectionSkipped { kind, reason, .. }) => {
@@ -376,8 +509,8 @@ impl Agent {
         }
         let frontends: BTreeSet<u32> = self
             .plans
+            .service(service)
             .iter()
-            .filter(|p| p.service == service)
             .filter_map(|p| self.reconciler.service_id(&p.frontend))
             .collect();
         let Some(backend_id) = self.reconciler.backend_id(&target) else {
@@ -463,6 +596,7 @@ impl Agent {
     }
 
     fn on_restored(&mut self, service: &str, target: SocketAddr, why: &str) {
+        self.dirty.mark(service);
         info!(%service, backend = %target, why, "backend restored");
         self.publish("restored", service, Some(target), why.to_string());
         if !self.passive.is_ejected_anywhere(target) {
@@ -479,6 +613,7 @@ impl Agent {
         let Some(entry) = self.health.get_mut(&key) else {
             return;
         };
+        self.dirty.mark(&change.service);
         let before = entry.0;
         *entry = (change.health, change.last_error.clone());
         if before.usable() && !change.health.usable() {
@@ -513,19 +648,53 @@ impl Agent {
         self.apply();
     }
 
-    /// Re-reads the config file; keeps the running config when the new one is bad.
-    /// Reloads if the file's metadata changed since it was last read.
+    /// Without inotify: a new stamp is a change whose writer the agent cannot see.
     fn poll_config(&mut self) {
         let now = stamp(&self.config_path);
         if now.is_some() && now != self.config_stamp {
-            self.reload("file changed");
+            self.config_stamp = now;
+            self.config_tracker
+                .observe(FileEvent::Unknown, Instant::now());
+            self.check_config();
         }
     }
 
-    fn reload(&mut self, why: &str) {
+    fn on_file_event(&mut self, event: FileEvent) {
+        self.config_tracker.observe(event, Instant::now());
+        self.check_config();
+    }
+
+    /// Reads the file if `config_watch` says it is whole, or schedules the next look.
+    fn check_config(&mut self) {
+        let now = Instant::now();
+        self.config_wake = None;
+        match self.config_tracker.decide(now) {
+            Decision::Idle => {
+                if self.config_held.is_some() {
+                    // The file has not changed since a removal was held: apply it once
+                    // the hold is over.
+                    match self.config_tracker.removal_wait(now) {
+                        Some(at) => self.config_wake = Some(at),
+                        None => self.reload("file stood still", Trust::InPlace),
+                    }
+                }
+            }
+            Decision::WaitUntil(at) => self.config_wake = at,
+            Decision::Read(trust) => {
+                self.config_tracker.read_done();
+                self.reload("file changed", trust);
+            }
+        }
+    }
+
+    /// Re-reads the config file and applies it if it parses, validates and (for an
+    /// in-place write that removes something) has stood still long enough; keeps the
+    /// running config otherwise.
+    fn reload(&mut self, why: &str, trust: Trust) {
         // Stamped before reading: a write landing during the read changes the stamp
         // again, so the next poll reads once more.
         self.config_stamp = stamp(&self.config_path);
+        let started = Instant::now();
         let parsed = read_text(&self.config_path).and_then(|text| {
             if text == self.config_text || self.rejected_text.as_ref() == Some(&text) {
                 return Ok(None);
@@ -538,24 +707,46 @@ impl Agent {
                 }
             }
         });
+        if !matches!(parsed, Ok(Some(_))) {
+            // Unchanged or rejected: nothing is held any more.
+            self.config_held = None;
+        }
         match parsed {
             Ok(None) => {}
             Ok(Some((text, config))) => {
-                info!(
-                    why,
-                    services = config.services.len(),
-                    "configuration reloaded"
-                );
+                let removed = config_watch::removals(&self.config, &config);
+                let hold = match trust {
+                    Trust::Complete => None,
+                    Trust::InPlace if removed.is_empty() => None,
+                    Trust::InPlace => self.config_tracker.removal_wait(Instant::now()),
+                };
+                if let Some(until) = hold {
+                    if self.config_held.as_ref() != Some(&text) {
+                        info!(
+                            removes = %removed.join(", "),
+                            wait_ms = until.saturating_duration_since(Instant::now()).as_millis(),
+                            "config file written in place removes something; applying it once the file stands still (rename the file into place, or SIGHUP, to apply at once)"
+                        );
+                    }
+                    self.config_held = Some(text);
+                    self.config_wake = Some(until);
+                    return;
+                }
+                self.config_held = None;
+                let parsed_in = started.elapsed();
                 let removed: Vec<(String, SocketAddr)> = self
                     .config
                     .services
                     .iter()
+                    .filter(|old| config.service(&old.name) != Some(*old))
                     .flat_map(|old| {
-                        let new = config.service(&old.name);
+                        // Only services the reload changed can lose a backend.
+                        let kept: std::collections::HashSet<SocketAddr> = config
+                            .service(&old.name)
+                            .map(|new| desired::targets(new).collect())
+                            .unwrap_or_default();
                         desired::targets(old)
-                            .filter(move |t| {
-                                new.is_none_or(|n| !desired::targets(n).any(|x| x == *t))
-                            })
+                            .filter(move |t| !kept.contains(t))
                             .map(|t| (old.name.clone(), t))
                     })
                     .collect();
@@ -564,14 +755,46 @@ impl Agent {
                 for (service, target) in &removed {
                     self.terminate(service, *target, "removed");
                 }
+                // What the reload changes: only those services are re-synced and
+                // re-planned. A new node locality changes every service's tiers.
+                let scope = if config.node == self.config.node {
+                    let mut scope = std::mem::take(&mut self.dirty);
+                    for service in &config.services {
+                        if self.config.service(&service.name) != Some(service) {
+                            scope.mark(&service.name);
+                        }
+                    }
+                    for service in &self.config.services {
+                        if config.service(&service.name).is_none() {
+                            scope.mark(&service.name);
+                        }
+                    }
+                    scope
+                } else {
+                    Dirty::All
+                };
+                let diffed_in = started.elapsed();
                 self.counters.config_reloads_ok += 1;
                 self.config = config;
                 self.config_text = text;
                 self.rejected_text = None;
                 self.probes
-                    .sync(&self.config, &self.changes, &mut self.health);
-                self.passive.sync(&self.config);
+                    .sync(&self.config, &scope, &self.changes, &mut self.health);
+                self.passive.sync_scope(&self.config, &scope);
+                self.dirty = scope;
+                let synced_in = started.elapsed();
+                let applying = Instant::now();
                 self.apply();
+                info!(
+                    why,
+                    services = self.config.services.len(),
+                    read_parse_ms = parsed_in.as_millis(),
+                    diff_ms = (diffed_in - parsed_in).as_millis(),
+                    sync_ms = (synced_in - diffed_in).as_millis(),
+                    apply_ms = applying.elapsed().as_millis(),
+                    total_ms = started.elapsed().as_millis(),
+                    "configuration reloaded"
+                );
             }
             Err(e) => {
                 self.counters.config_reloads_failed += 1;
@@ -625,7 +848,7 @@ impl Agent {
         let mut views: Vec<ServiceView> = Vec::new();
         let mut row_of: HashMap<(&str, u16), usize> = HashMap::new();
         let mut targets: Vec<BTreeSet<SocketAddr>> = Vec::new();
-        for plan in &self.plans {
+        for plan in self.plans.iter() {
             let tier = tier_name(plan);
             let row = *row_of
                 .entry((plan.service.as_str(), plan.port))
@@ -639,6 +862,8 @@ impl Agent {
                         healthy: 0,
                         in_table: 0,
                         connects: 0,
+                        state: String::new(),
+                        limit: None,
                     });
                     targets.push(BTreeSet::new());
                     views.len() - 1
@@ -657,11 +882,16 @@ impl Agent {
                 .iter()
                 .filter(|e| e.health.usable() && !e.ejected)
                 .count();
-            v.in_table += plan.endpoints.iter().filter(|e| e.in_table).count();
+            v.in_table += plan
+                .endpoints
+                .iter()
+                .filter(|e| self.in_kernel_table(plan, e))
+                .count();
             targets[row].extend(plan.endpoints.iter().map(|e| e.target));
         }
         for (v, targets) in views.iter_mut().zip(&targets) {
             v.connects = targets.iter().map(|t| self.connects(t)).sum();
+            (v.state, v.limit) = self.service_state(&v.name);
         }
         views
     }
@@ -684,7 +914,7 @@ impl Agent {
                         health: e.health.to_string(),
                         weight: e.weight,
                         tier: e.tier.to_string(),
-                        in_table: e.in_table,
+                        in_table: self.in_kernel_table(p, e),
                         connects: stats.connects,
                         last_error: self
                             .health
@@ -788,17 +1018,21 @@ impl Agent {
         let mut backends = Vec::new();
         let mut seen = BTreeSet::new();
         let mut services: Vec<ServiceMetrics> = Vec::new();
-        for plan in &self.plans {
-            match services.iter_mut().find(|s| s.service == plan.service) {
-                Some(s) => {
-                    s.backends_in_table +=
-                        plan.endpoints.iter().filter(|e| e.in_table).count() as u64
-                }
+        for plan in self.plans.iter() {
+            let in_table = plan
+                .endpoints
+                .iter()
+                .filter(|e| self.in_kernel_table(plan, e))
+                .count() as u64;
+            // A service's plans are contiguous (planned service by service), so only the
+            // last row can be this service's; a search made scrapes quadratic.
+            match services.last_mut().filter(|s| s.service == plan.service) {
+                Some(s) => s.backends_in_table += in_table,
                 None => services.push(ServiceMetrics {
                     service: plan.service.clone(),
                     tier: tier_name(plan),
                     panic: plan.tier == Some(Tier::Panic),
-                    backends_in_table: plan.endpoints.iter().filter(|e| e.in_table).count() as u64,
+                    backends_in_table: in_table,
                 }),
             }
             for e in &plan.endpoints {
@@ -823,12 +1057,24 @@ impl Agent {
                         Health::Unhealthy => Some(false),
                         Health::Unknown | Health::Unchecked => None,
                     },
-                    in_table: e.in_table,
+                    in_table: self.in_kernel_table(plan, e),
                 });
             }
         }
         let kernel = self.dataplane.counters().unwrap_or_default();
+        let services_over_limit = Limit::ALL
+            .iter()
+            .map(|limit| {
+                let hit = || self.refused.values().filter(|r| r.limit == *limit);
+                LimitMetrics {
+                    limit: limit.flag().to_string(),
+                    refused: hit().filter(|r| !r.running).count() as u64,
+                    not_updated: hit().filter(|r| r.running).count() as u64,
+                }
+            })
+            .collect();
         Snapshot {
+            services_over_limit,
             backends,
             services,
             events_dropped: kernel[detour_ebpf::counters::EVENTS_DROPPED as usize],
@@ -859,6 +1105,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    // Watching starts before the first read, so no write after it goes unseen; an
+    // event for what was read costs one compare of texts.
+    let (file_tx, mut file_rx) = mpsc::channel::<FileEvent>(64);
+    let watcher = match config_watch::Watcher::new(&args.config).and_then(|w| w.spawn(file_tx)) {
+        Ok(task) => Some(task),
+        Err(error) => {
+            warn!(%error, config = %args.config.display(), "cannot watch the config file with inotify; polling it instead (in-place writes are read once they stand still)");
+            None
+        }
+    };
     let config_stamp = stamp(&args.config);
     let config_text = read_text(&args.config)?;
     let config = parse_config(&args.config, &config_text)?;
@@ -876,7 +1132,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     })
     .context("loading the datapath")?;
     let reconciler = Reconciler::restore(&dataplane, args.max_services, args.max_backends)
-        .context("restoring state from pinned maps")?;
+        .context("restoring state from pinned maps")?
+        .with_max_slots(args.max_slots);
 
     let (changes_tx, mut changes_rx) = mpsc::channel::<HealthChange>(1024);
     let (events_tx, _) = broadcast::channel::<EventView>(4096);
@@ -893,11 +1150,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config_text,
         rejected_text: None,
         config_stamp,
+        config_tracker: WriteTracker::new(SettlePolicy {
+            settle: args.config_settle,
+            removal_hold: args.config_removal_hold,
+        }),
+        config_watched: watcher.is_some(),
+        config_wake: None,
+        config_held: None,
         dataplane,
         reconciler,
         health: HashMap::new(),
         probes: Probes::default(),
-        plans: Vec::new(),
+        plans: PlanCache::default(),
+        dirty: Dirty::All,
+        refused: BTreeMap::new(),
         changes: changes_tx,
         passive: PassiveHealth::default(),
         service_of_id: HashMap::new(),
@@ -907,9 +1173,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         destroyed: destroyed_tx,
         counters: Counters::default(),
     };
-    agent
-        .probes
-        .sync(&agent.config, &agent.changes, &mut agent.health);
+    agent.probes.sync(
+        &agent.config,
+        &Dirty::All,
+        &agent.changes,
+        &mut agent.health,
+    );
     agent.passive.sync(&agent.config);
     agent.apply();
     info!(
@@ -959,11 +1228,24 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let _ = reply.send(agent.answer(request));
             }
             _ = hup.recv() => {
-                // An explicit reload reports a still-bad file again.
+                // An explicit reload reports a still-bad file again, and says the
+                // writer is done: whatever the file holds now is applied.
                 agent.rejected_text = None;
-                agent.reload("SIGHUP");
+                agent.config_tracker.read_done();
+                agent.config_held = None;
+                agent.reload("SIGHUP", Trust::Complete);
             }
-            _ = poll.tick() => agent.poll_config(),
+            event = file_rx.recv(), if agent.config_watched => match event {
+                Some(event) => agent.on_file_event(event),
+                None => {
+                    warn!("config file watch ended; polling the file instead");
+                    agent.config_watched = false;
+                }
+            },
+            () = sleep_until(agent.config_wake), if agent.config_wake.is_some() => {
+                agent.check_config();
+            }
+            _ = poll.tick(), if !agent.config_watched => agent.poll_config(),
             _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.apply(),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -971,6 +1253,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     api_task.abort();
     event_reader.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     metrics_task.abort();
     let _ = std::fs::remove_file(&args.socket);
     warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");
@@ -983,39 +1268,34 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Serves the CLI socket within [`api::Limits`]: answers come from the agent's loop,
+/// event streams straight from the broadcast channel.
 async fn serve_api(
     listener: tokio::net::UnixListener,
     calls: mpsc::Sender<ApiCall>,
     events: broadcast::Sender<EventView>,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    let limits = api::Limits::default();
+    api::serve(listener, limits, move |request, mut write| {
         let calls = calls.clone();
         let events = events.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut read = tokio::io::BufReader::new(read);
-            let response = match api::read_request(&mut read).await {
-                Ok(None) => return,
-                Ok(Some(Request::Events)) => {
-                    stream_events(events.subscribe(), &mut write).await;
-                    return;
-                }
-                Ok(Some(request)) => {
-                    let (tx, rx) = oneshot::channel();
-                    if calls.send((request, tx)).await.is_err() {
-                        return;
-                    }
-                    rx.await
-                        .unwrap_or_else(|_| Response::Error("agent is stopping".into()))
-                }
-                Err(response) => response,
-            };
-            let _ = api::write_response(&mut write, &response).await;
-        });
-    }
+        async move {
+            if request == Request::Events {
+                stream_events(events.subscribe(), &mut write).await;
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            if calls.send((request, tx)).await.is_err() {
+                return;
+            }
+            let response = rx
+                .await
+                .unwrap_or_else(|_| Response::Error("agent is stopping".into()));
+            let answer = api::write_response(&mut write, &response);
+            let _ = tokio::time::timeout(limits.write_timeout, answer).await;
+        }
+    })
+    .await;
 }
 
 /// Writes events to one `detour events` client until it goes away.

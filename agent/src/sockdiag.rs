@@ -6,13 +6,13 @@
 //! the way `ss -K` does: a `NETLINK_SOCK_DIAG` dump of the TCP sockets
 //! (`SOCK_DIAG_BY_FAMILY` with an `inet_diag_req_v2` and an `idiag_states` mask, for
 //! `AF_INET` and `AF_INET6`), then one `SOCK_DESTROY` per chosen socket, naming it by its
-//! exact id including its cookie. The kernel aborts it with `tcp_abort(ECONNABORTED)`:
-//! the peer gets a RST and the application's next call on the socket fails with
-//! `ECONNABORTED` — a blocked `connect` or `read` wakes up with it. What this kernel
-//! (6.18) shows, and the tests pin down: data that had already arrived is still read
-//! first; the error is reported once, after which reads return EOF and writes fail; on a
-//! `CLOSE_WAIT` socket the backend's FIN still reads as EOF and the next write fails
-//! with `ECONNABORTED`.
+//! exact id including its cookie (the id the dump reported, sent back unchanged). The
+//! kernel aborts it with `tcp_abort(ECONNABORTED)`: the peer gets a RST and the
+//! application's next call on the socket fails with `ECONNABORTED` — a blocked `connect`
+//! or `read` wakes up with it. What this kernel (6.18) shows, and the tests pin down:
+//! data that had already arrived is still read first; the error is reported once, after
+//! which reads return EOF and writes fail; on a `CLOSE_WAIT` socket the backend's FIN
+//! still reads as EOF and the next write fails with `ECONNABORTED`.
 //!
 //! Needs `CONFIG_INET_DIAG_DESTROY` (without it every destroy fails with `EOPNOTSUPP`,
 //! reported per socket), `CAP_NET_ADMIN` over the sockets' namespace, and
@@ -31,9 +31,26 @@
 //!   never hit (the kernel answers `ENOENT`: counted as [`DestroyReport::already_gone`]);
 //! - destroying is idempotent: a second call finds nothing left to destroy. After an
 //!   error, calling again finishes the job;
-//! - every loop is bounded: receive calls time out ([`RECV_TIMEOUT`]), dumps and
-//!   acknowledgements are capped in datagrams, the cgroup walk in depth, cgroups and
-//!   processes.
+//! - every read of the kernel's replies is bounded: each receive in time
+//!   ([`RECV_TIMEOUT`], `SO_RCVTIMEO`) and in size (one 64 KiB buffer; a datagram that
+//!   does not fit is an error, never read in part), a dump in datagrams, bytes and total
+//!   time, the wait for an acknowledgement in replies; the cgroup walk in depth, cgroups
+//!   and processes. Past a bound the namespace fails with an error that names it.
+//!
+//! The messages are the `netlink-packet-sock-diag` crate's (`InetRequest` for the dump,
+//! `SockDiagDestroy` for the abort, `InetResponseHeader` for each socket), framed by
+//! `netlink-packet-core` and sent through a `netlink-sys` socket. What is still written
+//! here, and why:
+//! - the walk from one message of a datagram to the next, with the length checks that
+//!   `NetlinkBuffer::new_checked` makes, kept for the numbers in [`ReplyError`]:
+//!   netlink-packet-core parses one message, not a datagram of them;
+//! - only the fixed part of each `inet_diag_msg` is decoded, not the attributes after
+//!   it (the crate's `InetResponse` parses them all): detour needs none of them, and an
+//!   attribute that a newer kernel sends and this crate version misreads must not stop
+//!   the destroys;
+//! - the cookie is read as `__u32[2]` in host order, low half first: the crate keeps it
+//!   as 8 opaque bytes;
+//! - `SO_RCVTIMEO` is set through `socket2`, as `netlink-sys` has no receive timeout.
 //!
 //! Network namespaces: a sock_diag netlink socket sees (and destroys) the sockets of the
 //! network namespace it was created in, whichever thread later uses it. So to reach a
@@ -51,40 +68,46 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::mem;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use netlink_packet_core::{
+    DoneBuffer, ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable, Parseable, NLMSG_ALIGNTO, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP,
+    NLMSG_OVERRUN, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::constants::{
+    AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY, TCP_CLOSE_WAIT, TCP_ESTABLISHED,
+    TCP_SYN_SENT,
+};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseBuffer, InetResponseHeader, SocketId, StateFlags,
+};
+use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
+use socket2::SockRef;
 use tracing::debug;
 
-/// `sock_diag` request and reply type (`linux/sock_diag.h`).
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-/// `sock_diag` request that aborts one socket (`linux/sock_diag.h`).
-const SOCK_DESTROY: u16 = 21;
-
-/// `struct nlmsghdr`.
+/// `struct nlmsghdr`; netlink-packet-core does not export its length.
 const NLMSG_HDRLEN: usize = 16;
-/// `struct inet_diag_sockid`.
-const SOCKID_LEN: usize = 48;
-/// `struct inet_diag_req_v2`: family, protocol, ext, pad, states, sockid.
-const REQ_V2_LEN: usize = 8 + SOCKID_LEN;
-/// `struct inet_diag_msg`: family, state, timer, retrans, sockid, expires, rqueue,
-/// wqueue, uid, inode.
-const DIAG_MSG_LEN: usize = 4 + SOCKID_LEN + 20;
-
-/// TCP states (`include/net/tcp_states.h`), as `idiag_state` reports them.
-const TCP_ESTABLISHED: u8 = 1;
-const TCP_SYN_SENT: u8 = 2;
-const TCP_CLOSE_WAIT: u8 = 8;
+/// `struct inet_diag_msg` without its attributes: family, state, timer, retrans, sockid,
+/// expires, rqueue, wqueue, uid, inode.
+const DIAG_MSG_LEN: usize = mem::size_of::<InetResponseBuffer>();
 
 /// Bigger than any datagram the kernel builds for a dump (it caps them at 32 KiB).
 const RECV_BUF_LEN: usize = 64 * 1024;
 /// How long one receive waits for the kernel before the namespace counts as failed.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
-/// At ~400 sockets per datagram, ~26 million sockets: more than any node holds.
+/// At ~300 sockets per datagram, ~20 million sockets: more than any node holds.
 const MAX_DUMP_DATAGRAMS: usize = 1 << 16;
+/// At ~100 bytes per socket, ~10 million sockets.
+const MAX_DUMP_BYTES: usize = 1 << 30;
+/// A dump of a million sockets takes about a second.
+const MAX_DUMP_TIME: Duration = Duration::from_secs(60);
 /// Replies read while waiting for one acknowledgement before giving up.
 const MAX_ACK_REPLIES: usize = 64;
 /// Bounds on the walk of a cgroup tree; exceeding one is an error, never a silent cut.
@@ -176,6 +199,8 @@ pub enum SockDiagError {
         #[source]
         source: io::Error,
     },
+    #[error("no reply from the kernel in {netns} within {timeout:?} (SO_RCVTIMEO)")]
+    Silent { netns: String, timeout: Duration },
     #[error("sock_diag reply in {netns}: {source}")]
     Reply {
         netns: String,
@@ -216,8 +241,16 @@ pub enum ReplyError {
     UnexpectedType(u16),
     #[error("the kernel dropped replies (NLMSG_OVERRUN)")]
     Overrun,
-    #[error("no end of the dump after {0} datagrams")]
-    EndlessDump(usize),
+    #[error("a {what} the crate could not decode: {reason}")]
+    Undecodable {
+        what: &'static str,
+        /// netlink-packet-core's `DecodeError`, which carries only its message.
+        reason: String,
+    },
+    #[error("the dump passed {limit} {what} without ending")]
+    DumpTooLarge { limit: usize, what: &'static str },
+    #[error("the dump did not end within {0:?}")]
+    DumpTooSlow(Duration),
     #[error("no acknowledgement among {0} replies")]
     NoAck(usize),
 }
@@ -306,18 +339,16 @@ fn destroy_with(
     };
     // An AF_INET6 dump holds dual-stack sockets to IPv4 backends too (as ::ffff:a.b.c.d),
     // so it is needed whatever the targets; an AF_INET dump only for IPv4 targets.
-    let mut families = vec![(libc::AF_INET6 as u8, "SOCK_DIAG_BY_FAMILY dump of AF_INET6")];
+    let mut families = vec![(AF_INET6, "SOCK_DIAG_BY_FAMILY dump of AF_INET6")];
     if targets.iter().any(|(ip, _)| ip.is_ipv4()) {
-        families.push((libc::AF_INET as u8, "SOCK_DIAG_BY_FAMILY dump of AF_INET"));
+        families.push((AF_INET, "SOCK_DIAG_BY_FAMILY dump of AF_INET"));
     }
     let mut chosen = Vec::new();
     // A dump can show a socket twice when the hash table changes under it.
     let mut seen = HashSet::new();
     for (family, request) in families {
         sock.dump(netns, request, family, which.state_mask(), |msg| {
-            let Some(dst) = msg.id.dst(msg.family) else {
-                return;
-            };
+            let dst = msg.id.dst();
             if !which.includes(msg.state)
                 || !targets.contains(&(dst.ip(), dst.port()))
                 || !seen.insert(msg.id.cookie)
@@ -345,61 +376,61 @@ fn destroy_with(
     Ok(report)
 }
 
-/// `struct inet_diag_sockid`, decoded: ports in host order, addresses as on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// `struct inet_diag_sockid`, as the module uses it: the crate's [`SocketId`] with its
+/// cookie read as the one number `SO_COOKIE` and detour's map of rewritten sockets use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SockId {
     sport: u16,
     dport: u16,
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: IpAddr,
+    dst: IpAddr,
     interface: u32,
     cookie: u64,
 }
 
 impl SockId {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.sport.to_be_bytes());
-        out.extend_from_slice(&self.dport.to_be_bytes());
-        out.extend_from_slice(&self.src);
-        out.extend_from_slice(&self.dst);
-        out.extend_from_slice(&self.interface.to_ne_bytes());
-        // idiag_cookie[2]: the low half first, each in host order (sock_diag_save_cookie).
-        out.extend_from_slice(&(self.cookie as u32).to_ne_bytes());
-        out.extend_from_slice(&((self.cookie >> 32) as u32).to_ne_bytes());
+    fn from_crate(id: &SocketId) -> Self {
+        SockId {
+            sport: id.source_port,
+            dport: id.destination_port,
+            src: id.source_address,
+            dst: id.destination_address,
+            interface: id.interface_id,
+            cookie: cookie_from_bytes(id.cookie),
+        }
     }
 
-    /// `b` is exactly [`SOCKID_LEN`] bytes.
-    fn decode(b: &[u8]) -> Self {
-        let lo = u32_ne(&b[40..44]);
-        let hi = u32_ne(&b[44..48]);
-        SockId {
-            sport: u16::from_be_bytes([b[0], b[1]]),
-            dport: u16::from_be_bytes([b[2], b[3]]),
-            src: b[4..20].try_into().expect("16 bytes"),
-            dst: b[20..36].try_into().expect("16 bytes"),
-            interface: u32_ne(&b[36..40]),
-            cookie: u64::from(hi) << 32 | u64::from(lo),
+    /// The id exactly as the dump reported it, to name the socket back to the kernel.
+    fn to_crate(self) -> SocketId {
+        SocketId {
+            source_port: self.sport,
+            destination_port: self.dport,
+            source_address: self.src,
+            destination_address: self.dst,
+            interface_id: self.interface,
+            cookie: cookie_to_bytes(self.cookie),
         }
     }
 
     /// The destination, canonical (an IPv4-mapped IPv6 address comes out as IPv4).
-    fn dst(&self, family: u8) -> Option<SocketAddr> {
-        let ip = match i32::from(family) {
-            libc::AF_INET => IpAddr::V4(Ipv4Addr::new(
-                self.dst[0],
-                self.dst[1],
-                self.dst[2],
-                self.dst[3],
-            )),
-            libc::AF_INET6 => Ipv6Addr::from(self.dst).to_canonical(),
-            _ => return None,
-        };
-        Some(SocketAddr::new(ip, self.dport))
+    fn dst(&self) -> SocketAddr {
+        SocketAddr::new(self.dst.to_canonical(), self.dport)
     }
 }
 
-fn u32_ne(b: &[u8]) -> u32 {
-    u32::from_ne_bytes(b.try_into().expect("4 bytes"))
+/// `idiag_cookie` is `__u32[2]`, the low half first, each in host order
+/// (`sock_diag_save_cookie`); the crate keeps it as 8 opaque bytes.
+fn cookie_from_bytes(b: [u8; 8]) -> u64 {
+    let lo = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let hi = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+fn cookie_to_bytes(cookie: u64) -> [u8; 8] {
+    let mut b = [0; 8];
+    b[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());
+    b[4..].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+    b
 }
 
 /// The part of `struct inet_diag_msg` this module needs.
@@ -411,6 +442,8 @@ struct DiagMsg {
 }
 
 impl DiagMsg {
+    /// Decodes the fixed part with the crate; the attributes after it are not read (see
+    /// the module doc).
     fn decode(payload: &[u8]) -> Result<Self, ReplyError> {
         if payload.len() < DIAG_MSG_LEN {
             return Err(ReplyError::ShortPayload {
@@ -419,54 +452,58 @@ impl DiagMsg {
                 need: DIAG_MSG_LEN,
             });
         }
+        let header = InetResponseHeader::parse(payload).map_err(|e| ReplyError::Undecodable {
+            what: "inet_diag_msg",
+            reason: e.to_string(),
+        })?;
         Ok(DiagMsg {
-            family: payload[0],
-            state: payload[1],
-            id: SockId::decode(&payload[4..4 + SOCKID_LEN]),
+            family: header.family,
+            state: header.state,
+            id: SockId::from_crate(&header.socket_id),
         })
     }
 }
 
-/// An `nlmsghdr` + `inet_diag_req_v2` request for TCP sockets of `family`.
-fn encode_request(
-    msg_type: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    states: u32,
-    id: &SockId,
-) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + REQ_V2_LEN;
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(&(len as u32).to_ne_bytes());
-    out.extend_from_slice(&msg_type.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
+/// One request, header and all, as the crate serializes it.
+fn encode<I: NetlinkSerializable>(flags: u16, seq: u32, payload: I) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
     // nlmsg_pid 0: the kernel fills in our port id.
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    out.extend_from_slice(&states.to_ne_bytes());
-    id.encode(&mut out);
-    debug_assert_eq!(out.len(), len);
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
+    msg.finalize();
+    let mut out = vec![0; msg.buffer_len()];
+    msg.serialize(&mut out);
     out
 }
 
+/// An `inet_diag_req_v2` dump of the TCP sockets of `family` in the `states` mask.
 fn dump_request(seq: u32, family: u8, states: u32) -> Vec<u8> {
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    encode_request(
-        SOCK_DIAG_BY_FAMILY,
-        flags,
-        seq,
+    let socket_id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
+    let request = SockDiagMessage::InetRequest(InetRequest {
         family,
-        states,
-        &SockId::default(),
-    )
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::from_bits_retain(states),
+        socket_id,
+    });
+    encode(NLM_F_REQUEST | NLM_F_DUMP, seq, request)
 }
 
 /// Names the socket by its whole id, cookie included; the kernel ignores the states.
 fn destroy_request(seq: u32, msg: &DiagMsg) -> Vec<u8> {
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-    encode_request(SOCK_DESTROY, flags, seq, msg.family, 0, &msg.id)
+    let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
+        family: msg.family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::empty(),
+        socket_id: msg.id.to_crate(),
+    }));
+    encode(NLM_F_REQUEST | NLM_F_ACK, seq, request)
 }
 
 /// One netlink message of a datagram.
@@ -478,14 +515,15 @@ struct NlMsg<'a> {
 }
 
 /// Splits a datagram into its messages (`NLMSG_OK`/`NLMSG_NEXT`, but strict: a message
-/// that does not fit is an error, not the end).
+/// that does not fit is an error, not the end). The crate reads each header; the walk
+/// from one message to the next is here, as netlink-packet-core has none.
 fn split_messages(mut buf: &[u8]) -> Result<Vec<NlMsg<'_>>, ReplyError> {
     let mut out = Vec::new();
     while !buf.is_empty() {
         if buf.len() < NLMSG_HDRLEN {
             return Err(ReplyError::ShortHeader { left: buf.len() });
         }
-        let len = u32_ne(&buf[0..4]);
+        let len = NetlinkBuffer::new(buf).length();
         let ulen = len as usize;
         if ulen < NLMSG_HDRLEN || ulen > buf.len() {
             return Err(ReplyError::BadLength {
@@ -493,27 +531,43 @@ fn split_messages(mut buf: &[u8]) -> Result<Vec<NlMsg<'_>>, ReplyError> {
                 left: buf.len(),
             });
         }
+        // The checks above are `NetlinkBuffer::new_checked`'s, kept here for their
+        // numbers; with them its accessors cannot panic.
+        let msg = NetlinkBuffer::new(&buf[..ulen]);
         out.push(NlMsg {
-            msg_type: u16::from_ne_bytes([buf[4], buf[5]]),
-            seq: u32_ne(&buf[8..12]),
-            payload: &buf[NLMSG_HDRLEN..ulen],
+            msg_type: msg.message_type(),
+            seq: msg.sequence_number(),
+            payload: msg.payload(),
         });
         // NLMSG_ALIGN; the last message may end without its padding.
-        buf = &buf[((ulen + 3) & !3).min(buf.len())..];
+        let next = ulen
+            .next_multiple_of(usize::from(NLMSG_ALIGNTO))
+            .min(buf.len());
+        buf = &buf[next..];
     }
     Ok(out)
 }
 
-/// The `int` an `NLMSG_ERROR` or `NLMSG_DONE` carries: 0 or a negative errno.
-fn errno_of(msg: &NlMsg<'_>, what: &'static str) -> Result<i32, ReplyError> {
-    match msg.payload.get(0..4) {
-        Some(b) => Ok(i32::from_ne_bytes(b.try_into().expect("4 bytes"))),
-        None => Err(ReplyError::ShortPayload {
-            what,
+/// The `int` an `NLMSG_DONE` carries: 0 or a negative errno.
+fn done_code(msg: &NlMsg<'_>) -> Result<i32, ReplyError> {
+    DoneBuffer::new_checked(msg.payload)
+        .map(|done| done.code())
+        .map_err(|_| ReplyError::ShortPayload {
+            what: "NLMSG_DONE",
             len: msg.payload.len(),
-            need: 4,
-        }),
-    }
+            need: mem::size_of::<i32>(),
+        })
+}
+
+/// The `int` an `NLMSG_ERROR` carries: 0 (an acknowledgement) or a negative errno.
+fn error_code(msg: &NlMsg<'_>) -> Result<i32, ReplyError> {
+    ErrorBuffer::new_checked(msg.payload)
+        .map(|error| error.code().map_or(0, |code| code.get()))
+        .map_err(|_| ReplyError::ShortPayload {
+            what: "NLMSG_ERROR",
+            len: msg.payload.len(),
+            need: mem::size_of::<i32>(),
+        })
 }
 
 /// What the dump loop makes of one message.
@@ -530,75 +584,144 @@ fn dump_step(msg: &NlMsg<'_>, seq: u32) -> Result<DumpStep, ReplyError> {
     if msg.seq != seq {
         return Ok(DumpStep::Ignore);
     }
-    match i32::from(msg.msg_type) {
-        libc::NLMSG_NOOP => Ok(DumpStep::Ignore),
-        libc::NLMSG_OVERRUN => Err(ReplyError::Overrun),
+    match msg.msg_type {
+        NLMSG_NOOP => Ok(DumpStep::Ignore),
+        NLMSG_OVERRUN => Err(ReplyError::Overrun),
         // A dump ends with DONE, whose int is 0 unless the dump failed midway.
-        libc::NLMSG_DONE => match errno_of(msg, "NLMSG_DONE")? {
+        NLMSG_DONE => match done_code(msg)? {
             0 => Ok(DumpStep::Done),
             e => Ok(DumpStep::Failed(-e)),
         },
         // A rejected dump request is answered with an error instead.
-        libc::NLMSG_ERROR => match errno_of(msg, "NLMSG_ERROR")? {
+        NLMSG_ERROR => match error_code(msg)? {
             0 => Ok(DumpStep::Done),
             e => Ok(DumpStep::Failed(-e)),
         },
-        _ if msg.msg_type == SOCK_DIAG_BY_FAMILY => {
-            Ok(DumpStep::Socket(DiagMsg::decode(msg.payload)?))
-        }
-        _ => Err(ReplyError::UnexpectedType(msg.msg_type)),
+        SOCK_DIAG_BY_FAMILY => Ok(DumpStep::Socket(DiagMsg::decode(msg.payload)?)),
+        other => Err(ReplyError::UnexpectedType(other)),
     }
 }
 
 /// The kernel's answer to an acknowledged request, if `msg` is it.
 fn ack_of(msg: &NlMsg<'_>, seq: u32) -> Result<Option<i32>, ReplyError> {
-    if msg.seq != seq || i32::from(msg.msg_type) != libc::NLMSG_ERROR {
+    if msg.seq != seq || msg.msg_type != NLMSG_ERROR {
         return Ok(None);
     }
-    errno_of(msg, "NLMSG_ERROR").map(|e| Some(-e))
+    error_code(msg).map(|e| Some(-e))
+}
+
+/// How much of one dump is read before it counts as failed.
+#[derive(Debug, Clone, Copy)]
+struct DumpLimits {
+    datagrams: usize,
+    bytes: usize,
+    time: Duration,
+}
+
+impl DumpLimits {
+    const DEFAULT: DumpLimits = DumpLimits {
+        datagrams: MAX_DUMP_DATAGRAMS,
+        bytes: MAX_DUMP_BYTES,
+        time: MAX_DUMP_TIME,
+    };
+}
+
+/// Where replies come from: the netlink socket, or a test's datagrams.
+trait Datagrams {
+    /// The next datagram, whole, within [`RECV_TIMEOUT`].
+    fn next_datagram(&mut self, netns: &str) -> Result<&[u8], SockDiagError>;
+}
+
+/// Reads the replies to dump `seq` up to its end, handing each socket to `each`.
+fn read_dump(
+    source: &mut impl Datagrams,
+    netns: &str,
+    request: &'static str,
+    seq: u32,
+    limits: DumpLimits,
+    mut each: impl FnMut(DiagMsg),
+) -> Result<(), SockDiagError> {
+    let reply_err = |source| SockDiagError::Reply {
+        netns: netns.to_owned(),
+        source,
+    };
+    let started = Instant::now();
+    let mut bytes = 0usize;
+    for _ in 0..limits.datagrams {
+        let datagram = source.next_datagram(netns)?;
+        bytes += datagram.len();
+        if bytes > limits.bytes {
+            return Err(reply_err(ReplyError::DumpTooLarge {
+                limit: limits.bytes,
+                what: "bytes",
+            }));
+        }
+        for msg in split_messages(datagram).map_err(reply_err)? {
+            match dump_step(&msg, seq).map_err(reply_err)? {
+                DumpStep::Socket(m) => each(m),
+                DumpStep::Ignore => {}
+                DumpStep::Done => return Ok(()),
+                DumpStep::Failed(errno) => {
+                    return Err(SockDiagError::Kernel {
+                        netns: netns.to_owned(),
+                        request,
+                        source: io::Error::from_raw_os_error(errno),
+                    })
+                }
+            }
+        }
+        if started.elapsed() >= limits.time {
+            return Err(reply_err(ReplyError::DumpTooSlow(limits.time)));
+        }
+    }
+    Err(reply_err(ReplyError::DumpTooLarge {
+        limit: limits.datagrams,
+        what: "datagrams",
+    }))
+}
+
+/// Reads replies until the acknowledgement of request `seq`: `Ok(Err)` when the kernel
+/// refused it.
+fn read_ack(
+    source: &mut impl Datagrams,
+    netns: &str,
+    seq: u32,
+) -> Result<Result<(), io::Error>, SockDiagError> {
+    let reply_err = |source| SockDiagError::Reply {
+        netns: netns.to_owned(),
+        source,
+    };
+    let mut replies = 0;
+    while replies < MAX_ACK_REPLIES {
+        let datagram = source.next_datagram(netns)?;
+        let msgs = split_messages(datagram).map_err(reply_err)?;
+        // An empty datagram counts as one reply, so that a stream of them ends too.
+        replies += msgs.len().max(1);
+        for reply in msgs {
+            match ack_of(&reply, seq).map_err(reply_err)? {
+                Some(0) => return Ok(Ok(())),
+                Some(errno) => return Ok(Err(io::Error::from_raw_os_error(errno))),
+                None => {}
+            }
+        }
+    }
+    Err(reply_err(ReplyError::NoAck(MAX_ACK_REPLIES)))
 }
 
 /// A `NETLINK_SOCK_DIAG` socket, bound to the namespace it was created in.
 struct DiagSocket {
-    fd: OwnedFd,
+    sock: Socket,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl DiagSocket {
     fn open() -> io::Result<Self> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a descriptor we just opened and own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: the option value points at a live timeval of the size passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let sock = Socket::new(NETLINK_SOCK_DIAG)?;
+        // Every receive below is bounded by this (SO_RCVTIMEO).
+        SockRef::from(&sock).set_read_timeout(Some(RECV_TIMEOUT))?;
         Ok(DiagSocket {
-            fd,
+            sock,
             seq: 0,
             buf: vec![0; RECV_BUF_LEN],
         })
@@ -610,69 +733,19 @@ impl DiagSocket {
     }
 
     fn send(&self, netns: &str, request: &[u8]) -> Result<(), SockDiagError> {
-        // SAFETY: zeroed sockaddr_nl is valid; nl_pid 0 addresses the kernel.
-        let mut kernel: libc::sockaddr_nl = unsafe { mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // Port 0 addresses the kernel.
+        let kernel = NetlinkAddr::new(0, 0);
         loop {
-            // SAFETY: `request` and `kernel` are live for the call, with the sizes passed.
-            let n = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    request.as_ptr().cast(),
-                    request.len(),
-                    0,
-                    (&kernel as *const libc::sockaddr_nl).cast(),
-                    mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-                )
-            };
-            if n >= 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(SockDiagError::Syscall {
-                    netns: netns.to_owned(),
-                    call: "sendto(NETLINK_SOCK_DIAG)",
-                    source: err,
-                });
-            }
-        }
-    }
-
-    /// Receives one datagram; its length, or an error if it did not fit.
-    fn recv(&mut self, netns: &str) -> Result<usize, SockDiagError> {
-        loop {
-            // MSG_TRUNC: netlink returns the datagram's real length, so a cut is visible.
-            // SAFETY: `buf` is live and writable for its whole length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if n >= 0 {
-                let len = n as usize;
-                if len > self.buf.len() {
-                    return Err(SockDiagError::Reply {
+            match self.sock.send_to(request, &kernel, 0) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(SockDiagError::Syscall {
                         netns: netns.to_owned(),
-                        source: ReplyError::Truncated {
-                            len,
-                            cap: self.buf.len(),
-                        },
-                    });
+                        call: "sendto(NETLINK_SOCK_DIAG)",
+                        source,
+                    })
                 }
-                return Ok(len);
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                // EAGAIN here is RECV_TIMEOUT expiring.
-                return Err(SockDiagError::Syscall {
-                    netns: netns.to_owned(),
-                    call: "recv(NETLINK_SOCK_DIAG)",
-                    source: err,
-                });
             }
         }
     }
@@ -684,32 +757,11 @@ impl DiagSocket {
         request: &'static str,
         family: u8,
         states: u32,
-        mut each: impl FnMut(DiagMsg),
+        each: impl FnMut(DiagMsg),
     ) -> Result<(), SockDiagError> {
-        let reply_err = |source| SockDiagError::Reply {
-            netns: netns.to_owned(),
-            source,
-        };
         let seq = self.next_seq();
         self.send(netns, &dump_request(seq, family, states))?;
-        for _ in 0..MAX_DUMP_DATAGRAMS {
-            let len = self.recv(netns)?;
-            for msg in split_messages(&self.buf[..len]).map_err(reply_err)? {
-                match dump_step(&msg, seq).map_err(reply_err)? {
-                    DumpStep::Socket(m) => each(m),
-                    DumpStep::Ignore => {}
-                    DumpStep::Done => return Ok(()),
-                    DumpStep::Failed(errno) => {
-                        return Err(SockDiagError::Kernel {
-                            netns: netns.to_owned(),
-                            request,
-                            source: io::Error::from_raw_os_error(errno),
-                        })
-                    }
-                }
-            }
-        }
-        Err(reply_err(ReplyError::EndlessDump(MAX_DUMP_DATAGRAMS)))
+        read_dump(self, netns, request, seq, DumpLimits::DEFAULT, each)
     }
 
     /// Asks the kernel to destroy one socket: `Err` when talking to the kernel failed,
@@ -719,25 +771,43 @@ impl DiagSocket {
         netns: &str,
         msg: &DiagMsg,
     ) -> Result<Result<(), io::Error>, SockDiagError> {
-        let reply_err = |source| SockDiagError::Reply {
-            netns: netns.to_owned(),
-            source,
-        };
         let seq = self.next_seq();
         self.send(netns, &destroy_request(seq, msg))?;
-        let mut replies = 0;
-        while replies < MAX_ACK_REPLIES {
-            let len = self.recv(netns)?;
-            for reply in split_messages(&self.buf[..len]).map_err(reply_err)? {
-                replies += 1;
-                match ack_of(&reply, seq).map_err(reply_err)? {
-                    Some(0) => return Ok(Ok(())),
-                    Some(errno) => return Ok(Err(io::Error::from_raw_os_error(errno))),
-                    None => {}
+        read_ack(self, netns, seq)
+    }
+}
+
+impl Datagrams for DiagSocket {
+    fn next_datagram(&mut self, netns: &str) -> Result<&[u8], SockDiagError> {
+        loop {
+            // MSG_TRUNC: netlink returns the datagram's real length, so a cut is visible.
+            match self.sock.recv(&mut &mut self.buf[..], libc::MSG_TRUNC) {
+                Ok(len) if len > self.buf.len() => {
+                    return Err(SockDiagError::Reply {
+                        netns: netns.to_owned(),
+                        source: ReplyError::Truncated {
+                            len,
+                            cap: self.buf.len(),
+                        },
+                    })
+                }
+                Ok(len) => return Ok(&self.buf[..len]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(SockDiagError::Silent {
+                        netns: netns.to_owned(),
+                        timeout: RECV_TIMEOUT,
+                    })
+                }
+                Err(source) => {
+                    return Err(SockDiagError::Syscall {
+                        netns: netns.to_owned(),
+                        call: "recv(NETLINK_SOCK_DIAG)",
+                        source,
+                    })
                 }
             }
         }
-        Err(reply_err(ReplyError::NoAck(MAX_ACK_REPLIES)))
     }
 }
 
@@ -916,13 +986,18 @@ fn open_netns(key: NetnsKey, pids: &[u32]) -> Result<Option<OpenedNetns>, SockDi
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{TcpListener, TcpStream};
+    use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream};
     use std::process::{Command, Stdio};
     use std::sync::mpsc;
     use std::thread;
     use std::time::Instant;
 
     use detour_testbed::{require_root, wait_with_timeout, Cgroup, Netns, TempDir};
+    use netlink_packet_core::Emitable;
+    use netlink_packet_sock_diag::inet::SocketIdBuffer;
+
+    /// `struct inet_diag_sockid`.
+    const SOCKID_LEN: usize = mem::size_of::<SocketIdBuffer>();
 
     use super::*;
 
@@ -950,18 +1025,14 @@ mod tests {
     #[test]
     #[cfg(target_endian = "little")]
     fn destroy_request_names_the_socket_by_its_whole_id() {
-        let mut dst = [0; 16];
-        dst[..4].copy_from_slice(&[127, 0, 0, 2]);
-        let mut src = [0; 16];
-        src[..4].copy_from_slice(&[127, 0, 0, 1]);
         let msg = DiagMsg {
             family: libc::AF_INET as u8,
             state: TCP_ESTABLISHED,
             id: SockId {
                 sport: 40000,
                 dport: 8080,
-                src,
-                dst,
+                src: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+                dst: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
                 interface: 3,
                 cookie: 0x0000_0001_0000_0002,
             },
@@ -1020,12 +1091,9 @@ mod tests {
         assert_eq!(msg.state, TCP_SYN_SENT);
         assert_eq!(msg.id.sport, 42000);
         assert_eq!(msg.id.cookie, 0x7_dead_beef);
-        assert_eq!(
-            msg.id.dst(msg.family),
-            Some("10.1.2.3:443".parse().unwrap())
-        );
-        let mut id = Vec::new();
-        msg.id.encode(&mut id);
+        assert_eq!(msg.id.dst(), "10.1.2.3:443".parse().unwrap());
+        let mut id = vec![0; SOCKID_LEN];
+        msg.id.to_crate().emit(&mut id);
         assert_eq!(id, payload[4..4 + SOCKID_LEN]);
 
         let err = DiagMsg::decode(&payload[..DIAG_MSG_LEN - 1]).unwrap_err();
@@ -1042,20 +1110,18 @@ mod tests {
     fn ipv4_mapped_destinations_read_as_ipv4() {
         let mapped: Ipv6Addr = "::ffff:10.0.0.1".parse().unwrap();
         let msg = DiagMsg::decode(&kernel_diag_msg(10, 1, mapped.octets(), [0; 8])).unwrap();
-        assert_eq!(
-            msg.id.dst(msg.family),
-            Some("10.0.0.1:443".parse().unwrap())
-        );
+        assert_eq!(msg.id.dst(), "10.0.0.1:443".parse().unwrap());
 
         let v6: Ipv6Addr = "fd00::1".parse().unwrap();
         let msg = DiagMsg::decode(&kernel_diag_msg(10, 1, v6.octets(), [0; 8])).unwrap();
-        assert_eq!(
-            msg.id.dst(msg.family),
-            Some("[fd00::1]:443".parse().unwrap())
-        );
+        assert_eq!(msg.id.dst(), "[fd00::1]:443".parse().unwrap());
 
-        let msg = DiagMsg::decode(&kernel_diag_msg(1, 1, v6.octets(), [0; 8])).unwrap();
-        assert_eq!(msg.id.dst(msg.family), None, "AF_UNIX is no TCP family");
+        // The crate refuses to read an inet_diag_msg of another family.
+        let err = DiagMsg::decode(&kernel_diag_msg(1, 1, v6.octets(), [0; 8])).unwrap_err();
+        assert!(
+            matches!(err, ReplyError::Undecodable { .. }),
+            "AF_UNIX is no TCP family: {err}"
+        );
     }
 
     #[test]
@@ -1162,6 +1228,165 @@ mod tests {
         assert_eq!(ack(3, 0), Ok(None), "an earlier request's ack");
     }
 
+    /// The same datagram, again and again: a kernel (or a bug) that never ends a reply.
+    struct Endless {
+        datagram: Vec<u8>,
+        reads: usize,
+    }
+
+    impl Datagrams for Endless {
+        fn next_datagram(&mut self, _netns: &str) -> Result<&[u8], SockDiagError> {
+            self.reads += 1;
+            Ok(&self.datagram)
+        }
+    }
+
+    fn endless_sockets(seq: u32) -> Endless {
+        let diag = kernel_diag_msg(2, TCP_ESTABLISHED, [0; 16], [1, 0, 0, 0, 0, 0, 0, 0]);
+        Endless {
+            datagram: [
+                nlmsg(SOCK_DIAG_BY_FAMILY, seq, &diag),
+                nlmsg(SOCK_DIAG_BY_FAMILY, seq, &diag),
+            ]
+            .concat(),
+            reads: 0,
+        }
+    }
+
+    #[test]
+    fn a_dump_that_never_ends_stops_at_its_limits() {
+        let limits = DumpLimits {
+            datagrams: 5,
+            bytes: usize::MAX,
+            time: Duration::from_secs(3600),
+        };
+        let mut source = endless_sockets(1);
+        let mut sockets = 0;
+        let err = read_dump(&mut source, "test", "dump", 1, limits, |_| sockets += 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SockDiagError::Reply {
+                    source: ReplyError::DumpTooLarge {
+                        limit: 5,
+                        what: "datagrams"
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!((source.reads, sockets), (5, 10));
+
+        let mut source = endless_sockets(1);
+        let len = source.datagram.len();
+        let by_bytes = DumpLimits {
+            bytes: 3 * len,
+            ..limits
+        };
+        let err = read_dump(&mut source, "test", "dump", 1, by_bytes, |_| {}).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("passed {} bytes", 3 * len)),
+            "{err}"
+        );
+        assert_eq!(
+            source.reads, 4,
+            "the datagram past the limit is not decoded"
+        );
+
+        let mut source = endless_sockets(1);
+        let by_time = DumpLimits {
+            time: Duration::ZERO,
+            ..limits
+        };
+        let err = read_dump(&mut source, "test", "dump", 1, by_time, |_| {}).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SockDiagError::Reply {
+                    source: ReplyError::DumpTooSlow(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(source.reads, 1);
+    }
+
+    #[test]
+    fn an_acknowledgement_that_never_comes_stops_after_a_bounded_wait() {
+        // Replies to another request, then nothing at all: both end.
+        for mut source in [
+            endless_sockets(1),
+            Endless {
+                datagram: Vec::new(),
+                reads: 0,
+            },
+        ] {
+            let err = read_ack(&mut source, "test", 2).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    SockDiagError::Reply {
+                        source: ReplyError::NoAck(MAX_ACK_REPLIES),
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(source.reads <= MAX_ACK_REPLIES, "{}", source.reads);
+        }
+        let mut payload = (-libc::EOPNOTSUPP).to_ne_bytes().to_vec();
+        payload.extend_from_slice(&[0; NLMSG_HDRLEN]);
+        let mut source = Endless {
+            datagram: nlmsg(libc::NLMSG_ERROR as u16, 2, &payload),
+            reads: 0,
+        };
+        let refused = read_ack(&mut source, "test", 2).unwrap().unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EOPNOTSUPP));
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, the reply parsers return, without a panic.
+        #[test]
+        fn any_datagram_is_parsed_or_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Ok(msgs) = split_messages(&bytes) {
+                for msg in &msgs {
+                    let _ = dump_step(msg, msg.seq);
+                    let _ = ack_of(msg, msg.seq);
+                }
+            }
+        }
+
+        /// Well-framed messages of any type and payload: the same.
+        #[test]
+        fn any_message_is_parsed_or_refused(
+            msg_type in proptest::prop_oneof![
+                proptest::strategy::Just(SOCK_DIAG_BY_FAMILY),
+                proptest::strategy::Just(NLMSG_DONE),
+                proptest::strategy::Just(NLMSG_ERROR),
+                proptest::num::u16::ANY,
+            ],
+            family in proptest::prop_oneof![
+                proptest::strategy::Just(AF_INET),
+                proptest::strategy::Just(AF_INET6),
+                proptest::num::u8::ANY,
+            ],
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..160),
+        ) {
+            let mut payload = payload;
+            if let Some(first) = payload.first_mut() {
+                *first = family;
+            }
+            let datagram = nlmsg(msg_type, 1, &payload);
+            let msgs = split_messages(&datagram).unwrap();
+            proptest::prop_assert_eq!(msgs.len(), 1);
+            let _ = dump_step(&msgs[0], 1);
+            let _ = ack_of(&msgs[0], 1);
+        }
+    }
+
     // ---- the cgroup walk, on an ordinary directory tree ----
 
     #[test]
@@ -1246,7 +1471,7 @@ mod tests {
         let mut found = Vec::new();
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             sock.dump("test", "dump", family, which.state_mask(), |m| {
-                if m.id.dst(m.family) == Some(dst) {
+                if m.id.dst() == dst {
                     found.push(m);
                 }
             })

@@ -91,6 +91,30 @@ mod programs {
     /// Allow the syscall to go on (with whatever address we left in the context).
     const ALLOW: i32 = 1;
 
+    /// Which build of the programs this is: `DETOUR_EBPF_VARIANT` at build time (a
+    /// number, default 0; see `agent/build.rs`). Upgrade tests build a second agent with
+    /// it set, so that its programs differ (another program tag) while behaving the
+    /// same: it only lands in the bits 16.. of [`SockOrigin::flags`], which no reader
+    /// looks at.
+    const BUILD_VARIANT: u32 = match option_env!("DETOUR_EBPF_VARIANT") {
+        Some(text) => parse_variant(text.as_bytes()),
+        None => 0,
+    };
+
+    const fn parse_variant(digits: &[u8]) -> u32 {
+        let mut value = 0u32;
+        let mut i = 0;
+        while i < digits.len() {
+            assert!(
+                digits[i].is_ascii_digit(),
+                "DETOUR_EBPF_VARIANT must be a number"
+            );
+            value = value * 10 + (digits[i] - b'0') as u32;
+            i += 1;
+        }
+        value & 0xffff
+    }
+
     // Frontend entries are replaced while connects read them: without preallocation the
     // old element is freed after an RCU grace period, so a reader never sees it reused.
     #[map(name = "DETOUR_SERVICES")]
@@ -273,7 +297,7 @@ mod programs {
             fail_threshold: choice.entry.fail_threshold,
             suspect_ms: choice.entry.suspect_ms,
             handshake_timeout_ms: choice.entry.handshake_timeout_ms,
-            flags: 0,
+            flags: BUILD_VARIANT << 16,
         };
         // A failed insert only costs getpeername the VIP; the connect goes on regardless.
         // A later connect of the same socket overwrites: the latest connect wins.

@@ -14,6 +14,9 @@
 //! These tests need root; they fail (never skip) without it.
 
 mod client;
+mod config_file;
+mod limits;
 mod passive;
 mod scenarios;
+mod upgrade;
 mod world;

@@ -58,6 +58,11 @@ impl World {
             .set_status(status);
     }
 
+    /// Where the agent reads its config.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("detour.yaml")
+    }
+
     pub fn write_config(&self, yaml: &str) -> Result<()> {
         // Write then rename, as a config management tool would: the agent never reads a
         // half-written file.

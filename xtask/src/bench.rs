@@ -230,7 +230,7 @@ fn connect_once(addr: &SockAddr) -> std::io::Result<()> {
 }
 
 /// A listener that accepts and immediately drops every connection.
-struct AcceptSink {
+pub(crate) struct AcceptSink {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicU64>,
@@ -238,7 +238,7 @@ struct AcceptSink {
 }
 
 impl AcceptSink {
-    fn start(addr: SocketAddr) -> Result<Self> {
+    pub(crate) fn start(addr: SocketAddr) -> Result<Self> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
         socket
@@ -277,7 +277,7 @@ impl AcceptSink {
         })
     }
 
-    fn accepted(&self) -> u64 {
+    pub(crate) fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
     }
 }
@@ -742,7 +742,7 @@ fn filler_endpoint(j: u32) -> String {
     format!("127.211.{}.{}", (j >> 8) & 0xff, j & 0xff)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {

@@ -10,15 +10,17 @@
 //! programs see.
 
 mod bench;
+mod bench_reload;
 mod cmd;
 mod demo;
 mod failover;
+mod fuzz;
 mod setup;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -40,6 +42,10 @@ enum Task {
     BuildEbpf,
     /// Setup, rustfmt check, clippy -D warnings, then every test (privileged ones too).
     Test {
+        /// Run the tests this many times in a row (fmt and clippy once); any failing run
+        /// fails the task. For finding flaky tests: `cargo xtask test --repeat 20`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
         /// Passed to `cargo test` after its own `--`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -50,6 +56,10 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Measure failover (refused, black-holed backend) and the request path against HAProxy.
     BenchFailover(failover::FailoverArgs),
+    /// Measure a one-service edit of the config file reaching connects, and agent memory.
+    BenchReload(bench_reload::ReloadArgs),
+    /// Fuzz the parsers of outside bytes with libFuzzer, `--time` seconds per target.
+    Fuzz(fuzz::FuzzArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
     #[command(hide = true)]
     DemoClient(demo::ClientArgs),
@@ -59,6 +69,9 @@ enum Task {
     /// The failover benchmark's HTTP load, run inside the bench cgroup.
     #[command(hide = true)]
     FailoverClient(failover::ClientArgs),
+    /// The reload benchmark's connect loop, run inside the bench cgroup.
+    #[command(hide = true)]
+    ReloadClient(bench_reload::ReloadClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,18 +90,21 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::run(),
         Task::BuildEbpf => cmd::build_ebpf(),
-        Task::Test { args } => test(&args),
+        Task::Test { repeat, args } => test(repeat, &args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
         Task::BenchFailover(args) => failover::run(&args),
+        Task::BenchReload(args) => bench_reload::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
         Task::FailoverClient(args) => failover::client(&args),
+        Task::ReloadClient(args) => bench_reload::client(&args),
     }
 }
 
 /// The gate CI runs: any failing step fails the task.
-fn test(extra: &[String]) -> Result<()> {
+fn test(repeat: u32, extra: &[String]) -> Result<()> {
     setup::run()?;
     cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
     cmd::run(cmd::cargo().args([
@@ -99,20 +115,40 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let totals = cmd::run_cargo_test(
+    // The upgrade tests' second agent build (tests/e2e/upgrade.rs builds it the same way
+    // if it is missing). Built here, before the tests run, so that its compile does not
+    // compete with the timing-sensitive tests for the CPUs.
+    cmd::run(
         cmd::cargo()
-            .args(["test", "--workspace"])
-            .args((!extra.is_empty()).then_some("--"))
-            .args(extra),
+            .args(["build", "-p", "detour-agent", "--bin", "detour"])
+            .env(
+                "CARGO_TARGET_DIR",
+                cmd::target_dir().join("upgrade-variant"),
+            )
+            .env("DETOUR_EBPF_VARIANT", "1"),
     )?;
-    // cargo's own last line is the last crate's (often doc tests: "0 passed"); this one
-    // tells the whole run at a glance.
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
-    );
-    if totals.passed == 0 {
-        anyhow::bail!("cargo test ran no test");
+    for run in 1..=repeat {
+        let totals = cmd::run_cargo_test(
+            cmd::cargo()
+                .args(["test", "--workspace"])
+                .args((!extra.is_empty()).then_some("--"))
+                .args(extra),
+        )
+        .with_context(|| format!("test run {run} of {repeat}"))?;
+        // cargo's own last line is the last crate's (often doc tests: "0 passed"); this
+        // one tells the whole run at a glance.
+        let of = if repeat > 1 {
+            format!(" (run {run} of {repeat})")
+        } else {
+            String::new()
+        };
+        println!(
+            "tests: {} passed, {} failed, {} skipped{of}",
+            totals.passed, totals.failed, totals.ignored
+        );
+        if totals.passed == 0 {
+            anyhow::bail!("cargo test ran no test");
+        }
     }
     Ok(())
 }

@@ -47,13 +47,25 @@ pub struct AgentOptions {
 #[derive(Debug)]
 pub struct Agent {
     opts: AgentOptions,
+    /// Further `detour agent` arguments, kept across restarts.
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Agent {
     /// Spawns the agent; see [`Agent::wait_ready`] for when it is usable.
     pub fn start(opts: AgentOptions) -> Result<Self> {
-        let mut agent = Self { opts, child: None };
+        Self::start_with_args(opts, &[])
+    }
+
+    /// Spawns the agent with further arguments after the ones [`AgentOptions`] gives
+    /// (e.g. `["--max-services", "2"]`); restarts keep them.
+    pub fn start_with_args(opts: AgentOptions, extra_args: &[&str]) -> Result<Self> {
+        let mut agent = Self {
+            opts,
+            extra_args: extra_args.iter().map(ToString::to_string).collect(),
+            child: None,
+        };
         agent.spawn()?;
         Ok(agent)
     }
@@ -78,6 +90,7 @@ impl Agent {
             // Tests run side by side: each agent takes a free port (see `metrics_address`).
             .arg("--metrics-address")
             .arg("127.0.0.1:0")
+            .args(&self.extra_args)
             // The log is a file: colour codes would only make it harder to read.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -324,6 +337,21 @@ esac
         drop(agent);
         let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
         assert_eq!(log.matches("starting").count(), 2, "{log}");
+    }
+
+    #[test]
+    fn extra_args_are_passed_on_every_start() {
+        let dir = TempDir::new().unwrap();
+        let script = dir.join("args");
+        std::fs::write(&script, "#!/bin/sh\necho \"args: $*\" >&2\nexit 3\n").unwrap();
+        make_executable(&script);
+        let mut agent =
+            Agent::start_with_args(options(&dir, script), &["--max-slots", "8"]).unwrap();
+        assert!(agent.wait_ready(Duration::from_secs(5)).is_err());
+        agent.restart().unwrap();
+        assert!(agent.wait_ready(Duration::from_secs(5)).is_err());
+        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
+        assert_eq!(log.matches("127.0.0.1:0 --max-slots 8").count(), 2, "{log}");
     }
 
     #[test]

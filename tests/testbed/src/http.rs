@@ -278,10 +278,13 @@ pub fn http_request(addr: SocketAddr, timeout: Duration) -> Result<HttpResponse>
         SocketAddr::V4(_) => addr.to_string(),
         SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
     };
-    write!(
-        conn,
+    // One write, one segment: `write!` on an unbuffered stream sends each formatted piece
+    // separately, and a server that reads once and closes would then reset the connection
+    // on the unread rest (the flaky `non_200_is_an_error_for_http_get` of issue 10).
+    let request = format!(
         "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: detour-testbed\r\nConnection: close\r\n\r\n"
-    )?;
+    );
+    conn.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw)?;
     parse_response(&raw)
@@ -395,8 +398,15 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
+            // Read the whole request head before answering: closing with unread data
+            // would make the kernel send RST, and the client would see a reset, not 404.
+            let mut head = Vec::new();
             let mut buf = [0u8; 1024];
-            let _ = conn.read(&mut buf).unwrap();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "client closed before sending its request head");
+                head.extend_from_slice(&buf[..n]);
+            }
             conn.write_all(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n")
                 .unwrap();
         });
