@@ -12,9 +12,14 @@
 //! - a detector keeps its state across reloads while the service's ejection policy is
 //!   unchanged; a changed policy starts the service over (its ejections end, and the
 //!   caller's next plan puts those backends back);
-//! - only handshake outcomes count: a reset after an established connection is reported
-//!   and counted, but does not eject (Envoy's TCP outlier detection counts connect
-//!   failures too, not how a connection ended);
+//! - only handshake outcomes count: a reset after an established connection is counted
+//!   by the kernel (`BackendStats::resets`) and never sent as an event, because it does
+//!   not eject (Envoy's TCP outlier detection counts connect failures too, not how a
+//!   connection ended); likewise a success is sent only when it ends a failure run;
+//! - events arrive in batches and up to `EVENTS_POLL_MS` late, except those the kernel
+//!   wakes the agent for (the first failure of a run and the one that reaches the
+//!   kernel's threshold); order within a backend is kept, so a late success never
+//!   overtakes the failures before it;
 //! - a first SYN retransmission is not a failure: the kernel already avoids the backend,
 //!   and only a second one (or the handshake failing) counts, so a listen queue that
 //!   overflowed once does not eject a backend that answers the retransmitted SYN.

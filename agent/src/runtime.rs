@@ -957,39 +957,60 @@ fn monotonic_ns() -> u64 {
 /// Reads the kernel's ring buffer of connection outcomes and passes them on in batches.
 /// Never blocks the kernel: a slow agent only makes the ring fill, and the kernel then
 /// drops and counts.
+///
+/// The kernel wakes this reader only for the events that decide something at once (the
+/// first failure of a run, the one that reaches the threshold) or when the ring passes
+/// [`detour_ebpf::EVENTS_WAKEUP_BYTES`]; the rest are written without a wakeup, so the
+/// reader also polls every [`detour_ebpf::EVENTS_POLL_MS`]. That bounds how late an
+/// event that did not wake it is read, and a burst is read in one batch.
 fn spawn_event_reader(
     ring: RingBuf<MapData>,
     batches: mpsc::Sender<Vec<ConnEvent>>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    const MAX_BATCH: usize = 4096;
     // SAFETY: the AsyncFd owns the ring buffer, so the fd stays open, and is the only
     // one registered for it, for as long as it is registered.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
+    let mut poll = tokio::time::interval(Duration::from_millis(detour_ebpf::EVENTS_POLL_MS));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     Ok(tokio::spawn(async move {
         loop {
-            let Ok(mut guard) = ring.readable_mut().await else {
-                error!("event ring buffer unreadable; passive health stops");
-                return;
-            };
-            let reader = guard.get_inner_mut();
-            let mut batch = Vec::new();
-            while batch.len() < MAX_BATCH {
-                let Some(item) = reader.next() else { break };
-                if item.len() >= std::mem::size_of::<ConnEvent>() {
-                    // SAFETY: the kernel wrote a whole ConnEvent; it may be unaligned.
-                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            let batch = tokio::select! {
+                guard = ring.readable_mut() => {
+                    let Ok(mut guard) = guard else {
+                        error!("event ring buffer unreadable; passive health stops");
+                        return;
+                    };
+                    let batch = drain_events(guard.get_inner_mut());
+                    // A full batch may have left more behind: stay ready and read again.
+                    if batch.len() < MAX_EVENT_BATCH {
+                        guard.clear_ready();
+                    }
+                    batch
                 }
-            }
-            // A full batch may have left more behind: stay ready and read again.
-            if batch.len() < MAX_BATCH {
-                guard.clear_ready();
-            }
+                _ = poll.tick() => drain_events(ring.get_mut()),
+            };
             if !batch.is_empty() && batches.send(batch).await.is_err() {
                 return;
             }
         }
     }))
+}
+
+/// Most events passed on in one batch.
+const MAX_EVENT_BATCH: usize = 4096;
+
+/// Takes up to [`MAX_EVENT_BATCH`] events off the ring.
+fn drain_events(reader: &mut RingBuf<MapData>) -> Vec<ConnEvent> {
+    let mut batch = Vec::new();
+    while batch.len() < MAX_EVENT_BATCH {
+        let Some(item) = reader.next() else { break };
+        if item.len() >= std::mem::size_of::<ConnEvent>() {
+            // SAFETY: the kernel wrote a whole ConnEvent; it may be unaligned.
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+    }
+    batch
 }
 
 impl Agent {

@@ -59,8 +59,20 @@ pub mod globals {
     pub const HZ: &str = "DETOUR_HZ";
 }
 
-/// Size in bytes of [`maps::EVENTS`]: 256 KiB holds about 10,000 events.
+/// Size in bytes of [`maps::EVENTS`]: 256 KiB holds about 6,500 events (each takes
+/// its 32 bytes and the ring's 8-byte header).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// Pending (unread) bytes in [`maps::EVENTS`] from which every event wakes the agent:
+/// an eighth of the ring, about 800 events. Below it only the events that decide
+/// something at once wake it (see `emit` in the programs); the agent polls the ring
+/// every [`EVENTS_POLL_MS`] for the rest, so a burst costs one wakeup, not one per
+/// event, and the ring still never fills while the agent keeps up.
+pub const EVENTS_WAKEUP_BYTES: u64 = EVENTS_RING_BYTES as u64 / 8;
+
+/// How often the agent reads [`maps::EVENTS`] without being woken, in ms: the longest
+/// an event that does not wake the agent waits to be read.
+pub const EVENTS_POLL_MS: u64 = 10;
 
 /// Indexes of [`maps::COUNTERS`].
 pub mod counters {
@@ -220,7 +232,9 @@ pub mod event_kind {
     pub const REFUSED: u32 = 2;
     /// The SYN went unanswered for a second retransmission timeout: a black hole.
     pub const TIMEOUT: u32 = 3;
-    /// An established connection ended in a reset instead of a close.
+    /// An established connection ended in a reset instead of a close. Sent only by
+    /// older builds of the programs (a pinned program the agent is replacing): it decides
+    /// nothing, so the programs now only count it in [`crate::BackendStats::resets`].
     pub const RESET: u32 = 4;
     /// The SYN went unanswered for the handshake timeout once and was retransmitted.
     /// A black hole, or a listen queue that overflowed: the kernel avoids the backend

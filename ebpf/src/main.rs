@@ -16,9 +16,18 @@
 //! handshake timeout (at least 3× the backend's measured handshake RTT), and reports the
 //! outcome: a first SYN retransmission (suspect), a second one (timeout: a black hole),
 //! SYN_SENT → CLOSE before that (refused or reset), established, established → CLOSE
-//! (reset). Outcomes are counted per backend per CPU; failures, resets, retransmissions
-//! and the success that ends a failure run go to the agent through a ring buffer, and a
-//! full ring drops the event and counts the drop.
+//! (reset). Outcomes are counted per backend per CPU. Only what can change the agent's
+//! mind goes to it through a ring buffer: failures, first SYN retransmissions and the
+//! success that ends a failure run. A reset after an established connection and a
+//! success with no failure run before it decide nothing and are only counted, so the
+//! common connect pays for no event. A full ring drops the event and counts the drop.
+//!
+//! Events are batched: only the first failure of a run and the failure that reaches the
+//! service's `fail_threshold` wake the agent at once (`BPF_RB_FORCE_WAKEUP`); the rest
+//! are written with `BPF_RB_NO_WAKEUP` and read at the agent's next periodic poll
+//! (`EVENTS_POLL_MS`), or woken for once the ring holds `EVENTS_WAKEUP_BYTES`. A burst of
+//! failures costs one wakeup instead of one per event, and what the agent decides on
+//! reaches it no later than before.
 //!
 //! In-kernel fast path: a failure that completes `fail_threshold` failures in a row
 //! marks the backend suspect in `DETOUR_BACKEND_STATE` until `suspect_ms` from now; a
@@ -60,9 +69,10 @@ mod programs {
 
     use aya_ebpf::{
         bindings::{
-            bpf_sock_addr, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-            BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
-            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
+            bpf_sock_addr, BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+            BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
+            BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
         },
         helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
         macros::{cgroup_sock_addr, map, sock_ops},
@@ -74,8 +84,8 @@ mod programs {
         counters, event_kind, Backend, BackendState, BackendStats, ConnEvent, FrontendKey,
         ServiceEntry, SlotKey, SockOrigin, AF_INET, AF_INET6, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TABLE_SLOTS, EVENTS_RING_BYTES,
-        IPPROTO_TCP, ORIGIN_DESTROYED_BY_AGENT, ORIGIN_OUTCOME_REPORTED, SUSPECT_PROBES,
-        V4_MAPPED_WORD,
+        EVENTS_WAKEUP_BYTES, IPPROTO_TCP, ORIGIN_DESTROYED_BY_AGENT, ORIGIN_OUTCOME_REPORTED,
+        SUSPECT_PROBES, V4_MAPPED_WORD,
     };
 
     /// Allow the syscall to go on (with whatever address we left in the context).
@@ -405,12 +415,23 @@ mod programs {
     #[sock_ops]
     pub fn detour_sock_ops(ctx: SockOpsContext) -> u32 {
         let op = ctx.op();
-        if op == BPF_SOCK_OPS_TCP_CONNECT_CB
-            || op == BPF_SOCK_OPS_TIMEOUT_INIT
-            || op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-            || op == BPF_SOCK_OPS_RTO_CB
-            || op == BPF_SOCK_OPS_STATE_CB
-        {
+        // Decide from the callback alone whether it can matter before looking the socket
+        // up: the lookup is most of the cost, and most state changes (SYN_SENT →
+        // ESTABLISHED, the FIN states) and retransmissions (of established data) never
+        // do.
+        let wanted =
+            if op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+                true
+            } else if op == BPF_SOCK_OPS_TIMEOUT_INIT {
+                (unsafe { core::ptr::read_volatile(&DETOUR_HZ) }) != 0
+            } else if op == BPF_SOCK_OPS_RTO_CB {
+                (unsafe { (*ctx.ops).state }) == TCP_SYN_SENT
+            } else if op == BPF_SOCK_OPS_STATE_CB {
+                ctx.arg(1) == TCP_CLOSE
+            } else {
+                false
+            };
+        if wanted {
             let cookie = cookie(&ctx);
             // Only sockets the connect programs rewrote have an origin.
             if let Some(origin) = SOCK_ORIGIN.get_ptr_mut(&cookie) {
@@ -443,8 +464,8 @@ mod programs {
             unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
             on_established(ctx, origin, backend_id);
         } else if op == BPF_SOCK_OPS_RTO_CB {
-            let state = unsafe { (*ctx.ops).state };
-            if state != TCP_SYN_SENT || unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED != 0 {
+            // The socket is in SYN_SENT (checked before the lookup).
+            if unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED != 0 {
                 return;
             }
             // args[0]: retransmissions so far. The first timeout makes the backend
@@ -457,10 +478,8 @@ mod programs {
                 on_failure(origin, backend_id, event_kind::TIMEOUT);
             }
         } else if op == BPF_SOCK_OPS_STATE_CB {
-            let (old, new) = (ctx.arg(0), ctx.arg(1));
-            if new != TCP_CLOSE {
-                return;
-            }
+            // The socket is closing (checked before the lookup).
+            let old = ctx.arg(0);
             if unsafe { (*origin).flags } & ORIGIN_DESTROYED_BY_AGENT != 0 {
                 let _ = SOCK_ORIGIN.remove(&cookie);
                 return;
@@ -468,10 +487,11 @@ mod programs {
             if old == TCP_SYN_SENT && unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED == 0 {
                 on_failure(origin, backend_id, event_kind::REFUSED);
             } else if old == TCP_ESTABLISHED {
+                // Decides nothing (only handshakes eject), so it is counted, never sent:
+                // an application that closes with RST pays for no event.
                 if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
                     unsafe { (*stats).resets += 1 };
                 }
-                emit(origin, backend_id, event_kind::RESET, 0, 0, 0);
             }
             // The socket is gone: its cookie will never be seen again.
             let _ = SOCK_ORIGIN.remove(&cookie);
@@ -501,7 +521,15 @@ mod programs {
             (*state).soft_until_ns = 0;
             if (*state).fail_streak != 0 || (*state).suspect_until_ns != 0 {
                 (*state).fail_streak = 0;
-                emit(origin, backend_id, event_kind::ESTABLISHED, 0, rtt_us, 0);
+                emit(
+                    origin,
+                    backend_id,
+                    event_kind::ESTABLISHED,
+                    0,
+                    rtt_us,
+                    0,
+                    false,
+                );
             }
         }
     }
@@ -529,6 +557,7 @@ mod programs {
             marked = 1;
         }
         let streak = unsafe { (*state).fail_streak }.min(u64::from(u32::MAX)) as u32;
+        // The kernel already avoids the backend; the agent only reports this.
         emit(
             origin,
             backend_id,
@@ -536,6 +565,7 @@ mod programs {
             streak,
             0,
             marked,
+            false,
         );
     }
 
@@ -568,9 +598,17 @@ mod programs {
             mark_suspect(origin, state);
             marked = 1;
         }
-        emit(origin, backend_id, kind, streak, 0, marked);
+        // The agent decides on the first failure of a run (consecutiveErrors 1) and on
+        // the one that reaches the threshold: those wake it at once; the failures in
+        // between reach it with the next of those or its periodic poll.
+        let urgent = streak == 1 || streak == threshold;
+        emit(origin, backend_id, kind, streak, 0, marked, urgent);
     }
 
+    /// Sends an event to the agent. Only an `urgent` one, or one that finds the ring
+    /// [`EVENTS_WAKEUP_BYTES`] full, wakes the agent (a wakeup is an interrupt of its
+    /// own, and in a VM an exit); the others wait for the agent's next read, which its
+    /// periodic poll bounds. A full ring drops the event and counts the drop.
     #[inline(always)]
     fn emit(
         origin: *mut SockOrigin,
@@ -579,6 +617,7 @@ mod programs {
         fail_streak: u32,
         rtt_us: u32,
         marked_suspect: u32,
+        urgent: bool,
     ) {
         let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
             count(counters::EVENTS_DROPPED);
@@ -593,7 +632,14 @@ mod programs {
             rtt_us,
             marked_suspect,
         });
-        entry.submit(0);
+        // Pending data counts from the consumer's position to the producer's, this
+        // (reserved) event included.
+        let wakeup = urgent || EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= EVENTS_WAKEUP_BYTES;
+        entry.submit(u64::from(if wakeup {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }));
         count(counters::EVENTS_SENT);
     }
 

@@ -399,3 +399,103 @@ fn a_full_event_ring_drops_and_counts_and_never_blocks_a_connect() -> Result<()>
     );
     Ok(())
 }
+
+/// `ADDR,COUNT` for [`rst_closing_client`].
+const RST_CLIENT_ENV: &str = "DETOUR_E2E_RST_CLIENT";
+
+/// Entry point of the re-executed test binary: `COUNT` connects to `ADDR`, each closed
+/// with RST (`SO_LINGER {on, 0}`, as many pools and load generators close), failing on
+/// the first connect that fails.
+#[test]
+#[ignore = "helper process: a test runs it inside its cgroup"]
+fn rst_closing_client() {
+    use std::os::fd::AsRawFd;
+    let spec = std::env::var(RST_CLIENT_ENV).expect("run by a test with ADDR,COUNT");
+    let (target, count) = spec.split_once(',').expect("ADDR,COUNT");
+    let target: std::net::SocketAddr = target.parse().expect("a socket address");
+    let count: u32 = count.parse().expect("a count");
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    for i in 0..count {
+        let conn = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect {i} to {target}: {e}"));
+        // SAFETY: a valid socket and a linger struct of the size passed.
+        let set = unsafe {
+            libc::setsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[test]
+fn connections_closed_with_rst_are_counted_and_send_no_event() -> Result<()> {
+    const CONNECTS: u64 = 300;
+    let mut w = World::new()?;
+    w.backend("a", "127.10.16.1:8080")?;
+    w.write_config(&outlier_config(
+        "rst",
+        "127.210.16.1",
+        "{consecutiveErrors: 1, interval: 10s, baseEjectionTime: 30s}",
+        "      - {address: 127.10.16.1, locality: us-east1/us-east1-b}\n",
+    ))?;
+    w.start_agent()?;
+    let addr = w.agent().metrics_address()?;
+    let received = || -> Result<u64> {
+        let metrics = scrape(addr)?;
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("detour_events_received_total ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("no detour_events_received_total in\n{metrics}"))
+    };
+    let before = received()?;
+
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        "passive::rst_closing_client",
+        "--ignored",
+        "--test-threads=1",
+    ])
+    .env(RST_CLIENT_ENV, format!("127.210.16.1:80,{CONNECTS}"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    let mut child = w.cgroup.spawn(&mut cmd)?;
+    let Some(status) = detour_testbed::wait_with_timeout(&mut child, Duration::from_secs(30))?
+    else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the RST-closing client did not finish within 30s");
+    };
+    ensure!(status.success(), "the RST-closing client failed: {status}");
+
+    // The kernel counts every reset; the agent shows the counts.
+    let eps = w.wait_endpoints("rst", Duration::from_secs(5), |eps| {
+        endpoint(eps, "127.10.16.1:8080").is_ok_and(|e| e["resets"].as_u64() >= Some(CONNECTS))
+    })?;
+    let a = endpoint(&eps, "127.10.16.1:8080")?;
+    ensure!(a["established"].as_u64() >= Some(CONNECTS), "{a:#}");
+    ensure!(a["outlier"] == "OK" && a["ejections"] == 0, "{a:#}");
+    // ...but none of them went through the ring: wait well past the reader's poll.
+    std::thread::sleep(Duration::from_millis(10 * detour_ebpf::EVENTS_POLL_MS));
+    let after = received()?;
+    ensure!(
+        after == before,
+        "{} events for {CONNECTS} connections closed with RST (a reset after an established connection decides nothing)",
+        after - before
+    );
+    Ok(())
+}

@@ -1,10 +1,21 @@
 //! `cargo xtask bench`: what a VIP costs a `connect()`.
 //!
-//! A client process inside a test cgroup opens and closes TCP connections in a tight loop,
-//! alternating between the backend's own address ("direct") and a detour VIP that maps to
-//! it ("vip"). Three setups: no program attached (baseline), the agent with 1 service, the
-//! agent with 100,000 services. Each row is the median over runs of the mean time per
-//! connect, so one noisy run does not move it.
+//! A client process inside a test cgroup opens and closes TCP connections (closing with
+//! RST, as many pools and load generators do) in a tight loop, against the backend's own
+//! address ("direct") and a detour VIP that maps to it ("VIP"), with the agent running.
+//! Three setups: no program attached (baseline), the agent with 1 service, the agent with
+//! 100,000 services. Each row is the median over runs of the mean time per connect, so one
+//! noisy run does not move it.
+//!
+//! With the agent, each setup runs the client twice:
+//! - one target after the other, pausing after each run while the kernel's own
+//!   accounting of the programs' run time (`BPF_ENABLE_STATS`, what
+//!   `kernel.bpf_stats_enabled` turns on) is read, so every program's cost per connect is
+//!   attributed to the target that caused it: on "direct" the programs only find no VIP,
+//!   on "VIP" they rewrite the connect and follow the socket to its RST close;
+//! - direct and VIP interleaved in blocks of `--block` connects within each run, for the
+//!   wall-time rows: a run's VIP/direct ratio then compares connects made side by side,
+//!   and the ratio reported is the median of the runs' ratios.
 //!
 //! Invariants:
 //! - all traffic is loopback: the backend is an accept-and-drop listener on
@@ -14,6 +25,7 @@
 //! - the whole task is time-bounded: each client has a deadline, the task has one overall;
 //! - agents, cgroups and pins are guards, torn down after each setup and on any error.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -26,6 +38,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use aya::programs::links::{FdLink, PinnedLink};
 use detour_testbed::{Agent, AgentOptions, Cgroup, PinDir, TempDir};
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -50,6 +63,9 @@ pub struct BenchArgs {
     /// Services loaded in the large setup (the benchmark's own service included).
     #[arg(long, default_value_t = 100_000)]
     services: u32,
+    /// Connects per block when direct and VIP are interleaved within a run.
+    #[arg(long, default_value_t = 500)]
+    block: u32,
 }
 
 /// Arguments of the hidden `bench-client` subcommand.
@@ -65,6 +81,14 @@ pub struct ClientArgs {
     /// Unmeasured connects per target before the first run.
     #[arg(long, default_value_t = 1000)]
     warmup: u32,
+    /// Pause after each line printed (the warm-up's and every run's), so the parent can
+    /// read the kernel's program statistics between runs.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
+    /// Interleave the targets in blocks of this many connects within each run (0: one
+    /// target after the other).
+    #[arg(long, default_value_t = 0)]
+    block: u32,
 }
 
 fn parse_target(s: &str) -> Result<(String, SocketAddr)> {
@@ -76,18 +100,28 @@ fn parse_target(s: &str) -> Result<(String, SocketAddr)> {
 #[derive(Debug, Clone)]
 struct RunResult {
     target: String,
+    /// Which run of the client it was (runs of different targets pair up by it).
+    run: u32,
     elapsed: Duration,
     connects: u32,
+    /// Connects over [`SLOW_CONNECT`] (a SYN the backend's full accept queue dropped,
+    /// waiting for its retransmission), and the time they took.
     slow: u32,
+    slow_elapsed: Duration,
 }
 
 impl RunResult {
+    /// Mean time of the connects that were not slow. A dropped SYN costs a whole
+    /// retransmission timeout (1 s direct, the handshake timeout through a VIP), so a few
+    /// of them, which come from the accept-and-drop backend falling behind on a busy
+    /// machine, would otherwise outweigh everything measured; they are counted apart.
     fn ns_per_connect(&self) -> f64 {
-        self.elapsed.as_nanos() as f64 / f64::from(self.connects)
+        let fast = self.connects.saturating_sub(self.slow).max(1);
+        self.elapsed.saturating_sub(self.slow_elapsed).as_nanos() as f64 / f64::from(fast)
     }
 
     fn connects_per_sec(&self) -> f64 {
-        f64::from(self.connects) / self.elapsed.as_secs_f64()
+        1e9 / self.ns_per_connect()
     }
 }
 
@@ -104,31 +138,87 @@ pub fn client(args: &ClientArgs) -> Result<()> {
         }
     }
     let mut out = std::io::stdout().lock();
+    let pause = Duration::from_millis(args.pause_ms);
+    writeln!(out, "{}", serde_json::json!({"warmed_up": true}))?;
+    out.flush()?;
+    thread::sleep(pause);
+    let n = targets.len();
     for run in 0..args.runs {
-        let n = targets.len();
-        for i in 0..n {
-            let (name, addr) = &targets[(i + run as usize) % n];
-            let mut slow = 0u32;
-            let start = Instant::now();
-            for _ in 0..args.connects {
-                let t = Instant::now();
-                connect_once(addr).with_context(|| format!("connect to {name}"))?;
-                if t.elapsed() > SLOW_CONNECT {
-                    slow += 1;
-                }
+        let order: Vec<usize> = (0..n).map(|i| (i + run as usize) % n).collect();
+        if args.block == 0 {
+            // One target after the other, pausing between them.
+            for &t in &order {
+                let timed = timed_connects(&targets[t], args.connects)?;
+                print_run(&mut out, &targets[t].0, run, args.connects, timed)?;
+                thread::sleep(pause);
             }
-            let elapsed = start.elapsed();
-            let line = serde_json::json!({
-                "target": name,
-                "run": run,
-                "elapsed_ns": u64::try_from(elapsed.as_nanos())?,
-                "connects": args.connects,
-                "slow": slow,
-            });
-            writeln!(out, "{line}")?;
-            out.flush()?;
+        } else {
+            // Blocks of the targets in turn, so what else the machine does falls on all
+            // of them alike.
+            let mut totals = vec![Timed::default(); n];
+            let mut done = 0;
+            while done < args.connects {
+                let count = args.block.min(args.connects - done);
+                for &t in &order {
+                    let timed = timed_connects(&targets[t], count)?;
+                    totals[t].elapsed += timed.elapsed;
+                    totals[t].slow += timed.slow;
+                    totals[t].slow_elapsed += timed.slow_elapsed;
+                }
+                done += count;
+            }
+            for &t in &order {
+                print_run(&mut out, &targets[t].0, run, args.connects, totals[t])?;
+            }
+            thread::sleep(pause);
         }
     }
+    Ok(())
+}
+
+/// What a series of connects took.
+#[derive(Debug, Clone, Copy, Default)]
+struct Timed {
+    elapsed: Duration,
+    /// Connects slower than [`SLOW_CONNECT`], and their share of `elapsed`.
+    slow: u32,
+    slow_elapsed: Duration,
+}
+
+/// `count` connects to one target.
+fn timed_connects((name, addr): &(String, SockAddr), count: u32) -> Result<Timed> {
+    let mut timed = Timed::default();
+    let start = Instant::now();
+    for _ in 0..count {
+        let t = Instant::now();
+        connect_once(addr).with_context(|| format!("connect to {name}"))?;
+        let took = t.elapsed();
+        if took > SLOW_CONNECT {
+            timed.slow += 1;
+            timed.slow_elapsed += took;
+        }
+    }
+    timed.elapsed = start.elapsed();
+    Ok(timed)
+}
+
+fn print_run(
+    out: &mut impl Write,
+    target: &str,
+    run: u32,
+    connects: u32,
+    timed: Timed,
+) -> Result<()> {
+    let line = serde_json::json!({
+        "target": target,
+        "run": run,
+        "elapsed_ns": u64::try_from(timed.elapsed.as_nanos())?,
+        "connects": connects,
+        "slow": timed.slow,
+        "slow_ns": u64::try_from(timed.slow_elapsed.as_nanos())?,
+    });
+    writeln!(out, "{line}")?;
+    out.flush()?;
     Ok(())
 }
 
@@ -207,14 +297,16 @@ struct Row {
     target: String,
     ns_per_connect: f64,
     connects_per_sec: f64,
+    /// Slow connects over all runs, left out of the means.
+    slow: u32,
     /// VIP over direct of the same setup, for VIP rows.
     ratio: Option<f64>,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     detour_testbed::require_root("cargo xtask bench")?;
-    if args.runs == 0 || args.connects == 0 || args.services == 0 {
-        bail!("--runs, --connects and --services must be positive");
+    if args.runs == 0 || args.connects == 0 || args.services == 0 || args.block == 0 {
+        bail!("--runs, --connects, --services and --block must be positive");
     }
     let deadline = Instant::now() + TASK_BUDGET;
     setup::run()?;
@@ -224,12 +316,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let tmp = TempDir::new()?;
     let overflows_before = listen_overflows();
     let mut rows = Vec::new();
+    let mut costs = Vec::new();
     let mut notes = Vec::new();
 
     eprintln!("bench: baseline, no program attached");
     {
         let cgroup = Cgroup::new()?;
-        let results = run_client(&cgroup, &[("direct", BACKEND)], args, deadline)?;
+        let results = run_client(&cgroup, &[("direct", BACKEND)], args, deadline, None)?;
         rows.extend(summarize("no program attached", &results));
     }
 
@@ -242,8 +335,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         eprintln!("bench: {setup_name}");
         match bench_with_agent(&binary, &tmp, services, args, deadline) {
-            Ok((results, setup_notes)) => {
+            Ok((results, setup_costs, setup_notes)) => {
                 rows.extend(summarize(&setup_name, &results));
+                costs.extend(setup_costs.into_iter().map(|c| (setup_name.clone(), c)));
                 notes.extend(
                     setup_notes
                         .into_iter()
@@ -271,7 +365,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         thousands(sink.accepted() as f64),
         overflows.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
     ));
-    print!("{}", report(args, &rows, &notes));
+    print!("{}", report(args, &rows, &costs, &notes));
     if !failed.is_empty() {
         bail!("bench setups failed: {}", failed.join("; "));
     }
@@ -279,14 +373,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// One agent setup: load `services` services, wait until `bench` is programmed, run the
-/// client against the backend and the VIP. Returns the runs and notes for the report.
+/// client against the backend and the VIP, reading the programs' run time between runs.
+/// Returns the runs, the programs' costs by target and notes for the report.
 fn bench_with_agent(
     binary: &Path,
     tmp: &TempDir,
     services: u32,
     args: &BenchArgs,
     deadline: Instant,
-) -> Result<(Vec<RunResult>, Vec<String>)> {
+) -> Result<(Vec<RunResult>, Vec<ProgramCost>, Vec<String>)> {
     let config = tmp.join(&format!("bench-{services}.yaml"));
     write_config(&config, services)?;
     // Guards: dropped in reverse order — agent, then cgroup (detaching), then pins.
@@ -310,32 +405,198 @@ fn bench_with_agent(
         "agent ready and `bench` in the table {:.1}s after start",
         loading.elapsed().as_secs_f64()
     )];
-    let results = run_client(
-        &cgroup,
-        &[("direct", BACKEND), ("VIP", VIP)],
-        args,
-        deadline,
-    )
-    .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
+    // The kernel accounts run time while this fd is open (BPF_ENABLE_STATS).
+    let _stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("turning on the kernel's BPF run-time statistics")?;
+    let programs = AgentPrograms::find(pins.path())?;
+    let mut costs = Costs::default();
+    let mut last = programs.read()?;
+    let mut between = |run: Option<&RunResult>| -> Result<()> {
+        let now = programs.read()?;
+        if let Some(run) = run {
+            costs.add(run, &last, &now);
+        }
+        last = now;
+        Ok(())
+    };
+    let targets = [("direct", BACKEND), ("VIP", VIP)];
+    eprintln!("  one target at a time, reading the programs' run time between runs");
+    run_client(&cgroup, &targets, args, deadline, Some(&mut between))
+        .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
+    eprintln!(
+        "  direct and VIP interleaved in blocks of {} connects",
+        args.block
+    );
+    let results = run_client(&cgroup, &targets, args, deadline, None)
+        .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
     if let Some(connects) = bench_connects(&agent) {
         notes.push(format!("the agent counted {connects} connects to `bench`"));
     }
-    Ok((results, notes))
+    Ok((results, costs.rows(), notes))
 }
 
-/// Runs `bench-client` in `cgroup` and collects its per-run results.
+/// How long the client pauses after each run while the parent reads program statistics.
+const STATS_PAUSE: Duration = Duration::from_millis(50);
+
+/// A program's accumulated run time and invocations, as the kernel accounts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RunTime {
+    ns: u64,
+    count: u64,
+}
+
+/// The programs one agent attached, found through its link pins (`links/<program>`).
+struct AgentPrograms {
+    /// (program name, program id), by name.
+    ids: Vec<(String, u32)>,
+}
+
+impl AgentPrograms {
+    fn find(pins: &Path) -> Result<Self> {
+        let dir = pins.join("links");
+        let mut ids = Vec::new();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
+            let path = entry?.path();
+            let link: FdLink = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening the link pinned at {}", path.display()))?
+                .into();
+            let id = link
+                .info()
+                .with_context(|| format!("link info of {}", path.display()))?
+                .program_id();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            ids.push((name, id));
+        }
+        ids.sort();
+        if ids.is_empty() {
+            bail!("no program links pinned under {}", dir.display());
+        }
+        Ok(Self { ids })
+    }
+
+    /// Every program's run time now.
+    fn read(&self) -> Result<BTreeMap<String, RunTime>> {
+        let mut out = BTreeMap::new();
+        // Other programs on the machine come and go while this iterates: an entry that
+        // cannot be read is someone else's that just left, or ours missing (below).
+        for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+            if let Some((name, _)) = self.ids.iter().find(|(_, id)| *id == info.id()) {
+                let ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+                out.insert(
+                    name.clone(),
+                    RunTime {
+                        ns,
+                        count: info.run_count(),
+                    },
+                );
+            }
+        }
+        if out.len() != self.ids.len() {
+            bail!(
+                "read run time of {} of the agent's {} programs",
+                out.len(),
+                self.ids.len()
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Program run time summed over the runs of each target.
+#[derive(Default)]
+struct Costs {
+    /// (target, program) → run time; connects by target.
+    by_program: BTreeMap<(String, String), RunTime>,
+    connects: BTreeMap<String, u64>,
+}
+
+impl Costs {
+    fn add(
+        &mut self,
+        run: &RunResult,
+        before: &BTreeMap<String, RunTime>,
+        after: &BTreeMap<String, RunTime>,
+    ) {
+        *self.connects.entry(run.target.clone()).or_default() += u64::from(run.connects);
+        for (program, now) in after {
+            let then = before.get(program).copied().unwrap_or_default();
+            let sum = self
+                .by_program
+                .entry((run.target.clone(), program.clone()))
+                .or_default();
+            sum.ns += now.ns.saturating_sub(then.ns);
+            sum.count += now.count.saturating_sub(then.count);
+        }
+    }
+
+    /// Programs that ran, per target ("direct" first).
+    fn rows(&self) -> Vec<ProgramCost> {
+        let mut rows: Vec<ProgramCost> = self
+            .by_program
+            .iter()
+            .filter(|(_, t)| t.count > 0)
+            .map(|((target, program), t)| {
+                let connects = self.connects.get(target).copied().unwrap_or(0).max(1) as f64;
+                ProgramCost {
+                    target: target.clone(),
+                    program: program.clone(),
+                    runs_per_connect: t.count as f64 / connects,
+                    ns_per_run: t.ns as f64 / t.count as f64,
+                    ns_per_connect: t.ns as f64 / connects,
+                }
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.target != "direct", r.program.clone()));
+        rows
+    }
+}
+
+/// One program's cost on one target of a setup.
+#[derive(Debug, Clone, PartialEq)]
+struct ProgramCost {
+    target: String,
+    program: String,
+    runs_per_connect: f64,
+    ns_per_run: f64,
+    ns_per_connect: f64,
+}
+
+/// What runs between the client's runs: given the run that just ended (`None` after the
+/// warm-up).
+type Between<'a> = dyn FnMut(Option<&RunResult>) -> Result<()> + 'a;
+
+/// Runs `bench-client` in `cgroup` and collects its per-run results. `between` is called
+/// while the client pauses after its warm-up (`None`) and after each run (`Some`); with
+/// it the client pauses [`STATS_PAUSE`] there.
 fn run_client(
     cgroup: &Cgroup,
     targets: &[(&str, &str)],
     args: &BenchArgs,
     deadline: Instant,
+    mut between: Option<&mut Between<'_>>,
 ) -> Result<Vec<RunResult>> {
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let mut command = Command::new(exe);
+    let pause = if between.is_some() {
+        STATS_PAUSE
+    } else {
+        Duration::ZERO
+    };
     command
         .arg("bench-client")
         .args(["--runs", &args.runs.to_string()])
         .args(["--connects", &args.connects.to_string()])
+        .args(["--pause-ms", &pause.as_millis().to_string()])
+        // Program statistics need one target at a time; wall time is fairer interleaved.
+        .args([
+            "--block",
+            &if between.is_some() { 0 } else { args.block }.to_string(),
+        ])
         .stdout(Stdio::piped());
     for (name, addr) in targets {
         command.arg("--target").arg(format!("{name}={addr}"));
@@ -356,11 +617,19 @@ fn run_client(
             Ok(line) => {
                 let v: serde_json::Value = serde_json::from_str(&line)
                     .with_context(|| format!("bad client line {line:?}"))?;
+                if v["warmed_up"] == true {
+                    if let Some(between) = between.as_mut() {
+                        between(None)?;
+                    }
+                    continue;
+                }
                 let result = RunResult {
                     target: v["target"].as_str().unwrap_or_default().to_owned(),
+                    run: u32::try_from(v["run"].as_u64().unwrap_or(0))?,
                     elapsed: Duration::from_nanos(v["elapsed_ns"].as_u64().unwrap_or(0)),
                     connects: u32::try_from(v["connects"].as_u64().unwrap_or(0))?,
                     slow: u32::try_from(v["slow"].as_u64().unwrap_or(0))?,
+                    slow_elapsed: Duration::from_nanos(v["slow_ns"].as_u64().unwrap_or(0)),
                 };
                 eprintln!(
                     "  run {:>2} {:<6} {:>9.0} ns/connect{}",
@@ -373,6 +642,9 @@ fn run_client(
                         String::new()
                     }
                 );
+                if let Some(between) = between.as_mut() {
+                    between(Some(&result))?;
+                }
                 results.push(result);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -480,7 +752,8 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// One row per target, in first-seen order, with the VIP/direct ratio on VIP rows.
+/// One row per target, in first-seen order, with the VIP/direct ratio on VIP rows: the
+/// median over runs of each run's ratio.
 fn summarize(setup: &str, results: &[RunResult]) -> Vec<Row> {
     let mut targets: Vec<&str> = Vec::new();
     for r in results {
@@ -499,17 +772,30 @@ fn summarize(setup: &str, results: &[RunResult]) -> Vec<Row> {
                 target: (*t).to_owned(),
                 ns_per_connect: of(RunResult::ns_per_connect),
                 connects_per_sec: of(RunResult::connects_per_sec),
+                slow: results
+                    .iter()
+                    .filter(|r| r.target == *t)
+                    .map(|r| r.slow)
+                    .sum(),
                 ratio: None,
             }
         })
         .collect();
-    let direct = rows
+    // Each run's VIP time over the same run's direct time: the two were measured side by
+    // side, so the ratio of a run cancels what the machine did meanwhile.
+    let ratios: Vec<f64> = results
         .iter()
-        .find(|r| r.target == "direct")
-        .map(|r| r.ns_per_connect);
-    if let Some(direct) = direct {
+        .filter(|r| r.target == "VIP")
+        .filter_map(|vip| {
+            let direct = results
+                .iter()
+                .find(|r| r.target == "direct" && r.run == vip.run)?;
+            Some(vip.ns_per_connect() / direct.ns_per_connect())
+        })
+        .collect();
+    if !ratios.is_empty() {
         for row in rows.iter_mut().filter(|r| r.target == "VIP") {
-            row.ratio = Some(row.ns_per_connect / direct);
+            row.ratio = Some(median(ratios.clone()));
         }
     }
     rows
@@ -528,31 +814,56 @@ pub(crate) fn thousands(value: f64) -> String {
     out
 }
 
-fn report(args: &BenchArgs, rows: &[Row], notes: &[String]) -> String {
+fn report(
+    args: &BenchArgs,
+    rows: &[Row],
+    costs: &[(String, ProgramCost)],
+    notes: &[String],
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "\n## connect() through a detour VIP vs direct\n\n\
-         {} runs × {} connects per row (connect, then close with RST), alternating targets; \
-         each figure is the median over runs.\n",
+         {} runs × {} connects per row (connect, then close with RST), with the agent: \
+         direct and VIP interleaved in blocks of {}; each figure is the median over runs, \
+         the ratio the median of each run's VIP / direct. Connects over {SLOW_CONNECT:?} (a SYN \
+         the backend's full accept queue dropped) are counted apart, not in the means.\n",
         args.runs,
-        thousands(f64::from(args.connects))
+        thousands(f64::from(args.connects)),
+        args.block
     );
     let _ = writeln!(
         out,
-        "| setup | target | mean ns/connect | connects/s | VIP / direct |"
+        "| setup | target | mean ns/connect | connects/s | slow, left out | VIP / direct |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
     for r in rows {
         let addr = if r.target == "VIP" { VIP } else { BACKEND };
         let ratio = r.ratio.map_or_else(String::new, |x| format!("{x:.3}"));
         let _ = writeln!(
             out,
-            "| {} | {} {addr} | {} | {} | {ratio} |",
+            "| {} | {} {addr} | {} | {} | {} | {ratio} |",
             r.setup,
             r.target,
             thousands(r.ns_per_connect),
-            thousands(r.connects_per_sec)
+            thousands(r.connects_per_sec),
+            r.slow
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n### The programs' own run time (BPF_ENABLE_STATS), summed over each target's runs\n"
+    );
+    let _ = writeln!(
+        out,
+        "| setup | target | program | runs/connect | ns/run | ns/connect |"
+    );
+    let _ = writeln!(out, "|---|---|---|---:|---:|---:|");
+    for (setup, c) in costs {
+        let _ = writeln!(
+            out,
+            "| {setup} | {} | {} | {:.2} | {:.0} | {:.0} |",
+            c.target, c.program, c.runs_per_connect, c.ns_per_run, c.ns_per_connect
         );
     }
     let _ = writeln!(out);
@@ -615,26 +926,58 @@ mod tests {
 
     #[test]
     fn summary_ratio() {
-        let r = |target: &str, ms: u64| RunResult {
+        let r = |target: &str, run: u32, ms: u64| RunResult {
             target: target.into(),
+            run,
             elapsed: Duration::from_millis(ms),
             connects: 1000,
             slow: 0,
+            slow_elapsed: Duration::ZERO,
         };
         let rows = summarize(
             "s",
             &[
-                r("direct", 10),
-                r("VIP", 11),
-                r("direct", 20),
-                r("VIP", 12),
-                r("direct", 12),
-                r("VIP", 13),
+                r("direct", 0, 10),
+                r("VIP", 0, 11),
+                r("direct", 1, 20),
+                r("VIP", 1, 12),
+                r("VIP", 2, 13),
+                r("direct", 2, 12),
             ],
         );
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].ns_per_connect, 12_000.0);
-        assert!((rows[1].ratio.unwrap() - 1.0).abs() < 1e-9);
+        // Per run: 1.1, 0.6, 13/12; the median is 13/12, not 12/12 (ratio of medians).
+        assert!((rows[1].ratio.unwrap() - 13.0 / 12.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn program_costs_are_attributed_to_the_run_that_caused_them() {
+        let at =
+            |ns, count| BTreeMap::from([("detour_connect4".to_owned(), RunTime { ns, count })]);
+        let run = |target: &str| RunResult {
+            target: target.into(),
+            run: 0,
+            elapsed: Duration::from_millis(1),
+            connects: 100,
+            slow: 0,
+            slow_elapsed: Duration::ZERO,
+        };
+        let mut costs = Costs::default();
+        costs.add(&run("VIP"), &at(1_000, 10), &at(51_000, 110));
+        costs.add(&run("direct"), &at(51_000, 110), &at(61_000, 210));
+        costs.add(&run("VIP"), &at(61_000, 210), &at(101_000, 310));
+        let rows = costs.rows();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].target.as_str(), rows[0].ns_per_run),
+            ("direct", 100.0)
+        );
+        let vip = &rows[1];
+        assert_eq!(vip.target, "VIP");
+        assert_eq!(vip.runs_per_connect, 1.0);
+        assert_eq!(vip.ns_per_run, 450.0);
+        assert_eq!(vip.ns_per_connect, 450.0);
     }
 
     #[test]
