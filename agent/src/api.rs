@@ -141,7 +141,8 @@ pub struct EventView {
     /// RFC 3339, UTC, milliseconds.
     pub time: String,
     /// `ejected`, `restored`, `ejection-skipped`, `tier-changed`, `health-changed`,
-    /// `refused`, `timeout`, `reset`, `recovered` (a connect succeeded after failures),
+    /// `refused`, `timeout` (also `reset`: a handshake reset, from older pinned
+    /// programs only), `recovered` (a connect succeeded after failures),
     /// `sockets-destroyed`, `lagged` (this stream missed events), `not-programmed` and
     /// `not-updated` (the BPF maps have no room for a service, or for its new state; see
     /// [`ServiceView::state`]), `programmed` (room was made for it).
