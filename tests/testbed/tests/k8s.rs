@@ -4,7 +4,8 @@
 //! and a watch forced to relist by an etcd compaction (410 Gone).
 //!
 //! The binaries come from `KUBEBUILDER_ASSETS` (`cargo xtask test` sets it); without them
-//! these tests fail with a message saying how to get them. Each test starts at most two
+//! these tests fail with a message saying how to get them. They need root (one adds a
+//! blackhole route for its service CIDR), as the README's test command runs them. Each test starts at most two
 //! clusters (~330 MiB and a burst of CPU each) and drops them, processes and files,
 //! pass or fail.
 
@@ -270,7 +271,20 @@ async fn expect(
 
 #[tokio::test]
 async fn a_selectorless_service_and_its_endpointslice_are_watched() -> Result<()> {
-    let cluster = Cluster::start("watch").await?;
+    // ClusterIPs are handed out here, so their range gets a blackhole route (needs root).
+    let cluster = Cluster::start_with(
+        "watch",
+        ClusterOptions {
+            blackhole_service_cidr: true,
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    assert!(
+        blackhole_routes(cluster.service_cidr())?.contains("blackhole"),
+        "no blackhole route for {}",
+        cluster.service_cidr()
+    );
     let slices: Api<EndpointSlice> = Api::default_namespaced(cluster.client());
     let mut events = watch(
         slices.clone(),
@@ -330,7 +344,37 @@ async fn a_selectorless_service_and_its_endpointslice_are_watched() -> Result<()
         *s == Seen::Delete("reviews-kind2".into())
     })
     .await?;
+
+    let cidr = cluster.service_cidr().to_owned();
+    drop(cluster);
+    assert_eq!(
+        blackhole_routes(&cidr)?,
+        "",
+        "the route outlived the cluster"
+    );
     Ok(())
+}
+
+/// `ip route show exact CIDR type blackhole`: empty when there is no such route.
+fn blackhole_routes(cidr: &str) -> Result<String> {
+    let out = detour_testbed::output_with_timeout(
+        std::process::Command::new("ip").args([
+            "route",
+            "show",
+            "exact",
+            cidr,
+            "type",
+            "blackhole",
+        ]),
+        Duration::from_secs(10),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "ip route show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 #[tokio::test]
