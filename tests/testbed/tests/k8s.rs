@@ -454,13 +454,13 @@ async fn an_etcd_compaction_under_a_watch_makes_it_relist_and_carry_on() -> Resu
     let seen = expect(
         &mut events,
         EVENTUAL,
-        "a 410 Gone",
+        "410 Gone",
         |s| matches!(s, Seen::Error(e) if e.contains("410") || e.contains("too old")),
     )
     .await?;
     eprintln!("watch after compaction at revision {compacted}: {seen:?}");
     // kube's watcher relists: the full list again, with the object made before.
-    let relist = expect(&mut events, EVENTUAL, "a relist", |s| *s == Seen::InitDone).await?;
+    let relist = expect(&mut events, EVENTUAL, "relist", |s| *s == Seen::InitDone).await?;
     assert!(relist.contains(&Seen::Init), "{relist:?}");
     assert!(
         relist.contains(&Seen::InitApply("before".into())),
