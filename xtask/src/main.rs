@@ -17,6 +17,7 @@ mod crd;
 mod demo;
 mod failover;
 mod fuzz;
+mod k8s_assets;
 mod setup;
 
 use std::process::ExitCode;
@@ -132,10 +133,17 @@ fn test(repeat: u32, extra: &[String]) -> Result<()> {
             )
             .env("DETOUR_EBPF_VARIANT", "1"),
     )?;
+    // The Kubernetes tests' control-plane binaries (envtest's KUBEBUILDER_ASSETS).
+    let k8s_assets = k8s_assets::prepare()?;
     for run in 1..=repeat {
         let totals = cmd::run_cargo_test(
             cmd::cargo()
                 .args(["test", "--workspace"])
+                .envs(
+                    k8s_assets
+                        .iter()
+                        .map(|dir| (detour_testbed::k8s::ASSETS_ENV, dir)),
+                )
                 .args((!extra.is_empty()).then_some("--"))
                 .args(extra),
         )

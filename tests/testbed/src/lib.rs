@@ -12,6 +12,9 @@
 //! - every wait (a child exiting, a cgroup emptying, an `ip` command) has a deadline, so a
 //!   broken kernel or agent fails a test instead of hanging it.
 //!
+//! [`k8s`] starts real Kubernetes control planes (etcd + kube-apiserver per simulated
+//! cluster) under the same guard rules.
+//!
 //! Fixtures that need root say so: [`require_root`] fails with a clear message, it never
 //! skips silently.
 
@@ -19,6 +22,7 @@ mod agent;
 mod cgroup;
 mod grpc;
 mod http;
+pub mod k8s;
 mod netns;
 mod pindir;
 mod process;
