@@ -761,6 +761,10 @@ fn yaml_options() -> serde_saphyr::Options {
             max_aliases: 10_000,
             max_anchors: 10_000,
             max_total_scalar_bytes: MAX_DOCUMENT_BYTES,
+            // The `comments` feature is on explicitly: kube's client turns it on in any
+            // build that links it, and its 64 MiB default would then refuse a file of
+            // comments that a build without kube accepts.
+            max_total_comment_bytes: MAX_DOCUMENT_BYTES,
         },
         alias_limits: serde_saphyr::alias_limits! {
             max_total_replayed_events: MAX_REPLAYED_EVENTS,
