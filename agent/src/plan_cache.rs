@@ -71,6 +71,28 @@ pub struct PlanCache {
 pub struct Refreshed {
     pub services: Vec<String>,
     pub previous: Vec<FrontendPlan>,
+    /// Services were added, removed, re-ordered, or all re-planned: the change is not
+    /// confined to the tables of the services listed.
+    pub reshaped: bool,
+}
+
+impl Refreshed {
+    /// Whether only tables changed: the same services, each with the same frontends and
+    /// the same endpoint targets as before (what the reconciler's fast path needs).
+    #[must_use]
+    pub fn tables_only(&self, cache: &PlanCache) -> bool {
+        let shape = |plans: &mut dyn Iterator<Item = &FrontendPlan>| {
+            plans
+                .flat_map(|p| p.endpoints.iter().map(|e| (p.frontend, e.target)))
+                .collect::<BTreeSet<(SocketAddr, SocketAddr)>>()
+        };
+        !self.reshaped
+            && self.services.iter().all(|name| {
+                let before = shape(&mut self.previous.iter().filter(|p| p.service == *name));
+                let after = shape(&mut cache.service(name).iter());
+                before == after
+            })
+    }
 }
 
 impl PlanCache {
@@ -85,6 +107,12 @@ impl PlanCache {
         self.position
             .get(name)
             .map_or(&[], |&at| self.plans[at].as_slice())
+    }
+
+    /// Where a service is in config order (its index in [`PlanCache::desired`]).
+    #[must_use]
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.position.get(name).copied()
     }
 
     /// The desired state of every service, for the reconciler.
@@ -102,16 +130,22 @@ impl PlanCache {
         health: impl Fn(&str, SocketAddr) -> Health,
         ejected: impl Fn(&str, SocketAddr) -> bool,
     ) -> Refreshed {
-        let mut fresh: Vec<usize> = self.reorder(config);
+        let (mut fresh, mut reshaped) = self.reorder(config);
         match std::mem::take(dirty) {
-            Dirty::All => fresh = (0..config.services.len()).collect(),
+            Dirty::All => {
+                fresh = (0..config.services.len()).collect();
+                reshaped = true;
+            }
             Dirty::Services(names) => {
                 fresh.extend(names.iter().filter_map(|n| self.position.get(n).copied()));
                 fresh.sort_unstable();
                 fresh.dedup();
             }
         }
-        let mut refreshed = Refreshed::default();
+        let mut refreshed = Refreshed {
+            reshaped,
+            ..Refreshed::default()
+        };
         for at in fresh {
             let service = &config.services[at];
             refreshed.services.push(service.name.clone());
@@ -125,8 +159,8 @@ impl PlanCache {
     }
 
     /// Puts cached services in `config`'s order and drops the rest; returns the
-    /// positions of services that have no plan yet.
-    fn reorder(&mut self, config: &Config) -> Vec<usize> {
+    /// positions of services that have no plan yet, and whether anything moved.
+    fn reorder(&mut self, config: &Config) -> (Vec<usize>, bool) {
         let in_order = self.plans.len() == config.services.len()
             && config
                 .services
@@ -134,7 +168,7 @@ impl PlanCache {
                 .enumerate()
                 .all(|(at, s)| self.position.get(&s.name) == Some(&at));
         if in_order {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let mut old_plans = std::mem::take(&mut self.plans);
         let mut old_desired = std::mem::take(&mut self.desired.services);
@@ -159,7 +193,7 @@ impl PlanCache {
             }
             self.position.insert(service.name.clone(), at);
         }
-        unplanned
+        (unplanned, true)
     }
 }
 
@@ -213,6 +247,7 @@ services:
         let mut cache = PlanCache::default();
         let r = cache.refresh(&cfg, &mut Dirty::All, healthy, never);
         assert_eq!(r.services, ["a", "b"]);
+        assert!(!r.tables_only(&cache));
         assert!(r.previous.is_empty());
         assert_matches_full_plan(&cache, &cfg, healthy, never);
         assert_eq!(cache.service("b").len(), 2);
@@ -244,6 +279,7 @@ services:
         assert_eq!(r.previous.len(), 1);
         assert!(dirty.is_empty());
         assert_matches_full_plan(&cache, &cfg, down, never);
+        assert!(r.tables_only(&cache), "a health flip changes tables only");
         // Nothing dirty: nothing planned.
         let r = cache.refresh(&cfg, &mut Dirty::default(), down, never);
         assert!(r.services.is_empty());
@@ -271,8 +307,26 @@ services:
         );
         let r = cache.refresh(&next, &mut Dirty::default(), healthy, never);
         assert_eq!(r.services, ["c"], "only the new service is planned");
+        assert!(!r.tables_only(&cache), "services came and went");
         assert_matches_full_plan(&cache, &next, healthy, never);
         assert!(cache.service("a").is_empty());
+    }
+
+    #[test]
+    fn an_endpoint_change_is_not_tables_only() {
+        let cfg = config(TWO);
+        let mut cache = PlanCache::default();
+        cache.refresh(&cfg, &mut Dirty::All, healthy, never);
+        let more = config(&TWO.replace(
+            "{address: 127.0.2.1}",
+            "{address: 127.0.2.1}, {address: 127.0.2.2}",
+        ));
+        let mut dirty = Dirty::default();
+        dirty.mark("b");
+        let r = cache.refresh(&more, &mut dirty, healthy, never);
+        assert_eq!(r.services, ["b"]);
+        assert!(!r.tables_only(&cache));
+        assert_eq!(cache.position("b"), Some(1));
     }
 
     #[test]

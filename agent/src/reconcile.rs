@@ -327,6 +327,8 @@ pub struct Reconciler {
     max_slots: u32,
     next_backend_id: u32,
     next_service_id: u32,
+    /// The last full apply refused some service: only a full apply may admit it.
+    refusals_pending: bool,
 }
 
 impl Reconciler {
@@ -335,6 +337,7 @@ impl Reconciler {
         Self {
             frontends: BTreeMap::new(),
             untrusted: Vec::new(),
+            refusals_pending: false,
             backends: HashMap::new(),
             backend_ids: BTreeSet::new(),
             service_ids: BTreeSet::new(),
@@ -586,7 +589,50 @@ impl Reconciler {
             Ok(_) => {}
             Err(e) => report.errors.push(e),
         }
+        self.refusals_pending = !report.refused.is_empty();
         report
+    }
+
+    /// [`Reconciler::apply`] for a change that only rewrote the tables of the services
+    /// at `changed` (indices into `desired.services`): their frontends and configured
+    /// backends are the ones the last apply saw, and every other service is as it was.
+    /// Costs those services' frontends, not every frontend in the maps, which is what
+    /// a health verdict or an ejection changes.
+    ///
+    /// `None`, having written nothing, where the change is not that local or needs the
+    /// whole picture: restored entries still untrusted, a refusal from the last apply
+    /// waiting for room, a table that names a backend without an id, or a table that
+    /// would not fit. The caller then runs the full [`Reconciler::apply`].
+    pub fn apply_tables(
+        &mut self,
+        maps: &mut impl Maps,
+        desired: &Desired,
+        changed: &[usize],
+    ) -> Option<ApplyReport> {
+        if self.refusals_pending || !self.untrusted.is_empty() {
+            return None;
+        }
+        let mut slots = self.slots_in_use();
+        let mut total = slots;
+        for &index in changed {
+            for (frontend, table) in &desired.services.get(index)?.tables {
+                // Not ours since the last apply: a frontend moved between services.
+                self.frontends.get(frontend)?;
+                let need = self.frontend_need(*frontend, table);
+                if need.entries > 0 || !need.ids.is_empty() {
+                    return None;
+                }
+                self.exceeded(&need, total).is_none().then_some(())?;
+                total += need.slots;
+            }
+        }
+        let mut report = ApplyReport::default();
+        for &index in changed {
+            for (frontend, table) in &desired.services[index].tables {
+                self.apply_counted(maps, *frontend, table, &mut slots, &mut report);
+            }
+        }
+        Some(report)
     }
 
     /// Applies the services that fit, running ones first (see the module doc); returns
@@ -1481,6 +1527,91 @@ mod tests {
             maps.served(sa("127.200.0.2:80")),
             Some(vec![sa("127.0.2.1:80")])
         );
+        assert_accounting(&maps, &r);
+    }
+
+    /// Services `s0..n`, each with one frontend and the backends `backends[i]` configured,
+    /// serving the table `tables[i]` (a subset of them, repeats allowed).
+    fn tables_desired(backends: &[Vec<SocketAddr>], tables: &[Vec<SocketAddr>]) -> Desired {
+        Desired {
+            services: backends
+                .iter()
+                .zip(tables)
+                .enumerate()
+                .map(|(i, (configured, slots))| DesiredService {
+                    name: format!("s{i}"),
+                    tables: BTreeMap::from([(
+                        sa(&format!("127.200.0.{}:80", i + 1)),
+                        Table::plain(slots.clone()),
+                    )]),
+                    backends: configured.iter().copied().collect(),
+                })
+                .collect(),
+        }
+    }
+
+    proptest::proptest! {
+        /// A run of table-only changes applied through the fast path leaves the maps
+        /// serving exactly what full applies of the same states leave.
+        #[test]
+        fn table_changes_through_the_fast_path_serve_what_full_applies_serve(
+            steps in proptest::collection::vec(
+                (0..4usize, proptest::collection::vec(0..3usize, 1..6)),
+                1..24,
+            ),
+        ) {
+            let backends: Vec<Vec<SocketAddr>> = (0..4)
+                .map(|i| (0..3).map(|b| sa(&format!("127.0.{}.{}:80", i + 1, b + 1))).collect())
+                .collect();
+            let mut tables: Vec<Vec<SocketAddr>> = backends.iter().map(|b| vec![b[0]]).collect();
+            let (mut fast_maps, mut fast) = sized(16, 64, 256);
+            let (mut full_maps, mut full) = sized(16, 64, 256);
+            let now = Instant::now();
+            let first = tables_desired(&backends, &tables);
+            fast.apply(&mut fast_maps, &first, now);
+            full.apply(&mut full_maps, &first, now);
+            for (service, picks) in steps {
+                tables[service] = picks.iter().map(|&b| backends[service][b]).collect();
+                let want = tables_desired(&backends, &tables);
+                let report = fast.apply_tables(&mut fast_maps, &want, &[service]);
+                proptest::prop_assert!(report.is_some(), "a table-only change took the slow path");
+                proptest::prop_assert!(report.unwrap().errors.is_empty());
+                full.apply(&mut full_maps, &want, now);
+                for (frontend, table) in want.tables() {
+                    proptest::prop_assert_eq!(fast_maps.served(*frontend), Some(table.slots.clone()));
+                    proptest::prop_assert_eq!(full_maps.served(*frontend), Some(table.slots.clone()));
+                }
+                assert_accounting(&fast_maps, &fast);
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_path_declines_what_needs_the_whole_picture() {
+        let (mut maps, mut r) = sized(16, 2, 64);
+        let now = Instant::now();
+        let a = ("127.200.0.1:80", &["127.0.1.1:80", "127.0.1.2:80"][..]);
+        let c = ("127.200.0.3:80", &["127.0.3.1:80"][..]);
+        // A refusal waits for room: only a full apply may admit `c`.
+        r.apply(&mut maps, &desired(&[a, c]), now);
+        assert!(r.apply_tables(&mut maps, &desired(&[a, c]), &[0]).is_none());
+        let (mut maps, mut r) = sized(16, 16, 64);
+        r.apply(&mut maps, &desired(&[a]), now);
+        // A table naming a backend with no id yet, or a frontend not in the maps.
+        let new_backend = ("127.200.0.1:80", &["127.0.9.9:80"][..]);
+        assert!(r
+            .apply_tables(&mut maps, &desired(&[new_backend]), &[0])
+            .is_none());
+        assert!(r.apply_tables(&mut maps, &desired(&[c]), &[0]).is_none());
+        assert_eq!(
+            maps.served(sa(a.0)),
+            Some(vec![sa("127.0.1.1:80"), sa("127.0.1.2:80")])
+        );
+        // What fits goes through, and only it is written.
+        let one = ("127.200.0.1:80", &["127.0.1.2:80"][..]);
+        let report = r.apply_tables(&mut maps, &desired(&[one]), &[0]).unwrap();
+        assert_eq!(report.switched, 1);
+        assert_eq!(maps.served(sa(a.0)), Some(vec![sa("127.0.1.2:80")]));
         assert_accounting(&maps, &r);
     }
 

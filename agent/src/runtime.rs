@@ -303,9 +303,24 @@ impl Agent {
             self.publish("tier-changed", &service, None, detail);
         }
         let reconciling = Instant::now();
-        let report =
+        // A change to tables only (health, ejection, weights) goes through the
+        // reconciler's fast path, which costs the services re-planned, not all of them.
+        let fast = if refreshed.services.is_empty() || !refreshed.tables_only(&self.plans) {
+            None
+        } else {
+            let changed: Vec<usize> = refreshed
+                .services
+                .iter()
+                .filter_map(|service| self.plans.position(service))
+                .collect();
             self.reconciler
-                .apply(&mut self.dataplane, self.plans.desired(), Instant::now());
+                .apply_tables(&mut self.dataplane, self.plans.desired(), &changed)
+        };
+        let fast_path = fast.is_some();
+        let report = fast.unwrap_or_else(|| {
+            self.reconciler
+                .apply(&mut self.dataplane, self.plans.desired(), Instant::now())
+        });
         let reconciled_in = reconciling.elapsed();
         self.counters.reconcile.observe(started.elapsed());
         for e in &report.errors {
@@ -317,12 +332,17 @@ impl Agent {
                 switched = report.switched,
                 removed = report.removed,
                 replanned = refreshed.services.len(),
+                fast_path,
                 plan_ms = planned_in.as_millis(),
                 reconcile_ms = reconciled_in.as_millis(),
                 "maps updated"
             );
         }
         self.note_refusals(report.refused);
+        if fast_path {
+            // No frontend or backend came or went: the ids are the ones mapped already.
+            return;
+        }
         self.service_of_id = self
             .plans
             .iter()
