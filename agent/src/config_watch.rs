@@ -26,7 +26,7 @@
 //! [`WriteTracker`] is the decision logic, pure and driven by the caller's clock; the
 //! inotify plumbing around it is in [`Watcher`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -273,30 +273,65 @@ fn watch_file(watches: &mut inotify::Watches, path: &Path) {
     );
 }
 
-/// What applying `new` over `old` would take away: services, VIP:port frontends and
-/// endpoints, named for the log. Empty when `new` only adds or edits.
-#[must_use]
-pub fn removals(old: &Config, new: &Config) -> Vec<String> {
-    let mut removed = Vec::new();
-    for service in &old.services {
-        let Some(kept) = new.service(&service.name) else {
-            removed.push(format!("service {}", service.name));
-            continue;
-        };
-        let kept_frontends: HashSet<SocketAddr> = frontends(kept).collect();
-        removed.extend(
-            frontends(service)
-                .filter(|f| !kept_frontends.contains(f))
-                .map(|f| format!("{} frontend {f}", service.name)),
-        );
-        let targets: HashSet<SocketAddr> = desired::targets(kept).collect();
-        removed.extend(
-            desired::targets(service)
-                .filter(|t| !targets.contains(t))
-                .map(|t| format!("{} endpoint {t}", service.name)),
-        );
+/// What a new configuration changes against the running one, found in one pass over
+/// both: which services to re-sync and re-plan, which backends lose their connections,
+/// and whether the change removes anything (which an in-place write must hold).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigChange {
+    /// Services added, removed or edited, by name.
+    pub services: BTreeSet<String>,
+    /// Every (service, target) the new configuration drops, whole services included.
+    pub removed_targets: Vec<(String, SocketAddr)>,
+    /// What it takes away, named for the log: a removed service as a whole, else its
+    /// removed frontends, then its removed endpoints. Empty when it only adds or edits.
+    pub removals: Vec<String>,
+}
+
+impl ConfigChange {
+    #[must_use]
+    pub fn between(old: &Config, new: &Config) -> Self {
+        let mut change = Self::default();
+        for service in &new.services {
+            if old.service(&service.name) != Some(service) {
+                change.services.insert(service.name.clone());
+            }
+        }
+        for service in &old.services {
+            let kept = new.service(&service.name);
+            if kept == Some(service) {
+                continue;
+            }
+            change.services.insert(service.name.clone());
+            let kept_targets: HashSet<SocketAddr> = kept
+                .map(|k| desired::targets(k).collect())
+                .unwrap_or_default();
+            let dropped: Vec<SocketAddr> = desired::targets(service)
+                .filter(|t| !kept_targets.contains(t))
+                .collect();
+            let Some(kept) = kept else {
+                change.removals.push(format!("service {}", service.name));
+                change
+                    .removed_targets
+                    .extend(dropped.into_iter().map(|t| (service.name.clone(), t)));
+                continue;
+            };
+            let kept_frontends: HashSet<SocketAddr> = frontends(kept).collect();
+            change.removals.extend(
+                frontends(service)
+                    .filter(|f| !kept_frontends.contains(f))
+                    .map(|f| format!("{} frontend {f}", service.name)),
+            );
+            change.removals.extend(
+                dropped
+                    .iter()
+                    .map(|t| format!("{} endpoint {t}", service.name)),
+            );
+            change
+                .removed_targets
+                .extend(dropped.into_iter().map(|t| (service.name.clone(), t)));
+        }
+        change
     }
-    removed
 }
 
 fn frontends(service: &crate::config::ServiceConfig) -> impl Iterator<Item = SocketAddr> + '_ {
@@ -346,13 +381,16 @@ services:
         let full = config(THREE);
         // Cut after the first service, as a writer pausing mid-file leaves it.
         let cut = config(&THREE[..THREE.find("  - name: b").unwrap()]);
-        assert_eq!(removals(&full, &cut), ["service b", "service c"]);
+        assert_eq!(
+            ConfigChange::between(&full, &cut).removals,
+            ["service b", "service c"]
+        );
         // Cut inside the first service's endpoint list.
         let cut = config(
             "services:\n  - name: a\n    vips: [127.200.0.1]\n    ports: [{number: 80}]\n    endpoints: [{address: 127.0.1.1}]\n  - name: b\n    vips: [127.200.0.2]\n    ports: [{number: 80}]\n    endpoints: [{address: 127.0.2.1}]\n  - name: c\n    vips: [127.200.0.3]\n    ports: [{number: 80}]\n    endpoints: [{address: 127.0.3.1}]\n",
         );
         assert_eq!(
-            removals(&full, &cut),
+            ConfigChange::between(&full, &cut).removals,
             [
                 "a endpoint 127.0.1.2:80",
                 "b frontend 127.200.0.2:81",
@@ -368,9 +406,12 @@ services:
             "{address: 127.0.1.2}]",
             "{address: 127.0.1.2}, {address: 127.0.1.3, weight: 5}]",
         ));
-        assert!(removals(&full, &more).is_empty());
-        assert!(removals(&full, &full).is_empty());
-        assert_eq!(removals(&more, &full), ["a endpoint 127.0.1.3:80"]);
+        assert!(ConfigChange::between(&full, &more).removals.is_empty());
+        assert!(ConfigChange::between(&full, &full).removals.is_empty());
+        assert_eq!(
+            ConfigChange::between(&more, &full).removals,
+            ["a endpoint 127.0.1.3:80"]
+        );
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct PlanCache {
     plans: Vec<Vec<FrontendPlan>>,
     desired: Desired,
     position: HashMap<String, usize>,
+    /// The config generation the order was last checked against: a refresh for the
+    /// same configuration (a health flip) skips the O(services) order check.
+    generation: Option<u64>,
 }
 
 /// What a refresh re-planned: the services, in config order, and the plans their
@@ -123,14 +126,22 @@ impl PlanCache {
 
     /// Brings the cache in line with `config`: services are put in config order, those
     /// gone are dropped, new ones and the `dirty` ones are planned. `dirty` is left empty.
+    /// `generation` names the configuration: the caller changes it whenever `config`
+    /// is replaced, and only then is the order checked.
     pub fn refresh(
         &mut self,
         config: &Config,
+        generation: u64,
         dirty: &mut Dirty,
         health: impl Fn(&str, SocketAddr) -> Health,
         ejected: impl Fn(&str, SocketAddr) -> bool,
     ) -> Refreshed {
-        let (mut fresh, mut reshaped) = self.reorder(config);
+        let (mut fresh, mut reshaped) = if self.generation == Some(generation) {
+            (Vec::new(), false)
+        } else {
+            self.generation = Some(generation);
+            self.reorder(config)
+        };
         match std::mem::take(dirty) {
             Dirty::All => {
                 fresh = (0..config.services.len()).collect();
@@ -245,7 +256,7 @@ services:
     fn a_first_refresh_plans_everything() {
         let cfg = config(TWO);
         let mut cache = PlanCache::default();
-        let r = cache.refresh(&cfg, &mut Dirty::All, healthy, never);
+        let r = cache.refresh(&cfg, 0, &mut Dirty::All, healthy, never);
         assert_eq!(r.services, ["a", "b"]);
         assert!(!r.tables_only(&cache));
         assert!(r.previous.is_empty());
@@ -257,7 +268,7 @@ services:
     fn only_dirty_services_are_re_planned() {
         let cfg = config(TWO);
         let mut cache = PlanCache::default();
-        cache.refresh(&cfg, &mut Dirty::All, healthy, never);
+        cache.refresh(&cfg, 0, &mut Dirty::All, healthy, never);
         // 127.0.1.1 goes down; only `a` is marked.
         let down = |_: &str, t: SocketAddr| {
             if t.ip().to_string() == "127.0.1.1" {
@@ -273,7 +284,7 @@ services:
         };
         let mut dirty = Dirty::default();
         dirty.mark("a");
-        let r = cache.refresh(&cfg, &mut dirty, counting, never);
+        let r = cache.refresh(&cfg, 0, &mut dirty, counting, never);
         assert_eq!(r.services, ["a"]);
         assert_eq!(asked.get(), 2, "only a's two endpoints were looked at");
         assert_eq!(r.previous.len(), 1);
@@ -281,7 +292,7 @@ services:
         assert_matches_full_plan(&cache, &cfg, down, never);
         assert!(r.tables_only(&cache), "a health flip changes tables only");
         // Nothing dirty: nothing planned.
-        let r = cache.refresh(&cfg, &mut Dirty::default(), down, never);
+        let r = cache.refresh(&cfg, 0, &mut Dirty::default(), down, never);
         assert!(r.services.is_empty());
     }
 
@@ -289,7 +300,7 @@ services:
     fn a_reload_reorders_adds_and_drops_without_re_planning_the_rest() {
         let cfg = config(TWO);
         let mut cache = PlanCache::default();
-        cache.refresh(&cfg, &mut Dirty::All, healthy, never);
+        cache.refresh(&cfg, 0, &mut Dirty::All, healthy, never);
         // `b` first, `a` gone, `c` new.
         let next = config(
             "
@@ -305,7 +316,7 @@ services:
     endpoints: [{address: 127.0.3.1}]
 ",
         );
-        let r = cache.refresh(&next, &mut Dirty::default(), healthy, never);
+        let r = cache.refresh(&next, 1, &mut Dirty::default(), healthy, never);
         assert_eq!(r.services, ["c"], "only the new service is planned");
         assert!(!r.tables_only(&cache), "services came and went");
         assert_matches_full_plan(&cache, &next, healthy, never);
@@ -316,14 +327,14 @@ services:
     fn an_endpoint_change_is_not_tables_only() {
         let cfg = config(TWO);
         let mut cache = PlanCache::default();
-        cache.refresh(&cfg, &mut Dirty::All, healthy, never);
+        cache.refresh(&cfg, 0, &mut Dirty::All, healthy, never);
         let more = config(&TWO.replace(
             "{address: 127.0.2.1}",
             "{address: 127.0.2.1}, {address: 127.0.2.2}",
         ));
         let mut dirty = Dirty::default();
         dirty.mark("b");
-        let r = cache.refresh(&more, &mut dirty, healthy, never);
+        let r = cache.refresh(&more, 1, &mut dirty, healthy, never);
         assert_eq!(r.services, ["b"]);
         assert!(!r.tables_only(&cache));
         assert_eq!(cache.position("b"), Some(1));

@@ -23,7 +23,9 @@ use aya::maps::{MapData, RingBuf};
 use clap::Args;
 use detour_agent::api::{self, EndpointView, EventView, Request, Response, ServiceView};
 use detour_agent::config::{self, Config, HealthCheckKind};
-use detour_agent::config_watch::{self, Decision, FileEvent, SettlePolicy, Trust, WriteTracker};
+use detour_agent::config_watch::{
+    self, ConfigChange, Decision, FileEvent, SettlePolicy, Trust, WriteTracker,
+};
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan, PlannedEndpoint};
 use detour_agent::health::{self, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds};
@@ -270,6 +272,8 @@ impl Agent {
         let passive = &self.passive;
         let refreshed = self.plans.refresh(
             &self.config,
+            // Every accepted reload replaces the configuration and counts one.
+            self.counters.config_reloads_ok,
             &mut self.dirty,
             |service, target| {
                 health
@@ -734,16 +738,17 @@ impl Agent {
         match parsed {
             Ok(None) => {}
             Ok(Some((text, config))) => {
-                let removed = config_watch::removals(&self.config, &config);
+                let parsed_in = started.elapsed();
+                let change = ConfigChange::between(&self.config, &config);
                 let hold = match trust {
                     Trust::Complete => None,
-                    Trust::InPlace if removed.is_empty() => None,
+                    Trust::InPlace if change.removals.is_empty() => None,
                     Trust::InPlace => self.config_tracker.removal_wait(Instant::now()),
                 };
                 if let Some(until) = hold {
                     if self.config_held.as_ref() != Some(&text) {
                         info!(
-                            removes = %removed.join(", "),
+                            removes = %change.removals.join(", "),
                             wait_ms = until.saturating_duration_since(Instant::now()).as_millis(),
                             "config file written in place removes something; applying it once the file stands still (rename the file into place, or SIGHUP, to apply at once)"
                         );
@@ -753,41 +758,17 @@ impl Agent {
                     return;
                 }
                 self.config_held = None;
-                let parsed_in = started.elapsed();
-                let removed: Vec<(String, SocketAddr)> = self
-                    .config
-                    .services
-                    .iter()
-                    .filter(|old| config.service(&old.name) != Some(*old))
-                    .flat_map(|old| {
-                        // Only services the reload changed can lose a backend.
-                        let kept: std::collections::HashSet<SocketAddr> = config
-                            .service(&old.name)
-                            .map(|new| desired::targets(new).collect())
-                            .unwrap_or_default();
-                        desired::targets(old)
-                            .filter(move |t| !kept.contains(t))
-                            .map(|t| (old.name.clone(), t))
-                    })
-                    .collect();
                 // Destroyed with the old plans' frontend ids, before the apply forgets
                 // them; the backend ids outlive the apply by the release delay.
-                for (service, target) in &removed {
+                for (service, target) in &change.removed_targets {
                     self.terminate(service, *target, "removed");
                 }
                 // What the reload changes: only those services are re-synced and
                 // re-planned. A new node locality changes every service's tiers.
                 let scope = if config.node == self.config.node {
                     let mut scope = std::mem::take(&mut self.dirty);
-                    for service in &config.services {
-                        if self.config.service(&service.name) != Some(service) {
-                            scope.mark(&service.name);
-                        }
-                    }
-                    for service in &self.config.services {
-                        if config.service(&service.name).is_none() {
-                            scope.mark(&service.name);
-                        }
+                    for service in &change.services {
+                        scope.mark(service);
                     }
                     scope
                 } else {
