@@ -8,5 +8,6 @@
 //! `deploy/crds/` is generated from these types (`cargo xtask crd`), and a unit test
 //! fails when it is stale.
 pub mod failover_service;
+pub mod labels;
 
 pub use failover_service::{FailoverService, FailoverServiceSpec, FailoverServiceStatus};
