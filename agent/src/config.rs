@@ -118,6 +118,7 @@ impl Config {
                 &self.node.locality,
                 &service.locality_lb,
                 &endpoint.locality,
+                endpoint.priority,
             );
             *tiers.entry(tier).or_default() += 1;
         }
@@ -299,7 +300,18 @@ pub struct EndpointConfig {
     /// Empty when unset: such an endpoint is only ever in the `other` tier.
     pub locality: Locality,
     pub labels: BTreeMap<String, String>,
+    /// Envoy's priority: 0 (the default) is preferred; an endpoint of priority n serves
+    /// only when the endpoints of every lower priority leave traffic over (as Envoy's
+    /// priority levels, with locality tiers inside each). A FailoverService's backing
+    /// services are priorities 0, 1, ... in their listed order. At most [`MAX_PRIORITY`].
+    pub priority: u32,
+    /// The cluster the endpoint runs in; empty when the source does not say (the file
+    /// may, for what the CLI shows). Informational: selection never reads it.
+    pub cluster: String,
 }
+
+/// The highest endpoint priority (Envoy has no bound; detour keeps tiers few).
+pub const MAX_PRIORITY: u32 = 127;
 
 impl EndpointConfig {
     /// The port to connect to on this endpoint for a connection to `port` on a VIP:
@@ -729,6 +741,91 @@ pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
     Validator { yaml }.config(raw)
 }
 
+/// Checks one service written in the file's schema by another source (Kubernetes builds
+/// one from a FailoverService and its EndpointSlices), with the code that checks the
+/// file, so that both sources accept the same services and give the same errors. Paths
+/// in errors are relative to the service (`endpoints[3].address`); there are no lines.
+///
+/// # Errors
+/// The first problem found, as [`parse`] reports it for a service of the file.
+pub fn service_from_json(value: serde_json::Value) -> Result<ServiceConfig, ConfigError> {
+    let raw: RawService = serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        ConfigError {
+            path: if path == "." { String::new() } else { path },
+            line: None,
+            kind: ConfigErrorKind::Decode {
+                message: error.into_inner().to_string(),
+            },
+        }
+    })?;
+    Validator { yaml: "" }.service(&FieldPath::default(), raw)
+}
+
+/// A [`Config`] from services checked one by one ([`service_from_json`]), in order of
+/// precedence: a service whose name, or one of whose VIP:port pairs, an earlier service
+/// already has is left out and returned with why, and the others are kept. This is the
+/// Kubernetes rule (the oldest object wins, as Istio's ServiceEntries) where the file
+/// refuses itself whole: one bad object must not take the others down.
+#[must_use]
+pub fn assemble(
+    node: NodeConfig,
+    candidates: Vec<ServiceConfig>,
+) -> (Config, Vec<(ServiceConfig, ConfigError)>) {
+    let mut services: Vec<ServiceConfig> = Vec::with_capacity(candidates.len());
+    let mut by_name: HashMap<String, usize> = HashMap::with_capacity(candidates.len());
+    let mut owners: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut left_out = Vec::new();
+    'next: for service in candidates {
+        if let Some(&first) = by_name.get(&service.name) {
+            let kind = ConfigErrorKind::DuplicateServiceName {
+                name: service.name.clone(),
+                first,
+            };
+            left_out.push((service, ConfigError::at("name", kind)));
+            continue;
+        }
+        for (vip_index, vip) in service.vips.iter().enumerate() {
+            for port in &service.ports {
+                let socket = SocketAddr::new(*vip, port.number);
+                if let Some(&owner) = owners.get(&socket) {
+                    let kind = ConfigErrorKind::VipInUse {
+                        vip: socket,
+                        service: services[owner].name.clone(),
+                    };
+                    let error = ConfigError::at(&format!("vips[{vip_index}]"), kind);
+                    left_out.push((service, error));
+                    continue 'next;
+                }
+            }
+        }
+        let at = services.len();
+        for vip in &service.vips {
+            for port in &service.ports {
+                owners.insert(SocketAddr::new(*vip, port.number), at);
+            }
+        }
+        by_name.insert(service.name.clone(), at);
+        services.push(service);
+    }
+    let config = Config {
+        node,
+        services,
+        by_name,
+    };
+    (config, left_out)
+}
+
+impl ConfigError {
+    fn at(path: &str, kind: ConfigErrorKind) -> Self {
+        Self {
+            path: path.to_owned(),
+            line: None,
+            kind,
+        }
+    }
+}
+
 /// The largest configuration accepted, in bytes, and the most the agent reads of the
 /// file: 100,000 services with ten endpoints each take about 40 MiB, so this leaves room
 /// while still bounding what a runaway generator can make the agent hold.
@@ -1012,7 +1109,7 @@ struct RawPort {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "an endpoint mapping (address, ports, weight, locality, labels)"
+    expecting = "an endpoint mapping (address, ports, weight, locality, labels, priority, cluster)"
 )]
 struct RawEndpoint {
     #[serde(deserialize_with = "de_address")]
@@ -1025,6 +1122,10 @@ struct RawEndpoint {
     locality: Locality,
     #[serde(default, deserialize_with = "de_labels")]
     labels: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "de_priority")]
+    priority: u32,
+    #[serde(default, deserialize_with = "de_cluster")]
+    cluster: String,
 }
 
 fn default_weight() -> u32 {
@@ -1246,6 +1347,35 @@ fn de_some_port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u16
 
 fn de_weight<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
     de_ranged::<D, u32, 1, 1_000_000>(deserializer, "a weight")
+}
+
+fn de_priority<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    de_ranged::<D, u32, 0, { MAX_PRIORITY as u64 }>(deserializer, "a priority")
+}
+
+/// A cluster name: an RFC 1123 label, as Kubernetes names clusters in kubeconfigs and
+/// detour labels mirrored EndpointSlices.
+fn de_cluster<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    deserializer.deserialize_str(StrVisitor {
+        what: "a cluster name",
+        check: |value| {
+            let bytes = value.as_bytes();
+            let edge_ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+            if !bytes.is_empty()
+                && bytes.len() <= 63
+                && bytes.first().is_some_and(edge_ok)
+                && bytes.last().is_some_and(edge_ok)
+                && bytes.iter().all(|c| edge_ok(c) || *c == b'-')
+            {
+                Ok(value.to_owned())
+            } else {
+                Err(format!(
+                    "invalid cluster name {value:?}: use at most 63 lowercase letters, \
+                     digits and '-', starting and ending with a letter or digit"
+                ))
+            }
+        },
+    })
 }
 
 fn de_threshold<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
@@ -1725,6 +1855,8 @@ impl Validator<'_> {
                 weight: raw_endpoint.weight,
                 locality: raw_endpoint.locality,
                 labels: raw_endpoint.labels,
+                priority: raw_endpoint.priority,
+                cluster: raw_endpoint.cluster,
             };
             if let Some(first) = endpoints.iter().position(|other| {
                 other.address == endpoint.address
@@ -2201,6 +2333,115 @@ mod tests {
                 - from: us-east1
                   to: us-west
     ";
+
+    #[test]
+    fn endpoints_carry_a_priority_and_a_cluster_and_bad_ones_are_named() {
+        let config = parse_ok(
+            "
+            services:
+              - name: reviews
+                vips: [10.96.0.10]
+                ports: [{number: 9080}]
+                endpoints:
+                  - {address: 10.1.0.1, cluster: kind2}
+                  - {address: 10.2.0.1, cluster: kind3, priority: 1}
+            ",
+        );
+        let endpoints = &config.service("reviews").unwrap().endpoints;
+        let seen: Vec<(u32, &str)> = endpoints
+            .iter()
+            .map(|e| (e.priority, e.cluster.as_str()))
+            .collect();
+        assert_eq!(seen, [(0, "kind2"), (1, "kind3")]);
+        let base = "
+            services:
+              - name: reviews
+                vips: [10.96.0.10]
+                ports: [{number: 9080}]
+                endpoints:
+                  - ";
+        assert_eq!(
+            refused(&format!("{base}{{address: 10.1.0.1, priority: 128}}")),
+            "services[0].endpoints[0].priority (line 6): invalid value: integer `128`, expected a priority from 0 to 127"
+        );
+        assert!(
+            refused(&format!("{base}{{address: 10.1.0.1, cluster: Kind_2}}")).starts_with(
+                "services[0].endpoints[0].cluster (line 6): invalid cluster name \"Kind_2\""
+            ),
+        );
+    }
+
+    /// The Kubernetes source writes a service in the file's schema as JSON: it goes
+    /// through the same checks, with the same errors (without lines).
+    #[test]
+    fn a_service_from_another_source_is_checked_like_the_file() {
+        let service = service_from_json(serde_json::json!({
+            "name": "reviews-failover.default",
+            "vips": ["10.96.0.10"],
+            "ports": [{"number": 9080, "name": "port-9080"}],
+            "endpoints": [{"address": "10.1.0.1", "ports": {"port-9080": 9080}, "priority": 1}],
+            "outlierDetection": {"consecutiveErrors": 1, "baseEjectionTime": "2m"},
+        }))
+        .unwrap();
+        assert_eq!(service.endpoints[0].priority, 1);
+        assert_eq!(
+            service
+                .outlier_detection
+                .policy
+                .settings()
+                .base_ejection_time,
+            Duration::from_secs(120)
+        );
+        let error = service_from_json(serde_json::json!({
+            "name": "x", "vips": ["10.96.0.10"], "ports": [{"number": 9080}],
+            "endpoints": [{"address": "10.1.0.1"}, {"address": "10.1.0.1"}],
+        }))
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "endpoints[1].address: endpoint 10.1.0.1 is the same backend as endpoints[0]"
+        );
+        let error = service_from_json(serde_json::json!({
+            "name": "x", "vips": ["10.96.0.10"], "ports": [{"number": 0}],
+        }))
+        .unwrap_err();
+        assert_eq!(error.path, "ports[0].number");
+    }
+
+    /// Assembly keeps what it can: a later service that reuses a name or a VIP:port is
+    /// left out with the reason, and the others stay.
+    #[test]
+    fn assembly_leaves_out_later_services_that_collide() {
+        let service = |name: &str, vip: &str| {
+            service_from_json(serde_json::json!({
+                "name": name, "vips": [vip], "ports": [{"number": 80}],
+            }))
+            .unwrap()
+        };
+        let (config, left_out) = assemble(
+            NodeConfig::default(),
+            vec![
+                service("a", "10.0.0.1"),
+                service("b", "10.0.0.1"),
+                service("a", "10.0.0.2"),
+                service("c", "10.0.0.3"),
+            ],
+        );
+        let kept: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(kept, ["a", "c"]);
+        assert!(config.service("c").is_some());
+        let why: Vec<String> = left_out
+            .iter()
+            .map(|(service, error)| format!("{}: {error}", service.name))
+            .collect();
+        assert_eq!(
+            why,
+            [
+                "b: vips[0]: VIP 10.0.0.1:80 is already used by service \"a\"",
+                "a: name: service name \"a\" is already used by services[0]",
+            ]
+        );
+    }
 
     #[test]
     fn the_external_mydb_example_parses() {

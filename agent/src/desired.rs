@@ -152,6 +152,7 @@ pub fn plan_service(
                         locality: ep.locality.clone(),
                         weight: ep.weight,
                         healthy: h.usable() && !ejected,
+                        priority: ep.priority,
                     })
                     .collect();
                 let selected = selection::select(
@@ -178,6 +179,7 @@ pub fn plan_service(
                             &config.node.locality,
                             &service.locality_lb,
                             &ep.locality,
+                            ep.priority,
                         ),
                         in_table: members.contains(&target),
                         standby: standbys.contains(&target),
@@ -371,7 +373,7 @@ services:
                 }
                 let budget = (MAX_SLOTS as usize - standby.len()) as f64;
                 let n = selected.members.len() as f64;
-                let tier = |key: usize| selection::tier_of(&node, &policy, &candidates[key].locality);
+                let tier = |key: usize| selection::tier_of(&node, &policy, &candidates[key].locality, 0);
                 for (loaded, load) in &selected.loads {
                     let slots = table.iter().filter(|&&key| tier(key) == *loaded).count();
                     let share = slots as f64 / table.len() as f64;

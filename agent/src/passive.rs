@@ -188,7 +188,7 @@ fn tiered_targets(config: &Config, service: &ServiceConfig) -> Vec<(SocketAddr, 
     let tiers: Vec<Tier> = service
         .endpoints
         .iter()
-        .map(|ep| selection::tier_of(node, policy, &ep.locality))
+        .map(|ep| selection::tier_of(node, policy, &ep.locality, ep.priority))
         .collect();
     let ranks: Vec<&Tier> = tiers.iter().collect::<BTreeSet<_>>().into_iter().collect();
     let rank = |tier: &Tier| ranks.iter().position(|t| *t == tier).unwrap_or(0);

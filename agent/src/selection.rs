@@ -46,6 +46,8 @@ pub struct Candidate<K> {
     /// 0 means "send nothing while anything else is usable".
     pub weight: u32,
     pub healthy: bool,
+    /// Envoy's priority (the endpoint's `priority`): 0 is best; see [`Tier::Priority`].
+    pub priority: u32,
 }
 
 /// Where an endpoint stands in the failover order. Ordered best first.
@@ -59,6 +61,11 @@ pub enum Tier {
     Failover { position: usize, target: Locality },
     /// Anywhere else, including endpoints with no locality.
     Other,
+    /// An endpoint of priority `priority` > 0, in its locality tier `within` (never
+    /// itself a `Priority` or `Panic`). Every tier of a lower priority comes first, as
+    /// Envoy's priority levels: a FailoverService's second backing service serves only
+    /// when its first leaves traffic over, whatever their localities.
+    Priority { priority: u32, within: Box<Tier> },
     /// Not a locality: nothing was usable, so every endpoint is used.
     Panic,
 }
@@ -70,6 +77,7 @@ impl fmt::Display for Tier {
             Self::SameRegion => f.write_str("same-region"),
             Self::Failover { position, target } => write!(f, "failover[{position}]:{target}"),
             Self::Other => f.write_str("other"),
+            Self::Priority { priority, within } => write!(f, "priority[{priority}]/{within}"),
             Self::Panic => f.write_str("panic"),
         }
     }
@@ -150,11 +158,40 @@ pub fn failover_targets(node: &Locality, policy: &LocalityLbSetting) -> Vec<Loca
 /// The tier `endpoint` belongs to when healthy (never [`Tier::Panic`]); what the CLI
 /// shows to explain why a backend is or is not chosen.
 #[must_use]
-pub fn tier_of(node: &Locality, policy: &LocalityLbSetting, endpoint: &Locality) -> Tier {
-    classify(node, policy, &failover_targets(node, policy), endpoint)
+pub fn tier_of(
+    node: &Locality,
+    policy: &LocalityLbSetting,
+    endpoint: &Locality,
+    priority: u32,
+) -> Tier {
+    classify(
+        node,
+        policy,
+        &failover_targets(node, policy),
+        endpoint,
+        priority,
+    )
 }
 
 fn classify(
+    node: &Locality,
+    policy: &LocalityLbSetting,
+    targets: &[Locality],
+    endpoint: &Locality,
+    priority: u32,
+) -> Tier {
+    let tier = classify_locality(node, policy, targets, endpoint);
+    if priority == 0 {
+        tier
+    } else {
+        Tier::Priority {
+            priority,
+            within: Box::new(tier),
+        }
+    }
+}
+
+fn classify_locality(
     node: &Locality,
     policy: &LocalityLbSetting,
     targets: &[Locality],
@@ -200,7 +237,15 @@ pub fn select<K: Clone>(
     let targets = failover_targets(node, policy);
     let tiers: Vec<Tier> = candidates
         .iter()
-        .map(|candidate| classify(node, policy, &targets, &candidate.locality))
+        .map(|candidate| {
+            classify(
+                node,
+                policy,
+                &targets,
+                &candidate.locality,
+                candidate.priority,
+            )
+        })
         .collect();
     // The tiers present, best first; `level[c]` is candidate c's index into them.
     let mut present = tiers.clone();
@@ -534,6 +579,7 @@ pub(crate) mod tests {
             locality: locality(at),
             weight,
             healthy,
+            priority: 0,
         }
     }
 
@@ -606,21 +652,71 @@ pub(crate) mod tests {
         }
     }
 
+    /// A FailoverService's backing services are priorities: kind2's endpoints (priority
+    /// 0, in another region) serve before kind3's (priority 1) even though kind3 has one
+    /// in the node's own zone; within a priority, locality tiers still order endpoints.
+    #[test]
+    fn a_lower_priority_serves_first_whatever_the_localities() {
+        let node = locality(NODE);
+        let policy = policy(&[], &[]);
+        let at = |key, place, priority, healthy| Candidate {
+            priority,
+            ..candidate(key, place, 1, healthy)
+        };
+        let cases = [
+            ([true, true, true, true], "other kind2-a,kind2-b"),
+            ([false, true, true, true], "other kind2-b"),
+            (
+                [false, false, true, true],
+                "priority[1]/same-zone kind3-zone",
+            ),
+            ([false, false, false, true], "priority[1]/other kind3-far"),
+            ([false; 4], "panic kind2-a,kind2-b,kind3-zone,kind3-far"),
+        ];
+        for (health, expected) in cases {
+            let candidates = vec![
+                at("kind2-a", "eu-west/a", 0, health[0]),
+                at("kind2-b", "eu-west/b", 0, health[1]),
+                at("kind3-zone", NODE, 1, health[2]),
+                at("kind3-far", "ap-south", 1, health[3]),
+            ];
+            assert_eq!(
+                shown(&select(&node, &policy, Spill::Strict, &candidates)),
+                expected,
+                "health {health:?}"
+            );
+        }
+        // Gradual spill moves traffic across priorities as Envoy does: with one of two
+        // kind2 endpoints left, kind2 keeps 70% and kind3's best tier takes the rest.
+        let candidates = vec![
+            at("kind2-a", "eu-west/a", 0, false),
+            at("kind2-b", "eu-west/b", 0, true),
+            at("kind3-zone", NODE, 1, true),
+        ];
+        let gradual = select(&node, &policy, Spill::default(), &candidates);
+        let loads: Vec<String> = gradual
+            .loads
+            .iter()
+            .map(|(tier, load)| format!("{tier}={load}"))
+            .collect();
+        assert_eq!(loads, ["other=70", "priority[1]/same-zone=30"]);
+    }
+
     #[test]
     fn the_region_alone_is_same_region_not_same_zone() {
         let node = locality(NODE);
         let none = LocalityLbSetting::default();
         assert_eq!(
-            tier_of(&node, &none, &locality("us-east1")),
+            tier_of(&node, &none, &locality("us-east1"), 0),
             Tier::SameRegion
         );
         assert_eq!(
-            tier_of(&node, &none, &locality("us-east1/us-east1-b/s1")),
+            tier_of(&node, &none, &locality("us-east1/us-east1-b/s1"), 0),
             Tier::SameZone
         );
-        assert_eq!(tier_of(&node, &none, &locality("")), Tier::Other);
+        assert_eq!(tier_of(&node, &none, &locality(""), 0), Tier::Other);
         assert_eq!(
-            tier_of(&locality("us-east1"), &none, &locality("us-east1")),
+            tier_of(&locality("us-east1"), &none, &locality("us-east1"), 0),
             Tier::SameRegion
         );
     }
@@ -646,7 +742,7 @@ pub(crate) mod tests {
             ],
             "the eu-west rule does not apply to this node; us-west keeps its first place"
         );
-        let tier = |at: &str| tier_of(&node, &policy, &locality(at)).to_string();
+        let tier = |at: &str| tier_of(&node, &policy, &locality(at), 0).to_string();
         assert_eq!(tier("us-west/us-west-1b"), "failover[0]:us-west");
         assert_eq!(tier("us-central"), "failover[1]:us-central");
         assert_eq!(
@@ -702,7 +798,7 @@ pub(crate) mod tests {
             "other east,west,nowhere"
         );
         assert_eq!(
-            tier_of(&node, &policy, &locality("eu-west/a")).to_string(),
+            tier_of(&node, &policy, &locality("eu-west/a"), 0).to_string(),
             "failover[0]:eu-west"
         );
     }
@@ -1078,6 +1174,7 @@ pub(crate) mod tests {
                         locality: PLACES[place].parse().unwrap(),
                         weight,
                         healthy,
+                        priority: 0,
                     })
                     .collect()
             })
@@ -1106,7 +1203,7 @@ pub(crate) mod tests {
             fn selections_keep_the_invariants(candidates in candidates(), spill in spill()) {
                 let (node, policy) = (node(), policy());
                 let selection = select(&node, &policy, spill, &candidates);
-                let tier = |key: usize| tier_of(&node, &policy, &candidates[key].locality);
+                let tier = |key: usize| tier_of(&node, &policy, &candidates[key].locality, 0);
                 let usable = |c: &Candidate<usize>| c.healthy && c.weight > 0;
                 if candidates.is_empty() {
                     prop_assert_eq!(selection.tier, None);
