@@ -9,5 +9,6 @@
 //! fails when it is stale.
 pub mod failover_service;
 pub mod labels;
+pub mod model;
 
 pub use failover_service::{FailoverService, FailoverServiceSpec, FailoverServiceStatus};
