@@ -30,7 +30,7 @@ enum Output {
 enum Command {
     /// Run the agent: load and attach the eBPF programs and keep the maps in step with
     /// the configuration and the health checks.
-    Agent(runtime::AgentArgs),
+    Agent(Box<runtime::AgentArgs>),
     /// Show each service port: VIPs, active tier, healthy endpoints, connects.
     Services {
         #[arg(short, long, value_enum, default_value = "table")]
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Agent(args) => runtime::run(args).await,
+            Command::Agent(args) => runtime::run(*args).await,
             Command::Services { output, socket } => query(&socket, Request::Services, output).await,
             Command::Endpoints {
                 service,

@@ -38,6 +38,7 @@ use detour_agent::plan_cache::{Dirty, PlanCache};
 use detour_agent::reconcile::{Limit, Reconciler, Refusal};
 use detour_agent::selection::Tier;
 use detour_agent::sockdiag::{self, Which};
+use detour_agent::sources::kubernetes::watch as kube_watch;
 use detour_ebpf::ConnEvent;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
@@ -48,8 +49,27 @@ use tracing::{error, info, warn};
 #[derive(Args, Debug)]
 pub struct AgentArgs {
     /// Standalone YAML configuration (services, endpoints, node locality).
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config: Option<PathBuf>,
+    /// Serve the FailoverServices of the cluster the agent runs in (a DaemonSet), instead
+    /// of a file: watches FailoverServices, Services, EndpointSlices and its own Node.
     #[arg(long)]
-    config: PathBuf,
+    kubernetes: bool,
+    /// This node's name, whose labels give the node's locality (set it from the
+    /// Downward API's `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", required_if_eq("kubernetes", "true"))]
+    node_name: Option<String>,
+    /// This cluster's name, as remote-cluster Secrets and a backing service's
+    /// `clusterName` call it; backing services of this cluster are read directly.
+    #[arg(long, env = "DETOUR_CLUSTER_NAME", default_value = "")]
+    cluster_name: String,
+    /// A kubeconfig to reach the API server; default: in-cluster, then `KUBECONFIG`.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// cgroup v2 directory to attach to; default: the cgroup v2 mount from /proc/mounts.
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -161,7 +181,8 @@ impl Probes {
 }
 
 struct Agent {
-    config_path: PathBuf,
+    /// The standalone file; `None` when Kubernetes is the source.
+    config_path: Option<PathBuf>,
     config: Config,
     config_text: String,
     /// The last file content that failed to parse, so a bad file is reported once.
@@ -200,6 +221,8 @@ struct Agent {
     /// Finished socket destructions come back here.
     destroyed: mpsc::UnboundedSender<Destroyed>,
     counters: Counters,
+    /// What the last Kubernetes model left out, as logged; logged again only on change.
+    kubernetes_problems: Vec<String>,
 }
 
 /// What the agent counts itself, for metrics.
@@ -674,7 +697,10 @@ impl Agent {
 
     /// Without inotify: a new stamp is a change whose writer the agent cannot see.
     fn poll_config(&mut self) {
-        let now = stamp(&self.config_path);
+        let Some(path) = &self.config_path else {
+            return;
+        };
+        let now = stamp(path);
         if now.is_some() && now != self.config_stamp {
             self.config_stamp = now;
             self.config_tracker
@@ -715,15 +741,18 @@ impl Agent {
     /// in-place write that removes something) has stood still long enough; keeps the
     /// running config otherwise.
     fn reload(&mut self, why: &str, trust: Trust) {
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
         // Stamped before reading: a write landing during the read changes the stamp
         // again, so the next poll reads once more.
-        self.config_stamp = stamp(&self.config_path);
+        self.config_stamp = stamp(&path);
         let started = Instant::now();
-        let parsed = read_text(&self.config_path).and_then(|text| {
+        let parsed = read_text(&path).and_then(|text| {
             if text == self.config_text || self.rejected_text.as_ref() == Some(&text) {
                 return Ok(None);
             }
-            match parse_config(&self.config_path, &text) {
+            match parse_config(&path, &text) {
                 Ok(config) => Ok(Some((text, config))),
                 Err(e) => {
                     self.rejected_text = Some(text);
@@ -758,50 +787,97 @@ impl Agent {
                     return;
                 }
                 self.config_held = None;
-                // Destroyed with the old plans' frontend ids, before the apply forgets
-                // them; the backend ids outlive the apply by the release delay.
-                for (service, target) in &change.removed_targets {
-                    self.terminate(service, *target, "removed");
-                }
-                // What the reload changes: only those services are re-synced and
-                // re-planned. A new node locality changes every service's tiers.
-                let scope = if config.node == self.config.node {
-                    let mut scope = std::mem::take(&mut self.dirty);
-                    for service in &change.services {
-                        scope.mark(service);
-                    }
-                    scope
-                } else {
-                    Dirty::All
-                };
-                let diffed_in = started.elapsed();
-                self.counters.config_reloads_ok += 1;
-                self.config = config;
                 self.config_text = text;
                 self.rejected_text = None;
-                self.probes
-                    .sync(&self.config, &scope, &self.changes, &mut self.health);
-                self.passive.sync_scope(&self.config, &scope);
-                self.dirty = scope;
-                let synced_in = started.elapsed();
-                let applying = Instant::now();
-                self.apply();
-                info!(
-                    why,
-                    services = self.config.services.len(),
-                    read_parse_ms = parsed_in.as_millis(),
-                    diff_ms = (diffed_in - parsed_in).as_millis(),
-                    sync_ms = (synced_in - diffed_in).as_millis(),
-                    apply_ms = applying.elapsed().as_millis(),
-                    total_ms = started.elapsed().as_millis(),
-                    "configuration reloaded"
-                );
+                self.use_config(config, change, why, started, parsed_in);
             }
             Err(e) => {
                 self.counters.config_reloads_failed += 1;
                 error!(why, error = %format!("{e:#}"), "configuration rejected; still serving the previous one");
             }
         }
+    }
+
+    /// Makes `config` the running one: terminates what `change` removed, re-syncs the
+    /// probes and passive health of what it touched, and applies. Both sources end here.
+    fn use_config(
+        &mut self,
+        config: Config,
+        change: ConfigChange,
+        why: &str,
+        started: Instant,
+        parsed_in: Duration,
+    ) {
+        // Destroyed with the old plans' frontend ids, before the apply forgets
+        // them; the backend ids outlive the apply by the release delay.
+        for (service, target) in &change.removed_targets {
+            self.terminate(service, *target, "removed");
+        }
+        // What the change touches: only those services are re-synced and re-planned. A
+        // new node locality changes every service's tiers.
+        let scope = if config.node == self.config.node {
+            let mut scope = std::mem::take(&mut self.dirty);
+            for service in &change.services {
+                scope.mark(service);
+            }
+            scope
+        } else {
+            Dirty::All
+        };
+        let diffed_in = started.elapsed();
+        self.counters.config_reloads_ok += 1;
+        self.config = config;
+        self.probes
+            .sync(&self.config, &scope, &self.changes, &mut self.health);
+        self.passive.sync_scope(&self.config, &scope);
+        self.dirty = scope;
+        let synced_in = started.elapsed();
+        let applying = Instant::now();
+        self.apply();
+        info!(
+            why,
+            services = self.config.services.len(),
+            read_parse_ms = parsed_in.as_millis(),
+            diff_ms = (diffed_in - parsed_in).as_millis(),
+            sync_ms = (synced_in - diffed_in).as_millis(),
+            apply_ms = applying.elapsed().as_millis(),
+            total_ms = started.elapsed().as_millis(),
+            "configuration reloaded"
+        );
+    }
+
+    /// A new model from the Kubernetes watches. The first one replaces whatever the
+    /// pinned maps held; until it arrives they keep serving.
+    fn on_kubernetes_update(&mut self, update: kube_watch::Update) {
+        let started = Instant::now();
+        let built = update.built;
+        let problems: Vec<String> = built
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.failover_service, p.message))
+            .collect();
+        if problems != self.kubernetes_problems {
+            for problem in problems
+                .iter()
+                .filter(|p| !self.kubernetes_problems.contains(p))
+            {
+                warn!(%problem, "kubernetes: FailoverService not served in full");
+            }
+            self.kubernetes_problems = problems;
+        }
+        for warning in built.config.warnings() {
+            info!(%warning, "kubernetes: service accepted with a warning");
+        }
+        let change = ConfigChange::between(&self.config, &built.config);
+        if let Some(first_sync) = update.first_sync {
+            info!(
+                sync_ms = first_sync.as_millis(),
+                "kubernetes: first sync; the maps now follow the cluster"
+            );
+        } else if change.services.is_empty() && built.config.node == self.config.node {
+            return;
+        }
+        self.use_config(built.config, change, "kubernetes", started, Duration::ZERO);
     }
 
     fn answer(&self, request: Request) -> Response {
@@ -1109,16 +1185,33 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Watching starts before the first read, so no write after it goes unseen; an
     // event for what was read costs one compare of texts.
     let (file_tx, mut file_rx) = mpsc::channel::<FileEvent>(64);
-    let watcher = match config_watch::Watcher::new(&args.config).and_then(|w| w.spawn(file_tx)) {
-        Ok(task) => Some(task),
-        Err(error) => {
-            warn!(%error, config = %args.config.display(), "cannot watch the config file with inotify; polling it instead (in-place writes are read once they stand still)");
-            None
+    let (kube_tx, mut kube_rx) = mpsc::channel::<kube_watch::Update>(1);
+    let mut watcher = None;
+    let mut kube_task = None;
+    let (config_stamp, config_text, config) = match &args.config {
+        Some(path) => {
+            watcher = match config_watch::Watcher::new(path).and_then(|w| w.spawn(file_tx)) {
+                Ok(task) => Some(task),
+                Err(error) => {
+                    warn!(%error, config = %path.display(), "cannot watch the config file with inotify; polling it instead (in-place writes are read once they stand still)");
+                    None
+                }
+            };
+            let config_stamp = stamp(path);
+            let config_text = read_text(path)?;
+            let config = parse_config(path, &config_text)?;
+            (config_stamp, config_text, config)
+        }
+        None => {
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let options = kube_watch::Options {
+                node_name: args.node_name.clone().unwrap_or_default(),
+                cluster: args.cluster_name.clone(),
+            };
+            kube_task = Some(kube_watch::spawn(client, options, kube_tx));
+            (None, String::new(), Config::default())
         }
     };
-    let config_stamp = stamp(&args.config);
-    let config_text = read_text(&args.config)?;
-    let config = parse_config(&args.config, &config_text)?;
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => find_cgroup2_mount()?,
@@ -1147,6 +1240,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (destroyed_tx, mut destroyed_rx) = mpsc::unbounded_channel::<Destroyed>();
     let mut agent = Agent {
         config_path: args.config.clone(),
+        kubernetes_problems: Vec::new(),
         config,
         config_text,
         rejected_text: None,
@@ -1181,7 +1275,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         &mut agent.health,
     );
     agent.passive.sync(&agent.config);
-    agent.apply();
+    if agent.config_path.is_some() {
+        agent.apply();
+    } else {
+        info!("kubernetes: serving what the pinned maps hold until the first sync");
+    }
     info!(
         cgroup = %cgroup.display(),
         pins = %args.bpffs.display(),
@@ -1225,6 +1323,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 agent.on_outlier_deadline();
             }
             Some(change) = changes_rx.recv() => agent.on_health_change(change),
+            Some(update) = kube_rx.recv() => agent.on_kubernetes_update(update),
             Some((request, reply)) = api_rx.recv() => {
                 let _ = reply.send(agent.answer(request));
             }
@@ -1246,7 +1345,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             () = sleep_until(agent.config_wake), if agent.config_wake.is_some() => {
                 agent.check_config();
             }
-            _ = poll.tick(), if !agent.config_watched => agent.poll_config(),
+            _ = poll.tick(), if !agent.config_watched && agent.config_path.is_some() => {
+                agent.poll_config();
+            }
             _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.apply(),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -1257,10 +1358,31 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    if let Some(task) = kube_task {
+        task.abort();
+    }
     metrics_task.abort();
     let _ = std::fs::remove_file(&args.socket);
     warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");
     Ok(())
+}
+
+/// A client for the agent's own cluster: `kubeconfig` when given, else in-cluster
+/// configuration, else `KUBECONFIG` / `~/.kube/config`.
+async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding the Kubernetes API server (in-cluster or KUBECONFIG)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

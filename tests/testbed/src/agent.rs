@@ -31,7 +31,8 @@ const LOG_TAIL: usize = 4096;
 pub struct AgentOptions {
     /// The `detour` binary.
     pub binary: PathBuf,
-    /// The YAML config file (`--config`).
+    /// The YAML config file (`--config`); an empty path passes none, for an agent whose
+    /// source is in its further arguments (`--kubernetes ...`).
     pub config: PathBuf,
     /// The cgroup to attach to (`--cgroup`).
     pub cgroup: PathBuf,
@@ -78,10 +79,11 @@ impl Agent {
             .with_context(|| format!("opening {}", self.opts.log.display()))?;
         let o = &self.opts;
         let mut cmd = Command::new(&o.binary);
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(&o.config)
-            .arg("--cgroup")
+        cmd.arg("agent");
+        if !o.config.as_os_str().is_empty() {
+            cmd.arg("--config").arg(&o.config);
+        }
+        cmd.arg("--cgroup")
             .arg(&o.cgroup)
             .arg("--bpffs")
             .arg(&o.bpffs)

@@ -10,5 +10,6 @@
 pub mod failover_service;
 pub mod labels;
 pub mod model;
+pub mod watch;
 
 pub use failover_service::{FailoverService, FailoverServiceSpec, FailoverServiceStatus};
