@@ -110,6 +110,10 @@ pub struct EndpointView {
     pub port: u16,
     pub address: SocketAddr,
     pub locality: String,
+    /// The cluster the endpoint runs in (Kubernetes: its backing service's cluster);
+    /// empty when the source does not say.
+    #[serde(default)]
+    pub cluster: String,
     pub health: String,
     pub weight: u32,
     /// The tier this endpoint belongs to when healthy.

@@ -86,6 +86,11 @@ pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
                 } else {
                     e.locality.clone()
                 },
+                if e.cluster.is_empty() {
+                    "-".into()
+                } else {
+                    e.cluster.clone()
+                },
                 e.tier.clone(),
                 e.weight.to_string(),
                 if e.in_table { "yes" } else { "no" }.into(),
@@ -102,6 +107,7 @@ pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
             "HEALTH",
             "OUTLIER",
             "LOCALITY",
+            "CLUSTER",
             "TIER",
             "WEIGHT",
             "IN-TABLE",
@@ -142,6 +148,7 @@ mod tests {
                 port: 80,
                 address: "127.0.1.1:8080".parse().unwrap(),
                 locality: "us-east1/us-east1-b".into(),
+                cluster: String::new(),
                 health: "UNHEALTHY".into(),
                 weight: 1,
                 tier: "same-zone".into(),
@@ -162,6 +169,7 @@ mod tests {
                 port: 80,
                 address: "127.0.2.1:8080".parse().unwrap(),
                 locality: "us-west".into(),
+                cluster: "kind3".into(),
                 health: "HEALTHY".into(),
                 weight: 1,
                 tier: "failover[0]:us-west".into(),
@@ -186,7 +194,16 @@ mod tests {
         assert!(lines[1].contains(" no "));
         assert!(lines[1].ends_with(" 12        1         1"), "{}", lines[1]);
         assert!(lines[2].contains("HEALTHY    OK "));
-        assert!(lines[2].contains("failover[0]:us-west"));
+        assert!(
+            lines[2].contains(" us-west              kind3    failover[0]:us-west "),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[1].contains(" us-east1/us-east1-b  -        same-zone "),
+            "{}",
+            lines[1]
+        );
         assert!(
             lines[2].ends_with(" yes       3         0         0"),
             "{}",

@@ -31,6 +31,8 @@ pub const MAX_STANDBY_SLOTS: usize = 256;
 pub struct PlannedEndpoint {
     pub target: SocketAddr,
     pub locality: String,
+    /// The cluster the endpoint runs in; empty when its source does not say.
+    pub cluster: String,
     pub weight: u32,
     pub health: Health,
     /// Ejected by passive health (outlier detection).
@@ -172,6 +174,7 @@ pub fn plan_service(
                     .map(|(ep, (target, (health, ejected)))| PlannedEndpoint {
                         target,
                         locality: ep.locality.to_string(),
+                        cluster: ep.cluster.clone(),
                         weight: ep.weight,
                         health,
                         ejected,

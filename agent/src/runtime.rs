@@ -988,6 +988,7 @@ impl Agent {
                         port: p.port,
                         address: e.target,
                         locality: e.locality.clone(),
+                        cluster: e.cluster.clone(),
                         health: e.health.to_string(),
                         weight: e.weight,
                         tier: e.tier.to_string(),

@@ -218,6 +218,30 @@ async fn scenario() -> Result<()> {
         "{services_view:#}"
     );
 
+    // The node's labels give its locality; the endpoints show their zone and cluster.
+    let endpoints = world
+        .agent()
+        .endpoints_json(Some("reviews-failover.default.takeover.reviews.default"))?;
+    let rows: Vec<String> = endpoints
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{} {} {} {}",
+                e["address"], e["locality"], e["cluster"], e["tier"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            r#""10.231.77.2:8080" "us-east1/us-east1-b" "kind1" "same-zone""#,
+            r#""10.231.77.3:8080" "us-east1/us-east1-c" "kind1" "same-region""#,
+        ],
+        "{endpoints:#}"
+    );
+
     // The EndpointSlice says `a` is not ready: traffic moves to the other zone.
     apply_slice(&cluster, false).await?;
     until_answers(&world, &target, &["b"])
