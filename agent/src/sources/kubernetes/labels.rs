@@ -84,6 +84,9 @@ mod tests {
             node_locality(&labels),
             ("us-east1".to_owned(), "us-east1-b".to_owned())
         );
-        assert_eq!(node_locality(&Default::default()), (String::new(), String::new()));
+        assert_eq!(
+            node_locality(&Default::default()),
+            (String::new(), String::new())
+        );
     }
 }
