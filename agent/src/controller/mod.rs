@@ -275,6 +275,7 @@ impl Controller {
         info!(cluster = %self.args.cluster_name, namespace = %self.args.namespace, %identity, "controller started");
         let mut retry_at: Option<Instant> = None;
         let mut was_leader = false;
+        let mut lease_alive = true;
         loop {
             let next = [
                 Some(Instant::now() + RESYNC),
@@ -288,15 +289,18 @@ impl Controller {
             tokio::select! {
                 () = self.wake.notified() => tokio::time::sleep(DEBOUNCE).await,
                 () = tokio::time::sleep_until(next) => {}
-                changed = leader.changed() => if changed.is_err() {
+                changed = leader.changed(), if lease_alive => if changed.is_err() {
+                    // The lease task retries API errors itself; it ends only when the
+                    // runtime shuts down.
                     warn!("leader election stopped; no longer writing");
+                    lease_alive = false;
                 },
                 _ = stop.changed() => {}
             }
             if *stop.borrow() {
                 break;
             }
-            let is_leader = *leader.borrow();
+            let is_leader = lease_alive && *leader.borrow();
             if is_leader != was_leader {
                 info!(leader = is_leader, %identity, "leadership changed");
                 was_leader = is_leader;
@@ -657,10 +661,10 @@ impl Controller {
             self.pending.remove(key);
             return false;
         }
-        match self.pending.get(key) {
-            Some((written, at)) if written == desired && at.elapsed() < PENDING => false,
-            _ => true,
-        }
+        !matches!(
+            self.pending.get(key),
+            Some((written, at)) if written == desired && at.elapsed() < PENDING
+        )
     }
 
     fn written(&mut self, key: String, desired: Value) {
