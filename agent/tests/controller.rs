@@ -14,6 +14,7 @@ use detour_agent::controller::{Controller, ControllerArgs};
 use detour_agent::sources::kubernetes::failover_service::condition;
 use detour_agent::sources::kubernetes::{labels, FailoverService};
 use detour_testbed::k8s::{Cluster, ClusterOptions};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -26,6 +27,7 @@ const NAMESPACE: &str = "detour-system";
 const EVENTUALLY: Duration = Duration::from_secs(60);
 const TEST_BOUND: Duration = Duration::from_secs(300);
 /// The mirror of kind2's `reviews` endpoints on nodes in us-east1.
+const LEASE: &str = "detour-controller";
 const EAST: &str = "detour-kind2-default-reviews-us-east1";
 
 /// Polls `check` until it yields `Some`, for at most [`EVENTUALLY`].
@@ -65,6 +67,12 @@ struct Bed {
 
 impl Bed {
     async fn start() -> Result<Self> {
+        Self::start_with_lease_held_for(None).await
+    }
+
+    /// [`Bed::start`], with the controller's Lease held by another replica for
+    /// `seconds` first when given.
+    async fn start_with_lease_held_for(seconds: Option<i32>) -> Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("detour_agent=debug,info")
@@ -86,6 +94,23 @@ impl Bed {
                 &from_json(json!({"metadata": {"name": NAMESPACE}})),
             )
             .await?;
+        if let Some(seconds) = seconds {
+            let leases: Api<Lease> = Api::namespaced(kind1.client(), NAMESPACE);
+            leases
+                .create(
+                    &PostParams::default(),
+                    &from_json(json!({
+                        "metadata": {"name": LEASE},
+                        "spec": {
+                            "holderIdentity": "another-replica",
+                            "leaseDurationSeconds": seconds,
+                            "acquireTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                            "renewTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                        },
+                    })),
+                )
+                .await?;
+        }
 
         let nodes: Api<Node> = Api::all(kind2.client());
         for (name, labels) in [
@@ -136,7 +161,7 @@ impl Bed {
             cluster_name: "kind1".into(),
             kubeconfig: None,
             initial_sync_timeout: Duration::from_secs(30),
-            lease_name: "detour-controller".into(),
+            lease_name: LEASE.into(),
             identity: Some("test".into()),
         };
         let controller = Controller::start(kind1.client(), args);
@@ -358,6 +383,7 @@ async fn remote_endpoints_are_mirrored_by_region_and_follow_changes() -> Result<
         assert_eq!(bed.mirrors().get(EAST).await?.resource_version(), version);
 
         // A remote endpoint goes not ready: the mirror follows.
+        let changed_at = Instant::now();
         bed.remote_slices()
             .replace("reviews-abc", &PostParams::default(), &{
                 let mut s = remote_slice(false);
@@ -373,6 +399,10 @@ async fn remote_endpoints_are_mirrored_by_region_and_follow_changes() -> Result<
             ready_of(s, "10.2.0.2") == Some(false)
         })
         .await?;
+        eprintln!(
+            "remote change to mirror: {:.0?} (get + replace + the 100 ms poll included)",
+            changed_at.elapsed()
+        );
         bed.stop().await
     })
     .await
@@ -573,6 +603,42 @@ async fn a_rotated_credential_that_cannot_sync_leaves_the_old_one_serving() -> R
             |s| ready_of(s, "10.2.0.2") == Some(false),
         )
         .await?;
+        bed.stop().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes() -> Result<()> {
+    bounded(async {
+        // Another replica holds the Lease for 15 s (not renewed): until it expires this
+        // controller watches but writes nothing; then it takes over.
+        let held_since = Instant::now();
+        let bed = Bed::start_with_lease_held_for(Some(15)).await?;
+        tokio::time::sleep(Duration::from_secs(4).saturating_sub(held_since.elapsed())).await;
+        assert!(
+            held_since.elapsed() < Duration::from_secs(12),
+            "set-up took too long to check anything: {:?}",
+            held_since.elapsed()
+        );
+        assert!(bed
+            .mirrors()
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty());
+        let services: Api<Service> = Api::default_namespaced(bed.kind1.client());
+        assert!(services.get_opt("reviews-failover").await?.is_none());
+        let fos: Api<FailoverService> = Api::default_namespaced(bed.kind1.client());
+        assert!(fos.get("reviews").await?.status.is_none());
+        bed.mirror_where(EAST, "written once the Lease expired", |_| true)
+            .await?;
+        let took = held_since.elapsed();
+        assert!(
+            took >= Duration::from_secs(14),
+            "written after {took:?}, before the Lease expired"
+        );
+        eprintln!("took over {took:.1?} after the other replica's last renewal (lease 15 s)");
         bed.stop().await
     })
     .await

@@ -257,8 +257,7 @@ impl Clusters {
     }
 
     /// Brings the connections in step with `entries` (from [`remote_entries`]) and the
-    /// remote Services `wanted`; promotes connections that have synced. Returns whether a
-    /// connection was promoted or dropped (the mirrors then need a pass).
+    /// remote Services `wanted`; promotes connections that have synced.
     pub async fn update(
         &mut self,
         entries: BTreeMap<String, RemoteEntry>,

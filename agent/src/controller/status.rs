@@ -198,6 +198,17 @@ pub fn status(inputs: &Inputs<'_>) -> FailoverServiceStatus {
             "AddressNotAssigned",
             "waiting for the VIP Service's ClusterIP".into(),
         )
+    } else if let Some((cluster, _)) = inputs
+        .backends
+        .iter()
+        .find(|(_, state)| *state == BackendState::NotSynced)
+    {
+        make(
+            condition::PROGRAMMED,
+            false,
+            "Pending",
+            format!("waiting for the first list of cluster {cluster}"),
+        )
     } else if inputs.write_failed {
         make(
             condition::PROGRAMMED,
@@ -369,6 +380,21 @@ mod tests {
         assert_eq!(t.virtual_ip.as_deref(), Some("198.18.0.10"));
         assert_eq!(t.endpoints.len(), 1);
         assert_eq!((t.endpoints[0].tier, t.endpoints[0].ready), (0, 2));
+        // A backend not listed yet: not programmed.
+        let pending = Inputs {
+            fos: &f,
+            refused: None,
+            backends: vec![("kind2".into(), BackendState::NotSynced)],
+            virtual_ip: Some("198.18.0.10".into()),
+            write_failed: false,
+            now: time(200),
+        };
+        let p = status(&pending);
+        assert_eq!(cond(&p, condition::PROGRAMMED).reason, "Pending");
+        assert_eq!(
+            cond(&p, condition::RESOLVED_REFS).reason,
+            "ClusterNotSynced"
+        );
         // Same inputs again: the same status (so nothing is written).
         let backends = inputs.backends.clone();
         f.status = Some(t.clone());
