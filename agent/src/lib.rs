@@ -14,6 +14,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod config_watch;
+pub mod controller;
 pub mod dataplane;
 pub mod desired;
 pub mod health;

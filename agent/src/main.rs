@@ -31,6 +31,9 @@ enum Command {
     /// Run the agent: load and attach the eBPF programs and keep the maps in step with
     /// the configuration and the health checks.
     Agent(Box<runtime::AgentArgs>),
+    /// Run the controller: mirror remote clusters' endpoints into this one, give each
+    /// FailoverService its VIP and write its status.
+    Controller(detour_agent::controller::ControllerArgs),
     /// Show each service port: VIPs, active tier, healthy endpoints, connects.
     Services {
         #[arg(short, long, value_enum, default_value = "table")]
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Agent(args) => runtime::run(*args).await,
+            Command::Controller(args) => Ok(detour_agent::controller::run(args).await?),
             Command::Services { output, socket } => query(&socket, Request::Services, output).await,
             Command::Endpoints {
                 service,
