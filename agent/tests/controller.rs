@@ -7,6 +7,7 @@
 //! by [`TEST_BOUND`]; every wait is bounded by [`EVENTUALLY`].
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -14,11 +15,13 @@ use detour_agent::controller::{Controller, ControllerArgs};
 use detour_agent::sources::kubernetes::failover_service::condition;
 use detour_agent::sources::kubernetes::{labels, FailoverService};
 use detour_testbed::k8s::{Cluster, ClusterOptions};
+use futures::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
 use kube::{CustomResourceExt as _, ResourceExt as _};
 use serde_json::json;
 use tokio::sync::watch;
@@ -79,7 +82,15 @@ impl Bed {
             .try_init();
         let clusters = Cluster::start_all(&[
             ("kind1", ClusterOptions::default()),
-            ("kind2", ClusterOptions::default()),
+            // Without the watch cache, a watch resuming from a compacted revision gets
+            // 410 Gone at once, so the restart test forces a relist.
+            (
+                "kind2",
+                ClusterOptions {
+                    watch_cache: false,
+                    ..ClusterOptions::default()
+                },
+            ),
         ])
         .await?;
         let [kind1, kind2] = <[Cluster; 2]>::try_from(clusters).expect("two clusters");
@@ -508,6 +519,25 @@ async fn mirrors_stay_while_the_remote_api_server_is_down_and_resume_after() -> 
             .await?
             .items
             .len();
+        // Every change the mirrors go through from here on, as a watcher sees them.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorder = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            let events = watcher::watcher(bed.mirrors(), watcher::Config::default());
+            async move {
+                let mut events = std::pin::pin!(events);
+                while let Some(Ok(event)) = events.next().await {
+                    let entry = match event {
+                        watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
+                            (s.name_any(), s.endpoints.map_or(0, |e| e.len()))
+                        }
+                        watcher::Event::Delete(s) => (format!("deleted {}", s.name_any()), 0),
+                        _ => continue,
+                    };
+                    seen.lock().unwrap().push(entry);
+                }
+            }
+        });
         bed.kind2.stop_apiserver()?;
         // Long enough for the watches to fail and retry (backoff from 800 ms).
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -530,10 +560,20 @@ async fn mirrors_stay_while_the_remote_api_server_is_down_and_resume_after() -> 
         slices
             .replace("reviews-abc", &PostParams::default(), &changed)
             .await?;
+        // The controller's watches resume from revisions that are gone: 410, relist.
+        bed.kind2.compact_etcd().await?;
         bed.mirror_where(EAST, "10.2.0.2 not ready after the restart", |s| {
             ready_of(s, "10.2.0.2") == Some(false)
         })
         .await?;
+        recorder.abort();
+        let seen = seen.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .all(|(name, endpoints)| *endpoints > 0 && !name.starts_with("deleted")),
+            "a mirror was emptied or deleted on the way: {seen:?}"
+        );
+        assert!(seen.len() > count, "the recorder saw nothing: {seen:?}");
         bed.stop().await
     })
     .await
