@@ -446,14 +446,21 @@ fn cluster_ips(service: &Service) -> Vec<IpAddr> {
     let Some(spec) = &service.spec else {
         return Vec::new();
     };
-    let listed = spec.cluster_ips.iter().flatten();
-    let mut ips: Vec<IpAddr> = listed
+    // `clusterIPs` lists `clusterIP` first when both are set; older objects may have
+    // only the latter. "None" (headless) parses to nothing.
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in spec
+        .cluster_ips
+        .iter()
+        .flatten()
         .chain(spec.cluster_ip.iter())
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    ips.dedup();
-    let mut seen = std::collections::HashSet::new();
-    ips.retain(|ip| seen.insert(*ip));
+    {
+        if let Ok(ip) = ip.parse() {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
     ips
 }
 
