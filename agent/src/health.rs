@@ -4,7 +4,10 @@
 //! is the I/O part: one tokio task per (service, target) that probes on an interval with
 //! jitter and a timeout — a TCP connect, an HTTP/1.1 GET whose status must be one of the
 //! expected ones, or a gRPC `grpc.health.v1.Health/Check` that must answer SERVING — and
-//! reports *changes* of verdict on a channel.
+//! reports *changes* of verdict on a channel, plus every passing probe while the target
+//! is ejected (its [`EjectedFlag`] is set), so that a passing check ends an ejection as
+//! in Envoy (`successful_active_health_check_uneject_host`) without a message per probe
+//! the rest of the time.
 //!
 //! Invariants:
 //! - a target starts `Unknown`, which selection treats as usable, so a new endpoint or a
@@ -24,6 +27,8 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -122,14 +127,31 @@ impl HealthTracker {
     }
 }
 
-/// A change of verdict, sent by a probe task.
+/// A change of verdict, or a passing probe of an ejected target, sent by a probe task.
 #[derive(Debug, Clone)]
 pub struct HealthChange {
     pub service: String,
     pub target: SocketAddr,
     pub health: Health,
+    /// Whether the probe that sent this passed; a passing probe ends an outlier ejection.
+    pub passed: bool,
     /// Why the last probe failed, for logs and the CLI.
     pub last_error: Option<String>,
+}
+
+/// Whether a target is ejected by outlier detection right now: set and cleared by the
+/// agent, read by the target's probe task, which then reports every passing probe.
+#[derive(Debug, Clone, Default)]
+pub struct EjectedFlag(Arc<AtomicBool>);
+
+impl EjectedFlag {
+    pub fn set(&self, ejected: bool) {
+        self.0.store(ejected, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// What one probe does.
@@ -156,12 +178,13 @@ pub fn next_delay(interval: Duration, unit_random: f64) -> Duration {
 }
 
 /// Starts probing `target`; the task ends when the receiver is dropped or the handle is
-/// aborted.
+/// aborted. It reports changes of verdict, and every passing probe while `ejected` is set.
 pub fn spawn_probe(
     service: String,
     target: SocketAddr,
     spec: ProbeSpec,
     changes: mpsc::Sender<HealthChange>,
+    ejected: EjectedFlag,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tracker = HealthTracker::new(spec.thresholds);
@@ -172,12 +195,17 @@ pub fn spawn_probe(
                 ProbeKind::Grpc(check) => grpc_probe(target, check, spec.timeout).await,
             };
             let last_error = result.as_ref().err().map(ToString::to_string);
-            if let Some(health) = tracker.observe(result.is_ok()) {
+            let passed = result.is_ok();
+            let changed = tracker.observe(passed);
+            if let Some(health) = changed {
                 tracing::info!(%service, %target, %health, error = last_error.as_deref(), "health changed");
+            }
+            if changed.is_some() || (passed && ejected.get()) {
                 let change = HealthChange {
                     service: service.clone(),
                     target,
-                    health,
+                    health: tracker.health(),
+                    passed,
                     last_error,
                 };
                 if changes.send(change).await.is_err() {
@@ -924,12 +952,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn probe_task_reports_changes_only() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let target = listener.local_addr().unwrap();
-        let (tx, mut rx) = mpsc::channel(8);
-        let spec = ProbeSpec {
+    fn fast_tcp_spec() -> ProbeSpec {
+        ProbeSpec {
             interval: Duration::from_millis(20),
             timeout: Duration::from_millis(200),
             thresholds: Thresholds {
@@ -937,14 +961,63 @@ mod tests {
                 unhealthy: 2,
             },
             kind: ProbeKind::Tcp,
-        };
-        let task = spawn_probe("svc".into(), target, spec, tx);
-        let first = rx.recv().await.unwrap();
-        assert_eq!(first.health, Health::Healthy);
+        }
+    }
+
+    /// The next report, or a failure after 10 s (probes run every 20 ms).
+    async fn next(rx: &mut mpsc::Receiver<HealthChange>) -> HealthChange {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a report within 10 s")
+            .expect("the probe task is running")
+    }
+
+    #[tokio::test]
+    async fn probe_task_reports_changes_only() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let task = spawn_probe(
+            "svc".into(),
+            target,
+            fast_tcp_spec(),
+            tx,
+            EjectedFlag::default(),
+        );
+        let first = next(&mut rx).await;
+        assert_eq!((first.health, first.passed), (Health::Healthy, true));
+        // Passing probes while nothing is ejected report nothing.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "no report while the verdict holds");
         drop(listener);
-        let second = rx.recv().await.unwrap();
-        assert_eq!(second.health, Health::Unhealthy);
+        let second = next(&mut rx).await;
+        assert_eq!((second.health, second.passed), (Health::Unhealthy, false));
         assert!(second.last_error.is_some());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn probe_task_reports_every_pass_while_the_target_is_ejected() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let ejected = EjectedFlag::default();
+        let task = spawn_probe("svc".into(), target, fast_tcp_spec(), tx, ejected.clone());
+        assert_eq!(next(&mut rx).await.health, Health::Healthy);
+        ejected.set(true);
+        for _ in 0..3 {
+            let report = next(&mut rx).await;
+            assert_eq!((report.health, report.passed), (Health::Healthy, true));
+        }
+        ejected.set(false);
+        // Drain what was sent before the flag was read as cleared, then: silence.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while rx.try_recv().is_ok() {}
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "no report once the ejection is over"
+        );
         task.abort();
     }
 }

@@ -28,7 +28,9 @@ use detour_agent::config_watch::{
 };
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan, PlannedEndpoint};
-use detour_agent::health::{self, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds};
+use detour_agent::health::{
+    self, EjectedFlag, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds,
+};
 use detour_agent::metrics::{
     self, BackendMetrics, Histogram, LimitMetrics, ServiceMetrics, Snapshot,
 };
@@ -107,10 +109,11 @@ pub struct AgentArgs {
 
 type ApiCall = (Request, oneshot::Sender<Response>);
 
-/// Probe tasks by (service, target), with the spec they run so a change restarts them.
+/// Probe tasks by (service, target), with the spec they run so a change restarts them,
+/// and the flag that tells each whether its target is ejected.
 #[derive(Default)]
 struct Probes {
-    running: HashMap<(String, SocketAddr), (ProbeSpec, JoinHandle<()>)>,
+    running: HashMap<(String, SocketAddr), (ProbeSpec, JoinHandle<()>, EjectedFlag)>,
 }
 
 impl Probes {
@@ -123,6 +126,7 @@ impl Probes {
         scope: &Dirty,
         changes: &mpsc::Sender<HealthChange>,
         health: &mut HashMap<(String, SocketAddr), (Health, Option<String>)>,
+        is_ejected: impl Fn(&str, SocketAddr) -> bool,
     ) {
         let in_scope = |service: &str| match scope {
             Dirty::All => true,
@@ -154,7 +158,7 @@ impl Probes {
                 wanted.insert((service.name.clone(), target), spec.clone());
             }
         }
-        self.running.retain(|key, (spec, task)| {
+        self.running.retain(|key, (spec, task, _)| {
             let keep =
                 !in_scope(&key.0) || wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec));
             if !keep {
@@ -170,12 +174,26 @@ impl Probes {
                 }
                 Some(spec) if !self.running.contains_key(&key) => {
                     health.insert(key.clone(), (Health::Unknown, None));
-                    let task =
-                        health::spawn_probe(key.0.clone(), key.1, spec.clone(), changes.clone());
-                    self.running.insert(key, (spec, task));
+                    let ejected = EjectedFlag::default();
+                    ejected.set(is_ejected(&key.0, key.1));
+                    let task = health::spawn_probe(
+                        key.0.clone(),
+                        key.1,
+                        spec.clone(),
+                        changes.clone(),
+                        ejected.clone(),
+                    );
+                    self.running.insert(key, (spec, task, ejected));
                 }
                 Some(_) => {}
             }
+        }
+    }
+
+    /// Tells the probe of (`service`, `target`), if any, whether the target is ejected.
+    fn set_ejected(&self, service: &str, target: SocketAddr, ejected: bool) {
+        if let Some((_, _, flag)) = self.running.get(&(service.to_owned(), target)) {
+            flag.set(ejected);
         }
     }
 }
@@ -515,6 +533,7 @@ impl Agent {
                             format!("{kind}; ejection {ejection_count}, for {secs:.0}s"),
                         );
                         self.terminate(&service, target, "ejected");
+                        self.probes.set_ejected(&service, target, true);
                         self.dirty.mark(&service);
                         changed = true;
                     }
@@ -644,6 +663,7 @@ impl Agent {
 
     fn on_restored(&mut self, service: &str, target: SocketAddr, why: &str) {
         self.dirty.mark(service);
+        self.probes.set_ejected(service, target, false);
         info!(%service, backend = %target, why, "backend restored");
         self.publish("restored", service, Some(target), why.to_string());
         if !self.passive.is_ejected_anywhere(target) {
@@ -683,14 +703,19 @@ impl Agent {
             );
         }
         // Envoy's successful_active_health_check_uneject_host: a passing active check
-        // ends an ejection.
-        if change.health == Health::Healthy
-            && self
+        // ends an ejection (the probe reports every pass while its target is ejected).
+        if change.passed {
+            if self
                 .passive
                 .restore(&change.service, change.target, Instant::now())
                 .is_some()
-        {
-            self.on_restored(&change.service, change.target, "active health check passed");
+            {
+                self.on_restored(&change.service, change.target, "active health check passed");
+            } else if !self.passive.is_ejected(&change.service, change.target) {
+                // The ejection ended some other way (a reload forgot it): stop reporting.
+                self.probes
+                    .set_ejected(&change.service, change.target, false);
+            }
         }
         self.apply();
     }
@@ -827,8 +852,13 @@ impl Agent {
         let diffed_in = started.elapsed();
         self.counters.config_reloads_ok += 1;
         self.config = config;
-        self.probes
-            .sync(&self.config, &scope, &self.changes, &mut self.health);
+        self.probes.sync(
+            &self.config,
+            &scope,
+            &self.changes,
+            &mut self.health,
+            |s, t| self.passive.is_ejected(s, t),
+        );
         self.passive.sync_scope(&self.config, &scope);
         self.dirty = scope;
         let synced_in = started.elapsed();
@@ -1274,6 +1304,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         &Dirty::All,
         &agent.changes,
         &mut agent.health,
+        |_, _| false,
     );
     agent.passive.sync(&agent.config);
     if agent.config_path.is_some() {
