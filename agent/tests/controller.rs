@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use detour_agent::controller::{Controller, ControllerArgs};
 use detour_agent::sources::kubernetes::failover_service::condition;
 use detour_agent::sources::kubernetes::{labels, FailoverService};
@@ -34,24 +34,12 @@ const LEASE: &str = "detour-controller";
 const EAST: &str = "detour-kind2-default-reviews-us-east1";
 
 /// Polls `check` until it yields `Some`, for at most [`EVENTUALLY`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+async fn eventually<T, F, Fut>(what: &str, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = Instant::now() + EVENTUALLY;
-    let mut last_err = None;
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {EVENTUALLY:?} (last error: {last_err:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    detour_testbed::eventually(what, EVENTUALLY, check).await
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {

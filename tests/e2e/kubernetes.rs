@@ -8,65 +8,16 @@
 //! creates, on addresses of its own veth pair: the API server refuses loopback addresses
 //! in EndpointSlices.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use detour_testbed::k8s::{Cluster, ClusterOptions};
-use detour_testbed::{Agent, AgentOptions, HttpBackend, Netns};
+use detour_testbed::{HttpBackend, Netns};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::kube::{create_failover_service, install_crd, EVENTUAL};
 use crate::world::World;
-
-/// Bound on anything the agent or the control plane does by itself.
-const EVENTUAL: Duration = Duration::from_secs(30);
-
-const CRD: &str = include_str!("../../deploy/crds/failoverservice.yaml");
-
-/// Polls `check` until it gives `Some`, at most `within`.
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + within;
-    let mut last = String::new();
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(error) => last = format!(": last error {error:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {within:?}{last}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The answers of `count` requests to `target` from the test's cgroup, by backend name.
-fn answers(world: &World, target: &str, count: u32) -> Result<BTreeMap<String, u32>> {
-    world.answers(target, count)
-}
-
-async fn until_answers(world: &World, target: &str, only: &[&str]) -> Result<()> {
-    let expected: Vec<String> = only.iter().map(ToString::to_string).collect();
-    eventually(
-        &format!("{target} answered only by {only:?}"),
-        EVENTUAL,
-        || async {
-            let seen = answers(world, target, 10)?;
-            let names: Vec<String> = seen.keys().cloned().collect();
-            Ok((names == expected).then_some(()))
-        },
-    )
-    .await
-}
 
 fn slice(ready_a: bool) -> Result<EndpointSlice> {
     Ok(serde_json::from_value(json!({
@@ -115,20 +66,7 @@ async fn scenario() -> Result<()> {
     )
     .await?;
     let client = cluster.client();
-    // The CRD exactly as it ships.
-    let crd: CustomResourceDefinition =
-        serde_saphyr::from_str(CRD).context("parsing deploy/crds/failoverservice.yaml")?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &crd).await?;
-    eventually("the FailoverService CRD Established", EVENTUAL, || async {
-        let crd = crds.get("failoverservices.failover.detour.io").await?;
-        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-        Ok(conditions
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(()))
-    })
-    .await?;
+    install_crd(&cluster).await?;
 
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
@@ -160,52 +98,25 @@ async fn scenario() -> Result<()> {
         .and_then(|spec| spec.cluster_ip)
         .context("reviews has a ClusterIP")?;
     apply_slice(&cluster, true).await?;
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("failover.detour.io", "v1alpha1", "FailoverService"),
-        "failoverservices",
-    );
-    let failover_services: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &resource);
-    let fos = DynamicObject::new("reviews-failover", &resource).data(json!({"spec": {
-        "hostname": "reviews-failover.default.global",
-        "port": {"number": 9080, "protocol": "http"},
-        "backingServices": [{"kubeService": {"name": "reviews", "namespace": "default"}}],
-        "healthCheck": {"interval": "200ms", "timeout": "100ms"},
-        "takeOver": [{"service": {"name": "reviews", "namespace": "default"}, "ports": [9080]}],
-    }}));
-    failover_services
-        .create(&PostParams::default(), &fos)
-        .await
-        .context("creating the FailoverService")?;
+    create_failover_service(
+        &cluster,
+        "default",
+        "reviews-failover",
+        json!({
+            "hostname": "reviews-failover.default.global",
+            "port": {"number": 9080, "protocol": "http"},
+            "backingServices": [{"kubeService": {"name": "reviews", "namespace": "default"}}],
+            "healthCheck": {"interval": "200ms", "timeout": "100ms"},
+            "takeOver": [{"service": {"name": "reviews", "namespace": "default"}, "ports": [9080]}],
+        }),
+    )
+    .await?;
 
-    let kubeconfig = cluster.kubeconfig_path().display().to_string();
-    let agent = Agent::start_with_args(
-        AgentOptions {
-            binary: env!("CARGO_BIN_EXE_detour").into(),
-            config: "".into(),
-            cgroup: world.cgroup.path().to_owned(),
-            bpffs: world.pins.path().to_owned(),
-            socket: world.dir.join("detour.sock"),
-            log: world.dir.join("agent.log"),
-        },
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig,
-            "--node-name",
-            "node-a",
-            "--cluster-name",
-            "kind1",
-        ],
-    )?;
-    let agent = world.agent.insert(agent);
-    agent.wait_ready(EVENTUAL)?;
+    world.start_kubernetes_agent(cluster.kubeconfig_path(), "node-a", "kind1")?;
 
     // Callers of plain `reviews` get the failover: the same-zone backend takes all.
     let target = format!("{cluster_ip}:9080");
-    until_answers(&world, &target, &["a"])
-        .await
-        .with_context(|| world.log())?;
+    world.until_answers(&target, &["a"], EVENTUAL).await?;
     let services_view = world.agent().services_json()?;
     let names: Vec<&str> = services_view
         .as_array()
@@ -244,18 +155,16 @@ async fn scenario() -> Result<()> {
 
     // The EndpointSlice says `a` is not ready: traffic moves to the other zone.
     apply_slice(&cluster, false).await?;
-    until_answers(&world, &target, &["b"])
-        .await
-        .with_context(|| world.log())?;
+    world.until_answers(&target, &["b"], EVENTUAL).await?;
 
     // The API server goes away: the datapath carries on with what it has, and an agent
     // restarted meanwhile serves from its pins.
     cluster.stop_apiserver()?;
-    let seen = answers(&world, &target, 20)?;
+    let seen = world.answers(&target, 20)?;
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["b"], "{seen:?}");
     world.agent().restart()?;
     world.agent().wait_ready(EVENTUAL)?;
-    let seen = answers(&world, &target, 20)?;
+    let seen = world.answers(&target, 20)?;
     assert_eq!(
         seen.keys().collect::<Vec<_>>(),
         ["b"],
@@ -266,9 +175,7 @@ async fn scenario() -> Result<()> {
     // It comes back: the agent resyncs and follows a change made after.
     cluster.start_apiserver().await?;
     apply_slice(&cluster, true).await?;
-    until_answers(&world, &target, &["a"])
-        .await
-        .with_context(|| world.log())?;
+    world.until_answers(&target, &["a"], EVENTUAL).await?;
     Ok(())
 }
 

@@ -15,8 +15,10 @@
 
 mod client;
 mod config_file;
+mod kube;
 mod kubernetes;
 mod limits;
+mod multicluster;
 mod passive;
 mod scenarios;
 mod upgrade;

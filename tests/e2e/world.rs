@@ -73,16 +73,46 @@ impl World {
     }
 
     pub fn start_agent(&mut self) -> Result<&mut Agent> {
-        let mut agent = Agent::start(AgentOptions {
+        let mut agent = Agent::start(self.agent_options(self.dir.join("detour.yaml")))?;
+        agent.wait_ready(READY_TIMEOUT)?;
+        Ok(self.agent.insert(agent))
+    }
+
+    /// Starts the agent with Kubernetes as its source (no config file): `kubeconfig`
+    /// for the API server, `node` and `cluster` as the DaemonSet would pass them.
+    pub fn start_kubernetes_agent(
+        &mut self,
+        kubeconfig: &Path,
+        node: &str,
+        cluster: &str,
+    ) -> Result<&mut Agent> {
+        let kubeconfig = kubeconfig.display().to_string();
+        let mut agent = Agent::start_with_args(
+            self.agent_options(PathBuf::new()),
+            &[
+                "--kubernetes",
+                "--kubeconfig",
+                &kubeconfig,
+                "--node-name",
+                node,
+                "--cluster-name",
+                cluster,
+            ],
+        )?;
+        agent.wait_ready(READY_TIMEOUT)?;
+        Ok(self.agent.insert(agent))
+    }
+
+    /// The agent's options in this world; an empty `config` passes no `--config`.
+    fn agent_options(&self, config: PathBuf) -> AgentOptions {
+        AgentOptions {
             binary: env!("CARGO_BIN_EXE_detour").into(),
-            config: self.dir.join("detour.yaml"),
+            config,
             cgroup: self.cgroup.path().to_owned(),
             bpffs: self.pins.path().to_owned(),
             socket: self.dir.join("detour.sock"),
             log: self.dir.join("agent.log"),
-        })?;
-        agent.wait_ready(READY_TIMEOUT)?;
-        Ok(self.agent.insert(agent))
+        }
     }
 
     pub fn agent(&mut self) -> &mut Agent {
@@ -105,6 +135,29 @@ impl World {
                 .or_insert(0) += 1;
         }
         Ok(by)
+    }
+
+    /// Waits until `count` requests to `target` are all answered by the backends named in
+    /// `only` (and by each of them), at most `within`; fails with the agent's log.
+    pub async fn until_answers(&self, target: &str, only: &[&str], within: Duration) -> Result<()> {
+        let expected: Vec<String> = only.iter().map(ToString::to_string).collect();
+        let mut last = BTreeMap::new();
+        detour_testbed::eventually(
+            &format!("{target} answered only by {only:?}"),
+            within,
+            || {
+                let seen = self.answers(target, 10);
+                let done = seen
+                    .as_ref()
+                    .is_ok_and(|seen| seen.keys().cloned().collect::<Vec<_>>() == expected);
+                if let Ok(seen) = seen.as_ref() {
+                    last = seen.clone();
+                }
+                async move { seen.map(|_| done.then_some(())) }
+            },
+        )
+        .await
+        .with_context(|| format!("last answers {last:?}\n{}", self.log()))
     }
 
     /// Starts a connect loop against `vip` from inside the test's cgroup; stop it with

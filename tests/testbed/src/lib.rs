@@ -20,6 +20,7 @@
 
 mod agent;
 mod cgroup;
+mod eventually;
 mod grpc;
 mod http;
 pub mod k8s;
@@ -30,6 +31,7 @@ mod tempdir;
 
 pub use agent::{Agent, AgentOptions};
 pub use cgroup::Cgroup;
+pub use eventually::eventually;
 pub use grpc::GrpcHealthBackend;
 pub use http::{http_get, http_request, HttpBackend, HttpResponse};
 pub use netns::{Netns, Veth};
