@@ -6,7 +6,8 @@
 //! each VIP:port; `reconcile` writes those tables into the BPF maps through `dataplane`,
 //! the only module that touches aya. The binary's runtime runs that loop; `api` and `cli`
 //! let a person on the node see what it is doing (`explain` says why each backend is or
-//! is not in a table), and `metrics` lets Prometheus see it.
+//! is not in a table), and `metrics` lets Prometheus see it. `dns` prints the CoreDNS
+//! configuration that resolves FailoverService hostnames.
 //!
 //! Passive health: the kernel reports what happens to the connections it rewrote;
 //! `passive` turns those reports into per-service `outlier` (pure) ejections, and
@@ -18,6 +19,7 @@ pub mod config_watch;
 pub mod controller;
 pub mod dataplane;
 pub mod desired;
+pub mod dns;
 pub mod explain;
 pub mod health;
 pub mod metrics;

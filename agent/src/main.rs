@@ -1,6 +1,7 @@
 //! The `detour` binary: the node agent (`detour agent`), the controller (`detour
 //! controller`), the node-local CLI that asks a running agent what it is doing (`detour
-//! services`, `detour endpoints`, `detour explain`, `detour events`).
+//! services`, `detour endpoints`, `detour explain`, `detour events`), and `detour dns
+//! coredns`, which prints the CoreDNS configuration for FailoverService hostnames.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -74,6 +75,18 @@ enum Command {
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Print DNS server configuration that resolves FailoverService hostnames.
+    Dns {
+        #[command(subcommand)]
+        server: DnsServer,
+    },
+}
+
+#[derive(Subcommand)]
+enum DnsServer {
+    /// The CoreDNS Corefile snippet that makes each FailoverService's `spec.hostname`
+    /// resolve to its virtual IP (paste it into the `coredns` ConfigMap).
+    Coredns(detour_agent::dns::CorednsArgs),
 }
 
 /// `SERVICE` or `SERVICE:PORT`; service names never contain `:`.
@@ -124,6 +137,16 @@ fn main() -> ExitCode {
             } => {
                 let (service, port) = service_and_port(&service, port)?;
                 query(&socket, Request::Explain { service, port }, output).await
+            }
+            Command::Dns {
+                server: DnsServer::Coredns(args),
+            } => {
+                let snippet = detour_agent::dns::coredns(&args).await?;
+                for warning in &snippet.warnings {
+                    eprintln!("detour: {warning}");
+                }
+                print!("{}", snippet.text);
+                Ok(())
             }
         }
     });
