@@ -9,8 +9,8 @@
 //!   ClusterIP, and an `exact` rewrite also rewrites the answer's name back to the
 //!   hostname (CoreDNS does that for `exact` rules by itself, so the line needs no
 //!   `answer auto`, an option only newer releases parse). The hostname so follows the
-//!   ClusterIP: the snippet
-//!   needs regenerating only when FailoverServices or their hostnames change.
+//!   ClusterIP: the snippet needs regenerating only when FailoverServices or their
+//!   hostnames change.
 //! - A FailoverService with `spec.virtualIP` gets a line in a `hosts` block of a server
 //!   block of its own, keyed by the hostnames themselves. Istio documented `.global`
 //!   with a `global:53` server block forwarding to its own DNS server; a block keyed by a
