@@ -34,9 +34,9 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// One row per service port. SOURCE, last, says where the service is defined (`file
-/// PATH`, `fos NAMESPACE/NAME`, `…, takeover of svc NAMESPACE/NAME`); it is left out
-/// when no row knows (an agent older than the field).
+/// One row per service port. SOURCE, before STATE (which stays last), says where the
+/// service is defined (`file PATH`, `fos NAMESPACE/NAME`, `…, takeover of svc
+/// NAMESPACE/NAME`); it is left out when no row knows (an agent older than the field).
 pub fn services_table(services: &[ServiceView]) -> String {
     if services.is_empty() {
         return "no services configured\n".into();
@@ -52,7 +52,6 @@ pub fn services_table(services: &[ServiceView]) -> String {
                 format!("{}/{}", s.healthy, s.endpoints),
                 s.in_table.to_string(),
                 s.connects.to_string(),
-                state_cell(s),
             ];
             if sourced {
                 row.push(
@@ -61,15 +60,15 @@ pub fn services_table(services: &[ServiceView]) -> String {
                         .map_or_else(|| "-".to_owned(), ToString::to_string),
                 );
             }
+            row.push(state_cell(s));
             row
         })
         .collect();
-    let mut header = vec![
-        "SERVICE", "VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS", "STATE",
-    ];
+    let mut header = vec!["SERVICE", "VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS"];
     if sourced {
         header.push("SOURCE");
     }
+    header.push("STATE");
     table(&header, &rows)
 }
 
@@ -372,23 +371,28 @@ mod tests {
             ),
         ]);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].ends_with("  STATE  SOURCE"), "{}", lines[0]);
+        // STATE stays last, where scripts (and the limits test) look for it.
         assert!(
-            lines[1].ends_with("  OK     fos default/reviews-failover"),
+            lines[0].contains("  CONNECTS  SOURCE  ") && lines[0].ends_with("  STATE"),
             "{}",
-            lines[1]
+            lines[0]
         );
-        assert!(
-            lines[2].ends_with(
-                "  OK     fos default/reviews-failover, takeover of svc default/reviews"
-            ),
-            "{}",
-            lines[2]
-        );
-        assert!(
-            lines[3].ends_with("  OK     file /etc/detour.yaml"),
-            "{}",
-            lines[3]
+        let source_at = lines[0].find("SOURCE").unwrap();
+        let state_at = lines[0].find("STATE").unwrap();
+        let sources: Vec<(&str, &str)> = lines[1..]
+            .iter()
+            .map(|l| (l[source_at..state_at].trim_end(), &l[state_at..]))
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                ("fos default/reviews-failover", "OK"),
+                (
+                    "fos default/reviews-failover, takeover of svc default/reviews",
+                    "OK"
+                ),
+                ("file /etc/detour.yaml", "OK"),
+            ]
         );
     }
 

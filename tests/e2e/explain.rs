@@ -159,7 +159,10 @@ fn explain_says_why_each_endpoint_is_in_the_table_or_not() -> Result<()> {
     );
     let table = w.agent().cli(&["services"])?;
     ensure!(
-        table.lines().next().is_some_and(|h| h.ends_with(" SOURCE"))
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("  SOURCE  ") && h.ends_with("  STATE"))
             && table.contains(&format!("file {}", w.config_path().display())),
         "{table}"
     );
