@@ -26,6 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::config::ServiceOrigin;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
@@ -75,6 +77,13 @@ pub enum Request {
     },
     /// Stream events as they happen.
     Events,
+    /// Why each endpoint of one service port is, or is not, in the kernel's table.
+    /// `port` may be left out when the service has one port.
+    Explain {
+        service: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+    },
 }
 
 /// One (service, port) as `detour services` shows it.
@@ -101,6 +110,84 @@ pub struct ServiceView {
     /// The limit reached, for a state other than `OK`: `max-backends (262144) reached`.
     #[serde(default)]
     pub limit: Option<String>,
+    /// Where the service is defined: the file, or the FailoverService (and the Service
+    /// it takes over). An agent older than this field answers without it (`None`).
+    #[serde(default)]
+    pub origin: Option<ServiceOrigin>,
+}
+
+/// `detour explain`: one service port, frontend by frontend (VIP by VIP).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExplainView {
+    pub service: String,
+    pub port: u16,
+    pub origin: ServiceOrigin,
+    pub frontends: Vec<FrontendExplanation>,
+}
+
+/// One frontend (VIP:port) and the reasons behind its table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FrontendExplanation {
+    pub frontend: SocketAddr,
+    /// The best tier that receives traffic: `same-zone`, ..., `panic`, or `none`
+    /// without endpoints.
+    pub tier: String,
+    /// No endpoint is usable, so every endpoint serves (never black-hole).
+    pub panic: bool,
+    /// The tiers that receive new connects, best first, with their percent.
+    pub loads: Vec<TierLoad>,
+    /// `strict`, or `gradual (overprovisioning 140%)`.
+    pub spill: String,
+    /// Slots of the table the kernel picks from, and of its standby table.
+    pub slots: usize,
+    pub standby_slots: usize,
+    /// `OK`, `NOT-PROGRAMMED` or `NOT-UPDATED` with the limit, as in `detour services`.
+    pub state: String,
+    pub endpoints: Vec<EndpointExplanation>,
+}
+
+/// A tier that receives traffic and its percent of new connects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TierLoad {
+    pub tier: String,
+    pub percent: u32,
+}
+
+/// One endpoint of a frontend: where it stands and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EndpointExplanation {
+    pub address: SocketAddr,
+    pub locality: String,
+    pub cluster: String,
+    pub weight: u32,
+    /// The tier the endpoint belongs to when healthy.
+    pub tier: String,
+    /// Whether that tier receives traffic now, and its percent when it does.
+    pub tier_active: bool,
+    pub tier_percent: u32,
+    /// Active health: `passing`, `failing`, `unknown` (not probed yet) or `unchecked`.
+    pub health: String,
+    /// The last failed check's error, while failing.
+    pub health_error: Option<String>,
+    /// Outlier detection's ejection: time left, when it ends (RFC 3339, UTC) and the
+    /// failure that caused it.
+    pub ejected: bool,
+    pub ejected_for_ms: Option<u64>,
+    pub ejected_until: Option<String>,
+    pub ejection_cause: Option<String>,
+    /// The kernel avoids it now after failures (the agent has not ejected it).
+    pub suspect: bool,
+    /// `in-table`, `standby` (usable, its tier not active) or `out`.
+    pub verdict: String,
+    /// In the kernel's table now.
+    pub in_table: bool,
+    /// In the standby table the kernel falls back to when every member is suspect.
+    pub standby: bool,
+    /// Its fraction of the table's slots, in percent: the share of new connects it
+    /// gets (`None` where the kernel keeps a table the agent did not plan just now).
+    pub share_percent: Option<f64>,
+    /// One line: why it is or is not in the table.
+    pub reason: String,
 }
 
 /// One endpoint of a service port as `detour endpoints` shows it.
@@ -156,12 +243,13 @@ pub struct EventView {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Services(Vec<ServiceView>),
     Endpoints(Vec<EndpointView>),
     Event(EventView),
+    Explain(ExplainView),
     Error(String),
 }
 
@@ -407,6 +495,50 @@ mod tests {
             serde_json::to_string(&Request::Services).unwrap(),
             r#"{"request":"services"}"#
         );
+        assert_eq!(
+            serde_json::to_string(&Request::Explain {
+                service: "mydb".into(),
+                port: Some(80)
+            })
+            .unwrap(),
+            r#"{"request":"explain","service":"mydb","port":80}"#
+        );
+        assert_eq!(
+            parse_request(br#"{"request":"explain","service":"mydb"}"#).unwrap(),
+            Request::Explain {
+                service: "mydb".into(),
+                port: None
+            }
+        );
+    }
+
+    #[test]
+    fn origins_read_as_json_objects() {
+        let origin = ServiceOrigin::FailoverService {
+            namespace: "default".into(),
+            name: "reviews-failover".into(),
+            take_over: Some(crate::config::ObjectName {
+                namespace: "default".into(),
+                name: "reviews".into(),
+            }),
+        };
+        assert_eq!(
+            serde_json::to_string(&origin).unwrap(),
+            r#"{"kind":"failover-service","namespace":"default","name":"reviews-failover","takeOver":{"namespace":"default","name":"reviews"}}"#
+        );
+        let file = ServiceOrigin::File {
+            path: "/etc/detour.yaml".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&file).unwrap(),
+            r#"{"kind":"file","path":"/etc/detour.yaml"}"#
+        );
+        // An older agent's answer has no origin.
+        let old: ServiceView = serde_json::from_str(
+            r#"{"name":"a","port":1,"vips":[],"tier":"none","endpoints":0,"healthy":0,"in_table":0,"connects":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.origin, None);
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 //! is in the kernel's table now, how many connects the kernel sent it, how many of them
 //! failed, and how often it was ejected.
 
-use crate::api::{EndpointView, EventView, ServiceView};
+use crate::api::{EndpointView, EventView, ExplainView, ServiceView};
 
 /// Left-aligned columns separated by two spaces, widths from the widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -34,30 +34,110 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// One row per service port. SOURCE, before STATE (which stays last), says where the
+/// service is defined (`file PATH`, `fos NAMESPACE/NAME`, `…, takeover of svc
+/// NAMESPACE/NAME`); it is left out when no row knows (an agent older than the field).
 pub fn services_table(services: &[ServiceView]) -> String {
     if services.is_empty() {
         return "no services configured\n".into();
     }
+    let sourced = services.iter().any(|s| s.origin.is_some());
     let rows: Vec<Vec<String>> = services
         .iter()
         .map(|s| {
-            vec![
+            let mut row = vec![
                 s.name.clone(),
                 s.vips.join(","),
                 s.tier.clone(),
                 format!("{}/{}", s.healthy, s.endpoints),
                 s.in_table.to_string(),
                 s.connects.to_string(),
-                state_cell(s),
-            ]
+            ];
+            if sourced {
+                row.push(
+                    s.origin
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), ToString::to_string),
+                );
+            }
+            row.push(state_cell(s));
+            row
         })
         .collect();
-    table(
-        &[
-            "SERVICE", "VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS", "STATE",
-        ],
-        &rows,
-    )
+    let mut header = vec!["SERVICE", "VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS"];
+    if sourced {
+        header.push("SOURCE");
+    }
+    header.push("STATE");
+    table(&header, &rows)
+}
+
+/// `detour explain`: per frontend, a line with its tiers and their loads, then one row
+/// per endpoint ending in WHY, the one-line reason it is or is not in the table.
+pub fn explain_table(view: &ExplainView) -> String {
+    let mut out = format!("{}:{}  ({})\n", view.service, view.port, view.origin);
+    if view.frontends.is_empty() {
+        out.push_str("no frontends: the service has no VIP of this port\n");
+    }
+    for f in &view.frontends {
+        let loads = if f.loads.is_empty() {
+            "no endpoints".to_owned()
+        } else {
+            f.loads
+                .iter()
+                .map(|l| format!("{} {}%", l.tier, l.percent))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "\nVIP {}: {loads}; spill {}; {} slots, {} standby; {}{}\n",
+            f.frontend,
+            f.spill,
+            f.slots,
+            f.standby_slots,
+            f.state,
+            if f.panic {
+                "; PANIC: nothing is usable, every endpoint serves"
+            } else {
+                ""
+            }
+        ));
+        let rows: Vec<Vec<String>> = f
+            .endpoints
+            .iter()
+            .map(|e| {
+                vec![
+                    e.address.to_string(),
+                    if e.cluster.is_empty() {
+                        "-".into()
+                    } else {
+                        e.cluster.clone()
+                    },
+                    if e.tier_active {
+                        format!("{} ({}%)", e.tier, e.tier_percent)
+                    } else {
+                        e.tier.clone()
+                    },
+                    e.health.clone(),
+                    match (&e.ejected_for_ms, e.suspect) {
+                        (Some(ms), _) => format!("ejected {}s", ms.div_ceil(1000)),
+                        (None, true) => "suspect".into(),
+                        (None, false) => "ok".into(),
+                    },
+                    e.share_percent
+                        .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%")),
+                    e.reason.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "ENDPOINT", "CLUSTER", "TIER", "HEALTH", "OUTLIER", "SHARE", "WHY",
+            ],
+            &rows,
+        ));
+    }
+    out
 }
 
 /// `OK`, or e.g. `NOT-PROGRAMMED: max-backends (262144) reached`.
@@ -224,6 +304,7 @@ mod tests {
             connects: 7,
             state: state.into(),
             limit: limit.map(Into::into),
+            origin: None,
         };
         let text = services_table(&[
             view("mydb", "OK", None),
@@ -249,6 +330,154 @@ mod tests {
             lines[3].ends_with("NOT-UPDATED: max-slots (8) reached"),
             "{}",
             lines[3]
+        );
+    }
+
+    #[test]
+    fn services_table_says_where_each_service_is_defined() {
+        use crate::config::{ObjectName, ServiceOrigin};
+        let view = |name: &str, origin: ServiceOrigin| ServiceView {
+            name: name.into(),
+            port: 9080,
+            vips: vec!["10.96.0.10:9080".into()],
+            tier: "same-zone".into(),
+            endpoints: 2,
+            healthy: 2,
+            in_table: 1,
+            connects: 0,
+            state: "OK".into(),
+            limit: None,
+            origin: Some(origin),
+        };
+        let fos = |take_over: Option<&str>| ServiceOrigin::FailoverService {
+            namespace: "default".into(),
+            name: "reviews-failover".into(),
+            take_over: take_over.map(|name| ObjectName {
+                namespace: "default".into(),
+                name: name.into(),
+            }),
+        };
+        let text = services_table(&[
+            view("reviews-failover.default", fos(None)),
+            view(
+                "reviews-failover.default.takeover.reviews.default",
+                fos(Some("reviews")),
+            ),
+            view(
+                "mydb",
+                ServiceOrigin::File {
+                    path: "/etc/detour.yaml".into(),
+                },
+            ),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        // STATE stays last, where scripts (and the limits test) look for it.
+        assert!(
+            lines[0].contains("  CONNECTS  SOURCE  ") && lines[0].ends_with("  STATE"),
+            "{}",
+            lines[0]
+        );
+        let source_at = lines[0].find("SOURCE").unwrap();
+        let state_at = lines[0].find("STATE").unwrap();
+        let sources: Vec<(&str, &str)> = lines[1..]
+            .iter()
+            .map(|l| (l[source_at..state_at].trim_end(), &l[state_at..]))
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                ("fos default/reviews-failover", "OK"),
+                (
+                    "fos default/reviews-failover, takeover of svc default/reviews",
+                    "OK"
+                ),
+                ("file /etc/detour.yaml", "OK"),
+            ]
+        );
+    }
+
+    #[test]
+    fn explain_table_gives_each_endpoint_one_line_with_its_reason() {
+        use crate::api::{EndpointExplanation, FrontendExplanation, TierLoad};
+        let endpoint =
+            |address: &str, tier: &str, percent: Option<u32>, share: f64, reason: &str| {
+                EndpointExplanation {
+                    address: address.parse().unwrap(),
+                    locality: String::new(),
+                    cluster: "kind2".into(),
+                    weight: 1,
+                    tier: tier.into(),
+                    tier_active: percent.is_some(),
+                    tier_percent: percent.unwrap_or(0),
+                    health: "passing".into(),
+                    health_error: None,
+                    ejected: false,
+                    ejected_for_ms: None,
+                    ejected_until: None,
+                    ejection_cause: None,
+                    suspect: false,
+                    verdict: "in-table".into(),
+                    in_table: share > 0.0,
+                    standby: false,
+                    share_percent: Some(share),
+                    reason: reason.into(),
+                }
+            };
+        let view = ExplainView {
+            service: "mydb".into(),
+            port: 80,
+            origin: crate::config::ServiceOrigin::File {
+                path: "/etc/detour.yaml".into(),
+            },
+            frontends: vec![FrontendExplanation {
+                frontend: "127.200.0.1:80".parse().unwrap(),
+                tier: "same-zone".into(),
+                panic: false,
+                loads: vec![
+                    TierLoad {
+                        tier: "same-zone".into(),
+                        percent: 70,
+                    },
+                    TierLoad {
+                        tier: "same-region".into(),
+                        percent: 30,
+                    },
+                ],
+                spill: "gradual (overprovisioning 140%)".into(),
+                slots: 10,
+                standby_slots: 0,
+                state: "OK".into(),
+                endpoints: vec![
+                    EndpointExplanation {
+                        health: "failing".into(),
+                        ejected_for_ms: Some(59_001),
+                        verdict: "out".into(),
+                        ..endpoint(
+                            "127.0.1.1:8080",
+                            "same-zone",
+                            Some(70),
+                            0.0,
+                            "not in table: health check failing (refused)",
+                        )
+                    },
+                    endpoint(
+                        "127.0.2.1:8080",
+                        "same-region",
+                        Some(30),
+                        100.0 / 3.0,
+                        "in table: spilled",
+                    ),
+                ],
+            }],
+        };
+        assert_eq!(
+            explain_table(&view),
+            "mydb:80  (file /etc/detour.yaml)\n\
+             \n\
+             VIP 127.200.0.1:80: same-zone 70%, same-region 30%; spill gradual (overprovisioning 140%); 10 slots, 0 standby; OK\n\
+             ENDPOINT        CLUSTER  TIER               HEALTH   OUTLIER      SHARE  WHY\n\
+             127.0.1.1:8080  kind2    same-zone (70%)    failing  ejected 60s  0.0%   not in table: health check failing (refused)\n\
+             127.0.2.1:8080  kind2    same-region (30%)  passing  ok           33.3%  in table: spilled\n"
         );
     }
 

@@ -88,6 +88,16 @@ impl Config {
         self.by_name.get(name).map(|&at| &self.services[at])
     }
 
+    /// The same configuration, its services marked as read from the file at `path`.
+    #[must_use]
+    pub fn defined_in(mut self, path: &std::path::Path) -> Self {
+        let path = path.display().to_string();
+        for service in &mut self.services {
+            service.origin = ServiceOrigin::File { path: path.clone() };
+        }
+        self
+    }
+
     /// Things that are valid but probably not what the user meant, for the agent to log.
     #[must_use]
     pub fn warnings(&self) -> Vec<ConfigWarning> {
@@ -199,6 +209,74 @@ pub struct ServiceConfig {
     /// active health check or is removed, connections detour made to it are destroyed so
     /// applications reconnect to a healthy backend.
     pub terminate_connections: bool,
+    /// Where the service was defined, as its source says; informational (the CLI shows
+    /// it), never read by selection. [`parse`] gives [`ServiceOrigin::File`] without a
+    /// path, which [`Config::defined_in`] fills in.
+    pub origin: ServiceOrigin,
+}
+
+/// The source a service comes from: carried as data on the model, so that the CLI
+/// never has to guess it from the service's name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ServiceOrigin {
+    /// The standalone file; `path` is empty when whoever parsed the text did not say
+    /// which file it was.
+    #[serde(rename_all = "camelCase")]
+    File { path: String },
+    /// A `FailoverService`; `take_over` names the existing Service whose ClusterIPs this
+    /// service serves, for the services made from its `takeOver` entries.
+    #[serde(rename_all = "camelCase")]
+    FailoverService {
+        namespace: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        take_over: Option<ObjectName>,
+    },
+}
+
+impl Default for ServiceOrigin {
+    /// The file, unnamed: what [`parse`] gives.
+    fn default() -> Self {
+        Self::File {
+            path: String::new(),
+        }
+    }
+}
+
+/// A Kubernetes object's namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ObjectName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for ServiceOrigin {
+    /// `file /etc/detour.yaml`, `fos default/reviews-failover`, or
+    /// `fos default/reviews-failover, takeover of svc default/reviews`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File { path } if path.is_empty() => f.write_str("file"),
+            Self::File { path } => write!(f, "file {path}"),
+            Self::FailoverService {
+                namespace,
+                name,
+                take_over,
+            } => {
+                write!(f, "fos {namespace}/{name}")?;
+                match take_over {
+                    Some(service) => write!(f, ", takeover of svc {service}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 /// Passive health: Istio's `DestinationRule.trafficPolicy.outlierDetection` at L4, where
@@ -1786,6 +1864,7 @@ impl Validator<'_> {
             health_check,
             outlier_detection,
             terminate_connections: raw.terminate_connections,
+            origin: ServiceOrigin::default(),
         })
     }
 

@@ -62,6 +62,15 @@ pub struct FrontendPlan {
     pub passive: Passive,
 }
 
+/// Whether selection may serve an endpoint with this active `health` that outlier
+/// detection has or has not `ejected`: what [`plan_service`] hands selection as
+/// `Candidate::healthy` (selection adds its own rule, weight > 0). `explain` reads the
+/// same function, so its reasons are the plan's.
+#[must_use]
+pub fn serviceable(health: Health, ejected: bool) -> bool {
+    health.usable() && !ejected
+}
+
 /// The kernel's passive-health parameters of a service.
 pub fn passive_params(service: &ServiceConfig) -> Passive {
     let od = &service.outlier_detection;
@@ -153,7 +162,7 @@ pub fn plan_service(
                         key: *target,
                         locality: ep.locality.clone(),
                         weight: ep.weight,
-                        healthy: h.usable() && !ejected,
+                        healthy: serviceable(*h, *ejected),
                         priority: ep.priority,
                     })
                     .collect();

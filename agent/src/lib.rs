@@ -5,7 +5,9 @@
 //! observe) feed `desired`, which asks `selection` (pure) which backends should serve
 //! each VIP:port; `reconcile` writes those tables into the BPF maps through `dataplane`,
 //! the only module that touches aya. The binary's runtime runs that loop; `api` and `cli`
-//! let a person on the node see what it is doing, and `metrics` lets Prometheus see it.
+//! let a person on the node see what it is doing (`explain` says why each backend is or
+//! is not in a table), and `metrics` lets Prometheus see it. `dns` prints the CoreDNS
+//! configuration that resolves FailoverService hostnames.
 //!
 //! Passive health: the kernel reports what happens to the connections it rewrote;
 //! `passive` turns those reports into per-service `outlier` (pure) ejections, and
@@ -17,6 +19,8 @@ pub mod config_watch;
 pub mod controller;
 pub mod dataplane;
 pub mod desired;
+pub mod dns;
+pub mod explain;
 pub mod health;
 pub mod metrics;
 pub mod outlier;

@@ -1,5 +1,7 @@
-//! The `detour` binary: the node agent (`detour agent`) and the node-local CLI that asks
-//! a running agent what it is doing (`detour services`, `detour endpoints`).
+//! The `detour` binary: the node agent (`detour agent`), the controller (`detour
+//! controller`), the node-local CLI that asks a running agent what it is doing (`detour
+//! services`, `detour endpoints`, `detour explain`, `detour events`), and `detour dns
+//! coredns`, which prints the CoreDNS configuration for FailoverService hostnames.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -58,6 +60,49 @@ enum Command {
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Say, for each endpoint of a service port, why it is or is not in the kernel's
+    /// table: its tier and whether that tier is active, active health, ejection, share of
+    /// new connects, panic.
+    Explain {
+        /// The service as `detour services` names it, optionally with its port
+        /// (`mydb:80`); the port is needed when the service has several.
+        service: String,
+        /// The port, instead of `SERVICE:PORT`.
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Print DNS server configuration that resolves FailoverService hostnames.
+    Dns {
+        #[command(subcommand)]
+        server: DnsServer,
+    },
+}
+
+#[derive(Subcommand)]
+enum DnsServer {
+    /// The CoreDNS Corefile snippet that makes each FailoverService's `spec.hostname`
+    /// resolve to its virtual IP (paste it into the `coredns` ConfigMap).
+    Coredns(detour_agent::dns::CorednsArgs),
+}
+
+/// `SERVICE` or `SERVICE:PORT`; service names never contain `:`.
+fn service_and_port(arg: &str, port: Option<u16>) -> anyhow::Result<(String, Option<u16>)> {
+    match arg.rsplit_once(':') {
+        None => Ok((arg.to_owned(), port)),
+        Some((service, number)) => {
+            let number: u16 = number
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{arg:?}: {number:?} is not a port number"))?;
+            if let Some(other) = port.filter(|&p| p != number) {
+                anyhow::bail!("{arg:?} and --port {other} name different ports");
+            }
+            Ok((service.to_owned(), Some(number)))
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -84,6 +129,25 @@ fn main() -> ExitCode {
                 socket,
             } => query(&socket, Request::Endpoints { service }, output).await,
             Command::Events { output, socket } => events(&socket, output).await,
+            Command::Explain {
+                service,
+                port,
+                output,
+                socket,
+            } => {
+                let (service, port) = service_and_port(&service, port)?;
+                query(&socket, Request::Explain { service, port }, output).await
+            }
+            Command::Dns {
+                server: DnsServer::Coredns(args),
+            } => {
+                let snippet = detour_agent::dns::coredns(&args).await?;
+                for warning in &snippet.warnings {
+                    eprintln!("detour: {warning}");
+                }
+                print!("{}", snippet.text);
+                Ok(())
+            }
         }
     });
     match result {
@@ -103,6 +167,8 @@ async fn query(socket: &std::path::Path, request: Request, output: Output) -> an
         (Response::Endpoints(e), Output::Json) => serde_json::to_string_pretty(e)? + "\n",
         (Response::Services(s), Output::Table) => cli::services_table(s),
         (Response::Endpoints(e), Output::Table) => cli::endpoints_table(e),
+        (Response::Explain(x), Output::Json) => serde_json::to_string_pretty(x)? + "\n",
+        (Response::Explain(x), Output::Table) => cli::explain_table(x),
         (Response::Event(_), _) => anyhow::bail!("the agent answered with an event"),
     };
     print!("{text}");

@@ -21,13 +21,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use clap::Args;
-use detour_agent::api::{self, EndpointView, EventView, Request, Response, ServiceView};
+use detour_agent::api::{
+    self, EndpointView, EventView, ExplainView, Request, Response, ServiceView,
+};
 use detour_agent::config::{self, Config, HealthCheckKind};
 use detour_agent::config_watch::{
     self, ConfigChange, Decision, FileEvent, SettlePolicy, Trust, WriteTracker,
 };
 use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan, PlannedEndpoint};
+use detour_agent::explain;
 use detour_agent::health::{
     self, EjectedFlag, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds,
 };
@@ -241,6 +244,9 @@ struct Agent {
     counters: Counters,
     /// What the last Kubernetes model left out, as logged; logged again only on change.
     kubernetes_problems: Vec<String>,
+    /// Why each backend now ejected was ejected (`refused, ejection 2`), for `detour
+    /// explain`; pruned to the ejected ones at every ejection.
+    ejection_causes: HashMap<(String, SocketAddr), String>,
 }
 
 /// What the agent counts itself, for metrics.
@@ -298,7 +304,9 @@ fn read_text(path: &Path) -> anyhow::Result<String> {
 }
 
 fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
-    let config = config::parse(text).with_context(|| format!("config {}", path.display()))?;
+    let config = config::parse(text)
+        .with_context(|| format!("config {}", path.display()))?
+        .defined_in(path);
     for warning in config.warnings() {
         warn!(config = %path.display(), %warning, "configuration accepted with a warning");
     }
@@ -532,6 +540,13 @@ impl Agent {
                             Some(target),
                             format!("{kind}; ejection {ejection_count}, for {secs:.0}s"),
                         );
+                        let passive = &self.passive;
+                        self.ejection_causes
+                            .retain(|(s, t), _| passive.is_ejected(s, *t));
+                        self.ejection_causes.insert(
+                            (service.clone(), target),
+                            format!("{kind}, ejection {ejection_count}"),
+                        );
                         self.terminate(&service, target, "ejected");
                         self.probes.set_ejected(&service, target, true);
                         self.dirty.mark(&service);
@@ -664,6 +679,7 @@ impl Agent {
     fn on_restored(&mut self, service: &str, target: SocketAddr, why: &str) {
         self.dirty.mark(service);
         self.probes.set_ejected(service, target, false);
+        self.ejection_causes.remove(&(service.to_owned(), target));
         info!(%service, backend = %target, why, "backend restored");
         self.publish("restored", service, Some(target), why.to_string());
         if !self.passive.is_ejected_anywhere(target) {
@@ -923,7 +939,88 @@ impl Agent {
                 }
                 Response::Endpoints(self.endpoint_views(service.as_deref()))
             }
+            Request::Explain { service, port } => match self.explain(&service, port) {
+                Ok(view) => Response::Explain(view),
+                Err(error) => Response::Error(error),
+            },
         }
+    }
+
+    /// `detour explain`: the plans of one service port, with what the agent observed of
+    /// each endpoint (see `detour_agent::explain`).
+    fn explain(&self, name: &str, port: Option<u16>) -> Result<ExplainView, String> {
+        let service = self
+            .config
+            .service(name)
+            .ok_or_else(|| format!("no service named {name:?}"))?;
+        let ports: Vec<u16> = service.ports.iter().map(|p| p.number).collect();
+        let port = match (port, &ports[..]) {
+            (Some(port), _) if ports.contains(&port) => port,
+            (Some(port), _) => {
+                return Err(format!(
+                    "service {name:?} has no port {port}; its ports: {}",
+                    join_ports(&ports)
+                ))
+            }
+            (None, [only]) => *only,
+            (None, _) => {
+                return Err(format!(
+                    "service {name:?} has ports {}: name one, e.g. `detour explain {name}:{}`",
+                    join_ports(&ports),
+                    ports[0]
+                ))
+            }
+        };
+        let (state, limit) = self.service_state(name);
+        let state = limit.map_or_else(|| state.clone(), |limit| format!("{state}: {limit}"));
+        let now = Instant::now();
+        let wall = std::time::SystemTime::now();
+        let frontends = self
+            .plans
+            .service(name)
+            .iter()
+            .filter(|plan| plan.port == port)
+            .map(|plan| {
+                let facts = explain::FrontendFacts {
+                    spill: service.locality_lb.spill,
+                    state: state.clone(),
+                    left_out: self
+                        .refused
+                        .get(name)
+                        .is_some_and(|r| r.frontends.contains(&plan.frontend)),
+                };
+                explain::explain(
+                    plan,
+                    &facts,
+                    |e| explain::Observed {
+                        last_error: self
+                            .health
+                            .get(&(name.to_owned(), e.target))
+                            .and_then(|(_, error)| error.clone()),
+                        ejection: self
+                            .passive
+                            .state(name, e.target)
+                            .filter(|o| o.is_ejected())
+                            .map(|o| explain::Ejection {
+                                time_left: o.time_left(now),
+                                cause: self
+                                    .ejection_causes
+                                    .get(&(name.to_owned(), e.target))
+                                    .cloned(),
+                            }),
+                        suspect: self.kernel_suspect(&e.target),
+                        in_kernel_table: self.in_kernel_table(plan, e),
+                    },
+                    wall,
+                )
+            })
+            .collect();
+        Ok(ExplainView {
+            service: name.to_owned(),
+            port,
+            origin: service.origin.clone(),
+            frontends,
+        })
     }
 
     fn stats(&self, target: &SocketAddr) -> detour_ebpf::BackendStats {
@@ -971,6 +1068,7 @@ impl Agent {
                         connects: 0,
                         state: String::new(),
                         limit: None,
+                        origin: self.config.service(&plan.service).map(|s| s.origin.clone()),
                     });
                     targets.push(BTreeSet::new());
                     views.len() - 1
@@ -1198,6 +1296,14 @@ impl Agent {
     }
 }
 
+fn join_ports(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn tier_name(plan: &FrontendPlan) -> String {
     plan.tier
         .as_ref()
@@ -1272,6 +1378,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut agent = Agent {
         config_path: args.config.clone(),
         kubernetes_problems: Vec::new(),
+        ejection_causes: HashMap::new(),
         config,
         config_text,
         rejected_text: None,

@@ -45,7 +45,7 @@ use serde_json::{json, Value};
 
 use super::failover_service::{FailoverService, FailoverServiceSpec, KubeServiceRef};
 use super::labels;
-use crate::config::{self, Config, Locality, NodeConfig, ServiceConfig};
+use crate::config::{self, Config, Locality, NodeConfig, ObjectName, ServiceConfig, ServiceOrigin};
 
 /// What the agent's cluster holds, as the watchers last saw it.
 #[derive(Debug, Clone, Default)]
@@ -125,10 +125,15 @@ pub fn build(inventory: &Inventory) -> Built {
                 message,
             });
         };
-        for document in index.documents(fos, &node.locality, &mut problem) {
+        for (document, take_over) in index.documents(fos, &node.locality, &mut problem) {
             let name = document["name"].as_str().unwrap_or_default().to_owned();
             match config::service_from_json(document) {
-                Ok(service) => {
+                Ok(mut service) => {
+                    service.origin = ServiceOrigin::FailoverService {
+                        namespace: fos.namespace().unwrap_or_default(),
+                        name: fos.name_any(),
+                        take_over,
+                    };
                     origin.insert(service.name.clone(), id.clone());
                     candidates.push(service);
                 }
@@ -227,13 +232,14 @@ impl<'a> Index<'a> {
             .is_none_or(|cluster| cluster == self.cluster)
     }
 
-    /// The model services of one FailoverService, in the file's schema.
+    /// The model services of one FailoverService, in the file's schema, each with the
+    /// Service it takes over (`None` for the one on the FailoverService's own VIP).
     fn documents(
         &self,
         fos: &FailoverService,
         node: &Locality,
         problem: &mut dyn FnMut(String),
-    ) -> Vec<Value> {
+    ) -> Vec<(Value, Option<ObjectName>)> {
         let namespace = fos.namespace().unwrap_or_default();
         let name = fos.name_any();
         let spec = &fos.spec;
@@ -261,13 +267,16 @@ impl<'a> Index<'a> {
             );
         } else {
             let ports = [spec.port.number];
-            documents.push(document(
-                &format!("{name}.{namespace}"),
-                &vips,
-                &ports,
-                &endpoints,
-                &policy,
-                problem,
+            documents.push((
+                document(
+                    &format!("{name}.{namespace}"),
+                    &vips,
+                    &ports,
+                    &endpoints,
+                    &policy,
+                    problem,
+                ),
+                None,
             ));
         }
         for take_over in &spec.take_over {
@@ -290,16 +299,22 @@ impl<'a> Index<'a> {
                 ));
                 continue;
             }
-            documents.push(document(
-                &format!(
-                    "{name}.{namespace}.takeover.{}.{}",
-                    target.name, target.namespace
+            documents.push((
+                document(
+                    &format!(
+                        "{name}.{namespace}.takeover.{}.{}",
+                        target.name, target.namespace
+                    ),
+                    &vips,
+                    &take_over.ports,
+                    &endpoints,
+                    &policy,
+                    problem,
                 ),
-                &vips,
-                &take_over.ports,
-                &endpoints,
-                &policy,
-                problem,
+                Some(ObjectName {
+                    namespace: target.namespace.clone(),
+                    name: target.name.clone(),
+                }),
             ));
         }
         documents
@@ -779,6 +794,32 @@ mod tests {
         assert_eq!(
             built.config.node.locality.to_string(),
             "us-east1/us-east1-b"
+        );
+        // Where each came from is data on the model, not something to parse back out of
+        // the name.
+        let origins: Vec<String> = built
+            .config
+            .services
+            .iter()
+            .map(|s| s.origin.to_string())
+            .collect();
+        assert_eq!(
+            origins,
+            [
+                "fos default/reviews-failover",
+                "fos default/reviews-failover, takeover of svc default/reviews",
+            ]
+        );
+        assert_eq!(
+            built.config.services[1].origin,
+            ServiceOrigin::FailoverService {
+                namespace: "default".into(),
+                name: "reviews-failover".into(),
+                take_over: Some(ObjectName {
+                    namespace: "default".into(),
+                    name: "reviews".into(),
+                }),
+            }
         );
     }
 
