@@ -61,6 +61,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Unexpected, Visitor};
@@ -73,8 +74,10 @@ use crate::selection::{Spill, Tier};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub node: NodeConfig,
-    /// In file order. Read-only once parsed: `by_name` indexes it.
-    pub services: Vec<ServiceConfig>,
+    /// In file order. Read-only once parsed: `by_name` indexes it. Shared, so that a
+    /// source that rebuilds its model per change (Kubernetes) reuses what did not
+    /// change, and a diff tells a reused service from an edited one by pointer.
+    pub services: Vec<Arc<ServiceConfig>>,
     /// Position of each service in `services`, so that a lookup by name costs O(1):
     /// reloads and kernel events look services up by name, and a scan made them
     /// quadratic at 100,000 services.
@@ -85,7 +88,7 @@ impl Config {
     /// The service with this name, if any.
     #[must_use]
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
-        self.by_name.get(name).map(|&at| &self.services[at])
+        self.by_name.get(name).map(|&at| &*self.services[at])
     }
 
     /// The same configuration, its services marked as read from the file at `path`.
@@ -93,7 +96,7 @@ impl Config {
     pub fn defined_in(mut self, path: &std::path::Path) -> Self {
         let path = path.display().to_string();
         for service in &mut self.services {
-            service.origin = ServiceOrigin::File { path: path.clone() };
+            Arc::make_mut(service).origin = ServiceOrigin::File { path: path.clone() };
         }
         self
     }
@@ -848,9 +851,9 @@ pub fn service_from_json(value: serde_json::Value) -> Result<ServiceConfig, Conf
 #[must_use]
 pub fn assemble(
     node: NodeConfig,
-    candidates: Vec<ServiceConfig>,
-) -> (Config, Vec<(ServiceConfig, ConfigError)>) {
-    let mut services: Vec<ServiceConfig> = Vec::with_capacity(candidates.len());
+    candidates: Vec<Arc<ServiceConfig>>,
+) -> (Config, Vec<(Arc<ServiceConfig>, ConfigError)>) {
+    let mut services: Vec<Arc<ServiceConfig>> = Vec::with_capacity(candidates.len());
     let mut by_name: HashMap<String, usize> = HashMap::with_capacity(candidates.len());
     let mut owners: HashMap<SocketAddr, usize> = HashMap::new();
     let mut left_out = Vec::new();
@@ -1807,7 +1810,7 @@ impl Validator<'_> {
             .collect();
         Ok(Config {
             node,
-            services,
+            services: services.into_iter().map(Arc::new).collect(),
             by_name,
         })
     }
@@ -2495,6 +2498,7 @@ mod tests {
             service_from_json(serde_json::json!({
                 "name": name, "vips": [vip], "ports": [{"number": 80}],
             }))
+            .map(Arc::new)
             .unwrap()
         };
         let (config, left_out) = assemble(

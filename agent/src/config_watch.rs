@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::config::Config;
+use crate::config::{Config, ServiceConfig};
 use crate::desired;
 
 /// How long a file must stand still before it is read, and before a read that removes
@@ -290,15 +290,20 @@ pub struct ConfigChange {
 impl ConfigChange {
     #[must_use]
     pub fn between(old: &Config, new: &Config) -> Self {
+        // A service both sides share (the Kubernetes source reuses what did not change)
+        // is the same by pointer, without a deep comparison.
+        let same = |a: Option<&ServiceConfig>, b: &ServiceConfig| {
+            a.is_some_and(|a| std::ptr::eq(a, b) || a == b)
+        };
         let mut change = Self::default();
         for service in &new.services {
-            if old.service(&service.name) != Some(service) {
+            if !same(old.service(&service.name), service) {
                 change.services.insert(service.name.clone());
             }
         }
         for service in &old.services {
             let kept = new.service(&service.name);
-            if kept == Some(service) {
+            if same(kept, service) {
                 continue;
             }
             change.services.insert(service.name.clone());

@@ -136,7 +136,7 @@ impl Probes {
             Dirty::Services(names) => names.contains(service),
         };
         let services: Vec<&config::ServiceConfig> = match scope {
-            Dirty::All => config.services.iter().collect(),
+            Dirty::All => config.services.iter().map(|s| &**s).collect(),
             Dirty::Services(names) => names.iter().filter_map(|n| config.service(n)).collect(),
         };
         let mut wanted = HashMap::new();

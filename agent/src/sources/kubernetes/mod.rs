@@ -1,7 +1,8 @@
 //! The Kubernetes source of the service model: the `FailoverService` custom resource
 //! ([`failover_service`]), the names shared with `detour controller` ([`labels`]), the
 //! agent's watches of its own cluster ([`watch`]) and the pure mapping of what they hold
-//! into the same `Config` the standalone file gives ([`model`]).
+//! into the same `Config` the standalone file gives ([`model`]), over slim views of the
+//! Services and EndpointSlices it watches ([`objects`]).
 //!
 //! Invariant: the resource types are the API as users write it (`failover.detour.io/v1alpha1`)
 //! and as the apiserver stores it; only `watch` touches a cluster, and it only reads. The CRD in
@@ -10,6 +11,7 @@
 pub mod failover_service;
 pub mod labels;
 pub mod model;
+pub mod objects;
 pub mod watch;
 
 pub use failover_service::{FailoverService, FailoverServiceSpec, FailoverServiceStatus};

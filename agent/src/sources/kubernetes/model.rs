@@ -38,13 +38,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt as _;
 use serde_json::{json, Value};
 
 use super::failover_service::{FailoverService, FailoverServiceSpec, KubeServiceRef};
 use super::labels;
+use super::objects::{WatchedEndpoint, WatchedService, WatchedSlice};
 use crate::config::{self, Config, Locality, NodeConfig, ObjectName, ServiceConfig, ServiceOrigin};
 
 /// What the agent's cluster holds, as the watchers last saw it.
@@ -56,8 +56,8 @@ pub struct Inventory {
     /// The labels of the agent's Node.
     pub node_labels: BTreeMap<String, String>,
     pub failover_services: Vec<Arc<FailoverService>>,
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub services: Vec<Arc<WatchedService>>,
+    pub slices: Vec<Arc<WatchedSlice>>,
 }
 
 /// A FailoverService (or one of its take-overs) that is not served, or not in full.
@@ -73,6 +73,8 @@ pub struct Problem {
 pub struct Built {
     pub config: Config,
     pub problems: Vec<Problem>,
+    /// How many FailoverServices were derived afresh (the others were reused).
+    pub derived: usize,
 }
 
 /// The node's locality from its labels (current labels first, then the legacy
@@ -95,74 +97,171 @@ fn locality(region: String, zone: String) -> Locality {
     }
 }
 
-/// Builds the model from `inventory`. See the module invariants.
+/// Builds the model from `inventory`, from scratch. See the module invariants.
 #[must_use]
 pub fn build(inventory: &Inventory) -> Built {
-    let index = Index::new(inventory);
-    let node = NodeConfig {
-        locality: node_locality(&inventory.node_labels),
-    };
-    let mut ordered: Vec<&Arc<FailoverService>> = inventory.failover_services.iter().collect();
-    ordered.sort_by(|a, b| {
-        let key = |f: &FailoverService| {
-            (
-                f.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                f.namespace().unwrap_or_default(),
-                f.name_any(),
-            )
+    Model::default().build(inventory)
+}
+
+/// The model, rebuilt per change with what did not change reused.
+///
+/// A FailoverService's services depend on a known set of objects: itself, its backing
+/// Services and their (own or mirrored) slices, the Services it takes over, its VIP
+/// Service, the node's locality and the cluster's name. [`Model::build`] fingerprints
+/// those by `resourceVersion` and reuses the services it derived last time when the
+/// fingerprint is the same, so one EndpointSlice change re-derives only the
+/// FailoverServices that read it. Objects without a `resourceVersion` (never the case
+/// for objects from an API server) are never reused. Assembly across FailoverServices
+/// (who keeps a VIP:port) runs on every build: it depends on all of them.
+#[derive(Debug, Default)]
+pub struct Model {
+    derived: HashMap<String, Derived>,
+}
+
+/// What one FailoverService gave last time, and from which inputs.
+#[derive(Debug)]
+struct Derived {
+    fingerprint: Option<u64>,
+    services: Vec<Arc<ServiceConfig>>,
+    problems: Vec<String>,
+}
+
+impl Model {
+    /// Builds the model from `inventory`. See the module invariants.
+    pub fn build(&mut self, inventory: &Inventory) -> Built {
+        let index = Index::new(inventory);
+        let node = NodeConfig {
+            locality: node_locality(&inventory.node_labels),
         };
-        key(a).cmp(&key(b))
-    });
-    let mut problems = Vec::new();
-    let mut candidates: Vec<ServiceConfig> = Vec::new();
-    // Which FailoverService each candidate came from, for the problems assembly finds.
-    let mut origin: HashMap<String, String> = HashMap::new();
-    for fos in ordered {
-        let id = format!("{}/{}", fos.namespace().unwrap_or_default(), fos.name_any());
-        let mut problem = |message: String| {
-            problems.push(Problem {
-                failover_service: id.clone(),
-                message,
+        let mut ordered: Vec<&Arc<FailoverService>> = inventory.failover_services.iter().collect();
+        // Borrowed keys: at 10,000 FailoverServices, allocating in the comparator
+        // cost more than all the rest of a rebuild that reuses everything.
+        ordered.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        let mut derived = HashMap::with_capacity(ordered.len());
+        let mut fresh = 0;
+        let mut problems = Vec::new();
+        let mut candidates: Vec<Arc<ServiceConfig>> = Vec::new();
+        // Which FailoverService each candidate came from, for the problems assembly finds.
+        let mut origin: HashMap<String, String> = HashMap::new();
+        for fos in ordered {
+            let id = format!("{}/{}", fos.namespace().unwrap_or_default(), fos.name_any());
+            let fingerprint = index.fingerprint(fos, &node.locality);
+            let reused = self
+                .derived
+                .remove(&id)
+                .filter(|last| fingerprint.is_some() && last.fingerprint == fingerprint);
+            let entry = reused.unwrap_or_else(|| {
+                fresh += 1;
+                derive(&index, fos, &node.locality, fingerprint)
             });
-        };
-        for (document, take_over) in index.documents(fos, &node.locality, &mut problem) {
-            let name = document["name"].as_str().unwrap_or_default().to_owned();
-            match config::service_from_json(document) {
-                Ok(mut service) => {
-                    service.origin = ServiceOrigin::FailoverService {
-                        namespace: fos.namespace().unwrap_or_default(),
-                        name: fos.name_any(),
-                        take_over,
-                    };
-                    origin.insert(service.name.clone(), id.clone());
-                    candidates.push(service);
-                }
-                Err(error) => problem(format!("{name}: {error}")),
+            for message in &entry.problems {
+                problems.push(Problem {
+                    failover_service: id.clone(),
+                    message: message.clone(),
+                });
             }
+            for service in &entry.services {
+                origin.insert(service.name.clone(), id.clone());
+                candidates.push(service.clone());
+            }
+            derived.insert(id, entry);
+        }
+        // FailoverServices that are gone are forgotten.
+        self.derived = derived;
+        let (config, left_out) = config::assemble(node, candidates);
+        for (service, error) in left_out {
+            problems.push(Problem {
+                failover_service: origin.get(&service.name).cloned().unwrap_or_default(),
+                message: format!("{}: {error}", service.name),
+            });
+        }
+        Built {
+            config,
+            problems,
+            derived: fresh,
         }
     }
-    let (config, left_out) = config::assemble(node, candidates);
-    for (service, error) in left_out {
-        problems.push(Problem {
-            failover_service: origin.get(&service.name).cloned().unwrap_or_default(),
-            message: format!("{}: {error}", service.name),
-        });
+}
+
+/// Age first (the older keeps a contested VIP:port), then namespace and name.
+fn sort_key(fos: &FailoverService) -> (Option<k8s_openapi::jiff::Timestamp>, &str, &str) {
+    (
+        fos.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        fos.metadata.namespace.as_deref().unwrap_or_default(),
+        fos.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
+/// One FailoverService's services and problems, derived afresh.
+fn derive(
+    index: &Index<'_>,
+    fos: &FailoverService,
+    node: &Locality,
+    fingerprint: Option<u64>,
+) -> Derived {
+    let mut problems = Vec::new();
+    let mut services = Vec::new();
+    let documents = index.documents(fos, node, &mut |message| problems.push(message));
+    for (document, take_over) in documents {
+        let name = document["name"].as_str().unwrap_or_default().to_owned();
+        match config::service_from_json(document) {
+            Ok(mut service) => {
+                service.origin = ServiceOrigin::FailoverService {
+                    namespace: fos.namespace().unwrap_or_default(),
+                    name: fos.name_any(),
+                    take_over,
+                };
+                services.push(Arc::new(service));
+            }
+            Err(error) => problems.push(format!("{name}: {error}")),
+        }
     }
-    Built { config, problems }
+    Derived {
+        fingerprint,
+        services,
+        problems,
+    }
 }
 
 /// The inventory, indexed for lookups by name.
 struct Index<'a> {
     cluster: &'a str,
     /// By (namespace, name).
-    services: HashMap<(&'a str, &'a str), &'a Service>,
+    services: HashMap<(&'a str, &'a str), &'a WatchedService>,
     /// The Service the controller made for a FailoverService, by (namespace, name of
     /// the FailoverService).
-    vip_services: HashMap<(&'a str, &'a str), &'a Service>,
+    vip_services: HashMap<(&'a str, &'a str), &'a WatchedService>,
     /// The cluster's own slices, by (namespace, Service name).
-    local_slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    local_slices: HashMap<(&'a str, &'a str), Vec<&'a WatchedSlice>>,
     /// Mirrored slices, by (cluster, namespace, Service name).
-    mirrored_slices: HashMap<(&'a str, &'a str, &'a str), Vec<&'a EndpointSlice>>,
+    mirrored_slices: HashMap<(&'a str, &'a str, &'a str), Vec<&'a WatchedSlice>>,
+}
+
+/// The inputs of one FailoverService, hashed in the order they are read.
+#[derive(Default)]
+struct Fingerprint(std::collections::hash_map::DefaultHasher);
+
+impl Fingerprint {
+    fn value<T: std::hash::Hash + ?Sized>(&mut self, value: &T) {
+        value.hash(&mut self.0);
+    }
+
+    /// An object by identity and version; `None` if it has no version.
+    fn object(&mut self, meta: &ObjectMeta) -> Option<()> {
+        self.value(&meta.uid);
+        self.value(meta.resource_version.as_ref()?);
+        Some(())
+    }
+
+    /// A Service that may not exist.
+    fn service(&mut self, service: Option<&WatchedService>) -> Option<()> {
+        self.value(&service.is_some());
+        service.map_or(Some(()), |service| self.object(&service.metadata))
+    }
+
+    fn finish(&self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
+    }
 }
 
 /// One endpoint chosen for a FailoverService, before it is written as a document.
@@ -223,6 +322,49 @@ impl<'a> Index<'a> {
             slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         }
         index
+    }
+
+    /// A hash of every input `fos`'s services are derived from (see [`Model`]), or
+    /// `None` when one of them has no `resourceVersion` to tell its versions apart.
+    fn fingerprint(&self, fos: &FailoverService, node: &Locality) -> Option<u64> {
+        let mut inputs = Fingerprint::default();
+        inputs.object(&fos.metadata)?;
+        inputs.value(&self.cluster);
+        inputs.value(node);
+        let namespace = fos.namespace().unwrap_or_default();
+        let name = fos.name_any();
+        let vip_service = self.vip_services.get(&(namespace.as_str(), name.as_str()));
+        inputs.value(&vip_service.is_some());
+        if let Some(vip_service) = vip_service {
+            inputs.object(&vip_service.metadata)?;
+        }
+        for backing in &fos.spec.backing_services {
+            let backing = &backing.kube_service;
+            let slices = if self.is_local(backing) {
+                let key = (backing.namespace.as_str(), backing.name.as_str());
+                inputs.service(self.services.get(&key).copied())?;
+                self.local_slices.get(&key)
+            } else {
+                let cluster = backing.cluster_name.as_deref().unwrap_or_default();
+                self.mirrored_slices.get(&(
+                    cluster,
+                    backing.namespace.as_str(),
+                    backing.name.as_str(),
+                ))
+            };
+            inputs.value(&slices.map_or(0, Vec::len));
+            for slice in slices.into_iter().flatten() {
+                inputs.object(&slice.metadata)?;
+            }
+        }
+        for take_over in &fos.spec.take_over {
+            let key = (
+                take_over.service.namespace.as_str(),
+                take_over.service.name.as_str(),
+            );
+            inputs.service(self.services.get(&key).copied())?;
+        }
+        Some(inputs.finish())
     }
 
     fn is_local(&self, backing: &KubeServiceRef) -> bool {
@@ -439,7 +581,7 @@ enum Condition {
     Out,
 }
 
-fn condition(endpoint: &Endpoint) -> Condition {
+fn condition(endpoint: &WatchedEndpoint) -> Condition {
     let conditions = endpoint.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
     let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
@@ -457,7 +599,7 @@ fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<
     labels.as_ref()?.get(key).map(String::as_str)
 }
 
-fn cluster_ips(service: &Service) -> Vec<IpAddr> {
+fn cluster_ips(service: &WatchedService) -> Vec<IpAddr> {
     let Some(spec) = &service.spec else {
         return Vec::new();
     };
@@ -480,7 +622,7 @@ fn cluster_ips(service: &Service) -> Vec<IpAddr> {
 }
 
 /// The name of `service`'s port `number`, which its EndpointSlices use ("" when unnamed).
-fn service_port_name(service: &Service, number: u16) -> Option<String> {
+fn service_port_name(service: &WatchedService, number: u16) -> Option<String> {
     service
         .spec
         .as_ref()?
@@ -616,7 +758,7 @@ mod tests {
         }))
     }
 
-    fn service(namespace: &str, name: &str, ip: &str, ports: Value) -> Arc<Service> {
+    fn service(namespace: &str, name: &str, ip: &str, ports: Value) -> Arc<WatchedService> {
         object(json!({
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports},
@@ -638,7 +780,7 @@ mod tests {
             .collect()
     }
 
-    fn local_slice(service: &str, port: (&str, u16), at: &[At<'_>]) -> Arc<EndpointSlice> {
+    fn local_slice(service: &str, port: (&str, u16), at: &[At<'_>]) -> Arc<WatchedSlice> {
         object(json!({
             "metadata": {
                 "name": format!("{service}-abcde"),
@@ -656,7 +798,7 @@ mod tests {
         region: &str,
         number: u16,
         at: &[At<'_>],
-    ) -> Arc<EndpointSlice> {
+    ) -> Arc<WatchedSlice> {
         object(json!({
             "metadata": {
                 "name": format!("detour-{cluster}-default-reviews-{region}"),
@@ -972,5 +1114,107 @@ mod tests {
             shown(&build(&inventory)),
             ["web.default [10.96.0.77] [80]: "]
         );
+    }
+
+    /// `count` FailoverServices `svcN`, each over its own Service and one slice, every
+    /// object with a resourceVersion as an API server gives it.
+    fn versioned_inventory(count: usize) -> Inventory {
+        let mut inventory = Inventory {
+            cluster: "kind1".into(),
+            node_labels: node_labels(),
+            ..Inventory::default()
+        };
+        for n in 0..count {
+            let name = format!("svc{n}");
+            inventory.failover_services.push(object(json!({
+                "metadata": {"name": name, "namespace": "default", "resourceVersion": "1",
+                             "creationTimestamp": "2026-11-30T07:00:00Z"},
+                "spec": {
+                    "hostname": format!("{name}.default.global"),
+                    "port": {"number": 80, "protocol": "tcp"},
+                    "virtualIP": format!("10.96.0.{}", n + 1),
+                    "backingServices": [{"kubeService": {"name": name, "namespace": "default"}}],
+                },
+            })));
+            inventory.services.push(object(json!({
+                "metadata": {"name": name, "namespace": "default", "resourceVersion": "1"},
+                "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]},
+            })));
+            inventory.slices.push(versioned_slice(&name, "1", true));
+        }
+        inventory
+    }
+
+    fn versioned_slice(service: &str, version: &str, ready: bool) -> Arc<WatchedSlice> {
+        let address = format!(
+            "10.1.0.{}",
+            service.trim_start_matches("svc").parse::<u8>().unwrap() + 1
+        );
+        object(json!({
+            "metadata": {"name": format!("{service}-abcde"), "namespace": "default",
+                         "resourceVersion": version,
+                         "labels": {labels::KUBE_SERVICE_NAME: service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": [address], "zone": "us-east1-b", "conditions": {"ready": ready}},
+                {"addresses": ["10.2.0.1"], "zone": "us-east1-c", "conditions": {"ready": true}},
+            ],
+        }))
+    }
+
+    #[test]
+    fn a_change_rederives_only_the_failover_services_that_read_it() {
+        let mut inventory = versioned_inventory(3);
+        let mut model = Model::default();
+        let first = model.build(&inventory);
+        assert_eq!(first.derived, 3);
+        assert_eq!(first.config.services.len(), 3);
+
+        // Nothing changed: everything is reused, and is what a fresh build gives.
+        let again = model.build(&inventory);
+        assert_eq!(again.derived, 0);
+        assert_eq!(again.config, build(&inventory).config);
+
+        // One slice changes: only its FailoverService is derived again.
+        inventory.slices[1] = versioned_slice("svc1", "2", false);
+        let changed = model.build(&inventory);
+        assert_eq!(changed.derived, 1);
+        assert_eq!(changed.config, build(&inventory).config);
+        assert_ne!(changed.config, first.config);
+        assert_eq!(
+            changed.config.services[1].endpoints.len(),
+            1,
+            "{:?}",
+            changed.config.services[1]
+        );
+
+        // The node's locality is an input of every one.
+        inventory
+            .node_labels
+            .insert(labels::ZONE.into(), "us-east1-c".into());
+        assert_eq!(model.build(&inventory).derived, 3);
+
+        // A backing Service that goes away is seen, and a FailoverService that goes is
+        // forgotten.
+        inventory.services.remove(2);
+        let gone = model.build(&inventory);
+        assert_eq!(gone.derived, 1);
+        assert_eq!(gone.config, build(&inventory).config);
+        inventory.failover_services.remove(0);
+        let fewer = model.build(&inventory);
+        assert_eq!((fewer.derived, fewer.config.services.len()), (0, 2));
+        assert_eq!(fewer.config, build(&inventory).config);
+    }
+
+    #[test]
+    fn objects_without_a_version_are_never_reused() {
+        let mut inventory = versioned_inventory(2);
+        let mut slice = (*inventory.slices[0]).clone();
+        slice.metadata.resource_version = None;
+        inventory.slices[0] = Arc::new(slice);
+        let mut model = Model::default();
+        assert_eq!(model.build(&inventory).derived, 2);
+        assert_eq!(model.build(&inventory).derived, 1);
     }
 }

@@ -15,6 +15,9 @@
 //! - the agent writes nothing to the API server: what only a node knows goes to its
 //!   metrics and CLI.
 //!
+//! Each model reuses what did not change (see [`Model`]): an EndpointSlice change
+//! re-derives only the FailoverServices that read that slice.
+//!
 //! Changes are coalesced: whatever arrived while a model was being built or handed over
 //! goes into the next one, and the hand-over channel holds one model, so a slow agent
 //! loop sees the latest state, never a queue of stale ones.
@@ -24,8 +27,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt as _, StreamExt as _};
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client, Resource};
@@ -34,7 +36,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::failover_service::FailoverService;
-use super::model::{self, Built, Inventory};
+use super::model::{Built, Inventory, Model};
+use super::objects::{slim_metadata, WatchedService, WatchedSlice};
 
 /// What the agent needs to know to watch.
 #[derive(Debug, Clone)]
@@ -80,6 +83,8 @@ where
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config)
         .default_backoff()
+        // Stored for as long as the object lives, on every node: only what is read.
+        .modify(|object| slim_metadata(object.meta_mut()))
         .reflect(writer)
         .map(move |event| match event {
             Ok(watcher::Event::InitDone) => Some(Seen {
@@ -108,8 +113,8 @@ async fn run(client: Client, options: Options, updates: mpsc::Sender<Update>) {
     // node's agent lists these, as kube-proxy does.
     let cached = || watcher::Config::default().any_semantic();
     let (failover_services, a) = watch(Api::<FailoverService>::all(client.clone()), cached(), 0);
-    let (services, b) = watch(Api::<Service>::all(client.clone()), cached(), 1);
-    let (slices, c) = watch(Api::<EndpointSlice>::all(client.clone()), cached(), 2);
+    let (services, b) = watch(Api::<WatchedService>::all(client.clone()), cached(), 1);
+    let (slices, c) = watch(Api::<WatchedSlice>::all(client.clone()), cached(), 2);
     let (nodes, d) = watch(
         Api::<Node>::all(client),
         cached().fields(&format!("metadata.name={}", options.node_name)),
@@ -119,6 +124,7 @@ async fn run(client: Client, options: Options, updates: mpsc::Sender<Update>) {
     let mut listed = [false; WATCHES.len()];
     let mut first_sync = true;
     let mut changed = false;
+    let mut model = Model::default();
     while let Some(seen) = events.next().await {
         let mut note = |seen: Option<Seen>| {
             if let Some(seen) = seen {
@@ -146,7 +152,7 @@ async fn run(client: Client, options: Options, updates: mpsc::Sender<Update>) {
             services: services.state(),
             slices: slices.state(),
         };
-        let built = model::build(&inventory);
+        let built = model.build(&inventory);
         let first = first_sync.then(|| started.elapsed());
         if first_sync {
             info!(
