@@ -29,13 +29,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use detour_testbed::k8s::Cluster;
-use detour_testbed::TempDir;
+use detour_testbed::{Agent, AgentOptions, Cgroup, PinDir, TempDir};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
-use k8s_openapi::api::core::v1::{
-    Namespace, Node, Pod, Secret, Service, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -82,7 +80,10 @@ fn render(template: &str, values: &Value, namespace: &str) -> Result<String, Ren
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
-        let line = template[..template.len() - rest.len() + start].matches('\n').count() + 1;
+        let line = template[..template.len() - rest.len() + start]
+            .matches('\n')
+            .count()
+            + 1;
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let end = after.find("}}").ok_or(RenderError::Unclosed { line })?;
@@ -187,7 +188,11 @@ fn chart_renders_to_the_plain_manifests() -> Result<()> {
     );
     // Helm installs the chart's crds/ as they are: the same CRD the types generate.
     let crd = read(&Path::new(DEPLOY).join("crds/failoverservice.yaml"))?;
-    let chart_crd = read(&Path::new(DEPLOY).join(CHART).join("crds/failoverservice.yaml"))?;
+    let chart_crd = read(
+        &Path::new(DEPLOY)
+            .join(CHART)
+            .join("crds/failoverservice.yaml"),
+    )?;
     ensure!(
         crd == chart_crd,
         "deploy/helm/detour/crds/failoverservice.yaml differs from deploy/crds/"
@@ -231,7 +236,9 @@ fn object_files() -> Result<Vec<PathBuf>> {
         if dir == chart.join("templates") {
             continue;
         }
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
             let path = entry?.path();
             if path.is_dir() {
                 dirs.push(path);
@@ -274,7 +281,9 @@ fn parse_typed(doc: &Value) -> Result<String> {
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             roundtrip::<CustomResourceDefinition>(doc)
         }
-        _ => Err(anyhow!("unknown kind: this test parses no {api_version}/{kind}; add its type")),
+        _ => Err(anyhow!(
+            "unknown kind: this test parses no {api_version}/{kind}; add its type"
+        )),
     }
     .with_context(|| what.clone())?;
     ensure!(!name.is_empty(), "{what}: no metadata.name");
@@ -303,11 +312,11 @@ fn first_unknown(original: &Value, back: &Value, path: &str) -> Option<String> {
                 None => Some(path),
             }
         }),
-        (Value::Array(o), Value::Array(b)) if o.len() == b.len() => o
-            .iter()
-            .zip(b)
-            .enumerate()
-            .find_map(|(i, (value, other))| first_unknown(value, other, &format!("{path}[{i}]"))),
+        (Value::Array(o), Value::Array(b)) if o.len() == b.len() => {
+            o.iter().zip(b).enumerate().find_map(|(i, (value, other))| {
+                first_unknown(value, other, &format!("{path}[{i}]"))
+            })
+        }
         _ => (original != back).then(|| format!("{path} (read back as {back})")),
     }
 }
@@ -335,7 +344,10 @@ fn every_manifest_parses_into_its_kubernetes_type() -> Result<()> {
         "rbac.authorization.k8s.io/v1/Role",
         "rbac.authorization.k8s.io/v1/RoleBinding",
     ] {
-        ensure!(kinds.contains_key(kind), "no {kind} in deploy/ (files: {files:?})");
+        ensure!(
+            kinds.contains_key(kind),
+            "no {kind} in deploy/ (files: {files:?})"
+        );
     }
     Ok(())
 }
@@ -500,7 +512,11 @@ async fn check_access(
             wrong.push(format!(
                 "{} {}{} {} in {}: expected {}",
                 access.verb,
-                if access.group.is_empty() { "" } else { access.group },
+                if access.group.is_empty() {
+                    ""
+                } else {
+                    access.group
+                },
                 if access.group.is_empty() { "" } else { "/" },
                 access.resource,
                 access.namespace.unwrap_or("all namespaces"),
@@ -526,15 +542,17 @@ fn verbs(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_manifest_applies_and_each_account_may_do_what_it_needs_and_no_more() -> Result<()>
-{
+async fn every_manifest_applies_and_each_account_may_do_what_it_needs_and_no_more() -> Result<()> {
     bounded(async {
         let cluster = Cluster::start("kind1").await?;
         install(&cluster).await.with_context(|| cluster.logs())?;
 
         // The workloads' pods pass admission where they ship: Pod Security (the
         // namespace is `privileged`), the system priority classes, their accounts.
-        for (kind, name) in [("DaemonSet", "detour-agent"), ("Deployment", "detour-controller")] {
+        for (kind, name) in [
+            ("DaemonSet", "detour-agent"),
+            ("Deployment", "detour-controller"),
+        ] {
             if let Err(why) = admits(&cluster, &pod_of(kind, name, NAMESPACE)?).await? {
                 bail!("{kind} {name}'s pod refused in {NAMESPACE}: {why}");
             }
@@ -558,15 +576,24 @@ async fn every_manifest_applies_and_each_account_may_do_what_it_needs_and_no_mor
                 )
                 .await?;
         }
-        let refused = admits(&cluster, &pod_of("DaemonSet", "detour-agent", "restricted")?)
-            .await?
-            .err()
-            .context("the agent's pod admitted under Pod Security `restricted`")?;
+        let refused = admits(
+            &cluster,
+            &pod_of("DaemonSet", "detour-agent", "restricted")?,
+        )
+        .await?
+        .err()
+        .context("the agent's pod admitted under Pod Security `restricted`")?;
         for why in ["hostPID", "hostPath", "capabilities"] {
-            ensure!(refused.contains(why), "refusal does not name {why}: {refused}");
+            ensure!(
+                refused.contains(why),
+                "refusal does not name {why}: {refused}"
+            );
         }
-        if let Err(why) =
-            admits(&cluster, &pod_of("Deployment", "detour-controller", "restricted")?).await?
+        if let Err(why) = admits(
+            &cluster,
+            &pod_of("Deployment", "detour-controller", "restricted")?,
+        )
+        .await?
         {
             bail!("the controller's pod refused under Pod Security `restricted`: {why}");
         }
@@ -582,10 +609,34 @@ async fn every_manifest_applies_and_each_account_may_do_what_it_needs_and_no_mor
         ] {
             agent.extend(verbs(&["list", "watch"], group, resource, None, true));
         }
-        agent.extend(verbs(&["create", "patch", "update", "delete"], DISCOVERY, "endpointslices", APP_NS, false));
-        agent.extend(verbs(&["create", "patch", "update", "delete"], DISCOVERY, "endpointslices", SYSTEM, false));
-        agent.extend(verbs(&["create", "patch", "delete"], CORE, "services", APP_NS, false));
-        agent.extend(verbs(&["patch"], FOS, "failoverservices/status", APP_NS, false));
+        agent.extend(verbs(
+            &["create", "patch", "update", "delete"],
+            DISCOVERY,
+            "endpointslices",
+            APP_NS,
+            false,
+        ));
+        agent.extend(verbs(
+            &["create", "patch", "update", "delete"],
+            DISCOVERY,
+            "endpointslices",
+            SYSTEM,
+            false,
+        ));
+        agent.extend(verbs(
+            &["create", "patch", "delete"],
+            CORE,
+            "services",
+            APP_NS,
+            false,
+        ));
+        agent.extend(verbs(
+            &["patch"],
+            FOS,
+            "failoverservices/status",
+            APP_NS,
+            false,
+        ));
         agent.extend(verbs(&["patch"], CORE, "nodes", None, false));
         agent.extend(verbs(&["get", "list"], CORE, "secrets", SYSTEM, false));
         agent.extend(verbs(&["create"], LEASES, "leases", SYSTEM, false));
@@ -593,16 +644,58 @@ async fn every_manifest_applies_and_each_account_may_do_what_it_needs_and_no_mor
 
         // The controller: its writes, and nothing beyond them.
         let mut controller = Vec::new();
-        controller.extend(verbs(&["list", "watch"], FOS, "failoverservices", None, true));
-        controller.extend(verbs(&["patch"], FOS, "failoverservices/status", APP_NS, true));
-        controller.extend(verbs(&["patch", "update", "delete"], FOS, "failoverservices", APP_NS, false));
+        controller.extend(verbs(
+            &["list", "watch"],
+            FOS,
+            "failoverservices",
+            None,
+            true,
+        ));
+        controller.extend(verbs(
+            &["patch"],
+            FOS,
+            "failoverservices/status",
+            APP_NS,
+            true,
+        ));
+        controller.extend(verbs(
+            &["patch", "update", "delete"],
+            FOS,
+            "failoverservices",
+            APP_NS,
+            false,
+        ));
         controller.extend(verbs(&["list", "watch"], CORE, "services", None, true));
-        controller.extend(verbs(&["create", "patch", "delete"], CORE, "services", APP_NS, true));
+        controller.extend(verbs(
+            &["create", "patch", "delete"],
+            CORE,
+            "services",
+            APP_NS,
+            true,
+        ));
         controller.extend(verbs(&["list", "watch"], CORE, "secrets", SYSTEM, true));
-        controller.extend(verbs(&["get", "list", "watch"], CORE, "secrets", APP_NS, false));
+        controller.extend(verbs(
+            &["get", "list", "watch"],
+            CORE,
+            "secrets",
+            APP_NS,
+            false,
+        ));
         controller.extend(verbs(&["list"], CORE, "secrets", None, false));
-        controller.extend(verbs(&["list", "watch", "create", "patch", "delete"], DISCOVERY, "endpointslices", SYSTEM, true));
-        controller.extend(verbs(&["create", "patch", "delete"], DISCOVERY, "endpointslices", APP_NS, false));
+        controller.extend(verbs(
+            &["list", "watch", "create", "patch", "delete"],
+            DISCOVERY,
+            "endpointslices",
+            SYSTEM,
+            true,
+        ));
+        controller.extend(verbs(
+            &["create", "patch", "delete"],
+            DISCOVERY,
+            "endpointslices",
+            APP_NS,
+            false,
+        ));
         controller.extend(verbs(&["list"], CORE, "nodes", None, false));
         controller.extend(verbs(&["create"], LEASES, "leases", SYSTEM, true));
         controller.extend(verbs(&["create"], LEASES, "leases", APP_NS, false));
@@ -621,9 +714,19 @@ async fn every_manifest_applies_and_each_account_may_do_what_it_needs_and_no_mor
 
         // What another cluster's controller reads here: Services, EndpointSlices, Nodes.
         let mut reader = Vec::new();
-        for (group, resource) in [(CORE, "services"), (DISCOVERY, "endpointslices"), (CORE, "nodes")] {
+        for (group, resource) in [
+            (CORE, "services"),
+            (DISCOVERY, "endpointslices"),
+            (CORE, "nodes"),
+        ] {
             reader.extend(verbs(&["list", "watch"], group, resource, None, true));
-            reader.extend(verbs(&["create", "patch", "delete"], group, resource, APP_NS, false));
+            reader.extend(verbs(
+                &["create", "patch", "delete"],
+                group,
+                resource,
+                APP_NS,
+                false,
+            ));
         }
         reader.extend(verbs(&["get", "list"], CORE, "secrets", None, false));
         reader.extend(verbs(&["list"], FOS, "failoverservices", None, false));
@@ -662,7 +765,7 @@ impl Drop for Running {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_controller_works_with_the_accounts_deploy_grants() -> Result<()> {
+async fn the_controller_and_the_agent_work_with_the_accounts_deploy_grants() -> Result<()> {
     bounded(async {
         let clusters = Cluster::start_all(&[
             ("kind1", Default::default()),
@@ -806,6 +909,50 @@ async fn the_controller_works_with_the_accounts_deploy_grants() -> Result<()> {
             !text.contains("forbidden"),
             "the controller was refused something:\n{}",
             log_tail()
+        );
+
+        // The real agent, with the agent's token: every watch lists (nothing is served
+        // before all four have), so the FailoverService reaches its maps. It attaches
+        // to a cgroup of its own, never the machine's root.
+        let cgroup = Cgroup::new()?;
+        let pins = PinDir::new()?;
+        let agent_kubeconfig = dir.join("agent.kubeconfig");
+        std::fs::write(&agent_kubeconfig, kubeconfig_as(&kind1, "detour-agent").await?)?;
+        let mut agent = Agent::start_with_args(
+            AgentOptions {
+                binary: env!("CARGO_BIN_EXE_detour").into(),
+                config: "".into(),
+                cgroup: cgroup.path().to_owned(),
+                bpffs: pins.path().to_owned(),
+                socket: dir.join("detour.sock"),
+                log: dir.join("agent.log"),
+            },
+            &[
+                "--kubernetes",
+                "--kubeconfig",
+                &agent_kubeconfig.display().to_string(),
+                "--node-name",
+                "node-a",
+                "--cluster-name",
+                "kind1",
+            ],
+        )?;
+        agent.wait_ready(EVENTUALLY)?;
+        eventually("the agent serving reviews.default on its VIP", || async {
+            let services = agent.services_json()?;
+            Ok(services
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["name"] == "reviews.default" && s["vips"] == json!([format!("{vip}:9080")]))
+                .then_some(()))
+        })
+        .await
+        .with_context(|| agent.log_tail())?;
+        ensure!(
+            !agent.log_tail().contains("forbidden"),
+            "the agent was refused something:\n{}",
+            agent.log_tail()
         );
         Ok(())
     })
