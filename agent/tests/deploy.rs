@@ -17,8 +17,14 @@
 //!   that each ServiceAccount may do what its binary does and not more; and the real
 //!   `detour controller` binary, authenticated with its own ServiceAccount's token and
 //!   reading a second cluster with the remote-reader's token, mirrors that cluster's
-//!   endpoints, creates the VIP Service and writes status — the RBAC works, not only
+//!   endpoints, creates the VIP Service and writes status; the real agent, with the
+//!   agent account's token, serves that FailoverService — the RBAC works, not only
 //!   parses.
+//! - The agent's capabilities (needs root, as the end-to-end tests): the real agent, run
+//!   with exactly the DaemonSet's added capabilities (setpriv's bounding set) against a
+//!   test cgroup, destroys the socket a client of another user in its own network
+//!   namespace has to a removed backend; with any one of them left out it does not (or
+//!   does not start) — a capability granted but not needed fails the test.
 //!
 //! Each cluster test is bounded by [`TEST_BOUND`]; every wait by [`EVENTUALLY`].
 
@@ -957,6 +963,218 @@ async fn the_controller_and_the_agent_work_with_the_accounts_deploy_grants() -> 
         Ok(())
     })
     .await
+}
+
+// ---- the agent's capabilities --------------------------------------------------------------
+
+/// The capabilities the agent's DaemonSet adds (after dropping ALL), as in the manifest.
+fn daemonset_capabilities() -> Result<Vec<String>> {
+    let (_, doc) = install_order()?
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "detour-agent")
+        .context("no DaemonSet detour-agent in deploy/manifests")?;
+    let daemonset: DaemonSet = serde_json::from_value(doc)?;
+    let container = daemonset
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.containers.into_iter().find(|c| c.name == "agent"))
+        .context("the DaemonSet has no container `agent`")?;
+    let capabilities = container
+        .security_context
+        .and_then(|s| s.capabilities)
+        .context("the agent container sets no capabilities")?;
+    ensure!(
+        capabilities.drop == Some(vec!["ALL".to_owned()]),
+        "the agent container must drop ALL capabilities, drops {:?}",
+        capabilities.drop
+    );
+    Ok(capabilities.add.unwrap_or_default())
+}
+
+/// The VIP the client connects to, and the two backends' addresses, all inside the
+/// test's network namespace (its veth's subnet): nothing leaves the machine.
+const CAP_VIP: &str = "10.231.93.100";
+const CAP_HOST: &str = "10.231.93.1/24";
+const CAP_BACKEND_A: &str = "10.231.93.2";
+const CAP_BACKEND_B: &str = "10.231.93.3";
+
+/// A client in its own network namespace and in a test cgroup, running as another user
+/// (65534), connected through the VIP to backend A, and an agent that is then told A is
+/// removed: whether the agent destroys that socket, with the given capabilities only.
+struct CapabilityBed {
+    netns: detour_testbed::Netns,
+    _veth: detour_testbed::Veth,
+    cgroup: Cgroup,
+    _backends: Vec<detour_testbed::HttpBackend>,
+    dir: TempDir,
+}
+
+impl CapabilityBed {
+    fn new() -> Result<Self> {
+        let netns = detour_testbed::Netns::new()?;
+        let veth = netns.veth(CAP_HOST, &format!("{CAP_BACKEND_A}/24"))?;
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{CAP_BACKEND_B}/24"),
+            "dev",
+            veth.peer_name(),
+        ])?;
+        let backends = [("a", CAP_BACKEND_A), ("b", CAP_BACKEND_B)]
+            .into_iter()
+            .map(|(name, address)| {
+                detour_testbed::HttpBackend::start_in(
+                    &netns,
+                    name,
+                    format!("{address}:8080").parse()?,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            netns,
+            _veth: veth,
+            cgroup: Cgroup::new()?,
+            _backends: backends,
+            dir: TempDir::new()?,
+        })
+    }
+
+    fn write_config(&self, backend: &str) -> Result<PathBuf> {
+        let path = self.dir.join("detour.yaml");
+        let staging = self.dir.join("detour.yaml.tmp");
+        std::fs::write(
+            &staging,
+            format!(
+                "services:\n  - name: capabilities\n    vips: [{CAP_VIP}]\n    ports:\n      - number: 80\n        targetPort: 8080\n    endpoints:\n      - address: {backend}\n"
+            ),
+        )?;
+        std::fs::rename(&staging, &path)?;
+        Ok(path)
+    }
+
+    /// Runs the agent with exactly `capabilities` (setpriv's bounding set: it runs as
+    /// root, as in the DaemonSet) and reports what became of the client's socket to the
+    /// removed backend.
+    fn run_with(&self, capabilities: &[String]) -> Result<Outcome> {
+        let set: Vec<String> = capabilities
+            .iter()
+            .map(|c| format!("+{}", c.to_ascii_lowercase()))
+            .collect();
+        let wrapper = self.dir.join("detour-with-capabilities");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec setpriv --bounding-set=-all{}{} --inh-caps=-all -- {} \"$@\"\n",
+                if set.is_empty() { "" } else { "," },
+                set.join(","),
+                env!("CARGO_BIN_EXE_detour")
+            ),
+        )?;
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        let config = self.write_config(CAP_BACKEND_A)?;
+        let pins = PinDir::new()?;
+        let mut agent = Agent::start(AgentOptions {
+            binary: wrapper,
+            config: config.clone(),
+            cgroup: self.cgroup.path().to_owned(),
+            bpffs: pins.path().to_owned(),
+            socket: self.dir.join("detour.sock"),
+            log: self.dir.join(&format!("agent-{}.log", set.join(""))),
+        })?;
+        if let Err(error) = agent.wait_ready(Duration::from_secs(30)) {
+            let why = format!("{error:#}");
+            let last = why
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default();
+            return Ok(Outcome::AgentFailed(last.to_owned()));
+        }
+
+        let out = self.dir.join("client.out");
+        let err = self.dir.join("client.err");
+        let mut client = self.netns.command("setpriv");
+        client
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c"])
+            .arg(format!(
+                "exec 3<>/dev/tcp/{CAP_VIP}/80 || exit 9; echo connected; read -t 15 -u 3 line; echo rc=$?"
+            ))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(std::fs::File::create(&err)?);
+        let mut client = Running(self.cgroup.spawn(&mut client)?);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&out)?.contains("connected") {
+            ensure!(
+                Instant::now() < deadline && client.0.try_wait()?.is_none(),
+                "the client did not connect through the VIP: {}{}\n{}",
+                std::fs::read_to_string(&out)?,
+                std::fs::read_to_string(&err)?,
+                agent.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A removed backend's sockets are destroyed at once (terminateConnections).
+        self.write_config(CAP_BACKEND_B)?;
+        let exited = detour_testbed::wait_with_timeout(&mut client.0, Duration::from_secs(5))?;
+        let errors = std::fs::read_to_string(&err)?;
+        let destroyed = exited.is_some() && errors.contains("connection abort");
+        // The agent logs once its destroys are done, which may be after the client saw
+        // its socket go.
+        let logged_by = Instant::now() + Duration::from_secs(5);
+        while destroyed
+            && !agent.log_tail().contains("sockets destroyed")
+            && Instant::now() < logged_by
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if destroyed != agent.log_tail().contains("sockets destroyed") {
+            bail!(
+                "the client ({exited:?}, {errors:?}) and the agent's log disagree:\n{}",
+                agent.log_tail()
+            );
+        }
+        Ok(if destroyed {
+            Outcome::Destroyed
+        } else {
+            Outcome::NotDestroyed
+        })
+    }
+}
+
+/// What became of the client's socket once its backend was removed.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Destroyed,
+    NotDestroyed,
+    /// The agent did not start (the last line of its error).
+    AgentFailed(String),
+}
+
+/// Needs root (cgroup, network namespace, bpffs), as the end-to-end tests.
+#[test]
+fn the_daemonsets_capabilities_are_enough_and_each_is_needed() -> Result<()> {
+    let granted = daemonset_capabilities()?;
+    ensure!(!granted.is_empty(), "the agent is granted no capability");
+    let bed = CapabilityBed::new()?;
+    let outcome = bed.run_with(&granted)?;
+    ensure!(
+        outcome == Outcome::Destroyed,
+        "with the DaemonSet's capabilities {granted:?}: {outcome:?}"
+    );
+    for left_out in &granted {
+        let fewer: Vec<String> = granted.iter().filter(|c| *c != left_out).cloned().collect();
+        let outcome = bed.run_with(&fewer)?;
+        eprintln!("without {left_out}: {outcome:?}");
+        ensure!(
+            outcome != Outcome::Destroyed,
+            "{left_out} is granted but not needed: the agent destroyed the socket with {fewer:?}"
+        );
+    }
+    Ok(())
 }
 
 // ---- helpers -----------------------------------------------------------------------------
