@@ -1,7 +1,10 @@
-//! The agent with Kubernetes as its source (`detour agent --kubernetes`), against a real
-//! control plane (etcd + kube-apiserver from `KUBEBUILDER_ASSETS`): the CRD as it ships
-//! in `deploy/`, a FailoverService that takes over an existing Service's ClusterIP, its
-//! EndpointSlice changing under it, and the API server going away.
+//! The agent with Kubernetes as its source (`detour agent --kubernetes`): the CRD as it
+//! ships in `deploy/`, a FailoverService that takes over an existing Service's ClusterIP,
+//! its EndpointSlice changing under it, and the API server going away.
+//!
+//! The scenario is written once and runs twice: against a real control plane (etcd +
+//! kube-apiserver from `KUBEBUILDER_ASSETS`) and against the in-repo fake API server
+//! (`detour_testbed::k8s::fake`), which a machine without those binaries still has.
 //!
 //! The cluster's service CIDR is black-holed on this machine, so a connect detour did not
 //! rewrite fails rather than leave it. Backends listen in a network namespace the test
@@ -9,15 +12,56 @@
 //! in EndpointSlices.
 
 use anyhow::{Context as _, Result};
-use detour_testbed::k8s::{Cluster, ClusterOptions};
+use detour_testbed::eventually;
+use detour_testbed::k8s::{AnyCluster, ClusterOptions, ServerKind};
 use detour_testbed::{HttpBackend, Netns};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{json, Value};
 
-use crate::kube::{create_failover_service, install_crd, EVENTUAL};
+use crate::kube::{failover_service_resource, EVENTUAL};
 use crate::world::World;
+
+/// The CRD as `deploy/` ships it.
+const CRD: &str = include_str!("../../deploy/crds/failoverservice.yaml");
+
+// `crate::kube`'s `install_crd` and `create_failover_service` take a real `Cluster`;
+// these do the same over either server.
+
+/// Creates the FailoverService CRD and waits until it is served.
+async fn install_crd(client: kube::Client) -> Result<()> {
+    let crd: CustomResourceDefinition =
+        serde_saphyr::from_str(CRD).context("parsing deploy/crds/failoverservice.yaml")?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    crds.create(&PostParams::default(), &crd).await?;
+    eventually("the FailoverService CRD Established", EVENTUAL, || async {
+        let crd = crds.get("failoverservices.failover.detour.io").await?;
+        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+        Ok(conditions
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(()))
+    })
+    .await
+}
+
+/// Creates FailoverService `name` in `namespace` with `spec`, untyped.
+async fn create_failover_service(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    spec: Value,
+) -> Result<()> {
+    let resource = failover_service_resource();
+    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &resource);
+    let object = DynamicObject::new(name, &resource).data(json!({ "spec": spec }));
+    api.create(&PostParams::default(), &object)
+        .await
+        .with_context(|| format!("creating FailoverService {namespace}/{name}"))?;
+    Ok(())
+}
 
 fn slice(ready_a: bool) -> Result<EndpointSlice> {
     Ok(serde_json::from_value(json!({
@@ -35,7 +79,7 @@ fn slice(ready_a: bool) -> Result<EndpointSlice> {
     }))?)
 }
 
-async fn apply_slice(cluster: &Cluster, ready_a: bool) -> Result<()> {
+async fn apply_slice(cluster: &AnyCluster, ready_a: bool) -> Result<()> {
     let slices: Api<EndpointSlice> = Api::namespaced(cluster.client(), "default");
     slices
         .patch(
@@ -47,7 +91,7 @@ async fn apply_slice(cluster: &Cluster, ready_a: bool) -> Result<()> {
     Ok(())
 }
 
-async fn scenario() -> Result<()> {
+async fn scenario(server: ServerKind) -> Result<()> {
     let mut world = World::new()?;
     let netns = Netns::new()?;
     let veth = netns.veth("10.231.77.1/24", "10.231.77.2/24")?;
@@ -57,7 +101,8 @@ async fn scenario() -> Result<()> {
         world.backends.insert(name.to_owned(), backend);
     }
 
-    let mut cluster = Cluster::start_with(
+    let mut cluster = AnyCluster::start_on(
+        server,
         "kind1",
         ClusterOptions {
             blackhole_service_cidr: true,
@@ -66,7 +111,7 @@ async fn scenario() -> Result<()> {
     )
     .await?;
     let client = cluster.client();
-    install_crd(&cluster).await?;
+    install_crd(client.clone()).await?;
 
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
@@ -99,7 +144,7 @@ async fn scenario() -> Result<()> {
         .context("reviews has a ClusterIP")?;
     apply_slice(&cluster, true).await?;
     create_failover_service(
-        &cluster,
+        client.clone(),
         "default",
         "reviews-failover",
         json!({
@@ -179,14 +224,24 @@ async fn scenario() -> Result<()> {
     Ok(())
 }
 
+fn run(server: ServerKind) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(scenario(server))
+}
+
 /// The Kubernetes source end to end on one cluster: take-over, EndpointSlice changes,
 /// locality from the Node, and fail-static through an API server outage and an agent
 /// restart during it.
 #[test]
 fn a_failover_service_takes_over_a_service_and_rides_out_the_api_server() -> Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(scenario())
+    run(ServerKind::Real)
+}
+
+/// The same over the fake API server.
+#[test]
+fn a_failover_service_takes_over_a_service_and_rides_out_the_fake_api_server() -> Result<()> {
+    run(ServerKind::Fake)
 }

@@ -173,3 +173,7 @@ async fn run(client: Client, options: Options, updates: mpsc::Sender<Update>) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "watch_tests.rs"]
+mod tests;

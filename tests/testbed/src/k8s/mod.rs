@@ -21,6 +21,10 @@
 //!   flags and keys ([`Cluster::stop_apiserver`], [`Cluster::start_apiserver`]): its
 //!   state is in etcd, which keeps running, and clients built before keep working.
 //!
+//! Where those binaries are missing, [`fake::FakeCluster`] serves the same API surface
+//! from an in-process fake over HTTP, and [`AnyCluster`] runs a scenario written once
+//! over either ([`ServerKind::from_env`] picks; [`FAKE_ENV`] forces the fake).
+//!
 //! Safety: the service CIDR is where ClusterIPs come from. Nothing here connects to one,
 //! but a test that does (through detour) should set
 //! [`ClusterOptions::blackhole_service_cidr`] or run its client in a network namespace
@@ -30,6 +34,7 @@
 mod assets;
 mod child;
 mod etcd;
+pub mod fake;
 mod pki;
 mod route;
 
@@ -475,6 +480,155 @@ impl std::fmt::Debug for Cluster {
             .field("service_cidr", &self.service_cidr)
             .field("dir", &self.dir.path())
             .finish_non_exhaustive()
+    }
+}
+
+/// Set to `1` to run the scenarios written over [`AnyCluster`] against the fake API
+/// server even where the real binaries are found (CI runs both).
+pub const FAKE_ENV: &str = "DETOUR_K8S_FAKE";
+
+/// Which API server a scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// etcd + kube-apiserver from `KUBEBUILDER_ASSETS` ([`Cluster`]).
+    Real,
+    /// The in-repo fake API server ([`fake::FakeCluster`]).
+    Fake,
+}
+
+impl ServerKind {
+    /// The fake when [`FAKE_ENV`] is `1` or no real binaries are found, else the real one.
+    pub fn from_env() -> Self {
+        if std::env::var(FAKE_ENV).is_ok_and(|v| v == "1") || assets_dir().is_err() {
+            Self::Fake
+        } else {
+            Self::Real
+        }
+    }
+}
+
+/// A cluster on either API server, with the surface the scenarios use, so that each
+/// scenario is written once and runs over both.
+#[derive(Debug)]
+pub enum AnyCluster {
+    // Boxed: both are large, and the enum is moved around.
+    Real(Box<Cluster>),
+    Fake(Box<fake::FakeCluster>),
+}
+
+impl AnyCluster {
+    /// Starts a cluster on the server [`ServerKind::from_env`] picks.
+    pub async fn start(name: &str, options: ClusterOptions) -> Result<Self> {
+        Self::start_on(ServerKind::from_env(), name, options).await
+    }
+
+    /// Starts a cluster on the given server; for the fake, `options` mean what
+    /// [`fake::FakeOptions::from`] says.
+    pub async fn start_on(kind: ServerKind, name: &str, options: ClusterOptions) -> Result<Self> {
+        Ok(match kind {
+            ServerKind::Real => Self::Real(Box::new(Cluster::start_with(name, options).await?)),
+            ServerKind::Fake => Self::Fake(Box::new(
+                fake::FakeCluster::start_with(name, (&options).into()).await?,
+            )),
+        })
+    }
+
+    pub fn kind(&self) -> ServerKind {
+        match self {
+            Self::Real(_) => ServerKind::Real,
+            Self::Fake(_) => ServerKind::Fake,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Real(c) => c.name(),
+            Self::Fake(c) => c.name(),
+        }
+    }
+
+    pub fn client(&self) -> kube::Client {
+        match self {
+            Self::Real(c) => c.client(),
+            Self::Fake(c) => c.client(),
+        }
+    }
+
+    pub fn config(&self) -> kube::Config {
+        match self {
+            Self::Real(c) => c.config(),
+            Self::Fake(c) => c.config(),
+        }
+    }
+
+    pub fn server_url(&self) -> String {
+        match self {
+            Self::Real(c) => c.server_url(),
+            Self::Fake(c) => c.server_url(),
+        }
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        match self {
+            Self::Real(c) => c.kubeconfig_path(),
+            Self::Fake(c) => c.kubeconfig_path(),
+        }
+    }
+
+    pub fn kubeconfig_contents(&self) -> Result<String> {
+        match self {
+            Self::Real(c) => c.kubeconfig_contents(),
+            Self::Fake(c) => c.kubeconfig_contents(),
+        }
+    }
+
+    pub fn service_cidr(&self) -> &str {
+        match self {
+            Self::Real(c) => c.service_cidr(),
+            Self::Fake(c) => c.service_cidr(),
+        }
+    }
+
+    pub fn stop_apiserver(&mut self) -> Result<()> {
+        match self {
+            Self::Real(c) => c.stop_apiserver(),
+            Self::Fake(c) => c.stop_apiserver(),
+        }
+    }
+
+    pub async fn start_apiserver(&mut self) -> Result<()> {
+        match self {
+            Self::Real(c) => c.start_apiserver().await,
+            Self::Fake(c) => c.start_apiserver().await,
+        }
+    }
+
+    pub fn apiserver_running(&mut self) -> bool {
+        match self {
+            Self::Real(c) => c.apiserver_running(),
+            Self::Fake(c) => c.apiserver_running(),
+        }
+    }
+
+    pub async fn etcd_revision(&self) -> Result<i64> {
+        match self {
+            Self::Real(c) => c.etcd_revision().await,
+            Self::Fake(c) => c.etcd_revision().await,
+        }
+    }
+
+    pub async fn compact_etcd(&self) -> Result<i64> {
+        match self {
+            Self::Real(c) => c.compact_etcd().await,
+            Self::Fake(c) => c.compact_etcd().await,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        match self {
+            Self::Real(c) => c.logs(),
+            Self::Fake(c) => c.logs(),
+        }
     }
 }
 
