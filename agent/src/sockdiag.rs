@@ -90,7 +90,7 @@ use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
 use socket2::SockRef;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// `struct nlmsghdr`; netlink-packet-core does not export its length.
 const NLMSG_HDRLEN: usize = 16;
@@ -874,7 +874,9 @@ fn netns_path(pid: u32) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/ns/net"))
 }
 
-/// The processes of `root` and its descendants, read from each `cgroup.procs`.
+/// The processes of `root` and its descendants, read from each `cgroup.procs`. Those in
+/// another PID namespace than the agent's read as pid 0 and cannot be entered: they
+/// are left out with a warning (an agent in a pod needs the host's PID namespace).
 fn cgroup_pids(root: &Path) -> Result<Vec<u32>, SockDiagError> {
     let too_large = |what, limit| SockDiagError::CgroupTooLarge {
         path: root.to_owned(),
@@ -882,6 +884,7 @@ fn cgroup_pids(root: &Path) -> Result<Vec<u32>, SockDiagError> {
         limit,
     };
     let mut pids = Vec::new();
+    let mut hidden = 0usize;
     let mut stack = vec![(root.to_owned(), 0usize)];
     let mut cgroups = 0usize;
     while let Some((dir, depth)) = stack.pop() {
@@ -904,9 +907,14 @@ fn cgroup_pids(root: &Path) -> Result<Vec<u32>, SockDiagError> {
             Err(e) => return Err(cgroup_err(&procs_path, "reading cgroup.procs", e)),
         };
         for line in procs.lines() {
-            let Ok(pid) = line.trim().parse() else {
+            let Ok(pid) = line.trim().parse::<u32>() else {
                 continue;
             };
+            // A process outside the reader's PID namespace reads as pid 0.
+            if pid == 0 {
+                hidden += 1;
+                continue;
+            }
             pids.push(pid);
             if pids.len() > MAX_PROCESSES {
                 return Err(too_large("processes", MAX_PROCESSES));
@@ -930,6 +938,14 @@ fn cgroup_pids(root: &Path) -> Result<Vec<u32>, SockDiagError> {
                 stack.push((entry.path(), depth + 1));
             }
         }
+    }
+    if hidden > 0 {
+        warn!(
+            cgroup = %root.display(),
+            hidden,
+            "processes in another PID namespace (cgroup.procs shows pid 0): their sockets \
+             cannot be destroyed; run the agent in the host's PID namespace (hostPID)"
+        );
     }
     Ok(pids)
 }

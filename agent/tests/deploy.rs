@@ -673,6 +673,13 @@ async fn every_manifest_applies_and_each_account_may_do_what_it_needs_and_no_mor
         ));
         controller.extend(verbs(&["list", "watch"], CORE, "services", None, true));
         controller.extend(verbs(
+            &["list", "watch"],
+            DISCOVERY,
+            "endpointslices",
+            None,
+            true,
+        ));
+        controller.extend(verbs(
             &["create", "patch", "delete"],
             CORE,
             "services",

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use detour_testbed::eventually;
-use detour_testbed::k8s::Cluster;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -26,10 +25,10 @@ pub fn object<T: serde::de::DeserializeOwned>(value: Value) -> Result<T> {
 }
 
 /// Creates the FailoverService CRD from `deploy/crds/` and waits until it is served.
-pub async fn install_crd(cluster: &Cluster) -> Result<()> {
+pub async fn install_crd(client: kube::Client) -> Result<()> {
     let crd: CustomResourceDefinition =
         serde_saphyr::from_str(CRD).context("parsing deploy/crds/failoverservice.yaml")?;
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
     crds.create(&PostParams::default(), &crd).await?;
     eventually("the FailoverService CRD Established", EVENTUAL, || async {
         let crd = crds.get("failoverservices.failover.detour.io").await?;
@@ -52,13 +51,13 @@ pub fn failover_service_resource() -> ApiResource {
 
 /// Creates FailoverService `name` in `namespace` with `spec`.
 pub async fn create_failover_service(
-    cluster: &Cluster,
+    client: kube::Client,
     namespace: &str,
     name: &str,
     spec: Value,
 ) -> Result<()> {
     let resource = failover_service_resource();
-    let api: Api<DynamicObject> = Api::namespaced_with(cluster.client(), namespace, &resource);
+    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &resource);
     let object = DynamicObject::new(name, &resource).data(serde_json::json!({ "spec": spec }));
     api.create(&PostParams::default(), &object)
         .await

@@ -12,56 +12,15 @@
 //! in EndpointSlices.
 
 use anyhow::{Context as _, Result};
-use detour_testbed::eventually;
 use detour_testbed::k8s::{AnyCluster, ClusterOptions, ServerKind};
 use detour_testbed::{HttpBackend, Netns};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use serde_json::{json, Value};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
 
-use crate::kube::{failover_service_resource, EVENTUAL};
+use crate::kube::{create_failover_service, install_crd, EVENTUAL};
 use crate::world::World;
-
-/// The CRD as `deploy/` ships it.
-const CRD: &str = include_str!("../../deploy/crds/failoverservice.yaml");
-
-// `crate::kube`'s `install_crd` and `create_failover_service` take a real `Cluster`;
-// these do the same over either server.
-
-/// Creates the FailoverService CRD and waits until it is served.
-async fn install_crd(client: kube::Client) -> Result<()> {
-    let crd: CustomResourceDefinition =
-        serde_saphyr::from_str(CRD).context("parsing deploy/crds/failoverservice.yaml")?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
-    crds.create(&PostParams::default(), &crd).await?;
-    eventually("the FailoverService CRD Established", EVENTUAL, || async {
-        let crd = crds.get("failoverservices.failover.detour.io").await?;
-        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-        Ok(conditions
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(()))
-    })
-    .await
-}
-
-/// Creates FailoverService `name` in `namespace` with `spec`, untyped.
-async fn create_failover_service(
-    client: kube::Client,
-    namespace: &str,
-    name: &str,
-    spec: Value,
-) -> Result<()> {
-    let resource = failover_service_resource();
-    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &resource);
-    let object = DynamicObject::new(name, &resource).data(json!({ "spec": spec }));
-    api.create(&PostParams::default(), &object)
-        .await
-        .with_context(|| format!("creating FailoverService {namespace}/{name}"))?;
-    Ok(())
-}
 
 fn slice(ready_a: bool) -> Result<EndpointSlice> {
     Ok(serde_json::from_value(json!({

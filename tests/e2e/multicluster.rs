@@ -11,14 +11,16 @@
 //! agent), and its Secret is deleted (kind3 leaves the agent's tables).
 
 use anyhow::{Context as _, Result};
-use detour_testbed::k8s::{Cluster, ClusterOptions};
+use detour_testbed::k8s::{AnyCluster, ClusterOptions, ServerKind};
 use detour_testbed::{eventually, HttpBackend, Netns};
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 
-use crate::kube::{create_failover_service, install_crd, object, Controller, EVENTUAL};
+use crate::kube::{
+    create_failover_service, failover_service_resource, install_crd, object, Controller, EVENTUAL,
+};
 use crate::world::World;
 
 const TAKEN_OVER: &str = "reviews-failover.default.takeover.reviews.default";
@@ -49,7 +51,7 @@ fn slice(endpoints: Vec<Value>) -> Result<EndpointSlice> {
     }))
 }
 
-async fn apply_slice(cluster: &Cluster, slice: &EndpointSlice) -> Result<()> {
+async fn apply_slice(cluster: &AnyCluster, slice: &EndpointSlice) -> Result<()> {
     Api::<EndpointSlice>::namespaced(cluster.client(), "default")
         .patch(
             "reviews-1",
@@ -62,7 +64,7 @@ async fn apply_slice(cluster: &Cluster, slice: &EndpointSlice) -> Result<()> {
 
 /// `reviews` in `cluster`: a Service on 9080 (target 8080) with one ready endpoint at
 /// `address` on a node of `region`/`zone`. Returns its ClusterIP.
-async fn reviews(cluster: &Cluster, address: &str, region: &str, zone: &str) -> Result<String> {
+async fn reviews(cluster: &AnyCluster, address: &str, region: &str, zone: &str) -> Result<String> {
     let client = cluster.client();
     let node = format!("{}-node", cluster.name());
     Api::<Node>::all(client.clone())
@@ -151,7 +153,7 @@ fn connects_by_cluster(world: &mut World) -> Result<Vec<(String, u64)>> {
         .collect())
 }
 
-async fn scenario() -> Result<()> {
+async fn scenario(server: ServerKind) -> Result<()> {
     let mut world = World::new()?;
     let netns = Netns::new()?;
     let veth = netns.veth("10.231.78.1/24", "10.231.78.2/24")?;
@@ -164,11 +166,10 @@ async fn scenario() -> Result<()> {
         blackhole_service_cidr: true,
         ..ClusterOptions::default()
     };
-    let clusters =
-        Cluster::start_all(&[("kind2", blackholed), ("kind3", ClusterOptions::default())]).await?;
-    let [kind2, mut kind3] = <[Cluster; 2]>::try_from(clusters).expect("two clusters");
+    let kind2 = AnyCluster::start_on(server, "kind2", blackholed).await?;
+    let mut kind3 = AnyCluster::start_on(server, "kind3", ClusterOptions::default()).await?;
 
-    install_crd(&kind2).await?;
+    install_crd(kind2.client()).await?;
     Api::<Namespace>::all(kind2.client())
         .create(
             &PostParams::default(),
@@ -189,7 +190,7 @@ async fn scenario() -> Result<()> {
         )
         .await?;
     create_failover_service(
-        &kind2,
+        kind2.client(),
         "default",
         "reviews-failover",
         json!({
@@ -223,6 +224,24 @@ async fn scenario() -> Result<()> {
     )
     .await?;
     world.until_answers(&target, &["kind2"], EVENTUAL).await?;
+    // The controller's status counts what it discovered per cluster and tier.
+    let failover_services: Api<DynamicObject> =
+        Api::namespaced_with(kind2.client(), "default", &failover_service_resource());
+    eventually(
+        "the FailoverService's status counts both tiers",
+        EVENTUAL,
+        || async {
+            let fos = failover_services.get("reviews-failover").await?;
+            let tiers: Vec<String> = fos.data["status"]["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{} {} ready={}", e["cluster"], e["tier"], e["ready"]))
+                .collect();
+            Ok((tiers == [r#""kind2" 0 ready=1"#, r#""kind3" 1 ready=1"#]).then_some(()))
+        },
+    )
+    .await?;
 
     // kind2's reviews stops answering: callers move to kind3, then come back (kind2 is
     // ejected for 2 minutes, but its first passing health check ends that).
@@ -275,9 +294,21 @@ async fn scenario() -> Result<()> {
 /// the remote cluster's removal.
 #[test]
 fn callers_of_reviews_fail_over_from_kind2_to_kind3_and_back() -> Result<()> {
+    run(ServerKind::Real)
+}
+
+/// The same over the fake API server (no schema, CEL or garbage collection there; the
+/// scenario needs none of them).
+#[test]
+fn callers_of_reviews_fail_over_from_kind2_to_kind3_and_back_on_the_fake_api_server() -> Result<()>
+{
+    run(ServerKind::Fake)
+}
+
+fn run(server: ServerKind) -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(scenario())
+        .block_on(scenario(server))
 }

@@ -46,6 +46,7 @@ use tokio::sync::{watch as channel, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::sources::kubernetes::objects::WatchedSlice;
 use crate::sources::kubernetes::{labels, FailoverService};
 use clusters::{remote_entries, Clusters};
 use mirror::MirrorKey;
@@ -158,6 +159,8 @@ struct Local {
     mirrors: Watched<EndpointSlice>,
     vips: Watched<Service>,
     services: Watched<PartialObjectMeta<Service>>,
+    /// The cluster's own EndpointSlices (slim), for the local tiers' endpoint counts.
+    slices: Watched<WatchedSlice>,
 }
 
 impl Local {
@@ -206,6 +209,14 @@ impl Local {
                 ),
                 w(),
             ),
+            slices: Watched::spawn(
+                "local EndpointSlices".into(),
+                watch(
+                    Api::<WatchedSlice>::all(client.clone()),
+                    watcher::Config::default().labels(labels::KUBE_SERVICE_NAME),
+                ),
+                w(),
+            ),
         }
     }
 
@@ -215,6 +226,7 @@ impl Local {
             && self.mirrors.synced()
             && self.vips.synced()
             && self.services.synced()
+            && self.slices.synced()
     }
 }
 
@@ -590,7 +602,15 @@ impl Controller {
                         .get(&ObjectRef::new(&s.name).within(&s.namespace))
                         .is_some();
                     let state = if exists {
-                        BackendState::Local
+                        let (ready, serving_terminating) = status::count_local(
+                            &self.local.slices.store().state(),
+                            &s.namespace,
+                            &s.name,
+                        );
+                        BackendState::Local {
+                            ready,
+                            serving_terminating,
+                        }
                     } else {
                         BackendState::NotFound
                     };

@@ -11,19 +11,25 @@
 //!   hostname and port, or virtual IP and port, cannot both be served; the older keeps
 //!   it, so a new bad object never takes anything from a working one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt as _;
 
 use crate::sources::kubernetes::failover_service::{condition, ServiceRef, TierEndpoints};
-use crate::sources::kubernetes::{FailoverService, FailoverServiceStatus};
+use crate::sources::kubernetes::objects::WatchedSlice;
+use crate::sources::kubernetes::{labels, FailoverService, FailoverServiceStatus};
 
 /// What the controller knows of one backing service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackendState {
-    /// A Service in the local cluster that exists (the agents read its slices).
-    Local,
+    /// A Service in the local cluster that exists (the agents read its slices), with
+    /// its endpoint counts.
+    Local {
+        ready: u32,
+        serving_terminating: u32,
+    },
     /// A remote Service that exists, with its endpoint counts.
     Remote {
         ready: u32,
@@ -157,7 +163,7 @@ pub fn status(inputs: &Inputs<'_>) -> FailoverServiceStatus {
     {
         let svc = &backing.kube_service;
         let (reason, what) = match state {
-            BackendState::Local | BackendState::Remote { .. } => continue,
+            BackendState::Local { .. } | BackendState::Remote { .. } => continue,
             BackendState::NotFound => ("BackendNotFound", "the Service does not exist"),
             BackendState::ClusterUnknown => (
                 "ClusterUnknown",
@@ -231,7 +237,11 @@ pub fn status(inputs: &Inputs<'_>) -> FailoverServiceStatus {
         .zip(&fos.spec.backing_services)
         .enumerate()
         .filter_map(|(tier, ((cluster, state), backing))| match state {
-            BackendState::Remote {
+            BackendState::Local {
+                ready,
+                serving_terminating,
+            }
+            | BackendState::Remote {
                 ready,
                 serving_terminating,
             } => Some(TierEndpoints {
@@ -254,6 +264,40 @@ pub fn status(inputs: &Inputs<'_>) -> FailoverServiceStatus {
         virtual_ip: inputs.virtual_ip.clone(),
         endpoints,
     }
+}
+
+/// The ready and the serving-but-terminating endpoints of the local Service
+/// `namespace/name`, over its EndpointSlices (as the API reads conditions: an unset
+/// `ready` means ready). An address listed by two slices while one is being rewritten
+/// counts once.
+#[must_use]
+pub fn count_local(slices: &[Arc<WatchedSlice>], namespace: &str, name: &str) -> (u32, u32) {
+    let mut ready = BTreeSet::new();
+    let mut serving_terminating = BTreeSet::new();
+    for slice in slices {
+        let meta = &slice.metadata;
+        let labelled = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(labels::KUBE_SERVICE_NAME))
+            .is_some_and(|service| service == name);
+        if !labelled || meta.namespace.as_deref() != Some(namespace) {
+            continue;
+        }
+        for endpoint in slice.endpoints.iter().flatten() {
+            let Some(address) = endpoint.addresses.first() else {
+                continue;
+            };
+            let c = endpoint.conditions.clone().unwrap_or_default();
+            if c.ready != Some(false) {
+                ready.insert(address.clone());
+            } else if c.serving == Some(true) && c.terminating == Some(true) {
+                serving_terminating.insert(address.clone());
+            }
+        }
+    }
+    let count = |set: BTreeSet<String>| u32::try_from(set.len()).unwrap_or(u32::MAX);
+    (count(ready), count(serving_terminating))
 }
 
 #[cfg(test)]
@@ -325,7 +369,13 @@ mod tests {
             refused: None,
             backends: vec![
                 ("kind9".into(), BackendState::ClusterUnknown),
-                ("kind1".into(), BackendState::Local),
+                (
+                    "kind1".into(),
+                    BackendState::Local {
+                        ready: 2,
+                        serving_terminating: 0,
+                    },
+                ),
             ],
             virtual_ip: None,
             write_failed: false,
@@ -361,7 +411,13 @@ mod tests {
                         serving_terminating: 1,
                     },
                 ),
-                ("kind1".into(), BackendState::Local),
+                (
+                    "kind1".into(),
+                    BackendState::Local {
+                        ready: 2,
+                        serving_terminating: 0,
+                    },
+                ),
             ],
             virtual_ip: Some("198.18.0.10".into()),
             write_failed: false,
@@ -378,8 +434,12 @@ mod tests {
         );
         assert_eq!(cond(&t, condition::PROGRAMMED).status, "True");
         assert_eq!(t.virtual_ip.as_deref(), Some("198.18.0.10"));
-        assert_eq!(t.endpoints.len(), 1);
-        assert_eq!((t.endpoints[0].tier, t.endpoints[0].ready), (0, 2));
+        let tiers: Vec<(&str, u32, u32, u32)> = t
+            .endpoints
+            .iter()
+            .map(|e| (e.cluster.as_str(), e.tier, e.ready, e.serving_terminating))
+            .collect();
+        assert_eq!(tiers, [("kind2", 0, 2, 1), ("kind1", 1, 2, 0)]);
         // A backend not listed yet: not programmed.
         let pending = Inputs {
             fos: &f,
@@ -407,5 +467,60 @@ mod tests {
             now: time(300),
         };
         assert_eq!(status(&inputs), t);
+    }
+
+    #[test]
+    fn local_counts_read_the_services_slices_once_per_address() {
+        let slice = |name: &str, service: &str, namespace: &str, endpoints: serde_json::Value| {
+            Arc::new(
+                serde_json::from_value::<WatchedSlice>(serde_json::json!({
+                    "metadata": {"name": name, "namespace": namespace,
+                                 "labels": {labels::KUBE_SERVICE_NAME: service}},
+                    "addressType": "IPv4",
+                    "endpoints": endpoints,
+                }))
+                .unwrap(),
+            )
+        };
+        let slices = [
+            slice(
+                "reviews-a",
+                "reviews",
+                "default",
+                serde_json::json!([
+                    {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                    {"addresses": ["10.0.0.2"]},
+                    {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                    {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": false}},
+                ]),
+            ),
+            // The same pod listed by a second slice while the first is rewritten.
+            slice(
+                "reviews-b",
+                "reviews",
+                "default",
+                serde_json::json!([
+                    {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                ]),
+            ),
+            slice(
+                "reviews-c",
+                "reviews",
+                "other",
+                serde_json::json!([
+                    {"addresses": ["10.0.0.9"]},
+                ]),
+            ),
+            slice(
+                "ratings-a",
+                "ratings",
+                "default",
+                serde_json::json!([
+                    {"addresses": ["10.0.0.8"]},
+                ]),
+            ),
+        ];
+        assert_eq!(count_local(&slices, "default", "reviews"), (2, 1));
+        assert_eq!(count_local(&slices, "default", "nothing"), (0, 0));
     }
 }

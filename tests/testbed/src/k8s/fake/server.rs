@@ -4,7 +4,8 @@
 //! Paths: `/api/v1/...` and `/apis/GROUP/VERSION/...`, each
 //! `[namespaces/NS/]PLURAL[/NAME[/status]]`, plus `/readyz`, `/livez`, `/healthz` and
 //! `/version`. Verbs: GET (one object, a list, or `?watch=true`), POST, PUT, PATCH
-//! (`application/apply-patch+yaml`, `application/merge-patch+json`), DELETE; `dryRun=All`
+//! (`application/apply-patch+yaml`, `application/merge-patch+json`, and
+//! `application/strategic-merge-patch+json` read as a merge patch), DELETE; `dryRun=All`
 //! commits nothing. Errors are `Status` objects with kube-apiserver's codes and reasons.
 //!
 //! A watch is newline-delimited JSON events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR).
@@ -259,6 +260,9 @@ async fn respond(
             let write = match content_type.as_str() {
                 "application/apply-patch+yaml" => Write::Apply(parse_yaml(&body)?),
                 "application/merge-patch+json" => Write::MergePatch(parse_json(&body)?),
+                // Read as a JSON merge patch: the same for objects without lists, which
+                // is all its users here send (kube-lease-manager's Lease renewals).
+                "application/strategic-merge-patch+json" => Write::MergePatch(parse_json(&body)?),
                 other => {
                     return Err(ApiError::new(
                         415,

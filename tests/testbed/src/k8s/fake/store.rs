@@ -906,6 +906,23 @@ fn checked_body(rt: &ResourceType, body: Value) -> Result<Value> {
         Value::Object(map) => Value::Object(map),
         _ => return Err(ApiError::bad_request("the body is not a JSON object")),
     };
+    // A Secret's `stringData` is write-only: the API server stores it in `data`,
+    // base64-encoded, over any key of the same name.
+    if rt.kind == "Secret" {
+        if let Some(Value::Object(strings)) =
+            body.as_object_mut().and_then(|b| b.remove("stringData"))
+        {
+            use base64::Engine as _;
+            if !body["data"].is_object() {
+                body["data"] = Value::Object(Map::new());
+            }
+            for (key, value) in strings {
+                let text = value.as_str().unwrap_or_default();
+                body["data"][key] =
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(text));
+            }
+        }
+    }
     for (field, expected) in [("apiVersion", rt.api_version()), ("kind", rt.kind.clone())] {
         match body.get(field).and_then(Value::as_str) {
             Some(given) if !given.is_empty() && given != expected => {
@@ -922,7 +939,9 @@ fn checked_body(rt: &ResourceType, body: Value) -> Result<Value> {
     Ok(body)
 }
 
-/// A server-side apply body: it must name its apiVersion, kind and the URL's name.
+/// A server-side apply body: it must name its apiVersion and kind; a name, if given,
+/// must be the URL's (the real API server fills in a missing one, as kube-lease-manager's
+/// Lease patches rely on).
 fn checked_apply(rt: &ResourceType, name: &str, patch: Value) -> Result<Value> {
     for field in ["apiVersion", "kind"] {
         if patch
@@ -936,7 +955,10 @@ fn checked_apply(rt: &ResourceType, name: &str, patch: Value) -> Result<Value> {
             )));
         }
     }
-    let patch = checked_body(rt, patch)?;
+    let mut patch = checked_body(rt, patch)?;
+    if patch["metadata"].get("name").is_none_or(Value::is_null) {
+        patch["metadata"]["name"] = Value::String(name.to_owned());
+    }
     match patch["metadata"]["name"].as_str() {
         Some(given) if given == name => Ok(patch),
         given => Err(ApiError::bad_request(format!(
