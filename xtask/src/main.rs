@@ -11,6 +11,7 @@
 //! programs see.
 
 mod bench;
+mod bench_kubernetes;
 mod bench_reload;
 mod cmd;
 mod crd;
@@ -63,6 +64,9 @@ enum Task {
     BenchFailover(failover::FailoverArgs),
     /// Measure a one-service edit of the config file reaching connects, and agent memory.
     BenchReload(bench_reload::ReloadArgs),
+    /// Measure an EndpointSlice change reaching connects, agent memory and CPU, with
+    /// 10,000 FailoverServices on a real control plane.
+    BenchKubernetes(bench_kubernetes::KubernetesArgs),
     /// Fuzz the parsers of outside bytes with libFuzzer, `--time` seconds per target.
     Fuzz(fuzz::FuzzArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
@@ -101,6 +105,7 @@ fn run(task: Task) -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::BenchFailover(args) => failover::run(&args),
         Task::BenchReload(args) => bench_reload::run(&args),
+        Task::BenchKubernetes(args) => bench_kubernetes::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
