@@ -41,7 +41,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use detour_testbed::k8s::{Cluster, ClusterOptions};
@@ -139,7 +139,16 @@ struct Measured {
     first_sync: Duration,
     agent_sync_ms: Option<f64>,
     latencies: Vec<Duration>,
+    /// When each PATCH was sent (wall clock, to line up with the agent's log).
+    sent_at: Vec<SystemTime>,
+    /// From sending each PATCH to the API server's answer.
+    acked: Vec<Duration>,
+    /// `total_ms` of the agent's reloads after the first sync.
     agent_reload_ms: Vec<f64>,
+    /// From sending each PATCH to the agent's loop taking the new model (the API
+    /// server's write, the watch event, the model build), when the log has one reload
+    /// per change.
+    to_agent_ms: Vec<f64>,
     rss_settled_mib: f64,
     rss_after_mib: f64,
     rss_peak_mib: f64,
@@ -257,6 +266,8 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
         wait_until_accepts(&a, Duration::from_secs(10))?;
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
         let mut latencies = Vec::new();
+        let mut sent_at = Vec::new();
+        let mut acked = Vec::new();
         for change in 0..args.changes {
             let (to, sink) = if change % 2 == 0 {
                 (LISTENER_B, &b)
@@ -266,14 +277,17 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
             let slice: EndpointSlice = serde_json::from_value(bench_slice(to))?;
             let api = slices.clone();
             let before = sink.accepted();
+            sent_at.push(SystemTime::now());
             let started = Instant::now();
             let patch = rt.spawn(async move {
-                api.patch(
-                    BENCH,
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(&slice),
-                )
-                .await
+                let result = api
+                    .patch(
+                        BENCH,
+                        &PatchParams::apply(MANAGER).force(),
+                        &Patch::Apply(&slice),
+                    )
+                    .await;
+                (result, started.elapsed())
             });
             while sink.accepted() == before {
                 if started.elapsed() > CHANGE_BUDGET {
@@ -285,8 +299,9 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
                 thread::sleep(Duration::from_micros(200));
             }
             let latency = started.elapsed();
-            rt.block_on(patch)?
-                .with_context(|| format!("change {change}: applying the bench slice"))?;
+            let (result, ack) = rt.block_on(patch)?;
+            result.with_context(|| format!("change {change}: applying the bench slice"))?;
+            acked.push(ack);
             eprintln!(
                 "  change {change:>2}: {:.1} ms",
                 latency.as_secs_f64() * 1e3
@@ -306,7 +321,10 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
             first_sync,
             agent_sync_ms: None,
             latencies,
+            sent_at,
+            acked,
             agent_reload_ms: Vec::new(),
+            to_agent_ms: Vec::new(),
             rss_settled_mib,
             rss_after_mib,
             rss_peak_mib,
@@ -328,7 +346,9 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
     let mut measured = result?;
     measured.agent_sync_ms = first_sync_ms(&text);
     // The first Kubernetes reload is the first sync; the others are the changes.
-    measured.agent_reload_ms = kubernetes_reloads(&text).into_iter().skip(1).collect();
+    let reloads: Vec<Reload> = kubernetes_reloads(&text).into_iter().skip(1).collect();
+    measured.agent_reload_ms = reloads.iter().map(|r| r.total_ms).collect();
+    measured.to_agent_ms = to_agent_ms(&measured.sent_at, &reloads);
     Ok(measured)
 }
 
@@ -803,11 +823,44 @@ fn field(line: &str, name: &str) -> Option<f64> {
     line[at..].split_whitespace().next()?.parse().ok()
 }
 
-/// `total_ms` of every "configuration reloaded" line the Kubernetes source caused.
-fn kubernetes_reloads(log: &str) -> Vec<f64> {
+/// One "configuration reloaded" line the Kubernetes source caused.
+#[derive(Debug, PartialEq)]
+struct Reload {
+    /// When the agent's loop took the model: the line's timestamp less `total_ms`.
+    began: Option<SystemTime>,
+    total_ms: f64,
+}
+
+/// Every Kubernetes reload of the agent's log, in order.
+fn kubernetes_reloads(log: &str) -> Vec<Reload> {
     log.lines()
         .filter(|l| l.contains("configuration reloaded") && l.contains("why=\"kubernetes\""))
-        .filter_map(|l| field(l, "total_ms"))
+        .filter_map(|l| {
+            let total_ms = field(l, "total_ms")?;
+            let logged = l
+                .split_whitespace()
+                .next()
+                .and_then(|t| humantime::parse_rfc3339(t).ok());
+            let began = logged.and_then(|t| t.checked_sub(Duration::from_secs_f64(total_ms / 1e3)));
+            Some(Reload { began, total_ms })
+        })
+        .collect()
+}
+
+/// Per change, from its PATCH to the agent's loop taking the model, in ms; nothing
+/// unless the log has exactly one reload per change (coalesced or extra reloads would
+/// pair the wrong ones).
+fn to_agent_ms(sent_at: &[SystemTime], reloads: &[Reload]) -> Vec<f64> {
+    if sent_at.len() != reloads.len() {
+        return Vec::new();
+    }
+    sent_at
+        .iter()
+        .zip(reloads)
+        .filter_map(|(sent, reload)| {
+            let began = reload.began?;
+            Some(began.duration_since(*sent).ok()?.as_secs_f64() * 1e3)
+        })
         .collect()
 }
 
@@ -832,37 +885,46 @@ fn report(m: &Measured, changes: u32) -> String {
         out,
         "\nthe Kubernetes source: {} FailoverServices, {} endpoints over 3 clusters, {} objects; \
          {changes} EndpointSlice changes (server-side apply); latency = PATCH sent → first \
-         connect to the new backend\n",
+         connect to the new backend; \
+         the split columns are medians: PATCH answered = the API server's reply, to the \
+         agent's loop = PATCH sent → the agent starts applying the new model (watch event \
+         and model build included), agent reload = its apply (`total_ms`)\n",
         thousands(f64::from(m.services)),
         thousands(f64::from(endpoints_total)),
         thousands(m.objects as f64),
     );
     let _ = writeln!(
         out,
-        "| services × endpoints | load | first sync (agent's watches) | p50 | p99 | max | agent reload (median) | RSS settled | RSS after changes | RSS peak | CPU at rest | client |"
+        "| services × endpoints | load | first sync | p50 | p99 | max | PATCH answered | to the agent's loop | agent reload | RSS settled | RSS after changes | RSS peak | CPU at rest | client |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
-    let reload = if m.agent_reload_ms.is_empty() {
-        "n/a".to_owned()
-    } else {
-        format!("{:.0} ms", median(m.agent_reload_ms.clone()))
+    let med = |v: &[f64]| {
+        if v.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("{:.0} ms", median(v.to_vec()))
+        }
     };
+    let acked: Vec<f64> = m.acked.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     let agent_sync = m
         .agent_sync_ms
-        .map_or_else(String::new, |ms| format!(" ({:.1} s)", ms / 1e3));
+        .map_or_else(String::new, |ms| format!(" (lists {ms:.0} ms)"));
     let p99 = percentile(&m.latencies, 99.0);
     let _ = writeln!(
         out,
-        "| {} × {} | {:.1} s | {:.1} s{agent_sync} | {:.1} ms | {p99:.1} ms | {:.1} ms | {reload} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} % over {:?} | {} |",
+        "| {} × {} | {:.1} s | {:.1} s{agent_sync} | {:.1} ms | {p99:.1} ms | {:.1} ms | {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} % over {:?} | {} |",
         thousands(f64::from(m.services)),
         m.endpoints,
         m.load.as_secs_f64(),
         m.first_sync.as_secs_f64(),
         percentile(&m.latencies, 50.0),
         percentile(&m.latencies, 100.0),
+        med(&acked),
+        med(&m.to_agent_ms),
+        med(&m.agent_reload_ms),
         m.rss_settled_mib,
         m.rss_after_mib,
         m.rss_peak_mib,
@@ -975,8 +1037,25 @@ x INFO kubernetes: first sync; the maps now follow the cluster sync_ms=1234
 x INFO configuration reloaded why=\"kubernetes\" services=3 read_parse_ms=0 total_ms=16
 x INFO configuration reloaded why=\"file changed\" services=3 total_ms=99
 x INFO configuration reloaded why=\"kubernetes\" services=3 apply_total_ms=7 total_ms=5";
-        assert_eq!(kubernetes_reloads(log), vec![16.0, 5.0]);
+        let totals: Vec<f64> = kubernetes_reloads(log).iter().map(|r| r.total_ms).collect();
+        assert_eq!(totals, vec![16.0, 5.0]);
         assert_eq!(first_sync_ms(log), Some(1234.0));
+        let stamped = "2026-11-30T08:29:50.505460Z  INFO detour::runtime: configuration reloaded \
+                       why=\"kubernetes\" services=100 apply_ms=6 total_ms=6";
+        let reloads = kubernetes_reloads(stamped);
+        let began = humantime::parse_rfc3339("2026-11-30T08:29:50.499460Z").unwrap();
+        assert_eq!(
+            reloads,
+            vec![Reload {
+                began: Some(began),
+                total_ms: 6.0
+            }]
+        );
+        let sent = humantime::parse_rfc3339("2026-11-30T08:29:50.400Z").unwrap();
+        let ms = to_agent_ms(&[sent], &reloads);
+        assert_eq!(ms.len(), 1);
+        assert!((ms[0] - 99.46).abs() < 1e-6, "{ms:?}");
+        assert!(to_agent_ms(&[sent, sent], &reloads).is_empty());
     }
 
     #[test]
