@@ -152,6 +152,8 @@ struct Measured {
     rss_settled_mib: f64,
     rss_after_mib: f64,
     rss_peak_mib: f64,
+    /// VmRSS after each change (and its pause).
+    rss_trace: Vec<f64>,
     cpu_rest: f64,
     rest: Duration,
     client: String,
@@ -268,6 +270,7 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
         let mut latencies = Vec::new();
         let mut sent_at = Vec::new();
         let mut acked = Vec::new();
+        let mut rss_trace = Vec::new();
         for change in 0..args.changes {
             let (to, sink) = if change % 2 == 0 {
                 (LISTENER_B, &b)
@@ -302,12 +305,15 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
             let (result, ack) = rt.block_on(patch)?;
             result.with_context(|| format!("change {change}: applying the bench slice"))?;
             acked.push(ack);
-            eprintln!(
-                "  change {change:>2}: {:.1} ms",
-                latency.as_secs_f64() * 1e3
-            );
             latencies.push(latency);
             thread::sleep(args.pause);
+            // Whether memory grows with every change or levels off.
+            let rss = proc_status_mib(pid, "VmRSS")?;
+            eprintln!(
+                "  change {change:>2}: {:.1} ms (RSS {rss:.1} MiB)",
+                latency.as_secs_f64() * 1e3
+            );
+            rss_trace.push(rss);
         }
         let rss_after_mib = proc_status_mib(pid, "VmRSS")?;
         let rss_peak_mib = proc_status_mib(pid, "VmHWM")?;
@@ -328,6 +334,7 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
             rss_settled_mib,
             rss_after_mib,
             rss_peak_mib,
+            rss_trace,
             cpu_rest,
             rest: args.rest,
             client: client_summary,
@@ -932,6 +939,14 @@ fn report(m: &Measured, changes: u32) -> String {
         m.rest,
         m.client,
     );
+    let trace: Vec<String> = [1, 10, 25, m.rss_trace.len()]
+        .into_iter()
+        .filter(|&n| n >= 1 && n <= m.rss_trace.len())
+        .collect::<std::collections::BTreeSet<usize>>()
+        .into_iter()
+        .map(|n| format!("{:.0} MiB after change {n}", m.rss_trace[n - 1]))
+        .collect();
+    let _ = writeln!(out, "\nagent RSS: {}", trace.join(", "));
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
     let rss = m.rss_settled_mib.max(m.rss_after_mib);
     let _ = writeln!(
