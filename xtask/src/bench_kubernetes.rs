@@ -737,7 +737,12 @@ fn spawn_client(cgroup: &Cgroup, stop: &Path, changes: u32) -> Result<Child> {
 struct ClientGuard(Option<Child>);
 
 impl ClientGuard {
-    /// Waits for the client (its stop file written) and checks no connect failed.
+    /// Waits for the client (its stop file written) and sums up its connects.
+    ///
+    /// A failed connect is reported, not fatal: with `terminateConnections` (the
+    /// default) the agent destroys the sockets to a removed backend, and a connect that
+    /// is still in its handshake then fails with ECONNABORTED — the agent's documented
+    /// behaviour, which the latency figures do not depend on.
     fn finish(mut self) -> Result<String> {
         let mut child = self.0.take().context("client already finished")?;
         let stdout = child.stdout.take().context("client stdout")?;
@@ -754,13 +759,16 @@ impl ClientGuard {
             .unwrap_or_default();
         let v: Value =
             serde_json::from_str(&line).with_context(|| format!("bad client line {line:?}"))?;
-        let failed = v["failed"].as_u64().unwrap_or(u64::MAX);
-        if failed != 0 {
-            bail!("the client saw {failed} failed connects during the changes: {line}");
-        }
+        let ok = v["ok"].as_u64().context("client line without \"ok\"")?;
+        let failed = v["failed"]
+            .as_u64()
+            .context("client line without \"failed\"")?;
+        let first_error = v["first_error"]
+            .as_str()
+            .map_or_else(String::new, |e| format!(" (first: {e})"));
         Ok(format!(
-            "{} connects, 0 failed",
-            thousands(v["ok"].as_u64().unwrap_or(0) as f64)
+            "{} connects, {failed} failed{first_error}",
+            thousands(ok as f64)
         ))
     }
 }
