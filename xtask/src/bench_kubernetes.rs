@@ -33,7 +33,9 @@
 //! - every wait is bounded; the control plane, agent, cgroup, pins, network namespace and
 //!   listeners are guards, removed pass or fail (the agent's log is kept under
 //!   `target/bench-kubernetes/`);
-//! - the task measures the agent as it is: it never tunes it.
+//! - the task measures the agent as it is: it never tunes it; a connect that fails
+//!   during the changes (the agent destroys sockets to a removed backend, and one may
+//!   still be in its handshake) is counted and reported, not hidden.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};

@@ -1,6 +1,8 @@
 //! `cargo xtask`: detour's developer tasks — machine setup, the eBPF build, the CRDs in
-//! `deploy/crds/`, the full test gate, a failover demo, a `connect()` benchmark and a
-//! failover benchmark against HAProxy.
+//! `deploy/crds/`, the full test gate, a failover demo, a `connect()` benchmark, a
+//! failover benchmark against HAProxy, and how fast a change reaches connects from the
+//! config file (`bench-reload`) and from a real Kubernetes API server
+//! (`bench-kubernetes`, which reuses `reload-client`).
 //!
 //! Everything that changes the machine (installs, bpffs, cgroups, pins, the agent) goes
 //! through `setup` or through `detour-testbed` guards, so every task either leaves the
