@@ -1,6 +1,8 @@
 //! `cargo xtask`: detour's developer tasks — machine setup, the eBPF build, the CRDs in
-//! `deploy/crds/`, the full test gate, a failover demo, a `connect()` benchmark and a
-//! failover benchmark against HAProxy.
+//! `deploy/crds/`, the full test gate, a failover demo, a `connect()` benchmark, a
+//! failover benchmark against HAProxy, and how fast a change reaches connects from the
+//! config file (`bench-reload`) and from a real Kubernetes API server
+//! (`bench-kubernetes`, which reuses `reload-client`).
 //!
 //! Everything that changes the machine (installs, bpffs, cgroups, pins, the agent) goes
 //! through `setup` or through `detour-testbed` guards, so every task either leaves the
@@ -11,6 +13,7 @@
 //! programs see.
 
 mod bench;
+mod bench_kubernetes;
 mod bench_reload;
 mod cmd;
 mod crd;
@@ -63,6 +66,9 @@ enum Task {
     BenchFailover(failover::FailoverArgs),
     /// Measure a one-service edit of the config file reaching connects, and agent memory.
     BenchReload(bench_reload::ReloadArgs),
+    /// Measure an EndpointSlice change reaching connects, agent memory and CPU, with
+    /// 10,000 FailoverServices on a real control plane.
+    BenchKubernetes(bench_kubernetes::KubernetesArgs),
     /// Fuzz the parsers of outside bytes with libFuzzer, `--time` seconds per target.
     Fuzz(fuzz::FuzzArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
@@ -101,6 +107,7 @@ fn run(task: Task) -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::BenchFailover(args) => failover::run(&args),
         Task::BenchReload(args) => bench_reload::run(&args),
+        Task::BenchKubernetes(args) => bench_kubernetes::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
