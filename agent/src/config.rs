@@ -104,8 +104,17 @@ impl Config {
     /// Things that are valid but probably not what the user meant, for the agent to log.
     #[must_use]
     pub fn warnings(&self) -> Vec<ConfigWarning> {
+        self.warnings_of(self.services.iter().map(|s| &**s))
+    }
+
+    /// [`Config::warnings`] for `services` only (a source that rebuilds per change says
+    /// only what is new).
+    pub fn warnings_of<'a>(
+        &'a self,
+        services: impl Iterator<Item = &'a ServiceConfig>,
+    ) -> Vec<ConfigWarning> {
         let mut warnings = Vec::new();
-        for service in &self.services {
+        for service in services {
             if service.endpoints.is_empty() {
                 warnings.push(ConfigWarning::NoEndpoints {
                     service: service.name.clone(),

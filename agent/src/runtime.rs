@@ -911,10 +911,15 @@ impl Agent {
             }
             self.kubernetes_problems = problems;
         }
-        for warning in built.config.warnings() {
+        let change = ConfigChange::between(&self.config, &built.config);
+        // Only what changed: a rebuild per watch event would repeat every warning.
+        let changed = change
+            .services
+            .iter()
+            .filter_map(|s| built.config.service(s));
+        for warning in built.config.warnings_of(changed) {
             info!(%warning, "kubernetes: service accepted with a warning");
         }
-        let change = ConfigChange::between(&self.config, &built.config);
         if let Some(first_sync) = update.first_sync {
             info!(
                 sync_ms = first_sync.as_millis(),

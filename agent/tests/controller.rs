@@ -56,6 +56,19 @@ struct Bed {
     controller: tokio::task::JoinHandle<()>,
 }
 
+/// What [`Bed::record_mirrors`] saw.
+struct Recorder {
+    seen: Arc<Mutex<Vec<(String, usize)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    fn stop(self) -> Vec<(String, usize)> {
+        self.task.abort();
+        self.seen.lock().unwrap().clone()
+    }
+}
+
 impl Bed {
     async fn start() -> Result<Self> {
         Self::start_with_lease_held_for(None).await
@@ -254,6 +267,30 @@ impl Bed {
             Ok(api.get_opt(name).await?.filter(|f| check(f)))
         })
         .await
+    }
+
+    /// Records every change the mirrors go through from now on, as a watcher sees them:
+    /// `(name, endpoints)`, or `("deleted NAME", 0)`.
+    fn record_mirrors(&self) -> Recorder {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            let events = watcher::watcher(self.mirrors(), watcher::Config::default());
+            async move {
+                let mut events = std::pin::pin!(events);
+                while let Some(Ok(event)) = events.next().await {
+                    let entry = match event {
+                        watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
+                            (s.name_any(), s.endpoints.map_or(0, |e| e.len()))
+                        }
+                        watcher::Event::Delete(s) => (format!("deleted {}", s.name_any()), 0),
+                        _ => continue,
+                    };
+                    seen.lock().unwrap().push(entry);
+                }
+            }
+        });
+        Recorder { seen, task }
     }
 
     async fn stop(self) -> Result<()> {
@@ -507,25 +544,7 @@ async fn mirrors_stay_while_the_remote_api_server_is_down_and_resume_after() -> 
             .await?
             .items
             .len();
-        // Every change the mirrors go through from here on, as a watcher sees them.
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let recorder = tokio::spawn({
-            let seen = Arc::clone(&seen);
-            let events = watcher::watcher(bed.mirrors(), watcher::Config::default());
-            async move {
-                let mut events = std::pin::pin!(events);
-                while let Some(Ok(event)) = events.next().await {
-                    let entry = match event {
-                        watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
-                            (s.name_any(), s.endpoints.map_or(0, |e| e.len()))
-                        }
-                        watcher::Event::Delete(s) => (format!("deleted {}", s.name_any()), 0),
-                        _ => continue,
-                    };
-                    seen.lock().unwrap().push(entry);
-                }
-            }
-        });
+        let recorder = bed.record_mirrors();
         bed.kind2.stop_apiserver()?;
         // Long enough for the watches to fail and retry (backoff from 800 ms).
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -554,8 +573,7 @@ async fn mirrors_stay_while_the_remote_api_server_is_down_and_resume_after() -> 
             ready_of(s, "10.2.0.2") == Some(false)
         })
         .await?;
-        recorder.abort();
-        let seen = seen.lock().unwrap().clone();
+        let seen = recorder.stop();
         assert!(
             seen.iter()
                 .all(|(name, endpoints)| *endpoints > 0 && !name.starts_with("deleted")),
@@ -631,6 +649,75 @@ async fn a_rotated_credential_that_cannot_sync_leaves_the_old_one_serving() -> R
             |s| ready_of(s, "10.2.0.2") == Some(false),
         )
         .await?;
+        bed.stop().await
+    })
+    .await
+}
+
+/// A credential rotated to a new API server for kind2 (its endpoints moved with it):
+/// the mirror switches to what the new one lists, and is never emptied on the way —
+/// the old connection serves until the new one has synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_credential_switches_once_the_new_connection_has_synced() -> Result<()> {
+    bounded(async {
+        let bed = Bed::start().await?;
+        bed.mirror_where(EAST, "10.2.0.1 mirrored", |s| {
+            ready_of(s, "10.2.0.1") == Some(true)
+        })
+        .await?;
+        let moved = Cluster::start("kind2-moved").await?;
+        Api::<Node>::all(moved.client())
+            .create(
+                &PostParams::default(),
+                &from_json(json!({"metadata": {"name": "n1", "labels":
+                    {labels::REGION: "us-east1", labels::ZONE: "us-east1-b"}}})),
+            )
+            .await?;
+        Api::<Service>::default_namespaced(moved.client())
+            .create(
+                &PostParams::default(),
+                &from_json(json!({
+                    "metadata": {"name": "reviews"},
+                    "spec": {"ports": [{"name": "http", "port": 9080, "targetPort": 8080}]},
+                })),
+            )
+            .await?;
+        Api::<EndpointSlice>::default_namespaced(moved.client())
+            .create(
+                &PostParams::default(),
+                &from_json(json!({
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "reviews-xyz",
+                                 "labels": {labels::KUBE_SERVICE_NAME: "reviews"}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": [{"addresses": ["10.7.0.1"], "conditions": {"ready": true},
+                                   "nodeName": "n1"}],
+                })),
+            )
+            .await?;
+
+        let recorder = bed.record_mirrors();
+        bed.put_secret_with(&moved.kubeconfig_contents()?).await?;
+        bed.mirror_where(EAST, "only the new server's endpoint", |s| {
+            s.endpoints
+                .iter()
+                .flatten()
+                .map(|e| e.addresses.clone())
+                .collect::<Vec<_>>()
+                == [vec!["10.7.0.1".to_owned()]]
+        })
+        .await?;
+        let seen: Vec<(String, usize)> = recorder
+            .stop()
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(EAST))
+            .collect();
+        assert!(
+            seen.iter()
+                .all(|(name, endpoints)| *endpoints > 0 && !name.starts_with("deleted")),
+            "the us-east1 mirror was emptied or deleted on the way: {seen:?}"
+        );
         bed.stop().await
     })
     .await
