@@ -1,10 +1,13 @@
-//! `detour controller` against real control planes: a local cluster kind1 (where the
-//! FailoverServices, the remote-cluster Secret and the mirrors are) and a remote kind2
-//! (where `reviews` and its endpoints are), each its own etcd + kube-apiserver.
+//! `detour controller` against two clusters: a local kind1 (where the FailoverServices,
+//! the remote-cluster Secret and the mirrors are) and a remote kind2 (where `reviews`
+//! and its endpoints are). Each scenario is written once and runs twice: over real
+//! control planes (etcd + kube-apiserver from `KUBEBUILDER_ASSETS`, which
+//! `cargo xtask test` sets; ~330 MiB a cluster) as `NAME::real`, and over the in-repo
+//! fake API server as `NAME::fake`. The one scenario the fake cannot stage (a credential
+//! the API server refuses: the fake authenticates nobody) runs on the real one only.
 //!
-//! The binaries come from `KUBEBUILDER_ASSETS` (`cargo xtask test` sets it). Each test
-//! starts two clusters (~330 MiB each), runs the controller in-process, and is bounded
-//! by [`TEST_BOUND`]; every wait is bounded by [`EVENTUALLY`].
+//! Each test runs the controller in-process and is bounded by [`TEST_BOUND`]; every
+//! wait is bounded by [`EVENTUALLY`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +17,7 @@ use anyhow::{Context, Result};
 use detour_agent::controller::{Controller, ControllerArgs};
 use detour_agent::sources::kubernetes::failover_service::condition;
 use detour_agent::sources::kubernetes::{labels, FailoverService};
-use detour_testbed::k8s::{Cluster, ClusterOptions};
+use detour_testbed::k8s::{AnyCluster, ClusterOptions, ServerKind};
 use futures::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
@@ -50,8 +53,8 @@ fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
 /// us-east1 node and one on a node with no region in kind2, the Secret naming kind2 in
 /// kind1, a FailoverService `reviews` (kind2 first, then kind1), and the controller.
 struct Bed {
-    kind1: Cluster,
-    kind2: Cluster,
+    kind1: AnyCluster,
+    kind2: AnyCluster,
     stop: watch::Sender<bool>,
     controller: tokio::task::JoinHandle<()>,
 }
@@ -70,31 +73,29 @@ impl Recorder {
 }
 
 impl Bed {
-    async fn start() -> Result<Self> {
-        Self::start_with_lease_held_for(None).await
+    async fn start(server: ServerKind) -> Result<Self> {
+        Self::start_with_lease_held_for(server, None).await
     }
 
     /// [`Bed::start`], with the controller's Lease held by another replica for
     /// `seconds` first when given.
-    async fn start_with_lease_held_for(seconds: Option<i32>) -> Result<Self> {
+    async fn start_with_lease_held_for(server: ServerKind, seconds: Option<i32>) -> Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("detour_agent=debug,info")
             .try_init();
-        let clusters = Cluster::start_all(&[
-            ("kind1", ClusterOptions::default()),
-            // Without the watch cache, a watch resuming from a compacted revision gets
-            // 410 Gone at once, so the restart test forces a relist.
-            (
-                "kind2",
-                ClusterOptions {
-                    watch_cache: false,
-                    ..ClusterOptions::default()
-                },
-            ),
-        ])
+        let kind1 = AnyCluster::start_on(server, "kind1", ClusterOptions::default()).await?;
+        // Without the watch cache, a watch resuming from a compacted revision gets
+        // 410 Gone at once, so the restart test forces a relist.
+        let kind2 = AnyCluster::start_on(
+            server,
+            "kind2",
+            ClusterOptions {
+                watch_cache: false,
+                ..ClusterOptions::default()
+            },
+        )
         .await?;
-        let [kind1, kind2] = <[Cluster; 2]>::try_from(clusters).expect("two clusters");
 
         let crds: Api<CustomResourceDefinition> = Api::all(kind1.client());
         crds.create(&PostParams::default(), &FailoverService::crd())
@@ -166,7 +167,7 @@ impl Bed {
         Ok(bed)
     }
 
-    fn with_controller(kind1: Cluster, kind2: Cluster) -> Self {
+    fn with_controller(kind1: AnyCluster, kind2: AnyCluster) -> Self {
         let (stop, stop_rx) = watch::channel(false);
         let args = ControllerArgs {
             namespace: NAMESPACE.into(),
@@ -348,10 +349,11 @@ async fn bounded(test: impl std::future::Future<Output = Result<()>>) -> Result<
         .context("the test did not finish in time")?
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_endpoints_are_mirrored_by_region_and_follow_changes() -> Result<()> {
+async fn remote_endpoints_are_mirrored_by_region_and_follow_changes(
+    server: ServerKind,
+) -> Result<()> {
     bounded(async {
-        let bed = Bed::start().await?;
+        let bed = Bed::start(server).await?;
         let east = bed
             .mirror_where(EAST, "two endpoints", |s| {
                 s.endpoints.as_ref().is_some_and(|e| e.len() == 2)
@@ -444,10 +446,11 @@ async fn remote_endpoints_are_mirrored_by_region_and_follow_changes() -> Result<
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vip_service_is_owned_by_the_failover_service_and_status_reports_it() -> Result<()> {
+async fn a_vip_service_is_owned_by_the_failover_service_and_status_reports_it(
+    server: ServerKind,
+) -> Result<()> {
     bounded(async {
-        let bed = Bed::start().await?;
+        let bed = Bed::start(server).await?;
         let fos = bed
             .failover_service_where("reviews", "Programmed", |f| {
                 condition_of(f, condition::PROGRAMMED) == Some(("True", "Programmed"))
@@ -503,10 +506,9 @@ async fn a_vip_service_is_owned_by_the_failover_service_and_status_reports_it() 
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_the_secret_deletes_the_clusters_mirrors() -> Result<()> {
+async fn deleting_the_secret_deletes_the_clusters_mirrors(server: ServerKind) -> Result<()> {
     bounded(async {
-        let bed = Bed::start().await?;
+        let bed = Bed::start(server).await?;
         bed.mirror_where(EAST, "exists", |_| true).await?;
         let secrets: Api<Secret> = Api::namespaced(bed.kind1.client(), NAMESPACE);
         secrets
@@ -529,10 +531,11 @@ async fn deleting_the_secret_deletes_the_clusters_mirrors() -> Result<()> {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirrors_stay_while_the_remote_api_server_is_down_and_resume_after() -> Result<()> {
+async fn mirrors_stay_while_the_remote_api_server_is_down_and_resume_after(
+    server: ServerKind,
+) -> Result<()> {
     bounded(async {
-        let mut bed = Bed::start().await?;
+        let mut bed = Bed::start(server).await?;
         let before = bed
             .mirror_where(EAST, "10.2.0.2 ready", |s| {
                 ready_of(s, "10.2.0.2") == Some(true)
@@ -585,10 +588,11 @@ async fn mirrors_stay_while_the_remote_api_server_is_down_and_resume_after() -> 
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_service_naming_an_unknown_cluster_does_not_disturb_another() -> Result<()> {
+async fn a_failover_service_naming_an_unknown_cluster_does_not_disturb_another(
+    server: ServerKind,
+) -> Result<()> {
     bounded(async {
-        let bed = Bed::start().await?;
+        let bed = Bed::start(server).await?;
         bed.put_failover_service("broken", "broken.default.global", "kind9")
             .await?;
         // Same hostname and port as `reviews`, created later (creation times are in
@@ -626,14 +630,18 @@ async fn a_failover_service_naming_an_unknown_cluster_does_not_disturb_another()
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_credential_that_cannot_sync_leaves_the_old_one_serving() -> Result<()> {
+async fn a_rotated_credential_that_cannot_sync_leaves_the_old_one_serving(
+    server: ServerKind,
+) -> Result<()> {
     bounded(async {
-        let bed = Bed::start().await?;
+        let bed = Bed::start(server).await?;
         bed.mirror_where(EAST, "exists", |_| true).await?;
         // The same cluster with a token kind2 refuses: the new connection never lists.
         let good = bed.kind2.kubeconfig_contents()?;
-        let bad = good.replace(bed.kind2.admin_token(), "not-a-valid-token");
+        let AnyCluster::Real(kind2) = &bed.kind2 else {
+            anyhow::bail!("a refused credential needs the real API server");
+        };
+        let bad = good.replace(kind2.admin_token(), "not-a-valid-token");
         assert_ne!(good, bad);
         bed.put_secret_with(&bad).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -657,15 +665,16 @@ async fn a_rotated_credential_that_cannot_sync_leaves_the_old_one_serving() -> R
 /// A credential rotated to a new API server for kind2 (its endpoints moved with it):
 /// the mirror switches to what the new one lists, and is never emptied on the way —
 /// the old connection serves until the new one has synced.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_credential_switches_once_the_new_connection_has_synced() -> Result<()> {
+async fn a_rotated_credential_switches_once_the_new_connection_has_synced(
+    server: ServerKind,
+) -> Result<()> {
     bounded(async {
-        let bed = Bed::start().await?;
+        let bed = Bed::start(server).await?;
         bed.mirror_where(EAST, "10.2.0.1 mirrored", |s| {
             ready_of(s, "10.2.0.1") == Some(true)
         })
         .await?;
-        let moved = Cluster::start("kind2-moved").await?;
+        let moved = AnyCluster::start_on(server, "kind2-moved", ClusterOptions::default()).await?;
         Api::<Node>::all(moved.client())
             .create(
                 &PostParams::default(),
@@ -723,13 +732,12 @@ async fn a_rotated_credential_switches_once_the_new_connection_has_synced() -> R
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_leader_writes() -> Result<()> {
+async fn only_the_leader_writes(server: ServerKind) -> Result<()> {
     bounded(async {
         // Another replica holds the Lease for 15 s (not renewed): until it expires this
         // controller watches but writes nothing; then it takes over.
         let held_since = Instant::now();
-        let bed = Bed::start_with_lease_held_for(Some(15)).await?;
+        let bed = Bed::start_with_lease_held_for(server, Some(15)).await?;
         tokio::time::sleep(Duration::from_secs(4).saturating_sub(held_since.elapsed())).await;
         assert!(
             held_since.elapsed() < Duration::from_secs(12),
@@ -757,4 +765,39 @@ async fn only_the_leader_writes() -> Result<()> {
         bed.stop().await
     })
     .await
+}
+
+/// One test per server for each scenario: `NAME::real` and `NAME::fake`.
+macro_rules! on_both_servers {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn real() -> Result<()> {
+                super::$scenario(ServerKind::Real).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn fake() -> Result<()> {
+                super::$scenario(ServerKind::Fake).await
+            }
+        }
+    )*};
+}
+
+on_both_servers!(
+    remote_endpoints_are_mirrored_by_region_and_follow_changes,
+    a_vip_service_is_owned_by_the_failover_service_and_status_reports_it,
+    deleting_the_secret_deletes_the_clusters_mirrors,
+    mirrors_stay_while_the_remote_api_server_is_down_and_resume_after,
+    a_failover_service_naming_an_unknown_cluster_does_not_disturb_another,
+    a_rotated_credential_switches_once_the_new_connection_has_synced,
+    only_the_leader_writes,
+);
+
+/// The fake API server authenticates nobody, so a refused credential needs the real one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_credential_that_cannot_sync_leaves_the_old_one_serving_real() -> Result<()> {
+    a_rotated_credential_that_cannot_sync_leaves_the_old_one_serving(ServerKind::Real).await
 }
