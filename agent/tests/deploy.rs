@@ -37,7 +37,6 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use detour_testbed::k8s::Cluster;
 use detour_testbed::{Agent, AgentOptions, Cgroup, PinDir, TempDir};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -45,7 +44,6 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBind
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use kube::discovery::Scope;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -375,53 +373,15 @@ fn a_misspelt_field_and_an_unknown_kind_are_refused() {
 
 /// Every object of `deploy/`, in the order `kubectl apply -f deploy/crds -f
 /// deploy/manifests` takes them (the namespace first, by its file name).
-fn install_order() -> Result<Vec<(PathBuf, Value)>> {
-    let mut out = Vec::new();
-    for dir in ["crds", MANIFESTS] {
-        for path in yaml_files(&Path::new(DEPLOY).join(dir))? {
-            for doc in documents(&path)? {
-                out.push((path.clone(), doc));
-            }
-        }
-    }
-    out.sort_by_key(|(_, doc)| doc["kind"] != "Namespace");
-    Ok(out)
-}
-
 /// Applies every object of `deploy/` to `cluster`: a server-side dry run with strict
 /// field validation first, then for real (server-side apply).
 async fn install(cluster: &Cluster) -> Result<()> {
-    let client = cluster.client();
-    for (path, doc) in install_order()? {
-        let api_version = doc["apiVersion"].as_str().unwrap_or_default();
-        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let gvk = GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap_or_default());
-        let (resource, caps) = kube::discovery::pinned_kind(&client, &gvk).await?;
-        let object: DynamicObject = serde_json::from_value(doc.clone())?;
-        let name = object.metadata.name.clone().unwrap_or_default();
-        let api: Api<DynamicObject> = match caps.scope {
-            Scope::Cluster => Api::all_with(client.clone(), &resource),
-            Scope::Namespaced => Api::namespaced_with(
-                client.clone(),
-                object.metadata.namespace.as_deref().unwrap_or("default"),
-                &resource,
-            ),
-        };
-        let what = format!("{} {name} from {}", gvk.kind, path.display());
-        let params = PatchParams::apply(FIELD_MANAGER).validation_strict();
-        api.patch(&name, &params.clone().dry_run(), &Patch::Apply(&object))
-            .await
-            .with_context(|| format!("{what}: server-side dry run"))?;
-        api.patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .with_context(|| format!("{what}: apply"))?;
-    }
-    Ok(())
+    detour_testbed::k8s::deploy::install(&cluster.client(), Path::new(DEPLOY), FIELD_MANAGER).await
 }
 
 /// The pod template of the workload `kind/name` in `deploy/manifests`, as a Pod.
 fn pod_of(kind: &str, name: &str, namespace: &str) -> Result<Pod> {
-    let (_, doc) = install_order()?
+    let (_, doc) = detour_testbed::k8s::deploy::objects(Path::new(DEPLOY))?
         .into_iter()
         .find(|(_, d)| d["kind"] == kind && d["metadata"]["name"] == name)
         .ok_or_else(|| anyhow!("no {kind} {name} in deploy/manifests"))?;
@@ -748,23 +708,9 @@ async fn every_manifest_applies_and_each_account_may_do_what_it_needs_and_no_mor
     .await
 }
 
-/// A kubeconfig for `cluster` that authenticates as `account` of [`NAMESPACE`], with a
-/// token from the TokenRequest API.
+/// A kubeconfig for `cluster` that authenticates as `account` of [`NAMESPACE`].
 async fn kubeconfig_as(cluster: &Cluster, account: &str) -> Result<String> {
-    let accounts: Api<ServiceAccount> = Api::namespaced(cluster.client(), NAMESPACE);
-    let request: TokenRequest = serde_json::from_value(json!({
-        "spec": {"audiences": [], "expirationSeconds": 3600},
-    }))?;
-    let token = accounts
-        .create_token_request(account, &PostParams::default(), &request)
-        .await
-        .with_context(|| format!("a token for {account}"))?
-        .status
-        .context("TokenRequest without status")?
-        .token;
-    let mut kubeconfig: Value = serde_json::from_str(&cluster.kubeconfig_contents()?)?;
-    kubeconfig["users"][0]["user"] = json!({"token": token});
-    Ok(serde_json::to_string_pretty(&kubeconfig)?)
+    detour_testbed::k8s::deploy::kubeconfig_as(cluster, NAMESPACE, account).await
 }
 
 /// A child process killed and reaped on drop.
@@ -976,7 +922,7 @@ async fn the_controller_and_the_agent_work_with_the_accounts_deploy_grants() -> 
 
 /// The capabilities the agent's DaemonSet adds (after dropping ALL), as in the manifest.
 fn daemonset_capabilities() -> Result<Vec<String>> {
-    let (_, doc) = install_order()?
+    let (_, doc) = detour_testbed::k8s::deploy::objects(Path::new(DEPLOY))?
         .into_iter()
         .find(|(_, d)| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "detour-agent")
         .context("no DaemonSet detour-agent in deploy/manifests")?;

@@ -28,8 +28,15 @@ pub fn object<T: serde::de::DeserializeOwned>(value: Value) -> Result<T> {
 pub async fn install_crd(client: kube::Client) -> Result<()> {
     let crd: CustomResourceDefinition =
         serde_saphyr::from_str(CRD).context("parsing deploy/crds/failoverservice.yaml")?;
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &crd)
+        .await?;
+    crd_established(client).await
+}
+
+/// Waits until the FailoverService CRD is served.
+pub async fn crd_established(client: kube::Client) -> Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client);
-    crds.create(&PostParams::default(), &crd).await?;
     eventually("the FailoverService CRD Established", EVENTUAL, || async {
         let crd = crds.get("failoverservices.failover.detour.io").await?;
         let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();

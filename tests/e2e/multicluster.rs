@@ -6,12 +6,18 @@
 //! Secret; the agent watches only kind2. Both run as the `detour` binary, as users run
 //! them, against real control planes.
 //!
+//! On real servers `deploy/` is installed as it ships in both clusters and each
+//! component runs with the rights it grants: the controller and the agent with their
+//! ServiceAccounts' tokens, kind2's Secret with kind3's remote-reader token.
+//!
 //! Then the remote cluster misbehaves: its API server is killed (failover to kind3 still
 //! works from what was mirrored, and a change made in kind3 after it returns reaches the
 //! agent), and its Secret is deleted (kind3 leaves the agent's tables).
 
 use anyhow::{Context as _, Result};
-use detour_testbed::k8s::{AnyCluster, ClusterOptions, ServerKind};
+use std::path::Path;
+
+use detour_testbed::k8s::{deploy, AnyCluster, ClusterOptions, ServerKind};
 use detour_testbed::{eventually, HttpBackend, Netns};
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -19,11 +25,22 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams
 use serde_json::{json, Value};
 
 use crate::kube::{
-    create_failover_service, failover_service_resource, install_crd, object, Controller, EVENTUAL,
+    crd_established, create_failover_service, failover_service_resource, install_crd, object,
+    Controller, EVENTUAL,
 };
 use crate::world::World;
 
 const TAKEN_OVER: &str = "reviews-failover.default.takeover.reviews.default";
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+const SYSTEM: &str = "detour-system";
+
+/// The kubeconfigs each component runs with.
+struct Accounts {
+    controller: String,
+    agent: String,
+    /// What kind2's remote-cluster Secret holds for kind3.
+    remote_reader: String,
+}
 
 /// kind3's `reviews` endpoints: the first always, a second (never dialled) on request.
 fn kind3_slice(second: bool) -> Result<EndpointSlice> {
@@ -60,6 +77,25 @@ async fn apply_slice(cluster: &AnyCluster, slice: &EndpointSlice) -> Result<()> 
         )
         .await?;
     Ok(())
+}
+
+/// Waits until the account of `kubeconfig` may list Services cluster-wide.
+async fn until_services_readable(kubeconfig: &str) -> Result<()> {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::from_yaml(kubeconfig)?,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    let client = kube::Client::try_from(config)?;
+    let services: Api<Service> = Api::all(client);
+    eventually("the account may list Services", EVENTUAL, || async {
+        Ok(services
+            .list(&kube::api::ListParams::default().limit(1))
+            .await
+            .ok()
+            .map(|_| ()))
+    })
+    .await
 }
 
 /// `reviews` in `cluster`: a Service on 9080 (target 8080) with one ready endpoint at
@@ -169,13 +205,47 @@ async fn scenario(server: ServerKind) -> Result<()> {
     let kind2 = AnyCluster::start_on(server, "kind2", blackholed).await?;
     let mut kind3 = AnyCluster::start_on(server, "kind3", ClusterOptions::default()).await?;
 
-    install_crd(kind2.client()).await?;
-    Api::<Namespace>::all(kind2.client())
-        .create(
-            &PostParams::default(),
-            &object(json!({"metadata": {"name": "detour-system"}}))?,
-        )
-        .await?;
+    // On real servers, deploy/ as it ships in both clusters, and every component with the
+    // rights it grants: the controller and the agent with their ServiceAccounts' tokens
+    // in kind2, the remote reader's in the Secret for kind3. The fake has no RBAC or
+    // tokens: the CRD and the namespace, and the admin's kubeconfig, there.
+    let accounts = match (&kind2, &kind3) {
+        (AnyCluster::Real(real2), AnyCluster::Real(real3)) => {
+            for cluster in [real2, real3] {
+                deploy::install(&cluster.client(), Path::new(DEPLOY), "detour-e2e").await?;
+            }
+            crd_established(kind2.client()).await?;
+            let accounts = Accounts {
+                controller: deploy::kubeconfig_as(real2, SYSTEM, "detour-controller").await?,
+                agent: deploy::kubeconfig_as(real2, SYSTEM, "detour-agent").await?,
+                remote_reader: deploy::kubeconfig_as(real3, SYSTEM, "detour-remote-reader").await?,
+            };
+            // The API server's RBAC cache follows new bindings a moment later: start
+            // nothing before each account may read what it watches.
+            for kubeconfig in [
+                &accounts.controller,
+                &accounts.agent,
+                &accounts.remote_reader,
+            ] {
+                until_services_readable(kubeconfig).await?;
+            }
+            accounts
+        }
+        _ => {
+            install_crd(kind2.client()).await?;
+            Api::<Namespace>::all(kind2.client())
+                .create(
+                    &PostParams::default(),
+                    &object(json!({"metadata": {"name": SYSTEM}}))?,
+                )
+                .await?;
+            Accounts {
+                controller: kind2.kubeconfig_contents()?,
+                agent: kind2.kubeconfig_contents()?,
+                remote_reader: kind3.kubeconfig_contents()?,
+            }
+        }
+    };
     let cluster_ip = reviews(&kind2, "10.231.78.2", "us-east1", "us-east1-b").await?;
     reviews(&kind3, "10.231.78.3", "us-west1", "us-west1-a").await?;
     let secrets: Api<Secret> = Api::namespaced(kind2.client(), "detour-system");
@@ -185,7 +255,7 @@ async fn scenario(server: ServerKind) -> Result<()> {
             &object(json!({
                 "metadata": {"name": "remote-kind3",
                              "labels": {"failover.detour.io/remote-cluster": "true"}},
-                "stringData": {"kind3": kind3.kubeconfig_contents()?},
+                "stringData": {"kind3": accounts.remote_reader},
             }))?,
         )
         .await?;
@@ -208,8 +278,12 @@ async fn scenario(server: ServerKind) -> Result<()> {
     .await?;
 
     let controller_log = world.dir.join("controller.log");
-    let _controller = Controller::start(kind2.kubeconfig_path(), "kind2", &controller_log)?;
-    world.start_kubernetes_agent(kind2.kubeconfig_path(), "kind2-node", "kind2")?;
+    let controller_kubeconfig = world.dir.join("controller.kubeconfig");
+    std::fs::write(&controller_kubeconfig, &accounts.controller)?;
+    let _controller = Controller::start(&controller_kubeconfig, "kind2", &controller_log)?;
+    let agent_kubeconfig = world.dir.join("agent.kubeconfig");
+    std::fs::write(&agent_kubeconfig, &accounts.agent)?;
+    world.start_kubernetes_agent(&agent_kubeconfig, "kind2-node", "kind2")?;
 
     // Both clusters' endpoints are known (kind3's through the controller's mirror), and
     // kind2's, first in the failover order, take the traffic.
@@ -255,6 +329,16 @@ async fn scenario(server: ServerKind) -> Result<()> {
     world.start_backend("kind2")?;
     world.until_answers(&target, &["kind2"], EVENTUAL).await?;
 
+    // The rights deploy/ grants were enough: nothing was refused so far. (Past this
+    // point kind3's API server restarts, and a restarting API server refuses requests
+    // until its RBAC cache has synced.)
+    let controller = std::fs::read_to_string(&controller_log)?;
+    for (who, log) in [("agent", world.log()), ("controller", controller)] {
+        assert!(
+            !log.contains("forbidden"),
+            "the {who} was refused something:\n{log}"
+        );
+    }
     // kind3's API server is killed: what was mirrored still serves the failover.
     kind3.stop_apiserver()?;
     world.stop_backend("kind2");

@@ -33,6 +33,7 @@
 
 mod assets;
 mod child;
+pub mod deploy;
 mod etcd;
 pub mod fake;
 mod pki;
