@@ -140,9 +140,7 @@ impl Model {
         let mut derived = HashMap::with_capacity(ordered.len());
         let mut fresh = 0;
         let mut problems = Vec::new();
-        let mut candidates: Vec<Arc<ServiceConfig>> = Vec::new();
-        // Which FailoverService each candidate came from, for the problems assembly finds.
-        let mut origin: HashMap<String, String> = HashMap::new();
+        let mut candidates: Vec<Arc<ServiceConfig>> = Vec::with_capacity(ordered.len());
         for fos in ordered {
             let id = format!("{}/{}", fos.namespace().unwrap_or_default(), fos.name_any());
             let fingerprint = index.fingerprint(fos, &node.locality);
@@ -160,18 +158,22 @@ impl Model {
                     message: message.clone(),
                 });
             }
-            for service in &entry.services {
-                origin.insert(service.name.clone(), id.clone());
-                candidates.push(service.clone());
-            }
+            candidates.extend(entry.services.iter().cloned());
             derived.insert(id, entry);
         }
         // FailoverServices that are gone are forgotten.
         self.derived = derived;
         let (config, left_out) = config::assemble(node, candidates);
         for (service, error) in left_out {
+            // Which FailoverService it came from, as the service itself records.
+            let failover_service = match &service.origin {
+                ServiceOrigin::FailoverService {
+                    namespace, name, ..
+                } => format!("{namespace}/{name}"),
+                ServiceOrigin::File { .. } => String::new(),
+            };
             problems.push(Problem {
-                failover_service: origin.get(&service.name).cloned().unwrap_or_default(),
+                failover_service,
                 message: format!("{}: {error}", service.name),
             });
         }
@@ -223,23 +225,34 @@ fn derive(
     }
 }
 
+/// Rebuilt per watch event over every Service and slice: hashed with foldhash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The inventory, indexed for lookups by name.
 struct Index<'a> {
     cluster: &'a str,
     /// By (namespace, name).
-    services: HashMap<(&'a str, &'a str), &'a WatchedService>,
+    services: FastMap<(&'a str, &'a str), &'a WatchedService>,
     /// The Service the controller made for a FailoverService, by (namespace, name of
     /// the FailoverService).
-    vip_services: HashMap<(&'a str, &'a str), &'a WatchedService>,
+    vip_services: FastMap<(&'a str, &'a str), &'a WatchedService>,
     /// The cluster's own slices, by (namespace, Service name).
-    local_slices: HashMap<(&'a str, &'a str), Vec<&'a WatchedSlice>>,
+    local_slices: FastMap<(&'a str, &'a str), Vec<&'a WatchedSlice>>,
     /// Mirrored slices, by (cluster, namespace, Service name).
-    mirrored_slices: HashMap<(&'a str, &'a str, &'a str), Vec<&'a WatchedSlice>>,
+    mirrored_slices: FastMap<(&'a str, &'a str, &'a str), Vec<&'a WatchedSlice>>,
 }
 
-/// The inputs of one FailoverService, hashed in the order they are read.
-#[derive(Default)]
-struct Fingerprint(std::collections::hash_map::DefaultHasher);
+/// The inputs of one FailoverService, hashed in the order they are read. foldhash, not
+/// SipHash: nothing here is keyed by what a client chose, and at 10,000
+/// FailoverServices the hashing of a rebuild showed in profiles.
+struct Fingerprint(foldhash::fast::FoldHasher<'static>);
+
+impl Default for Fingerprint {
+    fn default() -> Self {
+        use std::hash::BuildHasher as _;
+        Self(foldhash::fast::FixedState::with_seed(0).build_hasher())
+    }
+}
 
 impl Fingerprint {
     fn value<T: std::hash::Hash + ?Sized>(&mut self, value: &T) {
@@ -277,10 +290,10 @@ impl<'a> Index<'a> {
     fn new(inventory: &'a Inventory) -> Self {
         let mut index = Self {
             cluster: &inventory.cluster,
-            services: HashMap::new(),
-            vip_services: HashMap::new(),
-            local_slices: HashMap::new(),
-            mirrored_slices: HashMap::new(),
+            services: FastMap::default(),
+            vip_services: FastMap::default(),
+            local_slices: FastMap::default(),
+            mirrored_slices: FastMap::default(),
         };
         for service in &inventory.services {
             let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
