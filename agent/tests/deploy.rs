@@ -1139,24 +1139,12 @@ async fn bounded(test: impl std::future::Future<Output = Result<()>>) -> Result<
 }
 
 /// Polls `check` until it yields `Some`, for at most [`EVENTUALLY`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+async fn eventually<T, F, Fut>(what: &str, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = Instant::now() + EVENTUALLY;
-    let mut last_err = None;
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {EVENTUALLY:?} (last error: {last_err:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    detour_testbed::eventually(what, EVENTUALLY, check).await
 }
 
 fn read(path: &Path) -> Result<String> {

@@ -8,7 +8,7 @@
 //! cluster does (a blackhole route for its service CIDR).
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use detour_agent::controller::{Controller, ControllerArgs};
@@ -24,24 +24,12 @@ use tokio::sync::watch;
 const EVENTUALLY: Duration = Duration::from_secs(60);
 
 /// Polls `check` until it yields `Some`, for at most [`EVENTUALLY`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+async fn eventually<T, F, Fut>(what: &str, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = Instant::now() + EVENTUALLY;
-    let mut last_err = None;
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {EVENTUALLY:?} (last error: {last_err:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    detour_testbed::eventually(what, EVENTUALLY, check).await
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {

@@ -13,7 +13,6 @@
 
 use anyhow::{Context as _, Result};
 use detour_testbed::k8s::{AnyCluster, ClusterOptions, ServerKind};
-use detour_testbed::{HttpBackend, Netns};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -52,13 +51,7 @@ async fn apply_slice(cluster: &AnyCluster, ready_a: bool) -> Result<()> {
 
 async fn scenario(server: ServerKind) -> Result<()> {
     let mut world = World::new()?;
-    let netns = Netns::new()?;
-    let veth = netns.veth("10.231.77.1/24", "10.231.77.2/24")?;
-    netns.ip(&["addr", "add", "10.231.77.3/24", "dev", veth.peer_name()])?;
-    for (name, address) in [("a", "10.231.77.2:8080"), ("b", "10.231.77.3:8080")] {
-        let backend = HttpBackend::start_in(&netns, name, address.parse()?)?;
-        world.backends.insert(name.to_owned(), backend);
-    }
+    let _network = world.backends_in_netns("10.231.77", ["a", "b"])?;
 
     let mut cluster = AnyCluster::start_on(
         server,

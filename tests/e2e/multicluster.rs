@@ -17,8 +17,8 @@
 use anyhow::{Context as _, Result};
 use std::path::Path;
 
+use detour_testbed::eventually;
 use detour_testbed::k8s::{deploy, AnyCluster, ClusterOptions, ServerKind};
-use detour_testbed::{eventually, HttpBackend, Netns};
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -191,13 +191,7 @@ fn connects_by_cluster(world: &mut World) -> Result<Vec<(String, u64)>> {
 
 async fn scenario(server: ServerKind) -> Result<()> {
     let mut world = World::new()?;
-    let netns = Netns::new()?;
-    let veth = netns.veth("10.231.78.1/24", "10.231.78.2/24")?;
-    netns.ip(&["addr", "add", "10.231.78.3/24", "dev", veth.peer_name()])?;
-    for (name, address) in [("kind2", "10.231.78.2:8080"), ("kind3", "10.231.78.3:8080")] {
-        let backend = HttpBackend::start_in(&netns, name, address.parse()?)?;
-        world.backends.insert(name.to_owned(), backend);
-    }
+    let _network = world.backends_in_netns("10.231.78", ["kind2", "kind3"])?;
     let blackholed = ClusterOptions {
         blackhole_service_cidr: true,
         ..ClusterOptions::default()

@@ -8,7 +8,9 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use detour_testbed::{require_root, Agent, AgentOptions, Cgroup, HttpBackend, PinDir, TempDir};
+use detour_testbed::{
+    require_root, Agent, AgentOptions, Cgroup, HttpBackend, Netns, PinDir, TempDir, Veth,
+};
 
 use crate::client::{self, Get, LoopSummary, Script};
 
@@ -41,6 +43,28 @@ impl World {
         self.backends
             .insert(name.to_string(), HttpBackend::start_at(name, addr)?);
         Ok(())
+    }
+
+    /// Two HTTP backends named `names` in a new network namespace, at `NET.2:8080` and
+    /// `NET.3:8080` on its end of a veth pair whose other end is `NET.1` (the API server
+    /// refuses loopback addresses in EndpointSlices). The namespace and the veth pair
+    /// live as long as the returned guards.
+    pub fn backends_in_netns(&mut self, net: &str, names: [&str; 2]) -> Result<(Netns, Veth)> {
+        let netns = Netns::new()?;
+        let veth = netns.veth(&format!("{net}.1/24"), &format!("{net}.2/24"))?;
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{net}.3/24"),
+            "dev",
+            veth.peer_name(),
+        ])?;
+        for (name, host) in names.into_iter().zip([2, 3]) {
+            let address = format!("{net}.{host}:8080").parse()?;
+            let backend = HttpBackend::start_in(&netns, name, address)?;
+            self.backends.insert(name.to_owned(), backend);
+        }
+        Ok((netns, veth))
     }
 
     pub fn stop_backend(&mut self, name: &str) {

@@ -400,7 +400,7 @@ fn bench_with_agent(
         .saturating_duration_since(Instant::now())
         .min(Duration::from_secs(240));
     agent.wait_ready(ready_budget)?;
-    wait_in_table(&agent, deadline)?;
+    wait_in_table(&agent, "bench", deadline)?;
     let mut notes = vec![format!(
         "agent ready and `bench` in the table {:.1}s after start",
         loading.elapsed().as_secs_f64()
@@ -670,12 +670,13 @@ fn run_client(
     Ok(results)
 }
 
-/// Waits until the benchmark service has a backend in its kernel table.
-pub(crate) fn wait_in_table(agent: &Agent, deadline: Instant) -> Result<()> {
+/// Waits until `service` has a backend in its kernel table (at most 60 s, and not
+/// past `deadline`).
+pub(crate) fn wait_in_table(agent: &Agent, service: &str, deadline: Instant) -> Result<()> {
     let deadline = deadline.min(Instant::now() + Duration::from_secs(60));
     loop {
         let in_table = agent
-            .endpoints_json(Some("bench"))
+            .endpoints_json(Some(service))
             .ok()
             .and_then(|eps| Some(eps.as_array()?.iter().any(|e| e["in_table"] == true)))
             .unwrap_or(false);
@@ -684,7 +685,7 @@ pub(crate) fn wait_in_table(agent: &Agent, deadline: Instant) -> Result<()> {
         }
         if Instant::now() >= deadline {
             bail!(
-                "`bench` never got a backend in the table{}",
+                "`{service}` never got a backend in the table{}",
                 agent.log_tail()
             );
         }

@@ -56,7 +56,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{json, Value};
 
-use crate::bench::{median, thousands, AcceptSink};
+use crate::bench::{median, thousands, wait_in_table, AcceptSink};
 use crate::{cmd, k8s_assets, setup};
 
 /// The CRD as `deploy/` ships it.
@@ -247,7 +247,11 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
         let first_sync = wait_first_sync(&agent, &log, started)?;
         eprintln!("  first sync in {:.1} s", first_sync.as_secs_f64());
         let bench_name = format!("{BENCH}.{NAMESPACE}");
-        wait_in_table(&agent, &bench_name)?;
+        wait_in_table(
+            &agent,
+            &bench_name,
+            Instant::now() + Duration::from_secs(60),
+        )?;
         let served = served_services(&agent)?;
         if served != services as usize {
             bail!(
@@ -667,28 +671,6 @@ fn wait_first_sync(agent: &Agent, log: &Path, started: Instant) -> Result<Durati
             );
         }
         thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until `service` has a backend in its kernel table.
-fn wait_in_table(agent: &Agent, service: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let in_table = agent
-            .endpoints_json(Some(service))
-            .ok()
-            .and_then(|eps| Some(eps.as_array()?.iter().any(|e| e["in_table"] == true)))
-            .unwrap_or(false);
-        if in_table {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "`{service}` never got a backend in the table{}",
-                agent.log_tail()
-            );
-        }
-        thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -160,7 +160,7 @@ fn one_setup(
     })?;
     let loading = Instant::now();
     agent.wait_ready(Duration::from_secs(240))?;
-    wait_in_table(&agent, Instant::now() + Duration::from_secs(60))?;
+    wait_in_table(&agent, "bench", Instant::now() + Duration::from_secs(60))?;
     let load = loading.elapsed();
     let pid = agent.pid().context("agent pid")?;
     let stop = tmp.join(&format!("stop-reload-{services}x{endpoints}"));
