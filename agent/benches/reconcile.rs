@@ -1,6 +1,7 @@
 //! `cargo bench -p detour-agent --bench reconcile`: what one table change costs the
 //! reconciler with 100,000 frontends in the maps, through a full apply and through the
-//! fast path (`Reconciler::apply_tables`) that health verdicts and ejections take.
+//! scoped path (`Reconciler::apply_services`) that health verdicts and ejections take, and
+//! what moving one endpoint (an EndpointSlice change) costs through the scoped path.
 //!
 //! The maps are an in-memory stand-in (hash maps), so this measures the reconciler's own
 //! work, not the kernel's map updates. Medians of 21 changes each.
@@ -119,14 +120,39 @@ fn main() {
             full.push(started.elapsed());
         } else {
             reconciler
-                .apply_tables(&mut maps, &desired, &[0])
-                .expect("a table-only change takes the fast path");
+                .apply_services(&mut maps, &desired, &[0], &[], Instant::now())
+                .expect("a table-only change takes the scoped path");
             fast.push(started.elapsed());
         }
     }
     println!(
-        "one table changed, median of {CHANGES}: full apply {:?}, fast path {:?}",
+        "one table changed, median of {CHANGES}: full apply {:?}, scoped path {:?}",
         median(full),
         median(fast)
     );
+    let mut moved = Vec::new();
+    for change in 0..CHANGES {
+        let dropped = move_endpoint(&mut desired, change);
+        let started = Instant::now();
+        reconciler
+            .apply_services(&mut maps, &desired, &[1], &[dropped], Instant::now())
+            .expect("an endpoint move takes the scoped path");
+        moved.push(started.elapsed());
+    }
+    println!(
+        "one endpoint moved to a new address, median of {CHANGES}: scoped path {:?}",
+        median(moved)
+    );
+}
+
+/// Moves the second service's first endpoint to a new address; returns the old one.
+fn move_endpoint(desired: &mut Desired, change: usize) -> SocketAddr {
+    let service = &mut desired.services[1];
+    let old = *service.backends.first().expect("two backends");
+    let new = addr(&format!("127.250.{}.{}:9000", change / 256, change % 256));
+    service.backends.remove(&old);
+    service.backends.insert(new);
+    let table = service.tables.values_mut().next().expect("one frontend");
+    table.slots = service.backends.iter().copied().collect();
+    old
 }

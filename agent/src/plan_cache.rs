@@ -80,21 +80,41 @@ pub struct Refreshed {
 }
 
 impl Refreshed {
-    /// Whether only tables changed: the same services, each with the same frontends and
-    /// the same endpoint targets as before (what the reconciler's fast path needs).
+    /// When the change kept every service and each re-planned service's frontends (what
+    /// the reconciler's scoped path needs), the endpoint targets the re-planned services
+    /// named before and name no more; `None` otherwise. A health verdict or an ejection
+    /// drops nothing; an EndpointSlice change drops the endpoints it removed.
     #[must_use]
-    pub fn tables_only(&self, cache: &PlanCache) -> bool {
-        let shape = |plans: &mut dyn Iterator<Item = &FrontendPlan>| {
-            plans
-                .flat_map(|p| p.endpoints.iter().map(|e| (p.frontend, e.target)))
-                .collect::<BTreeSet<(SocketAddr, SocketAddr)>>()
-        };
-        !self.reshaped
-            && self.services.iter().all(|name| {
-                let before = shape(&mut self.previous.iter().filter(|p| p.service == *name));
-                let after = shape(&mut cache.service(name).iter());
-                before == after
-            })
+    pub fn dropped_targets(&self, cache: &PlanCache) -> Option<Vec<SocketAddr>> {
+        if self.reshaped {
+            return None;
+        }
+        let mut dropped = BTreeSet::new();
+        for name in &self.services {
+            let before: Vec<&FrontendPlan> = self
+                .previous
+                .iter()
+                .filter(|p| p.service == *name)
+                .collect();
+            let after = cache.service(name);
+            let frontends_before: BTreeSet<SocketAddr> =
+                before.iter().map(|p| p.frontend).collect();
+            let frontends_after: BTreeSet<SocketAddr> = after.iter().map(|p| p.frontend).collect();
+            if frontends_before != frontends_after {
+                return None;
+            }
+            let targets_after: BTreeSet<SocketAddr> = after
+                .iter()
+                .flat_map(|p| p.endpoints.iter().map(|e| e.target))
+                .collect();
+            dropped.extend(
+                before
+                    .iter()
+                    .flat_map(|p| p.endpoints.iter().map(|e| e.target))
+                    .filter(|t| !targets_after.contains(t)),
+            );
+        }
+        Some(dropped.into_iter().collect())
     }
 }
 
@@ -258,7 +278,7 @@ services:
         let mut cache = PlanCache::default();
         let r = cache.refresh(&cfg, 0, &mut Dirty::All, healthy, never);
         assert_eq!(r.services, ["a", "b"]);
-        assert!(!r.tables_only(&cache));
+        assert_eq!(r.dropped_targets(&cache), None);
         assert!(r.previous.is_empty());
         assert_matches_full_plan(&cache, &cfg, healthy, never);
         assert_eq!(cache.service("b").len(), 2);
@@ -290,7 +310,11 @@ services:
         assert_eq!(r.previous.len(), 1);
         assert!(dirty.is_empty());
         assert_matches_full_plan(&cache, &cfg, down, never);
-        assert!(r.tables_only(&cache), "a health flip changes tables only");
+        assert_eq!(
+            r.dropped_targets(&cache),
+            Some(Vec::new()),
+            "a health flip changes tables only"
+        );
         // Nothing dirty: nothing planned.
         let r = cache.refresh(&cfg, 0, &mut Dirty::default(), down, never);
         assert!(r.services.is_empty());
@@ -318,26 +342,35 @@ services:
         );
         let r = cache.refresh(&next, 1, &mut Dirty::default(), healthy, never);
         assert_eq!(r.services, ["c"], "only the new service is planned");
-        assert!(!r.tables_only(&cache), "services came and went");
+        assert_eq!(r.dropped_targets(&cache), None, "services came and went");
         assert_matches_full_plan(&cache, &next, healthy, never);
         assert!(cache.service("a").is_empty());
     }
 
     #[test]
-    fn an_endpoint_change_is_not_tables_only() {
+    fn an_endpoint_change_keeps_the_frontends_and_names_what_it_dropped() {
         let cfg = config(TWO);
         let mut cache = PlanCache::default();
         cache.refresh(&cfg, 0, &mut Dirty::All, healthy, never);
-        let more = config(&TWO.replace(
-            "{address: 127.0.2.1}",
-            "{address: 127.0.2.1}, {address: 127.0.2.2}",
-        ));
+        let moved = config(&TWO.replace("{address: 127.0.2.1}", "{address: 127.0.2.2}"));
         let mut dirty = Dirty::default();
         dirty.mark("b");
-        let r = cache.refresh(&more, 1, &mut dirty, healthy, never);
+        let r = cache.refresh(&moved, 1, &mut dirty, healthy, never);
         assert_eq!(r.services, ["b"]);
-        assert!(!r.tables_only(&cache));
+        assert_eq!(
+            r.dropped_targets(&cache),
+            Some(vec![
+                "127.0.2.1:80".parse().unwrap(),
+                "127.0.2.1:81".parse().unwrap()
+            ])
+        );
         assert_eq!(cache.position("b"), Some(1));
+        // A port more is a frontend more: not for the scoped path.
+        let wider = config(&TWO.replace("{number: 81}", "{number: 81}, {number: 82}"));
+        let mut dirty = Dirty::default();
+        dirty.mark("b");
+        let r = cache.refresh(&wider, 2, &mut dirty, healthy, never);
+        assert_eq!(r.dropped_targets(&cache), None);
     }
 
     #[test]

@@ -356,19 +356,28 @@ impl Agent {
             self.publish("tier-changed", &service, None, detail);
         }
         let reconciling = Instant::now();
-        // A change to tables only (health, ejection, weights) goes through the
-        // reconciler's fast path, which costs the services re-planned, not all of them.
-        let fast = if refreshed.services.is_empty() || !refreshed.tables_only(&self.plans) {
+        // A change that keeps every service's frontends (health, ejection, weights, an
+        // endpoint moved) goes through the reconciler's scoped path, which costs the
+        // services re-planned, not all of them.
+        let dropped = if refreshed.services.is_empty() {
             None
         } else {
-            let changed: Vec<usize> = refreshed
-                .services
-                .iter()
-                .filter_map(|service| self.plans.position(service))
-                .collect();
-            self.reconciler
-                .apply_tables(&mut self.dataplane, self.plans.desired(), &changed)
+            refreshed.dropped_targets(&self.plans)
         };
+        let changed: Vec<usize> = refreshed
+            .services
+            .iter()
+            .filter_map(|service| self.plans.position(service))
+            .collect();
+        let fast = dropped.and_then(|dropped| {
+            self.reconciler.apply_services(
+                &mut self.dataplane,
+                self.plans.desired(),
+                &changed,
+                &dropped,
+                Instant::now(),
+            )
+        });
         let fast_path = fast.is_some();
         let report = fast.unwrap_or_else(|| {
             self.reconciler
@@ -393,9 +402,23 @@ impl Agent {
         }
         self.note_refusals(report.refused);
         if fast_path {
-            // No frontend or backend came or went: the ids are the ones mapped already.
+            // No frontend came or went; the changed services' backends may be new.
+            let desired = self.plans.desired();
+            for backend in changed
+                .iter()
+                .flat_map(|&at| desired.services[at].backends.iter())
+            {
+                if let Some(id) = self.reconciler.backend_id(backend) {
+                    self.backend_of_id.insert(id, *backend);
+                }
+            }
             return;
         }
+        self.index_ids();
+    }
+
+    /// Which service and backend each kernel id names, for kernel events.
+    fn index_ids(&mut self) {
         self.service_of_id = self
             .plans
             .iter()
@@ -406,6 +429,24 @@ impl Agent {
             .backend_ids()
             .map(|(addr, id)| (id, addr))
             .collect();
+    }
+
+    /// Clears the backend ids whose release delay is over; a service refused for want of
+    /// ids gets a full apply, which may admit it now.
+    fn release_backends(&mut self) {
+        if self.reconciler.has_refusals() {
+            self.apply();
+            return;
+        }
+        match self.reconciler.release_expired(
+            &mut self.dataplane,
+            self.plans.desired(),
+            Instant::now(),
+        ) {
+            Ok(0) => {}
+            Ok(_) => self.index_ids(),
+            Err(e) => error!(error = %e, "could not release a backend id; retrying"),
+        }
     }
 
     /// Logs and publishes what changed in which services the maps have no room for.
@@ -1492,7 +1533,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = poll.tick(), if !agent.config_watched && agent.config_path.is_some() => {
                 agent.poll_config();
             }
-            _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.apply(),
+            _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.release_backends(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
