@@ -34,7 +34,7 @@
 //! runs on: a cluster spanning regions is rare, and reading every Node to learn it would
 //! cost every agent a watch of all Nodes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -42,7 +42,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt as _;
 use serde_json::{json, Value};
 
-use super::failover_service::{FailoverService, FailoverServiceSpec, KubeServiceRef};
+use super::failover_service::{FailoverService, FailoverServiceSpec};
+use super::index::{label, FailoverKey, FastMap, Index, Touched};
 use super::labels;
 use super::objects::{WatchedEndpoint, WatchedService, WatchedSlice};
 use crate::config::{self, Config, Locality, NodeConfig, ObjectName, ServiceConfig, ServiceOrigin};
@@ -100,22 +101,26 @@ fn locality(region: String, zone: String) -> Locality {
 /// Builds the model from `inventory`, from scratch. See the module invariants.
 #[must_use]
 pub fn build(inventory: &Inventory) -> Built {
-    Model::default().build(inventory)
+    let mut model = Model::new(inventory.cluster.clone());
+    model.sync(inventory);
+    model.build()
 }
 
-/// The model, rebuilt per change with what did not change reused.
+/// The model, kept up to date from the watch events, with what did not change reused.
 ///
-/// A FailoverService's services depend on a known set of objects: itself, its backing
-/// Services and their (own or mirrored) slices, the Services it takes over, its VIP
-/// Service, the node's locality and the cluster's name. [`Model::build`] fingerprints
-/// those by `resourceVersion` and reuses the services it derived last time when the
-/// fingerprint is the same, so one EndpointSlice change re-derives only the
-/// FailoverServices that read it. Objects without a `resourceVersion` (never the case
-/// for objects from an API server) are never reused. Assembly across FailoverServices
-/// (who keeps a VIP:port) runs on every build: it depends on all of them.
+/// The [`Index`] files each object as it arrives and marks the FailoverServices that
+/// read it touched; [`Model::build`] re-derives only those. A touched FailoverService's
+/// inputs (itself, its backing Services and their own or mirrored slices, the Services
+/// it takes over, its VIP Service, the node's locality and the cluster's name) are also
+/// fingerprinted by `resourceVersion`, so one whose inputs came back unchanged (a
+/// relist) reuses what it gave last time. Objects without a `resourceVersion` (never
+/// the case for objects from an API server) are never reused. Assembly across
+/// FailoverServices (who keeps a VIP:port) runs on every build, in precedence order:
+/// it depends on all of them, and costs a pass over their services, not a re-index.
 #[derive(Debug, Default)]
 pub struct Model {
-    derived: HashMap<String, Derived>,
+    index: Index,
+    derived: FastMap<FailoverKey, Derived>,
 }
 
 /// What one FailoverService gave last time, and from which inputs.
@@ -127,42 +132,92 @@ struct Derived {
 }
 
 impl Model {
-    /// Builds the model from `inventory`. See the module invariants.
-    pub fn build(&mut self, inventory: &Inventory) -> Built {
-        let index = Index::new(inventory);
-        let node = NodeConfig {
-            locality: node_locality(&inventory.node_labels),
+    /// An empty model for the agent's cluster `cluster` (see [`Inventory::cluster`]).
+    #[must_use]
+    pub fn new(cluster: String) -> Self {
+        Self {
+            index: Index::new(cluster),
+            derived: FastMap::default(),
+        }
+    }
+
+    /// How many FailoverServices the index holds.
+    #[must_use]
+    pub fn failover_services(&self) -> usize {
+        self.index.order.len()
+    }
+
+    /// The index the watch events go to.
+    pub fn index_mut(&mut self) -> &mut Index {
+        &mut self.index
+    }
+
+    /// Makes the index hold exactly `inventory` (as relists of every kind would).
+    pub fn sync(&mut self, inventory: &Inventory) {
+        assert_eq!(
+            inventory.cluster, self.index.cluster,
+            "a model is for one cluster"
+        );
+        self.index.set_node_labels(inventory.node_labels.clone());
+        self.index
+            .replace_failover_services(inventory.failover_services.clone());
+        self.index.replace_services(inventory.services.clone());
+        self.index.replace_slices(inventory.slices.clone());
+    }
+
+    /// The model from what the index holds. See the module invariants.
+    pub fn build(&mut self) -> Built {
+        let touched: Vec<FailoverKey> = match self.index.take_touched() {
+            Touched::All => {
+                // Those derived last time (some may be gone) and those there now.
+                let mut all: Vec<FailoverKey> = self
+                    .derived
+                    .keys()
+                    .cloned()
+                    .chain(self.index.order.iter().map(|(_, key)| key.clone()))
+                    .collect();
+                all.sort_unstable();
+                all.dedup();
+                all
+            }
+            Touched::These(keys) => keys.into_iter().collect(),
         };
-        let mut ordered: Vec<&Arc<FailoverService>> = inventory.failover_services.iter().collect();
-        // Borrowed keys: at 10,000 FailoverServices, allocating in the comparator
-        // cost more than all the rest of a rebuild that reuses everything.
-        ordered.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-        let mut derived = HashMap::with_capacity(ordered.len());
+        let node = NodeConfig {
+            locality: node_locality(&self.index.node_labels),
+        };
+        let index = &self.index;
         let mut fresh = 0;
-        let mut problems = Vec::new();
-        let mut candidates: Vec<Arc<ServiceConfig>> = Vec::with_capacity(ordered.len());
-        for fos in ordered {
-            let id = format!("{}/{}", fos.namespace().unwrap_or_default(), fos.name_any());
-            let fingerprint = index.fingerprint(fos, &node.locality);
+        for key in touched {
+            let Some(fos) = index.failover_services.get(&key.0, &key.1) else {
+                // Gone: forgotten.
+                self.derived.remove(&key);
+                continue;
+            };
+            let fingerprint = fingerprint(index, fos, &node.locality);
             let reused = self
                 .derived
-                .remove(&id)
-                .filter(|last| fingerprint.is_some() && last.fingerprint == fingerprint);
-            let entry = reused.unwrap_or_else(|| {
+                .get(&key)
+                .is_some_and(|last| fingerprint.is_some() && last.fingerprint == fingerprint);
+            if !reused {
                 fresh += 1;
-                derive(&index, fos, &node.locality, fingerprint)
-            });
+                self.derived
+                    .insert(key, derive(index, fos, &node.locality, fingerprint));
+            }
+        }
+        let mut problems = Vec::new();
+        let mut candidates: Vec<Arc<ServiceConfig>> = Vec::with_capacity(index.order.len());
+        for (_, key) in &index.order {
+            let Some(entry) = self.derived.get(key) else {
+                continue;
+            };
             for message in &entry.problems {
                 problems.push(Problem {
-                    failover_service: id.clone(),
+                    failover_service: format!("{}/{}", key.0, key.1),
                     message: message.clone(),
                 });
             }
             candidates.extend(entry.services.iter().cloned());
-            derived.insert(id, entry);
         }
-        // FailoverServices that are gone are forgotten.
-        self.derived = derived;
         let (config, left_out) = config::assemble(node, candidates);
         for (service, error) in left_out {
             // Which FailoverService it came from, as the service itself records.
@@ -185,18 +240,9 @@ impl Model {
     }
 }
 
-/// Age first (the older keeps a contested VIP:port), then namespace and name.
-fn sort_key(fos: &FailoverService) -> (Option<k8s_openapi::jiff::Timestamp>, &str, &str) {
-    (
-        fos.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        fos.metadata.namespace.as_deref().unwrap_or_default(),
-        fos.metadata.name.as_deref().unwrap_or_default(),
-    )
-}
-
 /// One FailoverService's services and problems, derived afresh.
 fn derive(
-    index: &Index<'_>,
+    index: &Index,
     fos: &FailoverService,
     node: &Locality,
     fingerprint: Option<u64>,
@@ -223,23 +269,6 @@ fn derive(
         services,
         problems,
     }
-}
-
-/// Rebuilt per watch event over every Service and slice: hashed with foldhash.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-/// The inventory, indexed for lookups by name.
-struct Index<'a> {
-    cluster: &'a str,
-    /// By (namespace, name).
-    services: FastMap<(&'a str, &'a str), &'a WatchedService>,
-    /// The Service the controller made for a FailoverService, by (namespace, name of
-    /// the FailoverService).
-    vip_services: FastMap<(&'a str, &'a str), &'a WatchedService>,
-    /// The cluster's own slices, by (namespace, Service name).
-    local_slices: FastMap<(&'a str, &'a str), Vec<&'a WatchedSlice>>,
-    /// Mirrored slices, by (cluster, namespace, Service name).
-    mirrored_slices: FastMap<(&'a str, &'a str, &'a str), Vec<&'a WatchedSlice>>,
 }
 
 /// The inputs of one FailoverService, hashed in the order they are read. foldhash, not
@@ -286,107 +315,39 @@ struct Chosen {
     cluster: String,
 }
 
-impl<'a> Index<'a> {
-    fn new(inventory: &'a Inventory) -> Self {
-        let mut index = Self {
-            cluster: &inventory.cluster,
-            services: FastMap::default(),
-            vip_services: FastMap::default(),
-            local_slices: FastMap::default(),
-            mirrored_slices: FastMap::default(),
+/// A hash of every input `fos`'s services are derived from (see [`Model`]), or `None`
+/// when one of them has no `resourceVersion` to tell its versions apart.
+fn fingerprint(index: &Index, fos: &FailoverService, node: &Locality) -> Option<u64> {
+    let mut inputs = Fingerprint::default();
+    inputs.object(&fos.metadata)?;
+    inputs.value(&index.cluster);
+    inputs.value(node);
+    let namespace = fos.metadata.namespace.as_deref().unwrap_or_default();
+    let name = fos.metadata.name.as_deref().unwrap_or_default();
+    inputs.service(index.vip_service(namespace, name))?;
+    for backing in &fos.spec.backing_services {
+        let backing = &backing.kube_service;
+        let slices = if index.is_local(backing) {
+            inputs.service(index.service(&backing.namespace, &backing.name))?;
+            index.local_slices(&backing.namespace, &backing.name)
+        } else {
+            let cluster = backing.cluster_name.as_deref().unwrap_or_default();
+            index.mirrored_slices(cluster, &backing.namespace, &backing.name)
         };
-        for service in &inventory.services {
-            let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
-            let name = service.metadata.name.as_deref().unwrap_or_default();
-            index.services.insert((namespace, name), service);
-            if let Some(owner) = label(&service.metadata.labels, labels::FAILOVER_SERVICE) {
-                index.vip_services.insert((namespace, owner), service);
-            }
+        inputs.value(&slices.map_or(0, BTreeMap::len));
+        for slice in slices.into_iter().flat_map(BTreeMap::values) {
+            inputs.object(&slice.metadata)?;
         }
-        for slice in &inventory.slices {
-            let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
-            let tags = &slice.metadata.labels;
-            if label(tags, labels::MANAGED_BY) == Some(labels::CONTROLLER) {
-                if let (Some(cluster), Some(ns), Some(name)) = (
-                    label(tags, labels::CLUSTER),
-                    label(tags, labels::SERVICE_NAMESPACE),
-                    label(tags, labels::SERVICE_NAME),
-                ) {
-                    index
-                        .mirrored_slices
-                        .entry((cluster, ns, name))
-                        .or_default()
-                        .push(slice);
-                }
-            } else if let Some(name) = label(tags, labels::KUBE_SERVICE_NAME) {
-                index
-                    .local_slices
-                    .entry((namespace, name))
-                    .or_default()
-                    .push(slice);
-            }
-        }
-        // Slices in name order, so that the model does not depend on watch order.
-        for slices in index
-            .local_slices
-            .values_mut()
-            .chain(index.mirrored_slices.values_mut())
-        {
-            slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        }
-        index
     }
-
-    /// A hash of every input `fos`'s services are derived from (see [`Model`]), or
-    /// `None` when one of them has no `resourceVersion` to tell its versions apart.
-    fn fingerprint(&self, fos: &FailoverService, node: &Locality) -> Option<u64> {
-        let mut inputs = Fingerprint::default();
-        inputs.object(&fos.metadata)?;
-        inputs.value(&self.cluster);
-        inputs.value(node);
-        let namespace = fos.namespace().unwrap_or_default();
-        let name = fos.name_any();
-        let vip_service = self.vip_services.get(&(namespace.as_str(), name.as_str()));
-        inputs.value(&vip_service.is_some());
-        if let Some(vip_service) = vip_service {
-            inputs.object(&vip_service.metadata)?;
-        }
-        for backing in &fos.spec.backing_services {
-            let backing = &backing.kube_service;
-            let slices = if self.is_local(backing) {
-                let key = (backing.namespace.as_str(), backing.name.as_str());
-                inputs.service(self.services.get(&key).copied())?;
-                self.local_slices.get(&key)
-            } else {
-                let cluster = backing.cluster_name.as_deref().unwrap_or_default();
-                self.mirrored_slices.get(&(
-                    cluster,
-                    backing.namespace.as_str(),
-                    backing.name.as_str(),
-                ))
-            };
-            inputs.value(&slices.map_or(0, Vec::len));
-            for slice in slices.into_iter().flatten() {
-                inputs.object(&slice.metadata)?;
-            }
-        }
-        for take_over in &fos.spec.take_over {
-            let key = (
-                take_over.service.namespace.as_str(),
-                take_over.service.name.as_str(),
-            );
-            inputs.service(self.services.get(&key).copied())?;
-        }
-        Some(inputs.finish())
+    for take_over in &fos.spec.take_over {
+        let target = &take_over.service;
+        inputs.service(index.service(&target.namespace, &target.name))?;
     }
+    Some(inputs.finish())
+}
 
-    fn is_local(&self, backing: &KubeServiceRef) -> bool {
-        backing
-            .cluster_name
-            .as_deref()
-            .is_none_or(|cluster| cluster == self.cluster)
-    }
-
+/// Reading the index: what one FailoverService gives.
+impl Index {
     /// The model services of one FailoverService, in the file's schema, each with the
     /// Service it takes over (`None` for the one on the FailoverService's own VIP).
     fn documents(
@@ -436,10 +397,7 @@ impl<'a> Index<'a> {
         }
         for take_over in &spec.take_over {
             let target = &take_over.service;
-            let Some(service) = self
-                .services
-                .get(&(target.namespace.as_str(), target.name.as_str()))
-            else {
+            let Some(service) = self.service(&target.namespace, &target.name) else {
                 problem(format!(
                     "takeOver: Service {}/{} does not exist",
                     target.namespace, target.name
@@ -481,7 +439,7 @@ impl<'a> Index<'a> {
         if let Some(vip) = spec_vip.and_then(|vip| vip.parse().ok()) {
             return vec![vip];
         }
-        if let Some(service) = self.vip_services.get(&(namespace, name)) {
+        if let Some(service) = self.vip_service(namespace, name) {
             let ips = cluster_ips(service);
             if !ips.is_empty() {
                 return ips;
@@ -507,8 +465,7 @@ impl<'a> Index<'a> {
             let backing = &backing.kube_service;
             let priority = u32::try_from(priority).unwrap_or(u32::MAX);
             let (cluster, slices, port_name) = if self.is_local(backing) {
-                let key = (backing.namespace.as_str(), backing.name.as_str());
-                let Some(service) = self.services.get(&key) else {
+                let Some(service) = self.service(&backing.namespace, &backing.name) else {
                     problem(format!(
                         "backingServices[{priority}]: Service {}/{} does not exist in this cluster",
                         backing.namespace, backing.name
@@ -522,19 +479,18 @@ impl<'a> Index<'a> {
                     ));
                     continue;
                 };
-                let slices = self.local_slices.get(&key);
-                (self.cluster.to_owned(), slices, port_name)
+                let slices = self.local_slices(&backing.namespace, &backing.name);
+                (self.cluster.clone(), slices, port_name)
             } else {
                 let cluster = backing.cluster_name.as_deref().unwrap_or_default();
-                let key = (cluster, backing.namespace.as_str(), backing.name.as_str());
-                let slices = self.mirrored_slices.get(&key);
+                let slices = self.mirrored_slices(cluster, &backing.namespace, &backing.name);
                 (
                     cluster.to_owned(),
                     slices,
                     labels::port_name(spec.port.number),
                 )
             };
-            for slice in slices.into_iter().flatten() {
+            for slice in slices.into_iter().flat_map(BTreeMap::values) {
                 let Some(port) = slice
                     .ports
                     .iter()
@@ -606,10 +562,6 @@ fn condition(endpoint: &WatchedEndpoint) -> Condition {
     } else {
         Condition::Out
     }
-}
-
-fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
-    labels.as_ref()?.get(key).map(String::as_str)
 }
 
 fn cluster_ips(service: &WatchedService) -> Vec<IpAddr> {
@@ -1129,6 +1081,12 @@ mod tests {
         );
     }
 
+    /// The model after relists of everything `inventory` holds.
+    fn rebuild(model: &mut Model, inventory: &Inventory) -> Built {
+        model.sync(inventory);
+        model.build()
+    }
+
     /// `count` FailoverServices `svcN`, each over its own Service and one slice, every
     /// object with a resourceVersion as an API server gives it.
     fn versioned_inventory(count: usize) -> Inventory {
@@ -1179,19 +1137,19 @@ mod tests {
     #[test]
     fn a_change_rederives_only_the_failover_services_that_read_it() {
         let mut inventory = versioned_inventory(3);
-        let mut model = Model::default();
-        let first = model.build(&inventory);
+        let mut model = Model::new("kind1".into());
+        let first = rebuild(&mut model, &inventory);
         assert_eq!(first.derived, 3);
         assert_eq!(first.config.services.len(), 3);
 
         // Nothing changed: everything is reused, and is what a fresh build gives.
-        let again = model.build(&inventory);
+        let again = rebuild(&mut model, &inventory);
         assert_eq!(again.derived, 0);
         assert_eq!(again.config, build(&inventory).config);
 
         // One slice changes: only its FailoverService is derived again.
         inventory.slices[1] = versioned_slice("svc1", "2", false);
-        let changed = model.build(&inventory);
+        let changed = rebuild(&mut model, &inventory);
         assert_eq!(changed.derived, 1);
         assert_eq!(changed.config, build(&inventory).config);
         assert_ne!(changed.config, first.config);
@@ -1206,16 +1164,16 @@ mod tests {
         inventory
             .node_labels
             .insert(labels::ZONE.into(), "us-east1-c".into());
-        assert_eq!(model.build(&inventory).derived, 3);
+        assert_eq!(rebuild(&mut model, &inventory).derived, 3);
 
         // A backing Service that goes away is seen, and a FailoverService that goes is
         // forgotten.
         inventory.services.remove(2);
-        let gone = model.build(&inventory);
+        let gone = rebuild(&mut model, &inventory);
         assert_eq!(gone.derived, 1);
         assert_eq!(gone.config, build(&inventory).config);
         inventory.failover_services.remove(0);
-        let fewer = model.build(&inventory);
+        let fewer = rebuild(&mut model, &inventory);
         assert_eq!((fewer.derived, fewer.config.services.len()), (0, 2));
         assert_eq!(fewer.config, build(&inventory).config);
     }
@@ -1226,8 +1184,204 @@ mod tests {
         let mut slice = (*inventory.slices[0]).clone();
         slice.metadata.resource_version = None;
         inventory.slices[0] = Arc::new(slice);
-        let mut model = Model::default();
-        assert_eq!(model.build(&inventory).derived, 2);
-        assert_eq!(model.build(&inventory).derived, 1);
+        let mut model = Model::new("kind1".into());
+        assert_eq!(rebuild(&mut model, &inventory).derived, 2);
+        assert_eq!(rebuild(&mut model, &inventory).derived, 1);
+    }
+
+    /// Events for a small world of FailoverServices, Services and slices, each object
+    /// in a few versions, so that keys collide, objects move between keys and come and
+    /// go: `(kind, which, version)`; version 0 deletes.
+    mod incremental {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        pub(super) enum Event {
+            FailoverService(usize, usize),
+            Service(usize, usize),
+            Slice(usize, usize),
+            Node(usize),
+            Build,
+        }
+
+        pub(super) fn event() -> impl Strategy<Value = Event> {
+            prop_oneof![
+                (0..3usize, 0..5usize).prop_map(|(i, v)| Event::FailoverService(i, v)),
+                (0..5usize, 0..5usize).prop_map(|(i, v)| Event::Service(i, v)),
+                (0..6usize, 0..6usize).prop_map(|(i, v)| Event::Slice(i, v)),
+                (0..2usize).prop_map(Event::Node),
+                Just(Event::Build),
+            ]
+        }
+
+        fn meta(name: &str, namespace: &str, version: u64, labels: Value) -> Value {
+            json!({"name": name, "namespace": namespace, "uid": format!("uid-{namespace}-{name}"),
+                   "resourceVersion": version.to_string(),
+                   "creationTimestamp": "2026-11-30T07:00:00Z", "labels": labels})
+        }
+
+        /// FailoverService `f{i}` in version `v`: which Services back it, in which
+        /// clusters, what it takes over, and whether it has its own VIP.
+        pub(super) fn failover_service(i: usize, v: usize, rv: u64) -> Arc<FailoverService> {
+            let backing = |service: usize, cluster: Option<&str>| {
+                let mut service = json!({"name": format!("s{service}"), "namespace": "default"});
+                if let Some(cluster) = cluster {
+                    service["clusterName"] = json!(cluster);
+                }
+                json!({"kubeService": service})
+            };
+            let (backing, take_over, vip) = match v {
+                1 => (vec![backing(i, None)], vec![], true),
+                2 => (
+                    vec![backing(i, None), backing(i, Some("kind2"))],
+                    vec![],
+                    true,
+                ),
+                3 => (
+                    vec![
+                        backing((i + 1) % 3, Some("kind2")),
+                        backing(i, Some("kind1")),
+                    ],
+                    vec![(i + 1) % 3],
+                    false,
+                ),
+                _ => (vec![backing(2, None)], vec![3], false),
+            };
+            let mut spec = json!({
+                "hostname": format!("f{i}.default.global"),
+                "port": {"number": 80, "protocol": "tcp"},
+                "backingServices": backing,
+                "takeOver": take_over.iter().map(|t| json!({"service": {"name": format!("s{t}"), "namespace": "default"}, "ports": [80]})).collect::<Vec<_>>(),
+            });
+            if vip {
+                spec["virtualIP"] = json!(format!("10.96.0.{}", i + 1));
+            }
+            object(json!({
+                "apiVersion": "failover.detour.io/v1alpha1", "kind": "FailoverService",
+                "metadata": meta(&format!("f{i}"), "default", rv, json!({})),
+                "spec": spec,
+            }))
+        }
+
+        /// Service `s{i}` in version `v`: its port's name and ClusterIP change, and the
+        /// Service can be (or stop being) a FailoverService's VIP Service.
+        pub(super) fn service(i: usize, v: usize, rv: u64) -> Arc<WatchedService> {
+            let labels = match v {
+                3 => json!({labels::FAILOVER_SERVICE: format!("f{}", i % 3)}),
+                4 => json!({labels::FAILOVER_SERVICE: format!("f{}", (i + 1) % 3)}),
+                _ => json!({}),
+            };
+            let port_name = if v == 2 { "web" } else { "http" };
+            let ip = format!("10.96.1.{}", 10 * i + v);
+            object(json!({
+                "metadata": meta(&format!("s{i}"), "default", rv, labels),
+                "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": port_name, "port": 80}]},
+            }))
+        }
+
+        /// Slice `e{i}` in version `v`: whose it is (local for `s0`..`s2`, or mirrored
+        /// from kind2), and its endpoints.
+        pub(super) fn slice(i: usize, v: usize, rv: u64) -> Arc<WatchedSlice> {
+            let service = (i + v) % 3;
+            let (namespace, labels, port_name) = if v.is_multiple_of(2) {
+                (
+                    "default",
+                    json!({labels::KUBE_SERVICE_NAME: format!("s{service}")}),
+                    "http".to_owned(),
+                )
+            } else {
+                (
+                    "detour-system",
+                    json!({
+                        labels::MANAGED_BY: labels::CONTROLLER,
+                        labels::CLUSTER: "kind2",
+                        labels::SERVICE_NAME: format!("s{service}"),
+                        labels::SERVICE_NAMESPACE: "default",
+                        labels::REGION: "us-west1",
+                    }),
+                    labels::port_name(80),
+                )
+            };
+            object(json!({
+                "metadata": meta(&format!("e{i}"), namespace, rv, labels),
+                "addressType": "IPv4",
+                "ports": [{"name": port_name, "port": 8080, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": [format!("10.1.{i}.{v}")], "zone": "us-east1-b", "conditions": {"ready": v != 5}},
+                    {"addresses": [format!("10.2.{i}.1")], "zone": "us-east1-c"},
+                ],
+            }))
+        }
+
+        pub(super) fn node(v: usize) -> BTreeMap<String, String> {
+            let mut labels = node_labels();
+            if v == 1 {
+                labels.insert(labels::ZONE.into(), "us-east1-c".into());
+            }
+            labels
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the events and wherever a model is built in between, the model kept
+        /// up to date from them is the one built from scratch from what they leave.
+        #[test]
+        fn a_model_kept_from_events_is_the_model_built_from_scratch(
+            events in proptest::collection::vec(incremental::event(), 1..60),
+        ) {
+            use incremental::Event;
+            let mut model = Model::new("kind1".into());
+            model.index_mut().set_node_labels(node_labels());
+            let mut world = Inventory { cluster: "kind1".into(), node_labels: node_labels(), ..Inventory::default() };
+            let (mut fos, mut services, mut slices) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+            let mut rv = 0u64;
+            for event in events {
+                rv += 1;
+                let index = model.index_mut();
+                match event {
+                    Event::FailoverService(i, 0) => { index.delete_failover_service("default", &format!("f{i}")); fos.remove(&i); }
+                    Event::FailoverService(i, v) => { let o = incremental::failover_service(i, v, rv); index.apply_failover_service(o.clone()); fos.insert(i, o); }
+                    Event::Service(i, 0) => { index.delete_service("default", &format!("s{i}")); services.remove(&i); }
+                    Event::Service(i, v) => { let o = incremental::service(i, v, rv); index.apply_service(o.clone()); services.insert(i, o); }
+                    Event::Slice(i, 0) => {
+                        if let Some(old) = slices.remove(&i) {
+                            let old: &Arc<WatchedSlice> = &old;
+                            index.delete_slice(old.metadata.namespace.as_deref().unwrap_or_default(), &format!("e{i}"));
+                        }
+                    }
+                    Event::Slice(i, v) => {
+                        let o = incremental::slice(i, v, rv);
+                        // A slice's namespace never changes: a "move" to another
+                        // namespace is a delete and a create, as the API server sees it.
+                        if let Some(old) = slices.get(&i) {
+                            let old: &Arc<WatchedSlice> = old;
+                            if old.metadata.namespace != o.metadata.namespace {
+                                index.delete_slice(old.metadata.namespace.as_deref().unwrap_or_default(), &format!("e{i}"));
+                            }
+                        }
+                        index.apply_slice(o.clone());
+                        slices.insert(i, o);
+                    }
+                    Event::Node(v) => { index.set_node_labels(incremental::node(v)); world.node_labels = incremental::node(v); }
+                    Event::Build => {}
+                }
+                world.failover_services = fos.values().cloned().collect();
+                world.services = services.values().cloned().collect();
+                world.slices = slices.values().cloned().collect();
+                if matches!(event, Event::Build) {
+                    let kept = model.build();
+                    let fresh = build(&world);
+                    proptest::prop_assert_eq!(&kept.config, &fresh.config);
+                    proptest::prop_assert_eq!(kept.problems, fresh.problems);
+                }
+            }
+            let kept = model.build();
+            let fresh = build(&world);
+            proptest::prop_assert_eq!(&kept.config, &fresh.config);
+            proptest::prop_assert_eq!(kept.problems, fresh.problems);
+            // Nothing touched since: nothing derived again.
+            proptest::prop_assert_eq!(model.build().derived, 0);
+        }
     }
 }

@@ -1,13 +1,13 @@
 //! The agent's watches on its own cluster: FailoverServices, Services, EndpointSlices
 //! (the cluster's own and those `detour controller` mirrors) and its own Node. Each
-//! change becomes a new model ([`model::build`]) handed to the agent's loop.
+//! change goes into the model's index and becomes a new model handed to the agent's loop.
 //!
 //! Invariants (fail-static):
 //! - nothing is handed over before every watch has listed once: until then the agent
 //!   keeps serving what its pinned maps hold (an agent restarted while its API server is
 //!   down keeps serving);
-//! - the stores are kube-runtime reflectors, which swap in a relisted set only when the
-//!   list is complete (`InitDone`), so a relist (a 410 after etcd compaction, a
+//! - a relisted set is swapped in only when the list is complete (`InitDone`), as
+//!   kube-runtime's reflectors do, so a relist (a 410 after etcd compaction, a
 //!   reconnect) never empties a table in between: what is still missing once the new
 //!   list is complete is removed, nothing else;
 //! - a watch that fails keeps its last state and retries with client-go's backoff
@@ -15,20 +15,20 @@
 //! - the agent writes nothing to the API server: what only a node knows goes to its
 //!   metrics and CLI.
 //!
-//! Each model reuses what did not change (see [`Model`]): an EndpointSlice change
-//! re-derives only the FailoverServices that read that slice.
+//! Each event goes to the model's [`Index`] as it arrives; a model then re-derives only
+//! the FailoverServices that read what changed (see [`Model`]).
 //!
 //! Changes are coalesced: whatever arrived while a model was being built or handed over
 //! goes into the next one, and the hand-over channel holds one model, so a slow agent
 //! loop sees the latest state, never a queue of stale ones.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client, Resource};
 use tokio::sync::mpsc;
@@ -36,7 +36,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::failover_service::FailoverService;
-use super::model::{Built, Inventory, Model};
+use super::index::Index;
+use super::model::{Built, Model};
 use super::objects::{slim_metadata, WatchedService, WatchedSlice};
 
 /// What the agent needs to know to watch.
@@ -56,15 +57,139 @@ pub struct Update {
     pub first_sync: Option<Duration>,
 }
 
-/// Which watch an event came from, and whether it completed a list.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    watch: usize,
-    listed: bool,
-    changed: bool,
+/// One event of one of the watches.
+enum Seen {
+    // Boxed: a Node and a FailoverService are large next to the slim types.
+    FailoverService(Box<watcher::Event<FailoverService>>),
+    Service(watcher::Event<WatchedService>),
+    Slice(watcher::Event<WatchedSlice>),
+    Node(Box<watcher::Event<Node>>),
 }
 
 const WATCHES: [&str; 4] = ["failoverservices", "services", "endpointslices", "node"];
+
+/// A kind the index files: how an event of it lands there.
+trait Indexed: Resource + Sized {
+    fn apply(index: &mut Index, object: Arc<Self>);
+    fn delete(index: &mut Index, object: &Self);
+    fn replace(index: &mut Index, listed: Vec<Arc<Self>>);
+}
+
+fn names(object: &impl Resource) -> (&str, &str) {
+    let meta = object.meta();
+    (
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+impl Indexed for FailoverService {
+    fn apply(index: &mut Index, object: Arc<Self>) {
+        index.apply_failover_service(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        let (namespace, name) = names(object);
+        index.delete_failover_service(namespace, name);
+    }
+    fn replace(index: &mut Index, listed: Vec<Arc<Self>>) {
+        index.replace_failover_services(listed);
+    }
+}
+
+impl Indexed for WatchedService {
+    fn apply(index: &mut Index, object: Arc<Self>) {
+        index.apply_service(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        let (namespace, name) = names(object);
+        index.delete_service(namespace, name);
+    }
+    fn replace(index: &mut Index, listed: Vec<Arc<Self>>) {
+        index.replace_services(listed);
+    }
+}
+
+impl Indexed for WatchedSlice {
+    fn apply(index: &mut Index, object: Arc<Self>) {
+        index.apply_slice(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        let (namespace, name) = names(object);
+        index.delete_slice(namespace, name);
+    }
+    fn replace(index: &mut Index, listed: Vec<Arc<Self>>) {
+        index.replace_slices(listed);
+    }
+}
+
+/// One watch's progress: whether it has listed once, and the relist under way.
+struct Progress<K> {
+    listed: bool,
+    /// Objects of a relist, held until it is complete (`InitDone`): only then does the
+    /// index swap to it, so a relist never empties a table in between.
+    relist: Option<Vec<Arc<K>>>,
+}
+
+impl<K> Default for Progress<K> {
+    fn default() -> Self {
+        Self {
+            listed: false,
+            relist: None,
+        }
+    }
+}
+
+impl<K> Progress<K> {
+    /// Takes one event; returns a complete relist, or the object of a single change.
+    fn take(&mut self, event: watcher::Event<K>) -> Step<K> {
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(Vec::new());
+                Step::Nothing
+            }
+            watcher::Event::InitApply(object) => {
+                self.relist
+                    .get_or_insert_with(Vec::new)
+                    .push(Arc::new(object));
+                Step::Nothing
+            }
+            watcher::Event::InitDone => {
+                self.listed = true;
+                Step::Listed(self.relist.take().unwrap_or_default())
+            }
+            watcher::Event::Apply(object) => Step::Apply(Arc::new(object)),
+            watcher::Event::Delete(object) => Step::Delete(object),
+        }
+    }
+}
+
+enum Step<K> {
+    Nothing,
+    Listed(Vec<Arc<K>>),
+    Apply(Arc<K>),
+    Delete(K),
+}
+
+impl<K: Indexed> Progress<K> {
+    /// Takes one event into `index`; returns whether something may have changed.
+    fn index(&mut self, event: watcher::Event<K>, index: &mut Index) -> bool {
+        match self.take(event) {
+            Step::Nothing => false,
+            Step::Listed(listed) => {
+                K::replace(index, listed);
+                true
+            }
+            Step::Apply(object) => {
+                K::apply(index, object);
+                true
+            }
+            Step::Delete(object) => {
+                K::delete(index, &object);
+                true
+            }
+        }
+    }
+}
 
 /// Starts the watches; models go to `updates` until it is closed.
 pub fn spawn(client: Client, options: Options, updates: mpsc::Sender<Update>) -> JoinHandle<()> {
@@ -75,36 +200,63 @@ fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     index: usize,
-) -> (Store<K>, BoxStream<'static, Option<Seen>>)
+    seen: fn(watcher::Event<K>) -> Seen,
+) -> BoxStream<'static, Seen>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
+    watcher(api, config)
         .default_backoff()
-        // Stored for as long as the object lives, on every node: only what is read.
+        // Held for as long as the object lives, on every node: only what is read.
         .modify(|object| slim_metadata(object.meta_mut()))
-        .reflect(writer)
-        .map(move |event| match event {
-            Ok(watcher::Event::InitDone) => Some(Seen {
-                watch: index,
-                listed: true,
-                changed: true,
-            }),
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Some(Seen {
-                watch: index,
-                listed: false,
-                changed: true,
-            }),
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
-            Err(error) => {
-                warn!(watch = WATCHES[index], %error, "watch failed; keeping the last state and retrying");
-                None
-            }
+        .filter_map(move |event| {
+            futures::future::ready(match event {
+                Ok(event) => Some(seen(event)),
+                Err(error) => {
+                    warn!(watch = WATCHES[index], %error, "watch failed; keeping the last state and retrying");
+                    None
+                }
+            })
         })
-        .boxed();
-    (reader, stream)
+        .boxed()
+}
+
+#[derive(Default)]
+struct Watches {
+    failover_services: Progress<FailoverService>,
+    services: Progress<WatchedService>,
+    slices: Progress<WatchedSlice>,
+    node: Progress<Node>,
+}
+
+impl Watches {
+    fn listed(&self) -> bool {
+        self.failover_services.listed
+            && self.services.listed
+            && self.slices.listed
+            && self.node.listed
+    }
+
+    /// Takes one event into the model's index; returns whether something may have
+    /// changed.
+    fn index(&mut self, seen: Seen, index: &mut Index) -> bool {
+        match seen {
+            Seen::FailoverService(event) => self.failover_services.index(*event, index),
+            Seen::Service(event) => self.services.index(event, index),
+            Seen::Slice(event) => self.slices.index(event, index),
+            Seen::Node(event) => {
+                let labels = match self.node.take(*event) {
+                    Step::Nothing => return false,
+                    Step::Listed(nodes) => nodes.first().and_then(|n| n.metadata.labels.clone()),
+                    Step::Apply(node) => node.metadata.labels.clone(),
+                    Step::Delete(_) => None,
+                };
+                index.set_node_labels(labels.unwrap_or_else(BTreeMap::new));
+                true
+            }
+        }
+    }
 }
 
 async fn run(client: Client, options: Options, updates: mpsc::Sender<Update>) {
@@ -112,51 +264,51 @@ async fn run(client: Client, options: Options, updates: mpsc::Sender<Update>) {
     // Listed from the API server's watch cache (resourceVersion=0), not etcd: every
     // node's agent lists these, as kube-proxy does.
     let cached = || watcher::Config::default().any_semantic();
-    let (failover_services, a) = watch(Api::<FailoverService>::all(client.clone()), cached(), 0);
-    let (services, b) = watch(Api::<WatchedService>::all(client.clone()), cached(), 1);
-    let (slices, c) = watch(Api::<WatchedSlice>::all(client.clone()), cached(), 2);
-    let (nodes, d) = watch(
-        Api::<Node>::all(client),
-        cached().fields(&format!("metadata.name={}", options.node_name)),
-        3,
-    );
-    let mut events: SelectAll<_> = futures::stream::select_all([a, b, c, d]);
-    let mut listed = [false; WATCHES.len()];
+    let mut events: SelectAll<_> = futures::stream::select_all([
+        watch(
+            Api::<FailoverService>::all(client.clone()),
+            cached(),
+            0,
+            |event| Seen::FailoverService(Box::new(event)),
+        ),
+        watch(
+            Api::<WatchedService>::all(client.clone()),
+            cached(),
+            1,
+            Seen::Service,
+        ),
+        watch(
+            Api::<WatchedSlice>::all(client.clone()),
+            cached(),
+            2,
+            Seen::Slice,
+        ),
+        watch(
+            Api::<Node>::all(client),
+            cached().fields(&format!("metadata.name={}", options.node_name)),
+            3,
+            |event| Seen::Node(Box::new(event)),
+        ),
+    ]);
+    let mut watches = Watches::default();
     let mut first_sync = true;
     let mut changed = false;
-    let mut model = Model::default();
+    let mut model = Model::new(options.cluster.clone());
     while let Some(seen) = events.next().await {
-        let mut note = |seen: Option<Seen>| {
-            if let Some(seen) = seen {
-                listed[seen.watch] |= seen.listed;
-                changed |= seen.changed;
-            }
-        };
-        note(seen);
+        changed |= watches.index(seen, model.index_mut());
         // Everything already delivered goes into this model.
         while let Some(Some(seen)) = events.next().now_or_never() {
-            note(seen);
+            changed |= watches.index(seen, model.index_mut());
         }
-        if !changed || !listed.iter().all(|done| *done) {
+        if !changed || !watches.listed() {
             continue;
         }
         changed = false;
-        let inventory = Inventory {
-            cluster: options.cluster.clone(),
-            node_labels: nodes
-                .state()
-                .first()
-                .and_then(|node| node.metadata.labels.clone())
-                .unwrap_or_else(BTreeMap::new),
-            failover_services: failover_services.state(),
-            services: services.state(),
-            slices: slices.state(),
-        };
-        let built = model.build(&inventory);
+        let built = model.build();
         let first = first_sync.then(|| started.elapsed());
         if first_sync {
             info!(
-                failover_services = inventory.failover_services.len(),
+                failover_services = model.failover_services(),
                 services = built.config.services.len(),
                 problems = built.problems.len(),
                 sync_ms = started.elapsed().as_millis(),

@@ -1,0 +1,504 @@
+//! What the agent's cluster holds, kept up to date from the watch events and filed the
+//! way the model looks it up, with which FailoverServices read which objects.
+//!
+//! Why our own and not kube-runtime's reflector stores: a store answers "everything of a
+//! kind", so each event meant indexing every Service and EndpointSlice again to find
+//! what one FailoverService reads. At 10,000 FailoverServices (30,000 slices) that was
+//! most of the ~200 ms from an EndpointSlice change to the agent's loop. Here an event
+//! costs its own object: it is filed under its lookup key, and the FailoverServices that
+//! read that key are marked touched, so the model re-derives those and reuses the rest.
+//!
+//! Invariants:
+//! - every object is filed under the key the model looks it up by ([`Input`]); an object
+//!   whose key changes (a slice relabelled, a Service that stops naming its
+//!   FailoverService) is moved, and the readers of the old key and of the new one are
+//!   both touched;
+//! - every FailoverService is registered as a reader of each [`Input`] its spec names,
+//!   whether or not that object exists yet, so an object that appears later touches it;
+//! - what is touched accumulates until [`Index::take_touched`]; a change that affects
+//!   everything (the node's labels) touches all;
+//! - a relist ([`Index::replace_services`] and its siblings) removes what the new list no
+//!   longer holds and files the rest, touching readers as single events would: the
+//!   result is the same as starting from that list;
+//! - lookups take `&str` keys and allocate nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use kube::ResourceExt as _;
+
+use super::failover_service::{FailoverService, KubeServiceRef};
+use super::labels;
+use super::objects::{WatchedService, WatchedSlice};
+
+/// Hashed with foldhash: nothing here is keyed by what a client chose freely (names are
+/// DNS labels an API server accepted), and these maps are on every event's path.
+pub(super) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
+/// A FailoverService by (namespace, name).
+pub(super) type FailoverKey = (String, String);
+
+/// A Service's slices by slice name: iteration is in name order, so a model never
+/// depends on the order the watch delivered them in.
+pub(super) type Slices = BTreeMap<String, Arc<WatchedSlice>>;
+
+/// Namespace → name → value, looked up with borrowed names.
+#[derive(Debug)]
+pub(super) struct ByName<V>(FastMap<String, FastMap<String, V>>);
+
+impl<V> Default for ByName<V> {
+    fn default() -> Self {
+        Self(FastMap::default())
+    }
+}
+
+impl<V> ByName<V> {
+    pub(super) fn get(&self, namespace: &str, name: &str) -> Option<&V> {
+        self.0.get(namespace)?.get(name)
+    }
+
+    fn get_mut(&mut self, namespace: &str, name: &str) -> Option<&mut V> {
+        self.0.get_mut(namespace)?.get_mut(name)
+    }
+
+    fn entry(&mut self, namespace: &str, name: &str) -> &mut V
+    where
+        V: Default,
+    {
+        if !self.0.contains_key(namespace) {
+            self.0.insert(namespace.to_owned(), FastMap::default());
+        }
+        let names = self.0.get_mut(namespace).expect("inserted above");
+        if !names.contains_key(name) {
+            names.insert(name.to_owned(), V::default());
+        }
+        names.get_mut(name).expect("inserted above")
+    }
+
+    fn insert(&mut self, namespace: &str, name: &str, value: V) -> Option<V> {
+        self.0
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(name.to_owned(), value)
+    }
+
+    fn remove(&mut self, namespace: &str, name: &str) -> Option<V> {
+        let names = self.0.get_mut(namespace)?;
+        let value = names.remove(name);
+        if names.is_empty() {
+            self.0.remove(namespace);
+        }
+        value
+    }
+
+    /// Removes the entry if `empty` says it holds nothing any more.
+    fn prune(&mut self, namespace: &str, name: &str, empty: impl Fn(&V) -> bool) {
+        if self.get(namespace, name).is_some_and(empty) {
+            self.remove(namespace, name);
+        }
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &str, &V)> {
+        self.0.iter().flat_map(|(namespace, names)| {
+            names
+                .iter()
+                .map(move |(name, value)| (namespace.as_str(), name.as_str(), value))
+        })
+    }
+
+    fn keys(&self) -> Vec<(String, String)> {
+        self.iter()
+            .map(|(namespace, name, _)| (namespace.to_owned(), name.to_owned()))
+            .collect()
+    }
+}
+
+/// An object a FailoverService's services are derived from, by the key the model looks
+/// it up by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum Input {
+    /// A Service of this cluster: a local backing Service or a take-over target.
+    Service { namespace: String, name: String },
+    /// The Service `detour controller` made for a FailoverService (labelled with it).
+    VipService {
+        namespace: String,
+        failover_service: String,
+    },
+    /// This cluster's own slices of a Service.
+    LocalSlices { namespace: String, service: String },
+    /// Slices mirrored from another cluster for a Service there.
+    MirroredSlices {
+        cluster: String,
+        namespace: String,
+        service: String,
+    },
+}
+
+/// Which FailoverServices an event touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Touched {
+    All,
+    These(FastSet<FailoverKey>),
+}
+
+impl Default for Touched {
+    fn default() -> Self {
+        Self::These(FastSet::default())
+    }
+}
+
+/// The precedence of FailoverServices: age first (the older keeps a contested
+/// VIP:port), then namespace and name.
+pub(super) type Precedence = (Option<k8s_openapi::jiff::Timestamp>, FailoverKey);
+
+fn precedence(fos: &FailoverService) -> Precedence {
+    (
+        fos.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        key_of(&fos.metadata),
+    )
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> FailoverKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// See the module doc.
+#[derive(Debug, Default)]
+pub struct Index {
+    /// The name of the agent's own cluster: backing services with no `clusterName`, or
+    /// this one, are read from the cluster's own EndpointSlices.
+    pub(super) cluster: String,
+    pub(super) node_labels: BTreeMap<String, String>,
+    pub(super) failover_services: ByName<Arc<FailoverService>>,
+    /// Every FailoverService in precedence order.
+    pub(super) order: BTreeSet<Precedence>,
+    services: ByName<Arc<WatchedService>>,
+    /// Services labelled as a FailoverService's VIP Service, by (namespace,
+    /// FailoverService), then by Service name.
+    vip_services: ByName<BTreeMap<String, Arc<WatchedService>>>,
+    local_slices: ByName<Slices>,
+    /// By cluster, then (namespace, Service).
+    mirrored_slices: FastMap<String, ByName<Slices>>,
+    /// Where each slice is filed, by the slice's (namespace, name).
+    slice_homes: ByName<Input>,
+    readers: FastMap<Input, FastSet<FailoverKey>>,
+    touched: Touched,
+}
+
+impl Index {
+    #[must_use]
+    pub fn new(cluster: String) -> Self {
+        Self {
+            cluster,
+            touched: Touched::All,
+            ..Self::default()
+        }
+    }
+
+    /// What was touched since the last call; nothing is touched afterwards.
+    pub(super) fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
+    fn touch_readers(&mut self, input: &Input) {
+        let Touched::These(touched) = &mut self.touched else {
+            return;
+        };
+        if let Some(readers) = self.readers.get(input) {
+            touched.extend(readers.iter().cloned());
+        }
+    }
+
+    fn touch(&mut self, key: &FailoverKey) {
+        if let Touched::These(touched) = &mut self.touched {
+            touched.insert(key.clone());
+        }
+    }
+
+    /// The node's labels; a change touches every FailoverService (its locality is an
+    /// input of each).
+    pub fn set_node_labels(&mut self, labels: BTreeMap<String, String>) {
+        if labels != self.node_labels {
+            self.node_labels = labels;
+            self.touched = Touched::All;
+        }
+    }
+
+    pub(super) fn is_local(&self, backing: &KubeServiceRef) -> bool {
+        backing
+            .cluster_name
+            .as_deref()
+            .is_none_or(|cluster| cluster == self.cluster)
+    }
+
+    /// The objects `fos` reads, by how its spec names them.
+    fn inputs(&self, fos: &FailoverService) -> Vec<Input> {
+        let namespace = fos.namespace().unwrap_or_default();
+        let mut inputs = vec![Input::VipService {
+            namespace,
+            failover_service: fos.name_any(),
+        }];
+        for backing in &fos.spec.backing_services {
+            let backing = &backing.kube_service;
+            if self.is_local(backing) {
+                inputs.push(Input::Service {
+                    namespace: backing.namespace.clone(),
+                    name: backing.name.clone(),
+                });
+                inputs.push(Input::LocalSlices {
+                    namespace: backing.namespace.clone(),
+                    service: backing.name.clone(),
+                });
+            } else {
+                inputs.push(Input::MirroredSlices {
+                    cluster: backing.cluster_name.clone().unwrap_or_default(),
+                    namespace: backing.namespace.clone(),
+                    service: backing.name.clone(),
+                });
+            }
+        }
+        for take_over in &fos.spec.take_over {
+            inputs.push(Input::Service {
+                namespace: take_over.service.namespace.clone(),
+                name: take_over.service.name.clone(),
+            });
+        }
+        inputs
+    }
+
+    fn register(&mut self, fos: &FailoverService, key: &FailoverKey) {
+        for input in self.inputs(fos) {
+            self.readers.entry(input).or_default().insert(key.clone());
+        }
+    }
+
+    fn unregister(&mut self, fos: &FailoverService, key: &FailoverKey) {
+        for input in self.inputs(fos) {
+            if let Some(readers) = self.readers.get_mut(&input) {
+                readers.remove(key);
+                if readers.is_empty() {
+                    self.readers.remove(&input);
+                }
+            }
+        }
+    }
+
+    pub fn apply_failover_service(&mut self, fos: Arc<FailoverService>) {
+        let key = key_of(&fos.metadata);
+        self.delete_failover_service(&key.0, &key.1);
+        self.register(&fos, &key);
+        self.order.insert(precedence(&fos));
+        self.failover_services.insert(&key.0, &key.1, fos);
+        self.touch(&key);
+    }
+
+    pub fn delete_failover_service(&mut self, namespace: &str, name: &str) {
+        let Some(old) = self.failover_services.remove(namespace, name) else {
+            return;
+        };
+        let key = key_of(&old.metadata);
+        self.unregister(&old, &key);
+        self.order.remove(&precedence(&old));
+        self.touch(&key);
+    }
+
+    pub fn apply_service(&mut self, service: Arc<WatchedService>) {
+        let (namespace, name) = key_of(&service.metadata);
+        self.delete_service(&namespace, &name);
+        if let Some(owner) = label(&service.metadata.labels, labels::FAILOVER_SERVICE) {
+            self.vip_services
+                .entry(&namespace, owner)
+                .insert(name.clone(), service.clone());
+            self.touch_readers(&Input::VipService {
+                namespace: namespace.clone(),
+                failover_service: owner.to_owned(),
+            });
+        }
+        self.services.insert(&namespace, &name, service);
+        self.touch_readers(&Input::Service { namespace, name });
+    }
+
+    pub fn delete_service(&mut self, namespace: &str, name: &str) {
+        let Some(old) = self.services.remove(namespace, name) else {
+            return;
+        };
+        if let Some(owner) = label(&old.metadata.labels, labels::FAILOVER_SERVICE) {
+            if let Some(services) = self.vip_services.get_mut(namespace, owner) {
+                services.remove(name);
+            }
+            self.vip_services
+                .prune(namespace, owner, BTreeMap::is_empty);
+            self.touch_readers(&Input::VipService {
+                namespace: namespace.to_owned(),
+                failover_service: owner.to_owned(),
+            });
+        }
+        self.touch_readers(&Input::Service {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+
+    /// Where a slice is filed, from its labels: mirrored slices under the cluster,
+    /// namespace and Service the controller labelled them with, the cluster's own under
+    /// their namespace and `kubernetes.io/service-name`; `None` for a slice of neither
+    /// kind (the model reads nothing of it).
+    fn home(slice: &WatchedSlice) -> Option<Input> {
+        let tags = &slice.metadata.labels;
+        if label(tags, labels::MANAGED_BY) == Some(labels::CONTROLLER) {
+            Some(Input::MirroredSlices {
+                cluster: label(tags, labels::CLUSTER)?.to_owned(),
+                namespace: label(tags, labels::SERVICE_NAMESPACE)?.to_owned(),
+                service: label(tags, labels::SERVICE_NAME)?.to_owned(),
+            })
+        } else {
+            Some(Input::LocalSlices {
+                namespace: slice.metadata.namespace.clone().unwrap_or_default(),
+                service: label(tags, labels::KUBE_SERVICE_NAME)?.to_owned(),
+            })
+        }
+    }
+
+    fn slices_at(&mut self, home: &Input) -> Option<&mut Slices> {
+        match home {
+            Input::LocalSlices { namespace, service } => {
+                Some(self.local_slices.entry(namespace, service))
+            }
+            Input::MirroredSlices {
+                cluster,
+                namespace,
+                service,
+            } => Some(
+                self.mirrored_slices
+                    .entry(cluster.clone())
+                    .or_default()
+                    .entry(namespace, service),
+            ),
+            Input::Service { .. } | Input::VipService { .. } => None,
+        }
+    }
+
+    fn prune_slices(&mut self, home: &Input) {
+        match home {
+            Input::LocalSlices { namespace, service } => {
+                self.local_slices
+                    .prune(namespace, service, BTreeMap::is_empty);
+            }
+            Input::MirroredSlices {
+                cluster,
+                namespace,
+                service,
+            } => {
+                if let Some(by_name) = self.mirrored_slices.get_mut(cluster) {
+                    by_name.prune(namespace, service, BTreeMap::is_empty);
+                    if by_name.0.is_empty() {
+                        self.mirrored_slices.remove(cluster);
+                    }
+                }
+            }
+            Input::Service { .. } | Input::VipService { .. } => {}
+        }
+    }
+
+    pub fn apply_slice(&mut self, slice: Arc<WatchedSlice>) {
+        let (namespace, name) = key_of(&slice.metadata);
+        self.delete_slice(&namespace, &name);
+        let Some(home) = Self::home(&slice) else {
+            return;
+        };
+        if let Some(slices) = self.slices_at(&home) {
+            slices.insert(name.clone(), slice);
+        }
+        self.touch_readers(&home);
+        self.slice_homes.insert(&namespace, &name, home);
+    }
+
+    pub fn delete_slice(&mut self, namespace: &str, name: &str) {
+        let Some(home) = self.slice_homes.remove(namespace, name) else {
+            return;
+        };
+        if let Some(slices) = self.slices_at(&home) {
+            slices.remove(name);
+        }
+        self.prune_slices(&home);
+        self.touch_readers(&home);
+    }
+
+    /// A relist of FailoverServices: see the module doc.
+    pub fn replace_failover_services(&mut self, listed: Vec<Arc<FailoverService>>) {
+        let kept: FastSet<FailoverKey> = listed.iter().map(|o| key_of(&o.metadata)).collect();
+        for (namespace, name) in self.failover_services.keys() {
+            if !kept.contains(&(namespace.clone(), name.clone())) {
+                self.delete_failover_service(&namespace, &name);
+            }
+        }
+        for fos in listed {
+            self.apply_failover_service(fos);
+        }
+    }
+
+    /// A relist of Services: see the module doc.
+    pub fn replace_services(&mut self, listed: Vec<Arc<WatchedService>>) {
+        let kept: FastSet<FailoverKey> = listed.iter().map(|o| key_of(&o.metadata)).collect();
+        for (namespace, name) in self.services.keys() {
+            if !kept.contains(&(namespace.clone(), name.clone())) {
+                self.delete_service(&namespace, &name);
+            }
+        }
+        for service in listed {
+            self.apply_service(service);
+        }
+    }
+
+    /// A relist of EndpointSlices: see the module doc.
+    pub fn replace_slices(&mut self, listed: Vec<Arc<WatchedSlice>>) {
+        let kept: FastSet<FailoverKey> = listed.iter().map(|o| key_of(&o.metadata)).collect();
+        for (namespace, name) in self.slice_homes.keys() {
+            if !kept.contains(&(namespace.clone(), name.clone())) {
+                self.delete_slice(&namespace, &name);
+            }
+        }
+        for slice in listed {
+            self.apply_slice(slice);
+        }
+    }
+
+    /// A Service of this cluster.
+    pub(super) fn service(&self, namespace: &str, name: &str) -> Option<&WatchedService> {
+        self.services.get(namespace, name).map(AsRef::as_ref)
+    }
+
+    /// The Service the controller made for FailoverService `namespace/name`: the first
+    /// by name if several claim it.
+    pub(super) fn vip_service(&self, namespace: &str, name: &str) -> Option<&WatchedService> {
+        let services = self.vip_services.get(namespace, name)?;
+        services.values().next().map(AsRef::as_ref)
+    }
+
+    /// The cluster's own slices of Service `namespace/service`, in name order.
+    pub(super) fn local_slices(&self, namespace: &str, service: &str) -> Option<&Slices> {
+        self.local_slices.get(namespace, service)
+    }
+
+    /// The slices mirrored from `cluster` for its Service `namespace/service`, in name
+    /// order.
+    pub(super) fn mirrored_slices(
+        &self,
+        cluster: &str,
+        namespace: &str,
+        service: &str,
+    ) -> Option<&Slices> {
+        self.mirrored_slices.get(cluster)?.get(namespace, service)
+    }
+}
+
+pub(super) fn label<'a>(
+    labels: &'a Option<BTreeMap<String, String>>,
+    key: &str,
+) -> Option<&'a str> {
+    labels.as_ref()?.get(key).map(String::as_str)
+}
