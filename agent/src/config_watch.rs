@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::config::{Config, ServiceConfig};
+use crate::config::Config;
 use crate::desired;
 
 /// How long a file must stand still before it is read, and before a read that removes
@@ -290,50 +290,56 @@ pub struct ConfigChange {
 impl ConfigChange {
     #[must_use]
     pub fn between(old: &Config, new: &Config) -> Self {
-        // A service both sides share (the Kubernetes source reuses what did not change)
-        // is the same by pointer, without a deep comparison.
-        let same = |a: Option<&ServiceConfig>, b: &ServiceConfig| {
-            a.is_some_and(|a| std::ptr::eq(a, b) || a == b)
-        };
+        let names = new.services.iter().chain(&old.services);
+        Self::among(old, new, names.map(|service| service.name.as_str()))
+    }
+
+    /// [`ConfigChange::between`], for configurations known to differ in the services
+    /// `names` at most (the Kubernetes model says which it re-derived): costs those
+    /// services, not a pass over all of them.
+    #[must_use]
+    pub fn among<'a>(old: &Config, new: &Config, names: impl IntoIterator<Item = &'a str>) -> Self {
         let mut change = Self::default();
-        for service in &new.services {
-            if !same(old.service(&service.name), service) {
-                change.services.insert(service.name.clone());
+        for name in names {
+            let (before, after) = (old.service(name), new.service(name));
+            match (before, after) {
+                (None, None) => continue,
+                // A service both sides share (the Kubernetes source reuses what did not
+                // change) is the same by pointer, without a deep comparison.
+                (Some(a), Some(b)) if std::ptr::eq(a, b) || a == b => continue,
+                _ => {}
             }
-        }
-        for service in &old.services {
-            let kept = new.service(&service.name);
-            if same(kept, service) {
+            if !change.services.insert(name.to_owned()) {
                 continue;
             }
-            change.services.insert(service.name.clone());
-            let kept_targets: HashSet<SocketAddr> = kept
-                .map(|k| desired::targets(k).collect())
-                .unwrap_or_default();
-            let dropped: Vec<SocketAddr> = desired::targets(service)
-                .filter(|t| !kept_targets.contains(t))
-                .collect();
-            let Some(kept) = kept else {
-                change.removals.push(format!("service {}", service.name));
-                change
-                    .removed_targets
-                    .extend(dropped.into_iter().map(|t| (service.name.clone(), t)));
+            let Some(before) = before else {
                 continue;
             };
-            let kept_frontends: HashSet<SocketAddr> = frontends(kept).collect();
+            let kept_targets: HashSet<SocketAddr> = after
+                .map(|k| desired::targets(k).collect())
+                .unwrap_or_default();
+            let dropped: Vec<SocketAddr> = desired::targets(before)
+                .filter(|t| !kept_targets.contains(t))
+                .collect();
+            let Some(after) = after else {
+                change.removals.push(format!("service {name}"));
+                change
+                    .removed_targets
+                    .extend(dropped.into_iter().map(|t| (name.to_owned(), t)));
+                continue;
+            };
+            let kept_frontends: HashSet<SocketAddr> = frontends(after).collect();
             change.removals.extend(
-                frontends(service)
+                frontends(before)
                     .filter(|f| !kept_frontends.contains(f))
-                    .map(|f| format!("{} frontend {f}", service.name)),
-            );
-            change.removals.extend(
-                dropped
-                    .iter()
-                    .map(|t| format!("{} endpoint {t}", service.name)),
+                    .map(|f| format!("{name} frontend {f}")),
             );
             change
+                .removals
+                .extend(dropped.iter().map(|t| format!("{name} endpoint {t}")));
+            change
                 .removed_targets
-                .extend(dropped.into_iter().map(|t| (service.name.clone(), t)));
+                .extend(dropped.into_iter().map(|t| (name.to_owned(), t)));
         }
         change
     }

@@ -112,11 +112,29 @@ pub struct AgentArgs {
 
 type ApiCall = (Request, oneshot::Sender<Response>);
 
+/// Health by (service, target); ordered by service, so that a change to one service
+/// touches its range only (see [`of_service`]).
+type HealthMap = BTreeMap<(String, SocketAddr), (Health, Option<String>)>;
+
+/// The keys of `map` that belong to `service`.
+fn of_service<V>(
+    map: &BTreeMap<(String, SocketAddr), V>,
+    service: &str,
+) -> Vec<(String, SocketAddr)> {
+    // The least SocketAddr: V4 sorts before V6, and 0.0.0.0:0 first among V4.
+    let first = (service.to_owned(), SocketAddr::from(([0, 0, 0, 0], 0)));
+    map.range(first..)
+        .take_while(|((name, _), _)| name == service)
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
 /// Probe tasks by (service, target), with the spec they run so a change restarts them,
 /// and the flag that tells each whether its target is ejected.
 #[derive(Default)]
 struct Probes {
-    running: HashMap<(String, SocketAddr), (ProbeSpec, JoinHandle<()>, EjectedFlag)>,
+    /// Ordered by service, so one service's probes are a range (see [`of_service`]).
+    running: BTreeMap<(String, SocketAddr), (ProbeSpec, JoinHandle<()>, EjectedFlag)>,
 }
 
 impl Probes {
@@ -128,13 +146,9 @@ impl Probes {
         config: &Config,
         scope: &Dirty,
         changes: &mpsc::Sender<HealthChange>,
-        health: &mut HashMap<(String, SocketAddr), (Health, Option<String>)>,
+        health: &mut HealthMap,
         is_ejected: impl Fn(&str, SocketAddr) -> bool,
     ) {
-        let in_scope = |service: &str| match scope {
-            Dirty::All => true,
-            Dirty::Services(names) => names.contains(service),
-        };
         let services: Vec<&config::ServiceConfig> = match scope {
             Dirty::All => config.services.iter().map(|s| &**s).collect(),
             Dirty::Services(names) => names.iter().filter_map(|n| config.service(n)).collect(),
@@ -161,15 +175,39 @@ impl Probes {
                 wanted.insert((service.name.clone(), target), spec.clone());
             }
         }
-        self.running.retain(|key, (spec, task, _)| {
-            let keep =
-                !in_scope(&key.0) || wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec));
-            if !keep {
-                task.abort();
+        let keep = |key: &(String, SocketAddr), spec: &ProbeSpec| {
+            wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec))
+        };
+        let wanted_health = |key: &(String, SocketAddr)| wanted.contains_key(key);
+        match scope {
+            Dirty::All => {
+                self.running.retain(|key, (spec, task, _)| {
+                    let kept = keep(key, spec);
+                    if !kept {
+                        task.abort();
+                    }
+                    kept
+                });
+                health.retain(|key, _| wanted_health(key));
             }
-            keep
-        });
-        health.retain(|key, _| !in_scope(&key.0) || wanted.contains_key(key));
+            // Only the services in scope: a range each, not a pass over every probe.
+            Dirty::Services(names) => {
+                for name in names {
+                    for key in of_service(&self.running, name) {
+                        if !keep(&key, &self.running[&key].0) {
+                            if let Some((_, task, _)) = self.running.remove(&key) {
+                                task.abort();
+                            }
+                        }
+                    }
+                    for key in of_service(health, name) {
+                        if !wanted_health(&key) {
+                            health.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
         for (key, spec) in wanted {
             match spec {
                 None => {
@@ -221,7 +259,7 @@ struct Agent {
     config_held: Option<String>,
     dataplane: Dataplane,
     reconciler: Reconciler,
-    health: HashMap<(String, SocketAddr), (Health, Option<String>)>,
+    health: HealthMap,
     probes: Probes,
     /// Per-service plans, re-planned only where `dirty` says.
     plans: PlanCache,
@@ -247,6 +285,9 @@ struct Agent {
     /// Why each backend now ejected was ejected (`refused, ejection 2`), for `detour
     /// explain`; pruned to the ejected ones at every ejection.
     ejection_causes: HashMap<(String, SocketAddr), String>,
+    /// Bumped by every reload that may change which services there are or their
+    /// order: the plan cache checks the order (a pass over every service) only then.
+    config_shape: u64,
 }
 
 /// What the agent counts itself, for metrics.
@@ -321,8 +362,8 @@ impl Agent {
         let passive = &self.passive;
         let refreshed = self.plans.refresh(
             &self.config,
-            // Every accepted reload replaces the configuration and counts one.
-            self.counters.config_reloads_ok,
+            // Counts the reloads that may have added, removed or moved services.
+            self.config_shape,
             &mut self.dirty,
             |service, target| {
                 health
@@ -871,7 +912,7 @@ impl Agent {
                 self.config_held = None;
                 self.config_text = text;
                 self.rejected_text = None;
-                self.use_config(config, change, why, started, parsed_in);
+                self.use_config(config, change, false, why, started, parsed_in);
             }
             Err(e) => {
                 self.counters.config_reloads_failed += 1;
@@ -886,10 +927,14 @@ impl Agent {
         &mut self,
         config: Config,
         change: ConfigChange,
+        same_order: bool,
         why: &str,
         started: Instant,
         parsed_in: Duration,
     ) {
+        if !same_order {
+            self.config_shape += 1;
+        }
         // Destroyed with the old plans' frontend ids, before the apply forgets
         // them; the backend ids outlive the apply by the release delay.
         for (service, target) in &change.removed_targets {
@@ -952,7 +997,17 @@ impl Agent {
             }
             self.kubernetes_problems = problems;
         }
-        let change = ConfigChange::between(&self.config, &built.config);
+        let change = match &built.touched {
+            Some(names) => ConfigChange::among(
+                &self.config,
+                &built.config,
+                names.iter().map(String::as_str),
+            ),
+            None => ConfigChange::between(&self.config, &built.config),
+        };
+        // The model's word on order holds against its previous build, which is what
+        // runs unless this is the first (the pinned maps' config before it is empty).
+        let same_order = built.same_order && update.first_sync.is_none();
         // Only what changed: a rebuild per watch event would repeat every warning.
         let changed = change
             .services
@@ -967,9 +1022,22 @@ impl Agent {
                 "kubernetes: first sync; the maps now follow the cluster"
             );
         } else if change.services.is_empty() && built.config.node == self.config.node {
+            // Nothing to apply; the model's build still becomes the running config, so
+            // that what the next build says changed is against it.
+            if !same_order {
+                self.config_shape += 1;
+            }
+            self.config = built.config;
             return;
         }
-        self.use_config(built.config, change, "kubernetes", started, Duration::ZERO);
+        self.use_config(
+            built.config,
+            change,
+            same_order,
+            "kubernetes",
+            started,
+            Duration::ZERO,
+        );
     }
 
     fn answer(&self, request: Request) -> Response {
@@ -1422,6 +1490,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let event_reader = spawn_event_reader(ring, kernel_tx)?;
     let (destroyed_tx, mut destroyed_rx) = mpsc::unbounded_channel::<Destroyed>();
     let mut agent = Agent {
+        config_shape: 0,
         config_path: args.config.clone(),
         kubernetes_problems: Vec::new(),
         ejection_causes: HashMap::new(),
@@ -1438,7 +1507,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config_held: None,
         dataplane,
         reconciler,
-        health: HashMap::new(),
+        health: HealthMap::new(),
         probes: Probes::default(),
         plans: PlanCache::default(),
         dirty: Dirty::All,
@@ -1629,5 +1698,37 @@ async fn stream_events(
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn of_service_is_that_services_range_whatever_the_family() {
+        let map: BTreeMap<(String, SocketAddr), ()> = [
+            ("a", "255.255.255.255:65535"),
+            ("ab", "0.0.0.0:0"),
+            ("ab", "10.0.0.1:80"),
+            ("ab", "[::1]:80"),
+            ("ab", "[ffff::1]:65535"),
+            ("b", "0.0.0.0:0"),
+        ]
+        .into_iter()
+        .map(|(name, addr)| ((name.to_owned(), addr.parse().unwrap()), ()))
+        .collect();
+        let addrs = |name| -> Vec<String> {
+            of_service(&map, name)
+                .into_iter()
+                .map(|(_, addr)| addr.to_string())
+                .collect()
+        };
+        assert_eq!(
+            addrs("ab"),
+            ["0.0.0.0:0", "10.0.0.1:80", "[::1]:80", "[ffff::1]:65535"]
+        );
+        assert_eq!(addrs("a"), ["255.255.255.255:65535"]);
+        assert!(addrs("c").is_empty());
     }
 }

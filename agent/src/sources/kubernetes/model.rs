@@ -34,7 +34,7 @@
 //! runs on: a cluster spanning regions is rare, and reading every Node to learn it would
 //! cost every agent a watch of all Nodes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -76,6 +76,13 @@ pub struct Built {
     pub problems: Vec<Problem>,
     /// How many FailoverServices were derived afresh (the others were reused).
     pub derived: usize,
+    /// Against the previous build of the same [`Model`]: the only services that may
+    /// differ (added, removed or changed), by name; `None` when any may (the first
+    /// build, a relist, the node's labels).
+    pub touched: Option<BTreeSet<String>>,
+    /// Whether the services are the previous build's, in the same order (only their
+    /// content may differ).
+    pub same_order: bool,
 }
 
 /// The node's locality from its labels (current labels first, then the legacy
@@ -121,6 +128,8 @@ pub fn build(inventory: &Inventory) -> Built {
 pub struct Model {
     index: Index,
     derived: FastMap<FailoverKey, Derived>,
+    /// The services the last build's assembly left out, by name.
+    left_out: BTreeSet<String>,
 }
 
 /// What one FailoverService gave last time, and from which inputs.
@@ -138,6 +147,7 @@ impl Model {
         Self {
             index: Index::new(cluster),
             derived: FastMap::default(),
+            left_out: BTreeSet::new(),
         }
     }
 
@@ -167,42 +177,63 @@ impl Model {
 
     /// The model from what the index holds. See the module invariants.
     pub fn build(&mut self) -> Built {
-        let touched: Vec<FailoverKey> = match self.index.take_touched() {
-            Touched::All => {
-                // Those derived last time (some may be gone) and those there now.
-                let mut all: Vec<FailoverKey> = self
-                    .derived
-                    .keys()
-                    .cloned()
-                    .chain(self.index.order.iter().map(|(_, key)| key.clone()))
-                    .collect();
-                all.sort_unstable();
-                all.dedup();
-                all
-            }
-            Touched::These(keys) => keys.into_iter().collect(),
-        };
+        // `names` collects the services of what is derived afresh or forgotten, before
+        // and after; `None` when everything is looked at.
+        let (touched, mut names): (Vec<FailoverKey>, Option<BTreeSet<String>>) =
+            match self.index.take_touched() {
+                Touched::All => {
+                    // Those derived last time (some may be gone) and those there now.
+                    let mut all: Vec<FailoverKey> = self
+                        .derived
+                        .keys()
+                        .cloned()
+                        .chain(self.index.order.iter().map(|(_, key)| key.clone()))
+                        .collect();
+                    all.sort_unstable();
+                    all.dedup();
+                    (all, None)
+                }
+                Touched::These(keys) => (keys.into_iter().collect(), Some(BTreeSet::new())),
+            };
         let node = NodeConfig {
             locality: node_locality(&self.index.node_labels),
         };
         let index = &self.index;
         let mut fresh = 0;
+        let mut same_order = names.is_some();
+        let service_names = |derived: Option<&Derived>| -> Vec<String> {
+            derived
+                .into_iter()
+                .flat_map(|d| d.services.iter().map(|s| s.name.clone()))
+                .collect()
+        };
         for key in touched {
             let Some(fos) = index.failover_services.get(&key.0, &key.1) else {
                 // Gone: forgotten.
-                self.derived.remove(&key);
+                if let Some(gone) = self.derived.remove(&key) {
+                    same_order = false;
+                    if let Some(names) = &mut names {
+                        names.extend(service_names(Some(&gone)));
+                    }
+                }
                 continue;
             };
             let fingerprint = fingerprint(index, fos, &node.locality);
-            let reused = self
-                .derived
-                .get(&key)
-                .is_some_and(|last| fingerprint.is_some() && last.fingerprint == fingerprint);
-            if !reused {
-                fresh += 1;
-                self.derived
-                    .insert(key, derive(index, fos, &node.locality, fingerprint));
+            let last = self.derived.get(&key);
+            if last.is_some_and(|last| fingerprint.is_some() && last.fingerprint == fingerprint) {
+                continue;
             }
+            fresh += 1;
+            let before = service_names(last);
+            let entry = derive(index, fos, &node.locality, fingerprint);
+            let after = service_names(Some(&entry));
+            // A new FailoverService, or one whose services are named otherwise, moves
+            // the others.
+            same_order &= last.is_some() && before == after;
+            if let Some(names) = &mut names {
+                names.extend(before.into_iter().chain(after));
+            }
+            self.derived.insert(key, entry);
         }
         let mut problems = Vec::new();
         let mut candidates: Vec<Arc<ServiceConfig>> = Vec::with_capacity(index.order.len());
@@ -219,6 +250,18 @@ impl Model {
             candidates.extend(entry.services.iter().cloned());
         }
         let (config, left_out) = config::assemble(node, candidates);
+        let left_out_names: BTreeSet<String> = left_out
+            .iter()
+            .map(|(service, _)| service.name.clone())
+            .collect();
+        if left_out_names != self.left_out {
+            // Who keeps a contested VIP:port changed.
+            same_order = false;
+            if let Some(names) = &mut names {
+                names.extend(left_out_names.symmetric_difference(&self.left_out).cloned());
+            }
+            self.left_out = left_out_names;
+        }
         for (service, error) in left_out {
             // Which FailoverService it came from, as the service itself records.
             let failover_service = match &service.origin {
@@ -236,6 +279,8 @@ impl Model {
             config,
             problems,
             derived: fresh,
+            touched: names,
+            same_order,
         }
     }
 }
@@ -1323,6 +1368,34 @@ mod tests {
         }
     }
 
+    /// What a build says changed is a bound on what did: every service it does not name
+    /// is the previous build's, and "same order" means the same names in order.
+    fn check_change_report(
+        previous: Option<&Config>,
+        built: &Built,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        let (Some(previous), Some(touched)) = (previous, &built.touched) else {
+            return Ok(());
+        };
+        let names = |config: &Config| -> Vec<String> {
+            config.services.iter().map(|s| s.name.clone()).collect()
+        };
+        for name in names(previous).into_iter().chain(names(&built.config)) {
+            if !touched.contains(&name) {
+                proptest::prop_assert_eq!(
+                    previous.service(&name),
+                    built.config.service(&name),
+                    "{} changed but was not reported",
+                    name
+                );
+            }
+        }
+        if built.same_order {
+            proptest::prop_assert_eq!(names(previous), names(&built.config));
+        }
+        Ok(())
+    }
+
     proptest::proptest! {
         /// Whatever the events and wherever a model is built in between, the model kept
         /// up to date from them is the one built from scratch from what they leave.
@@ -1336,6 +1409,7 @@ mod tests {
             let mut world = Inventory { cluster: "kind1".into(), node_labels: node_labels(), ..Inventory::default() };
             let (mut fos, mut services, mut slices) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
             let mut rv = 0u64;
+            let mut previous: Option<Config> = None;
             for event in events {
                 rv += 1;
                 let index = model.index_mut();
@@ -1373,13 +1447,16 @@ mod tests {
                     let kept = model.build();
                     let fresh = build(&world);
                     proptest::prop_assert_eq!(&kept.config, &fresh.config);
-                    proptest::prop_assert_eq!(kept.problems, fresh.problems);
+                    proptest::prop_assert_eq!(&kept.problems, &fresh.problems);
+                    check_change_report(previous.as_ref(), &kept)?;
+                    previous = Some(kept.config);
                 }
             }
             let kept = model.build();
             let fresh = build(&world);
             proptest::prop_assert_eq!(&kept.config, &fresh.config);
-            proptest::prop_assert_eq!(kept.problems, fresh.problems);
+            proptest::prop_assert_eq!(&kept.problems, &fresh.problems);
+            check_change_report(previous.as_ref(), &kept)?;
             // Nothing touched since: nothing derived again.
             proptest::prop_assert_eq!(model.build().derived, 0);
         }

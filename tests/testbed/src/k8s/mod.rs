@@ -38,6 +38,7 @@ mod etcd;
 pub mod fake;
 mod pki;
 mod route;
+pub mod scale;
 
 pub use assets::{assets_dir, ASSETS_ENV, MISSING_HINT};
 
