@@ -23,13 +23,16 @@
 //! - lookups take `&str` keys and allocate nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt as _;
+use smallvec::SmallVec;
 
 use super::failover_service::{FailoverService, KubeServiceRef};
 use super::labels;
-use super::objects::{WatchedService, WatchedSlice};
+use super::objects::{WatchedEndpoint, WatchedService, WatchedSlice};
 
 /// Hashed with foldhash: nothing here is keyed by what a client chose freely (names are
 /// DNS labels an API server accepted), and these maps are on every event's path.
@@ -40,8 +43,38 @@ type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 pub(super) type FailoverKey = (String, String);
 
 /// A Service's slices by slice name: iteration is in name order, so a model never
-/// depends on the order the watch delivered them in.
-pub(super) type Slices = BTreeMap<String, Arc<WatchedSlice>>;
+/// depends on the order the watch delivered them in. A sorted `Vec`, not a `BTreeMap`:
+/// a Service has one slice or a few, and a `BTreeMap` allocates a node for eleven.
+#[derive(Debug, Default)]
+pub(super) struct Slices(Vec<(String, StoredSlice)>);
+
+impl Slices {
+    fn insert(&mut self, name: String, slice: StoredSlice) {
+        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
+            Ok(at) => self.0[at].1 = slice,
+            Err(at) => self.0.insert(at, (name, slice)),
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(at) = self.0.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+            self.0.remove(at);
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// In name order.
+    pub(super) fn values(&self) -> impl Iterator<Item = &StoredSlice> {
+        self.0.iter().map(|(_, slice)| slice)
+    }
+}
 
 /// Namespace → name → value, looked up with borrowed names.
 #[derive(Debug)]
@@ -114,6 +147,107 @@ impl<V> ByName<V> {
     }
 }
 
+/// What the index keeps of a Service: what the model reads of it, nothing more.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredService {
+    /// The object's identity and version, hashed (see [`version`]).
+    pub version: Option<u64>,
+    /// `clusterIPs` (or `clusterIP`), parsed; empty when headless.
+    pub cluster_ips: Vec<IpAddr>,
+    /// Each port's name ("" when unnamed) and number.
+    pub ports: Vec<(Arc<str>, i32)>,
+}
+
+/// What the index keeps of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSlice {
+    /// The object's identity and version, hashed (see [`version`]).
+    pub version: Option<u64>,
+    /// Its [`labels::REGION`] label (mirrored slices carry their cluster's region).
+    pub region: Option<Arc<str>>,
+    /// Each port's name ("" when unnamed) and number, when it is a usable one.
+    pub ports: Vec<(Arc<str>, Option<u16>)>,
+    /// The endpoints whose first address parses.
+    pub endpoints: Vec<StoredEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEndpoint {
+    pub address: IpAddr,
+    /// "" when the slice gives none.
+    pub zone: Arc<str>,
+    pub condition: Condition,
+}
+
+/// Whether an endpoint takes traffic, from its conditions as the API defines them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Ready (a missing `ready` counts as ready) and not terminating.
+    Ready,
+    /// Serving but terminating (or not ready): used only when nothing is ready.
+    Terminating,
+    Out,
+}
+
+impl Condition {
+    fn of(endpoint: &WatchedEndpoint) -> Self {
+        let conditions = endpoint.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        if ready && !terminating {
+            Self::Ready
+        } else if serving {
+            Self::Terminating
+        } else {
+            Self::Out
+        }
+    }
+}
+
+/// A key's hash, for [`Index::readers`] and [`Index::keys`].
+fn hash(key: &impl std::hash::Hash) -> u64 {
+    use std::hash::BuildHasher as _;
+    foldhash::fast::FixedState::with_seed(0).hash_one(key)
+}
+
+/// An object's `uid` and `resourceVersion`, hashed: what tells two versions apart for
+/// the model's fingerprints. `None` without a `resourceVersion` (never the case for
+/// objects from an API server): such an object is never taken as unchanged.
+pub(super) fn version(meta: &ObjectMeta) -> Option<u64> {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    let mut hasher = foldhash::fast::FixedState::with_seed(0).build_hasher();
+    meta.uid.hash(&mut hasher);
+    meta.resource_version.as_ref()?.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// One copy of each short string many objects repeat (zones, regions, port names), so
+/// that 100,000 endpoints in three zones hold three zone strings.
+///
+/// Pruned of strings nothing holds any more whenever it has doubled since the last
+/// prune, so names that come and go do not accumulate.
+#[derive(Debug, Default)]
+struct Interner {
+    strings: FastSet<Arc<str>>,
+    pruned_at: usize,
+}
+
+impl Interner {
+    fn get(&mut self, text: &str) -> Arc<str> {
+        if let Some(found) = self.strings.get(text) {
+            return found.clone();
+        }
+        if self.strings.len() >= 2 * self.pruned_at.max(64) {
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.pruned_at = self.strings.len();
+        }
+        let text: Arc<str> = Arc::from(text);
+        self.strings.insert(text.clone());
+        text
+    }
+}
+
 /// An object a FailoverService's services are derived from, by the key the model looks
 /// it up by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -176,17 +310,28 @@ pub struct Index {
     pub(super) failover_services: ByName<Arc<FailoverService>>,
     /// Every FailoverService in precedence order.
     pub(super) order: BTreeSet<Precedence>,
-    services: ByName<Arc<WatchedService>>,
+    services: ByName<Arc<StoredService>>,
+    /// The FailoverService each Service names as its VIP Service's owner.
+    owners: ByName<String>,
     /// Services labelled as a FailoverService's VIP Service, by (namespace,
     /// FailoverService), then by Service name.
-    vip_services: ByName<BTreeMap<String, Arc<WatchedService>>>,
+    vip_services: ByName<BTreeMap<String, Arc<StoredService>>>,
     local_slices: ByName<Slices>,
     /// By cluster, then (namespace, Service).
     mirrored_slices: FastMap<String, ByName<Slices>>,
     /// Where each slice is filed, by the slice's (namespace, name).
     slice_homes: ByName<Input>,
-    readers: FastMap<Input, FastSet<FailoverKey>>,
+    /// Which FailoverServices read an input: by a hash of the input, to hashes of
+    /// the FailoverServices' keys (one entry per time a spec names the input). Hashes,
+    /// not keys: at 10,000 FailoverServices the keys' strings were most of the index.
+    /// Exact all the same: an input hash that collides touches the readers of both
+    /// inputs (harmless: the model then finds their fingerprints unchanged), and a key
+    /// hash resolves to every key that has it ([`Index::keys`]).
+    readers: FastMap<u64, SmallVec<[u64; 1]>>,
+    /// FailoverService keys by their hash.
+    keys: FastMap<u64, SmallVec<[FailoverKey; 1]>>,
     touched: Touched,
+    strings: Interner,
 }
 
 impl Index {
@@ -208,8 +353,9 @@ impl Index {
         let Touched::These(touched) = &mut self.touched else {
             return;
         };
-        if let Some(readers) = self.readers.get(input) {
-            touched.extend(readers.iter().cloned());
+        let readers = self.readers.get(&hash(input)).into_iter().flatten();
+        for key in readers.flat_map(|reader| self.keys.get(reader).into_iter().flatten()) {
+            touched.insert(key.clone());
         }
     }
 
@@ -271,15 +417,27 @@ impl Index {
     }
 
     fn register(&mut self, fos: &FailoverService, key: &FailoverKey) {
+        let reader = hash(key);
+        self.keys.entry(reader).or_default().push(key.clone());
         for input in self.inputs(fos) {
-            self.readers.entry(input).or_default().insert(key.clone());
+            self.readers.entry(hash(&input)).or_default().push(reader);
         }
     }
 
     fn unregister(&mut self, fos: &FailoverService, key: &FailoverKey) {
+        let reader = hash(key);
+        if let Some(keys) = self.keys.get_mut(&reader) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.keys.remove(&reader);
+            }
+        }
         for input in self.inputs(fos) {
+            let input = hash(&input);
             if let Some(readers) = self.readers.get_mut(&input) {
-                readers.remove(key);
+                if let Some(at) = readers.iter().position(|r| *r == reader) {
+                    readers.swap_remove(at);
+                }
                 if readers.is_empty() {
                     self.readers.remove(&input);
                 }
@@ -306,35 +464,68 @@ impl Index {
         self.touch(&key);
     }
 
-    pub fn apply_service(&mut self, service: Arc<WatchedService>) {
+    pub fn apply_service(&mut self, service: &WatchedService) {
         let (namespace, name) = key_of(&service.metadata);
         self.delete_service(&namespace, &name);
+        let spec = service.spec.as_ref();
+        // `clusterIPs` lists `clusterIP` first when both are set; older objects may have
+        // only the latter. "None" (headless) parses to nothing.
+        let mut cluster_ips: Vec<IpAddr> = Vec::new();
+        for ip in spec
+            .and_then(|s| s.cluster_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .chain(spec.and_then(|s| s.cluster_ip.as_ref()))
+        {
+            if let Ok(ip) = ip.parse() {
+                if !cluster_ips.contains(&ip) {
+                    cluster_ips.push(ip);
+                }
+            }
+        }
+        let ports = spec
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|port| {
+                (
+                    self.strings.get(port.name.as_deref().unwrap_or_default()),
+                    port.port,
+                )
+            })
+            .collect();
+        let stored = Arc::new(StoredService {
+            version: version(&service.metadata),
+            cluster_ips,
+            ports,
+        });
         if let Some(owner) = label(&service.metadata.labels, labels::FAILOVER_SERVICE) {
             self.vip_services
                 .entry(&namespace, owner)
-                .insert(name.clone(), service.clone());
+                .insert(name.clone(), stored.clone());
+            self.owners.insert(&namespace, &name, owner.to_owned());
             self.touch_readers(&Input::VipService {
                 namespace: namespace.clone(),
                 failover_service: owner.to_owned(),
             });
         }
-        self.services.insert(&namespace, &name, service);
+        self.services.insert(&namespace, &name, stored);
         self.touch_readers(&Input::Service { namespace, name });
     }
 
     pub fn delete_service(&mut self, namespace: &str, name: &str) {
-        let Some(old) = self.services.remove(namespace, name) else {
+        if self.services.remove(namespace, name).is_none() {
             return;
-        };
-        if let Some(owner) = label(&old.metadata.labels, labels::FAILOVER_SERVICE) {
-            if let Some(services) = self.vip_services.get_mut(namespace, owner) {
+        }
+        if let Some(owner) = self.owners.remove(namespace, name) {
+            if let Some(services) = self.vip_services.get_mut(namespace, &owner) {
                 services.remove(name);
             }
             self.vip_services
-                .prune(namespace, owner, BTreeMap::is_empty);
+                .prune(namespace, &owner, BTreeMap::is_empty);
             self.touch_readers(&Input::VipService {
                 namespace: namespace.to_owned(),
-                failover_service: owner.to_owned(),
+                failover_service: owner,
             });
         }
         self.touch_readers(&Input::Service {
@@ -386,7 +577,7 @@ impl Index {
         match home {
             Input::LocalSlices { namespace, service } => {
                 self.local_slices
-                    .prune(namespace, service, BTreeMap::is_empty);
+                    .prune(namespace, service, Slices::is_empty);
             }
             Input::MirroredSlices {
                 cluster,
@@ -394,7 +585,7 @@ impl Index {
                 service,
             } => {
                 if let Some(by_name) = self.mirrored_slices.get_mut(cluster) {
-                    by_name.prune(namespace, service, BTreeMap::is_empty);
+                    by_name.prune(namespace, service, Slices::is_empty);
                     if by_name.0.is_empty() {
                         self.mirrored_slices.remove(cluster);
                     }
@@ -404,17 +595,58 @@ impl Index {
         }
     }
 
-    pub fn apply_slice(&mut self, slice: Arc<WatchedSlice>) {
+    pub fn apply_slice(&mut self, slice: &WatchedSlice) {
         let (namespace, name) = key_of(&slice.metadata);
         self.delete_slice(&namespace, &name);
-        let Some(home) = Self::home(&slice) else {
+        let Some(home) = Self::home(slice) else {
             return;
         };
+        let stored = self.stored_slice(slice);
         if let Some(slices) = self.slices_at(&home) {
-            slices.insert(name.clone(), slice);
+            slices.insert(name.clone(), stored);
         }
         self.touch_readers(&home);
         self.slice_homes.insert(&namespace, &name, home);
+    }
+
+    fn stored_slice(&mut self, slice: &WatchedSlice) -> StoredSlice {
+        let region = label(&slice.metadata.labels, labels::REGION).map(|r| self.strings.get(r));
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|port| {
+                let number = port
+                    .port
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p != 0);
+                (
+                    self.strings.get(port.name.as_deref().unwrap_or_default()),
+                    number,
+                )
+            })
+            .collect();
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter_map(|endpoint| {
+                let address = endpoint.addresses.first()?.parse().ok()?;
+                Some(StoredEndpoint {
+                    address,
+                    zone: self
+                        .strings
+                        .get(endpoint.zone.as_deref().unwrap_or_default()),
+                    condition: Condition::of(endpoint),
+                })
+            })
+            .collect();
+        StoredSlice {
+            version: version(&slice.metadata),
+            region,
+            ports,
+            endpoints,
+        }
     }
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) {
@@ -442,39 +674,45 @@ impl Index {
     }
 
     /// A relist of Services: see the module doc.
-    pub fn replace_services(&mut self, listed: Vec<Arc<WatchedService>>) {
-        let kept: FastSet<FailoverKey> = listed.iter().map(|o| key_of(&o.metadata)).collect();
+    pub fn replace_services(&mut self, listed: &[impl AsRef<WatchedService>]) {
+        let kept: FastSet<FailoverKey> = listed
+            .iter()
+            .map(|o| key_of(&o.as_ref().metadata))
+            .collect();
         for (namespace, name) in self.services.keys() {
             if !kept.contains(&(namespace.clone(), name.clone())) {
                 self.delete_service(&namespace, &name);
             }
         }
         for service in listed {
-            self.apply_service(service);
+            self.apply_service(service.as_ref());
         }
     }
 
     /// A relist of EndpointSlices: see the module doc.
-    pub fn replace_slices(&mut self, listed: Vec<Arc<WatchedSlice>>) {
-        let kept: FastSet<FailoverKey> = listed.iter().map(|o| key_of(&o.metadata)).collect();
+    pub fn replace_slices(&mut self, listed: &[impl AsRef<WatchedSlice>]) {
+        let kept: FastSet<FailoverKey> = listed
+            .iter()
+            .map(|o| key_of(&o.as_ref().metadata))
+            .collect();
         for (namespace, name) in self.slice_homes.keys() {
             if !kept.contains(&(namespace.clone(), name.clone())) {
                 self.delete_slice(&namespace, &name);
             }
         }
         for slice in listed {
-            self.apply_slice(slice);
+            self.apply_slice(slice.as_ref());
         }
     }
 
     /// A Service of this cluster.
-    pub(super) fn service(&self, namespace: &str, name: &str) -> Option<&WatchedService> {
+    pub(super) fn service(&self, namespace: &str, name: &str) -> Option<&StoredService> {
         self.services.get(namespace, name).map(AsRef::as_ref)
     }
 
     /// The Service the controller made for FailoverService `namespace/name`: the first
     /// by name if several claim it.
-    pub(super) fn vip_service(&self, namespace: &str, name: &str) -> Option<&WatchedService> {
+    pub(super) fn vip_service(&self, namespace: &str, name: &str) -> Option<&StoredService> {
         let services = self.vip_services.get(namespace, name)?;
         services.values().next().map(AsRef::as_ref)
     }

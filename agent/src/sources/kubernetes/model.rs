@@ -43,9 +43,9 @@ use kube::ResourceExt as _;
 use serde_json::{json, Value};
 
 use super::failover_service::{FailoverService, FailoverServiceSpec};
-use super::index::{label, FailoverKey, FastMap, Index, Touched};
+use super::index::{Condition, FailoverKey, FastMap, Index, Slices, StoredService, Touched};
 use super::labels;
-use super::objects::{WatchedEndpoint, WatchedService, WatchedSlice};
+use super::objects::{WatchedService, WatchedSlice};
 use crate::config::{self, Config, Locality, NodeConfig, ObjectName, ServiceConfig, ServiceOrigin};
 
 /// What the agent's cluster holds, as the watchers last saw it.
@@ -171,8 +171,8 @@ impl Model {
         self.index.set_node_labels(inventory.node_labels.clone());
         self.index
             .replace_failover_services(inventory.failover_services.clone());
-        self.index.replace_services(inventory.services.clone());
-        self.index.replace_slices(inventory.slices.clone());
+        self.index.replace_services(&inventory.services);
+        self.index.replace_slices(&inventory.slices);
     }
 
     /// The model from what the index holds. See the module invariants.
@@ -341,9 +341,15 @@ impl Fingerprint {
     }
 
     /// A Service that may not exist.
-    fn service(&mut self, service: Option<&WatchedService>) -> Option<()> {
+    fn service(&mut self, service: Option<&StoredService>) -> Option<()> {
         self.value(&service.is_some());
-        service.map_or(Some(()), |service| self.object(&service.metadata))
+        service.map_or(Some(()), |service| self.version(service.version))
+    }
+
+    /// A stored object's version; `None` if it has none.
+    fn version(&mut self, version: Option<u64>) -> Option<()> {
+        self.value(&version?);
+        Some(())
     }
 
     fn finish(&self) -> u64 {
@@ -379,9 +385,9 @@ fn fingerprint(index: &Index, fos: &FailoverService, node: &Locality) -> Option<
             let cluster = backing.cluster_name.as_deref().unwrap_or_default();
             index.mirrored_slices(cluster, &backing.namespace, &backing.name)
         };
-        inputs.value(&slices.map_or(0, BTreeMap::len));
-        for slice in slices.into_iter().flat_map(BTreeMap::values) {
-            inputs.object(&slice.metadata)?;
+        inputs.value(&slices.map_or(0, Slices::len));
+        for slice in slices.into_iter().flat_map(Slices::values) {
+            inputs.version(slice.version)?;
         }
     }
     for take_over in &fos.spec.take_over {
@@ -449,7 +455,7 @@ impl Index {
                 ));
                 continue;
             };
-            let vips = cluster_ips(service);
+            let vips = service.cluster_ips.clone();
             if vips.is_empty() {
                 problem(format!(
                     "takeOver: Service {}/{} has no ClusterIP (headless or ExternalName)",
@@ -485,7 +491,7 @@ impl Index {
             return vec![vip];
         }
         if let Some(service) = self.vip_service(namespace, name) {
-            let ips = cluster_ips(service);
+            let ips = service.cluster_ips.clone();
             if !ips.is_empty() {
                 return ips;
             }
@@ -517,7 +523,12 @@ impl Index {
                     ));
                     continue;
                 };
-                let Some(port_name) = service_port_name(service, spec.port.number) else {
+                let Some(port_name) = service
+                    .ports
+                    .iter()
+                    .find(|(_, port)| *port == i32::from(spec.port.number))
+                    .map(|(name, _)| name.to_string())
+                else {
                     problem(format!(
                         "backingServices[{priority}]: Service {}/{} has no port {}",
                         backing.namespace, backing.name, spec.port.number
@@ -535,44 +546,29 @@ impl Index {
                     labels::port_name(spec.port.number),
                 )
             };
-            for slice in slices.into_iter().flat_map(BTreeMap::values) {
+            for slice in slices.into_iter().flat_map(Slices::values) {
                 let Some(port) = slice
                     .ports
                     .iter()
-                    .flatten()
-                    .find(|port| port.name.as_deref().unwrap_or_default() == port_name)
-                    .and_then(|port| port.port)
-                    .and_then(|port| u16::try_from(port).ok())
-                    .filter(|port| *port != 0)
+                    .find(|(name, _)| **name == *port_name)
+                    .and_then(|(_, port)| *port)
                 else {
                     continue;
                 };
                 let region = if self.is_local(backing) {
                     node.region.clone()
                 } else {
-                    label(&slice.metadata.labels, labels::REGION)
-                        .unwrap_or_default()
-                        .to_owned()
+                    slice.region.as_deref().unwrap_or_default().to_owned()
                 };
-                for endpoint in slice.endpoints.iter().flatten() {
-                    let Some(address) = endpoint
-                        .addresses
-                        .first()
-                        .and_then(|address| address.parse::<IpAddr>().ok())
-                    else {
-                        continue;
-                    };
+                for endpoint in &slice.endpoints {
                     let chosen = Chosen {
-                        address,
+                        address: endpoint.address,
                         port,
-                        locality: locality(
-                            region.clone(),
-                            endpoint.zone.clone().unwrap_or_default(),
-                        ),
+                        locality: locality(region.clone(), endpoint.zone.to_string()),
                         priority,
                         cluster: cluster.clone(),
                     };
-                    match condition(endpoint) {
+                    match endpoint.condition {
                         Condition::Ready => ready.push(chosen),
                         Condition::Terminating => terminating.push(chosen),
                         Condition::Out => {}
@@ -587,60 +583,6 @@ impl Index {
         chosen.retain(|endpoint| seen.insert((endpoint.address, endpoint.port)));
         chosen
     }
-}
-
-enum Condition {
-    Ready,
-    Terminating,
-    Out,
-}
-
-fn condition(endpoint: &WatchedEndpoint) -> Condition {
-    let conditions = endpoint.conditions.as_ref();
-    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
-    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-    if ready && !terminating {
-        Condition::Ready
-    } else if serving {
-        Condition::Terminating
-    } else {
-        Condition::Out
-    }
-}
-
-fn cluster_ips(service: &WatchedService) -> Vec<IpAddr> {
-    let Some(spec) = &service.spec else {
-        return Vec::new();
-    };
-    // `clusterIPs` lists `clusterIP` first when both are set; older objects may have
-    // only the latter. "None" (headless) parses to nothing.
-    let mut ips: Vec<IpAddr> = Vec::new();
-    for ip in spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .chain(spec.cluster_ip.iter())
-    {
-        if let Ok(ip) = ip.parse() {
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
-        }
-    }
-    ips
-}
-
-/// The name of `service`'s port `number`, which its EndpointSlices use ("" when unnamed).
-fn service_port_name(service: &WatchedService, number: u16) -> Option<String> {
-    service
-        .spec
-        .as_ref()?
-        .ports
-        .iter()
-        .flatten()
-        .find(|port| port.port == i32::from(number))
-        .map(|port| port.name.clone().unwrap_or_default())
 }
 
 /// The FailoverService's policy fields, in the file's schema.
@@ -1417,7 +1359,7 @@ mod tests {
                     Event::FailoverService(i, 0) => { index.delete_failover_service("default", &format!("f{i}")); fos.remove(&i); }
                     Event::FailoverService(i, v) => { let o = incremental::failover_service(i, v, rv); index.apply_failover_service(o.clone()); fos.insert(i, o); }
                     Event::Service(i, 0) => { index.delete_service("default", &format!("s{i}")); services.remove(&i); }
-                    Event::Service(i, v) => { let o = incremental::service(i, v, rv); index.apply_service(o.clone()); services.insert(i, o); }
+                    Event::Service(i, v) => { let o = incremental::service(i, v, rv); index.apply_service(&o); services.insert(i, o); }
                     Event::Slice(i, 0) => {
                         if let Some(old) = slices.remove(&i) {
                             let old: &Arc<WatchedSlice> = &old;
@@ -1434,7 +1376,7 @@ mod tests {
                                 index.delete_slice(old.metadata.namespace.as_deref().unwrap_or_default(), &format!("e{i}"));
                             }
                         }
-                        index.apply_slice(o.clone());
+                        index.apply_slice(&o);
                         slices.insert(i, o);
                     }
                     Event::Node(v) => { index.set_node_labels(incremental::node(v)); world.node_labels = incremental::node(v); }

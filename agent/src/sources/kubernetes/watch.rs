@@ -70,9 +70,9 @@ const WATCHES: [&str; 4] = ["failoverservices", "services", "endpointslices", "n
 
 /// A kind the index files: how an event of it lands there.
 trait Indexed: Resource + Sized {
-    fn apply(index: &mut Index, object: Arc<Self>);
+    fn apply(index: &mut Index, object: Self);
     fn delete(index: &mut Index, object: &Self);
-    fn replace(index: &mut Index, listed: Vec<Arc<Self>>);
+    fn replace(index: &mut Index, listed: Vec<Self>);
 }
 
 fn names(object: &impl Resource) -> (&str, &str) {
@@ -84,41 +84,41 @@ fn names(object: &impl Resource) -> (&str, &str) {
 }
 
 impl Indexed for FailoverService {
-    fn apply(index: &mut Index, object: Arc<Self>) {
-        index.apply_failover_service(object);
+    fn apply(index: &mut Index, object: Self) {
+        index.apply_failover_service(Arc::new(object));
     }
     fn delete(index: &mut Index, object: &Self) {
         let (namespace, name) = names(object);
         index.delete_failover_service(namespace, name);
     }
-    fn replace(index: &mut Index, listed: Vec<Arc<Self>>) {
-        index.replace_failover_services(listed);
+    fn replace(index: &mut Index, listed: Vec<Self>) {
+        index.replace_failover_services(listed.into_iter().map(Arc::new).collect());
     }
 }
 
 impl Indexed for WatchedService {
-    fn apply(index: &mut Index, object: Arc<Self>) {
-        index.apply_service(object);
+    fn apply(index: &mut Index, object: Self) {
+        index.apply_service(&object);
     }
     fn delete(index: &mut Index, object: &Self) {
         let (namespace, name) = names(object);
         index.delete_service(namespace, name);
     }
-    fn replace(index: &mut Index, listed: Vec<Arc<Self>>) {
-        index.replace_services(listed);
+    fn replace(index: &mut Index, listed: Vec<Self>) {
+        index.replace_services(&listed);
     }
 }
 
 impl Indexed for WatchedSlice {
-    fn apply(index: &mut Index, object: Arc<Self>) {
-        index.apply_slice(object);
+    fn apply(index: &mut Index, object: Self) {
+        index.apply_slice(&object);
     }
     fn delete(index: &mut Index, object: &Self) {
         let (namespace, name) = names(object);
         index.delete_slice(namespace, name);
     }
-    fn replace(index: &mut Index, listed: Vec<Arc<Self>>) {
-        index.replace_slices(listed);
+    fn replace(index: &mut Index, listed: Vec<Self>) {
+        index.replace_slices(&listed);
     }
 }
 
@@ -127,7 +127,7 @@ struct Progress<K> {
     listed: bool,
     /// Objects of a relist, held until it is complete (`InitDone`): only then does the
     /// index swap to it, so a relist never empties a table in between.
-    relist: Option<Vec<Arc<K>>>,
+    relist: Option<Vec<K>>,
 }
 
 impl<K> Default for Progress<K> {
@@ -148,16 +148,14 @@ impl<K> Progress<K> {
                 Step::Nothing
             }
             watcher::Event::InitApply(object) => {
-                self.relist
-                    .get_or_insert_with(Vec::new)
-                    .push(Arc::new(object));
+                self.relist.get_or_insert_with(Vec::new).push(object);
                 Step::Nothing
             }
             watcher::Event::InitDone => {
                 self.listed = true;
                 Step::Listed(self.relist.take().unwrap_or_default())
             }
-            watcher::Event::Apply(object) => Step::Apply(Arc::new(object)),
+            watcher::Event::Apply(object) => Step::Apply(object),
             watcher::Event::Delete(object) => Step::Delete(object),
         }
     }
@@ -165,8 +163,8 @@ impl<K> Progress<K> {
 
 enum Step<K> {
     Nothing,
-    Listed(Vec<Arc<K>>),
-    Apply(Arc<K>),
+    Listed(Vec<K>),
+    Apply(K),
     Delete(K),
 }
 
