@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use detour_ebpf::MAX_SLOTS;
 
-use crate::config::{Config, ServiceConfig};
+use crate::config::{Config, EndpointConfig, ServiceConfig};
 use crate::health::Health;
 use crate::reconcile::{Desired, DesiredService, Passive, Table};
 use crate::selection::{self, Candidate, Selection, Tier};
@@ -30,9 +30,10 @@ pub const MAX_STANDBY_SLOTS: usize = 256;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedEndpoint {
     pub target: SocketAddr,
-    pub locality: String,
-    /// The cluster the endpoint runs in; empty when its source does not say.
-    pub cluster: String,
+    /// Its position in its service's `endpoints`, where its locality and cluster are
+    /// (see [`PlannedEndpoint::config`]): a plan holds no copy of them, as at 100,000
+    /// endpoints two strings each were a fifth of the plans' memory.
+    pub endpoint: usize,
     pub weight: u32,
     pub health: Health,
     /// Ejected by passive health (outlier detection).
@@ -42,6 +43,29 @@ pub struct PlannedEndpoint {
     pub in_table: bool,
     /// In the standby table (never also in the primary table).
     pub standby: bool,
+}
+
+impl PlannedEndpoint {
+    /// The endpoint's configuration, from the service it was planned from (`None` if
+    /// `service` is another one, or a newer version with fewer endpoints).
+    #[must_use]
+    pub fn config<'a>(&self, service: &'a ServiceConfig) -> Option<&'a EndpointConfig> {
+        service.endpoints.get(self.endpoint)
+    }
+
+    /// Its locality as text (`region/zone/subzone`), "" when unknown.
+    #[must_use]
+    pub fn locality(&self, service: &ServiceConfig) -> String {
+        self.config(service)
+            .map(|e| e.locality.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The cluster it runs in, "" when its source does not say.
+    #[must_use]
+    pub fn cluster<'a>(&self, service: &'a ServiceConfig) -> &'a str {
+        self.config(service).map_or("", |e| e.cluster.as_str())
+    }
 }
 
 /// The plan of one frontend.
@@ -138,15 +162,16 @@ pub fn plan_service(
         for port in &service.ports {
             for vip in &service.vips {
                 let same_family = |ip: &IpAddr| ip.is_ipv4() == vip.is_ipv4();
-                let endpoints: Vec<_> = service
+                let endpoints: Vec<(usize, &EndpointConfig)> = service
                     .endpoints
                     .iter()
-                    .filter(|ep| same_family(&ep.address))
+                    .enumerate()
+                    .filter(|(_, ep)| same_family(&ep.address))
                     .collect();
                 // One health lookup per endpoint: the plan is rebuilt on every change.
                 let healths: Vec<(SocketAddr, (Health, bool))> = endpoints
                     .iter()
-                    .map(|ep| {
+                    .map(|(_, ep)| {
                         let target = SocketAddr::new(ep.address, ep.port_for(port));
                         let verdict = (
                             health(&service.name, target),
@@ -158,7 +183,7 @@ pub fn plan_service(
                 let candidates: Vec<Candidate<SocketAddr>> = endpoints
                     .iter()
                     .zip(&healths)
-                    .map(|(ep, (target, (h, ejected)))| Candidate {
+                    .map(|((_, ep), (target, (h, ejected)))| Candidate {
                         key: *target,
                         locality: ep.locality.clone(),
                         weight: ep.weight,
@@ -180,22 +205,23 @@ pub fn plan_service(
                 let planned = endpoints
                     .iter()
                     .zip(healths)
-                    .map(|(ep, (target, (health, ejected)))| PlannedEndpoint {
-                        target,
-                        locality: ep.locality.to_string(),
-                        cluster: ep.cluster.clone(),
-                        weight: ep.weight,
-                        health,
-                        ejected,
-                        tier: selection::tier_of(
-                            &config.node.locality,
-                            &service.locality_lb,
-                            &ep.locality,
-                            ep.priority,
-                        ),
-                        in_table: members.contains(&target),
-                        standby: standbys.contains(&target),
-                    })
+                    .map(
+                        |((endpoint, ep), (target, (health, ejected)))| PlannedEndpoint {
+                            target,
+                            endpoint: *endpoint,
+                            weight: ep.weight,
+                            health,
+                            ejected,
+                            tier: selection::tier_of(
+                                &config.node.locality,
+                                &service.locality_lb,
+                                &ep.locality,
+                                ep.priority,
+                            ),
+                            in_table: members.contains(&target),
+                            standby: standbys.contains(&target),
+                        },
+                    )
                     .collect();
                 plans.push(FrontendPlan {
                     service: service.name.clone(),

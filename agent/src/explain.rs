@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use crate::api::{EndpointExplanation, FrontendExplanation, TierLoad};
+use crate::config::ServiceConfig;
 use crate::desired::{self, FrontendPlan, PlannedEndpoint};
 use crate::health::Health;
 use crate::selection::{Spill, Tier};
@@ -62,6 +63,7 @@ pub struct FrontendFacts {
 /// Explains `plan`: one entry per endpoint, in the plan's order. `observed` answers for
 /// each endpoint; `now` dates the end of ejections.
 pub fn explain(
+    service: &ServiceConfig,
     plan: &FrontendPlan,
     facts: &FrontendFacts,
     observed: impl Fn(&PlannedEndpoint) -> Observed,
@@ -71,7 +73,7 @@ pub fn explain(
     let endpoints = plan
         .endpoints
         .iter()
-        .map(|e| endpoint(plan, facts, e, &observed(e), now))
+        .map(|e| endpoint(service, plan, facts, e, &observed(e), now))
         .collect();
     FrontendExplanation {
         frontend: plan.frontend,
@@ -102,6 +104,7 @@ pub fn explain(
 }
 
 fn endpoint(
+    service: &ServiceConfig,
     plan: &FrontendPlan,
     facts: &FrontendFacts,
     e: &PlannedEndpoint,
@@ -215,8 +218,8 @@ fn endpoint(
 
     EndpointExplanation {
         address: e.target,
-        locality: e.locality.clone(),
-        cluster: e.cluster.clone(),
+        locality: e.locality(service),
+        cluster: e.cluster(service).to_owned(),
         weight: e.weight,
         tier: e.tier.to_string(),
         tier_active: tier_percent.is_some(),
@@ -300,6 +303,7 @@ services:
             |_, t| ejected.contains(&t.to_string().as_str()),
         );
         explain(
+            &cfg.services[0],
             &plans[0],
             &facts(),
             |e| Observed {
@@ -445,6 +449,7 @@ services:
             ..facts()
         };
         let x = explain(
+            &cfg.services[0],
             &plans[0],
             &facts,
             |_| Observed::default(),
@@ -463,6 +468,7 @@ services:
         let cfg = config::parse(MYDB).unwrap();
         let plans = desired::plan(&cfg, |_, _| Health::Unknown, |_, _| false);
         let x = explain(
+            &cfg.services[0],
             &plans[0],
             &facts(),
             |e| Observed {

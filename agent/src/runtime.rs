@@ -1104,6 +1104,7 @@ impl Agent {
                         .is_some_and(|r| r.frontends.contains(&plan.frontend)),
                 };
                 explain::explain(
+                    service,
                     plan,
                     &facts,
                     |e| explain::Observed {
@@ -1221,6 +1222,7 @@ impl Agent {
             .iter()
             .filter(|p| service.is_none_or(|s| s == p.service))
             .flat_map(|p| {
+                let config = self.config.service(&p.service);
                 p.endpoints.iter().map(move |e| {
                     let stats = self.stats(&e.target);
                     let outlier = self.passive.state(&p.service, e.target);
@@ -1229,8 +1231,8 @@ impl Agent {
                         service: p.service.clone(),
                         port: p.port,
                         address: e.target,
-                        locality: e.locality.clone(),
-                        cluster: e.cluster.clone(),
+                        locality: config.map(|c| e.locality(c)).unwrap_or_default(),
+                        cluster: config.map(|c| e.cluster(c)).unwrap_or_default().to_owned(),
                         health: e.health.to_string(),
                         weight: e.weight,
                         tier: e.tier.to_string(),
@@ -1339,6 +1341,7 @@ impl Agent {
         let mut seen = BTreeSet::new();
         let mut services: Vec<ServiceMetrics> = Vec::new();
         for plan in self.plans.iter() {
+            let config = self.config.service(&plan.service);
             let in_table = plan
                 .endpoints
                 .iter()
@@ -1364,7 +1367,7 @@ impl Agent {
                 backends.push(BackendMetrics {
                     service: plan.service.clone(),
                     backend: e.target.to_string(),
-                    locality: e.locality.clone(),
+                    locality: config.map(|c| e.locality(c)).unwrap_or_default(),
                     connects: stats.connects,
                     established: stats.established,
                     failures_refused: stats.refused,
