@@ -237,6 +237,36 @@ fn main() {
         total as f64 / (1024.0 * 1024.0),
         live().1 - start.1
     );
+
+    // What one EndpointSlice change costs the model: `bench`'s endpoint moves, as in
+    // `cargo xtask bench-kubernetes`, and the model is built again (medians of 21).
+    let mut times = Vec::new();
+    for change in 0..21u32 {
+        let to = if change % 2 == 0 {
+            "10.231.79.3"
+        } else {
+            "10.231.79.2"
+        };
+        let mut slice: WatchedSlice = serde_json::from_value(served(
+            bench_slice(to.parse().unwrap()),
+            100_000 + change as usize,
+        ))
+        .unwrap();
+        slim_metadata(&mut slice.metadata);
+        let started = Instant::now();
+        model.index_mut().apply_slice(&slice);
+        let built = model.build();
+        times.push(started.elapsed());
+        assert_eq!(
+            built.derived, 1,
+            "only bench's FailoverService is derived again"
+        );
+    }
+    times.sort();
+    println!(
+        "one EndpointSlice change through the index and the model: {:?} (median of 21)",
+        times[10]
+    );
     // Keeps everything alive up to here.
     drop((model, config, plans, passive, reconciler));
 }

@@ -329,6 +329,9 @@ pub struct Reconciler {
     next_service_id: u32,
     /// The last full apply refused some service: only a full apply may admit it.
     refusals_pending: bool,
+    /// Slot entries held: the sum of every frontend's `slots()`, kept as they change
+    /// (a sum over 100,000 frontends per change showed in the scoped path's cost).
+    slots: u64,
 }
 
 impl Reconciler {
@@ -346,6 +349,7 @@ impl Reconciler {
             max_slots: u32::MAX,
             next_backend_id: 0,
             next_service_id: 0,
+            slots: 0,
         }
     }
 
@@ -411,7 +415,7 @@ impl Reconciler {
 
     /// Slot entries in the maps: both generations of every frontend.
     pub fn slots_in_use(&self) -> u64 {
-        self.frontends.values().map(FrontendState::slots).sum()
+        self.slots
     }
 
     /// Backend ids in use, those waiting for their release delay included.
@@ -498,6 +502,7 @@ impl Reconciler {
         }
         self.next_service_id = self.next_service_id.max(entry.service_id.saturating_add(1));
         self.service_ids.insert(entry.service_id);
+        self.slots += u64::from(written[0]) + u64::from(written[1]);
         self.frontends.insert(
             frontend,
             FrontendState {
@@ -620,8 +625,9 @@ impl Reconciler {
         if self.refusals_pending || !self.untrusted.is_empty() {
             return None;
         }
-        let mut slots = self.slots_in_use();
-        let mut total = slots;
+        // The slot entries in use, counted (a pass over every frontend) only if some
+        // table needs more.
+        let mut total: Option<u64> = None;
         let mut new_ids: BTreeSet<SocketAddr> = BTreeSet::new();
         for &index in changed {
             let service = desired.services.get(index)?;
@@ -630,12 +636,17 @@ impl Reconciler {
                 self.frontends.get(frontend)?;
                 let need = self.frontend_need(*frontend, table);
                 new_ids.extend(need.ids);
-                let slots_only = Need {
-                    slots: need.slots,
-                    ..Need::default()
-                };
-                self.exceeded(&slots_only, total).is_none().then_some(())?;
-                total += need.slots;
+                if need.slots > 0 {
+                    let in_use = total.get_or_insert_with(|| self.slots_in_use());
+                    let slots_only = Need {
+                        slots: need.slots,
+                        ..Need::default()
+                    };
+                    self.exceeded(&slots_only, *in_use)
+                        .is_none()
+                        .then_some(())?;
+                    *in_use += need.slots;
+                }
             }
             new_ids.extend(
                 service
@@ -654,6 +665,8 @@ impl Reconciler {
             .filter_map(|addr| self.backend_id(addr))
             .collect();
         let mut report = ApplyReport::default();
+        // `apply_counted` keeps a count for the full path's admission; unused here.
+        let mut slots = 0;
         for &index in changed {
             let service = &desired.services[index];
             for backend in &service.backends {
@@ -669,6 +682,25 @@ impl Reconciler {
                         .flat_map(|f| f.live.iter().copied()),
                 );
                 self.apply_counted(maps, *frontend, table, &mut slots, &mut report);
+            }
+        }
+        // What the changed services still name is referenced: no need to look further.
+        for &index in changed {
+            let service = &desired.services[index];
+            for addr in &service.backends {
+                if let Some(id) = self.backend_id(addr) {
+                    candidates.remove(&id);
+                }
+            }
+            for frontend in service.tables.keys() {
+                for id in self
+                    .frontends
+                    .get(frontend)
+                    .into_iter()
+                    .flat_map(|f| &f.live)
+                {
+                    candidates.remove(id);
+                }
             }
         }
         if !candidates.is_empty() {
@@ -895,7 +927,9 @@ impl Reconciler {
         };
         let before = held(self);
         let result = self.apply_frontend(maps, frontend, table);
-        *slots = *slots + held(self) - before;
+        let after = held(self);
+        self.slots = self.slots + after - before;
+        *slots = (*slots + after).saturating_sub(before);
         match result {
             Ok(Change::None) => {}
             Ok(Change::Added) => report.added += 1,
@@ -1098,6 +1132,7 @@ impl Reconciler {
         };
         maps.delete_service(&frontend_key(frontend)).map_err(wrap)?;
         self.frontends.remove(&frontend);
+        self.slots -= state.slots();
         self.service_ids.remove(&state.service_id);
         for generation in 0..2u32 {
             for index in 0..state.written[generation as usize] {

@@ -128,8 +128,11 @@ pub fn build(inventory: &Inventory) -> Built {
 pub struct Model {
     index: Index,
     derived: FastMap<FailoverKey, Derived>,
-    /// The services the last build's assembly left out, by name.
+    /// The services the last build's assembly left out, by name, and why.
     left_out: BTreeSet<String>,
+    left_out_problems: Vec<Problem>,
+    /// The last build's configuration, for the next one to change in place.
+    last: Option<Config>,
 }
 
 /// What one FailoverService gave last time, and from which inputs.
@@ -148,6 +151,8 @@ impl Model {
             index: Index::new(cluster),
             derived: FastMap::default(),
             left_out: BTreeSet::new(),
+            left_out_problems: Vec::new(),
+            last: None,
         }
     }
 
@@ -201,6 +206,7 @@ impl Model {
         let index = &self.index;
         let mut fresh = 0;
         let mut same_order = names.is_some();
+        let mut rederived: Vec<FailoverKey> = Vec::new();
         let service_names = |derived: Option<&Derived>| -> Vec<String> {
             derived
                 .into_iter()
@@ -233,48 +239,73 @@ impl Model {
             if let Some(names) = &mut names {
                 names.extend(before.into_iter().chain(after));
             }
-            self.derived.insert(key, entry);
+            self.derived.insert(key.clone(), entry);
+            rederived.push(key);
         }
         let mut problems = Vec::new();
-        let mut candidates: Vec<Arc<ServiceConfig>> = Vec::with_capacity(index.order.len());
         for (_, key) in &index.order {
-            let Some(entry) = self.derived.get(key) else {
-                continue;
-            };
-            for message in &entry.problems {
+            for message in self.derived.get(key).into_iter().flat_map(|d| &d.problems) {
                 problems.push(Problem {
                     failover_service: format!("{}/{}", key.0, key.1),
                     message: message.clone(),
                 });
             }
-            candidates.extend(entry.services.iter().cloned());
         }
-        let (config, left_out) = config::assemble(node, candidates);
-        let left_out_names: BTreeSet<String> = left_out
-            .iter()
-            .map(|(service, _)| service.name.clone())
-            .collect();
-        if left_out_names != self.left_out {
-            // Who keeps a contested VIP:port changed.
-            same_order = false;
-            if let Some(names) = &mut names {
-                names.extend(left_out_names.symmetric_difference(&self.left_out).cloned());
+        // The services of what was derived afresh, in place in the last build's config,
+        // when that is all that changed (see `Config::with_replaced`); else the whole
+        // assembly.
+        let replaced = if same_order && names.is_some() {
+            let services: Vec<Arc<ServiceConfig>> = rederived
+                .iter()
+                .filter_map(|key| self.derived.get(key))
+                .flat_map(|d| d.services.iter().cloned())
+                .collect();
+            self.last
+                .as_ref()
+                .and_then(|last| last.with_replaced(&services))
+        } else {
+            None
+        };
+        let config = match replaced {
+            Some(config) => config,
+            None => {
+                let candidates: Vec<Arc<ServiceConfig>> = index
+                    .order
+                    .iter()
+                    .filter_map(|(_, key)| self.derived.get(key))
+                    .flat_map(|d| d.services.iter().cloned())
+                    .collect();
+                let (config, left_out) = config::assemble(node, candidates);
+                let left_out_names: BTreeSet<String> = left_out
+                    .iter()
+                    .map(|(service, _)| service.name.clone())
+                    .collect();
+                if left_out_names != self.left_out {
+                    // Who keeps a contested VIP:port changed.
+                    same_order = false;
+                    if let Some(names) = &mut names {
+                        names.extend(left_out_names.symmetric_difference(&self.left_out).cloned());
+                    }
+                    self.left_out = left_out_names;
+                }
+                self.left_out_problems = left_out
+                    .into_iter()
+                    .map(|(service, error)| Problem {
+                        // Which FailoverService it came from, as the service records.
+                        failover_service: match &service.origin {
+                            ServiceOrigin::FailoverService {
+                                namespace, name, ..
+                            } => format!("{namespace}/{name}"),
+                            ServiceOrigin::File { .. } => String::new(),
+                        },
+                        message: format!("{}: {error}", service.name),
+                    })
+                    .collect();
+                config
             }
-            self.left_out = left_out_names;
-        }
-        for (service, error) in left_out {
-            // Which FailoverService it came from, as the service itself records.
-            let failover_service = match &service.origin {
-                ServiceOrigin::FailoverService {
-                    namespace, name, ..
-                } => format!("{namespace}/{name}"),
-                ServiceOrigin::File { .. } => String::new(),
-            };
-            problems.push(Problem {
-                failover_service,
-                message: format!("{}: {error}", service.name),
-            });
-        }
+        };
+        problems.extend(self.left_out_problems.iter().cloned());
+        self.last = Some(config.clone());
         Built {
             config,
             problems,
