@@ -106,11 +106,25 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_SOCKETS)]
     max_sockets: u32,
     /// Where Prometheus scrapes `/metrics` (port 0: any free port, logged at start).
-    #[arg(long, default_value = "127.0.0.1:9474")]
+    #[arg(long, default_value = "127.0.0.1:9474", value_parser = parse_metrics_address)]
     metrics_address: SocketAddr,
 }
 
 type ApiCall = (Request, oneshot::Sender<Response>);
+
+/// `--metrics-address`: `IP:PORT`, or `:PORT` for the loopback address (`:0` picks a
+/// free port). Loopback, not every interface, for the short form: metrics go beyond
+/// the node only when asked for by address (the DaemonSet gives `0.0.0.0:9474`).
+fn parse_metrics_address(text: &str) -> Result<SocketAddr, String> {
+    let expected = || format!("{text:?}: expected IP:PORT (127.0.0.1:9474, [::1]:9474) or :PORT");
+    match text.strip_prefix(':') {
+        Some(port) => port
+            .parse::<u16>()
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+            .map_err(|_| expected()),
+        None => text.parse().map_err(|_| expected()),
+    }
+}
 
 /// Health by (service, target); ordered by service, so that a change to one service
 /// touches its range only (see [`of_service`]).
@@ -1724,6 +1738,30 @@ async fn stream_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metrics_address_takes_a_port_alone_for_loopback() {
+        assert_eq!(
+            parse_metrics_address(":0"),
+            Ok("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_address(":9474"),
+            Ok("127.0.0.1:9474".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_address("0.0.0.0:9474"),
+            Ok("0.0.0.0:9474".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_address("[::1]:80"),
+            Ok("[::1]:80".parse().unwrap())
+        );
+        for bad in ["", ":", ":x", ":70000", "9474", "localhost:9474"] {
+            let error = parse_metrics_address(bad).unwrap_err();
+            assert!(error.contains("expected IP:PORT"), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn of_service_is_that_services_range_whatever_the_family() {

@@ -12,7 +12,7 @@
 //! Invariants:
 //! - field names and shapes are the API's (`clusterIPs`, `endpoints[].conditions`), so
 //!   a test object written as a manifest deserializes into either type alike;
-//! - [`slim_metadata`] keeps what the model and the reflector need (name, namespace,
+//! - [`slim_metadata`] keeps what the index and the model need (name, namespace,
 //!   labels, resourceVersion, uid, creationTimestamp) and drops the rest (managedFields
 //!   above all, which is often bigger than the object).
 
