@@ -141,6 +141,8 @@ pub enum RestoreReject {
     OverCapacity(u32),
     #[error("the key is not one detour writes (padding set)")]
     NonCanonicalKey,
+    #[error("slot {index} of its live table is missing")]
+    MissingSlot { index: u32 },
 }
 
 /// The kernel's passive-health parameters of one frontend (see [`ServiceEntry`]).
@@ -455,19 +457,23 @@ impl Reconciler {
         if self.service_ids.contains(&entry.service_id) {
             return Ok(Err(RestoreReject::DuplicateServiceId(entry.service_id)));
         }
-        // Grows with the slots found, never from the count alone.
+        // Grows with the slots found, never from the count alone. A hole is not a table
+        // detour wrote (it writes every slot before the entry that counts them): the
+        // kernel would read past what is there, so the entry is rewritten, not adopted
+        // as the slots that happen to exist.
         let mut live = Vec::new();
         for index in 0..total {
             let slot = SlotKey::new(entry.service_id, entry.generation, index);
-            if let Some(id) = maps.slot(slot).map_err(restore)? {
-                if id >= self.max_backends {
-                    return Ok(Err(RestoreReject::BackendId {
-                        id,
-                        max: self.max_backends,
-                    }));
-                }
-                live.push(id);
+            let Some(id) = maps.slot(slot).map_err(restore)? else {
+                return Ok(Err(RestoreReject::MissingSlot { index }));
+            };
+            if id >= self.max_backends {
+                return Ok(Err(RestoreReject::BackendId {
+                    id,
+                    max: self.max_backends,
+                }));
             }
+            live.push(id);
         }
         let mut written = [0u32; 2];
         written[entry.generation as usize] = total;
