@@ -379,8 +379,12 @@ mod tests {
         backend.stop();
         let mut buf = [0u8; 16];
         let start = Instant::now();
-        let n = idle.read(&mut buf).unwrap_or(0);
-        assert_eq!(n, 0, "expected EOF or reset");
+        // EOF or a reset is the server closing; a timeout is it not closing.
+        match idle.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("expected EOF or a reset after stop, got {other:?}"),
+        }
         assert!(start.elapsed() < Duration::from_secs(1));
     }
 

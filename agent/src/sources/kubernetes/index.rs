@@ -19,7 +19,8 @@
 //!   everything (the node's labels) touches all;
 //! - a relist ([`Index::replace_services`] and its siblings) removes what the new list no
 //!   longer holds and files the rest, touching readers as single events would: the
-//!   result is the same as starting from that list;
+//!   result is the same as starting from that list. A relist in progress is held
+//!   staged ([`Index::stage_slice`]): in the compact form, never as whole objects;
 //! - lookups take `&str` keys and allocate nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -177,6 +178,27 @@ pub struct StoredEndpoint {
     /// "" when the slice gives none.
     pub zone: Arc<str>,
     pub condition: Condition,
+}
+
+/// A Service ready to be filed: what a relist holds until it is complete, so that a
+/// relist of every Service holds the compact form, not the objects.
+#[derive(Debug)]
+pub struct StagedService {
+    namespace: String,
+    name: String,
+    /// The FailoverService it is the VIP Service of ([`labels::FAILOVER_SERVICE`]).
+    owner: Option<String>,
+    stored: Arc<StoredService>,
+}
+
+/// An EndpointSlice ready to be filed (see [`StagedService`]).
+#[derive(Debug)]
+pub struct StagedSlice {
+    namespace: String,
+    name: String,
+    /// `None` for a slice the model reads nothing of.
+    home: Option<Input>,
+    stored: StoredSlice,
 }
 
 /// Whether an endpoint takes traffic, from its conditions as the API defines them.
@@ -465,8 +487,13 @@ impl Index {
     }
 
     pub fn apply_service(&mut self, service: &WatchedService) {
+        let staged = self.stage_service(service);
+        self.put_service(staged);
+    }
+
+    /// What the index keeps of `service` (its strings interned here).
+    pub fn stage_service(&mut self, service: &WatchedService) -> StagedService {
         let (namespace, name) = key_of(&service.metadata);
-        self.delete_service(&namespace, &name);
         let spec = service.spec.as_ref();
         // `clusterIPs` lists `clusterIP` first when both are set; older objects may have
         // only the latter. "None" (headless) parses to nothing.
@@ -494,19 +521,34 @@ impl Index {
                 )
             })
             .collect();
-        let stored = Arc::new(StoredService {
-            version: version(&service.metadata),
-            cluster_ips,
-            ports,
-        });
-        if let Some(owner) = label(&service.metadata.labels, labels::FAILOVER_SERVICE) {
+        StagedService {
+            namespace,
+            name,
+            owner: label(&service.metadata.labels, labels::FAILOVER_SERVICE).map(str::to_owned),
+            stored: Arc::new(StoredService {
+                version: version(&service.metadata),
+                cluster_ips,
+                ports,
+            }),
+        }
+    }
+
+    fn put_service(&mut self, staged: StagedService) {
+        let StagedService {
+            namespace,
+            name,
+            owner,
+            stored,
+        } = staged;
+        self.delete_service(&namespace, &name);
+        if let Some(owner) = owner {
             self.vip_services
-                .entry(&namespace, owner)
+                .entry(&namespace, &owner)
                 .insert(name.clone(), stored.clone());
-            self.owners.insert(&namespace, &name, owner.to_owned());
+            self.owners.insert(&namespace, &name, owner.clone());
             self.touch_readers(&Input::VipService {
                 namespace: namespace.clone(),
-                failover_service: owner.to_owned(),
+                failover_service: owner,
             });
         }
         self.services.insert(&namespace, &name, stored);
@@ -596,12 +638,32 @@ impl Index {
     }
 
     pub fn apply_slice(&mut self, slice: &WatchedSlice) {
+        let staged = self.stage_slice(slice);
+        self.put_slice(staged);
+    }
+
+    /// What the index keeps of `slice` (its strings interned here).
+    pub fn stage_slice(&mut self, slice: &WatchedSlice) -> StagedSlice {
         let (namespace, name) = key_of(&slice.metadata);
+        StagedSlice {
+            namespace,
+            name,
+            home: Self::home(slice),
+            stored: self.stored_slice(slice),
+        }
+    }
+
+    fn put_slice(&mut self, staged: StagedSlice) {
+        let StagedSlice {
+            namespace,
+            name,
+            home,
+            stored,
+        } = staged;
         self.delete_slice(&namespace, &name);
-        let Some(home) = Self::home(slice) else {
+        let Some(home) = home else {
             return;
         };
-        let stored = self.stored_slice(slice);
         if let Some(slices) = self.slices_at(&home) {
             slices.insert(name.clone(), stored);
         }
@@ -674,10 +736,10 @@ impl Index {
     }
 
     /// A relist of Services: see the module doc.
-    pub fn replace_services(&mut self, listed: &[impl AsRef<WatchedService>]) {
+    pub fn replace_services(&mut self, listed: Vec<StagedService>) {
         let kept: FastSet<FailoverKey> = listed
             .iter()
-            .map(|o| key_of(&o.as_ref().metadata))
+            .map(|o| (o.namespace.clone(), o.name.clone()))
             .collect();
         for (namespace, name) in self.services.keys() {
             if !kept.contains(&(namespace.clone(), name.clone())) {
@@ -685,15 +747,15 @@ impl Index {
             }
         }
         for service in listed {
-            self.apply_service(service.as_ref());
+            self.put_service(service);
         }
     }
 
     /// A relist of EndpointSlices: see the module doc.
-    pub fn replace_slices(&mut self, listed: &[impl AsRef<WatchedSlice>]) {
+    pub fn replace_slices(&mut self, listed: Vec<StagedSlice>) {
         let kept: FastSet<FailoverKey> = listed
             .iter()
-            .map(|o| key_of(&o.as_ref().metadata))
+            .map(|o| (o.namespace.clone(), o.name.clone()))
             .collect();
         for (namespace, name) in self.slice_homes.keys() {
             if !kept.contains(&(namespace.clone(), name.clone())) {
@@ -701,7 +763,7 @@ impl Index {
             }
         }
         for slice in listed {
-            self.apply_slice(slice.as_ref());
+            self.put_slice(slice);
         }
     }
 

@@ -176,8 +176,18 @@ impl Model {
         self.index.set_node_labels(inventory.node_labels.clone());
         self.index
             .replace_failover_services(inventory.failover_services.clone());
-        self.index.replace_services(&inventory.services);
-        self.index.replace_slices(&inventory.slices);
+        let services = inventory
+            .services
+            .iter()
+            .map(|s| self.index.stage_service(s))
+            .collect();
+        self.index.replace_services(services);
+        let slices = inventory
+            .slices
+            .iter()
+            .map(|s| self.index.stage_slice(s))
+            .collect();
+        self.index.replace_slices(slices);
     }
 
     /// The model from what the index holds. See the module invariants.

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::failover_service::FailoverService;
-use super::index::Index;
+use super::index::{Index, StagedService, StagedSlice};
 use super::model::{Built, Model};
 use super::objects::{slim_metadata, WatchedService, WatchedSlice};
 
@@ -70,9 +70,12 @@ const WATCHES: [&str; 4] = ["failoverservices", "services", "endpointslices", "n
 
 /// A kind the index files: how an event of it lands there.
 trait Indexed: Resource + Sized {
+    /// What a relist holds of each object until it is complete.
+    type Staged;
+    fn stage(index: &mut Index, object: Self) -> Self::Staged;
     fn apply(index: &mut Index, object: Self);
     fn delete(index: &mut Index, object: &Self);
-    fn replace(index: &mut Index, listed: Vec<Self>);
+    fn replace(index: &mut Index, listed: Vec<Self::Staged>);
 }
 
 fn names(object: &impl Resource) -> (&str, &str) {
@@ -84,6 +87,10 @@ fn names(object: &impl Resource) -> (&str, &str) {
 }
 
 impl Indexed for FailoverService {
+    type Staged = Arc<Self>;
+    fn stage(_: &mut Index, object: Self) -> Arc<Self> {
+        Arc::new(object)
+    }
     fn apply(index: &mut Index, object: Self) {
         index.apply_failover_service(Arc::new(object));
     }
@@ -91,12 +98,16 @@ impl Indexed for FailoverService {
         let (namespace, name) = names(object);
         index.delete_failover_service(namespace, name);
     }
-    fn replace(index: &mut Index, listed: Vec<Self>) {
-        index.replace_failover_services(listed.into_iter().map(Arc::new).collect());
+    fn replace(index: &mut Index, listed: Vec<Arc<Self>>) {
+        index.replace_failover_services(listed);
     }
 }
 
 impl Indexed for WatchedService {
+    type Staged = StagedService;
+    fn stage(index: &mut Index, object: Self) -> StagedService {
+        index.stage_service(&object)
+    }
     fn apply(index: &mut Index, object: Self) {
         index.apply_service(&object);
     }
@@ -104,12 +115,16 @@ impl Indexed for WatchedService {
         let (namespace, name) = names(object);
         index.delete_service(namespace, name);
     }
-    fn replace(index: &mut Index, listed: Vec<Self>) {
-        index.replace_services(&listed);
+    fn replace(index: &mut Index, listed: Vec<StagedService>) {
+        index.replace_services(listed);
     }
 }
 
 impl Indexed for WatchedSlice {
+    type Staged = StagedSlice;
+    fn stage(index: &mut Index, object: Self) -> StagedSlice {
+        index.stage_slice(&object)
+    }
     fn apply(index: &mut Index, object: Self) {
         index.apply_slice(&object);
     }
@@ -117,20 +132,21 @@ impl Indexed for WatchedSlice {
         let (namespace, name) = names(object);
         index.delete_slice(namespace, name);
     }
-    fn replace(index: &mut Index, listed: Vec<Self>) {
-        index.replace_slices(&listed);
+    fn replace(index: &mut Index, listed: Vec<StagedSlice>) {
+        index.replace_slices(listed);
     }
 }
 
 /// One watch's progress: whether it has listed once, and the relist under way.
-struct Progress<K> {
+struct Progress<T> {
     listed: bool,
-    /// Objects of a relist, held until it is complete (`InitDone`): only then does the
-    /// index swap to it, so a relist never empties a table in between.
-    relist: Option<Vec<K>>,
+    /// What a relist brought so far (staged: see [`Indexed::Staged`]), held until it
+    /// is complete (`InitDone`): only then does the index swap to it, so a relist
+    /// never empties a table in between.
+    relist: Option<Vec<T>>,
 }
 
-impl<K> Default for Progress<K> {
+impl<T> Default for Progress<T> {
     fn default() -> Self {
         Self {
             listed: false,
@@ -139,16 +155,17 @@ impl<K> Default for Progress<K> {
     }
 }
 
-impl<K> Progress<K> {
-    /// Takes one event; returns a complete relist, or the object of a single change.
-    fn take(&mut self, event: watcher::Event<K>) -> Step<K> {
+impl<T> Progress<T> {
+    /// Takes one event, staging what a relist brings; returns a complete relist, or the
+    /// object of a single change.
+    fn take<K>(&mut self, event: watcher::Event<K>, stage: impl FnOnce(K) -> T) -> Step<K, T> {
         match event {
             watcher::Event::Init => {
                 self.relist = Some(Vec::new());
                 Step::Nothing
             }
             watcher::Event::InitApply(object) => {
-                self.relist.get_or_insert_with(Vec::new).push(object);
+                self.relist.get_or_insert_with(Vec::new).push(stage(object));
                 Step::Nothing
             }
             watcher::Event::InitDone => {
@@ -159,19 +176,14 @@ impl<K> Progress<K> {
             watcher::Event::Delete(object) => Step::Delete(object),
         }
     }
-}
 
-enum Step<K> {
-    Nothing,
-    Listed(Vec<K>),
-    Apply(K),
-    Delete(K),
-}
-
-impl<K: Indexed> Progress<K> {
     /// Takes one event into `index`; returns whether something may have changed.
-    fn index(&mut self, event: watcher::Event<K>, index: &mut Index) -> bool {
-        match self.take(event) {
+    fn index<K: Indexed<Staged = T>>(
+        &mut self,
+        event: watcher::Event<K>,
+        index: &mut Index,
+    ) -> bool {
+        match self.take(event, |object| K::stage(index, object)) {
             Step::Nothing => false,
             Step::Listed(listed) => {
                 K::replace(index, listed);
@@ -187,6 +199,13 @@ impl<K: Indexed> Progress<K> {
             }
         }
     }
+}
+
+enum Step<K, T> {
+    Nothing,
+    Listed(Vec<T>),
+    Apply(K),
+    Delete(K),
 }
 
 /// Starts the watches; models go to `updates` until it is closed.
@@ -222,9 +241,9 @@ where
 
 #[derive(Default)]
 struct Watches {
-    failover_services: Progress<FailoverService>,
-    services: Progress<WatchedService>,
-    slices: Progress<WatchedSlice>,
+    failover_services: Progress<Arc<FailoverService>>,
+    services: Progress<StagedService>,
+    slices: Progress<StagedSlice>,
     node: Progress<Node>,
 }
 
@@ -244,7 +263,7 @@ impl Watches {
             Seen::Service(event) => self.services.index(event, index),
             Seen::Slice(event) => self.slices.index(event, index),
             Seen::Node(event) => {
-                let labels = match self.node.take(*event) {
+                let labels = match self.node.take(*event, |node| node) {
                     Step::Nothing => return false,
                     Step::Listed(nodes) => nodes.first().and_then(|n| n.metadata.labels.clone()),
                     Step::Apply(node) => node.metadata.labels.clone(),
