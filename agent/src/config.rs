@@ -1,4 +1,4 @@
-//! The standalone YAML configuration: the node's locality and, per service, its VIPs,
+//! The standalone YAML configuration: the node's locality and labels and, per service, its VIPs,
 //! ports, endpoints, locality failover policy, active health check, passive outlier
 //! detection and what happens to open connections when a backend goes away.
 //!
@@ -8,7 +8,8 @@
 //!
 //! Field names are Istio's where the concept is the same (`ServiceEntry.ports[].number`,
 //! `name`, `targetPort`; `endpoints[].address`, `ports`, `weight`, `locality`, `labels`;
-//! `DestinationRule...localityLbSetting.enabled`, `failover[].from/to`;
+//! `DestinationRule...localityLbSetting.enabled`, `failover[].from/to`,
+//! `failoverPriority` (matched against `node.labels`);
 //! `DestinationRule...outlierDetection.consecutiveErrors`, `consecutive5xxErrors`,
 //! `consecutiveLocalOriginFailures`, `interval`, `baseEjectionTime`, `maxEjectionTime`,
 //! `maxEjectionPercent`, `minHealthPercent`), plus detour's own `failoverOrder` (an
@@ -93,6 +94,34 @@ impl Config {
         self.by_name.get(name).map(|&at| &*self.services[at])
     }
 
+    /// The priority `endpoint` of `service` is selected at: its own, refined by the
+    /// service's `failoverPriority` when it has one. With N labels, an endpoint of
+    /// priority p that matches the node on its first k labels is at `p × (N + 1) + N −
+    /// k`: every priority keeps its place, and inside it the endpoints that match more
+    /// labels come first, as Istio's priority levels do. Locality tiers still order the
+    /// endpoints of one level. Validation keeps the result within [`MAX_PRIORITY`].
+    #[must_use]
+    pub fn priority_of(&self, service: &ServiceConfig, endpoint: &EndpointConfig) -> u32 {
+        let labels = &service.locality_lb.failover_priority;
+        if labels.is_empty() {
+            return endpoint.priority;
+        }
+        let n = labels.len() as u32;
+        let matched = labels
+            .iter()
+            .take_while(|label| {
+                let Some(have) = endpoint_label(endpoint, &label.key) else {
+                    return false;
+                };
+                match &label.value {
+                    Some(value) => have == value,
+                    None => node_label(&self.node, &label.key) == Some(have),
+                }
+            })
+            .count() as u32;
+        endpoint.priority * (n + 1) + (n - matched)
+    }
+
     /// This configuration with each of `services` in place of the service of its name,
     /// when that is all that changes: every one of them replaces a service that has the
     /// same frontends (VIPs and port numbers), so no VIP:port changes hands and the
@@ -164,7 +193,7 @@ impl Config {
                 &self.node.locality,
                 &service.locality_lb,
                 &endpoint.locality,
-                endpoint.priority,
+                self.priority_of(service, endpoint),
             );
             *tiers.entry(tier).or_default() += 1;
         }
@@ -225,6 +254,19 @@ impl fmt::Display for ConfigWarning {
 pub struct NodeConfig {
     /// Empty when the file has no `node`; then only `failoverOrder` orders backends.
     pub locality: Locality,
+    /// The node's labels, which `failoverPriority` compares endpoints' labels with (the
+    /// file's `node.labels`; a Kubernetes Node's own labels, and the cluster's name as
+    /// [`well_known::CLUSTER`]).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Labels that `failoverPriority` reads from an endpoint's (and the node's) locality
+/// and cluster when the labels themselves do not set them: Istio's names.
+pub mod well_known {
+    pub const REGION: &str = "topology.kubernetes.io/region";
+    pub const ZONE: &str = "topology.kubernetes.io/zone";
+    pub const SUBZONE: &str = "topology.istio.io/subzone";
+    pub const CLUSTER: &str = "topology.istio.io/cluster";
 }
 
 /// One failover service: the VIPs that connect() is rewritten from, and its backends.
@@ -580,6 +622,18 @@ pub struct LocalityLbSetting {
     /// `spill: strict | gradual` with `overprovisioningFactor` (Envoy's, in percent:
     /// 140 = 1.4, at least 100, only with `gradual`); default gradual 140.
     pub spill: Spill,
+    /// Istio's `failoverPriority`: labels, most important first. An endpoint that
+    /// matches the node on the first k of N labels (and not on label k+1) is at level
+    /// N - k inside its own priority (see [`Config::priority_of`]).
+    pub failover_priority: Vec<PriorityLabel>,
+}
+
+/// One `failoverPriority` entry: `key` (the endpoint's value must equal the node's) or
+/// `key=value` (the endpoint's value must be `value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriorityLabel {
+    pub key: String,
+    pub value: Option<String>,
 }
 
 impl Default for LocalityLbSetting {
@@ -589,6 +643,7 @@ impl Default for LocalityLbSetting {
             failover: Vec::new(),
             failover_order: Vec::new(),
             spill: Spill::default(),
+            failover_priority: Vec::new(),
         }
     }
 }
@@ -750,6 +805,14 @@ pub enum ConfigErrorKind {
     EmptyLocality { field: &'static str },
     #[error("failover from {from} to the same locality does nothing")]
     FailoverToItself { from: Locality },
+    #[error("label {key:?} is already failoverPriority[{first}]")]
+    RepeatedPriorityLabel { key: String, first: usize },
+    #[error(
+        "{labels} labels under {priorities} priorities need {} levels; at most {} fit \
+         (fewer labels, or fewer priorities)",
+        priorities * (labels + 1), MAX_PRIORITY + 1
+    )]
+    FailoverPriorityTooDeep { labels: u32, priorities: u32 },
     #[error("timeout {} is longer than the interval {}", humantime::format_duration(*timeout), humantime::format_duration(*interval))]
     TimeoutExceedsInterval {
         timeout: Duration,
@@ -885,6 +948,36 @@ pub fn service_from_json(value: serde_json::Value) -> Result<ServiceConfig, Conf
 /// Kubernetes rule (the oldest object wins, as Istio's ServiceEntries) where the file
 /// refuses itself whole: one bad object must not take the others down.
 #[must_use]
+/// An endpoint's label `key`: its own labels first, then its locality and cluster under
+/// their [`well_known`] names.
+fn endpoint_label<'a>(endpoint: &'a EndpointConfig, key: &str) -> Option<&'a str> {
+    if let Some(value) = endpoint.labels.get(key) {
+        return Some(value);
+    }
+    let derived = match key {
+        well_known::REGION => &endpoint.locality.region,
+        well_known::ZONE => &endpoint.locality.zone,
+        well_known::SUBZONE => &endpoint.locality.subzone,
+        well_known::CLUSTER => &endpoint.cluster,
+        _ => return None,
+    };
+    Some(derived.as_str()).filter(|v| !v.is_empty())
+}
+
+/// The node's label `key`: its labels first, then its locality.
+fn node_label<'a>(node: &'a NodeConfig, key: &str) -> Option<&'a str> {
+    if let Some(value) = node.labels.get(key) {
+        return Some(value);
+    }
+    let derived = match key {
+        well_known::REGION => &node.locality.region,
+        well_known::ZONE => &node.locality.zone,
+        well_known::SUBZONE => &node.locality.subzone,
+        _ => return None,
+    };
+    Some(derived.as_str()).filter(|v| !v.is_empty())
+}
+
 pub fn assemble(
     node: NodeConfig,
     candidates: Vec<Arc<ServiceConfig>>,
@@ -1172,10 +1265,15 @@ struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping with `locality`")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `locality` and `labels`"
+)]
 struct RawNode {
     #[serde(default)]
     locality: Locality,
+    #[serde(default, deserialize_with = "de_labels")]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1252,7 +1350,7 @@ fn default_weight() -> u32 {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with `enabled`, `failover`, `failoverOrder`, `spill` and `overprovisioningFactor`",
+    expecting = "a mapping with `enabled`, `failover`, `failoverOrder`, `failoverPriority`, `spill` and `overprovisioningFactor`",
     rename_all = "camelCase"
 )]
 struct RawLocalityLb {
@@ -1262,6 +1360,8 @@ struct RawLocalityLb {
     failover: Vec<RawFailoverRule>,
     #[serde(default)]
     failover_order: Vec<Locality>,
+    #[serde(default)]
+    failover_priority: Vec<String>,
     #[serde(default)]
     spill: Option<RawSpill>,
     #[serde(default, deserialize_with = "de_overprovisioning_factor")]
@@ -1801,9 +1901,11 @@ impl Validator<'_> {
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let node = NodeConfig {
-            locality: raw.node.map(|node| node.locality).unwrap_or_default(),
-        };
+        let (locality, labels) = raw
+            .node
+            .map(|node| (node.locality, node.labels))
+            .unwrap_or_default();
+        let node = NodeConfig { locality, labels };
         let root = FieldPath::default().key("services");
         let mut services: Vec<ServiceConfig> = Vec::new();
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -1884,6 +1986,16 @@ impl Validator<'_> {
             Some(raw_lb) => self.locality_lb(&path.key("localityLbSetting"), raw_lb)?,
             None => LocalityLbSetting::default(),
         };
+        if !locality_lb.failover_priority.is_empty() {
+            let labels = locality_lb.failover_priority.len() as u32;
+            let priorities = endpoints.iter().map(|e| e.priority).max().unwrap_or(0) + 1;
+            if priorities * (labels + 1) > MAX_PRIORITY + 1 {
+                return Err(self.error(
+                    &path.key("localityLbSetting").key("failoverPriority"),
+                    ConfigErrorKind::FailoverPriorityTooDeep { labels, priorities },
+                ));
+            }
+        }
         let health_check = match raw.health_check {
             Some(raw_check) => self.health_check(&path.key("healthCheck"), &raw.name, raw_check)?,
             None => HealthCheckConfig::default(),
@@ -2041,11 +2153,35 @@ impl Validator<'_> {
             },
             (Some(RawSpill::Gradual) | None, None) => Spill::default(),
         };
+        let mut failover_priority: Vec<PriorityLabel> = Vec::new();
+        for (index, entry) in raw.failover_priority.into_iter().enumerate() {
+            let entry_path = path.key("failoverPriority").index(index);
+            let (key, value) = match entry.split_once('=') {
+                Some((key, value)) => (key.to_owned(), Some(value.to_owned())),
+                None => (entry.clone(), None),
+            };
+            if key.is_empty() {
+                return Err(self.error(
+                    &entry_path,
+                    ConfigErrorKind::EmptyLocality {
+                        field: "a failoverPriority label",
+                    },
+                ));
+            }
+            if let Some(first) = failover_priority.iter().position(|l| l.key == key) {
+                return Err(self.error(
+                    &entry_path,
+                    ConfigErrorKind::RepeatedPriorityLabel { key, first },
+                ));
+            }
+            failover_priority.push(PriorityLabel { key, value });
+        }
         Ok(LocalityLbSetting {
             enabled: raw.enabled.unwrap_or(true),
             failover,
             failover_order: raw.failover_order,
             spill,
+            failover_priority,
         })
     }
 
@@ -2453,6 +2589,69 @@ mod tests {
     ";
 
     #[test]
+    fn failover_priority_orders_endpoints_by_the_leading_labels_they_share_with_the_node() {
+        let text = |priority: &str| {
+            format!(
+                "
+node:
+  locality: us-east1/us-east1-b
+  labels: {{team: a}}
+services:
+  - name: db
+    vips: [127.200.0.1]
+    ports: [{{number: 80}}]
+    localityLbSetting:
+      failoverPriority: {priority}
+    endpoints:
+      - {{address: 127.0.1.1, locality: us-east1/us-east1-b, labels: {{team: a}}}}
+      - {{address: 127.0.1.2, locality: us-east1/us-east1-c, labels: {{team: b}}}}
+      - {{address: 127.0.1.3, locality: us-west1/us-west1-a, labels: {{team: a}}}}
+      - {{address: 127.0.1.4, locality: us-east1/us-east1-b, labels: {{team: a}}, priority: 1}}
+"
+            )
+        };
+        let levels = |config: &Config| -> Vec<u32> {
+            let service = &config.services[0];
+            service
+                .endpoints
+                .iter()
+                .map(|e| config.priority_of(service, e))
+                .collect()
+        };
+        // Both labels, the region alone, neither (the team is not looked at once the
+        // region differs), and the next priority's best.
+        let config = parse_ok(&text("[topology.kubernetes.io/region, team]"));
+        assert_eq!(levels(&config), [0, 1, 2, 3]);
+        // `key=value` compares with the value, not the node's.
+        let config = parse_ok(&text("[team=b]"));
+        assert_eq!(levels(&config), [1, 0, 1, 3]);
+        // Without failoverPriority, priorities are the endpoints' own.
+        let config = parse_ok(&text("[]"));
+        assert_eq!(levels(&config), [0, 0, 0, 1]);
+        // And selection follows: the best level alone serves while it is healthy; with
+        // it down, the next level (not the next zone of the same level) takes over.
+        let config = parse_ok(&text("[topology.kubernetes.io/region, team]"));
+        let table = |down: &str| -> Vec<String> {
+            let plans = crate::desired::plan(
+                &config,
+                |_, t| {
+                    if t.to_string() == down {
+                        crate::health::Health::Unhealthy
+                    } else {
+                        crate::health::Health::Healthy
+                    }
+                },
+                |_, _| false,
+            );
+            let mut table: Vec<String> = plans[0].table.iter().map(ToString::to_string).collect();
+            table.dedup();
+            table
+        };
+        assert_eq!(table("none"), ["127.0.1.1:80"]);
+        assert_eq!(table("127.0.1.1:80"), ["127.0.1.2:80"]);
+    }
+
+    #[test]
     fn with_replaced_swaps_services_in_place_only_when_their_frontends_stay() {
         let config = parse_ok(
             "
@@ -2644,6 +2843,7 @@ services:
                 }],
                 failover_order: vec![],
                 spill: Spill::default(),
+                failover_priority: vec![],
             }
         );
         assert_eq!(mydb.health_check, HealthCheckConfig::default());
@@ -3265,6 +3465,43 @@ services:
                 ",
                 "services[0].localityLbSetting.failoverOrder[1] (line 8): a failoverOrder entry \
                  must not be empty",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    localityLbSetting:
+                      failoverPriority: [topology.kubernetes.io/region, =us-west]
+                ",
+                "services[0].localityLbSetting.failoverPriority[1] (line 6): a failoverPriority \
+                 label must not be empty",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    localityLbSetting:
+                      failoverPriority: [team, zone, team=a]
+                ",
+                "services[0].localityLbSetting.failoverPriority[2] (line 6): label \"team\" is \
+                 already failoverPriority[0]",
+            ),
+            (
+                "
+                services:
+                  - name: db
+                    vips: [127.200.0.1]
+                    ports: [{number: 80}]
+                    endpoints: [{address: 127.0.0.2, priority: 64}]
+                    localityLbSetting:
+                      failoverPriority: [team]
+                ",
+                "services[0].localityLbSetting.failoverPriority (line 7): 1 labels under 65 \
+                 priorities need 130 levels; at most 128 fit (fewer labels, or fewer priorities)",
             ),
             (
                 "

@@ -188,7 +188,7 @@ pub fn plan_service(
                         locality: ep.locality.clone(),
                         weight: ep.weight,
                         healthy: serviceable(*h, *ejected),
-                        priority: ep.priority,
+                        priority: config.priority_of(service, ep),
                     })
                     .collect();
                 let selected = selection::select(
@@ -216,7 +216,7 @@ pub fn plan_service(
                                 &config.node.locality,
                                 &service.locality_lb,
                                 &ep.locality,
-                                ep.priority,
+                                config.priority_of(service, ep),
                             ),
                             in_table: members.contains(&target),
                             standby: standbys.contains(&target),

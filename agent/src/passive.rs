@@ -188,7 +188,10 @@ fn tiered_targets(config: &Config, service: &ServiceConfig) -> Vec<(SocketAddr, 
     let tiers: Vec<Tier> = service
         .endpoints
         .iter()
-        .map(|ep| selection::tier_of(node, policy, &ep.locality, ep.priority))
+        .map(|ep| {
+            let priority = config.priority_of(service, ep);
+            selection::tier_of(node, policy, &ep.locality, priority)
+        })
         .collect();
     let ranks: Vec<&Tier> = tiers.iter().collect::<BTreeSet<_>>().into_iter().collect();
     let rank = |tier: &Tier| ranks.iter().position(|t| *t == tier).unwrap_or(0);

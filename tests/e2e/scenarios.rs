@@ -473,3 +473,50 @@ services:
     })?;
     Ok(())
 }
+
+#[test]
+fn failover_priority_prefers_the_endpoints_that_share_the_nodes_labels() -> Result<()> {
+    let mut w = World::new()?;
+    w.backend("same-zone-other-team", "127.10.19.1:8080")?;
+    w.backend("other-zone-same-team", "127.10.19.2:8080")?;
+    w.backend("other-region-same-team", "127.10.19.3:8080")?;
+    w.write_config(&format!(
+        r#"
+node:
+  locality: us-east1/us-east1-b
+  labels: {{team: payments}}
+services:
+  - name: labelled
+    vips: [127.210.19.1]
+    ports: [{{number: 80, targetPort: 8080}}]
+    localityLbSetting:
+      spill: strict
+      failoverPriority: [topology.kubernetes.io/region, team]
+    endpoints:
+      - {{address: 127.10.19.1, locality: us-east1/us-east1-b, labels: {{team: search}}}}
+      - {{address: 127.10.19.2, locality: us-east1/us-east1-c, labels: {{team: payments}}}}
+      - {{address: 127.10.19.3, locality: us-west/us-west-1a, labels: {{team: payments}}}}
+    healthCheck: {}
+"#,
+        health_checks("100ms")
+    ))?;
+    w.start_agent()?;
+    // Region and team match: it serves, though another endpoint is in the node's zone.
+    w.wait_endpoints("labelled", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.19.2:8080").is_ok_and(|e| e["in_table"] == true)
+    })?;
+    expect_answers(&w, "127.210.19.1:80", 10, &[("other-zone-same-team", 10)])?;
+    // Gone: the next level is the region alone (the team is not looked at once the
+    // region differs, so the other region's same team comes last).
+    w.stop_backend("other-zone-same-team");
+    w.wait_endpoints("labelled", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.19.1:8080").is_ok_and(|e| e["in_table"] == true)
+    })?;
+    expect_answers(&w, "127.210.19.1:80", 10, &[("same-zone-other-team", 10)])?;
+    w.stop_backend("same-zone-other-team");
+    w.wait_endpoints("labelled", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.19.3:8080").is_ok_and(|e| e["in_table"] == true)
+    })?;
+    expect_answers(&w, "127.210.19.1:80", 10, &[("other-region-same-team", 10)])?;
+    Ok(())
+}

@@ -94,6 +94,19 @@ pub fn node_locality(labels: &BTreeMap<String, String>) -> Locality {
     locality(region, zone)
 }
 
+/// The node's labels as `failoverPriority` compares them: the Node's own, and the
+/// cluster's name as Istio's `topology.istio.io/cluster` (unless the Node sets it), so
+/// that `failoverPriority: [topology.istio.io/cluster]` prefers this cluster's endpoints.
+fn node_labels(labels: &BTreeMap<String, String>, cluster: &str) -> BTreeMap<String, String> {
+    let mut labels = labels.clone();
+    if !cluster.is_empty() {
+        labels
+            .entry(config::well_known::CLUSTER.to_owned())
+            .or_insert_with(|| cluster.to_owned());
+    }
+    labels
+}
+
 fn locality(region: String, zone: String) -> Locality {
     if region.is_empty() {
         return Locality::default();
@@ -212,6 +225,7 @@ impl Model {
             };
         let node = NodeConfig {
             locality: node_locality(&self.index.node_labels),
+            labels: node_labels(&self.index.node_labels, &self.index.cluster),
         };
         let index = &self.index;
         let mut fresh = 0;
@@ -451,18 +465,6 @@ impl Index {
         let namespace = fos.namespace().unwrap_or_default();
         let name = fos.name_any();
         let spec = &fos.spec;
-        if !spec
-            .locality_lb_setting
-            .as_ref()
-            .is_none_or(|lb| lb.failover_priority.is_empty())
-        {
-            problem(
-                "localityLbSetting.failoverPriority is not supported yet: remove it \
-                 (detour orders endpoints by backingServices, zone, region and failover)"
-                    .to_owned(),
-            );
-            return Vec::new();
-        }
         let endpoints = self.endpoints(spec, node, problem);
         let policy = policy(spec);
         let mut documents = Vec::new();
@@ -645,6 +647,9 @@ fn policy(spec: &FailoverServiceSpec) -> Value {
         }
         if let Some(factor) = lb.overprovisioning_factor {
             setting.insert("overprovisioningFactor".into(), json!(factor));
+        }
+        if !lb.failover_priority.is_empty() {
+            setting.insert("failoverPriority".into(), json!(lb.failover_priority));
         }
         policy.insert("localityLbSetting".into(), Value::Object(setting));
     }
@@ -1204,6 +1209,46 @@ mod tests {
         let fewer = rebuild(&mut model, &inventory);
         assert_eq!((fewer.derived, fewer.config.services.len()), (0, 2));
         assert_eq!(fewer.config, build(&inventory).config);
+    }
+
+    #[test]
+    fn failover_priority_reaches_the_model_with_the_clusters_name_on_the_node() {
+        let mut inventory = versioned_inventory(1);
+        let mut fos = (*inventory.failover_services[0]).clone();
+        fos.spec.locality_lb_setting = Some(
+            serde_json::from_value(json!({
+                "failoverPriority": ["topology.istio.io/cluster", "topology.kubernetes.io/region=us-east1"],
+            }))
+            .unwrap(),
+        );
+        inventory.failover_services[0] = Arc::new(fos);
+        let built = build(&inventory);
+        assert!(built.problems.is_empty(), "{:?}", built.problems);
+        let service = &built.config.services[0];
+        assert_eq!(
+            service.locality_lb.failover_priority,
+            [
+                config::PriorityLabel {
+                    key: config::well_known::CLUSTER.into(),
+                    value: None
+                },
+                config::PriorityLabel {
+                    key: config::well_known::REGION.into(),
+                    value: Some("us-east1".into())
+                },
+            ]
+        );
+        assert_eq!(
+            built.config.node.labels.get(config::well_known::CLUSTER),
+            Some(&"kind1".to_owned())
+        );
+        // This cluster's endpoints, in the node's region: both labels match.
+        let levels: Vec<u32> = service
+            .endpoints
+            .iter()
+            .map(|e| built.config.priority_of(service, e))
+            .collect();
+        assert_eq!(levels, [0, 0]);
     }
 
     #[test]
