@@ -9,13 +9,13 @@
 //! read that key are marked touched, so the model re-derives those and reuses the rest.
 //!
 //! Invariants:
-//! - every object is filed under the key the model looks it up by ([`Input`]); an object
+//! - every object is filed under the key the model looks it up by (`Input`); an object
 //!   whose key changes (a slice relabelled, a Service that stops naming its
 //!   FailoverService) is moved, and the readers of the old key and of the new one are
 //!   both touched;
-//! - every FailoverService is registered as a reader of each [`Input`] its spec names,
+//! - every FailoverService is registered as a reader of each `Input` its spec names,
 //!   whether or not that object exists yet, so an object that appears later touches it;
-//! - what is touched accumulates until [`Index::take_touched`]; a change that affects
+//! - what is touched accumulates until `Index::take_touched`; a change that affects
 //!   everything (the node's labels) touches all;
 //! - a relist ([`Index::replace_services`] and its siblings) removes what the new list no
 //!   longer holds and files the rest, touching readers as single events would: the
@@ -151,7 +151,7 @@ impl<V> ByName<V> {
 /// What the index keeps of a Service: what the model reads of it, nothing more.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredService {
-    /// The object's identity and version, hashed (see [`version`]).
+    /// The object's identity and version, hashed (see `version`).
     pub version: Option<u64>,
     /// `clusterIPs` (or `clusterIP`), parsed; empty when headless.
     pub cluster_ips: Vec<IpAddr>,
@@ -162,7 +162,7 @@ pub struct StoredService {
 /// What the index keeps of an EndpointSlice.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredSlice {
-    /// The object's identity and version, hashed (see [`version`]).
+    /// The object's identity and version, hashed (see `version`).
     pub version: Option<u64>,
     /// Its [`labels::REGION`] label (mirrored slices carry their cluster's region).
     pub region: Option<Arc<str>>,
@@ -227,7 +227,7 @@ impl Condition {
     }
 }
 
-/// A key's hash, for [`Index::readers`] and [`Index::keys`].
+/// A key's hash, for `Index::readers` and `Index::keys`.
 fn hash(key: &impl std::hash::Hash) -> u64 {
     use std::hash::BuildHasher as _;
     foldhash::fast::FixedState::with_seed(0).hash_one(key)
@@ -348,7 +348,7 @@ pub struct Index {
     /// not keys: at 10,000 FailoverServices the keys' strings were most of the index.
     /// Exact all the same: an input hash that collides touches the readers of both
     /// inputs (harmless: the model then finds their fingerprints unchanged), and a key
-    /// hash resolves to every key that has it ([`Index::keys`]).
+    /// hash resolves to every key that has it (`Index::keys`).
     readers: FastMap<u64, SmallVec<[u64; 1]>>,
     /// FailoverService keys by their hash.
     keys: FastMap<u64, SmallVec<[FailoverKey; 1]>>,

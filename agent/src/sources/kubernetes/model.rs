@@ -134,9 +134,15 @@ pub fn build(inventory: &Inventory) -> Built {
 /// it takes over, its VIP Service, the node's locality and the cluster's name) are also
 /// fingerprinted by `resourceVersion`, so one whose inputs came back unchanged (a
 /// relist) reuses what it gave last time. Objects without a `resourceVersion` (never
-/// the case for objects from an API server) are never reused. Assembly across
-/// FailoverServices (who keeps a VIP:port) runs on every build, in precedence order:
-/// it depends on all of them, and costs a pass over their services, not a re-index.
+/// the case for objects from an API server) are never reused.
+///
+/// Assembly across FailoverServices (who keeps a VIP:port) depends on all of them: when
+/// the re-derived services keep their names, order and frontends, they replace their
+/// old selves in the last build's config in place (`Config::with_replaced`); otherwise
+/// the whole assembly runs again, in precedence order. Each build says which services
+/// may differ from the previous build's and whether their order held
+/// ([`Built::touched`], [`Built::same_order`]), so the agent's own work scales with the
+/// change too.
 #[derive(Debug, Default)]
 pub struct Model {
     index: Index,
