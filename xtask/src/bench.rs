@@ -79,7 +79,7 @@ pub struct ClientArgs {
     #[arg(long)]
     connects: u32,
     /// Unmeasured connects per target before the first run.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = WARMUP_CONNECTS)]
     warmup: u32,
     /// Pause after each line printed (the warm-up's and every run's), so the parent can
     /// read the kernel's program statistics between runs.
@@ -124,6 +124,9 @@ impl RunResult {
         1e9 / self.ns_per_connect()
     }
 }
+
+/// Unmeasured connects the client makes to each target before its first run.
+const WARMUP_CONNECTS: u32 = 1000;
 
 /// The client: runs inside the cgroup, prints one JSON line per run.
 pub fn client(args: &ClientArgs) -> Result<()> {
@@ -421,7 +424,7 @@ fn bench_with_agent(
     };
     let targets = [("direct", BACKEND), ("VIP", VIP)];
     eprintln!("  one target at a time, reading the programs' run time between runs");
-    run_client(&cgroup, &targets, args, deadline, Some(&mut between))
+    let timed = run_client(&cgroup, &targets, args, deadline, Some(&mut between))
         .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
     eprintln!(
         "  direct and VIP interleaved in blocks of {} connects",
@@ -429,9 +432,24 @@ fn bench_with_agent(
     );
     let results = run_client(&cgroup, &targets, args, deadline, None)
         .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
-    if let Some(connects) = bench_connects(&agent) {
-        notes.push(format!("the agent counted {connects} connects to `bench`"));
+    // Every connect the client made to the VIP went through the program: the kernel's
+    // count must be the client's, or the figures are not what they claim to measure.
+    // Two clients ran, each warming up first.
+    let made: u64 = timed
+        .iter()
+        .chain(&results)
+        .filter(|r| r.target == "VIP")
+        .map(|r| u64::from(r.connects))
+        .sum::<u64>()
+        + 2 * u64::from(WARMUP_CONNECTS);
+    let counted = bench_connects(&agent).context("reading the agent's count for `bench`")?;
+    if counted != made {
+        bail!("the kernel counted {counted} connects to `bench`, the client made {made}");
     }
+    notes.push(format!(
+        "the kernel counted {counted} connects to `bench`, as many as the clients made \
+         (warm-ups included)"
+    ));
     Ok((results, costs.rows(), notes))
 }
 
@@ -591,6 +609,7 @@ fn run_client(
         .arg("bench-client")
         .args(["--runs", &args.runs.to_string()])
         .args(["--connects", &args.connects.to_string()])
+        .args(["--warmup", &WARMUP_CONNECTS.to_string()])
         .args(["--pause-ms", &pause.as_millis().to_string()])
         // Program statistics need one target at a time; wall time is fairer interleaved.
         .args([
