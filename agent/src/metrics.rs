@@ -308,7 +308,7 @@ impl Collector for SnapshotCollector {
         gauges(
             e,
             "detour_service_backends_in_table",
-            "Backends in the service's kernel table.",
+            "Distinct backends (ip:port) in the service's kernel tables, over all its VIPs and ports.",
             services
                 .iter()
                 .map(|s| (service_labels(s), saturating_i64(s.backends_in_table))),
@@ -340,7 +340,7 @@ impl Collector for SnapshotCollector {
         let reconcile = &snapshot.reconcile;
         let mut family = e.encode_descriptor(
             "detour_reconcile_duration",
-            "Seconds from a change (config, health, ejection) to the BPF maps being written.",
+            "Seconds an apply takes: re-planning the services a change touched (config, health, ejection) and writing the BPF maps.",
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?;
@@ -756,7 +756,7 @@ detour_backend_in_table{service="web",backend="10.0.0.2:80",locality="eu/b"} 1
 # HELP detour_service_panic 1 while the service is in panic mode (too few usable backends; all are used), else 0.
 # TYPE detour_service_panic gauge
 detour_service_panic{service="web"} 0
-# HELP detour_service_backends_in_table Backends in the service's kernel table.
+# HELP detour_service_backends_in_table Distinct backends (ip:port) in the service's kernel tables, over all its VIPs and ports.
 # TYPE detour_service_backends_in_table gauge
 detour_service_backends_in_table{service="web"} 1
 # HELP detour_service_tier_info Always 1; the tier label names the best tier currently serving the service.
@@ -768,7 +768,7 @@ detour_events_received_total 100
 # HELP detour_events_dropped_total Connection events the kernel dropped because the ring buffer was full.
 # TYPE detour_events_dropped_total counter
 detour_events_dropped_total 4
-# HELP detour_reconcile_duration_seconds Seconds from a change (config, health, ejection) to the BPF maps being written.
+# HELP detour_reconcile_duration_seconds Seconds an apply takes: re-planning the services a change touched (config, health, ejection) and writing the BPF maps.
 # TYPE detour_reconcile_duration_seconds histogram
 detour_reconcile_duration_seconds_bucket{le="0.0001"} 0
 detour_reconcile_duration_seconds_bucket{le="0.00025"} 0

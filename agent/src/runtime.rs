@@ -1370,25 +1370,9 @@ impl Agent {
     fn metrics_snapshot(&self) -> Snapshot {
         let mut backends = Vec::new();
         let mut seen = BTreeSet::new();
-        let mut services: Vec<ServiceMetrics> = Vec::new();
+        let services = service_metrics(self.plans.iter(), |plan, e| self.in_kernel_table(plan, e));
         for plan in self.plans.iter() {
             let config = self.config.service(&plan.service);
-            let in_table = plan
-                .endpoints
-                .iter()
-                .filter(|e| self.in_kernel_table(plan, e))
-                .count() as u64;
-            // A service's plans are contiguous (planned service by service), so only the
-            // last row can be this service's; a search made scrapes quadratic.
-            match services.last_mut().filter(|s| s.service == plan.service) {
-                Some(s) => s.backends_in_table += in_table,
-                None => services.push(ServiceMetrics {
-                    service: plan.service.clone(),
-                    tier: tier_name(plan),
-                    panic: plan.tier == Some(Tier::Panic),
-                    backends_in_table: in_table,
-                }),
-            }
             for e in &plan.endpoints {
                 if !seen.insert((plan.service.clone(), e.target)) {
                     continue;
@@ -1450,6 +1434,39 @@ fn join_ports(ports: &[u16]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// One row per service: its first frontend's tier, whether it is in panic, and how many
+/// distinct backends (`ip:port`) its kernel tables hold. A backend in the tables of two
+/// VIPs of the service counts once. `plans` are service by service, as the plan cache
+/// holds them, so only the last row can be a plan's service.
+fn service_metrics<'a>(
+    plans: impl Iterator<Item = &'a FrontendPlan>,
+    in_table: impl Fn(&FrontendPlan, &PlannedEndpoint) -> bool,
+) -> Vec<ServiceMetrics> {
+    let mut services: Vec<ServiceMetrics> = Vec::new();
+    let mut targets: BTreeSet<SocketAddr> = BTreeSet::new();
+    for plan in plans {
+        if services.last().is_none_or(|s| s.service != plan.service) {
+            targets.clear();
+            services.push(ServiceMetrics {
+                service: plan.service.clone(),
+                tier: tier_name(plan),
+                panic: plan.tier == Some(Tier::Panic),
+                backends_in_table: 0,
+            });
+        }
+        targets.extend(
+            plan.endpoints
+                .iter()
+                .filter(|e| in_table(plan, e))
+                .map(|e| e.target),
+        );
+        if let Some(row) = services.last_mut() {
+            row.backends_in_table = targets.len() as u64;
+        }
+    }
+    services
 }
 
 fn tier_name(plan: &FrontendPlan) -> String {
@@ -1738,6 +1755,33 @@ async fn stream_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_in_the_tables_of_two_vips_counts_once() {
+        let config = detour_agent::config::parse(
+            "
+services:
+  - name: two-vips
+    vips: [127.200.0.1, 127.200.0.2]
+    ports: [{number: 80}]
+    endpoints: [{address: 127.0.1.1}, {address: 127.0.1.2}]
+  - name: one
+    vips: [127.200.0.3]
+    ports: [{number: 80}, {number: 81}]
+    endpoints: [{address: 127.0.1.3}]
+",
+        )
+        .unwrap();
+        let plans = detour_agent::desired::plan(&config, |_, _| Health::Healthy, |_, _| false);
+        let rows = service_metrics(plans.iter(), |_, e| e.in_table);
+        let counts: Vec<(&str, u64)> = rows
+            .iter()
+            .map(|r| (r.service.as_str(), r.backends_in_table))
+            .collect();
+        // Two backends behind two VIPs: 2, not 4. One address on two ports: two
+        // backends (ip:port), as the kernel's tables name them.
+        assert_eq!(counts, [("two-vips", 2), ("one", 2)]);
+    }
 
     #[test]
     fn the_metrics_address_takes_a_port_alone_for_loopback() {
