@@ -717,36 +717,59 @@ impl Reconciler {
 
     /// Starts the release delay of the backends among `candidates` (ids) that no live
     /// table and no service of `desired` names.
-    fn mark_unreferenced(
-        &mut self,
+    fn mark_unreferenced(&mut self, desired: &Desired, candidates: BTreeSet<u32>, now: Instant) {
+        for addr in self.unnamed(desired, candidates).into_keys() {
+            if let Some(state) = self.backends.get_mut(&addr) {
+                state.unreferenced_since.get_or_insert(now);
+            }
+        }
+    }
+
+    /// The backends among `candidates` (ids) that no live table and no service of
+    /// `desired` names, by address: one pass over the live tables and, while any is
+    /// left, over the configured backends.
+    fn unnamed(
+        &self,
         desired: &Desired,
         mut candidates: BTreeSet<u32>,
-        now: Instant,
-    ) {
+    ) -> HashMap<SocketAddr, u32> {
         for frontend in self.frontends.values() {
             for id in &frontend.live {
                 candidates.remove(id);
             }
         }
-        let mut addresses: HashMap<SocketAddr, u32> = self
+        let mut unnamed: HashMap<SocketAddr, u32> = self
             .backends
             .iter()
             .filter(|(_, state)| candidates.contains(&state.id))
             .map(|(addr, state)| (*addr, state.id))
             .collect();
         for service in &desired.services {
-            if addresses.is_empty() {
+            if unnamed.is_empty() {
                 break;
             }
             for backend in &service.backends {
-                addresses.remove(backend);
+                unnamed.remove(backend);
             }
         }
-        for addr in addresses.keys() {
-            if let Some(state) = self.backends.get_mut(addr) {
-                state.unreferenced_since.get_or_insert(now);
-            }
+        unnamed
+    }
+
+    /// Clears `release` (address, id) from the maps and forgets them; returns how many.
+    fn clear_backends(
+        &mut self,
+        maps: &mut impl Maps,
+        release: impl IntoIterator<Item = (SocketAddr, u32)>,
+    ) -> Result<usize, ReconcileError> {
+        let mut count = 0;
+        for (addr, id) in release {
+            maps.clear_backend(id)
+                .map_err(|source| ReconcileError::Release { id, source })?;
+            self.backends.remove(&addr);
+            self.backend_ids.remove(&id);
+            count += 1;
         }
+        Ok(count)
     }
 
     /// Clears the backends whose release delay is over and that no live table and no
@@ -773,37 +796,14 @@ impl Reconciler {
         if expired.is_empty() {
             return Ok(0);
         }
-        let mut still = expired.clone();
-        for frontend in self.frontends.values() {
-            for id in &frontend.live {
-                still.remove(id);
-            }
-        }
-        let mut release: HashMap<SocketAddr, u32> = self
-            .backends
-            .iter()
-            .filter(|(_, state)| still.contains(&state.id))
-            .map(|(addr, state)| (*addr, state.id))
-            .collect();
-        for service in &desired.services {
-            for backend in &service.backends {
-                release.remove(backend);
-            }
-        }
+        let release = self.unnamed(desired, expired.clone());
         // Named again: no longer waiting.
         for (addr, state) in &mut self.backends {
             if expired.contains(&state.id) && !release.contains_key(addr) {
                 state.unreferenced_since = None;
             }
         }
-        let count = release.len();
-        for (addr, id) in release {
-            maps.clear_backend(id)
-                .map_err(|source| ReconcileError::Release { id, source })?;
-            self.backends.remove(&addr);
-            self.backend_ids.remove(&id);
-        }
-        Ok(count)
+        self.clear_backends(maps, release)
     }
 
     /// Whether the last full apply left a service refused, waiting for room that only a
@@ -1226,14 +1226,7 @@ impl Reconciler {
                 release.push((*addr, state.id));
             }
         }
-        let count = release.len();
-        for (addr, id) in release {
-            maps.clear_backend(id)
-                .map_err(|source| ReconcileError::Release { id, source })?;
-            self.backends.remove(&addr);
-            self.backend_ids.remove(&id);
-        }
-        Ok(count)
+        self.clear_backends(maps, release)
     }
 
     /// Whether some backend is waiting for its release delay (the caller should call
