@@ -66,18 +66,6 @@ pub struct WatchedEndpoint {
     pub zone: Option<String>,
 }
 
-impl AsRef<Self> for WatchedService {
-    fn as_ref(&self) -> &Self {
-        self
-    }
-}
-
-impl AsRef<Self> for WatchedSlice {
-    fn as_ref(&self) -> &Self {
-        self
-    }
-}
-
 /// Drops what no reader of a watched object needs from its metadata.
 pub fn slim_metadata(metadata: &mut ObjectMeta) {
     let ObjectMeta {
