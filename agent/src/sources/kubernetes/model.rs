@@ -38,12 +38,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt as _;
 use serde_json::{json, Value};
 
 use super::failover_service::{FailoverService, FailoverServiceSpec};
-use super::index::{Condition, FailoverKey, FastMap, Index, Slices, StoredService, Touched};
+use super::index::{
+    version, Condition, FailoverKey, FastMap, Index, Slices, StoredService, Touched,
+};
 use super::labels;
 use super::objects::{WatchedService, WatchedSlice};
 use crate::config::{self, Config, Locality, NodeConfig, ObjectName, ServiceConfig, ServiceOrigin};
@@ -394,20 +395,14 @@ impl Fingerprint {
         value.hash(&mut self.0);
     }
 
-    /// An object by identity and version; `None` if it has no version.
-    fn object(&mut self, meta: &ObjectMeta) -> Option<()> {
-        self.value(&meta.uid);
-        self.value(meta.resource_version.as_ref()?);
-        Some(())
-    }
-
     /// A Service that may not exist.
     fn service(&mut self, service: Option<&StoredService>) -> Option<()> {
         self.value(&service.is_some());
         service.map_or(Some(()), |service| self.version(service.version))
     }
 
-    /// A stored object's version; `None` if it has none.
+    /// An object's version (`index::version`: identity and resourceVersion); `None` if
+    /// it has none.
     fn version(&mut self, version: Option<u64>) -> Option<()> {
         self.value(&version?);
         Some(())
@@ -431,7 +426,7 @@ struct Chosen {
 /// when one of them has no `resourceVersion` to tell its versions apart.
 fn fingerprint(index: &Index, fos: &FailoverService, node: &Locality) -> Option<u64> {
     let mut inputs = Fingerprint::default();
-    inputs.object(&fos.metadata)?;
+    inputs.version(version(&fos.metadata))?;
     inputs.value(&index.cluster);
     inputs.value(node);
     let namespace = fos.metadata.namespace.as_deref().unwrap_or_default();
