@@ -6,11 +6,13 @@
 //! The maps are an in-memory stand-in (hash maps), so this measures the reconciler's own
 //! work, not the kernel's map updates. Medians of 21 changes each.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use detour_agent::reconcile::{Desired, DesiredService, MapOpError, Maps, Reconciler, Table};
+use litemap::LiteMap;
+
 use detour_ebpf::{Backend, FrontendKey, ServiceEntry, SlotKey};
 
 const FRONTENDS: u32 = 100_000;
@@ -75,8 +77,8 @@ fn desired() -> Desired {
                 .collect();
             DesiredService {
                 name: format!("s{j}"),
-                tables: BTreeMap::from([(frontend, Table::plain(backends.clone()))]),
-                backends: backends.into_iter().collect::<BTreeSet<_>>(),
+                tables: LiteMap::from_iter([(frontend, Table::plain(backends.clone()))]),
+                backends,
             }
         })
         .collect();
@@ -87,7 +89,7 @@ fn desired() -> Desired {
 fn flip(desired: &mut Desired, change: usize) {
     let service = &mut desired.services[0];
     let both: Vec<SocketAddr> = service.backends.iter().copied().collect();
-    let table = service.tables.values_mut().next().expect("one frontend");
+    let (_, table) = service.tables.iter_mut().next().expect("one frontend");
     table.slots = if change.is_multiple_of(2) {
         vec![both[0]]
     } else {
@@ -150,9 +152,9 @@ fn move_endpoint(desired: &mut Desired, change: usize) -> SocketAddr {
     let service = &mut desired.services[1];
     let old = *service.backends.first().expect("two backends");
     let new = addr(&format!("127.250.{}.{}:9000", change / 256, change % 256));
-    service.backends.remove(&old);
-    service.backends.insert(new);
-    let table = service.tables.values_mut().next().expect("one frontend");
+    service.backends.retain(|b| *b != old);
+    service.add_backends([new]);
+    let (_, table) = service.tables.iter_mut().next().expect("one frontend");
     table.slots = service.backends.iter().copied().collect();
     old
 }

@@ -282,9 +282,7 @@ fn add_plan(service: &mut DesiredService, p: &FrontendPlan) {
             passive: p.passive,
         },
     );
-    service
-        .backends
-        .extend(p.endpoints.iter().map(|e| e.target));
+    service.add_backends(p.endpoints.iter().map(|e| e.target));
 }
 
 #[cfg(test)]

@@ -57,6 +57,8 @@
 //! written anew, switched in one update) or deletes it (not desired).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use litemap::LiteMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -193,16 +195,30 @@ impl Desired {
 }
 
 /// What one service should serve.
+///
+/// Both collections are sorted vectors, not B-trees: a service has one frontend or a
+/// few and some ten backends, and at 10,000 services a B-tree's first node each (room
+/// for eleven entries) was 14 MB.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredService {
     /// The name [`Refusal`]s report.
     pub name: String,
-    /// Tables by frontend.
-    pub tables: BTreeMap<SocketAddr, Table>,
-    /// Every configured backend of the service, in a table or not. Each keeps its id
+    /// Tables by frontend, in frontend order.
+    pub tables: LiteMap<SocketAddr, Table>,
+    /// Every configured backend of the service, in a table or not: sorted, no
+    /// duplicates ([`DesiredService::add_backends`] keeps it so). Each keeps its id
     /// (and so its kernel counters) while it is configured, and a failover target's
     /// address is in the maps before any table needs it.
-    pub backends: BTreeSet<SocketAddr>,
+    pub backends: Vec<SocketAddr>,
+}
+
+impl DesiredService {
+    /// Adds `backends` to the configured ones, keeping them sorted and unique.
+    pub fn add_backends(&mut self, backends: impl IntoIterator<Item = SocketAddr>) {
+        self.backends.extend(backends);
+        self.backends.sort_unstable();
+        self.backends.dedup();
+    }
 }
 
 /// A map size the reconciler keeps within, named as the agent's flag.
@@ -1455,16 +1471,17 @@ mod tests {
 
     /// A service with the given frontends and tables; its backends are those they name.
     fn service(name: &str, frontends: &[(&str, &[&str])]) -> DesiredService {
-        let tables: BTreeMap<SocketAddr, Table> = frontends
+        let tables: LiteMap<SocketAddr, Table> = frontends
             .iter()
             .map(|(f, bs)| (sa(f), Table::plain(bs.iter().map(|b| sa(b)).collect())))
             .collect();
-        let backends = tables.values().flat_map(|t| t.slots.clone()).collect();
-        DesiredService {
+        let mut service = DesiredService {
             name: name.to_string(),
-            tables,
-            backends,
-        }
+            ..DesiredService::default()
+        };
+        service.add_backends(tables.values().flat_map(|t| t.slots.clone()));
+        service.tables = tables;
+        service
     }
 
     /// A reconciler with the fake's limits.
@@ -1577,7 +1594,7 @@ mod tests {
         // later never needs an id that is not there.
         let (mut maps, mut r) = sized(16, 2, 64);
         let mut s1 = service("s1", &[("127.200.0.1:80", &["127.0.1.1:80"])]);
-        s1.backends.insert(sa("127.0.9.1:80"));
+        s1.add_backends([sa("127.0.9.1:80")]);
         let want = Desired {
             services: vec![s1, service("s2", &[("127.200.0.2:80", &["127.0.2.1:80"])])],
         };
@@ -1713,11 +1730,16 @@ mod tests {
                 .enumerate()
                 .map(|(i, (configured, slots))| DesiredService {
                     name: format!("s{i}"),
-                    tables: BTreeMap::from([(
+                    tables: LiteMap::from_iter([(
                         sa(&format!("127.200.0.{}:80", i + 1)),
                         Table::plain(slots.clone()),
                     )]),
-                    backends: configured.iter().copied().collect(),
+                    backends: configured
+                        .iter()
+                        .copied()
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
                 })
                 .collect(),
         }
@@ -2090,7 +2112,7 @@ mod tests {
         let mut r = Reconciler::new(16, 16);
         let t0 = Instant::now();
         let mut want = desired(&[("127.200.0.1:80", &["127.0.1.1:8080"])]);
-        want.services[0].backends.insert(sa("127.0.2.1:8080"));
+        want.services[0].add_backends([sa("127.0.2.1:8080")]);
         r.apply(&mut maps, &want, t0);
         let standby = r
             .backend_id(&sa("127.0.2.1:8080"))
@@ -2454,20 +2476,19 @@ mod tests {
                 ),
             ) -> Desired {
                 // IPv4 frontends and backends only, so every table is valid.
-                let tables: BTreeMap<SocketAddr, Table> = tables
+                let tables: LiteMap<SocketAddr, Table> = tables
                     .into_iter()
                     .map(|(f, bs)| {
                         (sa(FRONTENDS[f]), Table::plain(bs.into_iter().map(|b| sa(BACKENDS[b])).collect()))
                     })
                     .collect();
-                let backends = tables.values().flat_map(|t| t.slots.clone()).collect();
-                Desired {
-                    services: vec![DesiredService {
-                        name: "any".into(),
-                        tables,
-                        backends,
-                    }],
-                }
+                let mut service = DesiredService {
+                    name: "any".into(),
+                    ..DesiredService::default()
+                };
+                service.add_backends(tables.values().flat_map(|t| t.slots.clone()));
+                service.tables = tables;
+                Desired { services: vec![service] }
             }
         }
 
