@@ -67,7 +67,9 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Unexpected, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
+use smallvec::SmallVec;
 
+use crate::intern::intern;
 use crate::outlier::{EjectionPolicy, EjectionSettings, OutlierError};
 use crate::selection::{Spill, Tier};
 
@@ -449,10 +451,10 @@ impl fmt::Display for Protocol {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointConfig {
     pub address: IpAddr,
-    /// Backend port by service port name, in name order; overrides `targetPort` and
-    /// `number`. A `Vec`, not a map: an endpoint names one port or a few, and at
-    /// 100,000 endpoints a `BTreeMap` node each was 30 MB.
-    pub ports: Vec<(String, u16)>,
+    /// Backend port by service port name ([`intern`]ed), in name order; overrides
+    /// `targetPort` and `number`. Not a map: an endpoint names one port or a few, and at
+    /// 100,000 endpoints a `BTreeMap` node each was 30 MB; one is held inline.
+    pub ports: SmallVec<[(Arc<str>, u16); 1]>,
     /// Share of traffic within its tier, `1..=1_000_000`; 1 when unset.
     pub weight: u32,
     /// Empty when unset: such an endpoint is only ever in the `other` tier.
@@ -465,7 +467,8 @@ pub struct EndpointConfig {
     pub priority: u32,
     /// The cluster the endpoint runs in; empty when the source does not say (the file
     /// may, for what the CLI shows). Informational: selection never reads it.
-    pub cluster: String,
+    /// [`intern`]ed.
+    pub cluster: Arc<str>,
 }
 
 /// The highest endpoint priority (Envoy has no bound; detour keeps tiers few).
@@ -478,7 +481,7 @@ impl EndpointConfig {
     pub fn port_for(&self, port: &PortConfig) -> u16 {
         self.ports
             .iter()
-            .find(|(name, _)| *name == port.name)
+            .find(|(name, _)| **name == *port.name)
             .map(|(_, number)| *number)
             .or(port.target_port)
             .unwrap_or(port.number)
@@ -495,11 +498,27 @@ impl EndpointConfig {
 /// Parsed from `"us-east1"`, `"us-east1/us-east1-b"` or `"r/z/s"`, and displayed back
 /// in the same form. A set part never follows an unset one in a parsed `Locality`.
 /// Ordering is lexicographic by region, zone, subzone, for stable output only.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The parts are [`intern`]ed where detour makes them (parsing, the Kubernetes
+/// source): a locality is repeated by every endpoint in it, in every plan and tier, so
+/// a clone is three reference-count increments and equal parts share one allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Locality {
-    pub region: String,
-    pub zone: String,
-    pub subzone: String,
+    pub region: Arc<str>,
+    pub zone: Arc<str>,
+    pub subzone: Arc<str>,
+}
+
+impl Default for Locality {
+    /// No part set.
+    fn default() -> Self {
+        let empty = intern("");
+        Self {
+            region: empty.clone(),
+            zone: empty.clone(),
+            subzone: empty,
+        }
+    }
 }
 
 impl Locality {
@@ -554,7 +573,7 @@ impl FromStr for Locality {
         if input.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(LocalityParseError::InvalidCharacter { input: owned() });
         }
-        let part = |index: usize| parts.get(index).copied().unwrap_or_default().to_owned();
+        let part = |index: usize| intern(parts.get(index).copied().unwrap_or_default());
         Ok(Self {
             region: part(0),
             zone: part(1),
@@ -961,7 +980,7 @@ fn endpoint_label<'a>(endpoint: &'a EndpointConfig, key: &str) -> Option<&'a str
         well_known::CLUSTER => &endpoint.cluster,
         _ => return None,
     };
-    Some(derived.as_str()).filter(|v| !v.is_empty())
+    Some(&**derived).filter(|v| !v.is_empty())
 }
 
 /// The node's label `key`: its labels first, then its locality.
@@ -975,7 +994,7 @@ fn node_label<'a>(node: &'a NodeConfig, key: &str) -> Option<&'a str> {
         well_known::SUBZONE => &node.locality.subzone,
         _ => return None,
     };
-    Some(derived.as_str()).filter(|v| !v.is_empty())
+    Some(&**derived).filter(|v| !v.is_empty())
 }
 
 pub fn assemble(
@@ -2081,12 +2100,16 @@ impl Validator<'_> {
             }
             let endpoint = EndpointConfig {
                 address: raw_endpoint.address,
-                ports: raw_endpoint.ports.into_iter().collect(),
+                ports: raw_endpoint
+                    .ports
+                    .into_iter()
+                    .map(|(name, number)| (intern(&name), number))
+                    .collect(),
                 weight: raw_endpoint.weight,
                 locality: raw_endpoint.locality,
                 labels: raw_endpoint.labels,
                 priority: raw_endpoint.priority,
-                cluster: raw_endpoint.cluster,
+                cluster: intern(&raw_endpoint.cluster),
             };
             if let Some(first) = endpoints.iter().position(|other| {
                 other.address == endpoint.address
@@ -2703,7 +2726,7 @@ services:
         let endpoints = &config.service("reviews").unwrap().endpoints;
         let seen: Vec<(u32, &str)> = endpoints
             .iter()
-            .map(|e| (e.priority, e.cluster.as_str()))
+            .map(|e| (e.priority, &*e.cluster))
             .collect();
         assert_eq!(seen, [(0, "kind2"), (1, "kind3")]);
         let base = "
@@ -4142,7 +4165,7 @@ services:
             Locality {
                 region: "us-east1".into(),
                 zone: "us-east1-b".into(),
-                subzone: String::new(),
+                subzone: "".into(),
             }
         );
         let refused = |text: &str| text.parse::<Locality>().unwrap_err().to_string();

@@ -64,7 +64,7 @@ impl PlannedEndpoint {
     /// The cluster it runs in, "" when its source does not say.
     #[must_use]
     pub fn cluster<'a>(&self, service: &'a ServiceConfig) -> &'a str {
-        self.config(service).map_or("", |e| e.cluster.as_str())
+        self.config(service).map_or("", |e| &e.cluster)
     }
 }
 

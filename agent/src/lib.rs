@@ -22,6 +22,7 @@ pub mod desired;
 pub mod dns;
 pub mod explain;
 pub mod health;
+pub mod intern;
 pub mod metrics;
 pub mod outlier;
 pub mod passive;

@@ -34,6 +34,7 @@ use smallvec::SmallVec;
 use super::failover_service::{FailoverService, KubeServiceRef};
 use super::labels;
 use super::objects::{WatchedEndpoint, WatchedService, WatchedSlice};
+use crate::intern::intern;
 
 /// Hashed with foldhash: nothing here is keyed by what a client chose freely (names are
 /// DNS labels an API server accepted), and these maps are on every event's path.
@@ -244,32 +245,6 @@ pub(super) fn version(meta: &ObjectMeta) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// One copy of each short string many objects repeat (zones, regions, port names), so
-/// that 100,000 endpoints in three zones hold three zone strings.
-///
-/// Pruned of strings nothing holds any more whenever it has doubled since the last
-/// prune, so names that come and go do not accumulate.
-#[derive(Debug, Default)]
-struct Interner {
-    strings: FastSet<Arc<str>>,
-    pruned_at: usize,
-}
-
-impl Interner {
-    fn get(&mut self, text: &str) -> Arc<str> {
-        if let Some(found) = self.strings.get(text) {
-            return found.clone();
-        }
-        if self.strings.len() >= 2 * self.pruned_at.max(64) {
-            self.strings.retain(|s| Arc::strong_count(s) > 1);
-            self.pruned_at = self.strings.len();
-        }
-        let text: Arc<str> = Arc::from(text);
-        self.strings.insert(text.clone());
-        text
-    }
-}
-
 /// An object a FailoverService's services are derived from, by the key the model looks
 /// it up by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -353,7 +328,6 @@ pub struct Index {
     /// FailoverService keys by their hash.
     keys: FastMap<u64, SmallVec<[FailoverKey; 1]>>,
     touched: Touched,
-    strings: Interner,
 }
 
 impl Index {
@@ -514,12 +488,7 @@ impl Index {
             .and_then(|s| s.ports.as_ref())
             .into_iter()
             .flatten()
-            .map(|port| {
-                (
-                    self.strings.get(port.name.as_deref().unwrap_or_default()),
-                    port.port,
-                )
-            })
+            .map(|port| (intern(port.name.as_deref().unwrap_or_default()), port.port))
             .collect();
         StagedService {
             namespace,
@@ -672,7 +641,7 @@ impl Index {
     }
 
     fn stored_slice(&mut self, slice: &WatchedSlice) -> StoredSlice {
-        let region = label(&slice.metadata.labels, labels::REGION).map(|r| self.strings.get(r));
+        let region = label(&slice.metadata.labels, labels::REGION).map(|r| intern(r));
         let ports = slice
             .ports
             .iter()
@@ -682,10 +651,7 @@ impl Index {
                     .port
                     .and_then(|p| u16::try_from(p).ok())
                     .filter(|p| *p != 0);
-                (
-                    self.strings.get(port.name.as_deref().unwrap_or_default()),
-                    number,
-                )
+                (intern(port.name.as_deref().unwrap_or_default()), number)
             })
             .collect();
         let endpoints = slice
@@ -696,9 +662,7 @@ impl Index {
                 let address = endpoint.addresses.first()?.parse().ok()?;
                 Some(StoredEndpoint {
                     address,
-                    zone: self
-                        .strings
-                        .get(endpoint.zone.as_deref().unwrap_or_default()),
+                    zone: intern(endpoint.zone.as_deref().unwrap_or_default()),
                     condition: Condition::of(endpoint),
                 })
             })

@@ -48,6 +48,7 @@ use super::index::{
 use super::labels;
 use super::objects::{WatchedService, WatchedSlice};
 use crate::config::{self, Config, Locality, NodeConfig, ObjectName, ServiceConfig, ServiceOrigin};
+use crate::intern::intern;
 
 /// What the agent's cluster holds, as the watchers last saw it.
 #[derive(Debug, Clone, Default)]
@@ -92,7 +93,7 @@ pub struct Built {
 #[must_use]
 pub fn node_locality(labels: &BTreeMap<String, String>) -> Locality {
     let (region, zone) = labels::node_locality(labels);
-    locality(region, zone)
+    locality(intern(&region), intern(&zone))
 }
 
 /// The node's labels as `failoverPriority` compares them: the Node's own, and the
@@ -108,14 +109,14 @@ fn node_labels(labels: &BTreeMap<String, String>, cluster: &str) -> BTreeMap<Str
     labels
 }
 
-fn locality(region: String, zone: String) -> Locality {
+fn locality(region: Arc<str>, zone: Arc<str>) -> Locality {
     if region.is_empty() {
         return Locality::default();
     }
     Locality {
         region,
         zone,
-        subzone: String::new(),
+        subzone: intern(""),
     }
 }
 
@@ -602,13 +603,13 @@ impl Index {
                 let region = if self.is_local(backing) {
                     node.region.clone()
                 } else {
-                    slice.region.as_deref().unwrap_or_default().to_owned()
+                    slice.region.clone().unwrap_or_else(|| intern(""))
                 };
                 for endpoint in &slice.endpoints {
                     let chosen = Chosen {
                         address: endpoint.address,
                         port,
-                        locality: locality(region.clone(), endpoint.zone.to_string()),
+                        locality: locality(region.clone(), endpoint.zone.clone()),
                         priority,
                         cluster: cluster.clone(),
                     };
