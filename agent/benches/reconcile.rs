@@ -88,7 +88,7 @@ fn desired() -> Desired {
 /// Flips the first service's table between one backend and both.
 fn flip(desired: &mut Desired, change: usize) {
     let service = &mut desired.services[0];
-    let both: Vec<SocketAddr> = service.backends.iter().copied().collect();
+    let both: Vec<SocketAddr> = service.backends.to_vec();
     let (_, table) = service.tables.iter_mut().next().expect("one frontend");
     table.slots = if change.is_multiple_of(2) {
         vec![both[0]]
@@ -155,6 +155,6 @@ fn move_endpoint(desired: &mut Desired, change: usize) -> SocketAddr {
     service.backends.retain(|b| *b != old);
     service.add_backends([new]);
     let (_, table) = service.tables.iter_mut().next().expect("one frontend");
-    table.slots = service.backends.iter().copied().collect();
+    table.slots = service.backends.to_vec();
     old
 }

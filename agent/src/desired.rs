@@ -477,7 +477,7 @@ services:
         assert_eq!(names, ["zeta", "alpha"]);
         assert_eq!(d.services[0].tables.len(), 4);
         assert_eq!(
-            d.services[1].backends.iter().copied().collect::<Vec<_>>(),
+            d.services[1].backends.to_vec(),
             [sa("127.0.1.1:80"), sa("127.0.1.2:80")]
         );
     }

@@ -641,7 +641,7 @@ impl Index {
     }
 
     fn stored_slice(&mut self, slice: &WatchedSlice) -> StoredSlice {
-        let region = label(&slice.metadata.labels, labels::REGION).map(|r| intern(r));
+        let region = label(&slice.metadata.labels, labels::REGION).map(intern);
         let ports = slice
             .ports
             .iter()
