@@ -91,9 +91,9 @@ fn flip(desired: &mut Desired, change: usize) {
     let both: Vec<SocketAddr> = service.backends.to_vec();
     let (_, table) = service.tables.iter_mut().next().expect("one frontend");
     table.slots = if change.is_multiple_of(2) {
-        vec![both[0]]
+        vec![both[0]].into()
     } else {
-        both
+        both.into()
     };
 }
 
@@ -155,6 +155,6 @@ fn move_endpoint(desired: &mut Desired, change: usize) -> SocketAddr {
     service.backends.retain(|b| *b != old);
     service.add_backends([new]);
     let (_, table) = service.tables.iter_mut().next().expect("one frontend");
-    table.slots = service.backends.to_vec();
+    table.slots = service.backends.as_slice().into();
     old
 }

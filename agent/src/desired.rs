@@ -13,6 +13,7 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use detour_ebpf::MAX_SLOTS;
 
@@ -79,9 +80,10 @@ pub struct FrontendPlan {
     /// Percent of the traffic each tier receives, best first; sums to 100.
     pub loads: Vec<(Tier, u32)>,
     pub endpoints: Vec<PlannedEndpoint>,
-    pub table: Vec<SocketAddr>,
+    /// Shared with the reconciler's [`Table`] made from this plan.
+    pub table: Arc<[SocketAddr]>,
     /// What the kernel picks from when every backend of `table` is suspect.
-    pub standby: Vec<SocketAddr>,
+    pub standby: Arc<[SocketAddr]>,
     /// The kernel's passive-health parameters for this frontend.
     pub passive: Passive,
 }
@@ -230,8 +232,8 @@ pub fn plan_service(
                     tier: selected.tier,
                     loads: selected.loads,
                     endpoints: planned,
-                    table,
-                    standby,
+                    table: table.into(),
+                    standby: standby.into(),
                     passive,
                 });
             }
@@ -319,9 +321,9 @@ services:
         assert_eq!(all_up.len(), 1);
         assert_eq!(all_up[0].frontend, sa("127.200.0.1:80"));
         assert_eq!(all_up[0].tier, Some(Tier::SameZone));
-        assert_eq!(all_up[0].table, vec![sa("127.0.1.1:8080")]);
+        assert_eq!(all_up[0].table.to_vec(), vec![sa("127.0.1.1:8080")]);
         // The weight-3 endpoint alone needs one slot.
-        assert_eq!(all_up[0].standby, vec![sa("127.0.1.2:8080")]);
+        assert_eq!(all_up[0].standby.to_vec(), vec![sa("127.0.1.2:8080")]);
         assert_eq!(all_up[0].loads, vec![(Tier::SameZone, 100)]);
         assert!(all_up[0].endpoints[1].standby && !all_up[0].endpoints[1].in_table);
 
@@ -333,8 +335,8 @@ services:
             }
         });
         assert_eq!(zone_down[0].tier, Some(Tier::SameRegion));
-        assert_eq!(zone_down[0].table, vec![sa("127.0.1.2:8080")]);
-        assert_eq!(zone_down[0].standby, vec![sa("127.0.2.1:8080")]);
+        assert_eq!(zone_down[0].table.to_vec(), vec![sa("127.0.1.2:8080")]);
+        assert_eq!(zone_down[0].standby.to_vec(), vec![sa("127.0.2.1:8080")]);
 
         let east_down = plan_h(&cfg, |_, t| {
             if t.ip().to_string().starts_with("127.0.1.") {
@@ -347,7 +349,7 @@ services:
             east_down[0].tier,
             Some(Tier::Failover { position: 0, .. })
         ));
-        assert_eq!(east_down[0].table, vec![sa("127.0.2.1:8080")]);
+        assert_eq!(east_down[0].table.to_vec(), vec![sa("127.0.2.1:8080")]);
         assert!(east_down[0].standby.is_empty());
         let west = &east_down[0].endpoints[2];
         assert!(west.in_table);
@@ -447,7 +449,7 @@ services:
             .services
             .iter()
             .flat_map(|s| &s.tables)
-            .map(|(k, v)| (*k, v.slots.clone()))
+            .map(|(k, v)| (*k, v.slots.to_vec()))
             .collect();
         let t = &t;
         assert_eq!(t[&sa("127.200.0.9:443")], vec![sa("127.0.9.1:8443")]);

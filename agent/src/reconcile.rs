@@ -60,6 +60,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use litemap::LiteMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use detour_ebpf::{
@@ -156,21 +157,32 @@ pub struct Passive {
 }
 
 /// What one frontend should serve.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// The slot lists are shared (`Arc`), not copied: the plan a table comes from
+/// (`desired::FrontendPlan`) holds the same lists, and at 10,000 services a copy each
+/// was a tenth of the plans' memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     /// The slot table. Empty means "no backend": connects are left alone.
-    pub slots: Vec<SocketAddr>,
+    pub slots: Arc<[SocketAddr]>,
     /// Standby slots, used by the kernel only when the slots it probes are all suspect.
-    pub standby: Vec<SocketAddr>,
+    pub standby: Arc<[SocketAddr]>,
     pub passive: Passive,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self::plain(Vec::new())
+    }
 }
 
 impl Table {
     /// A table with no standby and no passive parameters.
-    pub fn plain(slots: Vec<SocketAddr>) -> Self {
+    pub fn plain(slots: impl Into<Arc<[SocketAddr]>>) -> Self {
         Self {
-            slots,
-            ..Self::default()
+            slots: slots.into(),
+            standby: Arc::from([]),
+            passive: Passive::default(),
         }
     }
 }
@@ -962,7 +974,7 @@ impl Reconciler {
 
     /// What writing `table` for `frontend` would add to the maps.
     fn frontend_need(&self, frontend: SocketAddr, table: &Table) -> Need {
-        let addrs = table.slots.iter().chain(&table.standby);
+        let addrs = table.slots.iter().chain(table.standby.iter());
         let ids: BTreeSet<SocketAddr> = addrs
             .clone()
             .filter(|a| !self.backends.contains_key(a))
@@ -1051,7 +1063,7 @@ impl Reconciler {
         if len > MAX_SLOTS as usize {
             return Err(ReconcileError::TableTooLarge { frontend, len });
         }
-        let all = table.slots.iter().chain(&table.standby);
+        let all = table.slots.iter().chain(table.standby.iter());
         if let Some(backend) = all.clone().find(|b| b.is_ipv4() != frontend.is_ipv4()) {
             return Err(ReconcileError::FamilyMismatch {
                 frontend,
@@ -1473,13 +1485,18 @@ mod tests {
     fn service(name: &str, frontends: &[(&str, &[&str])]) -> DesiredService {
         let tables: LiteMap<SocketAddr, Table> = frontends
             .iter()
-            .map(|(f, bs)| (sa(f), Table::plain(bs.iter().map(|b| sa(b)).collect())))
+            .map(|(f, bs)| {
+                (
+                    sa(f),
+                    Table::plain(bs.iter().map(|b| sa(b)).collect::<Vec<_>>()),
+                )
+            })
             .collect();
         let mut service = DesiredService {
             name: name.to_string(),
             ..DesiredService::default()
         };
-        service.add_backends(tables.values().flat_map(|t| t.slots.clone()));
+        service.add_backends(tables.values().flat_map(|t| t.slots.iter().copied()));
         service.tables = tables;
         service
     }
@@ -1784,8 +1801,8 @@ mod tests {
                 proptest::prop_assert!(fast.release_expired(&mut fast_maps, &want, now).is_ok());
                 full.apply(&mut full_maps, &want, now);
                 for (frontend, table) in want.tables() {
-                    proptest::prop_assert_eq!(fast_maps.served(*frontend), Some(table.slots.clone()));
-                    proptest::prop_assert_eq!(full_maps.served(*frontend), Some(table.slots.clone()));
+                    proptest::prop_assert_eq!(fast_maps.served(*frontend), Some(table.slots.to_vec()));
+                    proptest::prop_assert_eq!(full_maps.served(*frontend), Some(table.slots.to_vec()));
                 }
                 let held = |r: &Reconciler| r.backend_ids().map(|(addr, _)| addr).collect::<BTreeSet<_>>();
                 proptest::prop_assert_eq!(held(&fast), held(&full));
@@ -1994,7 +2011,7 @@ mod tests {
         assert_eq!(report.added, 1);
         assert_eq!(
             maps.served(sa("127.200.0.1:80")),
-            Some(want.table(&sa("127.200.0.1:80")).unwrap().slots.clone())
+            Some(want.table(&sa("127.200.0.1:80")).unwrap().slots.to_vec())
         );
 
         maps.writes.clear();
@@ -2043,7 +2060,7 @@ mod tests {
         assert!(last_backend < first_slot);
         assert_eq!(
             maps.served(sa("127.200.0.1:80")),
-            Some(want.table(&sa("127.200.0.1:80")).unwrap().slots.clone())
+            Some(want.table(&sa("127.200.0.1:80")).unwrap().slots.to_vec())
         );
     }
 
@@ -2479,14 +2496,14 @@ mod tests {
                 let tables: LiteMap<SocketAddr, Table> = tables
                     .into_iter()
                     .map(|(f, bs)| {
-                        (sa(FRONTENDS[f]), Table::plain(bs.into_iter().map(|b| sa(BACKENDS[b])).collect()))
+                        (sa(FRONTENDS[f]), Table::plain(bs.into_iter().map(|b| sa(BACKENDS[b])).collect::<Vec<_>>()))
                     })
                     .collect();
                 let mut service = DesiredService {
                     name: "any".into(),
                     ..DesiredService::default()
                 };
-                service.add_backends(tables.values().flat_map(|t| t.slots.clone()));
+                service.add_backends(tables.values().flat_map(|t| t.slots.iter().copied()));
                 service.tables = tables;
                 Desired { services: vec![service] }
             }
@@ -2506,7 +2523,7 @@ mod tests {
                 let report = r.apply(&mut maps, &want, Instant::now());
                 prop_assert!(report.errors.is_empty(), "{:?}", report.errors);
                 for (frontend, table) in want.tables() {
-                    prop_assert_eq!(maps.served(*frontend), Some(table.slots.clone()));
+                    prop_assert_eq!(maps.served(*frontend), Some(table.slots.to_vec()));
                 }
                 let keys: BTreeSet<FrontendKey> = maps
                     .services
