@@ -61,22 +61,56 @@ pub enum Tier {
     Failover { position: usize, target: Locality },
     /// Anywhere else, including endpoints with no locality.
     Other,
-    /// An endpoint of priority `priority` > 0, in its locality tier `within` (never
-    /// itself a `Priority` or `Panic`). Every tier of a lower priority comes first, as
-    /// Envoy's priority levels: a FailoverService's second backing service serves only
-    /// when its first leaves traffic over, whatever their localities.
-    Priority { priority: u32, within: Box<Tier> },
+    /// An endpoint of priority `priority` > 0, in its locality tier `within`. Every
+    /// tier of a lower priority comes first, as Envoy's priority levels: a
+    /// FailoverService's second backing service serves only when its first leaves
+    /// traffic over, whatever their localities.
+    Priority { priority: u32, within: LocalityTier },
     /// Not a locality: nothing was usable, so every endpoint is used.
     Panic,
 }
 
-impl fmt::Display for Tier {
+/// A locality tier alone: [`Tier`]'s first four, what a [`Tier::Priority`] is inside.
+/// Its own type, not a boxed `Tier`, so that a priority tier is never itself a
+/// priority or panic tier and costs no allocation (one per endpoint of every backing
+/// service after the first, before).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LocalityTier {
+    SameZone,
+    SameRegion,
+    Failover { position: usize, target: Locality },
+    Other,
+}
+
+impl From<LocalityTier> for Tier {
+    fn from(tier: LocalityTier) -> Self {
+        match tier {
+            LocalityTier::SameZone => Self::SameZone,
+            LocalityTier::SameRegion => Self::SameRegion,
+            LocalityTier::Failover { position, target } => Self::Failover { position, target },
+            LocalityTier::Other => Self::Other,
+        }
+    }
+}
+
+impl fmt::Display for LocalityTier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::SameZone => f.write_str("same-zone"),
             Self::SameRegion => f.write_str("same-region"),
             Self::Failover { position, target } => write!(f, "failover[{position}]:{target}"),
             Self::Other => f.write_str("other"),
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SameZone => LocalityTier::SameZone.fmt(f),
+            Self::SameRegion => LocalityTier::SameRegion.fmt(f),
+            Self::Failover { position, target } => write!(f, "failover[{position}]:{target}"),
+            Self::Other => LocalityTier::Other.fmt(f),
             Self::Priority { priority, within } => write!(f, "priority[{priority}]/{within}"),
             Self::Panic => f.write_str("panic"),
         }
@@ -180,14 +214,11 @@ fn classify(
     endpoint: &Locality,
     priority: u32,
 ) -> Tier {
-    let tier = classify_locality(node, policy, targets, endpoint);
+    let within = classify_locality(node, policy, targets, endpoint);
     if priority == 0 {
-        tier
+        within.into()
     } else {
-        Tier::Priority {
-            priority,
-            within: Box::new(tier),
-        }
+        Tier::Priority { priority, within }
     }
 }
 
@@ -196,22 +227,22 @@ fn classify_locality(
     policy: &LocalityLbSetting,
     targets: &[Locality],
     endpoint: &Locality,
-) -> Tier {
+) -> LocalityTier {
     if !policy.enabled {
-        return Tier::Other;
+        return LocalityTier::Other;
     }
     let same_region = !node.region.is_empty() && endpoint.region == node.region;
     if same_region && !node.zone.is_empty() && endpoint.zone == node.zone {
-        return Tier::SameZone;
+        return LocalityTier::SameZone;
     }
     if same_region {
-        return Tier::SameRegion;
+        return LocalityTier::SameRegion;
     }
     // Targets are never empty in a validated config; an empty one would match all.
     targets
         .iter()
         .position(|target| target.contains(endpoint))
-        .map_or(Tier::Other, |position| Tier::Failover {
+        .map_or(LocalityTier::Other, |position| LocalityTier::Failover {
             position,
             target: targets[position].clone(),
         })
