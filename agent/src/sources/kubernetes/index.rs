@@ -28,7 +28,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::ResourceExt as _;
 use smallvec::SmallVec;
 
 use super::failover_service::{FailoverService, KubeServiceRef};
@@ -248,21 +247,27 @@ pub(super) fn version(meta: &ObjectMeta) -> Option<u64> {
 /// An object a FailoverService's services are derived from, by the key the model looks
 /// it up by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// Its names are [`intern`]ed: every slice's home is one, and a Service's slices in
+/// three clusters name the same namespace and Service.
 pub(super) enum Input {
     /// A Service of this cluster: a local backing Service or a take-over target.
-    Service { namespace: String, name: String },
+    Service { namespace: Arc<str>, name: Arc<str> },
     /// The Service `detour controller` made for a FailoverService (labelled with it).
     VipService {
-        namespace: String,
-        failover_service: String,
+        namespace: Arc<str>,
+        failover_service: Arc<str>,
     },
     /// This cluster's own slices of a Service.
-    LocalSlices { namespace: String, service: String },
+    LocalSlices {
+        namespace: Arc<str>,
+        service: Arc<str>,
+    },
     /// Slices mirrored from another cluster for a Service there.
     MirroredSlices {
-        cluster: String,
-        namespace: String,
-        service: String,
+        cluster: Arc<str>,
+        namespace: Arc<str>,
+        service: Arc<str>,
     },
 }
 
@@ -379,34 +384,35 @@ impl Index {
 
     /// The objects `fos` reads, by how its spec names them.
     fn inputs(&self, fos: &FailoverService) -> Vec<Input> {
-        let namespace = fos.namespace().unwrap_or_default();
+        let namespace = intern(fos.metadata.namespace.as_deref().unwrap_or_default());
         let mut inputs = vec![Input::VipService {
             namespace,
-            failover_service: fos.name_any(),
+            failover_service: intern(fos.metadata.name.as_deref().unwrap_or_default()),
         }];
         for backing in &fos.spec.backing_services {
             let backing = &backing.kube_service;
+            let (namespace, name) = (intern(&backing.namespace), intern(&backing.name));
             if self.is_local(backing) {
                 inputs.push(Input::Service {
-                    namespace: backing.namespace.clone(),
-                    name: backing.name.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
                 });
                 inputs.push(Input::LocalSlices {
-                    namespace: backing.namespace.clone(),
-                    service: backing.name.clone(),
+                    namespace,
+                    service: name,
                 });
             } else {
                 inputs.push(Input::MirroredSlices {
-                    cluster: backing.cluster_name.clone().unwrap_or_default(),
-                    namespace: backing.namespace.clone(),
-                    service: backing.name.clone(),
+                    cluster: intern(backing.cluster_name.as_deref().unwrap_or_default()),
+                    namespace,
+                    service: name,
                 });
             }
         }
         for take_over in &fos.spec.take_over {
             inputs.push(Input::Service {
-                namespace: take_over.service.namespace.clone(),
-                name: take_over.service.name.clone(),
+                namespace: intern(&take_over.service.namespace),
+                name: intern(&take_over.service.name),
             });
         }
         inputs
@@ -516,12 +522,15 @@ impl Index {
                 .insert(name.clone(), stored.clone());
             self.owners.insert(&namespace, &name, owner.clone());
             self.touch_readers(&Input::VipService {
-                namespace: namespace.clone(),
-                failover_service: owner,
+                namespace: intern(&namespace),
+                failover_service: intern(&owner),
             });
         }
         self.services.insert(&namespace, &name, stored);
-        self.touch_readers(&Input::Service { namespace, name });
+        self.touch_readers(&Input::Service {
+            namespace: intern(&namespace),
+            name: intern(&name),
+        });
     }
 
     pub fn delete_service(&mut self, namespace: &str, name: &str) {
@@ -535,13 +544,13 @@ impl Index {
             self.vip_services
                 .prune(namespace, &owner, BTreeMap::is_empty);
             self.touch_readers(&Input::VipService {
-                namespace: namespace.to_owned(),
-                failover_service: owner,
+                namespace: intern(namespace),
+                failover_service: intern(&owner),
             });
         }
         self.touch_readers(&Input::Service {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            namespace: intern(namespace),
+            name: intern(name),
         });
     }
 
@@ -553,14 +562,14 @@ impl Index {
         let tags = &slice.metadata.labels;
         if label(tags, labels::MANAGED_BY) == Some(labels::CONTROLLER) {
             Some(Input::MirroredSlices {
-                cluster: label(tags, labels::CLUSTER)?.to_owned(),
-                namespace: label(tags, labels::SERVICE_NAMESPACE)?.to_owned(),
-                service: label(tags, labels::SERVICE_NAME)?.to_owned(),
+                cluster: intern(label(tags, labels::CLUSTER)?),
+                namespace: intern(label(tags, labels::SERVICE_NAMESPACE)?),
+                service: intern(label(tags, labels::SERVICE_NAME)?),
             })
         } else {
             Some(Input::LocalSlices {
-                namespace: slice.metadata.namespace.clone().unwrap_or_default(),
-                service: label(tags, labels::KUBE_SERVICE_NAME)?.to_owned(),
+                namespace: intern(slice.metadata.namespace.as_deref().unwrap_or_default()),
+                service: intern(label(tags, labels::KUBE_SERVICE_NAME)?),
             })
         }
     }
@@ -576,7 +585,7 @@ impl Index {
                 service,
             } => Some(
                 self.mirrored_slices
-                    .entry(cluster.clone())
+                    .entry(cluster.to_string())
                     .or_default()
                     .entry(namespace, service),
             ),
@@ -595,10 +604,10 @@ impl Index {
                 namespace,
                 service,
             } => {
-                if let Some(by_name) = self.mirrored_slices.get_mut(cluster) {
+                if let Some(by_name) = self.mirrored_slices.get_mut(&**cluster) {
                     by_name.prune(namespace, service, Slices::is_empty);
                     if by_name.0.is_empty() {
-                        self.mirrored_slices.remove(cluster);
+                        self.mirrored_slices.remove(&**cluster);
                     }
                 }
             }
