@@ -45,6 +45,7 @@ use detour_agent::selection::Tier;
 use detour_agent::sockdiag::{self, Which};
 use detour_agent::sources::kubernetes::watch as kube_watch;
 use detour_ebpf::ConnEvent;
+use litemap::LiteMap;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -126,9 +127,8 @@ fn parse_metrics_address(text: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// Health by (service, target); ordered by service, so that a change to one service
-/// touches its range only (see [`of_service`]).
-type HealthMap = BTreeMap<(String, SocketAddr), (Health, Option<String>)>;
+/// Active health by service, then target, with the last check's error.
+type HealthMap = ByService<(Health, Option<String>)>;
 
 /// Returns the heap's free memory to the system. glibc keeps what a burst of
 /// allocations freed (the first sync's lists) for reuse, so the agent's RSS stayed at its
@@ -141,25 +141,57 @@ fn release_free_heap() {
     }
 }
 
-/// The keys of `map` that belong to `service`.
-fn of_service<V>(
-    map: &BTreeMap<(String, SocketAddr), V>,
-    service: &str,
-) -> Vec<(String, SocketAddr)> {
-    // The least SocketAddr: V4 sorts before V6, and 0.0.0.0:0 first among V4.
-    let first = (service.to_owned(), SocketAddr::from(([0, 0, 0, 0], 0)));
-    map.range(first..)
-        .take_while(|((name, _), _)| name == service)
-        .map(|(key, _)| key.clone())
-        .collect()
+/// Values by service, then by target. One service's entries are one small sorted map:
+/// a change to a service touches only it, a lookup needs no owned key, and the
+/// service's name is held once, not once per target (at 100,000 targets, a `BTreeMap`
+/// keyed by (name, target) held 100,000 copies of the names and 12 MB of nodes).
+///
+/// Invariant: no service's map is empty (an emptied one is removed).
+#[derive(Debug)]
+struct ByService<V>(BTreeMap<String, LiteMap<SocketAddr, V>>);
+
+impl<V> Default for ByService<V> {
+    fn default() -> Self {
+        Self(BTreeMap::new())
+    }
 }
 
-/// Probe tasks by (service, target), with the spec they run so a change restarts them,
+impl<V> ByService<V> {
+    fn get(&self, service: &str, target: SocketAddr) -> Option<&V> {
+        self.0.get(service)?.get(&target)
+    }
+
+    fn get_mut(&mut self, service: &str, target: SocketAddr) -> Option<&mut V> {
+        self.0.get_mut(service)?.get_mut(&target)
+    }
+
+    /// The service's entries, replaced whole (an empty map removes the service).
+    fn set(&mut self, service: &str, entries: LiteMap<SocketAddr, V>) {
+        if entries.is_empty() {
+            self.0.remove(service);
+        } else if let Some(slot) = self.0.get_mut(service) {
+            *slot = entries;
+        } else {
+            self.0.insert(service.to_owned(), entries);
+        }
+    }
+
+    /// Takes the service's entries out.
+    fn take(&mut self, service: &str) -> LiteMap<SocketAddr, V> {
+        self.0.remove(service).unwrap_or_default()
+    }
+
+    /// The services that have entries.
+    fn services(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+/// Probe tasks by service and target, with the spec they run so a change restarts them,
 /// and the flag that tells each whether its target is ejected.
 #[derive(Default)]
 struct Probes {
-    /// Ordered by service, so one service's probes are a range (see [`of_service`]).
-    running: BTreeMap<(String, SocketAddr), (ProbeSpec, JoinHandle<()>, EjectedFlag)>,
+    running: ByService<(ProbeSpec, JoinHandle<()>, EjectedFlag)>,
 }
 
 impl Probes {
@@ -174,12 +206,25 @@ impl Probes {
         health: &mut HealthMap,
         is_ejected: impl Fn(&str, SocketAddr) -> bool,
     ) {
-        let services: Vec<&config::ServiceConfig> = match scope {
-            Dirty::All => config.services.iter().map(|s| &**s).collect(),
-            Dirty::Services(names) => names.iter().filter_map(|n| config.service(n)).collect(),
+        // The names to look at: every service that has entries or is configured, or
+        // those in scope (configured or not: a removed one loses its entries).
+        let names: Vec<String> = match scope {
+            Dirty::All => {
+                let mut names: BTreeSet<&str> = self.running.services().collect();
+                names.extend(health.services());
+                names.extend(config.services.iter().map(|s| s.name.as_str()));
+                names.into_iter().map(str::to_owned).collect()
+            }
+            Dirty::Services(names) => names.iter().cloned().collect(),
         };
-        let mut wanted = HashMap::new();
-        for service in services {
+        for name in &names {
+            let Some(service) = config.service(name) else {
+                for (_, (_, task, _)) in self.running.take(name) {
+                    task.abort();
+                }
+                health.set(name, LiteMap::new());
+                continue;
+            };
             let hc = &service.health_check;
             let kind = match &hc.kind {
                 HealthCheckKind::Tcp => Some(ProbeKind::Tcp),
@@ -196,69 +241,55 @@ impl Probes {
                 },
                 kind,
             });
-            for target in desired::targets(service) {
-                wanted.insert((service.name.clone(), target), spec.clone());
-            }
-        }
-        let keep = |key: &(String, SocketAddr), spec: &ProbeSpec| {
-            wanted.get(key).is_some_and(|w| w.as_ref() == Some(spec))
-        };
-        let wanted_health = |key: &(String, SocketAddr)| wanted.contains_key(key);
-        match scope {
-            Dirty::All => {
-                self.running.retain(|key, (spec, task, _)| {
-                    let kept = keep(key, spec);
-                    if !kept {
-                        task.abort();
+            let mut targets: Vec<SocketAddr> = desired::targets(service).collect();
+            targets.sort_unstable();
+            targets.dedup();
+            let mut running = self.running.take(name);
+            let mut old_health = health.take(name);
+            let mut now_running = LiteMap::with_capacity(targets.len());
+            let mut now_health = LiteMap::with_capacity(targets.len());
+            for target in targets {
+                let Some(spec) = &spec else {
+                    now_health.insert(target, (Health::Unchecked, None));
+                    continue;
+                };
+                match running.remove(&target) {
+                    // Its probe runs on, and its health stands.
+                    Some(probe) if probe.0 == *spec => {
+                        now_running.insert(target, probe);
+                        let kept = old_health.remove(&target);
+                        now_health.insert(target, kept.unwrap_or((Health::Unknown, None)));
                     }
-                    kept
-                });
-                health.retain(|key, _| wanted_health(key));
-            }
-            // Only the services in scope: a range each, not a pass over every probe.
-            Dirty::Services(names) => {
-                for name in names {
-                    for key in of_service(&self.running, name) {
-                        if !keep(&key, &self.running[&key].0) {
-                            if let Some((_, task, _)) = self.running.remove(&key) {
-                                task.abort();
-                            }
+                    stale => {
+                        if let Some((_, task, _)) = stale {
+                            task.abort();
                         }
-                    }
-                    for key in of_service(health, name) {
-                        if !wanted_health(&key) {
-                            health.remove(&key);
-                        }
+                        let ejected = EjectedFlag::default();
+                        ejected.set(is_ejected(name, target));
+                        let task = health::spawn_probe(
+                            name.clone(),
+                            target,
+                            spec.clone(),
+                            changes.clone(),
+                            ejected.clone(),
+                        );
+                        now_running.insert(target, (spec.clone(), task, ejected));
+                        now_health.insert(target, (Health::Unknown, None));
                     }
                 }
             }
-        }
-        for (key, spec) in wanted {
-            match spec {
-                None => {
-                    health.insert(key, (Health::Unchecked, None));
-                }
-                Some(spec) if !self.running.contains_key(&key) => {
-                    health.insert(key.clone(), (Health::Unknown, None));
-                    let ejected = EjectedFlag::default();
-                    ejected.set(is_ejected(&key.0, key.1));
-                    let task = health::spawn_probe(
-                        key.0.clone(),
-                        key.1,
-                        spec.clone(),
-                        changes.clone(),
-                        ejected.clone(),
-                    );
-                    self.running.insert(key, (spec, task, ejected));
-                }
-                Some(_) => {}
+            // Probes of targets no longer wanted stop.
+            for (_, (_, task, _)) in running {
+                task.abort();
             }
+            self.running.set(name, now_running);
+            health.set(name, now_health);
         }
     }
 
     /// Tells the probe of (`service`, `target`), if any, whether the target is ejected.
     fn set_ejected(&self, service: &str, target: SocketAddr, ejected: bool) {
-        if let Some((_, _, flag)) = self.running.get(&(service.to_owned(), target)) {
+        if let Some((_, _, flag)) = self.running.get(service, target) {
             flag.set(ejected);
         }
     }
@@ -392,7 +423,7 @@ impl Agent {
             &mut self.dirty,
             |service, target| {
                 health
-                    .get(&(service.to_string(), target))
+                    .get(service, target)
                     .map_or(Health::Unknown, |(h, _)| *h)
             },
             |service, target| passive.is_ejected(service, target),
@@ -798,9 +829,8 @@ impl Agent {
 
     /// An active health check changed its verdict.
     fn on_health_change(&mut self, change: HealthChange) {
-        let key = (change.service.clone(), change.target);
         // A change from a probe that a reload just stopped is stale: ignore it.
-        let Some(entry) = self.health.get_mut(&key) else {
+        let Some(entry) = self.health.get_mut(&change.service, change.target) else {
             return;
         };
         self.dirty.mark(&change.service);
@@ -1141,7 +1171,7 @@ impl Agent {
                     |e| explain::Observed {
                         last_error: self
                             .health
-                            .get(&(name.to_owned(), e.target))
+                            .get(name, e.target)
                             .and_then(|(_, error)| error.clone()),
                         ejection: self
                             .passive
@@ -1271,7 +1301,7 @@ impl Agent {
                         connects: stats.connects,
                         last_error: self
                             .health
-                            .get(&(p.service.clone(), e.target))
+                            .get(&p.service, e.target)
                             .and_then(|(_, err)| err.clone()),
                         outlier: if ejected.is_some() {
                             "EJECTED"
@@ -1558,7 +1588,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config_held: None,
         dataplane,
         reconciler,
-        health: HealthMap::new(),
+        health: HealthMap::default(),
         probes: Probes::default(),
         plans: PlanCache::default(),
         dirty: Dirty::All,
@@ -1807,30 +1837,97 @@ services:
         }
     }
 
-    #[test]
-    fn of_service_is_that_services_range_whatever_the_family() {
-        let map: BTreeMap<(String, SocketAddr), ()> = [
-            ("a", "255.255.255.255:65535"),
-            ("ab", "0.0.0.0:0"),
-            ("ab", "10.0.0.1:80"),
-            ("ab", "[::1]:80"),
-            ("ab", "[ffff::1]:65535"),
-            ("b", "0.0.0.0:0"),
-        ]
-        .into_iter()
-        .map(|(name, addr)| ((name.to_owned(), addr.parse().unwrap()), ()))
-        .collect();
-        let addrs = |name| -> Vec<String> {
-            of_service(&map, name)
-                .into_iter()
-                .map(|(_, addr)| addr.to_string())
-                .collect()
-        };
+    /// Two services: `plain` with checks off (two endpoints), `checked` with TCP checks
+    /// every `interval` (one endpoint, on a loopback port nothing listens on).
+    fn probe_config(with_plain: bool, interval: &str) -> Config {
+        let plain = "
+  - name: plain
+    vips: [127.200.0.1]
+    ports: [{number: 80}]
+    endpoints: [{address: 127.0.9.1}, {address: 127.0.9.2}]
+    healthCheck: {disabled: true}";
+        config::parse(&format!(
+            "services:{}
+  - name: checked
+    vips: [127.200.0.2]
+    ports: [{{number: 80}}]
+    endpoints: [{{address: 127.0.9.3, ports: {{port-80: 9}}}}]
+    healthCheck: {{interval: {interval}}}
+",
+            if with_plain { plain } else { "" }
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn probe_sync_keeps_what_stays_and_forgets_what_left() {
+        let (changes, _rx) = mpsc::channel(16);
+        let (mut probes, mut health) = (Probes::default(), HealthMap::default());
+        let target = |a: &str| -> SocketAddr { a.parse().unwrap() };
+        let checked = target("127.0.9.3:9");
+        let task_id = |probes: &Probes| probes.running.get("checked", checked).unwrap().1.id();
+
+        let first = probe_config(true, "1s");
+        probes.sync(&first, &Dirty::All, &changes, &mut health, |_, _| false);
+        let health_of = |h: &HealthMap, s: &str, t: &str| h.get(s, target(t)).map(|e| e.0);
         assert_eq!(
-            addrs("ab"),
-            ["0.0.0.0:0", "10.0.0.1:80", "[::1]:80", "[ffff::1]:65535"]
+            health_of(&health, "plain", "127.0.9.1:80"),
+            Some(Health::Unchecked)
         );
-        assert_eq!(addrs("a"), ["255.255.255.255:65535"]);
-        assert!(addrs("c").is_empty());
+        assert_eq!(
+            health_of(&health, "plain", "127.0.9.2:80"),
+            Some(Health::Unchecked)
+        );
+        assert_eq!(
+            health_of(&health, "checked", "127.0.9.3:9"),
+            Some(Health::Unknown)
+        );
+        assert_eq!(probes.running.services().collect::<Vec<_>>(), ["checked"]);
+        let probe = task_id(&probes);
+        // A verdict the probe reported stands while its probe runs on.
+        health.get_mut("checked", checked).unwrap().0 = Health::Healthy;
+
+        // `plain` removed: its entries go; `checked`, out of scope, is untouched.
+        let second = probe_config(false, "1s");
+        let scope = Dirty::Services(["plain".to_owned()].into());
+        probes.sync(&second, &scope, &changes, &mut health, |_, _| false);
+        assert_eq!(health.services().collect::<Vec<_>>(), ["checked"]);
+        assert_eq!(
+            health_of(&health, "checked", "127.0.9.3:9"),
+            Some(Health::Healthy)
+        );
+        assert_eq!(task_id(&probes), probe);
+
+        // In scope with the same spec: the probe and its verdict stay.
+        let scope = Dirty::Services(["checked".to_owned()].into());
+        probes.sync(&second, &scope, &changes, &mut health, |_, _| false);
+        assert_eq!(task_id(&probes), probe);
+        assert_eq!(
+            health_of(&health, "checked", "127.0.9.3:9"),
+            Some(Health::Healthy)
+        );
+
+        // A new spec restarts the probe, and its health starts over.
+        let third = probe_config(false, "2s");
+        probes.sync(&third, &scope, &changes, &mut health, |_, _| false);
+        assert_ne!(task_id(&probes), probe);
+        assert_eq!(
+            health_of(&health, "checked", "127.0.9.3:9"),
+            Some(Health::Unknown)
+        );
+
+        // A full sync of a config without it forgets it.
+        probes.sync(
+            &probe_config(true, "2s"),
+            &Dirty::All,
+            &changes,
+            &mut health,
+            |_, _| false,
+        );
+        assert_eq!(health.services().collect::<Vec<_>>(), ["checked", "plain"]);
+        let empty = config::parse("services: []").unwrap();
+        probes.sync(&empty, &Dirty::All, &changes, &mut health, |_, _| false);
+        assert_eq!(health.services().count(), 0);
+        assert_eq!(probes.running.services().count(), 0);
     }
 }
