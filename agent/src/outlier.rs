@@ -51,10 +51,10 @@
 //!
 //! Pure: no I/O, no clock (time comes in as an argument), no randomness.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use litemap::LiteMap;
 use serde::Serialize;
 
 /// The longest duration a policy accepts, so that no deadline can overflow an
@@ -385,17 +385,20 @@ impl Backend {
 }
 
 /// Outlier state of one service's backends. See the module docs for the rules.
+///
+/// The backends are a sorted vector (`LiteMap`), exactly as long as the set: a service
+/// has some ten backends, and a B-tree's node has room for eleven whatever it holds.
 #[derive(Debug, Clone)]
 pub struct OutlierDetector<K> {
     policy: EjectionPolicy,
-    backends: BTreeMap<K, Backend>,
+    backends: LiteMap<K, Backend>,
 }
 
 impl<K: Ord + Clone> OutlierDetector<K> {
     pub fn new(policy: EjectionPolicy) -> Self {
         Self {
             policy,
-            backends: BTreeMap::new(),
+            backends: LiteMap::new(),
         }
     }
 
@@ -408,15 +411,22 @@ impl<K: Ord + Clone> OutlierDetector<K> {
     /// the others are forgotten without an event (the caller removes them anyway). A key
     /// given twice takes its last tier.
     pub fn set_backends(&mut self, backends: impl IntoIterator<Item = (K, usize)>) {
+        // Sorted first, so the new map is built by appends, not by inserts that shift;
+        // stable, so the last of a repeated key is the last of its run.
+        let mut wanted: Vec<(K, usize)> = backends.into_iter().collect();
+        wanted.sort_by(|a, b| a.0.cmp(&b.0));
         let mut old = std::mem::take(&mut self.backends);
-        for (key, tier) in backends {
-            let mut backend = old
-                .remove(&key)
-                .or_else(|| self.backends.remove(&key))
-                .unwrap_or_else(|| Backend::new(tier));
+        let mut new = LiteMap::with_capacity(wanted.len());
+        let mut wanted = wanted.into_iter().peekable();
+        while let Some((key, tier)) = wanted.next() {
+            if wanted.peek().is_some_and(|(next, _)| *next == key) {
+                continue;
+            }
+            let mut backend = old.remove(&key).unwrap_or_else(|| Backend::new(tier));
             backend.tier = tier;
-            self.backends.insert(key, backend);
+            new.insert(key, backend);
         }
+        self.backends = new;
     }
 
     /// Records one connection's outcome at `now`. Returns what changed, if anything.
