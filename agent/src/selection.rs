@@ -34,6 +34,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::config::{Locality, LocalityLbSetting};
 
@@ -58,7 +59,10 @@ pub enum Tier {
     /// Same region as the node, another zone.
     SameRegion,
     /// Matches the failover target at `position` in [`failover_targets`].
-    Failover { position: usize, target: Locality },
+    Failover {
+        position: u32,
+        target: Arc<Locality>,
+    },
     /// Anywhere else, including endpoints with no locality.
     Other,
     /// An endpoint of priority `priority` > 0, in its locality tier `within`. Every
@@ -78,7 +82,10 @@ pub enum Tier {
 pub enum LocalityTier {
     SameZone,
     SameRegion,
-    Failover { position: usize, target: Locality },
+    Failover {
+        position: u32,
+        target: Arc<Locality>,
+    },
     Other,
 }
 
@@ -169,7 +176,7 @@ impl<K> fmt::Display for Selection<K> {
 /// `from` contains the node's locality, then each `failoverOrder` entry. A target listed
 /// twice keeps its first position. With locality LB disabled there are none.
 #[must_use]
-pub fn failover_targets(node: &Locality, policy: &LocalityLbSetting) -> Vec<Locality> {
+pub fn failover_targets(node: &Locality, policy: &LocalityLbSetting) -> Vec<Arc<Locality>> {
     if !policy.enabled {
         return Vec::new();
     }
@@ -180,10 +187,10 @@ pub fn failover_targets(node: &Locality, policy: &LocalityLbSetting) -> Vec<Loca
         .iter()
         .filter(|rule| !node.is_empty() && rule.from.contains(node))
         .map(|rule| &rule.to);
-    let mut targets: Vec<Locality> = Vec::new();
+    let mut targets: Vec<Arc<Locality>> = Vec::new();
     for target in from_rules.chain(&policy.failover_order) {
-        if !targets.contains(target) {
-            targets.push(target.clone());
+        if !targets.iter().any(|t| **t == *target) {
+            targets.push(Arc::new(target.clone()));
         }
     }
     targets
@@ -210,7 +217,7 @@ pub fn tier_of(
 fn classify(
     node: &Locality,
     policy: &LocalityLbSetting,
-    targets: &[Locality],
+    targets: &[Arc<Locality>],
     endpoint: &Locality,
     priority: u32,
 ) -> Tier {
@@ -225,7 +232,7 @@ fn classify(
 fn classify_locality(
     node: &Locality,
     policy: &LocalityLbSetting,
-    targets: &[Locality],
+    targets: &[Arc<Locality>],
     endpoint: &Locality,
 ) -> LocalityTier {
     if !policy.enabled {
@@ -243,7 +250,8 @@ fn classify_locality(
         .iter()
         .position(|target| target.contains(endpoint))
         .map_or(LocalityTier::Other, |position| LocalityTier::Failover {
-            position,
+            // At most a few targets: a failover list is written by hand.
+            position: u32::try_from(position).unwrap_or(u32::MAX),
             target: targets[position].clone(),
         })
 }
@@ -765,12 +773,8 @@ pub(crate) mod tests {
         );
         assert_eq!(
             failover_targets(&node, &policy),
-            vec![
-                locality("us-west"),
-                locality("us-central"),
-                locality("eu-west/eu-west-1a"),
-                locality("eu-west"),
-            ],
+            ["us-west", "us-central", "eu-west/eu-west-1a", "eu-west"]
+                .map(|at| Arc::new(locality(at))),
             "the eu-west rule does not apply to this node; us-west keeps its first place"
         );
         let tier = |at: &str| tier_of(&node, &policy, &locality(at), 0).to_string();
@@ -818,7 +822,10 @@ pub(crate) mod tests {
     fn an_empty_node_locality_uses_only_failover_order() {
         let node = Locality::default();
         let policy = policy(&[("us-east1", "us-west")], &["eu-west"]);
-        assert_eq!(failover_targets(&node, &policy), vec![locality("eu-west")]);
+        assert_eq!(
+            failover_targets(&node, &policy),
+            vec![Arc::new(locality("eu-west"))]
+        );
         let candidates = [
             up("east", "us-east1/us-east1-b"),
             up("west", "us-west"),
