@@ -22,6 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::{Deserialize, Serialize};
 
+use super::failover_service::{FailoverService, FailoverServiceStatus};
+
 /// A Service, as the model reads it.
 #[derive(Resource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[resource(inherit = "Service")]
@@ -64,6 +66,22 @@ pub struct WatchedEndpoint {
     pub addresses: Vec<String>,
     pub conditions: Option<EndpointConditions>,
     pub zone: Option<String>,
+}
+
+/// Keeps of a FailoverService's status only what the model reads: the virtual IP the
+/// controller allocated. The conditions and per-cluster endpoint counts are the
+/// controller's report, rewritten as backends come and go; every agent would otherwise
+/// hold them for every FailoverService.
+pub fn slim_failover_service(fos: &mut FailoverService) {
+    slim_metadata(&mut fos.metadata);
+    fos.status = fos
+        .status
+        .take()
+        .and_then(|status| status.virtual_ip)
+        .map(|virtual_ip| FailoverServiceStatus {
+            virtual_ip: Some(virtual_ip),
+            ..FailoverServiceStatus::default()
+        });
 }
 
 /// Drops what no reader of a watched object needs from its metadata.
@@ -141,5 +159,42 @@ mod tests {
                 }],
             })
         );
+    }
+
+    #[test]
+    fn a_failover_services_status_keeps_only_its_virtual_ip() {
+        let mut fos: FailoverService = serde_json::from_value(json!({
+            "apiVersion": "failover.detour.io/v1alpha1",
+            "kind": "FailoverService",
+            "metadata": {"name": "reviews", "namespace": "default", "resourceVersion": "7",
+                         "annotations": {"a": "b"}},
+            "spec": {"hostname": "reviews.default.global", "port": {"number": 9080},
+                     "backingServices": [{"kubeService": {"name": "reviews", "namespace": "default"}}]},
+            "status": {
+                "virtualIP": "10.96.0.42", "observedGeneration": 3,
+                "conditions": [{"type": "Accepted", "status": "True", "reason": "Valid",
+                                "message": "ok", "lastTransitionTime": "2026-11-30T07:00:00Z",
+                                "observedGeneration": 3}],
+                "endpoints": [{"cluster": "kind2", "tier": 0, "ready": 3, "servingTerminating": 0,
+                               "service": {"name": "reviews", "namespace": "default"}}],
+            },
+        }))
+        .unwrap();
+        assert!(!fos.status.as_ref().unwrap().conditions.is_empty());
+        slim_failover_service(&mut fos);
+        assert_eq!(
+            fos.status,
+            Some(FailoverServiceStatus {
+                virtual_ip: Some("10.96.0.42".into()),
+                ..FailoverServiceStatus::default()
+            })
+        );
+        assert_eq!(fos.metadata.annotations, None);
+        assert_eq!(fos.spec.hostname, "reviews.default.global");
+
+        let mut without: FailoverService = fos.clone();
+        without.status.as_mut().unwrap().virtual_ip = None;
+        slim_failover_service(&mut without);
+        assert_eq!(without.status, None);
     }
 }

@@ -38,7 +38,7 @@ use tracing::{info, warn};
 use super::failover_service::FailoverService;
 use super::index::{Index, StagedService, StagedSlice};
 use super::model::{Built, Model};
-use super::objects::{slim_metadata, WatchedService, WatchedSlice};
+use super::objects::{slim_failover_service, slim_metadata, WatchedService, WatchedSlice};
 
 /// What the agent needs to know to watch.
 #[derive(Debug, Clone)]
@@ -88,10 +88,12 @@ fn names(object: &impl Resource) -> (&str, &str) {
 
 impl Indexed for FailoverService {
     type Staged = Arc<Self>;
-    fn stage(_: &mut Index, object: Self) -> Arc<Self> {
+    fn stage(_: &mut Index, mut object: Self) -> Arc<Self> {
+        slim_failover_service(&mut object);
         Arc::new(object)
     }
-    fn apply(index: &mut Index, object: Self) {
+    fn apply(index: &mut Index, mut object: Self) {
+        slim_failover_service(&mut object);
         index.apply_failover_service(Arc::new(object));
     }
     fn delete(index: &mut Index, object: &Self) {
