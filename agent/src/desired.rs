@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use detour_ebpf::MAX_SLOTS;
 
-use crate::config::{Config, EndpointConfig, ServiceConfig};
+use crate::config::{Config, EndpointConfig, Locality, ServiceConfig};
 use crate::health::Health;
 use crate::reconcile::{Desired, DesiredService, Passive, Table};
 use crate::selection::{self, Candidate, Selection, Tier};
@@ -187,7 +187,7 @@ pub fn plan_service(
                     .zip(&healths)
                     .map(|((_, ep), (target, (h, ejected)))| Candidate {
                         key: *target,
-                        locality: ep.locality.clone(),
+                        locality: Locality::clone(&ep.locality),
                         weight: ep.weight,
                         healthy: serviceable(*h, *ejected),
                         priority: config.priority_of(service, ep),
