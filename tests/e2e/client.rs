@@ -24,11 +24,13 @@ pub enum Script {
         count: u32,
         interval_ms: u64,
     },
-    /// Connect and close as fast as it can until `stop_file` exists (or `max_ms` passes);
-    /// one [`LoopSummary`] line at the end.
+    /// Connect and close as fast as it can until `stop_file` exists, `max_connects`
+    /// connects were made or `max_ms` passes, whichever comes first; one [`LoopSummary`]
+    /// line at the end.
     ConnectLoop {
         target: SocketAddr,
         stop_file: PathBuf,
+        max_connects: u64,
         max_ms: u64,
     },
     /// Connect once, create `ready_file`, then wait for the connection to end (or
@@ -127,6 +129,7 @@ fn run_script(script: Script) {
         Script::ConnectLoop {
             target,
             stop_file,
+            max_connects,
             max_ms,
         } => {
             let deadline = Instant::now() + Duration::from_millis(max_ms);
@@ -136,7 +139,10 @@ fn run_script(script: Script) {
                 refused: 0,
                 errors: Vec::new(),
             };
-            while !stop_file.exists() && Instant::now() < deadline {
+            while summary.ok + summary.failed < max_connects
+                && !stop_file.exists()
+                && Instant::now() < deadline
+            {
                 match TcpStream::connect_timeout(&target, IO_TIMEOUT) {
                     Ok(_) => summary.ok += 1,
                     Err(e) => {

@@ -187,6 +187,17 @@ impl World {
     /// Starts a connect loop against `vip` from inside the test's cgroup; stop it with
     /// [`World::finish_loop`].
     pub fn connect_loop(&self, vip: &str) -> Result<(Child, PathBuf)> {
+        self.connect_loop_bounded(vip, u64::MAX, Duration::from_secs(60))
+    }
+
+    /// A [`World::connect_loop`] that also ends by itself after `max_connects` connects
+    /// or `max_time`, whichever comes first.
+    pub fn connect_loop_bounded(
+        &self,
+        vip: &str,
+        max_connects: u64,
+        max_time: Duration,
+    ) -> Result<(Child, PathBuf)> {
         let stop = self
             .dir
             .join(&format!("stop-{}", detour_testbed::unique_name()));
@@ -195,7 +206,8 @@ impl World {
             &Script::ConnectLoop {
                 target: vip.parse()?,
                 stop_file: stop.clone(),
-                max_ms: 60_000,
+                max_connects,
+                max_ms: u64::try_from(max_time.as_millis()).unwrap_or(u64::MAX),
             },
         )?;
         Ok((child, stop))
@@ -206,6 +218,14 @@ impl World {
         std::fs::write(stop, b"")?;
         let mut lines: Vec<LoopSummary> = client::results(child, Duration::from_secs(15))?;
         lines
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
+    }
+
+    /// Waits (at most `timeout`, then kills it) for a [`World::connect_loop_bounded`] to
+    /// end by itself and returns its summary.
+    pub fn await_loop(child: Child, timeout: Duration) -> Result<LoopSummary> {
+        client::results::<LoopSummary>(child, timeout)?
             .pop()
             .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
     }
@@ -238,4 +258,21 @@ pub fn endpoint<'a>(eps: &'a serde_json::Value, address: &str) -> Result<&'a ser
         .iter()
         .find(|e| e["address"] == address)
         .with_context(|| format!("no endpoint {address} in {eps:#}"))
+}
+
+/// The outcome ("Attached", "Adopted", "Replaced") each program had in one agent's log,
+/// by program name, from its `program ready` lines.
+pub fn link_outcomes(log: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("program ready")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .map(|v| v.trim_matches('"').to_string())
+        };
+        if let (Some(program), Some(outcome)) = (field("program"), field("outcome")) {
+            out.insert(program, outcome);
+        }
+    }
+    out
 }
