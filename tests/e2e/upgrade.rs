@@ -26,7 +26,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::loaded_programs;
 use detour_testbed::{output_with_timeout, Agent, AgentOptions};
 
-use crate::world::{endpoint, World, READY_TIMEOUT};
+use crate::world::{endpoint, link_outcomes as outcomes, World, READY_TIMEOUT};
 
 /// How long connects flow through each agent (and each gap between agents).
 const DWELL: Duration = Duration::from_millis(300);
@@ -155,22 +155,6 @@ fn stop(w: &mut World) -> Result<()> {
         agent.stop()?;
     }
     Ok(())
-}
-
-/// The outcome ("Attached", "Adopted", "Replaced") each program had in one agent's log.
-fn outcomes(log: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains("program ready")) {
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(&format!("{name}=")))
-                .map(|v| v.trim_matches('"').to_string())
-        };
-        if let (Some(program), Some(outcome)) = (field("program"), field("outcome")) {
-            out.insert(program, outcome);
-        }
-    }
-    out
 }
 
 fn config(services: &[(&str, &str, &str)]) -> String {
