@@ -935,13 +935,42 @@ mod tests {
 
     #[test]
     fn config_has_bench_plus_fillers() {
+        use detour_agent::config::HealthCheckKind;
         let dir = TempDir::new().unwrap();
         let path = dir.join("c.yaml");
         write_config(&path, 3).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("vips: [127.201.0.1]"));
-        assert_eq!(text.matches("healthCheck: {disabled: true}").count(), 2);
-        assert!(text.contains("{name: filler-000002, vips: [127.210.0.1]"));
+        let config = detour_agent::config::parse(&std::fs::read_to_string(&path).unwrap())
+            .expect("the agent accepts the benchmark's config");
+        assert_eq!(config.node.locality.to_string(), LOCALITY);
+        // Each service: name, VIP:port, backend, and whether it is health checked.
+        let shape: Vec<(String, String, String, bool)> = config
+            .services
+            .iter()
+            .map(|s| {
+                let ([vip], [port], [endpoint]) = (&s.vips[..], &s.ports[..], &s.endpoints[..])
+                else {
+                    panic!("{} has one VIP, port and endpoint", s.name);
+                };
+                assert_eq!(endpoint.locality.to_string(), LOCALITY);
+                (
+                    s.name.clone(),
+                    SocketAddr::new(*vip, port.number).to_string(),
+                    SocketAddr::new(endpoint.address, endpoint.port_for(port)).to_string(),
+                    s.health_check.kind != HealthCheckKind::None,
+                )
+            })
+            .collect();
+        let row = |name: &str, vip: &str, backend: &str, checked| {
+            (name.to_owned(), vip.to_owned(), backend.to_owned(), checked)
+        };
+        assert_eq!(
+            shape,
+            [
+                row("bench", VIP, BACKEND, true),
+                row("filler-000001", "127.210.0.0:80", "127.211.0.0:9000", false),
+                row("filler-000002", "127.210.0.1:80", "127.211.0.1:9000", false),
+            ]
+        );
     }
 
     #[test]

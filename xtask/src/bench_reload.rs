@@ -420,9 +420,51 @@ mod tests {
     #[test]
     fn the_config_parses_with_the_agent_s_rules_in_shape() {
         let text = config_text(3, 2).replace("@BACKEND@", "127.0.4.1");
-        assert_eq!(text.matches("name: filler-").count(), 2);
-        assert!(text.contains("{address: 127.213.0.1}, {address: 127.214.0.1}"));
-        assert!(text.contains("127.212.0.0"));
+        let config =
+            detour_agent::config::parse(&text).expect("the agent accepts the reload config");
+        // Each service: name, VIP:port, backends.
+        let shape: Vec<(String, String, Vec<String>)> = config
+            .services
+            .iter()
+            .map(|s| {
+                let ([vip], [port]) = (&s.vips[..], &s.ports[..]) else {
+                    panic!("{} has one VIP and port", s.name);
+                };
+                let backends = s
+                    .endpoints
+                    .iter()
+                    .map(|e| std::net::SocketAddr::new(e.address, e.port_for(port)).to_string());
+                (
+                    s.name.clone(),
+                    std::net::SocketAddr::new(*vip, port.number).to_string(),
+                    backends.collect(),
+                )
+            })
+            .collect();
+        let row = |name: &str, vip: &str, backends: &[&str]| {
+            let backends = backends.iter().map(ToString::to_string).collect();
+            (name.to_owned(), vip.to_owned(), backends)
+        };
+        assert_eq!(
+            shape,
+            [
+                row("bench", VIP, &[BACKEND_A]),
+                row(
+                    "filler-000001",
+                    "127.212.0.0:80",
+                    &["127.213.0.0:9000", "127.214.0.0:9000"]
+                ),
+                row(
+                    "filler-000002",
+                    "127.212.0.1:80",
+                    &["127.213.0.1:9000", "127.214.0.1:9000"]
+                ),
+            ]
+        );
+        assert!(config
+            .services
+            .iter()
+            .all(|s| s.health_check.kind == detour_agent::config::HealthCheckKind::None));
     }
 
     #[test]

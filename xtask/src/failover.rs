@@ -1739,16 +1739,86 @@ mod tests {
 
     #[test]
     fn configs_read_as_intended() {
-        let agent = agent_config();
-        for needle in [
-            "vips: [127.202.0.1]",
-            "{address: 10.232.0.2, locality: us-east1/us-east1-b}",
-            "{address: 127.0.5.1, locality: us-west/us-west-1a}",
-            "{from: us-east1, to: us-west}",
-            "consecutiveErrors: 1, interval: 1s, baseEjectionTime: 30s, handshakeTimeout: 100ms",
-        ] {
-            assert!(agent.contains(needle), "{needle} in\n{agent}");
-        }
+        use detour_agent::config::HealthCheckKind;
+        let config =
+            detour_agent::config::parse(&agent_config()).expect("the agent accepts its config");
+        assert_eq!(config.node.locality.to_string(), NODE_LOCALITY);
+        let [service] = &config.services[..] else {
+            panic!("one service: {:?}", config.services);
+        };
+        assert_eq!(service.name, SERVICE);
+        let [port] = &service.ports[..] else {
+            panic!("one port: {:?}", service.ports);
+        };
+        let vips: Vec<String> = service
+            .vips
+            .iter()
+            .map(|v| SocketAddr::new(*v, port.number).to_string())
+            .collect();
+        assert_eq!(vips, [VIP]);
+        // The primaries in the node's zone, the standby in us-west, which the failover
+        // rule names.
+        let endpoints: Vec<(String, String)> = service
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    SocketAddr::new(e.address, e.port_for(port)).to_string(),
+                    e.locality.to_string(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, String)> = [
+            (PRIMARIES[0].addr, NODE_LOCALITY),
+            (PRIMARIES[1].addr, NODE_LOCALITY),
+            (WEST, WEST_LOCALITY),
+        ]
+        .iter()
+        .map(|(a, l)| ((*a).to_owned(), (*l).to_owned()))
+        .collect();
+        assert_eq!(endpoints, expected);
+        let rules: Vec<(String, String)> = service
+            .locality_lb
+            .failover
+            .iter()
+            .map(|r| (r.from.to_string(), r.to.to_string()))
+            .collect();
+        assert_eq!(rules, [("us-east1".to_owned(), "us-west".to_owned())]);
+        let checks = &service.health_check;
+        assert_eq!(
+            (
+                checks.interval,
+                checks.timeout,
+                checks.unhealthy_threshold,
+                checks.healthy_threshold,
+                &checks.kind
+            ),
+            (
+                Duration::from_millis(100),
+                Duration::from_millis(100),
+                1,
+                1,
+                &HealthCheckKind::Tcp
+            )
+        );
+        let outlier = &service.outlier_detection;
+        let settings = outlier.policy.settings();
+        assert_eq!(
+            (
+                settings.consecutive_failures,
+                settings.interval,
+                settings.base_ejection_time,
+                outlier.handshake_timeout
+            ),
+            (
+                1,
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                Duration::from_millis(100)
+            )
+        );
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+
         let haproxy = haproxy_config(HaproxyMode::Tcp, Path::new("/tmp/x.sock"));
         for needle in [
             "mode tcp",
