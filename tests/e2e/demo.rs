@@ -3,8 +3,6 @@
 //! the demo to what it prints: one client ran across the failure and the return, traffic
 //! moved to us-west and came back, and the timeline says so in that order.
 
-use std::process::Command;
-
 use anyhow::{ensure, Context, Result};
 use detour_testbed::demo;
 
@@ -23,21 +21,13 @@ fn demo_client_process() {
 
 #[test]
 fn the_demo_fails_over_under_load_and_shows_what_the_client_saw() -> Result<()> {
-    let exe = std::env::current_exe().context("locating the test binary")?;
     let client = |args: &demo::ClientArgs| {
-        let mut command = Command::new(&exe);
-        command
-            .args([
-                "--exact",
-                "demo::demo_client_process",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(
-                CLIENT_ENV,
-                serde_json::to_string(&args.to_args()).expect("strings serialize"),
-            );
+        let mut command =
+            crate::client::helper("demo::demo_client_process").expect("the test binary");
+        command.env(
+            CLIENT_ENV,
+            serde_json::to_string(&args.to_args()).expect("strings serialize"),
+        );
         command
     };
     let mut printed = Vec::new();

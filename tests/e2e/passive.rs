@@ -473,24 +473,11 @@ fn connections_closed_with_rst_are_counted_and_send_no_event() -> Result<()> {
     };
     let before = received()?;
 
-    let exe = std::env::current_exe().context("locating the test binary")?;
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "--exact",
-        "passive::rst_closing_client",
-        "--ignored",
-        "--test-threads=1",
-    ])
-    .env(RST_CLIENT_ENV, format!("127.210.16.1:80,{CONNECTS}"))
-    .stdin(Stdio::null())
-    .stdout(Stdio::null());
-    let mut child = w.cgroup.spawn(&mut cmd)?;
-    let Some(status) = detour_testbed::wait_with_timeout(&mut child, Duration::from_secs(30))?
-    else {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("the RST-closing client did not finish within 30s");
-    };
+    let mut cmd = client::helper("passive::rst_closing_client")?;
+    cmd.env(RST_CLIENT_ENV, format!("127.210.16.1:80,{CONNECTS}"));
+    let (status, _) = detour_testbed::LineStream::spawn_in(&w.cgroup, &mut cmd)?
+        .wait(Duration::from_secs(30))
+        .context("the RST-closing client")?;
     ensure!(status.success(), "the RST-closing client failed: {status}");
 
     // The kernel counts every reset; the agent shows the counts.

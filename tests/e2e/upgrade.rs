@@ -24,7 +24,7 @@ use anyhow::{bail, ensure, Context, Result};
 use aya::maps::MapInfo;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::loaded_programs;
-use detour_testbed::{output_with_timeout, Agent, AgentOptions};
+use detour_testbed::output_with_timeout;
 
 use crate::world::{endpoint, link_outcomes as outcomes, World, READY_TIMEOUT};
 
@@ -133,19 +133,9 @@ fn build_variant() -> Result<PathBuf> {
 /// Returns where this agent's lines begin in the (shared, appended) log.
 fn start(w: &mut World, binary: &Path, args: &[&str]) -> Result<usize> {
     let from = w.log().len();
-    let mut agent = Agent::start_with_args(
-        AgentOptions {
-            binary: binary.to_owned(),
-            config: w.config_path(),
-            cgroup: w.cgroup.path().to_owned(),
-            bpffs: w.pins.path().to_owned(),
-            socket: w.dir.join("detour.sock"),
-            log: w.dir.join("agent.log"),
-        },
-        args,
-    )?;
-    agent.wait_ready(READY_TIMEOUT)?;
-    w.agent = Some(agent);
+    let mut options = w.bed.options();
+    options.binary = binary.to_owned();
+    w.bed.start_agent_with(options, args, READY_TIMEOUT)?;
     Ok(from)
 }
 

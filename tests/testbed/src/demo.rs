@@ -8,9 +8,10 @@
 //! client saw, which region answered when, every failed request, and when traffic moved.
 //!
 //! Invariants:
-//! - every resource (backends, temp dir, pin dir, cgroup, agent, client) is a guard owned
-//!   by [`run`], so any early return tears everything down: client and agent first, then
-//!   the cgroup (detaching programs), pins, backends, temp files;
+//! - every resource (backends, the [`AgentBed`] with its agent, cgroup, pins and temp dir,
+//!   the client) is a guard owned by [`run`], so any early return tears everything down:
+//!   client and agent first, then the pins (detaching programs), the cgroup, the temp
+//!   files, the backends;
 //! - every wait is bounded, and so is the client (in requests, and by its stop file);
 //! - the verdict ([`Report::verdict`]) is computed from the client's own lines, never
 //!   assumed: it fails unless the client ran across the failure and the return, traffic
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::lines::{mono_ns, LineStream};
-use crate::{http_request, Agent, AgentOptions, Cgroup, HttpBackend, PinDir, TempDir};
+use crate::{http_request, Agent, AgentBed, Cgroup, HttpBackend};
 
 pub const EAST_A: &str = "dynamodb.us-east-1 (a)";
 pub const EAST_B: &str = "dynamodb.us-east-1 (b)";
@@ -490,26 +491,16 @@ pub fn run(
     out: &mut dyn Write,
 ) -> Result<Report> {
     crate::require_root("the failover demo")?;
-    // Guards: dropped in reverse order — agent, cgroup, pins, backends, temp dir.
-    let tmp = TempDir::new()?;
+    // Guards: dropped in reverse order — the bed (agent, pins, cgroup and the client in
+    // it, temp dir), then the backends.
     let mut backends = Vec::new();
     for (name, addr, _) in BACKENDS {
         backends.push(HttpBackend::start_at(name, addr.parse()?)?);
     }
-    let config = tmp.join("mydb.yaml");
-    std::fs::write(&config, CONFIG)?;
-    let pins = PinDir::new()?;
-    let cgroup = Cgroup::new()?;
-    let mut agent = Agent::start(AgentOptions {
-        binary,
-        config: config.clone(),
-        cgroup: cgroup.path().to_owned(),
-        bpffs: pins.path().to_owned(),
-        socket: tmp.join("detour.sock"),
-        log: tmp.join("agent.log"),
-    })?;
-    writeln!(out, "== {} ==\n{CONFIG}", config.display())?;
-    let stop_file = tmp.join("stop-client");
+    let mut bed = AgentBed::new(binary)?;
+    bed.write_config(CONFIG)?;
+    writeln!(out, "== {} ==\n{CONFIG}", bed.config_path().display())?;
+    let stop_file = bed.dir.join("stop-client");
     let args = ClientArgs {
         vip: VIP.parse()?,
         interval: INTERVAL,
@@ -519,15 +510,17 @@ pub fn run(
         stop_file: stop_file.clone(),
     };
     let (east, _west) = backends.split_at_mut(2);
-    scenario(
-        &mut agent,
-        &cgroup,
-        east,
-        client_command(&args),
-        &stop_file,
-        out,
-    )
-    .map_err(|e| e.context(format!("demo failed{}", agent.log_tail())))
+    bed.start_agent(&[], WAIT)?;
+    let AgentBed {
+        agent: Some(agent),
+        cgroup,
+        ..
+    } = &mut bed
+    else {
+        unreachable!("the agent was just started");
+    };
+    scenario(agent, cgroup, east, client_command(&args), &stop_file, out)
+        .map_err(|e| e.context(format!("demo failed{}", agent.log_tail())))
 }
 
 fn scenario(
@@ -538,7 +531,6 @@ fn scenario(
     stop_file: &Path,
     out: &mut dyn Write,
 ) -> Result<Report> {
-    agent.wait_ready(WAIT)?;
     agent.wait_endpoints("mydb", WAIT, |eps| {
         eps.as_array()
             .is_some_and(|a| a.len() == 3 && a.iter().all(|e| e["health"] == "HEALTHY"))
@@ -808,7 +800,7 @@ mod tests {
 
     #[test]
     fn the_client_stops_at_its_stop_file_and_names_what_answered() {
-        let dir = TempDir::new().unwrap();
+        let dir = crate::TempDir::new().unwrap();
         let backend = HttpBackend::start_at("b", "127.0.0.1:0".parse().unwrap()).unwrap();
         let args = ClientArgs {
             vip: backend.addr(),

@@ -22,6 +22,7 @@
 //! skips silently.
 
 mod agent;
+mod bed;
 mod cgroup;
 pub mod demo;
 mod eventually;
@@ -35,6 +36,7 @@ mod process;
 mod tempdir;
 
 pub use agent::{Agent, AgentOptions};
+pub use bed::AgentBed;
 pub use cgroup::Cgroup;
 pub use eventually::eventually;
 pub use grpc::GrpcHealthBackend;

@@ -9,13 +9,18 @@
 //! - every wait has a deadline: [`LineStream::wait`] kills the child at its deadline and
 //!   says so;
 //! - lines are kept in arrival order per pipe, with the time their reader thread read
-//!   them; stdout and stderr are read by one thread each.
+//!   them; stdout and stderr are read by one thread each. A client spawned in a cgroup
+//!   ([`LineStream::spawn_in`]) has its stdout collected and its stderr inherited, so its
+//!   diagnostics reach the person running it and never mix with its results;
+//! - [`LineStream::next_line`] hands out every line exactly once, in arrival order, for
+//!   callers that act between lines; [`LineStream::lines`] and [`LineStream::since`] read
+//!   them all, whatever was handed out.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -36,13 +41,34 @@ pub fn mono_ns() -> u64 {
 /// each with the [`mono_ns`] time it arrived.
 pub struct LineStream {
     child: Child,
-    lines: Arc<Mutex<Vec<(u64, String)>>>,
+    shared: Arc<Shared>,
     readers: Vec<thread::JoinHandle<()>>,
+    /// How many lines [`LineStream::next_line`] has handed out.
+    cursor: usize,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Notified on every new line and every pipe that closes.
+    changed: Condvar,
+}
+
+struct State {
+    lines: Vec<(u64, String)>,
+    open_pipes: usize,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl LineStream {
-    /// Spawns `command` with its stdout and stderr collected (stdin is null).
+    /// Spawns `command` with its stdout and stderr collected (stdin is null): a server
+    /// or an agent whose every line matters.
     pub fn spawn(command: &mut Command) -> Result<Self> {
+        command.stderr(Stdio::piped());
         Self::spawn_with(command, |command| {
             command
                 .spawn()
@@ -50,9 +76,10 @@ impl LineStream {
         })
     }
 
-    /// Spawns `command` inside `cgroup` (it is in there when it execs), collecting its
-    /// output as [`LineStream::spawn`] does.
+    /// Spawns a client `command` inside `cgroup` (it is in there when it execs), with
+    /// its stdout collected and its stderr inherited.
     pub fn spawn_in(cgroup: &Cgroup, command: &mut Command) -> Result<Self> {
+        command.stderr(Stdio::inherit());
         Self::spawn_with(command, |command| cgroup.spawn(command))
     }
 
@@ -60,12 +87,8 @@ impl LineStream {
         command: &mut Command,
         spawn: impl FnOnce(&mut Command) -> Result<Child>,
     ) -> Result<Self> {
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.stdin(Stdio::null()).stdout(Stdio::piped());
         let mut child = spawn(command)?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child
             .stdout
             .take()
@@ -74,33 +97,71 @@ impl LineStream {
             .stderr
             .take()
             .map(|p| Box::new(p) as Box<dyn Read + Send>);
-        let readers = [out, err]
+        let pipes: Vec<Box<dyn Read + Send>> = [out, err].into_iter().flatten().collect();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                lines: Vec::new(),
+                open_pipes: pipes.len(),
+            }),
+            changed: Condvar::new(),
+        });
+        let readers = pipes
             .into_iter()
-            .flatten()
             .map(|pipe| {
-                let lines = lines.clone();
+                let shared = shared.clone();
                 thread::spawn(move || {
                     for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                        lines
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push((mono_ns(), line));
+                        shared.state().lines.push((mono_ns(), line));
+                        shared.changed.notify_all();
                     }
+                    shared.state().open_pipes -= 1;
+                    shared.changed.notify_all();
                 })
             })
             .collect();
         Ok(Self {
             child,
-            lines,
+            shared,
             readers,
+            cursor: 0,
         })
+    }
+
+    /// The next line not handed out yet, waiting for it until `deadline`. `Ok(None)`:
+    /// the child closed its output and every line was handed out. Fails at the deadline.
+    pub fn next_line(&mut self, deadline: Instant) -> Result<Option<(u64, String)>> {
+        let mut state = self.shared.state();
+        loop {
+            if let Some(line) = state.lines.get(self.cursor) {
+                self.cursor += 1;
+                return Ok(Some(line.clone()));
+            }
+            if state.open_pipes == 0 {
+                return Ok(None);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(state);
+                bail!(
+                    "{} wrote nothing more before its deadline; its last lines:\n{}",
+                    self.child.id(),
+                    self.tail()
+                );
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Lines that arrived at or after `since` ([`mono_ns`]).
     pub fn since(&self, since: u64) -> Vec<(u64, String)> {
-        self.lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .state()
+            .lines
             .iter()
             .filter(|(t, _)| *t >= since)
             .cloned()
@@ -141,7 +202,8 @@ impl LineStream {
 
     /// The last lines, for error messages.
     pub fn tail(&self) -> String {
-        let lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self.shared.state();
+        let lines = &state.lines;
         let start = lines.len().saturating_sub(20);
         lines[start..]
             .iter()
@@ -178,6 +240,27 @@ mod tests {
         assert!(lines.iter().all(|(t, _)| *t >= before));
         let out: Vec<&(u64, String)> = lines.iter().filter(|(_, l)| l != "err").collect();
         assert!(out[0].0 <= out[1].0 && out[0].1 == "one");
+    }
+
+    #[test]
+    fn next_line_hands_out_each_line_once_then_none() {
+        let mut stream =
+            LineStream::spawn(Command::new("sh").args(["-c", "echo a; echo b"])).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while let Some((_, line)) = stream.next_line(deadline).unwrap() {
+            got.push(line);
+        }
+        assert_eq!(got, ["a", "b"]);
+        assert_eq!(stream.lines().len(), 2);
+        let mut silent = LineStream::spawn(Command::new("sleep").arg("30")).unwrap();
+        let error = silent
+            .next_line(Instant::now() + Duration::from_millis(200))
+            .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("wrote nothing more"),
+            "{error:#}"
+        );
     }
 
     #[test]
