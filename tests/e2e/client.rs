@@ -71,6 +71,9 @@ pub struct LoopSummary {
     /// Of `failed`, connects refused (`ECONNREFUSED`): the ones that went to a backend
     /// that was not listening.
     pub refused: u64,
+    /// Of `failed`, connects reset (`ECONNRESET`): their handshake had completed when the
+    /// reset came, before `connect()` returned (a refused SYN is `ECONNREFUSED`).
+    pub reset: u64,
     /// The first few errors, for the failure message.
     pub errors: Vec<String>,
 }
@@ -121,6 +124,7 @@ fn run_script(script: Script) {
                 ok: 0,
                 failed: 0,
                 refused: 0,
+                reset: 0,
                 errors: Vec::new(),
             };
             while summary.ok + summary.failed < max_connects
@@ -133,6 +137,9 @@ fn run_script(script: Script) {
                         summary.failed += 1;
                         if e.kind() == std::io::ErrorKind::ConnectionRefused {
                             summary.refused += 1;
+                        }
+                        if e.kind() == std::io::ErrorKind::ConnectionReset {
+                            summary.reset += 1;
                         }
                         if summary.errors.len() < 5 {
                             summary.errors.push(e.to_string());
