@@ -541,13 +541,68 @@ mod tests {
         assert_eq!(old.origin, None);
     }
 
+    /// Connects to `socket` from a thread whose user and group are `nobody` (65534):
+    /// the raw syscalls change only the calling thread's credentials (glibc's wrappers
+    /// would change every thread's), and the thread ends right after.
+    fn connect_as_nobody(socket: &Path) -> io::Result<()> {
+        let socket = socket.to_owned();
+        std::thread::spawn(move || {
+            const NOBODY: libc::c_long = 65534;
+            // SAFETY: setresgid/setresuid take integers only; on success they affect
+            // this thread alone, which touches nothing shared afterwards but the socket.
+            let dropped = unsafe {
+                libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY) == 0
+                    && libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY) == 0
+            };
+            assert!(
+                dropped,
+                "dropping to nobody: {}",
+                io::Error::last_os_error()
+            );
+            std::os::unix::net::UnixStream::connect(&socket).map(drop)
+        })
+        .join()
+        .expect("the connecting thread")
+    }
+
     #[tokio::test]
     async fn socket_is_root_only_and_round_trips() {
-        let dir = std::env::temp_dir().join(format!("detour-api-test-{}", std::process::id()));
+        // Telling "root only" from "anyone" takes a second user: root can be one.
+        detour_testbed::require_root("checking who may open the agent's socket").unwrap();
+        let tmp = detour_testbed::TempDir::new().unwrap();
+        // Even a directory others may enter, and a stale socket file in the way.
+        let dir = tmp.join("run");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = dir.join("s.sock");
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
         let listener = bind(&socket).unwrap();
-        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+
+        use std::os::unix::fs::MetadataExt;
+        let (file, parent) = (
+            std::fs::metadata(&socket).unwrap(),
+            std::fs::metadata(&dir).unwrap(),
+        );
+        assert_eq!(file.mode() & 0o777, 0o600);
+        assert_eq!(parent.mode() & 0o777, 0o700);
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!((file.uid(), parent.uid()), (me, me));
+        // Another user is refused by the kernel, with the socket's own mode alone too.
+        let err = connect_as_nobody(&socket).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = connect_as_nobody(&socket).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        // The control: the same user reaches a socket there that others may open, so
+        // what refused it above was the agent socket's mode, not the path to it.
+        let open = dir.join("open.sock");
+        let _open = std::os::unix::net::UnixListener::bind(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        connect_as_nobody(&open).unwrap();
+
+        // And the owner's requests are answered, over the socket bind made.
         let server = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             let (read, mut write) = stream.into_split();
@@ -564,7 +619,6 @@ mod tests {
         let resp = call(&socket, &Request::Services).await.unwrap();
         assert_eq!(resp, Response::Services(vec![]));
         server.await.unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

@@ -2880,6 +2880,13 @@ services:
         assert!(config.warnings().is_empty());
     }
 
+    /// The seed's multi-cluster `reviews` failover (seeds/000), in the file's terms:
+    /// the FailoverService's hostname and `port {number: 9080, protocol: http}`, its
+    /// ordered backing services (`reviews` in kind2, then in kind3) as priorities 0 and 1
+    /// with their clusters, and the TrafficPolicy's outlier detection (`consecutiveErrors:
+    /// 1, interval: 10s, baseEjectionTime: 2m`) with the 100% ejection cap Service Mesh
+    /// Hub sets. Plus what the file adds: weights, labels, an order inside a priority,
+    /// and active checks.
     #[test]
     fn the_multi_cluster_reviews_example_parses() {
         let config = parse_ok(
@@ -2890,19 +2897,22 @@ services:
                 ports:
                   - number: 9080
                     name: http
+                    protocol: http
                     targetPort: 9081
                 endpoints:
-                  - address: 127.0.3.1
-                    locality: kind2
-                    labels: {cluster: kind2}
-                  - address: 127.0.4.1
-                    locality: kind3
-                    weight: 3
-                    labels: {cluster: kind3}
-                  - address: '::1'
-                    locality: kind3
+                  # backingServices[0]: reviews.default in kind2 (v1, v2)
+                  - {address: 127.0.3.1, locality: kind2, cluster: kind2, priority: 0, labels: {version: v1}}
+                  - {address: 127.0.3.2, locality: kind2, cluster: kind2, priority: 0, labels: {version: v2}}
+                  # backingServices[1]: reviews.default in kind3 (v1, v2, v3)
+                  - {address: 127.0.4.1, locality: kind3, cluster: kind3, priority: 1, weight: 3, labels: {version: v1}}
+                  - {address: 127.0.4.2, locality: kind3/zone-a, cluster: kind3, priority: 1}
+                  - {address: '::1', locality: kind3, cluster: kind3, priority: 1}
                 localityLbSetting:
                   failoverOrder: [kind2, kind3/zone-a]
+                outlierDetection:
+                  consecutiveErrors: 1
+                  interval: 10s
+                  baseEjectionTime: 2m
                 healthCheck:
                   interval: 10s
                   timeout: 2s
@@ -2913,12 +2923,43 @@ services:
         );
         assert_eq!(config.node, NodeConfig::default());
         let reviews = &config.services[0];
+        assert_eq!(reviews.name, "reviews-failover.default.global");
+        assert_eq!(
+            (reviews.ports[0].number, reviews.ports[0].protocol),
+            (9080, Some(Protocol::Http))
+        );
         assert_eq!(reviews.endpoints[0].port_for(&reviews.ports[0]), 9081);
-        assert_eq!(reviews.endpoints[1].weight, 3);
+        // The backing services' order: kind2 first, then kind3.
+        let order: Vec<(String, u32, &str)> = reviews
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.priority, &*e.cluster))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("127.0.3.1".to_owned(), 0, "kind2"),
+                ("127.0.3.2".to_owned(), 0, "kind2"),
+                ("127.0.4.1".to_owned(), 1, "kind3"),
+                ("127.0.4.2".to_owned(), 1, "kind3"),
+                ("::1".to_owned(), 1, "kind3"),
+            ]
+        );
+        let settings = reviews.outlier_detection.policy.settings();
+        assert_eq!(
+            (
+                settings.consecutive_failures,
+                settings.interval,
+                settings.base_ejection_time,
+                settings.max_ejection_percent,
+            ),
+            (1, Duration::from_secs(10), Duration::from_secs(120), 100)
+        );
+        assert_eq!(reviews.endpoints[2].weight, 3);
         assert_eq!(reviews.endpoints[0].weight, 1);
         assert_eq!(
-            reviews.endpoints[1].labels.as_ref().unwrap()["cluster"],
-            "kind3"
+            reviews.endpoints[2].labels.as_ref().unwrap()["version"],
+            "v1"
         );
         assert_eq!(
             reviews.locality_lb.failover_order,

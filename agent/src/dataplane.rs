@@ -641,3 +641,88 @@ impl Maps for Dataplane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detour_testbed::{require_root, Cgroup, PinDir};
+
+    fn options(cgroup: &Cgroup, pins: &PinDir) -> LoadOptions {
+        LoadOptions {
+            cgroup: cgroup.path().to_owned(),
+            pin_dir: pins.path().to_owned(),
+            max_services: 16,
+            max_backends: 64,
+            max_slots: 256,
+            max_sockets: 1024,
+        }
+    }
+
+    fn outcomes(dataplane: &Dataplane) -> Vec<(&'static str, LinkOutcome)> {
+        dataplane.links.clone()
+    }
+
+    #[test]
+    fn a_second_load_adopts_every_link_and_serves_from_the_same_maps() {
+        require_root("loading detour's programs into a test cgroup").unwrap();
+        // Dropped in reverse: the dataplane, then the pins (detaching), then the cgroup.
+        let cgroup = Cgroup::new().unwrap();
+        let pins = PinDir::new().unwrap();
+        // 127.0.9.1:8080, as `::ffff:127.0.9.1` in network order.
+        let backend = Backend {
+            addr: [
+                0,
+                0,
+                u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+                u32::from_ne_bytes([127, 0, 9, 1]),
+            ],
+            port: 8080u16.to_be(),
+            family: detour_ebpf::AF_INET,
+            pad: 0,
+        };
+        let first = {
+            let mut dataplane = Dataplane::load(&options(&cgroup, &pins)).unwrap();
+            dataplane.write_backend(3, &backend).unwrap();
+            outcomes(&dataplane)
+        };
+        let attached: Vec<_> = PROGRAMS
+            .iter()
+            .map(|&p| (p, LinkOutcome::Attached))
+            .collect();
+        assert_eq!(first, attached);
+        let mut links: Vec<String> = fs::read_dir(pins.path().join("links"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        links.sort();
+        let mut expected: Vec<String> = PROGRAMS.iter().map(ToString::to_string).collect();
+        expected.sort();
+        assert_eq!(
+            links, expected,
+            "one link pin per program, and nothing else"
+        );
+
+        // The agent exited (its maps and programs live on in the pins); the next one
+        // adopts every link and reads what the first wrote.
+        let mut again = Dataplane::load(&options(&cgroup, &pins)).unwrap();
+        let adopted: Vec<_> = PROGRAMS
+            .iter()
+            .map(|&p| (p, LinkOutcome::Adopted))
+            .collect();
+        assert_eq!(outcomes(&again), adopted);
+        assert_eq!(again.backend(3).unwrap(), Some(backend));
+        // Clearing a mark that is not there is a no-op, not an error.
+        again.clear_suspect(3).unwrap();
+        assert_eq!(again.backend_state(3).unwrap().suspect_until_ns, 0);
+    }
+
+    #[test]
+    fn a_replacement_link_is_pinned_beside_the_old_one_without_a_dot() {
+        // bpffs refuses names with a dot, and the rename must stay in one directory.
+        let pin = Path::new("/sys/fs/bpf/detour/links/detour_connect4");
+        let staging = staging_pin(pin);
+        assert_eq!(staging.parent(), pin.parent());
+        assert_eq!(staging.file_name().unwrap(), "detour_connect4-new");
+        assert!(!staging.file_name().unwrap().to_string_lossy().contains('.'));
+    }
+}

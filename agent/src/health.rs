@@ -972,9 +972,19 @@ mod tests {
             .expect("the probe task is running")
     }
 
+    /// Accepts `n` more probe connections on `listener`, at most 10 s in all.
+    async fn accept_probes(listener: &tokio::net::TcpListener, n: usize) {
+        for i in 0..n {
+            tokio::time::timeout(Duration::from_secs(10), listener.accept())
+                .await
+                .unwrap_or_else(|_| panic!("probe {i} of {n} within 10 s"))
+                .unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn probe_task_reports_changes_only() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = listener.local_addr().unwrap();
         let (tx, mut rx) = mpsc::channel(8);
         let task = spawn_probe(
@@ -986,8 +996,10 @@ mod tests {
         );
         let first = next(&mut rx).await;
         assert_eq!((first.health, first.passed), (Health::Healthy, true));
-        // Passing probes while nothing is ejected report nothing.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Passing probes while nothing is ejected report nothing: counted, not timed.
+        // Probes run one after another, so by the time the 6th has connected, the four
+        // after the first have passed, and any report of theirs is in the channel.
+        accept_probes(&listener, 6).await;
         assert!(rx.try_recv().is_err(), "no report while the verdict holds");
         drop(listener);
         let second = next(&mut rx).await;

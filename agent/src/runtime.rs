@@ -738,13 +738,7 @@ impl Agent {
                     Some(OutlierEvent::Restored { .. }) | None => {}
                 }
             }
-            // The kernel's mark stands while the backend is ejected, and while a first
-            // SYN retransmission awaits its outcome; a success or a failure run the
-            // agent does not eject for lifts it.
-            let settles = event.kind == detour_ebpf::event_kind::ESTABLISHED
-                || (event.marked_suspect != 0
-                    && event.kind != detour_ebpf::event_kind::SYN_RETRANSMIT);
-            if settles && !self.passive.is_ejected_anywhere(target) {
+            if lifts_suspect_mark(&event, || self.passive.is_ejected_anywhere(target)) {
                 self.clear_suspect(event.backend_id, target);
             }
         }
@@ -1812,9 +1806,124 @@ async fn stream_events(
     }
 }
 
+/// Whether the agent lifts the kernel's suspect mark of `event`'s backend once it has
+/// judged the event. The mark stands while some service has the backend ejected, and
+/// while a first SYN retransmission awaits its outcome; a success, or a failure run the
+/// agent does not eject for (the tier's cap was reached), lifts it.
+fn lifts_suspect_mark(event: &ConnEvent, ejected_anywhere: impl FnOnce() -> bool) -> bool {
+    let settles = event.kind == detour_ebpf::event_kind::ESTABLISHED
+        || (event.marked_suspect != 0 && event.kind != detour_ebpf::event_kind::SYN_RETRANSMIT);
+    settles && !ejected_anywhere()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(kind: u32, marked_suspect: u32) -> ConnEvent {
+        ConnEvent {
+            ts_ns: 1,
+            kind,
+            service_id: 1,
+            backend_id: 7,
+            fail_streak: 1,
+            rtt_us: 0,
+            marked_suspect,
+        }
+    }
+
+    #[test]
+    fn the_suspect_mark_settles_on_a_success_or_an_unconfirmed_failure_only() {
+        use detour_ebpf::event_kind::{ESTABLISHED, REFUSED, SYN_RETRANSMIT, TIMEOUT};
+        let not_ejected = || false;
+        // A success lifts the mark; so does a failure the kernel marked and the agent
+        // did not eject for (a tier at its ejection cap).
+        assert!(lifts_suspect_mark(&event(ESTABLISHED, 0), not_ejected));
+        assert!(lifts_suspect_mark(&event(ESTABLISHED, 1), not_ejected));
+        assert!(lifts_suspect_mark(&event(REFUSED, 1), not_ejected));
+        assert!(lifts_suspect_mark(&event(TIMEOUT, 1), not_ejected));
+        // A first SYN retransmission's mark stands until its handshake's outcome.
+        assert!(!lifts_suspect_mark(&event(SYN_RETRANSMIT, 1), not_ejected));
+        // A failure below the threshold marked nothing: its run goes on counting.
+        assert!(!lifts_suspect_mark(&event(REFUSED, 0), not_ejected));
+        assert!(!lifts_suspect_mark(&event(TIMEOUT, 0), not_ejected));
+        // While any service has the backend ejected, nothing lifts it.
+        for (kind, marked) in [(ESTABLISHED, 0), (REFUSED, 1), (TIMEOUT, 1)] {
+            assert!(!lifts_suspect_mark(&event(kind, marked), || true));
+        }
+    }
+
+    #[test]
+    fn a_reload_terminates_exactly_the_targets_it_removes() {
+        let old = detour_agent::config::parse(
+            "
+services:
+  - name: kept
+    vips: [127.200.0.1]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints: [{address: 127.0.1.1}, {address: 127.0.1.2}]
+  - name: shrunk
+    vips: [127.200.0.2]
+    ports: [{number: 80, targetPort: 8080}, {number: 81, targetPort: 8081}]
+    endpoints: [{address: 127.0.2.1}, {address: 127.0.2.2}]
+  - name: dropped
+    vips: [127.200.0.3]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints: [{address: 127.0.3.1}]
+  - name: moved
+    vips: [127.200.0.4]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints: [{address: 127.0.4.1}]
+",
+        )
+        .unwrap();
+        let new = detour_agent::config::parse(
+            "
+services:
+  - name: kept
+    vips: [127.200.0.1]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints: [{address: 127.0.1.1, weight: 2}, {address: 127.0.1.2}]
+  - name: shrunk
+    vips: [127.200.0.2]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints: [{address: 127.0.2.1}]
+  - name: moved
+    vips: [127.200.0.4]
+    ports: [{number: 80, targetPort: 9090}]
+    endpoints: [{address: 127.0.4.1}]
+  - name: added
+    vips: [127.200.0.5]
+    ports: [{number: 80}]
+    endpoints: [{address: 127.0.5.1}]
+",
+        )
+        .unwrap();
+        let change = ConfigChange::between(&old, &new);
+        let mut removed: Vec<(String, String)> = change
+            .removed_targets
+            .iter()
+            .map(|(service, target)| (service.clone(), target.to_string()))
+            .collect();
+        removed.sort();
+        let expected: Vec<(String, String)> = [
+            ("dropped", "127.0.3.1:8080"),
+            ("moved", "127.0.4.1:8080"),
+            ("shrunk", "127.0.2.1:8081"),
+            ("shrunk", "127.0.2.2:8080"),
+            ("shrunk", "127.0.2.2:8081"),
+        ]
+        .iter()
+        .map(|(s, t)| ((*s).to_owned(), (*t).to_owned()))
+        .collect();
+        // An edited endpoint that stays (`kept`'s new weight) loses nothing; a target
+        // that moved port is gone from its old one.
+        assert_eq!(removed, expected);
+        let touched: Vec<&str> = change.services.iter().map(String::as_str).collect();
+        assert_eq!(touched, ["added", "dropped", "kept", "moved", "shrunk"]);
+        // Nothing removed, nothing to terminate.
+        assert!(ConfigChange::between(&new, &new).removed_targets.is_empty());
+    }
 
     #[test]
     fn a_backend_in_the_tables_of_two_vips_counts_once() {

@@ -1,14 +1,14 @@
 //! The client side of the end-to-end tests: a process inside the test's cgroup that
 //! connects to VIPs and reports what it saw, one JSON line per result.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use detour_testbed::{wait_with_timeout, Cgroup};
+use detour_testbed::{Cgroup, LineStream};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 const SCRIPT_ENV: &str = "DETOUR_E2E_CLIENT_SCRIPT";
@@ -24,11 +24,13 @@ pub enum Script {
         count: u32,
         interval_ms: u64,
     },
-    /// Connect and close as fast as it can until `stop_file` exists (or `max_ms` passes);
-    /// one [`LoopSummary`] line at the end.
+    /// Connect and close as fast as it can until `stop_file` exists, `max_connects`
+    /// connects were made or `max_ms` passes, whichever comes first; one [`LoopSummary`]
+    /// line at the end.
     ConnectLoop {
         target: SocketAddr,
         stop_file: PathBuf,
+        max_connects: u64,
         max_ms: u64,
     },
     /// Connect once, create `ready_file`, then wait for the connection to end (or
@@ -69,37 +71,24 @@ pub struct LoopSummary {
     /// Of `failed`, connects refused (`ECONNREFUSED`): the ones that went to a backend
     /// that was not listening.
     pub refused: u64,
+    /// Of `failed`, connects reset (`ECONNRESET`): their handshake had completed when the
+    /// reset came, before `connect()` returned (a refused SYN is `ECONNREFUSED`).
+    pub reset: u64,
     /// The first few errors, for the failure message.
     pub errors: Vec<String>,
 }
 
+/// One GET through the testbed's HTTP client; errors keep their cause chain.
 fn get(target: SocketAddr) -> Get {
-    let attempt = || -> std::io::Result<(String, SocketAddr)> {
-        let mut stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
-        let peer = stream.peer_addr()?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        write!(
-            stream,
-            "GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .trim()
-            .to_string();
-        Ok((body, peer))
-    };
-    match attempt() {
-        Ok((body, peer)) => Get {
-            body: Some(body),
+    match detour_testbed::http_request(target, IO_TIMEOUT) {
+        Ok(r) => Get {
+            body: Some(r.body.trim().to_string()),
             error: None,
-            peer: Some(peer),
+            peer: Some(r.peer),
         },
         Err(e) => Get {
             body: None,
-            error: Some(e.to_string()),
+            error: Some(format!("{e:#}")),
             peer: None,
         },
     }
@@ -127,6 +116,7 @@ fn run_script(script: Script) {
         Script::ConnectLoop {
             target,
             stop_file,
+            max_connects,
             max_ms,
         } => {
             let deadline = Instant::now() + Duration::from_millis(max_ms);
@@ -134,15 +124,22 @@ fn run_script(script: Script) {
                 ok: 0,
                 failed: 0,
                 refused: 0,
+                reset: 0,
                 errors: Vec::new(),
             };
-            while !stop_file.exists() && Instant::now() < deadline {
+            while summary.ok + summary.failed < max_connects
+                && !stop_file.exists()
+                && Instant::now() < deadline
+            {
                 match TcpStream::connect_timeout(&target, IO_TIMEOUT) {
                     Ok(_) => summary.ok += 1,
                     Err(e) => {
                         summary.failed += 1;
                         if e.kind() == std::io::ErrorKind::ConnectionRefused {
                             summary.refused += 1;
+                        }
+                        if e.kind() == std::io::ErrorKind::ConnectionReset {
+                            summary.reset += 1;
                         }
                         if summary.errors.len() < 5 {
                             summary.errors.push(e.to_string());
@@ -206,47 +203,40 @@ fn client_process() {
     run_script(serde_json::from_str(&script).expect("valid client script"));
 }
 
-/// Starts a client process inside `cgroup`.
-pub fn spawn_in(cgroup: &Cgroup, script: &Script) -> Result<Child> {
+/// The command that re-executes this test binary as the helper test `name` (an ignored
+/// test that reads its instructions from the environment).
+pub fn helper(name: &str) -> Result<Command> {
     let exe = std::env::current_exe().context("locating the test binary")?;
     let mut cmd = Command::new(exe);
     cmd.args([
         "--exact",
-        "client::client_process",
+        name,
         "--ignored",
         "--nocapture",
         "--test-threads=1",
-    ])
-    .env(SCRIPT_ENV, serde_json::to_string(script)?)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
-    cgroup.spawn(&mut cmd)
+    ]);
+    Ok(cmd)
+}
+
+/// Starts a client process inside `cgroup`.
+pub fn spawn_in(cgroup: &Cgroup, script: &Script) -> Result<LineStream> {
+    let mut cmd = helper("client::client_process")?;
+    cmd.env(SCRIPT_ENV, serde_json::to_string(script)?);
+    LineStream::spawn_in(cgroup, &mut cmd)
 }
 
 /// Waits (bounded) for a client to finish and returns its result lines.
-pub fn results<T: DeserializeOwned>(mut child: Child, timeout: Duration) -> Result<Vec<T>> {
-    let stdout = child.stdout.take().context("client stdout")?;
-    let reader = std::thread::spawn(move || -> Vec<String> {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            // libtest prints "test client::client_process ... " on the same line as the
-            // first output, so the prefix is searched for, not expected at the start.
-            .filter_map(|l| {
-                l.find(LINE_PREFIX)
-                    .map(|at| l[at + LINE_PREFIX.len()..].to_string())
-            })
-            .collect()
-    });
-    let Some(status) = wait_with_timeout(&mut child, timeout)? else {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("client did not finish within {timeout:?}");
-    };
-    let lines = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+pub fn results<T: DeserializeOwned>(client: LineStream, timeout: Duration) -> Result<Vec<T>> {
+    let (status, lines) = client.wait(timeout).context("the client did not finish")?;
+    // libtest prints "test client::client_process ... " on the same line as the first
+    // output, so the prefix is searched for, not expected at the start.
+    let lines: Vec<String> = lines
+        .iter()
+        .filter_map(|(_, l)| {
+            l.find(LINE_PREFIX)
+                .map(|at| l[at + LINE_PREFIX.len()..].to_string())
+        })
+        .collect();
     if !status.success() {
         bail!("client failed ({status}); it printed {lines:?}");
     }

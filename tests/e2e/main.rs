@@ -15,6 +15,7 @@
 
 mod client;
 mod config_file;
+mod demo;
 mod explain;
 mod kube;
 mod kubernetes;

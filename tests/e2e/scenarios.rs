@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use detour_ebpf::programs;
 
-use crate::world::{endpoint, World};
+use crate::world::{endpoint, link_outcomes, World};
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -30,19 +31,22 @@ fn connect_to_the_vip_reaches_the_nearest_tier_and_getpeername_shows_the_vip() -
     w.backend("zone", "127.10.1.1:8080")?;
     w.backend("region", "127.10.1.2:8080")?;
     w.backend("west", "127.10.1.3:8080")?;
-    w.write_config(
+    w.write_config(&format!(
         r#"
-node: { locality: us-east1/us-east1-b }
+node: {{ locality: us-east1/us-east1-b }}
 services:
   - name: nearest
     vips: [127.210.1.1]
-    ports: [{number: 80, name: http, targetPort: 8080}]
+    ports: [{{number: 80, name: http, targetPort: 8080}}]
     endpoints:
-      - {address: 127.10.1.3, locality: us-west/us-west-1a}
-      - {address: 127.10.1.2, locality: us-east1/us-east1-c}
-      - {address: 127.10.1.1, locality: us-east1/us-east1-b}
+      - {{address: 127.10.1.3, locality: us-west/us-west-1a}}
+      - {{address: 127.10.1.2, locality: us-east1/us-east1-c}}
+      - {{address: 127.10.1.1, locality: us-east1/us-east1-b}}
+    localityLbSetting: {{failover: [{{from: us-east1, to: us-west}}]}}
+    healthCheck: {}
 "#,
-    )?;
+        health_checks("100ms")
+    ))?;
     w.start_agent()?;
     let gets = w.gets("127.210.1.1:80", 20)?;
     for g in &gets {
@@ -74,6 +78,17 @@ services:
         endpoint(eps, "127.10.1.2:8080").is_ok_and(|e| e["in_table"] == true)
     })?;
     expect_answers(&w, "127.210.1.1:80", 10, &[("region", 10)])?;
+    ensure!(w.agent().services_json()?[0]["tier"] == "same-region");
+    // With the region's backends gone too, the failover rule's target serves: the tier
+    // says it was the rule, not the catch-all of anything left.
+    w.stop_backend("region");
+    w.wait_endpoints("nearest", CHECK_TIMEOUT, |eps| {
+        endpoint(eps, "127.10.1.3:8080").is_ok_and(|e| e["in_table"] == true)
+            && endpoint(eps, "127.10.1.2:8080").is_ok_and(|e| e["in_table"] == false)
+    })?;
+    expect_answers(&w, "127.210.1.1:80", 10, &[("west", 10)])?;
+    let services = w.agent().services_json()?;
+    ensure!(services[0]["tier"] == "failover[0]:us-west", "{services:#}");
     Ok(())
 }
 
@@ -198,16 +213,29 @@ services:
     std::thread::sleep(Duration::from_millis(300));
     w.agent().kill9()?;
     std::thread::sleep(Duration::from_millis(500));
+    let restarted_at = w.log().len();
     w.agent().restart()?;
     w.agent().wait_ready(crate::world::READY_TIMEOUT)?;
     std::thread::sleep(Duration::from_millis(300));
     let summary = World::finish_loop(child, &stop)?;
     ensure!(summary.failed == 0, "{summary:?}");
     ensure!(summary.ok > 100, "{summary:?}");
+    // Every one of the programs the first agent attached, and no other, adopted.
     let log = w.log();
+    let adopted = link_outcomes(&log[restarted_at..]);
+    let every_program: BTreeMap<String, String> = [
+        programs::SOCK_OPS,
+        programs::CONNECT4,
+        programs::CONNECT6,
+        programs::GETPEERNAME4,
+        programs::GETPEERNAME6,
+    ]
+    .into_iter()
+    .map(|p| (p.to_owned(), "Adopted".to_owned()))
+    .collect();
     ensure!(
-        log.matches("Adopted").count() >= 4,
-        "the restarted agent should adopt its 4 pinned links:\n{log}"
+        adopted == every_program && link_outcomes(&log[..restarted_at]).len() == 5,
+        "the restarted agent should adopt all 5 pinned links, got {adopted:?}:\n{log}"
     );
     // And it still serves, with counters that survived the restart.
     expect_answers(&w, "127.210.5.1:80", 5, &[("a", 5)])?;

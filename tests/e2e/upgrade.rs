@@ -24,9 +24,9 @@ use anyhow::{bail, ensure, Context, Result};
 use aya::maps::MapInfo;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::loaded_programs;
-use detour_testbed::{output_with_timeout, Agent, AgentOptions};
+use detour_testbed::output_with_timeout;
 
-use crate::world::{endpoint, World, READY_TIMEOUT};
+use crate::world::{endpoint, link_outcomes as outcomes, World, READY_TIMEOUT};
 
 /// How long connects flow through each agent (and each gap between agents).
 const DWELL: Duration = Duration::from_millis(300);
@@ -133,19 +133,9 @@ fn build_variant() -> Result<PathBuf> {
 /// Returns where this agent's lines begin in the (shared, appended) log.
 fn start(w: &mut World, binary: &Path, args: &[&str]) -> Result<usize> {
     let from = w.log().len();
-    let mut agent = Agent::start_with_args(
-        AgentOptions {
-            binary: binary.to_owned(),
-            config: w.config_path(),
-            cgroup: w.cgroup.path().to_owned(),
-            bpffs: w.pins.path().to_owned(),
-            socket: w.dir.join("detour.sock"),
-            log: w.dir.join("agent.log"),
-        },
-        args,
-    )?;
-    agent.wait_ready(READY_TIMEOUT)?;
-    w.agent = Some(agent);
+    let mut options = w.bed.options();
+    options.binary = binary.to_owned();
+    w.bed.start_agent_with(options, args, READY_TIMEOUT)?;
     Ok(from)
 }
 
@@ -155,22 +145,6 @@ fn stop(w: &mut World) -> Result<()> {
         agent.stop()?;
     }
     Ok(())
-}
-
-/// The outcome ("Attached", "Adopted", "Replaced") each program had in one agent's log.
-fn outcomes(log: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains("program ready")) {
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(&format!("{name}=")))
-                .map(|v| v.trim_matches('"').to_string())
-        };
-        if let (Some(program), Some(outcome)) = (field("program"), field("outcome")) {
-            out.insert(program, outcome);
-        }
-    }
-    out
 }
 
 fn config(services: &[(&str, &str, &str)]) -> String {

@@ -1,40 +1,54 @@
-//! One test's private world: cgroup, pin directory, temp dir, backends and the agent,
-//! torn down in reverse order of need when the test ends, pass or fail.
+//! One test's private world: the testbed's [`AgentBed`] (cgroup, pin directory, temp
+//! dir and the agent) and the test's backends, torn down in reverse order of need when
+//! the test ends, pass or fail: the agent stops first (see `Drop`), then the backends
+//! close, then the bed removes the pins (detaching the programs), the cgroup (killing any
+//! client left in it) and the temp dir.
+//!
+//! A `World` dereferences to its bed, so `w.cgroup`, `w.pins` and `w.dir` are the bed's.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use detour_testbed::{
-    require_root, Agent, AgentOptions, Cgroup, HttpBackend, Netns, PinDir, TempDir, Veth,
-};
+use anyhow::{Context, Result};
+use detour_testbed::{Agent, AgentBed, HttpBackend, LineStream, Netns, Veth};
 
 use crate::client::{self, Get, LoopSummary, Script};
 
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-// Field order is drop order: the agent stops first, then backends close, then the pins
-// go (detaching the programs), then the cgroup (killing any client left in it).
+// Field order is drop order, after `Drop` has stopped the agent: backends, then the bed.
 pub struct World {
-    pub agent: Option<Agent>,
     pub backends: BTreeMap<String, HttpBackend>,
-    pub pins: PinDir,
-    pub cgroup: Cgroup,
-    pub dir: TempDir,
+    pub bed: AgentBed,
+}
+
+impl std::ops::Deref for World {
+    type Target = AgentBed;
+    fn deref(&self) -> &AgentBed {
+        &self.bed
+    }
+}
+
+impl std::ops::DerefMut for World {
+    fn deref_mut(&mut self) -> &mut AgentBed {
+        &mut self.bed
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // The agent stops before the backends close, as it would leave a running node.
+        drop(self.bed.agent.take());
+    }
 }
 
 impl World {
     pub fn new() -> Result<Self> {
-        require_root("the end-to-end tests (they attach eBPF programs to a cgroup)")?;
         Ok(Self {
-            agent: None,
             backends: BTreeMap::new(),
-            pins: PinDir::new()?,
-            cgroup: Cgroup::new()?,
-            dir: TempDir::new()?,
+            bed: AgentBed::new(env!("CARGO_BIN_EXE_detour"))?,
         })
     }
 
@@ -82,24 +96,8 @@ impl World {
             .set_status(status);
     }
 
-    /// Where the agent reads its config.
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.join("detour.yaml")
-    }
-
-    pub fn write_config(&self, yaml: &str) -> Result<()> {
-        // Write then rename, as a config management tool would: the agent never reads a
-        // half-written file.
-        let tmp = self.dir.join("detour.yaml.tmp");
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, self.dir.join("detour.yaml"))?;
-        Ok(())
-    }
-
     pub fn start_agent(&mut self) -> Result<&mut Agent> {
-        let mut agent = Agent::start(self.agent_options(self.dir.join("detour.yaml")))?;
-        agent.wait_ready(READY_TIMEOUT)?;
-        Ok(self.agent.insert(agent))
+        self.bed.start_agent(&[], READY_TIMEOUT)
     }
 
     /// Starts the agent with Kubernetes as its source (no config file): `kubeconfig`
@@ -111,8 +109,11 @@ impl World {
         cluster: &str,
     ) -> Result<&mut Agent> {
         let kubeconfig = kubeconfig.display().to_string();
-        let mut agent = Agent::start_with_args(
-            self.agent_options(PathBuf::new()),
+        // No `--config`: the agent's source is Kubernetes.
+        let mut options = self.bed.options();
+        options.config = PathBuf::new();
+        self.bed.start_agent_with(
+            options,
             &[
                 "--kubernetes",
                 "--kubeconfig",
@@ -122,29 +123,8 @@ impl World {
                 "--cluster-name",
                 cluster,
             ],
-        )?;
-        agent.wait_ready(READY_TIMEOUT)?;
-        Ok(self.agent.insert(agent))
-    }
-
-    /// The agent's options in this world; an empty `config` passes no `--config`.
-    fn agent_options(&self, config: PathBuf) -> AgentOptions {
-        AgentOptions {
-            binary: env!("CARGO_BIN_EXE_detour").into(),
-            config,
-            cgroup: self.cgroup.path().to_owned(),
-            bpffs: self.pins.path().to_owned(),
-            socket: self.dir.join("detour.sock"),
-            log: self.dir.join("agent.log"),
-        }
-    }
-
-    pub fn agent(&mut self) -> &mut Agent {
-        self.agent.as_mut().expect("agent started")
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+            READY_TIMEOUT,
+        )
     }
 
     pub fn gets(&self, vip: &str, count: u32) -> Result<Vec<Get>> {
@@ -186,7 +166,18 @@ impl World {
 
     /// Starts a connect loop against `vip` from inside the test's cgroup; stop it with
     /// [`World::finish_loop`].
-    pub fn connect_loop(&self, vip: &str) -> Result<(Child, PathBuf)> {
+    pub fn connect_loop(&self, vip: &str) -> Result<(LineStream, PathBuf)> {
+        self.connect_loop_bounded(vip, u64::MAX, Duration::from_secs(60))
+    }
+
+    /// A [`World::connect_loop`] that also ends by itself after `max_connects` connects
+    /// or `max_time`, whichever comes first.
+    pub fn connect_loop_bounded(
+        &self,
+        vip: &str,
+        max_connects: u64,
+        max_time: Duration,
+    ) -> Result<(LineStream, PathBuf)> {
         let stop = self
             .dir
             .join(&format!("stop-{}", detour_testbed::unique_name()));
@@ -195,17 +186,26 @@ impl World {
             &Script::ConnectLoop {
                 target: vip.parse()?,
                 stop_file: stop.clone(),
-                max_ms: 60_000,
+                max_connects,
+                max_ms: u64::try_from(max_time.as_millis()).unwrap_or(u64::MAX),
             },
         )?;
         Ok((child, stop))
     }
 
     /// Stops a [`World::connect_loop`] and returns its summary.
-    pub fn finish_loop(child: Child, stop: &Path) -> Result<LoopSummary> {
+    pub fn finish_loop(child: LineStream, stop: &Path) -> Result<LoopSummary> {
         std::fs::write(stop, b"")?;
         let mut lines: Vec<LoopSummary> = client::results(child, Duration::from_secs(15))?;
         lines
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
+    }
+
+    /// Waits (at most `timeout`, then kills it) for a [`World::connect_loop_bounded`] to
+    /// end by itself and returns its summary.
+    pub fn await_loop(child: LineStream, timeout: Duration) -> Result<LoopSummary> {
+        client::results::<LoopSummary>(child, timeout)?
             .pop()
             .ok_or_else(|| anyhow::anyhow!("connect loop printed no summary"))
     }
@@ -217,17 +217,7 @@ impl World {
         timeout: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Result<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let eps = self.agent().endpoints_json(Some(service))?;
-            if pred(&eps) {
-                return Ok(eps);
-            }
-            if Instant::now() > deadline {
-                bail!("condition not met within {timeout:?}; endpoints now: {eps:#}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.agent().wait_endpoints(service, timeout, pred)
     }
 }
 
@@ -238,4 +228,21 @@ pub fn endpoint<'a>(eps: &'a serde_json::Value, address: &str) -> Result<&'a ser
         .iter()
         .find(|e| e["address"] == address)
         .with_context(|| format!("no endpoint {address} in {eps:#}"))
+}
+
+/// The outcome ("Attached", "Adopted", "Replaced") each program had in one agent's log,
+/// by program name, from its `program ready` lines.
+pub fn link_outcomes(log: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("program ready")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .map(|v| v.trim_matches('"').to_string())
+        };
+        if let (Some(program), Some(outcome)) = (field("program"), field("outcome")) {
+            out.insert(program, outcome);
+        }
+    }
+    out
 }

@@ -27,19 +27,19 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
-use detour_testbed::{Agent, AgentOptions, Cgroup, PinDir, TempDir};
+use detour_testbed::{Agent, AgentBed, Cgroup, LineStream};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::{cmd, setup};
@@ -316,7 +316,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let binary = cmd::build_agent()?;
 
     let sink = AcceptSink::start(BACKEND.parse()?)?;
-    let tmp = TempDir::new()?;
     let overflows_before = listen_overflows();
     let mut rows = Vec::new();
     let mut costs = Vec::new();
@@ -337,7 +336,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             format!("agent, {} services", thousands(f64::from(services)))
         };
         eprintln!("bench: {setup_name}");
-        match bench_with_agent(&binary, &tmp, services, args, deadline) {
+        match bench_with_agent(&binary, services, args, deadline) {
             Ok((results, setup_costs, setup_notes)) => {
                 rows.extend(summarize(&setup_name, &results));
                 costs.extend(setup_costs.into_iter().map(|c| (setup_name.clone(), c)));
@@ -380,30 +379,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 /// Returns the runs, the programs' costs by target and notes for the report.
 fn bench_with_agent(
     binary: &Path,
-    tmp: &TempDir,
     services: u32,
     args: &BenchArgs,
     deadline: Instant,
 ) -> Result<(Vec<RunResult>, Vec<ProgramCost>, Vec<String>)> {
-    let config = tmp.join(&format!("bench-{services}.yaml"));
-    write_config(&config, services)?;
-    // Guards: dropped in reverse order — agent, then cgroup (detaching), then pins.
-    let pins = PinDir::new()?;
-    let cgroup = Cgroup::new()?;
-    let mut agent = Agent::start(AgentOptions {
-        binary: binary.to_owned(),
-        config,
-        cgroup: cgroup.path().to_owned(),
-        bpffs: pins.path().to_owned(),
-        socket: tmp.join(&format!("detour-{services}.sock")),
-        log: tmp.join(&format!("agent-{services}.log")),
-    })?;
+    // The bed's guards: the agent, then the pins (detaching), the cgroup, the config.
+    let mut bed = AgentBed::new(binary)?;
+    write_config(&bed.config_path(), services)?;
     let loading = Instant::now();
     let ready_budget = deadline
         .saturating_duration_since(Instant::now())
         .min(Duration::from_secs(240));
-    agent.wait_ready(ready_budget)?;
-    wait_in_table(&agent, "bench", deadline)?;
+    bed.start_agent(&[], ready_budget)?;
+    let (agent, cgroup, pins) = (bed.agent.as_ref().expect("started"), &bed.cgroup, &bed.pins);
+    wait_in_table(agent, "bench", deadline)?;
     let mut notes = vec![format!(
         "agent ready and `bench` in the table {:.1}s after start",
         loading.elapsed().as_secs_f64()
@@ -424,13 +413,13 @@ fn bench_with_agent(
     };
     let targets = [("direct", BACKEND), ("VIP", VIP)];
     eprintln!("  one target at a time, reading the programs' run time between runs");
-    let timed = run_client(&cgroup, &targets, args, deadline, Some(&mut between))
+    let timed = run_client(cgroup, &targets, args, deadline, Some(&mut between))
         .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
     eprintln!(
         "  direct and VIP interleaved in blocks of {} connects",
         args.block
     );
-    let results = run_client(&cgroup, &targets, args, deadline, None)
+    let results = run_client(cgroup, &targets, args, deadline, None)
         .map_err(|e| e.context(format!("bench client failed{}", agent.log_tail())))?;
     // Every connect the client made to the VIP went through the program: the kernel's
     // count must be the client's, or the figures are not what they claim to measure.
@@ -442,7 +431,7 @@ fn bench_with_agent(
         .map(|r| u64::from(r.connects))
         .sum::<u64>()
         + 2 * u64::from(WARMUP_CONNECTS);
-    let counted = bench_connects(&agent).context("reading the agent's count for `bench`")?;
+    let counted = bench_connects(agent).context("reading the agent's count for `bench`")?;
     if counted != made {
         bail!("the kernel counted {counted} connects to `bench`, the client made {made}");
     }
@@ -615,25 +604,18 @@ fn run_client(
         .args([
             "--block",
             &if between.is_some() { 0 } else { args.block }.to_string(),
-        ])
-        .stdout(Stdio::piped());
+        ]);
     for (name, addr) in targets {
         command.arg("--target").arg(format!("{name}={addr}"));
     }
-    let mut child = cgroup.spawn(&mut command)?;
-    let stdout = child.stdout.take().context("client stdout")?;
-    let (tx, rx) = mpsc::channel();
-    let reader = thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut client = LineStream::spawn_in(cgroup, &mut command)?;
     let mut results = Vec::new();
     loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => {
+        let next = client
+            .next_line(deadline)
+            .with_context(|| format!("the benchmark ran out of its {TASK_BUDGET:?} budget"))?;
+        match next {
+            Some((_, line)) => {
                 let v: serde_json::Value = serde_json::from_str(&line)
                     .with_context(|| format!("bad client line {line:?}"))?;
                 if v["warmed_up"] == true {
@@ -666,16 +648,10 @@ fn run_client(
                 }
                 results.push(result);
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the benchmark ran out of its {TASK_BUDGET:?} budget");
-            }
+            None => break,
         }
     }
-    let _ = reader.join();
-    let status = child.wait()?;
+    let (status, _) = client.wait(deadline.saturating_duration_since(Instant::now()))?;
     if !status.success() {
         bail!("the bench client failed: {status}");
     }
@@ -692,24 +668,21 @@ fn run_client(
 /// Waits until `service` has a backend in its kernel table (at most 60 s, and not
 /// past `deadline`).
 pub(crate) fn wait_in_table(agent: &Agent, service: &str, deadline: Instant) -> Result<()> {
-    let deadline = deadline.min(Instant::now() + Duration::from_secs(60));
-    loop {
-        let in_table = agent
-            .endpoints_json(Some(service))
-            .ok()
-            .and_then(|eps| Some(eps.as_array()?.iter().any(|e| e["in_table"] == true)))
-            .unwrap_or(false);
-        if in_table {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
+    let within = deadline
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_secs(60));
+    agent
+        .wait_endpoints(service, within, |eps| {
+            eps.as_array()
+                .is_some_and(|a| a.iter().any(|e| e["in_table"] == true))
+        })
+        .map(drop)
+        .map_err(|e| {
+            e.context(format!(
                 "`{service}` never got a backend in the table{}",
                 agent.log_tail()
-            );
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
+            ))
+        })
 }
 
 fn bench_connects(agent: &Agent) -> Option<u64> {
@@ -935,13 +908,42 @@ mod tests {
 
     #[test]
     fn config_has_bench_plus_fillers() {
-        let dir = TempDir::new().unwrap();
+        use detour_agent::config::HealthCheckKind;
+        let dir = detour_testbed::TempDir::new().unwrap();
         let path = dir.join("c.yaml");
         write_config(&path, 3).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("vips: [127.201.0.1]"));
-        assert_eq!(text.matches("healthCheck: {disabled: true}").count(), 2);
-        assert!(text.contains("{name: filler-000002, vips: [127.210.0.1]"));
+        let config = detour_agent::config::parse(&std::fs::read_to_string(&path).unwrap())
+            .expect("the agent accepts the benchmark's config");
+        assert_eq!(config.node.locality.to_string(), LOCALITY);
+        // Each service: name, VIP:port, backend, and whether it is health checked.
+        let shape: Vec<(String, String, String, bool)> = config
+            .services
+            .iter()
+            .map(|s| {
+                let ([vip], [port], [endpoint]) = (&s.vips[..], &s.ports[..], &s.endpoints[..])
+                else {
+                    panic!("{} has one VIP, port and endpoint", s.name);
+                };
+                assert_eq!(endpoint.locality.to_string(), LOCALITY);
+                (
+                    s.name.clone(),
+                    SocketAddr::new(*vip, port.number).to_string(),
+                    SocketAddr::new(endpoint.address, endpoint.port_for(port)).to_string(),
+                    s.health_check.kind != HealthCheckKind::None,
+                )
+            })
+            .collect();
+        let row = |name: &str, vip: &str, backend: &str, checked| {
+            (name.to_owned(), vip.to_owned(), backend.to_owned(), checked)
+        };
+        assert_eq!(
+            shape,
+            [
+                row("bench", VIP, BACKEND, true),
+                row("filler-000001", "127.210.0.0:80", "127.211.0.0:9000", false),
+                row("filler-000002", "127.210.0.1:80", "127.211.0.1:9000", false),
+            ]
+        );
     }
 
     #[test]

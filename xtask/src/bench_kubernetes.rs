@@ -38,16 +38,14 @@
 //!   still be in its handshake) is counted and reported, not hidden.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use detour_testbed::k8s::{Cluster, ClusterOptions};
-use detour_testbed::{Agent, AgentOptions, Cgroup, Netns, PinDir, TempDir};
+use detour_testbed::{Agent, AgentBed, Netns};
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -57,6 +55,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{json, Value};
 
 use crate::bench::{median, thousands, wait_in_table, AcceptSink};
+use crate::bench_reload::ReloadClient;
 use detour_testbed::k8s::scale::{
     bench_objects, bench_slice, filler_objects, BENCH, BENCH_VIP, LOCAL_CLUSTER, MIRROR_NAMESPACE,
     NAMESPACE, REGION, SERVICE_PORT, TARGET_PORT, ZONE,
@@ -176,7 +175,6 @@ pub fn run(args: &KubernetesArgs) -> Result<()> {
 
 fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -> Result<Measured> {
     let (services, endpoints) = args.setup;
-    let tmp = TempDir::new()?;
     let cluster = rt.block_on(Cluster::start_with(
         LOCAL_CLUSTER,
         ClusterOptions::default(),
@@ -207,21 +205,16 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
         load.as_secs_f64()
     );
 
-    // Guards: dropped in reverse order — agent, then cgroup (detaching), then pins.
-    let pins = PinDir::new()?;
-    let cgroup = Cgroup::new()?;
-    let log = tmp.join("agent.log");
+    // The bed's guards: the agent, then the pins (detaching), the cgroup, the temp dir.
+    let bed = AgentBed::new(binary)?;
+    let log = bed.log_path();
     let kubeconfig = cluster.kubeconfig_path().display().to_string();
     let started = Instant::now();
+    // No `--config`: the agent's source is the control plane.
+    let mut options = bed.options();
+    options.config = PathBuf::new();
     let mut agent = Agent::start_with_args(
-        AgentOptions {
-            binary: binary.to_owned(),
-            config: PathBuf::new(),
-            cgroup: cgroup.path().to_owned(),
-            bpffs: pins.path().to_owned(),
-            socket: tmp.join("detour.sock"),
-            log: log.clone(),
-        },
+        options,
         &[
             "--kubernetes",
             "--kubeconfig",
@@ -258,9 +251,13 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
             cpu_rest * 100.0
         );
 
-        let stop = tmp.join("stop-client");
-        let client_process = spawn_client(&cgroup, &stop, args.changes)?;
-        let client_guard = ClientGuard(Some(client_process));
+        let target = SocketAddr::from((BENCH_VIP, SERVICE_PORT)).to_string();
+        let connects = ReloadClient::spawn(
+            &bed.cgroup,
+            &target,
+            bed.dir.join("stop-client"),
+            args.changes,
+        )?;
         wait_until_accepts(&a, Duration::from_secs(10))?;
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
         let mut latencies = Vec::new();
@@ -313,8 +310,19 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
         }
         let rss_after_mib = proc_status_mib(pid, "VmRSS")?;
         let rss_peak_mib = proc_status_mib(pid, "VmHWM")?;
-        std::fs::write(&stop, b"")?;
-        let client_summary = client_guard.finish()?;
+        // A failed connect is reported, not fatal: with `terminateConnections` (the
+        // default) the agent destroys the sockets to a removed backend, and a connect
+        // that is still in its handshake then fails with ECONNABORTED — the agent's
+        // documented behaviour, which the latency figures do not depend on.
+        let summary = connects.finish()?;
+        let client_summary = format!(
+            "{} connects, {} failed{}",
+            thousands(summary.ok as f64),
+            summary.failed,
+            summary
+                .first_error
+                .map_or_else(String::new, |e| format!(" (first: {e})"))
+        );
         Ok(Measured {
             services,
             endpoints,
@@ -538,73 +546,6 @@ fn wait_until_accepts(sink: &AcceptSink, timeout: Duration) -> Result<()> {
         thread::sleep(Duration::from_millis(5));
     }
     Ok(())
-}
-
-/// bench-reload's connect loop (`reload-client`), against `bench`'s VIP.
-fn spawn_client(cgroup: &Cgroup, stop: &Path, changes: u32) -> Result<Child> {
-    let exe = std::env::current_exe().context("locating the xtask binary")?;
-    let max_ms = (CHANGE_BUDGET.as_millis() as u64) * u64::from(changes + 1);
-    let mut command = Command::new(exe);
-    command
-        .arg("reload-client")
-        .args([
-            "--target",
-            &SocketAddr::from((BENCH_VIP, SERVICE_PORT)).to_string(),
-        ])
-        .arg("--stop-file")
-        .arg(stop)
-        .args(["--max-ms", &max_ms.to_string()])
-        .stdout(Stdio::piped());
-    cgroup.spawn(&mut command)
-}
-
-/// The client process; killed and reaped if the run ends before [`ClientGuard::finish`].
-struct ClientGuard(Option<Child>);
-
-impl ClientGuard {
-    /// Waits for the client (its stop file written) and sums up its connects.
-    ///
-    /// A failed connect is reported, not fatal: with `terminateConnections` (the
-    /// default) the agent destroys the sockets to a removed backend, and a connect that
-    /// is still in its handshake then fails with ECONNABORTED — the agent's documented
-    /// behaviour, which the latency figures do not depend on.
-    fn finish(mut self) -> Result<String> {
-        let mut child = self.0.take().context("client already finished")?;
-        let stdout = child.stdout.take().context("client stdout")?;
-        let status = detour_testbed::wait_with_timeout(&mut child, Duration::from_secs(15))?;
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the connect client did not stop");
-        }
-        let line = BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .last()
-            .unwrap_or_default();
-        let v: Value =
-            serde_json::from_str(&line).with_context(|| format!("bad client line {line:?}"))?;
-        let ok = v["ok"].as_u64().context("client line without \"ok\"")?;
-        let failed = v["failed"]
-            .as_u64()
-            .context("client line without \"failed\"")?;
-        let first_error = v["first_error"]
-            .as_str()
-            .map_or_else(String::new, |e| format!(" (first: {e})"));
-        Ok(format!(
-            "{} connects, {failed} failed{first_error}",
-            thousands(ok as f64)
-        ))
-    }
-}
-
-impl Drop for ClientGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// A `/proc/PID/status` size field (`VmRSS`, `VmHWM`) in MiB.

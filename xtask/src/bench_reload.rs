@@ -16,15 +16,15 @@
 //! agent, cgroup and pins are guards removed after each setup, pass or fail.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use detour_testbed::{Agent, AgentOptions, Cgroup, PinDir, TempDir};
+use anyhow::{bail, ensure, Context, Result};
+use detour_testbed::{AgentBed, Cgroup, LineStream};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::bench::{median, thousands, wait_in_table, AcceptSink};
@@ -120,12 +120,11 @@ pub fn run(args: &ReloadArgs) -> Result<()> {
     let binary = cmd::build_agent()?;
     let a = AcceptSink::start(BACKEND_A.parse()?)?;
     let b = AcceptSink::start(BACKEND_B.parse()?)?;
-    let tmp = TempDir::new()?;
     let mut results = Vec::new();
     for &(services, endpoints) in &args.setups {
         eprintln!("bench-reload: {services} services x {endpoints} endpoints");
         results.push(
-            one_setup(&binary, &tmp, services, endpoints, args.changes, &a, &b)
+            one_setup(&binary, services, endpoints, args.changes, &a, &b)
                 .with_context(|| format!("setup {services}x{endpoints}"))?,
         );
     }
@@ -135,36 +134,35 @@ pub fn run(args: &ReloadArgs) -> Result<()> {
 
 fn one_setup(
     binary: &Path,
-    tmp: &TempDir,
     services: u32,
     endpoints: u32,
     changes: u32,
     a: &AcceptSink,
     b: &AcceptSink,
 ) -> Result<SetupResult> {
-    let config = tmp.join(&format!("reload-{services}x{endpoints}.yaml"));
+    // The bed's guards: the agent, then the pins (detaching), the cgroup, the config.
+    let mut bed = AgentBed::new(binary)?;
+    let config = bed.config_path();
     let template = config_text(services, endpoints);
     write_atomically(&config, &template.replace("@BACKEND@", "127.0.4.1"))?;
     let file_mib = template.len() as f64 / (1024.0 * 1024.0);
-    // Guards: dropped in reverse order — agent, then cgroup (detaching), then pins.
-    let pins = PinDir::new()?;
-    let cgroup = Cgroup::new()?;
-    let log = tmp.join(&format!("agent-reload-{services}x{endpoints}.log"));
-    let mut agent = Agent::start(AgentOptions {
-        binary: binary.to_owned(),
-        config: config.clone(),
-        cgroup: cgroup.path().to_owned(),
-        bpffs: pins.path().to_owned(),
-        socket: tmp.join(&format!("detour-reload-{services}.sock")),
-        log: log.clone(),
-    })?;
+    let log = bed.log_path();
     let loading = Instant::now();
-    agent.wait_ready(Duration::from_secs(240))?;
-    wait_in_table(&agent, "bench", Instant::now() + Duration::from_secs(60))?;
+    bed.start_agent(&[], Duration::from_secs(240))?;
+    let AgentBed {
+        agent: Some(agent),
+        cgroup,
+        dir,
+        ..
+    } = &mut bed
+    else {
+        unreachable!("the agent was just started");
+    };
+    wait_in_table(agent, "bench", Instant::now() + Duration::from_secs(60))?;
     let load = loading.elapsed();
     let pid = agent.pid().context("agent pid")?;
-    let stop = tmp.join(&format!("stop-reload-{services}x{endpoints}"));
-    let client = spawn_client(&cgroup, &stop, changes)?;
+    let stop = dir.join("stop-client");
+    let client = ReloadClient::spawn(cgroup, VIP, stop, changes)?;
     // The client is connecting once A accepts its connects.
     wait_until_accepts(a, Duration::from_secs(10))?;
     let rss_loaded_mib = rss_mib(pid)?;
@@ -200,8 +198,15 @@ fn one_setup(
         thread::sleep(Duration::from_millis(100));
     }
     let rss_after_mib = rss_mib(pid)?;
-    std::fs::write(&stop, b"")?;
-    let client = finish_client(client)?;
+    let summary = client.finish()?;
+    if summary.failed != 0 {
+        bail!(
+            "the client saw {} failed connects during reloads (first: {})",
+            summary.failed,
+            summary.first_error.unwrap_or_default()
+        );
+    }
+    let client = format!("{} connects, 0 failed", thousands(summary.ok as f64));
     agent.stop()?;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     // Kept for a closer look: the temp dir goes away with the task.
@@ -240,46 +245,62 @@ fn wait_until_accepts(sink: &AcceptSink, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-fn spawn_client(cgroup: &Cgroup, stop: &Path, changes: u32) -> Result<std::process::Child> {
-    let exe = std::env::current_exe().context("locating the xtask binary")?;
-    let max_ms = (CHANGE_BUDGET.as_millis() as u64) * u64::from(changes + 1);
-    let mut command = Command::new(exe);
-    command
-        .arg("reload-client")
-        .args(["--target", VIP])
-        .arg("--stop-file")
-        .arg(stop)
-        .args(["--max-ms", &max_ms.to_string()])
-        .stdout(Stdio::piped());
-    cgroup.spawn(&mut command)
+/// A running `reload-client` (connects to `target` in a loop inside the bench cgroup
+/// until its stop file exists), shared by bench-reload and bench-kubernetes. Killed and
+/// reaped if dropped before [`ReloadClient::finish`].
+pub(crate) struct ReloadClient {
+    client: LineStream,
+    stop: PathBuf,
 }
 
-fn finish_client(mut child: std::process::Child) -> Result<String> {
-    let stdout = child.stdout.take().context("client stdout")?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the reload client did not stop");
-        }
-        thread::sleep(Duration::from_millis(20));
+/// What a [`ReloadClient`] saw.
+pub(crate) struct ReloadSummary {
+    pub ok: u64,
+    pub failed: u64,
+    pub first_error: Option<String>,
+}
+
+impl ReloadClient {
+    pub(crate) fn spawn(
+        cgroup: &Cgroup,
+        target: &str,
+        stop: PathBuf,
+        changes: u32,
+    ) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        let max_ms = (CHANGE_BUDGET.as_millis() as u64) * u64::from(changes + 1);
+        let mut command = Command::new(exe);
+        command
+            .arg("reload-client")
+            .args(["--target", target])
+            .arg("--stop-file")
+            .arg(&stop)
+            .args(["--max-ms", &max_ms.to_string()]);
+        Ok(Self {
+            client: LineStream::spawn_in(cgroup, &mut command)?,
+            stop,
+        })
     }
-    let line = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .last()
-        .unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(&line).with_context(|| format!("bad client line {line:?}"))?;
-    let failed = v["failed"].as_u64().unwrap_or(u64::MAX);
-    if failed != 0 {
-        bail!("the client saw {failed} failed connects during reloads: {line}");
+
+    /// Writes the stop file, waits (bounded) for the client and reads its summary.
+    pub(crate) fn finish(self) -> Result<ReloadSummary> {
+        std::fs::write(&self.stop, b"")?;
+        let (status, lines) = self
+            .client
+            .wait(Duration::from_secs(15))
+            .context("the connect client did not stop")?;
+        ensure!(status.success(), "the connect client failed: {status}");
+        let line = lines.last().map_or("", |(_, l)| l.as_str());
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("bad client line {line:?}"))?;
+        Ok(ReloadSummary {
+            ok: v["ok"].as_u64().context("client line without \"ok\"")?,
+            failed: v["failed"]
+                .as_u64()
+                .context("client line without \"failed\"")?,
+            first_error: v["first_error"].as_str().map(ToOwned::to_owned),
+        })
     }
-    Ok(format!(
-        "{} connects, 0 failed",
-        thousands(v["ok"].as_u64().unwrap_or(0) as f64)
-    ))
 }
 
 /// The config: `bench` first (its endpoint is `@BACKEND@`, filled in per change), then
@@ -420,9 +441,51 @@ mod tests {
     #[test]
     fn the_config_parses_with_the_agent_s_rules_in_shape() {
         let text = config_text(3, 2).replace("@BACKEND@", "127.0.4.1");
-        assert_eq!(text.matches("name: filler-").count(), 2);
-        assert!(text.contains("{address: 127.213.0.1}, {address: 127.214.0.1}"));
-        assert!(text.contains("127.212.0.0"));
+        let config =
+            detour_agent::config::parse(&text).expect("the agent accepts the reload config");
+        // Each service: name, VIP:port, backends.
+        let shape: Vec<(String, String, Vec<String>)> = config
+            .services
+            .iter()
+            .map(|s| {
+                let ([vip], [port]) = (&s.vips[..], &s.ports[..]) else {
+                    panic!("{} has one VIP and port", s.name);
+                };
+                let backends = s
+                    .endpoints
+                    .iter()
+                    .map(|e| std::net::SocketAddr::new(e.address, e.port_for(port)).to_string());
+                (
+                    s.name.clone(),
+                    std::net::SocketAddr::new(*vip, port.number).to_string(),
+                    backends.collect(),
+                )
+            })
+            .collect();
+        let row = |name: &str, vip: &str, backends: &[&str]| {
+            let backends = backends.iter().map(ToString::to_string).collect();
+            (name.to_owned(), vip.to_owned(), backends)
+        };
+        assert_eq!(
+            shape,
+            [
+                row("bench", VIP, &[BACKEND_A]),
+                row(
+                    "filler-000001",
+                    "127.212.0.0:80",
+                    &["127.213.0.0:9000", "127.214.0.0:9000"]
+                ),
+                row(
+                    "filler-000002",
+                    "127.212.0.1:80",
+                    &["127.213.0.1:9000", "127.214.0.1:9000"]
+                ),
+            ]
+        );
+        assert!(config
+            .services
+            .iter()
+            .all(|s| s.health_check.kind == detour_agent::config::HealthCheckKind::None));
     }
 
     #[test]

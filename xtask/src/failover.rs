@@ -43,18 +43,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use detour_testbed::{
-    wait_with_timeout, Agent, AgentOptions, Cgroup, HttpBackend, Netns, PinDir, TempDir, Veth,
+    mono_ns, Agent, AgentBed, Cgroup, HttpBackend, LineStream, Netns, TempDir, Veth,
 };
 
 use crate::bench::thousands;
@@ -183,11 +183,6 @@ pub struct ClientArgs {
     /// CLOCK_MONOTONIC nanoseconds of the first request.
     #[arg(long)]
     start_at: u64,
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: one clock for every process of the bench.
-fn mono_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -382,8 +377,7 @@ fn parse_request(line: &str) -> Result<Request> {
 /// A client process in the cgroup, and the thread collecting its output. If it is dropped
 /// unfinished (an error), the cgroup's guard kills it with everything else in there.
 struct ClientRun {
-    child: Child,
-    reader: thread::JoinHandle<Vec<String>>,
+    client: LineStream,
     deadline: Instant,
 }
 
@@ -405,41 +399,26 @@ impl ClientRun {
             .args(["--rate", &rate.to_string()])
             .args(["--duration", &format!("{}ms", duration.as_millis())])
             .args(["--timeout", &format!("{}ms", timeout.as_millis())])
-            .args(["--start-at", &start_at.to_string()])
-            .stdout(Stdio::piped());
+            .args(["--start-at", &start_at.to_string()]);
         for t in targets {
             command.args(["--target", t]);
         }
-        let mut child = cgroup.spawn(&mut command)?;
-        let stdout = child.stdout.take().context("client stdout")?;
-        let reader = thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .collect()
-        });
         Ok(Self {
-            child,
-            reader,
+            client: LineStream::spawn_in(cgroup, &mut command)?,
             deadline: Instant::now() + CLIENT_LEAD + duration + timeout + Duration::from_secs(10),
         })
     }
 
-    fn finish(mut self) -> Result<Vec<Request>> {
+    fn finish(self) -> Result<Vec<Request>> {
         let left = self.deadline.saturating_duration_since(Instant::now());
-        let Some(status) = wait_with_timeout(&mut self.child, left)? else {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            bail!("the failover client overran its deadline");
-        };
-        let lines = self
-            .reader
-            .join()
-            .map_err(|_| anyhow::anyhow!("client reader panicked"))?;
+        let (status, lines) = self
+            .client
+            .wait(left)
+            .context("the failover client overran its deadline")?;
         ensure!(status.success(), "the failover client failed: {status}");
         let mut late = 0;
         let mut requests = Vec::with_capacity(lines.len());
-        for line in &lines {
+        for (_, line) in &lines {
             match line.strip_prefix("# late ") {
                 Some(n) => late = n.parse()?,
                 None => requests.push(parse_request(line)?),
@@ -453,82 +432,6 @@ impl ClientRun {
             LATE / 1_000_000
         );
         Ok(requests)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Child processes whose output lines are collected with their arrival time
-
-/// A child process (killed and reaped on `Drop`) whose stdout and stderr lines are kept,
-/// each with the CLOCK_MONOTONIC time it arrived.
-struct LineStream {
-    child: Child,
-    lines: Arc<Mutex<Vec<(u64, String)>>>,
-}
-
-impl LineStream {
-    fn spawn(command: &mut Command) -> Result<Self> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {}", cmd::display(command)))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>);
-        let err = child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>);
-        for pipe in [out, err].into_iter().flatten() {
-            let lines = lines.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push((mono_ns(), line));
-                }
-            });
-        }
-        Ok(Self { child, lines })
-    }
-
-    /// Lines that arrived at or after `since` (monotonic ns).
-    fn since(&self, since: u64) -> Vec<(u64, String)> {
-        self.lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|(t, _)| *t >= since)
-            .cloned()
-            .collect()
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// The last lines, for error messages.
-    fn tail(&self) -> String {
-        let lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
-        let start = lines.len().saturating_sub(20);
-        lines[start..]
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for LineStream {
-    fn drop(&mut self) {
-        // Errors only mean it already exited; wait() reaps it either way.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1284,36 +1187,28 @@ pub fn run(args: &FailoverArgs) -> Result<()> {
         + (args.steady + args.timeout + CLIENT_LEAD) * 3 * steady_loads;
     let deadline = Instant::now() + per_run * args.runs * 2 + Duration::from_secs(120);
 
-    // Guards, dropped in reverse order: HAProxy, the event stream, the agent, the cgroup
-    // (detaching the programs), pins, backends, veths and namespaces, the temp dir.
+    // Guards, dropped in reverse order: HAProxy, the event stream, the agent bed (agent,
+    // pins — detaching the programs —, cgroup, its temp dir), backends, veths and
+    // namespaces, HAProxy's temp dir.
     let tmp = TempDir::new()?;
     let [a, b] = &PRIMARIES;
     let mut primary_a = Primary::start(a)?;
     let _primary_b = Primary::start(b)?;
     let _west = HttpBackend::start_at("west", WEST.parse()?)?;
-    let config = tmp.join("failover.yaml");
-    std::fs::write(&config, agent_config())?;
-    let pins = PinDir::new()?;
-    let cgroup = Cgroup::new()?;
-    let socket = tmp.join("detour.sock");
-    let mut agent = Agent::start(AgentOptions {
-        binary: binary.clone(),
-        config,
-        cgroup: cgroup.path().to_owned(),
-        bpffs: pins.path().to_owned(),
-        socket: socket.clone(),
-        log: tmp.join("agent.log"),
-    })?;
-    agent.wait_ready(Duration::from_secs(30))?;
+    let mut node = AgentBed::new(&binary)?;
+    node.write_config(&agent_config())?;
+    let socket = node.options().socket;
+    node.start_agent(&[], Duration::from_secs(30))?;
     let events = LineStream::spawn(
         Command::new(&binary)
             .args(["events", "-o", "json", "--socket"])
             .arg(&socket),
     )?;
+    let (cgroup, agent) = (&node.cgroup, node.agent.as_ref().expect("started"));
     let mut haproxy = Haproxy::start(&tmp, args.haproxy_mode)?;
     let mut bed = Bed {
-        cgroup: &cgroup,
-        agent: &agent,
+        cgroup,
+        agent,
         events: &events,
         haproxy: &mut haproxy,
         dead: &mut primary_a,
@@ -1739,16 +1634,86 @@ mod tests {
 
     #[test]
     fn configs_read_as_intended() {
-        let agent = agent_config();
-        for needle in [
-            "vips: [127.202.0.1]",
-            "{address: 10.232.0.2, locality: us-east1/us-east1-b}",
-            "{address: 127.0.5.1, locality: us-west/us-west-1a}",
-            "{from: us-east1, to: us-west}",
-            "consecutiveErrors: 1, interval: 1s, baseEjectionTime: 30s, handshakeTimeout: 100ms",
-        ] {
-            assert!(agent.contains(needle), "{needle} in\n{agent}");
-        }
+        use detour_agent::config::HealthCheckKind;
+        let config =
+            detour_agent::config::parse(&agent_config()).expect("the agent accepts its config");
+        assert_eq!(config.node.locality.to_string(), NODE_LOCALITY);
+        let [service] = &config.services[..] else {
+            panic!("one service: {:?}", config.services);
+        };
+        assert_eq!(service.name, SERVICE);
+        let [port] = &service.ports[..] else {
+            panic!("one port: {:?}", service.ports);
+        };
+        let vips: Vec<String> = service
+            .vips
+            .iter()
+            .map(|v| SocketAddr::new(*v, port.number).to_string())
+            .collect();
+        assert_eq!(vips, [VIP]);
+        // The primaries in the node's zone, the standby in us-west, which the failover
+        // rule names.
+        let endpoints: Vec<(String, String)> = service
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    SocketAddr::new(e.address, e.port_for(port)).to_string(),
+                    e.locality.to_string(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, String)> = [
+            (PRIMARIES[0].addr, NODE_LOCALITY),
+            (PRIMARIES[1].addr, NODE_LOCALITY),
+            (WEST, WEST_LOCALITY),
+        ]
+        .iter()
+        .map(|(a, l)| ((*a).to_owned(), (*l).to_owned()))
+        .collect();
+        assert_eq!(endpoints, expected);
+        let rules: Vec<(String, String)> = service
+            .locality_lb
+            .failover
+            .iter()
+            .map(|r| (r.from.to_string(), r.to.to_string()))
+            .collect();
+        assert_eq!(rules, [("us-east1".to_owned(), "us-west".to_owned())]);
+        let checks = &service.health_check;
+        assert_eq!(
+            (
+                checks.interval,
+                checks.timeout,
+                checks.unhealthy_threshold,
+                checks.healthy_threshold,
+                &checks.kind
+            ),
+            (
+                Duration::from_millis(100),
+                Duration::from_millis(100),
+                1,
+                1,
+                &HealthCheckKind::Tcp
+            )
+        );
+        let outlier = &service.outlier_detection;
+        let settings = outlier.policy.settings();
+        assert_eq!(
+            (
+                settings.consecutive_failures,
+                settings.interval,
+                settings.base_ejection_time,
+                outlier.handshake_timeout
+            ),
+            (
+                1,
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                Duration::from_millis(100)
+            )
+        );
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+
         let haproxy = haproxy_config(HaproxyMode::Tcp, Path::new("/tmp/x.sock"));
         for needle in [
             "mode tcp",

@@ -241,6 +241,34 @@ impl Agent {
         parse_json(&self.cli(&args)?)
     }
 
+    /// Polls `detour endpoints SERVICE -o json` until `pred` holds of the answer, every
+    /// 50 ms for at most `timeout`; returns the answer that satisfied it. Fails with the
+    /// last answer (or CLI error) when the time is up.
+    pub fn wait_endpoints(
+        &self,
+        service: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.endpoints_json(Some(service));
+            if let Ok(eps) = &last {
+                if pred(eps) {
+                    return last;
+                }
+            }
+            if Instant::now() > deadline {
+                let now = match last {
+                    Ok(eps) => format!("endpoints now: {eps:#}"),
+                    Err(e) => format!("last error: {e:#}"),
+                };
+                bail!("{service}: condition not met within {timeout:?}; {now}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The last few KiB of the agent's log, formatted to append to an error message.
     pub fn log_tail(&self) -> String {
         log_tail(&self.opts.log)

@@ -264,6 +264,8 @@ pub struct HttpResponse {
     pub status: u16,
     /// Everything after the header block.
     pub body: String,
+    /// `getpeername()` of the connection: through a VIP, the VIP (detour's promise).
+    pub peer: SocketAddr,
 }
 
 /// `GET /` on `addr` with `Connection: close`; returns the status and body.
@@ -272,6 +274,7 @@ pub struct HttpResponse {
 /// [`io::Error`] as the root cause, so callers can tell "connection refused" apart.
 pub fn http_request(addr: SocketAddr, timeout: Duration) -> Result<HttpResponse> {
     let mut conn = TcpStream::connect_timeout(&addr, timeout)?;
+    let peer = conn.peer_addr()?;
     conn.set_read_timeout(Some(timeout))?;
     conn.set_write_timeout(Some(timeout))?;
     let host = match addr {
@@ -287,7 +290,8 @@ pub fn http_request(addr: SocketAddr, timeout: Duration) -> Result<HttpResponse>
     conn.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw)?;
-    parse_response(&raw)
+    let (status, body) = parse_response(&raw)?;
+    Ok(HttpResponse { status, body, peer })
 }
 
 /// `GET /` on `addr`; the body of a `200` response, an error otherwise.
@@ -299,7 +303,8 @@ pub fn http_get(addr: SocketAddr, timeout: Duration) -> Result<String> {
     Ok(response.body)
 }
 
-fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
+/// The status and body of a raw response.
+fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
     let text = String::from_utf8_lossy(raw);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         return Err(
@@ -314,10 +319,7 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
             .with_context(|| format!("bad status line {status_line:?}"))?,
         _ => bail!("bad status line {status_line:?}"),
     };
-    Ok(HttpResponse {
-        status,
-        body: body.to_owned(),
-    })
+    Ok((status, body.to_owned()))
 }
 
 #[cfg(test)]
@@ -390,8 +392,9 @@ mod tests {
 
     #[test]
     fn parses_responses() {
-        let r = parse_response(b"HTTP/1.1 503 Service Unavailable\r\nX: y\r\n\r\nno").unwrap();
-        assert_eq!((r.status, r.body.as_str()), (503, "no"));
+        let (status, body) =
+            parse_response(b"HTTP/1.1 503 Service Unavailable\r\nX: y\r\n\r\nno").unwrap();
+        assert_eq!((status, body.as_str()), (503, "no"));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
         assert!(parse_response(b"SSH-2.0\r\n\r\n").is_err());
     }

@@ -12,6 +12,9 @@
 //! - every wait (a child exiting, a cgroup emptying, an `ip` command) has a deadline, so a
 //!   broken kernel or agent fails a test instead of hanging it.
 //!
+//! [`demo`] is the failover demo itself, so that `cargo xtask demo` and the end-to-end
+//! test that holds it to what it prints run the same code.
+//!
 //! [`k8s`] starts real Kubernetes control planes (etcd + kube-apiserver per simulated
 //! cluster) under the same guard rules.
 //!
@@ -19,21 +22,26 @@
 //! skips silently.
 
 mod agent;
+mod bed;
 mod cgroup;
+pub mod demo;
 mod eventually;
 mod grpc;
 mod http;
 pub mod k8s;
+mod lines;
 mod netns;
 mod pindir;
 mod process;
 mod tempdir;
 
 pub use agent::{Agent, AgentOptions};
+pub use bed::AgentBed;
 pub use cgroup::Cgroup;
 pub use eventually::eventually;
 pub use grpc::GrpcHealthBackend;
 pub use http::{http_get, http_request, HttpBackend, HttpResponse};
+pub use lines::{mono_ns, LineStream};
 pub use netns::{Netns, Veth};
 pub use pindir::{ensure_bpffs_mounted, PinDir, BPFFS_MOUNT};
 pub use process::{output_with_timeout, wait_with_timeout};
