@@ -124,8 +124,11 @@ pub struct LimitMetrics {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceMetrics {
     pub service: String,
-    /// Name of the best tier currently serving.
-    pub tier: String,
+    /// Each frontend (`VIP:port`) with the name of the best tier currently serving it:
+    /// the frontends of one service can be in different tiers (an IPv4 and an IPv6 VIP
+    /// reach different endpoints).
+    pub tiers: Vec<(String, String)>,
+    /// Whether any of its frontends is in panic mode.
     pub panic: bool,
     pub backends_in_table: u64,
 }
@@ -316,12 +319,19 @@ impl Collector for SnapshotCollector {
         // An info metric: `prometheus-client` appends `_info` and writes the value 1.
         let mut family = e.encode_descriptor(
             "detour_service_tier",
-            "Always 1; the tier label names the best tier currently serving the service.",
+            "Always 1, one series per frontend (VIP:port) of a service; the tier label names \
+             the best tier currently serving that frontend.",
             None,
             MetricType::Info,
         )?;
         for s in services {
-            family.encode_info(&[("service", s.service.as_str()), ("tier", s.tier.as_str())])?;
+            for (frontend, tier) in &s.tiers {
+                family.encode_info(&[
+                    ("service", s.service.as_str()),
+                    ("frontend", frontend.as_str()),
+                    ("tier", tier.as_str()),
+                ])?;
+            }
         }
 
         counter(
@@ -692,7 +702,10 @@ mod tests {
             ],
             services: vec![ServiceMetrics {
                 service: "web".into(),
-                tier: "same-region".into(),
+                tiers: vec![
+                    ("127.200.0.1:80".into(), "same-region".into()),
+                    ("[fd00::1]:80".into(), "failover[0]:us-west".into()),
+                ],
                 panic: false,
                 backends_in_table: 1,
             }],
@@ -759,9 +772,10 @@ detour_service_panic{service="web"} 0
 # HELP detour_service_backends_in_table Distinct backends (ip:port) in the service's kernel tables, over all its VIPs and ports.
 # TYPE detour_service_backends_in_table gauge
 detour_service_backends_in_table{service="web"} 1
-# HELP detour_service_tier_info Always 1; the tier label names the best tier currently serving the service.
+# HELP detour_service_tier_info Always 1, one series per frontend (VIP:port) of a service; the tier label names the best tier currently serving that frontend.
 # TYPE detour_service_tier_info gauge
-detour_service_tier_info{service="web",tier="same-region"} 1
+detour_service_tier_info{service="web",frontend="127.200.0.1:80",tier="same-region"} 1
+detour_service_tier_info{service="web",frontend="[fd00::1]:80",tier="failover[0]:us-west"} 1
 # HELP detour_events_received_total Connection events read from the kernel ring buffer.
 # TYPE detour_events_received_total counter
 detour_events_received_total 100
@@ -826,7 +840,7 @@ detour_services_not_updated{limit="max-slots"} 1
         let snapshot = Snapshot {
             services: vec![ServiceMetrics {
                 service: "a\\b\"c\nd".into(),
-                tier: "failover[0]:x\"y".into(),
+                tiers: vec![("127.0.0.1:80".into(), "failover[0]:x\"y".into())],
                 ..ServiceMetrics::default()
             }],
             ..Snapshot::default()
@@ -834,7 +848,7 @@ detour_services_not_updated{limit="max-slots"} 1
         let rendered = render(&snapshot);
         assert!(
             rendered.contains(
-                r#"detour_service_tier_info{service="a\\b\"c\nd",tier="failover[0]:x\"y"} 1"#
+                r#"detour_service_tier_info{service="a\\b\"c\nd",frontend="127.0.0.1:80",tier="failover[0]:x\"y"} 1"#
             ),
             "{rendered}"
         );
@@ -1017,8 +1031,9 @@ detour_services_not_updated{limit="max-slots"} 1
             assert!(parse_sample(line).is_some(), "not a sample: {line:?}");
             samples += 1;
         }
-        // 47 before the two families of services over a map limit (2 samples each here).
-        assert_eq!(samples, 47 + 4);
+        // 48 (one tier line per frontend: two) before the two families of services over a
+        // map limit (2 samples each here).
+        assert_eq!(samples, 48 + 4);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
@@ -1137,8 +1152,8 @@ detour_services_not_updated{limit="max-slots"} 1
         // The parser skips lines it cannot read, so first check that it read them all:
         // the histogram's 17 bucket lines become one sample, its _sum and _count one each.
         let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(sample_lines, 47 + 4);
-        assert_eq!(scrape.samples.len(), 47 + 4 - 17 + 1);
+        assert_eq!(sample_lines, 48 + 4);
+        assert_eq!(scrape.samples.len(), 48 + 4 - 17 + 1);
         assert_eq!(scrape.docs.len(), 16 + 2, "{:?}", scrape.docs.keys());
         assert_eq!(
             scrape.docs["detour_backend_ejections_total"],
@@ -1206,7 +1221,20 @@ detour_services_not_updated{limit="max-slots"} 1
             Value::Gauge(1.0)
         );
         assert_eq!(
-            find("detour_service_tier_info", &[("tier", "same-region")]),
+            find(
+                "detour_service_tier_info",
+                &[("frontend", "127.200.0.1:80"), ("tier", "same-region")]
+            ),
+            Value::Gauge(1.0)
+        );
+        assert_eq!(
+            find(
+                "detour_service_tier_info",
+                &[
+                    ("frontend", "[fd00::1]:80"),
+                    ("tier", "failover[0]:us-west")
+                ]
+            ),
             Value::Gauge(1.0)
         );
         assert_eq!(

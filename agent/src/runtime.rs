@@ -1490,9 +1490,9 @@ fn join_ports(ports: &[u16]) -> String {
         .join(", ")
 }
 
-/// One row per service: its first frontend's tier, whether it is in panic, and how many
-/// distinct backends (`ip:port`) its kernel tables hold. A backend in the tables of two
-/// VIPs of the service counts once. `plans` are service by service, as the plan cache
+/// One row per service: each frontend's tier, whether any frontend is in panic, and how
+/// many distinct backends (`ip:port`) its kernel tables hold. A backend in the tables of
+/// two VIPs of the service counts once. `plans` are service by service, as the plan cache
 /// holds them, so only the last row can be a plan's service.
 fn service_metrics<'a>(
     plans: impl Iterator<Item = &'a FrontendPlan>,
@@ -1505,10 +1505,12 @@ fn service_metrics<'a>(
             targets.clear();
             services.push(ServiceMetrics {
                 service: plan.service.clone(),
-                tier: tier_name(plan),
-                panic: plan.tier == Some(Tier::Panic),
-                backends_in_table: 0,
+                ..ServiceMetrics::default()
             });
+        }
+        if let Some(row) = services.last_mut() {
+            row.tiers.push((plan.frontend.to_string(), tier_name(plan)));
+            row.panic |= plan.tier == Some(Tier::Panic);
         }
         targets.extend(
             plan.endpoints
@@ -1950,6 +1952,17 @@ services:
         // Two backends behind two VIPs: 2, not 4. One address on two ports: two
         // backends (ip:port), as the kernel's tables name them.
         assert_eq!(counts, [("two-vips", 2), ("one", 2)]);
+        // Every frontend's tier, not the first one's.
+        let tiers: Vec<(&str, &str)> = rows[1]
+            .tiers
+            .iter()
+            .map(|(frontend, tier)| (frontend.as_str(), tier.as_str()))
+            .collect();
+        assert_eq!(
+            tiers,
+            [("127.200.0.3:80", "other"), ("127.200.0.3:81", "other")]
+        );
+        assert!(!rows[0].panic && !rows[1].panic);
     }
 
     #[test]
