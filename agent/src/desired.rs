@@ -291,6 +291,7 @@ fn add_plan(service: &mut DesiredService, p: &FrontendPlan) {
 mod tests {
     use super::*;
     use crate::config;
+    use crate::selection::LocalityTier;
 
     /// Plans with active health only: nothing ejected.
     fn plan_h(cfg: &Config, health: impl Fn(&str, SocketAddr) -> Health) -> Vec<FrontendPlan> {
@@ -320,11 +321,14 @@ services:
         let all_up = plan_h(&cfg, |_, _| Health::Healthy);
         assert_eq!(all_up.len(), 1);
         assert_eq!(all_up[0].frontend, sa("127.200.0.1:80"));
-        assert_eq!(all_up[0].tier, Some(Tier::SameZone));
+        assert_eq!(all_up[0].tier, Some(Tier::Local(LocalityTier::SameZone)));
         assert_eq!(all_up[0].table.to_vec(), vec![sa("127.0.1.1:8080")]);
         // The weight-3 endpoint alone needs one slot.
         assert_eq!(all_up[0].standby.to_vec(), vec![sa("127.0.1.2:8080")]);
-        assert_eq!(all_up[0].loads, vec![(Tier::SameZone, 100)]);
+        assert_eq!(
+            all_up[0].loads,
+            vec![(Tier::Local(LocalityTier::SameZone), 100)]
+        );
         assert!(all_up[0].endpoints[1].standby && !all_up[0].endpoints[1].in_table);
 
         let zone_down = plan_h(&cfg, |_, t| {
@@ -334,7 +338,10 @@ services:
                 Health::Healthy
             }
         });
-        assert_eq!(zone_down[0].tier, Some(Tier::SameRegion));
+        assert_eq!(
+            zone_down[0].tier,
+            Some(Tier::Local(LocalityTier::SameRegion))
+        );
         assert_eq!(zone_down[0].table.to_vec(), vec![sa("127.0.1.2:8080")]);
         assert_eq!(zone_down[0].standby.to_vec(), vec![sa("127.0.2.1:8080")]);
 
@@ -347,7 +354,7 @@ services:
         });
         assert!(matches!(
             east_down[0].tier,
-            Some(Tier::Failover { position: 0, .. })
+            Some(Tier::Local(LocalityTier::Failover { position: 0, .. }))
         ));
         assert_eq!(east_down[0].table.to_vec(), vec![sa("127.0.2.1:8080")]);
         assert!(east_down[0].standby.is_empty());
@@ -366,8 +373,8 @@ services:
     #[test]
     fn standby_and_primary_tables_share_max_slots() {
         let selected = Selection {
-            tier: Some(Tier::SameZone),
-            loads: vec![(Tier::SameZone, 100)],
+            tier: Some(Tier::Local(LocalityTier::SameZone)),
+            loads: vec![(Tier::Local(LocalityTier::SameZone), 100)],
             members: (0..5000).map(|key| (key, 1)).collect(),
             standby: (5000..5300).map(|key| (key, 1)).collect(),
         };
@@ -427,7 +434,7 @@ services:
     fn unknown_health_is_served() {
         let cfg = config::parse(MYDB).unwrap();
         let plans = plan_h(&cfg, |_, _| Health::Unknown);
-        assert_eq!(plans[0].tier, Some(Tier::SameZone));
+        assert_eq!(plans[0].tier, Some(Tier::Local(LocalityTier::SameZone)));
     }
 
     #[test]

@@ -51,9 +51,25 @@ pub struct Candidate<K> {
     pub priority: u32,
 }
 
-/// Where an endpoint stands in the failover order. Ordered best first.
+/// Where an endpoint stands in the failover order. Ordered best first: every locality
+/// tier of priority 0, then each higher priority's, then panic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Tier {
+    /// An endpoint of priority 0 (the default), by its locality.
+    Local(LocalityTier),
+    /// An endpoint of priority `priority` > 0, in its locality tier `within`. Every
+    /// tier of a lower priority comes first, as Envoy's priority levels: a
+    /// FailoverService's second backing service serves only when its first leaves
+    /// traffic over, whatever their localities.
+    Priority { priority: u32, within: LocalityTier },
+    /// Not a locality: nothing was usable, so every endpoint is used.
+    Panic,
+}
+
+/// Where an endpoint stands by locality alone, best first. Its own type, so that a
+/// priority tier holds one without a box and is never itself a priority or panic tier.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LocalityTier {
     /// Same region and zone as the node.
     SameZone,
     /// Same region as the node, another zone.
@@ -65,39 +81,6 @@ pub enum Tier {
     },
     /// Anywhere else, including endpoints with no locality.
     Other,
-    /// An endpoint of priority `priority` > 0, in its locality tier `within`. Every
-    /// tier of a lower priority comes first, as Envoy's priority levels: a
-    /// FailoverService's second backing service serves only when its first leaves
-    /// traffic over, whatever their localities.
-    Priority { priority: u32, within: LocalityTier },
-    /// Not a locality: nothing was usable, so every endpoint is used.
-    Panic,
-}
-
-/// A locality tier alone: [`Tier`]'s first four, what a [`Tier::Priority`] is inside.
-/// Its own type, not a boxed `Tier`, so that a priority tier is never itself a
-/// priority or panic tier and costs no allocation (one per endpoint of every backing
-/// service after the first, before).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LocalityTier {
-    SameZone,
-    SameRegion,
-    Failover {
-        position: u32,
-        target: Arc<Locality>,
-    },
-    Other,
-}
-
-impl From<LocalityTier> for Tier {
-    fn from(tier: LocalityTier) -> Self {
-        match tier {
-            LocalityTier::SameZone => Self::SameZone,
-            LocalityTier::SameRegion => Self::SameRegion,
-            LocalityTier::Failover { position, target } => Self::Failover { position, target },
-            LocalityTier::Other => Self::Other,
-        }
-    }
 }
 
 impl fmt::Display for LocalityTier {
@@ -114,10 +97,7 @@ impl fmt::Display for LocalityTier {
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::SameZone => LocalityTier::SameZone.fmt(f),
-            Self::SameRegion => LocalityTier::SameRegion.fmt(f),
-            Self::Failover { position, target } => write!(f, "failover[{position}]:{target}"),
-            Self::Other => LocalityTier::Other.fmt(f),
+            Self::Local(tier) => tier.fmt(f),
             Self::Priority { priority, within } => write!(f, "priority[{priority}]/{within}"),
             Self::Panic => f.write_str("panic"),
         }
@@ -223,7 +203,7 @@ fn classify(
 ) -> Tier {
     let within = classify_locality(node, policy, targets, endpoint);
     if priority == 0 {
-        within.into()
+        Tier::Local(within)
     } else {
         Tier::Priority { priority, within }
     }
@@ -747,16 +727,19 @@ pub(crate) mod tests {
         let none = LocalityLbSetting::default();
         assert_eq!(
             tier_of(&node, &none, &locality("us-east1"), 0),
-            Tier::SameRegion
+            Tier::Local(LocalityTier::SameRegion)
         );
         assert_eq!(
             tier_of(&node, &none, &locality("us-east1/us-east1-b/s1"), 0),
-            Tier::SameZone
+            Tier::Local(LocalityTier::SameZone)
         );
-        assert_eq!(tier_of(&node, &none, &locality(""), 0), Tier::Other);
+        assert_eq!(
+            tier_of(&node, &none, &locality(""), 0),
+            Tier::Local(LocalityTier::Other)
+        );
         assert_eq!(
             tier_of(&locality("us-east1"), &none, &locality("us-east1"), 0),
-            Tier::SameRegion
+            Tier::Local(LocalityTier::SameRegion)
         );
     }
 
@@ -864,7 +847,7 @@ pub(crate) mod tests {
             candidate("down", "us-east1", 7, false),
         ];
         let selection = select(&node, &policy, Spill::Strict, &candidates);
-        assert_eq!(selection.tier, Some(Tier::SameRegion));
+        assert_eq!(selection.tier, Some(Tier::Local(LocalityTier::SameRegion)));
         assert_eq!(selection.members, vec![("heavy", 5), ("light", 2)]);
     }
 
@@ -970,7 +953,7 @@ pub(crate) mod tests {
         // One of two east endpoints left: health min(100, 1.4 × 50%) = 70%.
         let selection = select(&node, &policy, gradual(140), &seed(false));
         assert_eq!(loads(&selection), "same-region=70% failover[0]:us-west=30%");
-        assert_eq!(selection.tier, Some(Tier::SameRegion));
+        assert_eq!(selection.tier, Some(Tier::Local(LocalityTier::SameRegion)));
         assert_eq!(selection.members, vec![("east-1", 7), ("west", 3)]);
         assert!(selection.standby.is_empty());
         let table = slot_table(&selection.members, 4096);
