@@ -53,60 +53,31 @@ pub fn run() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config_view::OneService;
     use detour_agent::config::HealthCheckKind;
-    use std::net::SocketAddr;
     use std::time::Duration;
 
     #[test]
     fn config_is_the_istio_example() {
         let config = detour_agent::config::parse(demo::CONFIG).expect("the agent accepts it");
         assert_eq!(config.node.locality.to_string(), "us-east1/us-east1-b");
-        let [mydb] = &config.services[..] else {
-            panic!("one service: {:?}", config.services);
-        };
-        let [port] = &mydb.ports[..] else {
-            panic!("one port: {:?}", mydb.ports);
-        };
+        let one = OneService::of(&config);
+        let mydb = one.service;
         // The client's VIP is the service's, and its backends the ones the demo starts,
         // in the regions the demo says.
-        let vips: Vec<String> = mydb
-            .vips
-            .iter()
-            .map(|v| SocketAddr::new(*v, port.number).to_string())
-            .collect();
-        assert_eq!(vips, [demo::VIP]);
-        let endpoints: Vec<(String, String)> = mydb
-            .endpoints
-            .iter()
-            .map(|e| {
-                (
-                    SocketAddr::new(e.address, e.port_for(port)).to_string(),
-                    e.locality.region.to_string(),
-                )
-            })
-            .collect();
+        assert_eq!(one.vips(), [demo::VIP]);
         let started: Vec<(String, String)> = demo::BACKENDS
             .iter()
             .map(|(_, addr, region)| ((*addr).to_owned(), (*region).to_owned()))
             .collect();
-        assert_eq!(endpoints, started);
-        let rules: Vec<(String, String)> = mydb
-            .locality_lb
-            .failover
-            .iter()
-            .map(|r| (r.from.to_string(), r.to.to_string()))
-            .collect();
-        assert_eq!(rules, [("us-east1".to_owned(), "us-west".to_owned())]);
-        // Checks every 200 ms that take a backend out on its first failure.
-        let checks = &mydb.health_check;
+        assert_eq!(one.endpoints(|l| l.region.to_string()), started);
         assert_eq!(
-            (
-                checks.interval,
-                checks.timeout,
-                checks.unhealthy_threshold,
-                checks.healthy_threshold,
-                &checks.kind
-            ),
+            one.failover_rules(),
+            [("us-east1".to_owned(), "us-west".to_owned())]
+        );
+        // Checks every 200 ms that take a backend out on its first failure.
+        assert_eq!(
+            one.checks(),
             (
                 Duration::from_millis(200),
                 Duration::from_millis(100),

@@ -1634,35 +1634,17 @@ mod tests {
 
     #[test]
     fn configs_read_as_intended() {
+        use crate::config_view::OneService;
         use detour_agent::config::HealthCheckKind;
         let config =
             detour_agent::config::parse(&agent_config()).expect("the agent accepts its config");
         assert_eq!(config.node.locality.to_string(), NODE_LOCALITY);
-        let [service] = &config.services[..] else {
-            panic!("one service: {:?}", config.services);
-        };
+        let one = OneService::of(&config);
+        let service = one.service;
         assert_eq!(service.name, SERVICE);
-        let [port] = &service.ports[..] else {
-            panic!("one port: {:?}", service.ports);
-        };
-        let vips: Vec<String> = service
-            .vips
-            .iter()
-            .map(|v| SocketAddr::new(*v, port.number).to_string())
-            .collect();
-        assert_eq!(vips, [VIP]);
+        assert_eq!(one.vips(), [VIP]);
         // The primaries in the node's zone, the standby in us-west, which the failover
         // rule names.
-        let endpoints: Vec<(String, String)> = service
-            .endpoints
-            .iter()
-            .map(|e| {
-                (
-                    SocketAddr::new(e.address, e.port_for(port)).to_string(),
-                    e.locality.to_string(),
-                )
-            })
-            .collect();
         let expected: Vec<(String, String)> = [
             (PRIMARIES[0].addr, NODE_LOCALITY),
             (PRIMARIES[1].addr, NODE_LOCALITY),
@@ -1671,23 +1653,13 @@ mod tests {
         .iter()
         .map(|(a, l)| ((*a).to_owned(), (*l).to_owned()))
         .collect();
-        assert_eq!(endpoints, expected);
-        let rules: Vec<(String, String)> = service
-            .locality_lb
-            .failover
-            .iter()
-            .map(|r| (r.from.to_string(), r.to.to_string()))
-            .collect();
-        assert_eq!(rules, [("us-east1".to_owned(), "us-west".to_owned())]);
-        let checks = &service.health_check;
+        assert_eq!(one.endpoints(ToString::to_string), expected);
         assert_eq!(
-            (
-                checks.interval,
-                checks.timeout,
-                checks.unhealthy_threshold,
-                checks.healthy_threshold,
-                &checks.kind
-            ),
+            one.failover_rules(),
+            [("us-east1".to_owned(), "us-west".to_owned())]
+        );
+        assert_eq!(
+            one.checks(),
             (
                 Duration::from_millis(100),
                 Duration::from_millis(100),

@@ -16,6 +16,8 @@ mod bench;
 mod bench_kubernetes;
 mod bench_reload;
 mod cmd;
+#[cfg(test)]
+mod config_view;
 mod crd;
 mod demo;
 mod failover;
