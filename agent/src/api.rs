@@ -151,6 +151,10 @@ pub struct FrontendExplanation {
 pub struct TierLoad {
     pub tier: String,
     pub percent: u32,
+    /// The tier serves all of its endpoints, usable or not: fewer than
+    /// `minHealthPercent` of them are usable while the tiers together are short.
+    #[serde(default)]
+    pub panic: bool,
 }
 
 /// One endpoint of a frontend: where it stands and why.

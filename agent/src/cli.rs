@@ -85,7 +85,14 @@ pub fn explain_table(view: &ExplainView) -> String {
         } else {
             f.loads
                 .iter()
-                .map(|l| format!("{} {}%", l.tier, l.percent))
+                .map(|l| {
+                    let panic = if l.panic {
+                        " (panic: under minHealthPercent, every endpoint serves)"
+                    } else {
+                        ""
+                    };
+                    format!("{} {}%{panic}", l.tier, l.percent)
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -437,10 +444,12 @@ mod tests {
                     TierLoad {
                         tier: "same-zone".into(),
                         percent: 70,
+                        panic: false,
                     },
                     TierLoad {
                         tier: "same-region".into(),
                         percent: 30,
+                        panic: false,
                     },
                 ],
                 spill: "gradual (overprovisioning 140%)".into(),

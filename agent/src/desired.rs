@@ -20,7 +20,7 @@ use detour_ebpf::MAX_SLOTS;
 use crate::config::{Config, EndpointConfig, Locality, ServiceConfig};
 use crate::health::Health;
 use crate::reconcile::{Desired, DesiredService, Passive, Table};
-use crate::selection::{self, Candidate, Selection, Tier};
+use crate::selection::{self, Balance, Candidate, Load, Selection, Tier};
 
 /// The most slots a standby table may take; the primary table gets what is left of
 /// `MAX_SLOTS`. A standby table only has to carry the first connections after a whole
@@ -77,8 +77,9 @@ pub struct FrontendPlan {
     pub frontend: SocketAddr,
     /// The best tier that receives traffic; `None` when the frontend has no endpoints.
     pub tier: Option<Tier>,
-    /// Percent of the traffic each tier receives, best first; sums to 100.
-    pub loads: Vec<(Tier, u32)>,
+    /// The tiers that receive traffic, best first, with their percent (summing to 100)
+    /// and whether they are in panic.
+    pub loads: Vec<Load>,
     pub endpoints: Vec<PlannedEndpoint>,
     /// Shared with the reconciler's [`Table`] made from this plan.
     pub table: Arc<[SocketAddr]>,
@@ -161,6 +162,14 @@ pub fn plan_service(
     let mut plans = Vec::new();
     {
         let passive = passive_params(service);
+        let balance = Balance {
+            spill: service.locality_lb.spill,
+            panic_threshold_percent: service
+                .outlier_detection
+                .policy
+                .settings()
+                .panic_threshold_percent,
+        };
         for port in &service.ports {
             for vip in &service.vips {
                 let same_family = |ip: &IpAddr| ip.is_ipv4() == vip.is_ipv4();
@@ -196,7 +205,7 @@ pub fn plan_service(
                 let selected = selection::select(
                     &config.node.locality,
                     &service.locality_lb,
-                    service.locality_lb.spill,
+                    balance,
                     &candidates,
                 );
                 let (table, standby) = slot_tables(&selected);
@@ -327,7 +336,11 @@ services:
         assert_eq!(all_up[0].standby.to_vec(), vec![sa("127.0.1.2:8080")]);
         assert_eq!(
             all_up[0].loads,
-            vec![(Tier::Local(LocalityTier::SameZone), 100)]
+            vec![Load {
+                tier: Tier::Local(LocalityTier::SameZone),
+                percent: 100,
+                panic: false
+            }]
         );
         assert!(all_up[0].endpoints[1].standby && !all_up[0].endpoints[1].in_table);
 
@@ -374,7 +387,11 @@ services:
     fn standby_and_primary_tables_share_max_slots() {
         let selected = Selection {
             tier: Some(Tier::Local(LocalityTier::SameZone)),
-            loads: vec![(Tier::Local(LocalityTier::SameZone), 100)],
+            loads: vec![Load {
+                tier: Tier::Local(LocalityTier::SameZone),
+                percent: 100,
+                panic: false,
+            }],
             members: (0..5000).map(|key| (key, 1)).collect(),
             standby: (5000..5300).map(|key| (key, 1)).collect(),
         };
@@ -419,7 +436,7 @@ services:
                 let budget = (MAX_SLOTS as usize - standby.len()) as f64;
                 let n = selected.members.len() as f64;
                 let tier = |key: usize| selection::tier_of(&node, &policy, &candidates[key].locality, 0);
-                for (loaded, load) in &selected.loads {
+                for Load { tier: loaded, percent: load, .. } in &selected.loads {
                     let slots = table.iter().filter(|&&key| tier(key) == *loaded).count();
                     let share = slots as f64 / table.len() as f64;
                     let error = (share - f64::from(*load) / 100.0).abs();

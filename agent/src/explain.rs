@@ -85,9 +85,10 @@ pub fn explain(
         loads: plan
             .loads
             .iter()
-            .map(|(tier, percent)| TierLoad {
-                tier: tier.to_string(),
-                percent: *percent,
+            .map(|load| TierLoad {
+                tier: load.tier.to_string(),
+                percent: load.percent,
+                panic: load.panic && load.tier != Tier::Panic,
             })
             .collect(),
         spill: match facts.spill {
@@ -112,11 +113,9 @@ fn endpoint(
     now: SystemTime,
 ) -> EndpointExplanation {
     let panic = plan.tier == Some(Tier::Panic);
-    let tier_percent = plan
-        .loads
-        .iter()
-        .find(|(tier, _)| *tier == e.tier)
-        .map(|(_, percent)| *percent);
+    let tier_load = plan.loads.iter().find(|load| load.tier == e.tier);
+    let tier_percent = tier_load.map(|load| load.percent);
+    let tier_panic = tier_load.is_some_and(|load| load.panic);
     let usable = desired::serviceable(e.health, e.ejected) && e.weight > 0;
     let share_percent = (!facts.left_out).then(|| share(&plan.table, e.target));
     let health_error = (e.health == Health::Unhealthy)
@@ -160,6 +159,17 @@ fn endpoint(
     let mut reason = if observed.in_kernel_table && panic {
         let mut reason =
             "in table: panic, no endpoint of the service is usable so every one serves".to_owned();
+        if !against.is_empty() {
+            reason.push_str(&format!(" (this one: {})", against.join("; ")));
+        }
+        reason
+    } else if observed.in_kernel_table && tier_panic {
+        let mut reason = format!(
+            "in table: tier {} in panic, fewer than minHealthPercent of its endpoints are \
+             usable so every one serves ({}% of new connects)",
+            e.tier,
+            tier_percent.unwrap_or(0)
+        );
         if !against.is_empty() {
             reason.push_str(&format!(" (this one: {})", against.join("; ")));
         }
@@ -290,7 +300,12 @@ services:
     /// Plans `MYDB` with `down` failing its check and `ejected` ejected, then explains
     /// it with the plan's own membership as the kernel's.
     fn explained(down: &[&str], ejected: &[&str]) -> FrontendExplanation {
-        let cfg = config::parse(MYDB).unwrap();
+        explained_in(MYDB, down, ejected)
+    }
+
+    /// [`explained`] for another configuration.
+    fn explained_in(yaml: &str, down: &[&str], ejected: &[&str]) -> FrontendExplanation {
+        let cfg = config::parse(yaml).unwrap();
         let plans = desired::plan(
             &cfg,
             |_, t| {
@@ -331,6 +346,67 @@ services:
     }
 
     #[test]
+    fn tiers_under_min_health_percent_say_they_panic() {
+        let yaml = format!("{MYDB}    outlierDetection: {{minHealthPercent: 60}}\n");
+        // Half the zone and nothing else usable: every tier is under 60% and together
+        // they are short, so all are in panic and loaded by their number of endpoints.
+        let x = explained_in(
+            &yaml,
+            &["127.0.1.1:8080", "127.0.2.1:8080", "127.0.3.1:8080"],
+            &[],
+        );
+        assert!(!x.panic, "something is usable");
+        let loads: Vec<(&str, u32, bool)> = x
+            .loads
+            .iter()
+            .map(|l| (l.tier.as_str(), l.percent, l.panic))
+            .collect();
+        assert_eq!(
+            loads,
+            [
+                ("same-zone", 50, true),
+                ("same-region", 25, true),
+                ("failover[0]:us-west", 25, true)
+            ]
+        );
+        let failing = "health check failing (connect failed: Connection refused (os error 111))";
+        let in_panic = |tier: &str, percent: u32, this_one: Option<&str>| {
+            format!(
+                "in table: tier {tier} in panic, fewer than minHealthPercent of its endpoints \
+                 are usable so every one serves ({percent}% of new connects){}",
+                this_one
+                    .map(|why| format!(" (this one: {why})"))
+                    .unwrap_or_default()
+            )
+        };
+        assert_eq!(
+            reasons(&x),
+            [
+                row(
+                    "127.0.1.1:8080",
+                    "in-table",
+                    &in_panic("same-zone", 50, Some(failing))
+                ),
+                row(
+                    "127.0.1.2:8080",
+                    "in-table",
+                    &in_panic("same-zone", 50, None)
+                ),
+                row(
+                    "127.0.2.1:8080",
+                    "in-table",
+                    &in_panic("same-region", 25, Some(failing))
+                ),
+                row(
+                    "127.0.3.1:8080",
+                    "in-table",
+                    &in_panic("failover[0]:us-west", 25, Some(failing))
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn a_healthy_zone_leaves_the_others_on_standby() {
         let x = explained(&[], &[]);
         assert_eq!(x.tier, "same-zone");
@@ -339,7 +415,8 @@ services:
             x.loads,
             [TierLoad {
                 tier: "same-zone".into(),
-                percent: 100
+                percent: 100,
+                panic: false
             }]
         );
         assert_eq!(
@@ -368,11 +445,13 @@ services:
             [
                 TierLoad {
                     tier: "same-zone".into(),
-                    percent: 70
+                    percent: 70,
+                    panic: false
                 },
                 TierLoad {
                     tier: "same-region".into(),
-                    percent: 30
+                    percent: 30,
+                    panic: false
                 }
             ]
         );

@@ -128,7 +128,8 @@ pub struct ServiceMetrics {
     /// the frontends of one service can be in different tiers (an IPv4 and an IPv6 VIP
     /// reach different endpoints).
     pub tiers: Vec<(String, String)>,
-    /// Whether any of its frontends is in panic mode.
+    /// Whether any tier of any of its frontends is in panic mode: it serves every
+    /// endpoint, usable or not (nothing is usable, or under `minHealthPercent`).
     pub panic: bool,
     pub backends_in_table: u64,
 }

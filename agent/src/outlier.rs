@@ -112,9 +112,10 @@ pub struct EjectionSettings {
     /// set 100%. Here the cap applies per tier, and when every backend of a tier is
     /// ejected, selection moves to the next tier, which is the point of failover.
     pub max_ejection_percent: u32,
-    /// Envoy's `healthy_panic_threshold`, Istio's `minHealthPercent`: below this share
-    /// of usable backends, send to all of them; see [`in_panic`]. 0..=100; 0 turns it
-    /// off.
+    /// Envoy's `healthy_panic_threshold`, Istio's `minHealthPercent`: a tier whose share
+    /// of usable backends is below it sends to all of its backends, while the tiers
+    /// together are short of capacity; see [`crate::selection::Balance`]. 0..=100; 0
+    /// turns it off.
     ///
     /// Default 0, as in Istio ("not typically applicable in k8s environments with few
     /// pods per service"), not Envoy's 50: with 50, three dead backends out of four
@@ -210,18 +211,6 @@ impl Default for EjectionPolicy {
     fn default() -> Self {
         Self::try_new(EjectionSettings::default()).expect("the defaults are valid")
     }
-}
-
-/// Whether selection should ignore health and use every backend: the share of usable
-/// backends is below `threshold_percent` (Envoy's panic threshold, compared the same
-/// way: strictly below). `threshold_percent` 0 never panics; no backends never panics
-/// either, there is nothing to send to.
-///
-/// Selection decides what "usable" and "all" span. Envoy ignores the threshold while
-/// lower priorities can take the load, so a tier that is mostly down fails over rather
-/// than panicking; counting over the whole service, not one tier, gives that.
-pub fn in_panic(healthy: usize, total: usize, threshold_percent: u32) -> bool {
-    total > 0 && (healthy as u128) * 100 < u128::from(threshold_percent) * total as u128
 }
 
 /// How a connection to a backend failed, as the kernel saw it. All kinds count alike;
@@ -897,18 +886,6 @@ mod tests {
             d.advance(t0 + secs(80)),
             vec![Event::Restored { key: "a" }, Event::Restored { key: "c" }]
         );
-    }
-
-    #[test]
-    fn panic_is_strictly_below_the_threshold() {
-        assert!(!in_panic(0, 0, 50), "no backends: nothing to panic about");
-        assert!(!in_panic(0, 5, 0), "0 disables");
-        assert!(!in_panic(1, 2, 50), "exactly at the threshold is not panic");
-        assert!(in_panic(1, 3, 50));
-        assert!(in_panic(0, 1, 1));
-        assert!(in_panic(4, 5, 100));
-        assert!(!in_panic(5, 5, 100));
-        assert!(!in_panic(usize::MAX, usize::MAX, 100));
     }
 
     #[test]

@@ -1510,7 +1510,7 @@ fn service_metrics<'a>(
         }
         if let Some(row) = services.last_mut() {
             row.tiers.push((plan.frontend.to_string(), tier_name(plan)));
-            row.panic |= plan.tier == Some(Tier::Panic);
+            row.panic |= plan.loads.iter().any(|load| load.panic);
         }
         targets.extend(
             plan.endpoints
@@ -1963,6 +1963,34 @@ services:
             [("127.200.0.3:80", "other"), ("127.200.0.3:81", "other")]
         );
         assert!(!rows[0].panic && !rows[1].panic);
+    }
+
+    #[test]
+    fn a_tier_under_min_health_percent_puts_its_service_in_panic() {
+        let config = detour_agent::config::parse(
+            "
+services:
+  - name: thin
+    vips: [127.200.0.1]
+    ports: [{number: 80}]
+    endpoints: [{address: 127.0.1.1}, {address: 127.0.1.2}, {address: 127.0.1.3}]
+    outlierDetection: {minHealthPercent: 50}
+",
+        )
+        .unwrap();
+        let one_up = |_: &str, target: SocketAddr| {
+            if target.ip().to_string() == "127.0.1.1" {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            }
+        };
+        let plans = detour_agent::desired::plan(&config, one_up, |_, _| false);
+        let rows = service_metrics(plans.iter(), |_, e| e.in_table);
+        // One of three usable is under 50%: every endpoint serves, and that is panic
+        // though something is usable.
+        assert!(rows[0].panic);
+        assert_eq!(rows[0].backends_in_table, 3);
     }
 
     #[test]

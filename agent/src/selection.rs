@@ -4,28 +4,37 @@
 //!
 //! This is Istio/Envoy locality load balancing. Tiers, best first: same zone, same region,
 //! each failover target in order, then everything else; they play the part of Envoy's
-//! priorities. The service's [`Spill`] says how traffic moves down the tiers: strictly
+//! priorities. The service's [`Balance`] says how traffic moves down the tiers: strictly
 //! (all of it to the best tier with a usable endpoint) or gradually (Envoy's priority
-//! load, see [`Spill::Gradual`]). An endpoint is usable when healthy with weight > 0.
+//! load, see [`Spill::Gradual`]), and when a tier gives up on health and serves all of
+//! its endpoints (Envoy's panic threshold, see [`Balance::panic_threshold_percent`]). An
+//! endpoint is usable when healthy with weight > 0.
 //!
 //! Invariants:
 //! - every endpoint belongs to exactly one tier, the best it qualifies for, and that
 //!   tier depends only on localities and policy, never on health ([`tier_of`]);
-//! - only tiers with a usable endpoint receive traffic; `loads` lists them best first
-//!   with whole percents that sum to exactly 100. Strict: the best such tier, 100.
+//! - `loads` lists the tiers that receive traffic, best first, with whole percents
+//!   that sum to exactly 100. Strict: the best tier with a usable endpoint, 100.
 //!   Gradual: Envoy's priority load over the tiers present (`priority_loads`), or
-//!   strict when every tier's health rounds down to 0;
+//!   strict when every tier's health rounds down to 0; in total panic (every tier in
+//!   panic) Envoy's load by endpoint count instead (`total_panic_loads`). Outside
+//!   total panic only tiers with a usable endpoint receive traffic;
+//! - a tier is in panic when the tiers together are short (their normalised health,
+//!   Envoy's, is below 100%) and its own share of usable endpoints is below the panic
+//!   threshold; a panic threshold of 0 puts no tier in panic;
 //! - `tier` is the first tier in `loads`;
-//! - the members are exactly the usable endpoints of the tiers in `loads`, grouped by
-//!   tier best first, in candidate order within a tier. With one tier in `loads` they
-//!   keep the endpoints' weights; with several, a member's share of the total weight is
-//!   its tier's load × its weight / its tier's usable weight: exactly when the reduced
-//!   integers fit in a `u32`, else to the nearest part per million (at least 1);
+//! - the members are, for each tier in `loads`, best first: its usable endpoints, or
+//!   when the tier is in panic all of its endpoints of weight > 0, usable or not; in
+//!   candidate order within a tier. With one tier in `loads` they keep the endpoints'
+//!   weights; with several, a member's share of the total weight is its tier's load ×
+//!   its weight / its tier's members' weight: exactly when the reduced integers fit in
+//!   a `u32`, else to the nearest part per million (at least 1);
 //! - the standby members are the usable endpoints, with their weights and in candidate
 //!   order, of the first tier after the last tier in `loads` that has one; empty when
-//!   there is none and in panic. They are never members;
+//!   there is none and in [`Tier::Panic`]. They are never members;
 //! - a service with endpoints is never black-holed: when none is usable, the tier is
-//!   [`Tier::Panic`] with load 100 and every endpoint is a member;
+//!   [`Tier::Panic`] with load 100 and every endpoint is a member, whatever the panic
+//!   threshold;
 //! - [`slot_table`] is deterministic, never longer than `max_slots`, and gives every
 //!   member with weight > 0 at least one slot as long as they fit.
 //!
@@ -125,15 +134,56 @@ impl Default for Spill {
     }
 }
 
+/// How a service spreads its traffic over its tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Balance {
+    /// How traffic moves from one tier to the next (`localityLbSetting.spill`).
+    pub spill: Spill,
+    /// Envoy's `healthy_panic_threshold`, Istio's `minHealthPercent`, 0..=100; 0 (the
+    /// default) turns it off. A tier whose share of usable endpoints is strictly below
+    /// it serves all of its endpoints, usable or not ([`Load::panic`]), but only while
+    /// the tiers together are short: when the other tiers can take the traffic, a tier
+    /// that is mostly down fails over instead, as in Envoy. "Short" is Envoy's
+    /// normalised health below 100%: Σ min(100, ⌊factor × usable_i / endpoints_i⌋) over
+    /// the tiers, factor the gradual spill's overprovisioning (1.0 when strict).
+    ///
+    /// When every tier is in panic, a gradual spill loads the tiers by their number of
+    /// endpoints of weight > 0 (Envoy's "total panic"); a strict spill keeps all
+    /// traffic on the best tier with a usable endpoint, now serving all of its
+    /// endpoints.
+    pub panic_threshold_percent: u32,
+}
+
+impl From<Spill> for Balance {
+    /// `spill` with no panic threshold.
+    fn from(spill: Spill) -> Self {
+        Self {
+            spill,
+            panic_threshold_percent: 0,
+        }
+    }
+}
+
+/// One tier that receives traffic, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Load {
+    pub tier: Tier,
+    /// Percent of the service's traffic, 1..=100.
+    pub percent: u32,
+    /// The tier serves all of its endpoints of weight > 0, usable or not: it is in
+    /// panic (see [`Balance::panic_threshold_percent`]), or it is [`Tier::Panic`].
+    pub panic: bool,
+}
+
 /// The outcome for one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection<K> {
     /// The best tier that receives traffic, [`Tier::Panic`] when nothing is usable, `None`
     /// when the service has no endpoints at all.
     pub tier: Option<Tier>,
-    /// Percent of the traffic each tier receives, best first, only tiers that receive
-    /// some; sums to 100 (empty when there are no endpoints).
-    pub loads: Vec<(Tier, u32)>,
+    /// The tiers that receive traffic, best first, with their percent of it; the
+    /// percents sum to 100 (empty when there are no endpoints).
+    pub loads: Vec<Load>,
     /// Key and effective weight of each member: grouped by tier best first, in candidate
     /// order within a tier. See the module invariants for how weights are scaled.
     pub members: Vec<(K, u32)>,
@@ -242,9 +292,13 @@ fn classify_locality(
 pub fn select<K: Clone>(
     node: &Locality,
     policy: &LocalityLbSetting,
-    spill: Spill,
+    balance: impl Into<Balance>,
     candidates: &[Candidate<K>],
 ) -> Selection<K> {
+    let Balance {
+        spill,
+        panic_threshold_percent,
+    } = balance.into();
     if candidates.is_empty() {
         return Selection {
             tier: None,
@@ -277,87 +331,101 @@ pub fn select<K: Clone>(
     let usable = |candidate: &Candidate<K>| candidate.healthy && candidate.weight > 0;
     let mut hosts = vec![0; present.len()];
     let mut usable_hosts = vec![0; present.len()];
+    let mut weighted_hosts = vec![0; present.len()];
     for (candidate, &at) in candidates.iter().zip(&level) {
         hosts[at] += 1;
         usable_hosts[at] += u64::from(usable(candidate));
+        weighted_hosts[at] += u64::from(candidate.weight > 0);
     }
     let member = |candidate: &Candidate<K>| (candidate.key.clone(), candidate.weight);
     let Some(best) = usable_hosts.iter().position(|&count| count > 0) else {
         // Sending to backends that may be down beats refusing every connection.
         return Selection {
             tier: Some(Tier::Panic),
-            loads: vec![(Tier::Panic, 100)],
+            loads: vec![Load {
+                tier: Tier::Panic,
+                percent: 100,
+                panic: true,
+            }],
             members: candidates.iter().map(member).collect(),
             standby: Vec::new(),
         };
     };
-    let loads = match spill {
-        Spill::Strict => None,
+    let overprovisioning_percent = match spill {
+        Spill::Strict => 100,
         Spill::Gradual {
             overprovisioning_percent,
-        } => priority_loads(&hosts, &usable_hosts, overprovisioning_percent),
-    }
-    .unwrap_or_else(|| {
+        } => overprovisioning_percent,
+    };
+    let health = tier_health(&hosts, &usable_hosts, overprovisioning_percent);
+    let short = health.iter().sum::<u64>() < 100;
+    let panic: Vec<bool> = hosts
+        .iter()
+        .zip(&usable_hosts)
+        .map(|(&hosts, &usable)| short && usable * 100 < u64::from(panic_threshold_percent) * hosts)
+        .collect();
+    let strict = || {
         let mut strict = vec![0; present.len()];
         strict[best] = 100;
         strict
-    });
-    let usable_in = |at: usize| -> Vec<(K, u32)> {
+    };
+    let loads = match spill {
+        Spill::Strict => strict(),
+        Spill::Gradual { .. } if panic.iter().all(|&p| p) => total_panic_loads(&weighted_hosts),
+        Spill::Gradual { .. } => priority_loads(&health).unwrap_or_else(strict),
+    };
+    let members_of = |at: usize| -> Vec<(K, u32)> {
         candidates
             .iter()
             .zip(&level)
-            .filter(|&(candidate, &of)| of == at && usable(candidate))
+            .filter(|&(candidate, &of)| {
+                of == at && (usable(candidate) || panic[at] && candidate.weight > 0)
+            })
             .map(|(candidate, _)| member(candidate))
             .collect()
     };
     let loaded: Vec<usize> = (0..present.len()).filter(|&at| loads[at] > 0).collect();
     let members = match loaded[..] {
-        [only] => usable_in(only),
+        [only] => members_of(only),
         _ => spread(
             loaded
                 .iter()
-                .map(|&at| (loads[at], usable_in(at)))
+                .map(|&at| (loads[at], members_of(at)))
                 .collect(),
         ),
     };
     let after = loaded.last().map_or(present.len(), |&last| last + 1);
     let standby = (after..present.len())
         .find(|&at| usable_hosts[at] > 0)
-        .map_or_else(Vec::new, usable_in);
+        .map_or_else(Vec::new, |at| {
+            candidates
+                .iter()
+                .zip(&level)
+                .filter(|&(candidate, &of)| of == at && usable(candidate))
+                .map(|(candidate, _)| member(candidate))
+                .collect()
+        });
     Selection {
         tier: loaded.first().map(|&at| present[at].clone()),
         loads: loaded
             .iter()
-            .map(|&at| (present[at].clone(), loads[at]))
+            .map(|&at| Load {
+                tier: present[at].clone(),
+                percent: loads[at],
+                panic: panic[at],
+            })
             .collect(),
         members,
         standby,
     }
 }
 
-/// Envoy's priority load over tiers best first, in whole percents summing to 100, or
-/// `None` when every tier's health is 0. Follows Envoy's
-/// `LoadBalancerBase::recalculatePerPriorityState` and `distributeLoad`
-/// (`source/common/upstream/load_balancer_impl.cc`), integer arithmetic included:
-///
-/// - health_i = min(100, ⌊factor × usable_i / hosts_i⌋), factor in percent (140 = 1.4),
-///   counting endpoints, not weights; a weight-0 or unhealthy endpoint is a host but
-///   not usable;
-/// - normalised = min(100, Σ health_i);
-/// - load_i = min(remaining, ⌊health_i × 100 / normalised⌋), best tier first, so when
-///   the tiers together are short of 100 each keeps its proportion of the traffic;
-/// - what the floors leave over goes to the first tier with health > 0.
-///
-/// Envoy has no traffic to place at a total health of 0 and enters panic; detour still
-/// has usable endpoints then (at most 1% of a large tier each), and the caller falls
-/// back to strict rather than send traffic to endpoints it knows are down. Envoy's
-/// per-priority panic threshold is not modelled: panic is "nothing usable" alone.
-fn priority_loads(
-    hosts: &[u64],
-    usable: &[u64],
-    overprovisioning_percent: u32,
-) -> Option<Vec<u32>> {
-    let health: Vec<u64> = hosts
+/// Envoy's health of each tier: min(100, ⌊factor × usable_i / hosts_i⌋), factor in
+/// percent (140 = 1.4), counting endpoints, not weights; a weight-0 or unhealthy
+/// endpoint is a host but not usable. Their sum, capped at 100, is Envoy's normalised
+/// total health (`calculateNormalizedTotalAvailability`).
+fn tier_health(hosts: &[u64], usable: &[u64], overprovisioning_percent: u32) -> Vec<u64> {
+    hosts
         .iter()
         .zip(usable)
         .map(|(&hosts, &usable)| {
@@ -365,7 +433,23 @@ fn priority_loads(
                 .checked_div(hosts)
                 .map_or(0, |health| health.min(100))
         })
-        .collect();
+        .collect()
+}
+
+/// Envoy's priority load over tiers best first, from their [`tier_health`], in whole
+/// percents summing to 100, or `None` when every tier's health is 0. Follows Envoy's
+/// `LoadBalancerBase::recalculatePerPriorityState` and `distributeLoad`
+/// (`source/common/upstream/load_balancer_impl.cc`), integer arithmetic included:
+///
+/// - normalised = min(100, Σ health_i);
+/// - load_i = min(remaining, ⌊health_i × 100 / normalised⌋), best tier first, so when
+///   the tiers together are short of 100 each keeps its proportion of the traffic;
+/// - what the floors leave over goes to the first tier with health > 0.
+///
+/// Envoy has no traffic to place at a total health of 0 and enters panic; detour still
+/// has usable endpoints then (at most 1% of a large tier each), and the caller falls
+/// back to strict rather than send traffic to endpoints it knows are down.
+fn priority_loads(health: &[u64]) -> Option<Vec<u32>> {
     let normalised = health.iter().sum::<u64>().min(100);
     let first = health.iter().position(|&h| h > 0)?;
     let mut remaining = 100;
@@ -380,6 +464,25 @@ fn priority_loads(
         .collect();
     loads[first] += remaining as u32;
     Some(loads)
+}
+
+/// Envoy's load when every tier is in panic (`recalculateLoadInTotalPanic`): each tier
+/// ⌊100 × endpoints_i / Σ endpoints⌋ percent, what the floors leave over to the first
+/// tier with an endpoint. detour counts endpoints of weight > 0 only (Envoy has no
+/// weight 0): a drained endpoint takes nothing while another can. The caller has a
+/// usable endpoint, so the sum is never 0.
+fn total_panic_loads(weighted_hosts: &[u64]) -> Vec<u32> {
+    let total = weighted_hosts.iter().sum::<u64>().max(1);
+    // At most 100 each, so the casts are exact.
+    let mut loads: Vec<u32> = weighted_hosts
+        .iter()
+        .map(|&hosts| (100 * hosts / total) as u32)
+        .collect();
+    let remaining = 100 - loads.iter().sum::<u32>();
+    if let Some(first) = weighted_hosts.iter().position(|&hosts| hosts > 0) {
+        loads[first] += remaining;
+    }
+    loads
 }
 
 /// Members of several tiers, each tier given as its load and its usable members, with
@@ -716,7 +819,7 @@ pub(crate) mod tests {
         let loads: Vec<String> = gradual
             .loads
             .iter()
-            .map(|(tier, load)| format!("{tier}={load}"))
+            .map(|load| format!("{}={}", load.tier, load.percent))
             .collect();
         assert_eq!(loads, ["other=70", "priority[1]/same-zone=30"]);
     }
@@ -873,6 +976,133 @@ pub(crate) mod tests {
         );
     }
 
+    /// One zone of four endpoints and, when `region_up`, a region of four healthy ones;
+    /// `zone_up` of the zone's endpoints healthy, a fifth drained one (weight 0) in it.
+    fn zone_and_region(zone_up: usize, region_up: bool) -> Vec<Candidate<&'static str>> {
+        let mut candidates: Vec<Candidate<&'static str>> = ["z1", "z2", "z3", "z4"]
+            .iter()
+            .enumerate()
+            .map(|(i, key)| candidate(key, NODE, 1, i < zone_up))
+            .collect();
+        candidates.push(candidate("z-drained", NODE, 0, true));
+        if region_up {
+            for key in ["r1", "r2", "r3", "r4"] {
+                candidates.push(up(key, "us-east1/us-east1-c"));
+            }
+        }
+        candidates
+    }
+
+    fn with_threshold(spill: Spill, panic_threshold_percent: u32) -> Balance {
+        Balance {
+            spill,
+            panic_threshold_percent,
+        }
+    }
+
+    #[test]
+    fn a_tier_under_the_panic_threshold_serves_all_its_endpoints_when_nothing_can_take_over() {
+        let node = locality(NODE);
+        let policy = policy(&[], &[]);
+        // 2 of 5 endpoints usable (the drained one counts as an endpoint, not usable):
+        // 40% < 50%. Nothing else to fail over to, so the zone panics; the drained
+        // endpoint still gets nothing.
+        for spill in [Spill::Strict, gradual(140)] {
+            let selection = select(
+                &node,
+                &policy,
+                with_threshold(spill, 50),
+                &zone_and_region(2, false),
+            );
+            assert_eq!(loads(&selection), "same-zone=100%(panic)", "{spill:?}");
+            assert_eq!(shown(&selection), "same-zone z1,z2,z3,z4", "{spill:?}");
+        }
+        // At the threshold is not under it (Envoy compares strictly).
+        let mut candidates = zone_and_region(2, false);
+        candidates.pop();
+        let selection = select(
+            &node,
+            &policy,
+            with_threshold(gradual(140), 50),
+            &candidates,
+        );
+        assert_eq!(loads(&selection), "same-zone=100%");
+        assert_eq!(shown(&selection), "same-zone z1,z2");
+        // 0 turns it off.
+        let selection = select(
+            &node,
+            &policy,
+            with_threshold(gradual(140), 0),
+            &zone_and_region(1, false),
+        );
+        assert_eq!(shown(&selection), "same-zone z1");
+    }
+
+    #[test]
+    fn a_tier_under_the_panic_threshold_fails_over_while_the_next_can_take_the_traffic() {
+        let node = locality(NODE);
+        let policy = policy(&[], &[]);
+        // Zone: 1 of 5 usable, 1.4 × 20% = 28; region 100: together not short.
+        let selection = select(
+            &node,
+            &policy,
+            with_threshold(gradual(140), 50),
+            &zone_and_region(1, true),
+        );
+        assert_eq!(loads(&selection), "same-zone=28% same-region=72%");
+        assert_eq!(shown(&selection), "same-zone z1,r1,r2,r3,r4");
+        // Strict stays in the zone while anything there is usable, and does not panic.
+        let selection = select(
+            &node,
+            &policy,
+            with_threshold(Spill::Strict, 50),
+            &zone_and_region(1, true),
+        );
+        assert_eq!(shown(&selection), "same-zone z1");
+        assert_eq!(selection.standby.len(), 4);
+    }
+
+    #[test]
+    fn every_tier_in_panic_loads_the_tiers_by_endpoint_count() {
+        let node = locality(NODE);
+        let policy = policy(&[], &[]);
+        let mut candidates = zone_and_region(1, false);
+        for (i, key) in ["r1", "r2", "r3", "r4", "r5", "r6", "r7"]
+            .iter()
+            .enumerate()
+        {
+            candidates.push(candidate(key, "us-east1/us-east1-c", 1, i == 0));
+        }
+        // Zone 1 of 5 usable (28), region 1 of 7 (20): short, both under 50%. Envoy's
+        // total panic: load by endpoints, here those of weight > 0: 4 and 7 of 11.
+        let selection = select(
+            &node,
+            &policy,
+            with_threshold(gradual(140), 50),
+            &candidates,
+        );
+        assert_eq!(
+            loads(&selection),
+            "same-zone=37%(panic) same-region=63%(panic)"
+        );
+        assert_eq!(selection.members.len(), 11);
+        assert!(selection.standby.is_empty());
+        // Strict keeps all of it on the best tier with a usable endpoint, which panics.
+        let selection = select(
+            &node,
+            &policy,
+            with_threshold(Spill::Strict, 50),
+            &candidates,
+        );
+        assert_eq!(loads(&selection), "same-zone=100%(panic)");
+        assert_eq!(shown(&selection), "same-zone z1,z2,z3,z4");
+        assert_eq!(
+            selection.standby.len(),
+            1,
+            "the region's one usable endpoint"
+        );
+    }
+
     #[test]
     fn no_endpoints_selects_nothing() {
         let selection = select::<&str>(
@@ -899,7 +1129,14 @@ pub(crate) mod tests {
         let loads: Vec<String> = selection
             .loads
             .iter()
-            .map(|(tier, load)| format!("{tier}={load}%"))
+            .map(|load| {
+                let panic = if load.panic && load.tier != Tier::Panic {
+                    "(panic)"
+                } else {
+                    ""
+                };
+                format!("{}={}%{panic}", load.tier, load.percent)
+            })
             .collect();
         loads.join(" ")
     }
@@ -1221,9 +1458,14 @@ pub(crate) mod tests {
 
         proptest! {
             #[test]
-            fn selections_keep_the_invariants(candidates in candidates(), spill in spill()) {
+            fn selections_keep_the_invariants(
+                candidates in candidates(),
+                spill in spill(),
+                threshold in prop_oneof![Just(0u32), 0u32..=100],
+            ) {
                 let (node, policy) = (node(), policy());
-                let selection = select(&node, &policy, spill, &candidates);
+                let balance = Balance { spill, panic_threshold_percent: threshold };
+                let selection = select(&node, &policy, balance, &candidates);
                 let tier = |key: usize| tier_of(&node, &policy, &candidates[key].locality, 0);
                 let usable = |c: &Candidate<usize>| c.healthy && c.weight > 0;
                 if candidates.is_empty() {
@@ -1232,10 +1474,10 @@ pub(crate) mod tests {
                     prop_assert!(selection.standby.is_empty());
                     return Ok(());
                 }
-                prop_assert_eq!(selection.loads.iter().map(|(_, load)| load).sum::<u32>(), 100);
-                prop_assert!(selection.loads.iter().all(|(_, load)| *load > 0));
-                prop_assert!(selection.loads.windows(2).all(|w| w[0].0 < w[1].0));
-                prop_assert_eq!(selection.tier.as_ref(), Some(&selection.loads[0].0));
+                prop_assert_eq!(selection.loads.iter().map(|l| l.percent).sum::<u32>(), 100);
+                prop_assert!(selection.loads.iter().all(|l| l.percent > 0));
+                prop_assert!(selection.loads.windows(2).all(|w| w[0].tier < w[1].tier));
+                prop_assert_eq!(selection.tier.as_ref(), Some(&selection.loads[0].tier));
                 if !candidates.iter().any(usable) {
                     prop_assert_eq!(selection.tier, Some(Tier::Panic));
                     let all: Vec<(usize, u32)> = candidates.iter().map(|c| (c.key, c.weight)).collect();
@@ -1243,18 +1485,30 @@ pub(crate) mod tests {
                     prop_assert!(selection.standby.is_empty());
                     return Ok(());
                 }
-                let loaded: Vec<&Tier> = selection.loads.iter().map(|(tier, _)| tier).collect();
-                // Members: the usable endpoints of the loaded tiers, by tier, then in order.
+                let loaded: Vec<&Tier> = selection.loads.iter().map(|l| &l.tier).collect();
+                let in_panic = |at: &Tier| selection.loads.iter().any(|l| l.tier == *at && l.panic);
+                prop_assert!(threshold > 0 || selection.loads.iter().all(|l| !l.panic),
+                    "a threshold of 0 puts no tier in panic");
+                // A tier in panic is one below the threshold.
+                for load in &selection.loads {
+                    let of_tier = || candidates.iter().filter(|c| tier(c.key) == load.tier);
+                    let (hosts, up) = (of_tier().count(), of_tier().filter(|c| usable(c)).count());
+                    prop_assert!(!load.panic || up * 100 < threshold as usize * hosts,
+                        "{} in panic with {} of {} usable", load.tier, up, hosts);
+                }
+                // Members: the usable endpoints of the loaded tiers (all of weight > 0 in a
+                // tier in panic), by tier, then in order.
                 let mut expected: Vec<usize> = candidates
                     .iter()
-                    .filter(|c| usable(c) && loaded.contains(&&tier(c.key)))
+                    .filter(|c| loaded.contains(&&tier(c.key)))
+                    .filter(|c| usable(c) || in_panic(&tier(c.key)) && c.weight > 0)
                     .map(|c| c.key)
                     .collect();
                 expected.sort_by_key(|&key| tier(key));
                 let keys: Vec<usize> = selection.members.iter().map(|(key, _)| *key).collect();
                 prop_assert_eq!(keys, expected);
                 prop_assert!(selection.members.iter().all(|(_, weight)| *weight > 0));
-                if let [(_, 100)] = selection.loads[..] {
+                if let [Load { percent: 100, .. }] = selection.loads[..] {
                     let own: Vec<(usize, u32)> = selection
                         .members
                         .iter()
@@ -1272,7 +1526,7 @@ pub(crate) mod tests {
                 // most one per member.
                 let total: u64 = selection.members.iter().map(|(_, w)| u64::from(*w)).sum();
                 let n = selection.members.len() as f64;
-                for (loaded, load) in &selection.loads {
+                for Load { tier: loaded, percent: load, .. } in &selection.loads {
                     let weight: u64 = selection
                         .members
                         .iter()

@@ -548,3 +548,79 @@ services:
     expect_answers(&w, "127.210.19.1:80", 10, &[("other-region-same-team", 10)])?;
     Ok(())
 }
+
+#[test]
+fn a_tier_under_min_health_percent_serves_all_of_its_endpoints() -> Result<()> {
+    let mut w = World::new()?;
+    let backends = [
+        ("a", "127.10.23.1:8080"),
+        ("b", "127.10.23.2:8080"),
+        ("c", "127.10.23.3:8080"),
+        ("d", "127.10.23.4:8080"),
+    ];
+    for (name, addr) in backends {
+        w.backend(name, addr)?;
+    }
+    w.write_config(
+        r#"
+node: { locality: us-east1/us-east1-b }
+services:
+  - name: thin
+    vips: [127.210.23.1]
+    ports: [{number: 80, targetPort: 8080}]
+    endpoints:
+      - {address: 127.10.23.1, locality: us-east1/us-east1-b}
+      - {address: 127.10.23.2, locality: us-east1/us-east1-b}
+      - {address: 127.10.23.3, locality: us-east1/us-east1-b}
+      - {address: 127.10.23.4, locality: us-east1/us-east1-b}
+    healthCheck:
+      interval: 100ms
+      timeout: 100ms
+      unhealthyThreshold: 1
+      healthyThreshold: 1
+      http: {path: /healthz}
+    outlierDetection: {minHealthPercent: 50}
+"#,
+    )?;
+    w.start_agent()?;
+    let health_is = |eps: &serde_json::Value, addr: &str, health: &str, in_table: bool| {
+        endpoint(eps, addr).is_ok_and(|e| e["health"] == health && e["in_table"] == in_table)
+    };
+    w.wait_endpoints("thin", CHECK_TIMEOUT, |eps| {
+        backends
+            .iter()
+            .all(|(_, addr)| health_is(eps, addr, "HEALTHY", true))
+    })?;
+
+    // Three of four failing their checks: 25% usable is under 50% and there is no other
+    // tier to take the traffic, so every endpoint serves, as in Envoy's panic mode.
+    for (name, _) in &backends[1..] {
+        w.set_status(name, 503);
+    }
+    w.wait_endpoints("thin", CHECK_TIMEOUT, |eps| {
+        health_is(eps, "127.10.23.1:8080", "HEALTHY", true)
+            && backends[1..]
+                .iter()
+                .all(|(_, addr)| health_is(eps, addr, "UNHEALTHY", true))
+    })?;
+    // 200 uniform picks of 4 miss one with probability 4 × 0.75^200 < 1e-24.
+    let seen = w.answers("127.210.23.1:80", 200)?;
+    ensure!(
+        seen.keys().map(String::as_str).eq(["a", "b", "c", "d"]),
+        "in panic every endpoint answers: {seen:?}"
+    );
+
+    // Two of four: 50% is not under 50%, so only the healthy ones serve again.
+    w.set_status("c", 200);
+    w.wait_endpoints("thin", CHECK_TIMEOUT, |eps| {
+        health_is(eps, "127.10.23.3:8080", "HEALTHY", true)
+            && health_is(eps, "127.10.23.2:8080", "UNHEALTHY", false)
+            && health_is(eps, "127.10.23.4:8080", "UNHEALTHY", false)
+    })?;
+    let seen = w.answers("127.210.23.1:80", 200)?;
+    ensure!(
+        seen.keys().map(String::as_str).eq(["a", "c"]),
+        "out of panic only the healthy endpoints answer: {seen:?}"
+    );
+    Ok(())
+}

@@ -345,8 +345,9 @@ pub struct OutlierDetection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = percent_rule())]
     pub max_ejection_percent: Option<u32>,
-    /// Below this share of usable backends, send to all of them (Envoy's panic
-    /// threshold), in percent. Default 0 (off).
+    /// A locality tier with a smaller share of usable backends sends to all of them,
+    /// while the tiers together are short (Envoy's panic threshold, per priority), in
+    /// percent. Default 0 (off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = percent_rule())]
     pub min_health_percent: Option<u32>,
