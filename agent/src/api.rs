@@ -223,11 +223,16 @@ pub struct EndpointView {
     /// Failed connects in the current run.
     pub consecutive_failures: u32,
     /// Kernel counters, like `connects`: handshakes completed, refused or reset, timed
-    /// out (SYN unanswered), and established connections reset.
+    /// out (SYN unanswered), and established connections reset by the backend.
     pub established: u64,
     pub refused: u64,
     pub timeouts: u64,
     pub resets: u64,
+    /// Established connections this node ended without a close: the application
+    /// aborted them (`SO_LINGER` 0, unread data) or TCP timed out. Not a backend
+    /// failure. An agent older than this field answers without it (0).
+    #[serde(default)]
+    pub aborts: u64,
 }
 
 /// Something that happened, as `detour events` streams it.

@@ -250,6 +250,7 @@ mod tests {
                 refused: 1,
                 timeouts: 0,
                 resets: 0,
+                aborts: 0,
             },
             EndpointView {
                 service: "mydb".into(),
@@ -271,6 +272,7 @@ mod tests {
                 refused: 0,
                 timeouts: 0,
                 resets: 0,
+                aborts: 0,
             },
         ];
         let text = endpoints_table(&rows);

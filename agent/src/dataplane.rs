@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
-use aya::programs::{loaded_programs, CgroupSockAddr, ProgramError, SockOps};
+use aya::programs::{loaded_programs, CgroupSockAddr, ProgramError, RawTracePoint, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use detour_ebpf::{
     counters, globals, maps, programs, Backend, BackendState, BackendStats, FrontendKey,
@@ -174,17 +174,10 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Programs in attach order: `sock_ops` first, so that every connect the connect
-/// programs rewrite from the start is also watched.
-const PROGRAMS: [&str; 5] = [
-    programs::SOCK_OPS,
-    programs::CONNECT4,
-    programs::CONNECT6,
-    programs::GETPEERNAME4,
-    programs::GETPEERNAME6,
-];
+/// Programs in attach order (see [`programs::ALL`]).
+const PROGRAMS: [&str; 6] = programs::ALL;
 
-const MAP_NAMES: [&str; 8] = [
+const MAP_NAMES: [&str; 9] = [
     maps::SERVICES,
     maps::SLOTS,
     maps::BACKENDS,
@@ -193,6 +186,7 @@ const MAP_NAMES: [&str; 8] = [
     maps::BACKEND_STATE,
     maps::EVENTS,
     maps::COUNTERS,
+    maps::RESET_SEEN,
 ];
 
 /// The kernel's HZ, from the resolution of the coarse clock, which ticks once per
@@ -302,6 +296,7 @@ impl Dataplane {
                 refused: acc.refused + s.refused,
                 timeouts: acc.timeouts + s.timeouts,
                 resets: acc.resets + s.resets,
+                aborts: acc.aborts + s.aborts,
             }))
     }
 
@@ -493,10 +488,12 @@ impl SockOrigins {
     }
 }
 
-/// The program kinds detour attaches to its cgroup.
+/// The program kinds detour attaches: to its cgroup, and the one tracepoint.
 enum Attachable<'a> {
     SockAddr(&'a mut CgroupSockAddr),
     SockOps(&'a mut SockOps),
+    /// Not cgroup-scoped: attached to [`programs::RECEIVE_RESET_TRACEPOINT`].
+    RawTracePoint(&'a mut RawTracePoint),
 }
 
 impl<'a> Attachable<'a> {
@@ -504,6 +501,8 @@ impl<'a> Attachable<'a> {
         let program = ebpf.program_mut(name)?;
         Some(if name == programs::SOCK_OPS {
             program.try_into().map(Self::SockOps)
+        } else if name == programs::RECEIVE_RESET {
+            program.try_into().map(Self::RawTracePoint)
         } else {
             program.try_into().map(Self::SockAddr)
         })
@@ -520,10 +519,14 @@ impl<'a> Attachable<'a> {
                 p.load()?;
                 p.info()?.tag()
             }
+            Self::RawTracePoint(p) => {
+                p.load()?;
+                p.info()?.tag()
+            }
         })
     }
 
-    /// Attaches to the cgroup as a bpf_link and hands the link over.
+    /// Attaches to the cgroup (or the tracepoint) as a bpf_link and hands the link over.
     fn attach(&mut self, cgroup: &fs::File) -> Result<Result<FdLink, String>, ProgramError> {
         // With bpf_link (kernel >= 5.7) the kernel rejects attach flags: links always
         // share the cgroup with other programs, which lets an upgrade overlap old and new.
@@ -536,6 +539,10 @@ impl<'a> Attachable<'a> {
             Self::SockOps(p) => {
                 let id = p.attach(cgroup, CgroupAttachMode::Single)?;
                 p.take_link(id)?.try_into().map_err(to_fd)
+            }
+            Self::RawTracePoint(p) => {
+                let id = p.attach(programs::RECEIVE_RESET_TRACEPOINT)?;
+                Ok(FdLink::from(p.take_link(id)?))
             }
         })
     }
@@ -714,6 +721,48 @@ mod tests {
         // Clearing a mark that is not there is a no-op, not an error.
         again.clear_suspect(3).unwrap();
         assert_eq!(again.backend_state(3).unwrap().suspect_until_ns, 0);
+    }
+
+    #[test]
+    fn backend_stats_pinned_by_an_older_agent_are_widened_with_their_counts() {
+        require_root("loading detour's programs into a test cgroup").unwrap();
+        let cgroup = Cgroup::new().unwrap();
+        let pins = PinDir::new().unwrap();
+        let opts = options(&cgroup, &pins);
+        // What an agent before `aborts` pinned: five counters per backend per CPU.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default)]
+        struct Older([u64; 5]);
+        // SAFETY: repr(C) u64s only.
+        unsafe impl aya::Pod for Older {}
+        let maps_dir = pins.path().join("maps");
+        fs::create_dir_all(&maps_dir).unwrap();
+        {
+            let mut older = PerCpuArray::<MapData, Older>::create(opts.max_backends, 0).unwrap();
+            let cpus = aya::util::nr_cpus().unwrap();
+            let values = (0..cpus)
+                .map(|cpu| Older([10 + cpu as u64, 20, 30, 40, 50]))
+                .collect::<Vec<_>>();
+            older
+                .set(7, PerCpuValues::try_from(values).unwrap(), 0)
+                .unwrap();
+            older.pin(maps_dir.join(maps::BACKEND_STATS)).unwrap();
+        }
+        let dataplane = Dataplane::load(&opts).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap() as u64;
+        assert_eq!(
+            dataplane.backend_stats(7).unwrap(),
+            BackendStats {
+                connects: (0..cpus).map(|cpu| 10 + cpu).sum(),
+                established: 20 * cpus,
+                refused: 30 * cpus,
+                timeouts: 40 * cpus,
+                resets: 50 * cpus,
+                aborts: 0,
+            }
+        );
+        let pinned = aya::maps::MapInfo::from_pin(maps_dir.join(maps::BACKEND_STATS)).unwrap();
+        assert_eq!(pinned.value_size() as usize, size_of::<BackendStats>());
     }
 
     #[test]

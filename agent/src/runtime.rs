@@ -1343,6 +1343,7 @@ impl Agent {
                         refused: stats.refused,
                         timeouts: stats.timeouts,
                         resets: stats.resets,
+                        aborts: stats.aborts,
                     }
                 })
             })

@@ -50,6 +50,8 @@ pub mod maps {
     pub const EVENTS: &str = "DETOUR_EVENTS";
     /// [`crate::counters`] index → `u64`, per CPU.
     pub const COUNTERS: &str = "DETOUR_COUNTERS";
+    /// One [`crate::ResetSeen`] per CPU: the socket whose reset this CPU is receiving.
+    pub const RESET_SEEN: &str = "DETOUR_RESET_SEEN";
 }
 
 /// Global variables the agent sets when it loads the object.
@@ -103,6 +105,25 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "detour_getpeername6";
     /// `sock_ops`: watches rewritten connections and reports their outcomes.
     pub const SOCK_OPS: &str = "detour_sock_ops";
+    /// Raw tracepoint `tcp_receive_reset`: notes, per CPU, the socket a reset is being
+    /// received for, so that `sock_ops` can tell a reset from the backend apart from
+    /// the local side aborting. Not cgroup-scoped: it runs for every reset the host
+    /// receives and only writes [`crate::maps::RESET_SEEN`].
+    pub const RECEIVE_RESET: &str = "detour_receive_reset";
+    /// The tracepoint [`RECEIVE_RESET`] attaches to.
+    pub const RECEIVE_RESET_TRACEPOINT: &str = "tcp_receive_reset";
+
+    /// Every program, in the order the agent attaches them: the reset tracepoint, then
+    /// `sock_ops`, so that every connect the connect programs rewrite from the start is
+    /// also watched, and every close `sock_ops` sees can be told a reset or an abort.
+    pub const ALL: [&str; 6] = [
+        RECEIVE_RESET,
+        SOCK_OPS,
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
 }
 
 /// A service frontend: the VIP and port an application connects to.
@@ -192,9 +213,51 @@ pub struct BackendStats {
     pub refused: u64,
     /// Handshakes whose SYN went unanswered for two retransmission timeouts.
     pub timeouts: u64,
-    /// Established connections that ended in a reset (or an abort) instead of a close.
+    /// Established connections the backend reset: a RST was received for them.
     pub resets: u64,
+    /// Established connections this side ended without a close: the application
+    /// aborted them (`SO_LINGER` 0, closing with unread data) or TCP gave up on them
+    /// (retransmission or keepalive timeout). No RST was received. Appended after
+    /// `resets` so that pinned maps of the older, shorter layout can be widened.
+    pub aborts: u64,
 }
+
+/// The start of the kernel's `struct sock_common`, which opens every `struct sock`:
+/// `skc_daddr`, `skc_rcv_saddr`, `skc_hash`, `skc_dport`, `skc_num`. This layout has not
+/// changed since Linux 2.6 (the rest of the struct has), so it is read at these fixed
+/// offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockCommonHead {
+    /// Remote IPv4 address, network order (an IPv6 socket's is not its peer).
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    pub hash: u32,
+    /// Remote port, network order.
+    pub dport: u16,
+    /// Local port, host order.
+    pub num: u16,
+}
+
+/// What the `tcp_receive_reset` program last saw on a CPU ([`maps::RESET_SEEN`]).
+///
+/// The kernel receives a reset (`tcp_reset`) by firing the tracepoint, then closing the
+/// socket (`tcp_done` → `tcp_set_state`), which runs `sock_ops`' state callback: the
+/// same call chain on the same CPU, microseconds apart. A close whose socket matches
+/// this record (local port, and remote address for IPv4) within
+/// [`RESET_SEEN_WINDOW_NS`] was a received reset; any other established → close was the
+/// local side. `sock_ops` clears the record when it uses it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetSeen {
+    pub head: SockCommonHead,
+    /// `bpf_ktime_get_ns()` when the reset was seen; 0 = nothing pending.
+    pub at_ns: u64,
+}
+
+/// How long a [`ResetSeen`] record stays good: far longer than the microseconds between
+/// the tracepoint and the state change, far shorter than a port's reuse.
+pub const RESET_SEEN_WINDOW_NS: u64 = 10_000_000;
 
 /// The kernel's passive view of one backend, shared by all CPUs.
 ///
@@ -302,6 +365,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockOrigin {}
     unsafe impl aya::Pod for super::BackendState {}
     unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::ResetSeen {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the field sizes.
@@ -309,7 +373,9 @@ const _: () = assert!(core::mem::size_of::<FrontendKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 32);
 const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
-const _: () = assert!(core::mem::size_of::<BackendStats>() == 40);
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 48);
+const _: () = assert!(core::mem::size_of::<SockCommonHead>() == 16);
+const _: () = assert!(core::mem::size_of::<ResetSeen>() == 24);
 const _: () = assert!(core::mem::size_of::<BackendState>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32);
 const _: () = assert!(core::mem::size_of::<SockOrigin>() == 60);

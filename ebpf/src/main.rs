@@ -16,7 +16,8 @@
 //! handshake timeout (at least 3× the backend's measured handshake RTT), and reports the
 //! outcome: a first SYN retransmission (suspect), a second one (timeout: a black hole),
 //! SYN_SENT → CLOSE before that (refused or reset), established, established → CLOSE
-//! (reset). Outcomes are counted per backend per CPU. Only what can change the agent's
+//! (a reset the backend sent, or an abort of the local side: see below). Outcomes are
+//! counted per backend per CPU. Only what can change the agent's
 //! mind goes to it through a ring buffer: failures, first SYN retransmissions and the
 //! success that ends a failure run. A reset after an established connection and a
 //! success with no failure run before it decide nothing and are only counted, so the
@@ -38,6 +39,15 @@
 //! uses the first softly suspect backend it saw, else its first pick, so a service is
 //! never black-holed. The agent stays the authority:
 //! it clears marks it does not confirm and rewrites tables without ejected backends.
+//!
+//! Reset or abort: `sock_ops` sees only the state change, the same for a reset received
+//! and for the application aborting (`SO_LINGER` 0, closing with unread data). The raw
+//! tracepoint `tcp_receive_reset` fires just before the kernel closes a socket for a
+//! reset it received, on the same CPU and in the same call chain, and notes the socket
+//! (local port, remote IPv4 address) in a per-CPU record; the state callback that
+//! matches that record counts a reset, any other established → close an abort. The
+//! socket is read at fixed offsets of `struct sock_common` (see
+//! `detour_ebpf::SockCommonHead`): no BTF needed, on any kernel detour supports.
 //!
 //! Why `sock_ops` rather than the `inet_sock_set_state` tracepoint: it runs only for
 //! sockets of the attached cgroup, it can shorten the SYN timeout (`TIMEOUT_INIT`), which
@@ -74,18 +84,21 @@ mod programs {
             BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
             BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
         },
-        helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
-        macros::{cgroup_sock_addr, map, sock_ops},
+        helpers::{
+            bpf_probe_read_kernel,
+            generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+        },
+        macros::{cgroup_sock_addr, map, raw_tracepoint, sock_ops},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-        programs::{SockAddrContext, SockOpsContext},
+        programs::{RawTracePointContext, SockAddrContext, SockOpsContext},
         EbpfContext,
     };
     use detour_ebpf::{
         counters, event_kind, Backend, BackendState, BackendStats, ConnEvent, FrontendKey,
-        ServiceEntry, SlotKey, SockOrigin, AF_INET, AF_INET6, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TABLE_SLOTS, EVENTS_RING_BYTES,
-        EVENTS_WAKEUP_BYTES, IPPROTO_TCP, ORIGIN_DESTROYED_BY_AGENT, ORIGIN_OUTCOME_REPORTED,
-        SUSPECT_PROBES, V4_MAPPED_WORD,
+        ResetSeen, ServiceEntry, SlotKey, SockCommonHead, SockOrigin, AF_INET, AF_INET6,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TABLE_SLOTS,
+        EVENTS_RING_BYTES, EVENTS_WAKEUP_BYTES, IPPROTO_TCP, ORIGIN_DESTROYED_BY_AGENT,
+        ORIGIN_OUTCOME_REPORTED, RESET_SEEN_WINDOW_NS, SUSPECT_PROBES, V4_MAPPED_WORD,
     };
 
     /// Allow the syscall to go on (with whatever address we left in the context).
@@ -144,6 +157,9 @@ mod programs {
 
     #[map(name = "DETOUR_COUNTERS")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+    #[map(name = "DETOUR_RESET_SEEN")]
+    static RESET_SEEN: PerCpuArray<ResetSeen> = PerCpuArray::with_max_entries(1, 0);
 
     /// The kernel's HZ, set by the agent at load time (0: leave SYN timeouts alone).
     #[unsafe(no_mangle)]
@@ -489,13 +505,59 @@ mod programs {
             } else if old == TCP_ESTABLISHED {
                 // Decides nothing (only handshakes eject), so it is counted, never sent:
                 // an application that closes with RST pays for no event.
+                let received = reset_received(ctx);
                 if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
-                    unsafe { (*stats).resets += 1 };
+                    if received {
+                        unsafe { (*stats).resets += 1 };
+                    } else {
+                        unsafe { (*stats).aborts += 1 };
+                    }
                 }
             }
             // The socket is gone: its cookie will never be seen again.
             let _ = SOCK_ORIGIN.remove(&cookie);
         }
+    }
+
+    /// Whether the socket closing now is closing because it received a reset: the
+    /// `tcp_receive_reset` program saw this socket on this CPU just before (see
+    /// [`ResetSeen`]). Clears the record it matches.
+    #[inline(always)]
+    fn reset_received(ctx: &SockOpsContext) -> bool {
+        let Some(seen) = RESET_SEEN.get_ptr_mut(0) else {
+            return false;
+        };
+        let at_ns = unsafe { (*seen).at_ns };
+        if at_ns == 0 {
+            return false;
+        }
+        let head = unsafe { (*seen).head };
+        let same_socket = u32::from(head.num) == ctx.local_port()
+            && (ctx.family() != u32::from(AF_INET) || head.daddr == ctx.remote_ip4());
+        let recent = unsafe { bpf_ktime_get_ns() }.wrapping_sub(at_ns) < RESET_SEEN_WINDOW_NS;
+        if same_socket {
+            unsafe { (*seen).at_ns = 0 };
+        }
+        same_socket && recent
+    }
+
+    /// `tcp_receive_reset(const struct sock *sk)`: the kernel is about to close `sk`
+    /// because a reset arrived. Remembers which socket, for [`reset_received`].
+    #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+    pub fn detour_receive_reset(ctx: RawTracePointContext) -> i32 {
+        let sk: *const SockCommonHead = ctx.arg(0);
+        let Ok(head) = (unsafe { bpf_probe_read_kernel(sk) }) else {
+            return 0;
+        };
+        if let Some(seen) = RESET_SEEN.get_ptr_mut(0) {
+            unsafe {
+                *seen = ResetSeen {
+                    head,
+                    at_ns: bpf_ktime_get_ns(),
+                }
+            };
+        }
+        0
     }
 
     #[inline(always)]

@@ -412,27 +412,46 @@ fn a_full_event_ring_drops_and_counts_and_never_blocks_a_connect() -> Result<()>
     Ok(())
 }
 
-/// `ADDR,COUNT` for [`rst_closing_client`].
-const RST_CLIENT_ENV: &str = "DETOUR_E2E_RST_CLIENT";
+/// `ADDR,COUNT,MODE` for [`closing_client`].
+const CLOSING_CLIENT_ENV: &str = "DETOUR_E2E_CLOSING_CLIENT";
 
-/// Entry point of the re-executed test binary: `COUNT` connects to `ADDR`, each closed
-/// with RST (`SO_LINGER {on, 0}`, as many pools and load generators close), failing on
-/// the first connect that fails.
+/// Entry point of the re-executed test binary: `COUNT` connects to `ADDR`, failing on
+/// the first connect that fails. MODE `abort`: each is closed with RST (`SO_LINGER
+/// {on, 0}`, as many pools and load generators close). MODE `read`: each reads until
+/// the backend ends it, which must be with a reset (`ECONNRESET`).
 #[test]
 #[ignore = "helper process: a test runs it inside its cgroup"]
-fn rst_closing_client() {
+fn closing_client() {
+    use std::io::Read;
     use std::os::fd::AsRawFd;
-    let spec = std::env::var(RST_CLIENT_ENV).expect("run by a test with ADDR,COUNT");
-    let (target, count) = spec.split_once(',').expect("ADDR,COUNT");
-    let target: std::net::SocketAddr = target.parse().expect("a socket address");
-    let count: u32 = count.parse().expect("a count");
+    let spec = std::env::var(CLOSING_CLIENT_ENV).expect("run by a test with ADDR,COUNT,MODE");
+    let mut parts = spec.split(',');
+    let target: std::net::SocketAddr = parts.next().unwrap().parse().expect("a socket address");
+    let count: u32 = parts.next().expect("COUNT").parse().expect("a count");
+    let mode = parts.next().expect("MODE");
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
     for i in 0..count {
-        let conn = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        let mut conn = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect {i} to {target}: {e}"));
+        if mode == "read" {
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            let end = loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => break "EOF".to_owned(),
+                    Ok(_) => continue,
+                    Err(e) => break format!("{e} ({:?})", e.kind()),
+                }
+            };
+            assert!(
+                end.contains("ConnectionReset"),
+                "connect {i}: ended with {end}, not a reset"
+            );
+            continue;
+        }
         // SAFETY: a valid socket and a linger struct of the size passed.
         let set = unsafe {
             libc::setsockopt(
@@ -447,17 +466,73 @@ fn rst_closing_client() {
     }
 }
 
+/// A backend that resets every connection it accepts (`SO_LINGER` 0, then close) until
+/// the returned flag is set; a bounded accept loop on a non-blocking listener.
+fn resetting_backend(
+    addr: &str,
+) -> Result<(
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+)> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::spawn(move || {
+        // At most a minute, whatever the test does.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stopped.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    let linger = libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    // SAFETY: a valid socket and a linger struct of the size passed.
+                    unsafe {
+                        libc::setsockopt(
+                            conn.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            (&raw const linger).cast(),
+                            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                        )
+                    };
+                    drop(conn);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+    Ok((stop, thread))
+}
+
 #[test]
-fn connections_closed_with_rst_are_counted_and_send_no_event() -> Result<()> {
-    const CONNECTS: u64 = 300;
+fn resets_from_the_backend_and_aborts_of_the_client_are_counted_apart_and_send_no_event(
+) -> Result<()> {
+    const CONNECTS: u64 = 200;
     let mut w = World::new()?;
     w.backend("a", "127.10.16.1:8080")?;
-    w.write_config(&outlier_config(
-        "rst",
-        "127.210.16.1",
-        "{consecutiveErrors: 1, interval: 10s, baseEjectionTime: 30s}",
-        "      - {address: 127.10.16.1, locality: us-east1/us-east1-b}\n",
-    ))?;
+    let (stop, resetter) = resetting_backend("127.10.16.2:8080")?;
+    let service = |name: &str, vip: &str, backend: &str| {
+        format!(
+            r#"
+  - name: {name}
+    vips: [{vip}]
+    ports: [{{number: 80, targetPort: 8080}}]
+    healthCheck: {{disabled: true}}
+    outlierDetection: {{consecutiveErrors: 1, interval: 10s, baseEjectionTime: 30s}}
+    endpoints: [{{address: {backend}, locality: us-east1/us-east1-b}}]"#
+        )
+    };
+    let config = format!(
+        "node: {{ locality: us-east1/us-east1-b }}\nservices:{}{}\n",
+        service("aborted", "127.210.16.1", "127.10.16.1"),
+        service("resetting", "127.210.16.2", "127.10.16.2"),
+    );
+    w.write_config(&config)?;
     w.start_agent()?;
     let addr = w.agent().metrics_address()?;
     let received = || -> Result<u64> {
@@ -474,27 +549,53 @@ fn connections_closed_with_rst_are_counted_and_send_no_event() -> Result<()> {
     };
     let before = received()?;
 
-    let mut cmd = client::helper("passive::rst_closing_client")?;
-    cmd.env(RST_CLIENT_ENV, format!("127.210.16.1:80,{CONNECTS}"));
-    let (status, _) = detour_testbed::LineStream::spawn_in(&w.cgroup, &mut cmd)?
-        .wait(Duration::from_secs(30))
-        .context("the RST-closing client")?;
-    ensure!(status.success(), "the RST-closing client failed: {status}");
+    let run = |target: &str, mode: &str| -> Result<()> {
+        let mut cmd = client::helper("passive::closing_client")?;
+        cmd.env(CLOSING_CLIENT_ENV, format!("{target},{CONNECTS},{mode}"));
+        let (status, lines) = detour_testbed::LineStream::spawn_in(&w.cgroup, &mut cmd)?
+            .wait(Duration::from_secs(30))
+            .with_context(|| format!("the {mode} client"))?;
+        ensure!(
+            status.success(),
+            "the {mode} client failed: {status}\n{lines:?}"
+        );
+        Ok(())
+    };
+    run("127.210.16.1:80", "abort")?;
+    run("127.210.16.2:80", "read")?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    resetter.join().expect("the resetting backend");
 
-    // The kernel counts every reset; the agent shows the counts.
-    let eps = w.wait_endpoints("rst", Duration::from_secs(5), |eps| {
-        endpoint(eps, "127.10.16.1:8080").is_ok_and(|e| e["resets"].as_u64() >= Some(CONNECTS))
+    // The kernel tells them apart: the client's own aborts are no backend failure, the
+    // backend's resets are.
+    let eps = w.wait_endpoints("aborted", Duration::from_secs(5), |eps| {
+        endpoint(eps, "127.10.16.1:8080").is_ok_and(|e| e["aborts"].as_u64() >= Some(CONNECTS))
     })?;
     let a = endpoint(&eps, "127.10.16.1:8080")?;
+    ensure!(
+        a["resets"] == 0,
+        "the client's aborts counted as resets: {a:#}"
+    );
     ensure!(a["established"].as_u64() >= Some(CONNECTS), "{a:#}");
     ensure!(a["outlier"] == "OK" && a["ejections"] == 0, "{a:#}");
-    // ...but none of them went through the ring: wait well past the reader's poll.
+    let eps = w.wait_endpoints("resetting", Duration::from_secs(5), |eps| {
+        endpoint(eps, "127.10.16.2:8080").is_ok_and(|e| e["resets"].as_u64() >= Some(CONNECTS))
+    })?;
+    let b = endpoint(&eps, "127.10.16.2:8080")?;
+    ensure!(
+        b["aborts"] == 0,
+        "the backend's resets counted as aborts: {b:#}"
+    );
+    ensure!(b["outlier"] == "OK" && b["ejections"] == 0, "{b:#}");
+
+    // ...and none of them went through the ring: wait well past the reader's poll.
     std::thread::sleep(Duration::from_millis(10 * detour_ebpf::EVENTS_POLL_MS));
     let after = received()?;
     ensure!(
         after == before,
-        "{} events for {CONNECTS} connections closed with RST (a reset after an established connection decides nothing)",
-        after - before
+        "{} events for {} connections ended by a reset or an abort (after an established connection they decide nothing)",
+        after - before,
+        2 * CONNECTS
     );
     Ok(())
 }

@@ -223,19 +223,15 @@ services:
     // Every one of the programs the first agent attached, and no other, adopted.
     let log = w.log();
     let adopted = link_outcomes(&log[restarted_at..]);
-    let every_program: BTreeMap<String, String> = [
-        programs::SOCK_OPS,
-        programs::CONNECT4,
-        programs::CONNECT6,
-        programs::GETPEERNAME4,
-        programs::GETPEERNAME6,
-    ]
-    .into_iter()
-    .map(|p| (p.to_owned(), "Adopted".to_owned()))
-    .collect();
+    let every_program: BTreeMap<String, String> = programs::ALL
+        .into_iter()
+        .map(|p| (p.to_owned(), "Adopted".to_owned()))
+        .collect();
     ensure!(
-        adopted == every_program && link_outcomes(&log[..restarted_at]).len() == 5,
-        "the restarted agent should adopt all 5 pinned links, got {adopted:?}:\n{log}"
+        adopted == every_program
+            && link_outcomes(&log[..restarted_at]).len() == programs::ALL.len(),
+        "the restarted agent should adopt all {} pinned links, got {adopted:?}:\n{log}",
+        programs::ALL.len()
     );
     // And it still serves, with counters that survived the restart.
     expect_answers(&w, "127.210.5.1:80", 5, &[("a", 5)])?;

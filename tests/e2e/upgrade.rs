@@ -24,6 +24,7 @@ use anyhow::{bail, ensure, Context, Result};
 use aya::maps::MapInfo;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::loaded_programs;
+use detour_ebpf::programs;
 use detour_testbed::output_with_timeout;
 
 use crate::world::{endpoint, link_outcomes as outcomes, World, READY_TIMEOUT};
@@ -157,11 +158,12 @@ fn config(services: &[(&str, &str, &str)]) -> String {
     yaml
 }
 
-const CONNECT_PROGRAMS: [&str; 2] = ["detour_connect4", "detour_connect6"];
-const OTHER_PROGRAMS: [&str; 3] = [
-    "detour_sock_ops",
-    "detour_getpeername4",
-    "detour_getpeername6",
+const CONNECT_PROGRAMS: [&str; 2] = [programs::CONNECT4, programs::CONNECT6];
+const OTHER_PROGRAMS: [&str; 4] = [
+    programs::RECEIVE_RESET,
+    programs::SOCK_OPS,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
 ];
 
 /// Polls until no program with `id` is loaded: a replaced link let go of it.
@@ -191,7 +193,7 @@ fn an_upgrade_and_a_downgrade_replace_the_programs_under_a_connect_loop() -> Res
 
     start(&mut w, &build_a, &[])?;
     let a = pinned_programs(w.pins.path())?;
-    ensure!(a.len() == 5, "build A pinned {a:?}");
+    ensure!(a.len() == programs::ALL.len(), "build A pinned {a:?}");
     let (child, stop_file) = w.connect_loop(vip)?;
     std::thread::sleep(DWELL);
 

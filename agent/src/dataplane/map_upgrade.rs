@@ -19,6 +19,8 @@
 //!   programs (its `getpeername` shows the backend, its outcome is not reported). The
 //!   ring buffer is recreated empty (events in flight are lost, as when an agent
 //!   restarts);
+//! - a value type this build **widened** (fields appended; [`WIDENINGS`] lists each older
+//!   size it knows): migrated the same way, each value converted, the new fields 0;
 //! - another type, key or value size: **refused** before anything changes (the running
 //!   programs and maps keep serving), with an error naming the map and both layouts. The
 //!   meaning of a value's bytes is not in the map, so no generic copy can be right: a
@@ -40,10 +42,12 @@ use std::time::Instant;
 
 use aya::maps::{
     Array, HashMap as BpfHashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
+    PerCpuValues,
 };
 use aya::{Ebpf, Pod};
 use detour_ebpf::{
-    maps, Backend, BackendState, BackendStats, FrontendKey, ServiceEntry, SlotKey, SockOrigin,
+    maps, Backend, BackendState, BackendStats, FrontendKey, ResetSeen, ServiceEntry, SlotKey,
+    SockOrigin,
 };
 use tracing::{info, warn};
 
@@ -86,7 +90,50 @@ impl Layout {
             && self.key_size == new.key_size
             && self.value_size == new.value_size
     }
+
+    /// Map `name`'s values can be widened from layout `self` into `new`: one of
+    /// [`WIDENINGS`].
+    fn widens_into(&self, name: &str, new: &Layout) -> bool {
+        self.map_type == new.map_type
+            && self.key_size == new.key_size
+            && WIDENINGS.contains(&(name, self.value_size, new.value_size))
+    }
 }
+
+/// [`BackendStats`] before `aborts` was appended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BackendStatsBeforeAborts {
+    connects: u64,
+    established: u64,
+    refused: u64,
+    timeouts: u64,
+    resets: u64,
+}
+
+// SAFETY: `repr(C)`, only `u64`s: no padding, every bit pattern valid.
+unsafe impl aya::Pod for BackendStatsBeforeAborts {}
+
+impl From<BackendStatsBeforeAborts> for BackendStats {
+    fn from(old: BackendStatsBeforeAborts) -> Self {
+        Self {
+            connects: old.connects,
+            established: old.established,
+            refused: old.refused,
+            timeouts: old.timeouts,
+            resets: old.resets,
+            aborts: 0,
+        }
+    }
+}
+
+/// Value types this build widened: (map, older value size, current value size). Each
+/// has its conversion in [`copy`].
+const WIDENINGS: [(&str, u32, u32); 1] = [(
+    maps::BACKEND_STATS,
+    size_of::<BackendStatsBeforeAborts>() as u32,
+    size_of::<BackendStats>() as u32,
+)];
 
 /// The kernel's number for a map type (`aya::maps::MapType` carries it as discriminant).
 fn map_type_number(t: MapType) -> u32 {
@@ -171,7 +218,7 @@ impl Plan {
             if old == new {
                 continue;
             }
-            if !old.copies_into(&new) && new.map_type != RINGBUF {
+            if !old.copies_into(&new) && !old.widens_into(name, &new) && new.map_type != RINGBUF {
                 return Err(DataplaneError::MapLayout {
                     map: name,
                     pinned: old.to_string(),
@@ -219,7 +266,7 @@ impl Plan {
             let copied = if m.new.map_type == RINGBUF {
                 Copied::default()
             } else {
-                copy(m.name, &old, new).map_err(map_err)?
+                copy(m.name, &m.old, &old, new).map_err(map_err)?
             };
             fs::rename(&m.staging, &m.pin).map_err(|source| DataplaneError::Bpffs {
                 path: m.pin.clone(),
@@ -254,8 +301,14 @@ struct Copied {
 }
 
 /// Copies one of detour's maps, typed by its name: key and value sizes were checked
-/// equal, and they are the sizes of the types below.
-fn copy(name: &str, old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+/// equal, and they are the sizes of the types below, or the value is one of
+/// [`WIDENINGS`] from `old_layout`'s size.
+fn copy(name: &str, old_layout: &Layout, old: &Map, new: &mut Map) -> Result<Copied, MapError> {
+    if name == maps::BACKEND_STATS
+        && old_layout.value_size == size_of::<BackendStatsBeforeAborts>() as u32
+    {
+        return widen_per_cpu::<BackendStatsBeforeAborts, BackendStats>(old, new);
+    }
     match name {
         maps::SERVICES => copy_hash::<FrontendKey, ServiceEntry>(old, new),
         maps::SLOTS => copy_hash::<SlotKey, u32>(old, new),
@@ -264,6 +317,7 @@ fn copy(name: &str, old: &Map, new: &mut Map) -> Result<Copied, MapError> {
         maps::BACKEND_STATE => copy_array::<BackendState>(old, new),
         maps::BACKEND_STATS => copy_per_cpu::<BackendStats>(old, new),
         maps::COUNTERS => copy_per_cpu::<u64>(old, new),
+        maps::RESET_SEEN => copy_per_cpu::<ResetSeen>(old, new),
         _ => Err(MapError::Unsupported {
             name: name.to_string(),
             map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_UNSPEC,
@@ -308,6 +362,30 @@ fn copy_per_cpu<V: Pod>(old: &Map, new: &mut Map) -> Result<Copied, MapError> {
     let common = old.len().min(new.len());
     for index in 0..common {
         new.set(index, old.get(&index, 0)?, 0)?;
+    }
+    Ok(Copied {
+        copied: u64::from(common),
+        dropped: u64::from(old.len() - common),
+    })
+}
+
+/// [`copy_per_cpu`] converting each value from `Old` to `New`.
+fn widen_per_cpu<Old: Pod, New: Pod + From<Old>>(
+    old: &Map,
+    new: &mut Map,
+) -> Result<Copied, MapError> {
+    let old = PerCpuArray::<&MapData, Old>::try_from(old)?;
+    let mut new = PerCpuArray::<&mut MapData, New>::try_from(new)?;
+    let common = old.len().min(new.len());
+    for index in 0..common {
+        let values: Vec<New> = old.get(&index, 0)?.iter().map(|v| New::from(*v)).collect();
+        let values = PerCpuValues::try_from(values).map_err(|e| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "widen per-CPU values",
+                io_error: e,
+            })
+        })?;
+        new.set(index, values, 0)?;
     }
     Ok(Copied {
         copied: u64::from(common),
@@ -361,6 +439,30 @@ mod tests {
         }));
         assert!(!a.copies_into(&Layout { key_size: 8, ..a }));
         assert!(!a.copies_into(&Layout { map_type: 2, ..a }));
+    }
+
+    #[test]
+    fn only_the_listed_widenings_widen() {
+        let older = Layout {
+            map_type: 6,
+            key_size: 4,
+            value_size: 40,
+            max_entries: 64,
+            flags: 0,
+        };
+        let now = Layout {
+            value_size: size_of::<BackendStats>() as u32,
+            ..older
+        };
+        assert!(older.widens_into(maps::BACKEND_STATS, &now));
+        assert!(!older.widens_into(maps::COUNTERS, &now), "another map");
+        assert!(!now.widens_into(maps::BACKEND_STATS, &older), "narrowing");
+        assert!(!Layout {
+            value_size: 32,
+            ..older
+        }
+        .widens_into(maps::BACKEND_STATS, &now));
+        assert!(!older.widens_into(maps::BACKEND_STATS, &Layout { key_size: 8, ..now }));
     }
 
     #[test]
