@@ -6,7 +6,8 @@
 //! each VIP:port; `reconcile` writes those tables into the BPF maps through `dataplane`,
 //! the only module that touches aya. The binary's runtime runs that loop; `api` and `cli`
 //! let a person on the node see what it is doing (`explain` says why each backend is or
-//! is not in a table), and `metrics` lets Prometheus see it. `dns` prints the CoreDNS
+//! is not in a table), and `metrics` lets Prometheus see it; both count services and
+//! endpoints through `report`, one computation. `dns` prints the CoreDNS
 //! configuration that resolves FailoverService hostnames.
 //!
 //! Passive health: the kernel reports what happens to the connections it rewrote;
@@ -28,6 +29,7 @@ pub mod outlier;
 pub mod passive;
 pub mod plan_cache;
 pub mod reconcile;
+pub mod report;
 pub mod selection;
 pub mod sockdiag;
 pub mod sources;

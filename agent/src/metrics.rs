@@ -24,9 +24,10 @@
 //! - each metric family is written as one contiguous group behind its `# HELP` and
 //!   `# TYPE` lines, as the format requires; the family is written (with no samples) even
 //!   when the snapshot has nothing for it, so its documentation is always discoverable;
-//! - series follow the order of `Snapshot::backends` and `Snapshot::services`; the caller
-//!   keeps (service, backend) pairs and services unique, as duplicates are invalid
-//!   exposition;
+//! - series follow the order of `Snapshot::addresses`, `Snapshot::backends` and
+//!   `Snapshot::services`; the caller keeps addresses, (service, backend) pairs and
+//!   services unique, as duplicates are invalid exposition (the agent builds them with
+//!   `report`, which guarantees it);
 //! - label values are escaped by the encoder (`\` → `\\`, `"` → `\"`, newline → `\n`), so
 //!   a configured name can never break the output;
 //! - the server never lets one client stall another or the agent: every connection runs in
@@ -89,12 +90,14 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Everything one scrape exposes. Counters are totals since the agent started.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
+    /// What the kernel counted per backend address, over every service that has it.
+    pub addresses: Vec<AddressMetrics>,
     pub backends: Vec<BackendMetrics>,
     pub services: Vec<ServiceMetrics>,
     /// Events the kernel dropped because the ring buffer was full.
     pub events_dropped: u64,
     pub events_received: u64,
-    /// Seconds from a change (config, health, ejection) to the maps being written.
+    /// Seconds each apply took: re-planning what a change touched and writing the maps.
     pub reconcile: Histogram,
     pub config_reloads_ok: u64,
     pub config_reloads_failed: u64,
@@ -134,18 +137,33 @@ pub struct ServiceMetrics {
     pub backends_in_table: u64,
 }
 
-/// One backend of one configured service.
+/// The kernel's counters of one backend address. The kernel keeps them by backend, and
+/// a backend (`ip:port`) is one whatever services have it, so they are labelled by
+/// `backend` alone: a per-service label would show a shared backend's totals once per
+/// service, as if each had them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressMetrics {
+    /// `ip:port`.
+    pub backend: String,
+    pub connects: u64,
+    pub established: u64,
+    pub failures_refused: u64,
+    pub failures_timeout: u64,
+    /// Established connections the backend reset.
+    pub failures_reset: u64,
+    /// Established connections this node ended without a close (an application abort,
+    /// a TCP timeout): no backend failure.
+    pub aborts: u64,
+}
+
+/// One backend of one configured service: what the agent decided about it for that
+/// service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendMetrics {
     pub service: String,
     /// `ip:port`.
     pub backend: String,
     pub locality: String,
-    pub connects: u64,
-    pub established: u64,
-    pub failures_refused: u64,
-    pub failures_timeout: u64,
-    pub failures_reset: u64,
     pub ejections: u64,
     pub ejected: bool,
     /// `None` when the service has no active health check.
@@ -241,33 +259,39 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let snapshot = &self.0;
         let backends = &snapshot.backends;
+        let addresses = &snapshot.addresses;
         let e = &mut encoder;
 
         counters(
             e,
             "detour_backend_connects",
-            "Connections to the backend that the agent's programs saw being attempted.",
-            backends.iter().map(|b| (backend_labels(b), b.connects)),
+            "Connects the kernel rewrote to the backend address, through any service.",
+            addresses.iter().map(|a| (address_labels(a), a.connects)),
         )?;
         counters(
             e,
             "detour_backend_established",
-            "Connections to the backend that were established.",
-            backends.iter().map(|b| (backend_labels(b), b.established)),
+            "Connections to the backend address that were established.",
+            addresses.iter().map(|a| (address_labels(a), a.established)),
         )?;
         counters(
             e,
             "detour_backend_failures",
-            "Connections to the backend that failed, by kind: refused, timeout or reset.",
-            backends.iter().flat_map(|b| {
-                let [service, backend, locality] = backend_labels(b);
+            "Connections to the backend address that failed, by kind: refused (handshake refused or reset), timeout (SYN unanswered) or reset (established, then reset by the backend).",
+            addresses.iter().flat_map(|a| {
                 [
-                    ("refused", b.failures_refused),
-                    ("timeout", b.failures_timeout),
-                    ("reset", b.failures_reset),
+                    ("refused", a.failures_refused),
+                    ("timeout", a.failures_timeout),
+                    ("reset", a.failures_reset),
                 ]
-                .map(|(kind, n)| ([service, backend, locality, ("kind", kind)], n))
+                .map(|(kind, n)| ([("backend", a.backend.as_str()), ("kind", kind)], n))
             }),
+        )?;
+        counters(
+            e,
+            "detour_backend_aborts",
+            "Established connections to the backend address that this node ended without a close: an application abort (SO_LINGER 0, unread data) or a TCP timeout. Not a backend failure.",
+            addresses.iter().map(|a| (address_labels(a), a.aborts)),
         )?;
         counters(
             e,
@@ -454,6 +478,10 @@ fn saturating_i64(n: u64) -> i64 {
 
 fn service_labels(s: &ServiceMetrics) -> [(&'static str, &str); 1] {
     [("service", s.service.as_str())]
+}
+
+fn address_labels(a: &AddressMetrics) -> [(&'static str, &str); 1] {
+    [("backend", a.backend.as_str())]
 }
 
 fn backend_labels(b: &BackendMetrics) -> [(&'static str, &str); 3] {
@@ -680,13 +708,25 @@ mod tests {
         reconcile.observe(Duration::from_micros(300));
         reconcile.observe(Duration::from_millis(2));
         Snapshot {
-            backends: vec![
-                BackendMetrics {
+            addresses: vec![
+                AddressMetrics {
+                    backend: "10.0.0.1:80".into(),
                     connects: 10,
                     established: 7,
                     failures_refused: 1,
                     failures_timeout: 2,
                     failures_reset: 0,
+                    aborts: 4,
+                },
+                AddressMetrics {
+                    backend: "10.0.0.2:80".into(),
+                    connects: 3,
+                    established: 3,
+                    ..AddressMetrics::default()
+                },
+            ],
+            backends: vec![
+                BackendMetrics {
                     ejections: 1,
                     ejected: true,
                     healthy: Some(false),
@@ -694,8 +734,6 @@ mod tests {
                     ..backend("web", "10.0.0.1:80", "eu/a")
                 },
                 BackendMetrics {
-                    connects: 3,
-                    established: 3,
                     healthy: None,
                     in_table: true,
                     ..backend("web", "10.0.0.2:80", "eu/b")
@@ -736,22 +774,26 @@ mod tests {
 
     #[test]
     fn renders_a_small_snapshot_exactly() {
-        let expected = r#"# HELP detour_backend_connects_total Connections to the backend that the agent's programs saw being attempted.
+        let expected = r#"# HELP detour_backend_connects_total Connects the kernel rewrote to the backend address, through any service.
 # TYPE detour_backend_connects_total counter
-detour_backend_connects_total{service="web",backend="10.0.0.1:80",locality="eu/a"} 10
-detour_backend_connects_total{service="web",backend="10.0.0.2:80",locality="eu/b"} 3
-# HELP detour_backend_established_total Connections to the backend that were established.
+detour_backend_connects_total{backend="10.0.0.1:80"} 10
+detour_backend_connects_total{backend="10.0.0.2:80"} 3
+# HELP detour_backend_established_total Connections to the backend address that were established.
 # TYPE detour_backend_established_total counter
-detour_backend_established_total{service="web",backend="10.0.0.1:80",locality="eu/a"} 7
-detour_backend_established_total{service="web",backend="10.0.0.2:80",locality="eu/b"} 3
-# HELP detour_backend_failures_total Connections to the backend that failed, by kind: refused, timeout or reset.
+detour_backend_established_total{backend="10.0.0.1:80"} 7
+detour_backend_established_total{backend="10.0.0.2:80"} 3
+# HELP detour_backend_failures_total Connections to the backend address that failed, by kind: refused (handshake refused or reset), timeout (SYN unanswered) or reset (established, then reset by the backend).
 # TYPE detour_backend_failures_total counter
-detour_backend_failures_total{service="web",backend="10.0.0.1:80",locality="eu/a",kind="refused"} 1
-detour_backend_failures_total{service="web",backend="10.0.0.1:80",locality="eu/a",kind="timeout"} 2
-detour_backend_failures_total{service="web",backend="10.0.0.1:80",locality="eu/a",kind="reset"} 0
-detour_backend_failures_total{service="web",backend="10.0.0.2:80",locality="eu/b",kind="refused"} 0
-detour_backend_failures_total{service="web",backend="10.0.0.2:80",locality="eu/b",kind="timeout"} 0
-detour_backend_failures_total{service="web",backend="10.0.0.2:80",locality="eu/b",kind="reset"} 0
+detour_backend_failures_total{backend="10.0.0.1:80",kind="refused"} 1
+detour_backend_failures_total{backend="10.0.0.1:80",kind="timeout"} 2
+detour_backend_failures_total{backend="10.0.0.1:80",kind="reset"} 0
+detour_backend_failures_total{backend="10.0.0.2:80",kind="refused"} 0
+detour_backend_failures_total{backend="10.0.0.2:80",kind="timeout"} 0
+detour_backend_failures_total{backend="10.0.0.2:80",kind="reset"} 0
+# HELP detour_backend_aborts_total Established connections to the backend address that this node ended without a close: an application abort (SO_LINGER 0, unread data) or a TCP timeout. Not a backend failure.
+# TYPE detour_backend_aborts_total counter
+detour_backend_aborts_total{backend="10.0.0.1:80"} 4
+detour_backend_aborts_total{backend="10.0.0.2:80"} 0
 # HELP detour_backend_ejections_total Times outlier detection ejected the backend.
 # TYPE detour_backend_ejections_total counter
 detour_backend_ejections_total{service="web",backend="10.0.0.1:80",locality="eu/a"} 1
@@ -1032,9 +1074,9 @@ detour_services_not_updated{limit="max-slots"} 1
             assert!(parse_sample(line).is_some(), "not a sample: {line:?}");
             samples += 1;
         }
-        // 48 (one tier line per frontend: two) before the two families of services over a
-        // map limit (2 samples each here).
-        assert_eq!(samples, 48 + 4);
+        // 50 (one tier line per frontend: two; one aborts line per address: two) before
+        // the two families of services over a map limit (2 samples each here).
+        assert_eq!(samples, 50 + 4);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
@@ -1153,9 +1195,9 @@ detour_services_not_updated{limit="max-slots"} 1
         // The parser skips lines it cannot read, so first check that it read them all:
         // the histogram's 17 bucket lines become one sample, its _sum and _count one each.
         let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(sample_lines, 48 + 4);
-        assert_eq!(scrape.samples.len(), 48 + 4 - 17 + 1);
-        assert_eq!(scrape.docs.len(), 16 + 2, "{:?}", scrape.docs.keys());
+        assert_eq!(sample_lines, 50 + 4);
+        assert_eq!(scrape.samples.len(), 50 + 4 - 17 + 1);
+        assert_eq!(scrape.docs.len(), 17 + 2, "{:?}", scrape.docs.keys());
         assert_eq!(
             scrape.docs["detour_backend_ejections_total"],
             "Times outlier detection ejected the backend."
@@ -1182,23 +1224,35 @@ detour_services_not_updated{limit="max-slots"} 1
             ("backend", "10.0.0.2:80"),
             ("locality", "eu/b"),
         ];
+        // The kernel's counters are per address: labelled by the backend alone.
         assert_eq!(
-            find("detour_backend_connects_total", &a),
+            find("detour_backend_connects_total", &[a[1]]),
             Value::Counter(10.0)
         );
         assert_eq!(
-            find("detour_backend_connects_total", &b),
+            find("detour_backend_connects_total", &[b[1]]),
             Value::Counter(3.0)
         );
         assert_eq!(
-            find("detour_backend_established_total", &a),
+            find("detour_backend_established_total", &[a[1]]),
             Value::Counter(7.0)
         );
-        let timeouts = [a[0], a[1], a[2], ("kind", "timeout")];
         assert_eq!(
-            find("detour_backend_failures_total", &timeouts),
+            find(
+                "detour_backend_failures_total",
+                &[a[1], ("kind", "timeout")]
+            ),
             Value::Counter(2.0)
         );
+        assert_eq!(
+            find("detour_backend_aborts_total", &[a[1]]),
+            Value::Counter(4.0)
+        );
+        assert!(scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "detour_backend_connects_total")
+            .all(|s| !s.labels.contains_key("service")));
         assert_eq!(find("detour_backend_ejected", &a), Value::Gauge(1.0));
         assert_eq!(find("detour_backend_ejected", &b), Value::Gauge(0.0));
         assert_eq!(find("detour_backend_healthy", &a), Value::Gauge(0.0));

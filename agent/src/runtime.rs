@@ -35,12 +35,13 @@ use detour_agent::health::{
     self, EjectedFlag, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds,
 };
 use detour_agent::metrics::{
-    self, BackendMetrics, Histogram, LimitMetrics, ServiceMetrics, Snapshot,
+    self, AddressMetrics, BackendMetrics, Histogram, LimitMetrics, ServiceMetrics, Snapshot,
 };
 use detour_agent::outlier::Event as OutlierEvent;
 use detour_agent::passive::{self, PassiveHealth};
 use detour_agent::plan_cache::{Dirty, PlanCache};
 use detour_agent::reconcile::{Limit, Reconciler, Refusal};
+use detour_agent::report;
 use detour_agent::selection::Tier;
 use detour_agent::sockdiag::{self, Which};
 use detour_agent::sources::kubernetes::watch as kube_watch;
@@ -477,7 +478,7 @@ impl Agent {
             .flat_map(|service| self.plans.service(service));
         for plan in replanned {
             if tiers_before.get(&plan.frontend) != Some(&&plan.tier) {
-                let tier = tier_name(plan);
+                let tier = report::tier_name(plan);
                 info!(service = %plan.service, frontend = %plan.frontend, %tier, backends = plan.table.len(), "tier selected");
                 tier_events.push((
                     plan.service.clone(),
@@ -1250,104 +1251,76 @@ impl Agent {
         state.suspect_until_ns > now || state.soft_until_ns > now
     }
 
+    /// `detour services`: one row per (service, port), several VIPs sharing it, from
+    /// [`report::ports`] as the metrics are.
     fn service_views(&self) -> Vec<ServiceView> {
-        // One row per (service, port), in config order; several VIPs share the row.
-        let mut views: Vec<ServiceView> = Vec::new();
-        let mut row_of: HashMap<(&str, u16), usize> = HashMap::new();
-        let mut targets: Vec<BTreeSet<SocketAddr>> = Vec::new();
-        for plan in self.plans.iter() {
-            let tier = tier_name(plan);
-            let row = *row_of
-                .entry((plan.service.as_str(), plan.port))
-                .or_insert_with(|| {
-                    views.push(ServiceView {
-                        name: plan.service.clone(),
-                        port: plan.port,
-                        vips: Vec::new(),
-                        tier: String::new(),
-                        endpoints: 0,
-                        healthy: 0,
-                        in_table: 0,
-                        connects: 0,
-                        state: String::new(),
-                        limit: None,
-                        origin: self.config.service(&plan.service).map(|s| s.origin.clone()),
-                    });
-                    targets.push(BTreeSet::new());
-                    views.len() - 1
-                });
-            let v = &mut views[row];
-            v.vips.push(plan.frontend.to_string());
-            if v.tier.is_empty() {
-                v.tier = tier;
-            } else if !v.tier.split(',').any(|t| t == tier) {
-                v.tier = format!("{},{tier}", v.tier);
-            }
-            v.endpoints += plan.endpoints.len();
-            // Usable: not failing its active check and not ejected.
-            v.healthy += plan
-                .endpoints
-                .iter()
-                .filter(|e| e.health.usable() && !e.ejected)
-                .count();
-            v.in_table += plan
-                .endpoints
-                .iter()
-                .filter(|e| self.in_kernel_table(plan, e))
-                .count();
-            targets[row].extend(plan.endpoints.iter().map(|e| e.target));
-        }
-        for (v, targets) in views.iter_mut().zip(&targets) {
-            v.connects = targets.iter().map(|t| self.connects(t)).sum();
-            (v.state, v.limit) = self.service_state(&v.name);
-        }
-        views
-    }
-
-    fn endpoint_views(&self, service: Option<&str>) -> Vec<EndpointView> {
-        let now = Instant::now();
-        self.plans
-            .iter()
-            .filter(|p| service.is_none_or(|s| s == p.service))
-            .flat_map(|p| {
-                let config = self.config.service(&p.service);
-                p.endpoints.iter().map(move |e| {
-                    let stats = self.stats(&e.target);
-                    let outlier = self.passive.state(&p.service, e.target);
-                    let ejected = outlier.filter(|o| o.is_ejected());
-                    EndpointView {
-                        service: p.service.clone(),
-                        port: p.port,
-                        address: e.target,
-                        locality: config.map(|c| e.locality(c)).unwrap_or_default(),
-                        cluster: config.map(|c| e.cluster(c)).unwrap_or_default().to_owned(),
-                        health: e.health.to_string(),
-                        weight: e.weight,
-                        tier: e.tier.to_string(),
-                        in_table: self.in_kernel_table(p, e),
-                        connects: stats.connects,
-                        last_error: self.health.last_error(&p.service, e.target).cloned(),
-                        outlier: if ejected.is_some() {
-                            "EJECTED"
-                        } else if self.kernel_suspect(&e.target) {
-                            "SUSPECT"
-                        } else {
-                            "OK"
-                        }
-                        .to_string(),
-                        ejected_for_ms: ejected
-                            .map(|o| o.time_left(now).as_millis().try_into().unwrap_or(u64::MAX)),
-                        ejections: outlier.map_or(0, |o| o.ejections_total),
-                        consecutive_failures: outlier.map_or(0, |o| o.consecutive_failures),
-                        established: stats.established,
-                        refused: stats.refused,
-                        timeouts: stats.timeouts,
-                        resets: stats.resets,
-                        aborts: stats.aborts,
-                    }
-                })
+        report::ports(self.plans.iter(), |plan, e| self.in_kernel_table(plan, e))
+            .into_iter()
+            .map(|port| {
+                let (state, limit) = self.service_state(&port.service);
+                ServiceView {
+                    vips: port.frontends.iter().map(|(f, _)| f.to_string()).collect(),
+                    tier: port.tiers(),
+                    endpoints: port.targets.len(),
+                    healthy: port.usable.len(),
+                    in_table: port.in_table.len(),
+                    connects: port.targets.iter().map(|t| self.connects(t)).sum(),
+                    state,
+                    limit,
+                    origin: self.config.service(&port.service).map(|s| s.origin.clone()),
+                    name: port.service,
+                    port: port.port,
+                }
             })
             .collect()
+    }
+
+    /// `detour endpoints`: one row per (service, target), from [`report::endpoints`] as
+    /// the metrics are.
+    fn endpoint_views(&self, service: Option<&str>) -> Vec<EndpointView> {
+        let now = Instant::now();
+        report::endpoints(self.plans.iter(), service, |plan, e| {
+            self.in_kernel_table(plan, e)
+        })
+        .into_iter()
+        .map(|row| {
+            let (p, e) = (row.plan, row.endpoint);
+            let config = self.config.service(&p.service);
+            let stats = self.stats(&e.target);
+            let outlier = self.passive.state(&p.service, e.target);
+            let ejected = outlier.filter(|o| o.is_ejected());
+            EndpointView {
+                service: p.service.clone(),
+                port: p.port,
+                address: e.target,
+                locality: config.map(|c| e.locality(c)).unwrap_or_default(),
+                cluster: config.map(|c| e.cluster(c)).unwrap_or_default().to_owned(),
+                health: e.health.to_string(),
+                weight: e.weight,
+                tier: e.tier.to_string(),
+                in_table: row.in_table,
+                connects: stats.connects,
+                last_error: self.health.last_error(&p.service, e.target).cloned(),
+                outlier: if ejected.is_some() {
+                    "EJECTED"
+                } else if self.kernel_suspect(&e.target) {
+                    "SUSPECT"
+                } else {
+                    "OK"
+                }
+                .to_string(),
+                ejected_for_ms: ejected
+                    .map(|o| o.time_left(now).as_millis().try_into().unwrap_or(u64::MAX)),
+                ejections: outlier.map_or(0, |o| o.ejections_total),
+                consecutive_failures: outlier.map_or(0, |o| o.consecutive_failures),
+                established: stats.established,
+                refused: stats.refused,
+                timeouts: stats.timeouts,
+                resets: stats.resets,
+                aborts: stats.aborts,
+            }
+        })
+        .collect()
     }
 }
 
@@ -1422,27 +1395,21 @@ fn drain_events(reader: &mut RingBuf<MapData>) -> Vec<ConnEvent> {
 }
 
 impl Agent {
+    /// What a scrape exposes: the rows of [`report`], as `detour services` and
+    /// `detour endpoints` show them, and the kernel's counters once per address.
     fn metrics_snapshot(&self) -> Snapshot {
-        let mut backends = Vec::new();
-        let mut seen = BTreeSet::new();
-        let services = service_metrics(self.plans.iter(), |plan, e| self.in_kernel_table(plan, e));
-        for plan in self.plans.iter() {
-            let config = self.config.service(&plan.service);
-            for e in &plan.endpoints {
-                if !seen.insert((plan.service.clone(), e.target)) {
-                    continue;
-                }
-                let stats = self.stats(&e.target);
+        let in_table = |plan: &FrontendPlan, e: &PlannedEndpoint| self.in_kernel_table(plan, e);
+        let endpoints = report::endpoints(self.plans.iter(), None, in_table);
+        let backends: Vec<BackendMetrics> = endpoints
+            .iter()
+            .map(|row| {
+                let (plan, e) = (row.plan, row.endpoint);
+                let config = self.config.service(&plan.service);
                 let outlier = self.passive.state(&plan.service, e.target);
-                backends.push(BackendMetrics {
+                BackendMetrics {
                     service: plan.service.clone(),
                     backend: e.target.to_string(),
                     locality: config.map(|c| e.locality(c)).unwrap_or_default(),
-                    connects: stats.connects,
-                    established: stats.established,
-                    failures_refused: stats.refused,
-                    failures_timeout: stats.timeouts,
-                    failures_reset: stats.resets,
                     ejections: outlier.map_or(0, |o| u64::from(o.ejections_total)),
                     ejected: e.ejected,
                     healthy: match e.health {
@@ -1450,10 +1417,39 @@ impl Agent {
                         Health::Unhealthy => Some(false),
                         Health::Unknown | Health::Unchecked => None,
                     },
-                    in_table: self.in_kernel_table(plan, e),
-                });
-            }
-        }
+                    in_table: row.in_table,
+                }
+            })
+            .collect();
+        let targets: BTreeSet<SocketAddr> = endpoints.iter().map(|r| r.endpoint.target).collect();
+        let addresses = targets
+            .into_iter()
+            .map(|target| {
+                let stats = self.stats(&target);
+                AddressMetrics {
+                    backend: target.to_string(),
+                    connects: stats.connects,
+                    established: stats.established,
+                    failures_refused: stats.refused,
+                    failures_timeout: stats.timeouts,
+                    failures_reset: stats.resets,
+                    aborts: stats.aborts,
+                }
+            })
+            .collect();
+        let services = report::services(&report::ports(self.plans.iter(), in_table))
+            .into_iter()
+            .map(|s| ServiceMetrics {
+                tiers: s
+                    .frontends
+                    .iter()
+                    .map(|(frontend, tier)| (frontend.to_string(), tier.clone()))
+                    .collect(),
+                panic: s.panic,
+                backends_in_table: s.in_table.len() as u64,
+                service: s.service,
+            })
+            .collect();
         let kernel = self.dataplane.counters().unwrap_or_default();
         let services_over_limit = Limit::ALL
             .iter()
@@ -1468,6 +1464,7 @@ impl Agent {
             .collect();
         Snapshot {
             services_over_limit,
+            addresses,
             backends,
             services,
             events_dropped: kernel[detour_ebpf::counters::EVENTS_DROPPED as usize],
@@ -1489,47 +1486,6 @@ fn join_ports(ports: &[u16]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// One row per service: each frontend's tier, whether any frontend is in panic, and how
-/// many distinct backends (`ip:port`) its kernel tables hold. A backend in the tables of
-/// two VIPs of the service counts once. `plans` are service by service, as the plan cache
-/// holds them, so only the last row can be a plan's service.
-fn service_metrics<'a>(
-    plans: impl Iterator<Item = &'a FrontendPlan>,
-    in_table: impl Fn(&FrontendPlan, &PlannedEndpoint) -> bool,
-) -> Vec<ServiceMetrics> {
-    let mut services: Vec<ServiceMetrics> = Vec::new();
-    let mut targets: BTreeSet<SocketAddr> = BTreeSet::new();
-    for plan in plans {
-        if services.last().is_none_or(|s| s.service != plan.service) {
-            targets.clear();
-            services.push(ServiceMetrics {
-                service: plan.service.clone(),
-                ..ServiceMetrics::default()
-            });
-        }
-        if let Some(row) = services.last_mut() {
-            row.tiers.push((plan.frontend.to_string(), tier_name(plan)));
-            row.panic |= plan.loads.iter().any(|load| load.panic);
-        }
-        targets.extend(
-            plan.endpoints
-                .iter()
-                .filter(|e| in_table(plan, e))
-                .map(|e| e.target),
-        );
-        if let Some(row) = services.last_mut() {
-            row.backends_in_table = targets.len() as u64;
-        }
-    }
-    services
-}
-
-fn tier_name(plan: &FrontendPlan) -> String {
-    plan.tier
-        .as_ref()
-        .map_or_else(|| "none".to_string(), ToString::to_string)
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -1926,72 +1882,6 @@ services:
         assert_eq!(touched, ["added", "dropped", "kept", "moved", "shrunk"]);
         // Nothing removed, nothing to terminate.
         assert!(ConfigChange::between(&new, &new).removed_targets.is_empty());
-    }
-
-    #[test]
-    fn a_backend_in_the_tables_of_two_vips_counts_once() {
-        let config = detour_agent::config::parse(
-            "
-services:
-  - name: two-vips
-    vips: [127.200.0.1, 127.200.0.2]
-    ports: [{number: 80}]
-    endpoints: [{address: 127.0.1.1}, {address: 127.0.1.2}]
-  - name: one
-    vips: [127.200.0.3]
-    ports: [{number: 80}, {number: 81}]
-    endpoints: [{address: 127.0.1.3}]
-",
-        )
-        .unwrap();
-        let plans = detour_agent::desired::plan(&config, |_, _| Health::Healthy, |_, _| false);
-        let rows = service_metrics(plans.iter(), |_, e| e.in_table);
-        let counts: Vec<(&str, u64)> = rows
-            .iter()
-            .map(|r| (r.service.as_str(), r.backends_in_table))
-            .collect();
-        // Two backends behind two VIPs: 2, not 4. One address on two ports: two
-        // backends (ip:port), as the kernel's tables name them.
-        assert_eq!(counts, [("two-vips", 2), ("one", 2)]);
-        // Every frontend's tier, not the first one's.
-        let tiers: Vec<(&str, &str)> = rows[1]
-            .tiers
-            .iter()
-            .map(|(frontend, tier)| (frontend.as_str(), tier.as_str()))
-            .collect();
-        assert_eq!(
-            tiers,
-            [("127.200.0.3:80", "other"), ("127.200.0.3:81", "other")]
-        );
-        assert!(!rows[0].panic && !rows[1].panic);
-    }
-
-    #[test]
-    fn a_tier_under_min_health_percent_puts_its_service_in_panic() {
-        let config = detour_agent::config::parse(
-            "
-services:
-  - name: thin
-    vips: [127.200.0.1]
-    ports: [{number: 80}]
-    endpoints: [{address: 127.0.1.1}, {address: 127.0.1.2}, {address: 127.0.1.3}]
-    outlierDetection: {minHealthPercent: 50}
-",
-        )
-        .unwrap();
-        let one_up = |_: &str, target: SocketAddr| {
-            if target.ip().to_string() == "127.0.1.1" {
-                Health::Healthy
-            } else {
-                Health::Unhealthy
-            }
-        };
-        let plans = detour_agent::desired::plan(&config, one_up, |_, _| false);
-        let rows = service_metrics(plans.iter(), |_, e| e.in_table);
-        // One of three usable is under 50%: every endpoint serves, and that is panic
-        // though something is usable.
-        assert!(rows[0].panic);
-        assert_eq!(rows[0].backends_in_table, 3);
     }
 
     #[test]
