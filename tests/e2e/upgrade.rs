@@ -7,7 +7,9 @@
 //! programs differ in code and so in program tag. B lives in `<target>/upgrade-variant`:
 //! `cargo xtask test` builds it before the tests run, and the test runs the same cargo
 //! command first (a no-op then; alone, a cold build takes minutes and later ones only
-//! rebuild what changed). A failing build fails the test, it never skips.
+//! rebuild what changed), unless `DETOUR_UPGRADE_VARIANT` names build B already built
+//! (`cargo xtask test-kernels`, whose guests cannot run cargo). A failing build fails the
+//! test, it never skips.
 //!
 //! Which program a pinned link runs is read from the kernel: each pin under `links/` is
 //! opened and the tag of the program its link holds is looked up by id.
@@ -72,7 +74,20 @@ fn pinned_programs(pins: &Path) -> Result<BTreeMap<String, Running>> {
 }
 
 /// Build B: the agent with `DETOUR_EBPF_VARIANT=1`, built once per test process.
+/// Names build B when the caller built it already: `cargo xtask test-kernels` runs this
+/// suite in guests whose view of the checkout is read-only, so cargo cannot run there.
+const VARIANT_ENV: &str = "DETOUR_UPGRADE_VARIANT";
+
 fn variant_binary() -> Result<PathBuf> {
+    if let Some(given) = std::env::var_os(VARIANT_ENV) {
+        let given = PathBuf::from(given);
+        ensure!(
+            given.is_file(),
+            "{VARIANT_ENV}={} is not a file",
+            given.display()
+        );
+        return Ok(given);
+    }
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| build_variant().map_err(|e| format!("{e:#}")))

@@ -23,6 +23,7 @@ mod demo;
 mod failover;
 mod fuzz;
 mod k8s_assets;
+mod kernels;
 mod setup;
 
 use std::process::ExitCode;
@@ -56,10 +57,18 @@ enum Task {
         /// fails the task. For finding flaky tests: `cargo xtask test --repeat 20`.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
+        /// Skip the kernel matrix (`cargo xtask test-kernels`, the end-to-end suite on
+        /// Debian's 5.10, 6.1 and 6.12 under qemu: about half an hour under emulation)
+        /// for a quick local run. CI never skips it.
+        #[arg(long)]
+        skip_kernels: bool,
         /// Passed to `cargo test` after its own `--`.
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the privileged end-to-end suite on Debian's 5.10, 6.1 and 6.12 kernels under
+    /// qemu (fetched once into target/kernels/).
+    TestKernels(kernels::KernelArgs),
     /// Re-enact Istio's "failover for external services" example with a real agent.
     Demo,
     /// Benchmark connect() through a VIP against direct connects.
@@ -104,7 +113,12 @@ fn run(task: Task) -> Result<()> {
         Task::Setup => setup::run(),
         Task::BuildEbpf => cmd::build_ebpf(),
         Task::Crd => crd::run(),
-        Task::Test { repeat, args } => test(repeat, &args),
+        Task::Test {
+            repeat,
+            skip_kernels,
+            args,
+        } => test(repeat, skip_kernels, &args),
+        Task::TestKernels(args) => kernels::run(&args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
         Task::BenchFailover(args) => failover::run(&args),
@@ -119,7 +133,7 @@ fn run(task: Task) -> Result<()> {
 }
 
 /// The gate CI runs: any failing step fails the task.
-fn test(repeat: u32, extra: &[String]) -> Result<()> {
+fn test(repeat: u32, skip_kernels: bool, extra: &[String]) -> Result<()> {
     setup::run()?;
     cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
     cmd::run(cmd::cargo().args([
@@ -172,7 +186,17 @@ fn test(repeat: u32, extra: &[String]) -> Result<()> {
             anyhow::bail!("cargo test ran no test");
         }
     }
-    Ok(())
+    if skip_kernels {
+        println!("kernel matrix: skipped (--skip-kernels)");
+        return Ok(());
+    }
+    // The same end-to-end suite against the kernels users run (the test binary takes
+    // `extra` as its own arguments, as cargo test passed them to it).
+    kernels::run(&kernels::KernelArgs {
+        kernels: Vec::new(),
+        args: extra.to_vec(),
+        refresh: false,
+    })
 }
 
 /// Parses "100ms", "1s" for clap.

@@ -12,13 +12,19 @@ use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, stdout_of, succeeds};
 
-/// Debian packages bpf-linker (LLVM 22) and the privileged tests (`ip`) need.
+/// Debian packages bpf-linker (LLVM 22), the privileged tests (`ip`) and the kernel
+/// matrix (`cargo xtask test-kernels`: qemu, a static busybox for the guests' initramfs,
+/// cpio to pack it, xz to unpack modules) need.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
 ];
 
 /// LLVM 22's prefix; bpf-linker's `llvm-22` feature links against it. The default
@@ -97,7 +103,11 @@ fn debian_packages() -> Result<String> {
         cmd
     };
     cmd::run(apt().arg("update"))?;
-    cmd::run(apt().args(["install", "-y"]).args(&missing))?;
+    cmd::run(
+        apt()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )?;
     Ok(format!("Debian packages: installed {}", missing.join(" ")))
 }
 
