@@ -34,6 +34,7 @@ use tracing::info;
 
 use crate::reconcile::{MapOpError, Maps};
 
+pub mod features;
 mod map_upgrade;
 
 /// The compiled eBPF object, built by `build.rs` (aya-build) for bpfel-unknown-none.
@@ -41,6 +42,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
+    #[error("this kernel cannot run detour: {0}")]
+    Kernel(String),
+    #[error("{0}")]
+    Memlock(String),
     #[error("no cgroup v2 mount found in /proc/mounts; pass --cgroup")]
     NoCgroup2,
     #[error("cgroup {path}: {source}")]
@@ -208,6 +213,20 @@ pub fn kernel_hz() -> Option<u32> {
 impl Dataplane {
     /// Loads the object (reusing pinned maps), attaches or adopts the programs.
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        let kernel = features::probe();
+        let verdict = features::verdict(&kernel);
+        for warning in &verdict.warnings {
+            tracing::warn!("{warning}");
+        }
+        if !verdict.refusals.is_empty() {
+            return Err(DataplaneError::Kernel(verdict.to_string()));
+        }
+        features::raise_memlock(kernel.version).map_err(DataplaneError::Memlock)?;
+        info!(
+            kernel = %kernel.version.map_or_else(|| "unknown".to_owned(), |(a, b, c)| format!("{a}.{b}.{c}")),
+            probed = kernel.pieces.len(),
+            "the kernel offers every BPF piece detour needs"
+        );
         ensure_bpffs(&opts.pin_dir)?;
         let maps_dir = opts.pin_dir.join("maps");
         let links_dir = opts.pin_dir.join("links");

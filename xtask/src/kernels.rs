@@ -500,7 +500,17 @@ if ! $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro hostroot /m
   echo "detour-guest: mounting the host's root failed"
   $B poweroff -f
 fi
+# Paths the suite needs that the tmpfs mounts below would hide (a checkout under /tmp):
+# held aside by a bind mount, then put back on top.
+n=0
+for p in $($B cat /keep); do
+  n=$((n + 1)); $B mkdir -p /keep.d/$n; $B mount -o bind /mnt$p /keep.d/$n
+done
 for d in tmp run var/tmp; do $B mount -t tmpfs tmpfs /mnt/$d; done
+n=0
+for p in $($B cat /keep); do
+  n=$((n + 1)); $B mkdir -p /mnt$p; $B mount -o bind /keep.d/$n /mnt$p
+done
 $B mount -t proc proc /mnt/proc
 $B mount -t sysfs sys /mnt/sys
 $B mount -t devtmpfs dev /mnt/dev
@@ -554,8 +564,34 @@ fn suite_script(suite: &Suite, extra: &[String]) -> String {
     )
 }
 
+/// The directories the guest must see that its tmpfs mounts (`/tmp`, `/run`,
+/// `/var/tmp`) would hide: the checkout, the target directory and the control-plane
+/// binaries, when they live under one of those (a checkout in `/tmp`, as CI may make).
+fn kept_paths(suite: &Suite) -> Vec<String> {
+    let hidden = |p: &Path| {
+        ["/tmp", "/run", "/var/tmp"]
+            .iter()
+            .any(|d| p.starts_with(d))
+    };
+    let mut kept: Vec<PathBuf> = Vec::new();
+    let candidates = [
+        Some(cmd::workspace_root().to_path_buf()),
+        Some(cmd::target_dir()),
+        suite.e2e.parent().map(Path::to_path_buf),
+        suite.k8s_assets.clone(),
+    ];
+    for path in candidates.into_iter().flatten() {
+        let path = path.canonicalize().unwrap_or(path);
+        if hidden(&path) && !kept.iter().any(|k| path.starts_with(k)) {
+            kept.retain(|k| !k.starts_with(&path));
+            kept.push(path);
+        }
+    }
+    kept.iter().map(|p| p.display().to_string()).collect()
+}
+
 /// Writes the initramfs (gzip'd newc cpio, by the machine's `cpio` and `gzip`).
-fn initramfs(unpacked: &Unpacked, script: &str, out: &Path) -> Result<()> {
+fn initramfs(unpacked: &Unpacked, suite: &Suite, script: &str, out: &Path) -> Result<()> {
     let staging = out.with_extension("d");
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(staging.join("bin"))?;
@@ -573,6 +609,7 @@ fn initramfs(unpacked: &Unpacked, script: &str, out: &Path) -> Result<()> {
     write_executable(&staging.join("init"), INIT)?;
     write_executable(&staging.join("probe"), PROBE)?;
     write_executable(&staging.join("suite.sh"), script)?;
+    fs::write(staging.join("keep"), kept_paths(suite).join("\n") + "\n")?;
     let archive = fs::File::create(out)?;
     let status = Command::new("sh")
         .arg("-c")
@@ -629,7 +666,7 @@ fn kvm_boots(unpacked: &Unpacked, initrd: &Path) -> bool {
 fn boot(kernel: Kernel, unpacked: &Unpacked, suite: &Suite, extra: &[String]) -> Result<KernelRun> {
     let dir = kernels_dir().join(kernel.series);
     let initrd = dir.join("initramfs.gz");
-    initramfs(unpacked, &suite_script(suite, extra), &initrd)?;
+    initramfs(unpacked, suite, &suite_script(suite, extra), &initrd)?;
     let (accel, cpu) = if kvm_boots(unpacked, &initrd) {
         ("kvm", "host")
     } else {
