@@ -374,16 +374,18 @@ pub fn select<K: Clone>(
         Spill::Gradual { .. } if panic.iter().all(|&p| p) => total_panic_loads(&weighted_hosts),
         Spill::Gradual { .. } => priority_loads(&health).unwrap_or_else(strict),
     };
-    let members_of = |at: usize| -> Vec<(K, u32)> {
+    // Tier `at`'s usable endpoints, or with `all` every one of weight > 0.
+    let endpoints_of = |at: usize, all: bool| -> Vec<(K, u32)> {
         candidates
             .iter()
             .zip(&level)
             .filter(|&(candidate, &of)| {
-                of == at && (usable(candidate) || panic[at] && candidate.weight > 0)
+                of == at && (usable(candidate) || all && candidate.weight > 0)
             })
             .map(|(candidate, _)| member(candidate))
             .collect()
     };
+    let members_of = |at: usize| endpoints_of(at, panic[at]);
     let loaded: Vec<usize> = (0..present.len()).filter(|&at| loads[at] > 0).collect();
     let members = match loaded[..] {
         [only] => members_of(only),
@@ -397,14 +399,7 @@ pub fn select<K: Clone>(
     let after = loaded.last().map_or(present.len(), |&last| last + 1);
     let standby = (after..present.len())
         .find(|&at| usable_hosts[at] > 0)
-        .map_or_else(Vec::new, |at| {
-            candidates
-                .iter()
-                .zip(&level)
-                .filter(|&(candidate, &of)| of == at && usable(candidate))
-                .map(|(candidate, _)| member(candidate))
-                .collect()
-        });
+        .map_or_else(Vec::new, |at| endpoints_of(at, false));
     Selection {
         tier: loaded.first().map(|&at| present[at].clone()),
         loads: loaded

@@ -534,11 +534,13 @@ mod programs {
         let head = unsafe { (*seen).head };
         let same_socket = u32::from(head.num) == ctx.local_port()
             && (ctx.family() != u32::from(AF_INET) || head.daddr == ctx.remote_ip4());
-        let recent = unsafe { bpf_ktime_get_ns() }.wrapping_sub(at_ns) < RESET_SEEN_WINDOW_NS;
-        if same_socket {
-            unsafe { (*seen).at_ns = 0 };
+        if !same_socket {
+            // A record of another socket (an abort here usually finds one: the reset
+            // this node last received): no clock read for it.
+            return false;
         }
-        same_socket && recent
+        unsafe { (*seen).at_ns = 0 };
+        unsafe { bpf_ktime_get_ns() }.wrapping_sub(at_ns) < RESET_SEEN_WINDOW_NS
     }
 
     /// `tcp_receive_reset(const struct sock *sk)`: the kernel is about to close `sk`

@@ -424,16 +424,11 @@ const CLOSING_CLIENT_ENV: &str = "DETOUR_E2E_CLOSING_CLIENT";
 #[ignore = "helper process: a test runs it inside its cgroup"]
 fn closing_client() {
     use std::io::Read;
-    use std::os::fd::AsRawFd;
     let spec = std::env::var(CLOSING_CLIENT_ENV).expect("run by a test with ADDR,COUNT,MODE");
     let mut parts = spec.split(',');
     let target: std::net::SocketAddr = parts.next().unwrap().parse().expect("a socket address");
     let count: u32 = parts.next().expect("COUNT").parse().expect("a count");
     let mode = parts.next().expect("MODE");
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
     for i in 0..count {
         let connected = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5));
         let mut conn = match connected {
@@ -458,18 +453,13 @@ fn closing_client() {
             );
             continue;
         }
-        // SAFETY: a valid socket and a linger struct of the size passed.
-        let set = unsafe {
-            libc::setsockopt(
-                conn.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(set, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+        linger_zero(&conn).expect("SO_LINGER 0");
     }
+}
+
+/// `SO_LINGER {on, 0}`: closing `conn` then sends a RST instead of a FIN.
+fn linger_zero(conn: &std::net::TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(conn).set_linger(Some(Duration::ZERO))
 }
 
 /// A backend that resets every connection it accepts (`SO_LINGER` 0, then close) until
@@ -480,7 +470,6 @@ fn resetting_backend(
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<()>,
 )> {
-    use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicBool, Ordering};
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     listener.set_nonblocking(true)?;
@@ -492,20 +481,7 @@ fn resetting_backend(
         while !stopped.load(Ordering::Relaxed) && Instant::now() < deadline {
             match listener.accept() {
                 Ok((conn, _)) => {
-                    let linger = libc::linger {
-                        l_onoff: 1,
-                        l_linger: 0,
-                    };
-                    // SAFETY: a valid socket and a linger struct of the size passed.
-                    unsafe {
-                        libc::setsockopt(
-                            conn.as_raw_fd(),
-                            libc::SOL_SOCKET,
-                            libc::SO_LINGER,
-                            (&raw const linger).cast(),
-                            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                        )
-                    };
+                    let _ = linger_zero(&conn);
                     drop(conn);
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(1)),

@@ -96,7 +96,7 @@ impl Layout {
     fn widens_into(&self, name: &str, new: &Layout) -> bool {
         self.map_type == new.map_type
             && self.key_size == new.key_size
-            && WIDENINGS.contains(&(name, self.value_size, new.value_size))
+            && widening(name, self.value_size, new.value_size).is_some()
     }
 }
 
@@ -127,13 +127,29 @@ impl From<BackendStatsBeforeAborts> for BackendStats {
     }
 }
 
-/// Value types this build widened: (map, older value size, current value size). Each
-/// has its conversion in [`copy`].
-const WIDENINGS: [(&str, u32, u32); 1] = [(
-    maps::BACKEND_STATS,
-    size_of::<BackendStatsBeforeAborts>() as u32,
-    size_of::<BackendStats>() as u32,
-)];
+/// A value type this build widened: entries of `map` whose values are `from` bytes
+/// long are copied into values `to` bytes long by `copy`.
+struct Widening {
+    map: &'static str,
+    from: u32,
+    to: u32,
+    copy: fn(&Map, &mut Map) -> Result<Copied, MapError>,
+}
+
+/// Every widening this build knows.
+const WIDENINGS: [Widening; 1] = [Widening {
+    map: maps::BACKEND_STATS,
+    from: size_of::<BackendStatsBeforeAborts>() as u32,
+    to: size_of::<BackendStats>() as u32,
+    copy: widen_per_cpu::<BackendStatsBeforeAborts, BackendStats>,
+}];
+
+/// The widening of `name` from `old` to `new` value size, if this build knows it.
+fn widening(name: &str, old: u32, new: u32) -> Option<&'static Widening> {
+    WIDENINGS
+        .iter()
+        .find(|w| w.map == name && w.from == old && w.to == new)
+}
 
 /// The kernel's number for a map type (`aya::maps::MapType` carries it as discriminant).
 fn map_type_number(t: MapType) -> u32 {
@@ -266,7 +282,7 @@ impl Plan {
             let copied = if m.new.map_type == RINGBUF {
                 Copied::default()
             } else {
-                copy(m.name, &m.old, &old, new).map_err(map_err)?
+                copy(m.name, &m.old, &m.new, &old, new).map_err(map_err)?
             };
             fs::rename(&m.staging, &m.pin).map_err(|source| DataplaneError::Bpffs {
                 path: m.pin.clone(),
@@ -301,13 +317,17 @@ struct Copied {
 }
 
 /// Copies one of detour's maps, typed by its name: key and value sizes were checked
-/// equal, and they are the sizes of the types below, or the value is one of
-/// [`WIDENINGS`] from `old_layout`'s size.
-fn copy(name: &str, old_layout: &Layout, old: &Map, new: &mut Map) -> Result<Copied, MapError> {
-    if name == maps::BACKEND_STATS
-        && old_layout.value_size == size_of::<BackendStatsBeforeAborts>() as u32
-    {
-        return widen_per_cpu::<BackendStatsBeforeAborts, BackendStats>(old, new);
+/// equal, and they are the sizes of the types below, or the layouts are one of
+/// [`WIDENINGS`], which then does the copy.
+fn copy(
+    name: &str,
+    old_layout: &Layout,
+    new_layout: &Layout,
+    old: &Map,
+    new: &mut Map,
+) -> Result<Copied, MapError> {
+    if let Some(widening) = widening(name, old_layout.value_size, new_layout.value_size) {
+        return (widening.copy)(old, new);
     }
     match name {
         maps::SERVICES => copy_hash::<FrontendKey, ServiceEntry>(old, new),
