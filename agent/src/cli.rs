@@ -7,6 +7,7 @@
 //! failed, and how often it was ejected.
 
 use crate::api::{EndpointView, EventView, ExplainView, ServiceView};
+use crate::dataplane::features::{self, Features, Need};
 
 /// Left-aligned columns separated by two spaces, widths from the widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -223,9 +224,80 @@ pub fn event_line(e: &EventView) -> String {
     )
 }
 
+/// `detour kernel`: the kernel's version against the minimum, one row per probed piece,
+/// then what the agent would refuse or turn off here, one line each.
+pub fn kernel_table(kernel: &Features) -> String {
+    let mut out = format!(
+        "kernel {} (detour needs {}.{} or newer)\n",
+        kernel.version_string(),
+        features::MINIMUM.0,
+        features::MINIMUM.1
+    );
+    let rows: Vec<Vec<String>> = kernel
+        .pieces
+        .iter()
+        .map(|p| {
+            let state = match p.present {
+                Some(true) => "ok",
+                Some(false) => "missing",
+                None => "unknown",
+            };
+            let need = match p.need {
+                Need::Required => "required",
+                Need::Optional => "optional",
+            };
+            vec![
+                p.name.to_owned(),
+                state.to_owned(),
+                need.to_owned(),
+                p.used_for.to_owned(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["PIECE", "STATE", "NEED", "USED FOR"], &rows));
+    let verdict = features::verdict(kernel);
+    for refusal in &verdict.refusals {
+        out.push_str(&format!("refused: {refusal}\n"));
+    }
+    for warning in &verdict.warnings {
+        out.push_str(&format!("off: {warning}\n"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_table_lists_each_piece_and_says_what_is_off() {
+        let kernel = Features {
+            version: Some((5, 10, 223)),
+            pieces: vec![
+                features::socket_destroy(Ok(())),
+                features::syn_linear_timeouts(None),
+            ],
+        };
+        let text = kernel_table(&kernel);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "kernel 5.10.223 (detour needs 5.8 or newer)");
+        assert!(lines[1].starts_with("PIECE"), "{text}");
+        assert!(
+            lines[2].starts_with("socket destruction (sock_diag SOCK_DESTROY)")
+                && lines[2].contains("  ok  ")
+                && lines[2].contains("optional"),
+            "{text}"
+        );
+        assert!(lines[3].contains("  missing  "), "{text}");
+        assert!(
+            lines[4].starts_with(
+                "off: linear SYN retransmission timeouts (tcp_syn_linear_timeouts) is missing \
+                 (the kernel is older than 6.5): "
+            ),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 5, "{text}");
+    }
 
     #[test]
     fn endpoints_table_reads_like_istioctl() {

@@ -123,6 +123,8 @@ pub struct Dataplane {
     events: Option<RingBuf<MapData>>,
     pub links: Vec<(&'static str, LinkOutcome)>,
     pub pin_dir: PathBuf,
+    /// What the kernel offered at load ([`features::probe`]).
+    pub kernel: features::Features,
 }
 
 /// The first cgroup v2 mount point listed in `/proc/mounts`.
@@ -223,9 +225,10 @@ impl Dataplane {
         }
         features::raise_memlock(kernel.version).map_err(DataplaneError::Memlock)?;
         info!(
-            kernel = %kernel.version.map_or_else(|| "unknown".to_owned(), |(a, b, c)| format!("{a}.{b}.{c}")),
+            kernel = %kernel.version_string(),
             probed = kernel.pieces.len(),
-            "the kernel offers every BPF piece detour needs"
+            off = verdict.warnings.len(),
+            "the kernel offers every piece detour needs; optional pieces it lacks are off"
         );
         ensure_bpffs(&opts.pin_dir)?;
         let maps_dir = opts.pin_dir.join("maps");
@@ -298,6 +301,7 @@ impl Dataplane {
             ),
             links,
             pin_dir: opts.pin_dir.clone(),
+            kernel,
         })
     }
 

@@ -75,6 +75,13 @@ enum Command {
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Probe what this node's kernel offers detour (needs root): the version against
+    /// the minimum, each BPF piece, socket destruction, linear SYN timeouts, and what
+    /// the agent would refuse or turn off here. Exits 1 where the agent would refuse.
+    Kernel {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Print DNS server configuration that resolves FailoverService hostnames.
     Dns {
         #[command(subcommand)]
@@ -137,6 +144,19 @@ fn main() -> ExitCode {
             } => {
                 let (service, port) = service_and_port(&service, port)?;
                 query(&socket, Request::Explain { service, port }, output).await
+            }
+            Command::Kernel { output } => {
+                let kernel = detour_agent::dataplane::features::probe();
+                match output {
+                    Output::Table => print!("{}", cli::kernel_table(&kernel)),
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&kernel)?),
+                }
+                let verdict = detour_agent::dataplane::features::verdict(&kernel);
+                anyhow::ensure!(
+                    verdict.refusals.is_empty(),
+                    "the agent would refuse to run on this kernel: {verdict}"
+                );
+                Ok(())
             }
             Command::Dns {
                 server: DnsServer::Coredns(args),

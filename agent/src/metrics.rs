@@ -110,6 +110,9 @@ pub struct Snapshot {
     /// Services the BPF maps have no room for, one entry per limit (all three, zeros
     /// included, so an alert has a series to watch).
     pub services_over_limit: Vec<LimitMetrics>,
+    /// Each probed kernel piece by its key, and whether detour uses it (1) or it is
+    /// missing (0).
+    pub kernel_features: Vec<(String, bool)>,
 }
 
 /// Services that hit one map limit.
@@ -418,6 +421,15 @@ impl Collector for SnapshotCollector {
                 ("all-suspect", snapshot.fast_path_all_suspect),
             ]
             .map(|(path, n)| ([("path", path)], n)),
+        )?;
+        gauges(
+            e,
+            "detour_kernel_feature",
+            "Each kernel piece detour probed at start: 1 when present and used, 0 when missing (an optional one is then off; `detour kernel` says what that costs).",
+            snapshot
+                .kernel_features
+                .iter()
+                .map(|(feature, on)| ([("feature", feature.as_str())], i64::from(*on))),
         )?;
         let over = &snapshot.services_over_limit;
         gauges(
@@ -769,6 +781,10 @@ mod tests {
                     not_updated: 1,
                 },
             ],
+            kernel_features: vec![
+                ("socket_destroy".into(), true),
+                ("syn_linear_timeouts".into(), false),
+            ],
         }
     }
 
@@ -858,6 +874,10 @@ detour_sockets_destroyed_total 5
 detour_fast_path_connects_total{path="avoided"} 6
 detour_fast_path_connects_total{path="standby"} 7
 detour_fast_path_connects_total{path="all-suspect"} 8
+# HELP detour_kernel_feature Each kernel piece detour probed at start: 1 when present and used, 0 when missing (an optional one is then off; `detour kernel` says what that costs).
+# TYPE detour_kernel_feature gauge
+detour_kernel_feature{feature="socket_destroy"} 1
+detour_kernel_feature{feature="syn_linear_timeouts"} 0
 # HELP detour_services_refused Services not programmed because the BPF maps have no room for them, by the limit they hit (the agent's --max-services, --max-backends, --max-slots).
 # TYPE detour_services_refused gauge
 detour_services_refused{limit="max-services"} 2
@@ -1074,9 +1094,10 @@ detour_services_not_updated{limit="max-slots"} 1
             assert!(parse_sample(line).is_some(), "not a sample: {line:?}");
             samples += 1;
         }
-        // 50 (one tier line per frontend: two; one aborts line per address: two) before
-        // the two families of services over a map limit (2 samples each here).
-        assert_eq!(samples, 50 + 4);
+        // 50 (one tier line per frontend: two; one aborts line per address: two), the
+        // two kernel features, the two families of services over a map limit (2 samples
+        // each here).
+        assert_eq!(samples, 50 + 2 + 4);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
@@ -1195,9 +1216,9 @@ detour_services_not_updated{limit="max-slots"} 1
         // The parser skips lines it cannot read, so first check that it read them all:
         // the histogram's 17 bucket lines become one sample, its _sum and _count one each.
         let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(sample_lines, 50 + 4);
-        assert_eq!(scrape.samples.len(), 50 + 4 - 17 + 1);
-        assert_eq!(scrape.docs.len(), 17 + 2, "{:?}", scrape.docs.keys());
+        assert_eq!(sample_lines, 50 + 2 + 4);
+        assert_eq!(scrape.samples.len(), 50 + 2 + 4 - 17 + 1);
+        assert_eq!(scrape.docs.len(), 17 + 1 + 2, "{:?}", scrape.docs.keys());
         assert_eq!(
             scrape.docs["detour_backend_ejections_total"],
             "Times outlier detection ejected the backend."

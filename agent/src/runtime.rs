@@ -28,7 +28,7 @@ use detour_agent::config::{self, Config, HealthCheckKind};
 use detour_agent::config_watch::{
     self, ConfigChange, Decision, FileEvent, SettlePolicy, Trust, WriteTracker,
 };
-use detour_agent::dataplane::{find_cgroup2_mount, Dataplane, LoadOptions};
+use detour_agent::dataplane::{features, find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan, PlannedEndpoint};
 use detour_agent::explain;
 use detour_agent::health::{
@@ -51,7 +51,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
@@ -755,6 +755,11 @@ impl Agent {
             return;
         };
         if !config.terminate_connections {
+            return;
+        }
+        if !self.dataplane.kernel.has(features::key::SOCKET_DESTROY) {
+            // Said once at start, with why; the ejection's own event still goes out.
+            debug!(%service, backend = %target, "socket destruction is off on this kernel");
             return;
         }
         let frontends: BTreeSet<u32> = self
@@ -1476,6 +1481,13 @@ impl Agent {
             fast_path_avoided: kernel[detour_ebpf::counters::SUSPECT_AVOIDED as usize],
             fast_path_standby: kernel[detour_ebpf::counters::STANDBY_USED as usize],
             fast_path_all_suspect: kernel[detour_ebpf::counters::ALL_SUSPECT as usize],
+            kernel_features: self
+                .dataplane
+                .kernel
+                .pieces
+                .iter()
+                .map(|p| (p.key.to_owned(), p.present == Some(true)))
+                .collect(),
         }
     }
 }

@@ -321,6 +321,91 @@ pub fn destroy_in_cgroup(
     Ok(report)
 }
 
+/// Why this kernel cannot destroy sockets for detour, as [`probe_destroy`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestroyUnavailable {
+    /// `EOPNOTSUPP`: the kernel was built without `CONFIG_INET_DIAG_DESTROY`.
+    NotBuilt,
+    /// `ENOENT` for a socket that exists: sock_diag has no TCP handler, `inet_diag` or
+    /// `tcp_diag` is not loaded and the kernel could not load it.
+    NoTcpDiag,
+    /// `EPERM`: the agent lacks `CAP_NET_ADMIN`.
+    NotPermitted,
+    /// Anything else, as the kernel or the system call said it.
+    Failed(String),
+}
+
+impl std::fmt::Display for DestroyUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DestroyUnavailable::NotBuilt => {
+                f.write_str("the kernel was built without CONFIG_INET_DIAG_DESTROY")
+            }
+            DestroyUnavailable::NoTcpDiag => f.write_str(
+                "the tcp_diag module is not loaded and the kernel could not load it \
+                 (`modprobe tcp_diag` on the node, or list it in /etc/modules-load.d)",
+            ),
+            DestroyUnavailable::NotPermitted => {
+                f.write_str("the agent lacks CAP_NET_ADMIN, which destroying a socket needs")
+            }
+            DestroyUnavailable::Failed(why) => write!(f, "destroying a test socket failed: {why}"),
+        }
+    }
+}
+
+impl DestroyUnavailable {
+    /// What the kernel's answer to destroying a socket that exists means.
+    #[must_use]
+    pub fn from_kernel(error: &io::Error) -> Self {
+        match error.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => DestroyUnavailable::NotBuilt,
+            Some(libc::ENOENT) => DestroyUnavailable::NoTcpDiag,
+            Some(libc::EPERM) | Some(libc::EACCES) => DestroyUnavailable::NotPermitted,
+            _ => DestroyUnavailable::Failed(error.to_string()),
+        }
+    }
+}
+
+/// Whether this kernel lets detour destroy TCP sockets, found by destroying one of the
+/// agent's own: a listener on an ephemeral loopback port of the current network
+/// namespace, named by its local address (a listener is found by it, and `tcp_abort`
+/// closes a listener too). The socket exists, so the kernel's answer tells the cases
+/// apart: done, `EOPNOTSUPP` (not built in), `ENOENT` (no TCP handler), `EPERM`.
+pub fn probe_destroy() -> Result<(), DestroyUnavailable> {
+    let failed = |what: &str, e: io::Error| DestroyUnavailable::Failed(format!("{what}: {e}"));
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| failed("a loopback listener to destroy", e))?;
+    destroy_listener(&listener)
+}
+
+/// Destroys `listener`, an IPv4 loopback listener of the current network namespace.
+fn destroy_listener(listener: &std::net::TcpListener) -> Result<(), DestroyUnavailable> {
+    let failed = |what: &str, e: io::Error| DestroyUnavailable::Failed(format!("{what}: {e}"));
+    let port = listener
+        .local_addr()
+        .map_err(|e| failed("the listener's port", e))?
+        .port();
+    let mut sock = DiagSocket::open().map_err(|e| failed("socket(NETLINK_SOCK_DIAG)", e))?;
+    let msg = DiagMsg {
+        family: AF_INET,
+        state: 0,
+        id: SockId {
+            sport: port,
+            dport: 0,
+            src: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            dst: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            interface: 0,
+            // INET_DIAG_NOCOOKIE in both halves: match by address alone.
+            cookie: u64::MAX,
+        },
+    };
+    match sock.destroy("the agent's network namespace", &msg) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(DestroyUnavailable::from_kernel(&e)),
+        Err(e) => Err(DestroyUnavailable::Failed(e.to_string())),
+    }
+}
+
 /// Dumps, filters and destroys through `sock`, in whatever namespace it belongs to.
 fn destroy_with(
     mut sock: DiagSocket,
@@ -1016,6 +1101,37 @@ mod tests {
     const SOCKID_LEN: usize = mem::size_of::<SocketIdBuffer>();
 
     use super::*;
+
+    #[test]
+    fn the_kernels_answer_to_a_destroy_names_what_is_missing() {
+        let of = |errno| DestroyUnavailable::from_kernel(&io::Error::from_raw_os_error(errno));
+        assert_eq!(of(libc::EOPNOTSUPP), DestroyUnavailable::NotBuilt);
+        assert_eq!(of(libc::ENOENT), DestroyUnavailable::NoTcpDiag);
+        assert_eq!(of(libc::EPERM), DestroyUnavailable::NotPermitted);
+        assert!(matches!(of(libc::EINVAL), DestroyUnavailable::Failed(_)));
+        assert!(DestroyUnavailable::NotBuilt
+            .to_string()
+            .contains("CONFIG_INET_DIAG_DESTROY"));
+        assert!(DestroyUnavailable::NoTcpDiag
+            .to_string()
+            .contains("modprobe tcp_diag"));
+    }
+
+    #[test]
+    fn the_destroy_probe_closes_its_own_listener_on_this_kernel() {
+        detour_testbed::require_root("destroying a socket through sock_diag").unwrap();
+        let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        assert_eq!(
+            listener.accept().unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        destroy_listener(&listener).unwrap();
+        // A destroyed listener is closed: accept no longer waits for connections.
+        let e = listener.accept().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        assert_eq!(probe_destroy(), Ok(()));
+    }
 
     // ---- encoding and decoding, against the kernel's byte layouts (x86_64 and the
     // other little-endian targets detour runs on) ----

@@ -10,18 +10,29 @@
 //! Invariants:
 //! - every piece detour cannot run without is [`Need::Required`]: if one is missing the
 //!   agent refuses to start, naming every missing one (not just the first);
-//! - a piece detour can run without is [`Need::Optional`]: one warning line names it and
-//!   what the user loses, and the agent turns that part off (none today: every piece
-//!   the programs use is required; SYN steering's tcx and `bpf_redirect_neigh` will be
-//!   the first optional ones);
+//! - a piece detour can run without is [`Need::Optional`]: one warning line names it,
+//!   why it is missing where the probe can tell, and what the user loses; the agent
+//!   turns that part off ([`Features::has`]). Today: socket destruction (sock_diag
+//!   `SOCK_DESTROY`) and linear SYN retransmission timeouts. SYN steering's tcx and
+//!   `bpf_redirect_neigh` will join them;
 //! - [`verdict`] is pure: the probing is in [`probe`], the decision and its words here.
+//!
+//! Probing socket destruction destroys a loopback listener the agent opened for it (see
+//! [`crate::sockdiag::probe_destroy`]). When the kernel has no TCP handler for sock_diag
+//! (`tcp_diag` not loaded, and the kernel's own module autoload did not load it) the
+//! agent runs `modprobe tcp_diag` once, bounded in time, and probes again, as Cilium
+//! does for the modules it needs.
 
 use std::fmt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use aya::maps::MapType;
 use aya::programs::ProgramType;
 use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper};
 use aya::util::KernelVersion;
+
+use crate::sockdiag::{self, DestroyUnavailable};
 
 /// The oldest kernel detour runs on, and why: the cgroup `getpeername` hooks that make
 /// a rewritten socket show its VIP, and the BPF ring buffer the kernel reports
@@ -30,29 +41,60 @@ use aya::util::KernelVersion;
 pub const MINIMUM: (u32, u32) = (5, 8);
 
 /// Whether detour can run without a piece.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Need {
     Required,
     Optional,
 }
 
 /// One probed piece of the kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Piece {
+    /// Stable name for machines: the `feature` label of `detour_kernel_feature`, the
+    /// key in `detour kernel -o json`.
+    pub key: &'static str,
     pub name: &'static str,
     /// `None` when the probe itself failed (an unexpected error): counted as missing.
     pub present: Option<bool>,
     pub need: Need,
-    /// What detour uses it for: what is lost without it.
+    /// What detour uses it for.
     pub used_for: &'static str,
+    /// For an optional piece, what the user loses without it.
+    pub without: &'static str,
+    /// Why it is missing, where the probe can tell.
+    pub detail: Option<String>,
 }
 
 /// What [`probe`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Features {
     /// `major.minor.patch` of the running kernel, `None` if it could not be read.
     pub version: Option<(u32, u32, u32)>,
     pub pieces: Vec<Piece>,
+}
+
+impl Features {
+    /// Whether the piece named `key` was probed and found.
+    #[must_use]
+    pub fn has(&self, key: &str) -> bool {
+        self.pieces
+            .iter()
+            .any(|p| p.key == key && p.present == Some(true))
+    }
+
+    /// The kernel version as `major.minor.patch`, or `unknown`.
+    #[must_use]
+    pub fn version_string(&self) -> String {
+        self.version
+            .map_or_else(|| "unknown".to_owned(), |(a, b, c)| format!("{a}.{b}.{c}"))
+    }
+}
+
+/// Keys of the optional pieces the agent asks about.
+pub mod key {
+    pub const SOCKET_DESTROY: &str = "socket_destroy";
+    pub const SYN_LINEAR_TIMEOUTS: &str = "syn_linear_timeouts";
 }
 
 /// What the agent does about [`Features`].
@@ -77,70 +119,179 @@ pub fn probe() -> Features {
         let code = v.code();
         (code >> 16, (code >> 8) & 0xff, code & 0xff)
     });
-    let program = |name, t: ProgramType, used_for| Piece {
+    let required = |key, name, present, used_for| Piece {
+        key,
         name,
-        present: is_program_supported(t).ok(),
+        present,
         need: Need::Required,
         used_for,
+        without: "",
+        detail: None,
     };
-    let map = |name, t: MapType, used_for| Piece {
-        name,
-        present: is_map_supported(t).ok(),
-        need: Need::Required,
-        used_for,
+    let program = |key, name, t: ProgramType, used_for| {
+        required(key, name, is_program_supported(t).ok(), used_for)
     };
-    let helper = |name, t: ProgramType, h: BpfHelper, used_for| Piece {
-        name,
-        present: is_helper_supported(t, h).ok(),
-        need: Need::Required,
-        used_for,
+    let map =
+        |key, name, t: MapType, used_for| required(key, name, is_map_supported(t).ok(), used_for);
+    let helper = |key, name, t: ProgramType, h: BpfHelper, used_for| {
+        required(key, name, is_helper_supported(t, h).ok(), used_for)
     };
-    let pieces = vec![
+    let mut pieces = vec![
         program(
+            "cgroup_sock_addr",
             "cgroup/connect and getpeername programs",
             ProgramType::CgroupSockAddr,
             "rewriting connects to a VIP",
         ),
         program(
+            "sock_ops",
             "sock_ops programs",
             ProgramType::SockOps,
             "passive health: what happens to rewritten connections",
         ),
         program(
+            "raw_tracepoint",
             "raw tracepoints",
             ProgramType::RawTracePoint,
             "telling a reset from the backend apart from a local abort",
         ),
-        map("hash maps", MapType::Hash, "the frontends and slot tables"),
         map(
+            "hash_map",
+            "hash maps",
+            MapType::Hash,
+            "the frontends and slot tables",
+        ),
+        map(
+            "lru_hash_map",
             "LRU hash maps",
             MapType::LruHash,
             "remembering each rewritten socket's VIP",
         ),
         map(
+            "percpu_array",
             "per-CPU arrays",
             MapType::PerCpuArray,
             "per-backend counters",
         ),
         map(
+            "ringbuf",
             "BPF ring buffers",
             MapType::RingBuf,
             "connection outcomes to the agent",
         ),
         helper(
+            "sock_ops_socket_cookie",
             "bpf_get_socket_cookie in sock_ops",
             ProgramType::SockOps,
             BpfHelper::BPF_FUNC_get_socket_cookie,
             "matching a connection's outcome to its rewrite",
         ),
         helper(
+            "raw_tracepoint_probe_read_kernel",
             "bpf_probe_read_kernel in raw tracepoints",
             ProgramType::RawTracePoint,
             BpfHelper::BPF_FUNC_probe_read_kernel,
             "telling a reset from the backend apart from a local abort",
         ),
     ];
+    pieces.push(socket_destroy(probe_socket_destroy()));
+    pieces.push(syn_linear_timeouts(
+        std::fs::read_to_string(SYN_LINEAR_TIMEOUTS_SYSCTL)
+            .ok()
+            .as_deref(),
+    ));
     Features { version, pieces }
+}
+
+/// The sysctl that makes the first SYN retransmission timeouts linear (6.5+).
+const SYN_LINEAR_TIMEOUTS_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_syn_linear_timeouts";
+
+/// How long `modprobe` may take before the agent gives up on it.
+const MODPROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Probes socket destruction; when sock_diag has no TCP handler, loads `tcp_diag` and
+/// probes again.
+fn probe_socket_destroy() -> Result<(), DestroyUnavailable> {
+    match sockdiag::probe_destroy() {
+        Err(DestroyUnavailable::NoTcpDiag) => match modprobe("tcp_diag") {
+            Ok(()) => {
+                tracing::info!("loaded the tcp_diag module, which destroying sockets needs");
+                sockdiag::probe_destroy()
+            }
+            Err(why) => {
+                tracing::warn!("could not load the tcp_diag module: {why}");
+                Err(DestroyUnavailable::NoTcpDiag)
+            }
+        },
+        other => other,
+    }
+}
+
+/// Runs `modprobe -q MODULE`, bounded by [`MODPROBE_TIMEOUT`].
+fn modprobe(module: &str) -> Result<(), String> {
+    let mut child = Command::new("modprobe")
+        .args(["-q", module])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run modprobe: {e}"))?;
+    let deadline = Instant::now() + MODPROBE_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("modprobe {module} failed ({status})")),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "modprobe {module} did not finish in {}s",
+                    MODPROBE_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for modprobe: {e}")),
+        }
+    }
+}
+
+/// The socket-destruction piece from what [`probe_socket_destroy`] found.
+#[must_use]
+pub fn socket_destroy(probed: Result<(), DestroyUnavailable>) -> Piece {
+    Piece {
+        key: key::SOCKET_DESTROY,
+        name: "socket destruction (sock_diag SOCK_DESTROY)",
+        present: Some(probed.is_ok()),
+        need: Need::Optional,
+        used_for: "closing the connections to an ejected or removed backend at once",
+        without: "turned off, so connections already open to an ejected or removed backend, \
+                  and handshakes still waiting on it, stay until they fail on their own",
+        detail: probed.err().map(|e| e.to_string()),
+    }
+}
+
+/// The linear-SYN-timeouts piece from the sysctl's contents (`None`: no such sysctl).
+#[must_use]
+pub fn syn_linear_timeouts(sysctl: Option<&str>) -> Piece {
+    let (present, detail) = match sysctl.map(|v| v.trim().parse::<u32>()) {
+        None => (Some(false), Some("the kernel is older than 6.5".to_owned())),
+        Some(Ok(0)) => (
+            Some(false),
+            Some("net.ipv4.tcp_syn_linear_timeouts is 0".to_owned()),
+        ),
+        Some(Ok(_)) => (Some(true), None),
+        Some(Err(e)) => (None, Some(format!("{SYN_LINEAR_TIMEOUTS_SYSCTL}: {e}"))),
+    };
+    Piece {
+        key: key::SYN_LINEAR_TIMEOUTS,
+        name: "linear SYN retransmission timeouts (tcp_syn_linear_timeouts)",
+        present,
+        need: Need::Optional,
+        used_for: "declaring a black-holed handshake failed after 2 handshake timeouts",
+        without: "the kernel doubles the second SYN timeout, so a handshake to a black-holed \
+                  backend counts as failed after 3 handshake timeouts instead of 2",
+        detail,
+    }
 }
 
 /// Decides from `features` whether the agent can run and what to warn about.
@@ -165,15 +316,18 @@ pub fn verdict(features: &Features) -> Verdict {
         } else {
             "is missing"
         };
+        let why = piece
+            .detail
+            .as_ref()
+            .map_or_else(String::new, |d| format!(" ({d})"));
         match piece.need {
             Need::Required => refusals.push(format!(
-                "{} {how} (needed for {})",
+                "{} {how}{why}, needed for {}",
                 piece.name, piece.used_for
             )),
-            Need::Optional => warnings.push(format!(
-                "{} {how}: turned off, so no {}",
-                piece.name, piece.used_for
-            )),
+            Need::Optional => {
+                warnings.push(format!("{} {how}{why}: {}", piece.name, piece.without));
+            }
         }
     }
     Verdict { refusals, warnings }
@@ -225,10 +379,13 @@ mod tests {
 
     fn piece(name: &'static str, present: Option<bool>, need: Need) -> Piece {
         Piece {
+            key: name,
             name,
             present,
             need,
             used_for: "something",
+            without: "turned off, so no something",
+            detail: None,
         }
     }
 
@@ -266,13 +423,65 @@ mod tests {
         );
         assert_eq!(
             v.refusals[1],
-            "ring buffers is missing (needed for something)"
+            "ring buffers is missing, needed for something"
         );
         assert_eq!(
             v.refusals[2],
-            "cookies could not be probed (needed for something)"
+            "cookies could not be probed, needed for something"
         );
         assert_eq!(v.warnings, ["tcx is missing: turned off, so no something"]);
+    }
+
+    #[test]
+    fn a_kernel_without_socket_destruction_runs_with_it_turned_off_and_says_why() {
+        let features = Features {
+            version: Some((6, 1, 0)),
+            pieces: vec![socket_destroy(Err(DestroyUnavailable::NotBuilt))],
+        };
+        let v = verdict(&features);
+        assert!(v.refusals.is_empty(), "{v:?}");
+        assert_eq!(v.warnings.len(), 1);
+        assert!(
+            v.warnings[0].starts_with(
+                "socket destruction (sock_diag SOCK_DESTROY) is missing (the kernel was built \
+                 without CONFIG_INET_DIAG_DESTROY): turned off, so connections already open"
+            ),
+            "{v:?}"
+        );
+        assert!(!features.has(key::SOCKET_DESTROY));
+        let works = Features {
+            version: Some((6, 1, 0)),
+            pieces: vec![socket_destroy(Ok(()))],
+        };
+        assert!(works.has(key::SOCKET_DESTROY));
+        assert!(verdict(&works).warnings.is_empty());
+    }
+
+    #[test]
+    fn linear_syn_timeouts_come_from_the_sysctl() {
+        let before_6_5 = syn_linear_timeouts(None);
+        assert_eq!(before_6_5.present, Some(false));
+        assert_eq!(
+            before_6_5.detail.as_deref(),
+            Some("the kernel is older than 6.5")
+        );
+        let off = syn_linear_timeouts(Some("0\n"));
+        assert_eq!(off.present, Some(false));
+        assert_eq!(
+            off.detail.as_deref(),
+            Some("net.ipv4.tcp_syn_linear_timeouts is 0")
+        );
+        assert_eq!(syn_linear_timeouts(Some("4\n")).present, Some(true));
+        assert_eq!(syn_linear_timeouts(Some("four")).present, None);
+        let v = verdict(&Features {
+            version: Some((5, 10, 0)),
+            pieces: vec![before_6_5],
+        });
+        assert!(v.refusals.is_empty());
+        assert!(
+            v.warnings[0].ends_with("counts as failed after 3 handshake timeouts instead of 2"),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -298,5 +507,7 @@ mod tests {
         let features = probe();
         let v = verdict(&features);
         assert!(v.refusals.is_empty(), "{features:?}: {v}");
+        // 6.18, with CONFIG_INET_DIAG_DESTROY: nothing is off either.
+        assert!(v.warnings.is_empty(), "{:?}", v.warnings);
     }
 }
