@@ -33,6 +33,9 @@ pub enum Script {
         max_connects: u64,
         max_ms: u64,
     },
+    /// Open `count` connections and keep them all open, then one HTTP GET on each, in
+    /// order; one [`Get`] line each (a failed connect is a `Get` with its error).
+    Concurrent { target: SocketAddr, count: u32 },
     /// Connect once, create `ready_file`, then wait for the connection to end (or
     /// `max_ms` to pass); one [`HoldEnd`] line.
     Hold {
@@ -80,17 +83,23 @@ pub struct LoopSummary {
 
 /// One GET through the testbed's HTTP client; errors keep their cause chain.
 fn get(target: SocketAddr) -> Get {
-    match detour_testbed::http_request(target, IO_TIMEOUT) {
-        Ok(r) => Get {
-            body: Some(r.body.trim().to_string()),
-            error: None,
-            peer: Some(r.peer),
-        },
-        Err(e) => Get {
-            body: None,
-            error: Some(format!("{e:#}")),
-            peer: None,
-        },
+    Get::from(detour_testbed::http_request(target, IO_TIMEOUT))
+}
+
+impl From<Result<detour_testbed::HttpResponse>> for Get {
+    fn from(result: Result<detour_testbed::HttpResponse>) -> Self {
+        match result {
+            Ok(r) => Get {
+                body: Some(r.body.trim().to_string()),
+                error: None,
+                peer: Some(r.peer),
+            },
+            Err(e) => Get {
+                body: None,
+                error: Some(format!("{e:#}")),
+                peer: None,
+            },
+        }
     }
 }
 
@@ -148,6 +157,17 @@ fn run_script(script: Script) {
                 }
             }
             emit(&summary);
+        }
+        Script::Concurrent { target, count } => {
+            let conns: Vec<_> = (0..count)
+                .map(|_| TcpStream::connect_timeout(&target, IO_TIMEOUT))
+                .collect();
+            for conn in conns {
+                let result = conn
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| detour_testbed::http_request_on(c, target, IO_TIMEOUT));
+                emit(&Get::from(result));
+            }
         }
         Script::Hold {
             target,

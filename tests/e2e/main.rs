@@ -17,6 +17,8 @@ mod client;
 mod config_file;
 mod demo;
 mod explain;
+mod fail_open;
+mod kernel;
 mod kube;
 mod kubernetes;
 mod limits;

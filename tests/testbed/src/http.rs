@@ -277,7 +277,16 @@ pub struct HttpResponse {
 /// `timeout` bounds the connect and each read and write. Connect failures keep their
 /// [`io::Error`] as the root cause, so callers can tell "connection refused" apart.
 pub fn http_request(addr: SocketAddr, timeout: Duration) -> Result<HttpResponse> {
-    let mut conn = TcpStream::connect_timeout(&addr, timeout)?;
+    let conn = TcpStream::connect_timeout(&addr, timeout)?;
+    http_request_on(conn, addr, timeout)
+}
+
+/// `GET /` on `conn`, a connection already made to `addr` (the request's `Host`).
+pub fn http_request_on(
+    mut conn: TcpStream,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<HttpResponse> {
     let peer = conn.peer_addr()?;
     conn.set_read_timeout(Some(timeout))?;
     conn.set_write_timeout(Some(timeout))?;

@@ -40,7 +40,7 @@ pub use bed::AgentBed;
 pub use cgroup::Cgroup;
 pub use eventually::eventually;
 pub use grpc::GrpcHealthBackend;
-pub use http::{http_get, http_request, HttpBackend, HttpResponse};
+pub use http::{http_get, http_request, http_request_on, HttpBackend, HttpResponse};
 pub use lines::{mono_ns, LineStream};
 pub use netns::{Netns, Veth};
 pub use pindir::{ensure_bpffs_mounted, PinDir, BPFFS_MOUNT};
