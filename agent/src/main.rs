@@ -154,7 +154,7 @@ fn main() -> ExitCode {
                 let verdict = detour_agent::dataplane::features::verdict(&kernel);
                 anyhow::ensure!(
                     verdict.refusals.is_empty(),
-                    "the agent would refuse to run on this kernel: {verdict}"
+                    "the agent would refuse to run here: {verdict}"
                 );
                 Ok(())
             }

@@ -119,22 +119,32 @@ pub fn probe() -> Features {
         let code = v.code();
         (code >> 16, (code >> 8) & 0xff, code & 0xff)
     });
-    let required = |key, name, present, used_for| Piece {
-        key,
-        name,
-        present,
-        need: Need::Required,
-        used_for,
-        without: "",
-        detail: None,
-    };
+    fn required<E: std::error::Error>(
+        key: &'static str,
+        name: &'static str,
+        probed: Result<bool, E>,
+        used_for: &'static str,
+    ) -> Piece {
+        let (present, detail) = match probed {
+            Ok(present) => (Some(present), None),
+            Err(e) => (None, Some(error_chain(&e))),
+        };
+        Piece {
+            key,
+            name,
+            present,
+            need: Need::Required,
+            used_for,
+            without: "",
+            detail,
+        }
+    }
     let program = |key, name, t: ProgramType, used_for| {
-        required(key, name, is_program_supported(t).ok(), used_for)
+        required(key, name, is_program_supported(t), used_for)
     };
-    let map =
-        |key, name, t: MapType, used_for| required(key, name, is_map_supported(t).ok(), used_for);
+    let map = |key, name, t: MapType, used_for| required(key, name, is_map_supported(t), used_for);
     let helper = |key, name, t: ProgramType, h: BpfHelper, used_for| {
-        required(key, name, is_helper_supported(t, h).ok(), used_for)
+        required(key, name, is_helper_supported(t, h), used_for)
     };
     let mut pieces = vec![
         program(
@@ -201,6 +211,28 @@ pub fn probe() -> Features {
             .as_deref(),
     ));
     Features { version, pieces }
+}
+
+/// An error with its sources, `: `-separated (aya's probe errors keep the errno in a
+/// source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Whether a probe failed for want of privilege rather than of a kernel piece.
+fn not_permitted(piece: &Piece) -> bool {
+    piece.present.is_none()
+        && piece
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("os error 1)") || d.contains("Operation not permitted"))
 }
 
 /// The sysctl that makes the first SYN retransmission timeouts linear (6.5+).
@@ -307,8 +339,20 @@ pub fn verdict(features: &Features) -> Verdict {
         )),
         _ => {}
     }
+    // Without the privilege to load BPF, every probe fails alike: one sentence says so.
+    let unprivileged = features
+        .pieces
+        .iter()
+        .any(|p| p.need == Need::Required && not_permitted(p));
+    if unprivileged {
+        refusals.push(
+            "the kernel did not permit loading BPF programs and maps (EPERM): run the agent as \
+             root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (CAP_SYS_ADMIN before 5.8)"
+                .to_owned(),
+        );
+    }
     for piece in &features.pieces {
-        if piece.present == Some(true) {
+        if piece.present == Some(true) || (unprivileged && not_permitted(piece)) {
             continue;
         }
         let how = if piece.present.is_none() {
@@ -482,6 +526,29 @@ mod tests {
             v.warnings[0].ends_with("counts as failed after 3 handshake timeouts instead of 2"),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn probes_refused_for_want_of_privilege_are_one_sentence() {
+        let denied = |name| Piece {
+            detail: Some("`bpf_prog_load` failed: Operation not permitted (os error 1)".into()),
+            ..piece(name, None, Need::Required)
+        };
+        let features = Features {
+            version: Some((6, 1, 0)),
+            pieces: vec![
+                denied("sock_ops"),
+                denied("ring buffers"),
+                piece("cookies", Some(false), Need::Required),
+            ],
+        };
+        let v = verdict(&features);
+        assert_eq!(v.refusals.len(), 2, "{v:?}");
+        assert!(
+            v.refusals[0].starts_with("the kernel did not permit loading BPF programs"),
+            "{v:?}"
+        );
+        assert_eq!(v.refusals[1], "cookies is missing, needed for something");
     }
 
     #[test]
