@@ -1259,25 +1259,29 @@ impl Agent {
     /// `detour services`: one row per (service, port), several VIPs sharing it, from
     /// [`report::ports`] as the metrics are.
     fn service_views(&self) -> Vec<ServiceView> {
-        report::ports(self.plans.iter(), |plan, e| self.in_kernel_table(plan, e))
-            .into_iter()
-            .map(|port| {
-                let (state, limit) = self.service_state(&port.service);
-                ServiceView {
-                    vips: port.frontends.iter().map(|(f, _)| f.to_string()).collect(),
-                    tier: port.tiers(),
-                    endpoints: port.targets.len(),
-                    healthy: port.usable.len(),
-                    in_table: port.in_table.len(),
-                    connects: port.targets.iter().map(|t| self.connects(t)).sum(),
-                    state,
-                    limit,
-                    origin: self.config.service(&port.service).map(|s| s.origin.clone()),
-                    name: port.service,
-                    port: port.port,
-                }
-            })
-            .collect()
+        report::ports(
+            self.plans.iter(),
+            |plan, e| self.in_kernel_table(plan, e),
+            |t| self.connects(t),
+        )
+        .into_iter()
+        .map(|port| {
+            let (state, limit) = self.service_state(&port.service);
+            ServiceView {
+                vips: port.frontends.iter().map(|(f, _)| f.to_string()).collect(),
+                tier: port.tiers(),
+                endpoints: port.targets,
+                healthy: port.usable,
+                in_table: port.in_table,
+                connects: port.connects,
+                state,
+                limit,
+                origin: self.config.service(&port.service).map(|s| s.origin.clone()),
+                name: port.service,
+                port: port.port,
+            }
+        })
+        .collect()
     }
 
     /// `detour endpoints`: one row per (service, target), from [`report::endpoints`] as
@@ -1442,7 +1446,7 @@ impl Agent {
                 }
             })
             .collect();
-        let services = report::services(&report::ports(self.plans.iter(), in_table))
+        let services = report::services(self.plans.iter(), in_table)
             .into_iter()
             .map(|s| ServiceMetrics {
                 tiers: s
@@ -1451,7 +1455,7 @@ impl Agent {
                     .map(|(frontend, tier)| (frontend.to_string(), tier.clone()))
                     .collect(),
                 panic: s.panic,
-                backends_in_table: s.in_table.len() as u64,
+                backends_in_table: s.in_table as u64,
                 service: s.service,
             })
             .collect();

@@ -160,7 +160,10 @@ pub fn run(args: &KubernetesArgs) -> Result<()> {
         // This process starts the control plane itself: the testbed reads the variable.
         std::env::set_var(detour_testbed::k8s::ASSETS_ENV, dir);
     }
-    let binary = cmd::build_agent()?;
+    let mut binary = cmd::build_agent()?;
+    if let Some(wrapper) = std::env::var_os("DETOUR_BENCH_AGENT") {
+        binary = wrapper.into();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
