@@ -33,6 +33,10 @@
 //! - every wait is bounded; the control plane, agent, cgroup, pins, network namespace and
 //!   listeners are guards, removed pass or fail (the agent's log is kept under
 //!   `target/bench-kubernetes/`);
+//! - `DETOUR_BENCH_AGENT`, when set, is run instead of the freshly built `detour`: a
+//!   wrapper that `exec`s it (so the PID the task measures and signals stays the
+//!   agent's) under a profiler, e.g. with heaptrack's `LD_PRELOAD` library, as
+//!   `docs/benchmarks.md` describes;
 //! - the task measures the agent as it is: it never tunes it; a connect that fails
 //!   during the changes (the agent destroys sockets to a removed backend, and one may
 //!   still be in its handshake) is counted and reported, not hidden.
