@@ -204,6 +204,8 @@ impl PlanCache {
         let mut old_plans = std::mem::take(&mut self.plans);
         let mut old_desired = std::mem::take(&mut self.desired.services);
         let old_position = std::mem::take(&mut self.position);
+        self.plans.reserve_exact(config.services.len());
+        self.desired.services.reserve_exact(config.services.len());
         let mut unplanned = Vec::new();
         for (at, service) in config.services.iter().enumerate() {
             match old_position.get(&service.name) {
