@@ -369,7 +369,6 @@ struct Agent {
     passive: PassiveHealth,
     /// Kernel ids → names, rebuilt after every apply.
     service_of_id: HashMap<u32, String>,
-    backend_of_id: HashMap<u32, SocketAddr>,
     /// What `detour events` streams.
     events: broadcast::Sender<EventView>,
     /// The cgroup the programs are attached to: whose sockets detour may destroy.
@@ -536,32 +535,19 @@ impl Agent {
         }
         self.note_refusals(report.refused);
         if fast_path {
-            // No frontend came or went; the changed services' backends may be new.
-            let desired = self.plans.desired();
-            for backend in changed
-                .iter()
-                .flat_map(|&at| desired.services[at].backends.iter())
-            {
-                if let Some(id) = self.reconciler.backend_id(backend) {
-                    self.backend_of_id.insert(id, *backend);
-                }
-            }
+            // No frontend came or went: the service ids still name the same services.
             return;
         }
         self.index_ids();
     }
 
-    /// Which service and backend each kernel id names, for kernel events.
+    /// Which service each kernel frontend id names, for kernel events (backend ids the
+    /// reconciler answers itself).
     fn index_ids(&mut self) {
         self.service_of_id = self
             .plans
             .iter()
             .filter_map(|p| Some((self.reconciler.service_id(&p.frontend)?, p.service.clone())))
-            .collect();
-        self.backend_of_id = self
-            .reconciler
-            .backend_ids()
-            .map(|(addr, id)| (id, addr))
             .collect();
     }
 
@@ -577,8 +563,8 @@ impl Agent {
             self.plans.desired(),
             Instant::now(),
         ) {
-            Ok(0) => {}
-            Ok(_) => self.index_ids(),
+            // A released id stops naming its address in the reconciler itself.
+            Ok(_) => {}
             Err(e) => error!(error = %e, "could not release a backend id; retrying"),
         }
     }
@@ -667,9 +653,9 @@ impl Agent {
         self.counters.events_received += batch.len() as u64;
         let mut changed = false;
         for event in batch {
-            let (Some(service), Some(&target)) = (
+            let (Some(service), Some(target)) = (
                 self.service_of_id.get(&event.service_id).cloned(),
-                self.backend_of_id.get(&event.backend_id),
+                self.reconciler.backend_addr(event.backend_id),
             ) else {
                 // A frontend or backend removed since the connect: nothing to judge.
                 continue;
@@ -1595,7 +1581,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         changes: changes_tx,
         passive: PassiveHealth::default(),
         service_of_id: HashMap::new(),
-        backend_of_id: HashMap::new(),
         events: events_tx,
         cgroup: cgroup.clone(),
         destroyed: destroyed_tx,
