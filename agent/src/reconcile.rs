@@ -370,6 +370,11 @@ impl BackendIds {
     fn insert(&mut self, id: u32, addr: SocketAddr) {
         let at = id as usize;
         if at >= self.addrs.len() {
+            // Grown by an eighth, not doubled: ~12% spare at most, amortized still O(1).
+            let more = (at + 1 - self.addrs.len()).max(self.addrs.capacity() / 8 + 1);
+            if self.addrs.len() + more > self.addrs.capacity() {
+                self.addrs.reserve_exact(more);
+            }
             self.addrs.resize(at + 1, None);
         }
         if self.addrs[at].replace(addr).is_none() {
