@@ -2087,6 +2087,8 @@ impl Validator<'_> {
     ) -> Result<Vec<EndpointConfig>, ConfigError> {
         let mut endpoints: Vec<EndpointConfig> = Vec::with_capacity(raw.len());
         let mut localities: HashMap<Locality, Arc<Locality>> = HashMap::new();
+        let mut seen: HashMap<(IpAddr, SmallVec<[u16; 2]>), usize> =
+            HashMap::with_capacity(raw.len());
         for (index, raw_endpoint) in raw.into_iter().enumerate() {
             let endpoint_path = path.index(index);
             if let Some(name) = raw_endpoint
@@ -2118,17 +2120,23 @@ impl Validator<'_> {
                 priority: raw_endpoint.priority,
                 cluster: intern(&raw_endpoint.cluster),
             };
-            if let Some(first) = endpoints.iter().position(|other| {
-                other.address == endpoint.address
-                    && other.backends(ports).eq(endpoint.backends(ports))
-            }) {
-                return Err(self.error(
-                    &endpoint_path.key("address"),
-                    ConfigErrorKind::DuplicateEndpoint {
-                        address: endpoint.address,
-                        first,
-                    },
-                ));
+            // An endpoint is a duplicate when its address and every port it serves are
+            // another's: looked up, not scanned, so a service of 100,000 endpoints is
+            // not 5·10⁹ comparisons.
+            let backends: SmallVec<[u16; 2]> = endpoint.backends(ports).collect();
+            match seen.entry((endpoint.address, backends)) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    return Err(self.error(
+                        &endpoint_path.key("address"),
+                        ConfigErrorKind::DuplicateEndpoint {
+                            address: endpoint.address,
+                            first: *first.get(),
+                        },
+                    ));
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(index);
+                }
             }
             endpoints.push(endpoint);
         }
@@ -2789,6 +2797,31 @@ services:
         }))
         .unwrap_err();
         assert_eq!(error.path, "ports[0].number");
+    }
+
+    #[test]
+    fn a_duplicate_among_many_endpoints_names_the_first_and_other_ports_are_not_one() {
+        // 5,000 endpoints, the last the same backend as endpoints[1234].
+        let mut endpoints: Vec<serde_json::Value> = (0..5_000u32)
+            .map(|i| serde_json::json!({"address": format!("10.2.{}.{}", i >> 8, i & 255)}))
+            .collect();
+        endpoints.push(serde_json::json!({"address": "10.2.4.210"}));
+        let error = service_from_json(serde_json::json!({
+            "name": "x", "vips": ["10.96.0.10"], "ports": [{"number": 80, "name": "http"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "endpoints[5000].address: endpoint 10.2.4.210 is the same backend as endpoints[1234]"
+        );
+        // The same address on another port is another backend.
+        let service = service_from_json(serde_json::json!({
+            "name": "x", "vips": ["10.96.0.10"], "ports": [{"number": 80, "name": "http"}],
+            "endpoints": [{"address": "10.1.0.1"}, {"address": "10.1.0.1", "ports": {"http": 8080}}],
+        }))
+        .unwrap();
+        assert_eq!(service.endpoints.len(), 2);
     }
 
     /// Assembly keeps what it can: a later service that reuses a name or a VIP:port is
