@@ -16,7 +16,8 @@
 //! directory; the time to its first sync is when it logs the first Kubernetes
 //! "configuration reloaded" (the maps written). Once settled, its resident memory
 //! (`VmRSS`) is read and its CPU at rest (`utime + stime`) over `--rest`, with nothing
-//! changing and nothing connecting. Then a client in the bench cgroup connects to the
+//! changing and nothing connecting; then `/metrics` is scraped once, as Prometheus
+//! would, and RSS read again (a scrape's memory stays with the allocator). Then a client in the bench cgroup connects to the
 //! FailoverService `bench`'s VIP back to back while the task moves `bench`'s single
 //! endpoint between two accept-and-drop listeners by server-side applying its
 //! EndpointSlice. The latency of a change is from just before the PATCH is sent to the
@@ -145,6 +146,8 @@ struct Measured {
     /// per change.
     to_agent_ms: Vec<f64>,
     rss_settled_mib: f64,
+    /// One scrape of `/metrics` after settling, and RSS after it.
+    scrape: String,
     rss_after_mib: f64,
     rss_peak_mib: f64,
     /// VmRSS after each change (and its pause).
@@ -257,6 +260,16 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
             "  settled: RSS {rss_settled_mib:.1} MiB, CPU at rest {:.2} % of a core",
             cpu_rest * 100.0
         );
+        // What a node that Prometheus scrapes pays: one scrape, then RSS again.
+        let scrape = scrape_metrics(&agent)?;
+        let rss_scraped_mib = proc_status_mib(pid, "VmRSS")?;
+        let scrape = format!(
+            "one scrape of /metrics: {} series, {:.1} MiB of text in {} ms; RSS after it {rss_scraped_mib:.1} MiB",
+            thousands(scrape.series as f64),
+            scrape.bytes as f64 / (1024.0 * 1024.0),
+            scrape.took.as_millis(),
+        );
+        eprintln!("  {scrape}");
 
         let target = SocketAddr::from((BENCH_VIP, SERVICE_PORT)).to_string();
         let connects = ReloadClient::spawn(
@@ -343,6 +356,7 @@ fn measure(rt: &tokio::runtime::Runtime, binary: &Path, args: &KubernetesArgs) -
             agent_reload_ms: Vec::new(),
             to_agent_ms: Vec::new(),
             rss_settled_mib,
+            scrape,
             rss_after_mib,
             rss_peak_mib,
             rss_trace,
@@ -528,6 +542,37 @@ fn wait_first_sync(agent: &Agent, log: &Path, started: Instant) -> Result<Durati
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What one `GET /metrics` returned.
+struct Scrape {
+    series: usize,
+    bytes: usize,
+    took: Duration,
+}
+
+/// One `GET /metrics` on the agent, read whole (bounded in time).
+fn scrape_metrics(agent: &Agent) -> Result<Scrape> {
+    use std::io::{Read, Write};
+    let addr = agent.metrics_address()?;
+    let start = Instant::now();
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: detour\r\nConnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response)
+        .context("reading the agent's /metrics")?;
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&response);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok(Scrape {
+        series: body
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .count(),
+        bytes: body.len(),
+        took,
+    })
 }
 
 /// How many distinct services `detour services` lists.
@@ -727,7 +772,8 @@ fn report(m: &Measured, changes: u32) -> String {
         .into_iter()
         .map(|n| format!("{:.0} MiB after change {n}", m.rss_trace[n - 1]))
         .collect();
-    let _ = writeln!(out, "\nagent RSS: {}", trace.join(", "));
+    let _ = writeln!(out, "\n{}", m.scrape);
+    let _ = writeln!(out, "agent RSS: {}", trace.join(", "));
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
     let rss = m.rss_settled_mib.max(m.rss_after_mib);
     let _ = writeln!(
