@@ -113,6 +113,8 @@ pub struct Snapshot {
     /// Each probed kernel piece by its key, and whether detour uses it (1) or it is
     /// missing (0).
     pub kernel_features: Vec<(String, bool)>,
+    /// Backends whose per-backend series were left out (`--metrics-backend-limit`).
+    pub backends_omitted: u64,
 }
 
 /// Services that hit one map limit.
@@ -422,6 +424,15 @@ impl Collector for SnapshotCollector {
             ]
             .map(|(path, n)| ([("path", path)], n)),
         )?;
+        {
+            let omitted = ConstGauge::new(saturating_i64(snapshot.backends_omitted));
+            omitted.encode(e.encode_descriptor(
+                "detour_metrics_backends_omitted",
+                "Backends (service, address) whose per-backend series this scrape leaves out: more than --metrics-backend-limit of them (detour endpoints shows them all); 0 when every one is exported.",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
         gauges(
             e,
             "detour_kernel_feature",
@@ -785,6 +796,7 @@ mod tests {
                 ("socket_destroy".into(), true),
                 ("syn_linear_timeouts".into(), false),
             ],
+            backends_omitted: 0,
         }
     }
 
@@ -874,6 +886,9 @@ detour_sockets_destroyed_total 5
 detour_fast_path_connects_total{path="avoided"} 6
 detour_fast_path_connects_total{path="standby"} 7
 detour_fast_path_connects_total{path="all-suspect"} 8
+# HELP detour_metrics_backends_omitted Backends (service, address) whose per-backend series this scrape leaves out: more than --metrics-backend-limit of them (detour endpoints shows them all); 0 when every one is exported.
+# TYPE detour_metrics_backends_omitted gauge
+detour_metrics_backends_omitted 0
 # HELP detour_kernel_feature Each kernel piece detour probed at start: 1 when present and used, 0 when missing (an optional one is then off; `detour kernel` says what that costs).
 # TYPE detour_kernel_feature gauge
 detour_kernel_feature{feature="socket_destroy"} 1
@@ -1095,9 +1110,9 @@ detour_services_not_updated{limit="max-slots"} 1
             samples += 1;
         }
         // 50 (one tier line per frontend: two; one aborts line per address: two), the
-        // two kernel features, the two families of services over a map limit (2 samples
+        // omitted-backends gauge, the two kernel features, the two families of services over a map limit (2 samples
         // each here).
-        assert_eq!(samples, 50 + 2 + 4);
+        assert_eq!(samples, 50 + 1 + 2 + 4);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
@@ -1216,9 +1231,9 @@ detour_services_not_updated{limit="max-slots"} 1
         // The parser skips lines it cannot read, so first check that it read them all:
         // the histogram's 17 bucket lines become one sample, its _sum and _count one each.
         let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(sample_lines, 50 + 2 + 4);
-        assert_eq!(scrape.samples.len(), 50 + 2 + 4 - 17 + 1);
-        assert_eq!(scrape.docs.len(), 17 + 1 + 2, "{:?}", scrape.docs.keys());
+        assert_eq!(sample_lines, 50 + 1 + 2 + 4);
+        assert_eq!(scrape.samples.len(), 50 + 1 + 2 + 4 - 17 + 1);
+        assert_eq!(scrape.docs.len(), 17 + 2 + 2, "{:?}", scrape.docs.keys());
         assert_eq!(
             scrape.docs["detour_backend_ejections_total"],
             "Times outlier detection ejected the backend."

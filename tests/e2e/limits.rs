@@ -404,3 +404,35 @@ fn a_reload_past_the_limits_keeps_serving_the_previous_state() -> Result<()> {
     answered_by(&w, &format!("{a}:80"), "b1")?;
     Ok(())
 }
+
+#[test]
+fn past_the_metrics_backend_limit_only_per_service_series_are_exported() -> Result<()> {
+    let mut w = World::new()?;
+    backends(&mut w, 48, 3)?;
+    w.write_config(&config(&[Svc {
+        name: "three",
+        vip: "127.210.48.1",
+        endpoints: &[("127.10.48.1", 1), ("127.10.48.2", 1), ("127.10.48.3", 1)],
+    }]))?;
+    start_agent_with(&mut w, &["--metrics-backend-limit", "2"])?;
+    answered_by(&w, "127.210.48.1:80", "b1|b2|b3")?;
+    let body = crate::passive::scrape(w.agent().metrics_address()?)?;
+    let samples: Vec<&str> = body.lines().filter(|l| !l.starts_with('#')).collect();
+    // Three backends, a limit of two: none of their series, and the count of them.
+    ensure!(
+        !samples.iter().any(|l| l.starts_with("detour_backend_")),
+        "per-backend series past the limit:\n{body}"
+    );
+    ensure!(
+        samples.contains(&"detour_metrics_backends_omitted 3"),
+        "{body}"
+    );
+    ensure!(
+        samples.contains(&r#"detour_service_backends_in_table{service="three"} 3"#),
+        "{body}"
+    );
+    // `detour endpoints` still shows every one.
+    let endpoints = w.agent().endpoints_json(None)?;
+    ensure!(endpoints.as_array().map(Vec::len) == Some(3), "{endpoints}");
+    Ok(())
+}

@@ -126,7 +126,7 @@ fn a_killed_backend_costs_at_most_one_failed_connect() -> Result<()> {
 }
 
 /// `GET /metrics`, the body.
-fn scrape(addr: std::net::SocketAddr) -> Result<String> {
+pub(crate) fn scrape(addr: std::net::SocketAddr) -> Result<String> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
