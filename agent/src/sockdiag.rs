@@ -16,7 +16,9 @@
 //!
 //! Needs `CONFIG_INET_DIAG_DESTROY` (without it every destroy fails with `EOPNOTSUPP`,
 //! reported per socket), `CAP_NET_ADMIN` over the sockets' namespace, and
-//! `CAP_SYS_ADMIN` to enter other namespaces.
+//! `CAP_SYS_ADMIN` to enter other namespaces. [`probe_destroy`] asks the kernel once at
+//! start, by destroying a listener of the agent's own, and the agent turns destruction
+//! off (one warning line) where it cannot work.
 //!
 //! Invariants:
 //! - only sockets whose destination (the dump's `id.idiag_dst`/`idiag_dport`) is one of
