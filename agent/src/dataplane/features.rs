@@ -287,7 +287,7 @@ fn modprobe(module: &str) -> Result<(), String> {
     }
 }
 
-/// The socket-destruction piece from what [`probe_socket_destroy`] found.
+/// The socket-destruction piece from what `probe_socket_destroy` found.
 #[must_use]
 pub fn socket_destroy(probed: Result<(), DestroyUnavailable>) -> Piece {
     Piece {
