@@ -21,6 +21,7 @@
 //! Addresses: VIPs 127.210.17.N:80 and [::1]:1817N, backends 127.10.17.N:8080 and
 //! [::1]:2817N.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
@@ -55,6 +56,17 @@ impl PinnedMaps {
     }
 }
 
+/// A config of one service `name` on `vip`, served by `backend`, health checks off.
+fn one_service(name: &str, vip: SocketAddr, backend: SocketAddr) -> String {
+    format!(
+        "services:\n  - name: {name}\n    vips: [\"{}\"]\n    ports: [{{number: {}, targetPort: {}}}]\n    healthCheck: {{disabled: true}}\n    endpoints:\n      - {{address: \"{}\"}}\n",
+        vip.ip(),
+        vip.port(),
+        backend.port(),
+        backend.ip(),
+    )
+}
+
 /// Sends SIGSTOP (`stop`) or SIGCONT to the agent.
 fn signal_agent(w: &mut World, stop: bool) -> Result<()> {
     let pid = w.agent().pid().context("agent pid")?;
@@ -79,15 +91,8 @@ fn lookups_that_miss_leave_the_connect_alone(vip: &str, backend: &str) -> Result
     let mut w = World::new()?;
     w.backend("b1", backend)?;
     w.backend("vip", vip)?;
-    let vip_addr: std::net::SocketAddr = vip.parse()?;
-    let backend_addr: std::net::SocketAddr = backend.parse()?;
-    w.write_config(&format!(
-        "services:\n  - name: open\n    vips: [\"{}\"]\n    ports: [{{number: {}, targetPort: {}}}]\n    healthCheck: {{disabled: true}}\n    endpoints:\n      - {{address: \"{}\"}}\n",
-        vip_addr.ip(),
-        vip_addr.port(),
-        backend_addr.port(),
-        backend_addr.ip(),
-    ))?;
+    let vip_addr: SocketAddr = vip.parse()?;
+    w.write_config(&one_service("open", vip_addr, backend.parse()?))?;
     w.start_agent()?;
     all_answered_by(&w, vip, "b1", "the agent's own table")?;
 
@@ -192,15 +197,9 @@ fn a_connect_whose_lookup_misses_goes_where_the_application_asked_ipv6() -> Resu
 fn a_full_socket_map_costs_only_the_vip_in_getpeername(vip: &str, backend: &str) -> Result<()> {
     let mut w = World::new()?;
     w.backend("b1", backend)?;
-    let vip: std::net::SocketAddr = vip.parse()?;
-    let backend: std::net::SocketAddr = backend.parse()?;
-    w.write_config(&format!(
-        "services:\n  - name: full\n    vips: [\"{}\"]\n    ports: [{{number: {}, targetPort: {}}}]\n    healthCheck: {{disabled: true}}\n    endpoints:\n      - {{address: \"{}\"}}\n",
-        vip.ip(),
-        vip.port(),
-        backend.port(),
-        backend.ip(),
-    ))?;
+    let vip: SocketAddr = vip.parse()?;
+    let backend: SocketAddr = backend.parse()?;
+    w.write_config(&one_service("full", vip, backend))?;
     w.bed
         .start_agent(&["--max-sockets", "8"], crate::world::READY_TIMEOUT)?;
     // Eight times what the map holds, all open at once.
