@@ -170,7 +170,7 @@ impl Config {
     ) -> Vec<ConfigWarning> {
         let mut warnings = Vec::new();
         for service in services {
-            if service.endpoints.is_empty() {
+            if service.endpoints.is_empty() && service.named_endpoints.is_empty() {
                 warnings.push(ConfigWarning::NoEndpoints {
                     service: service.name.clone(),
                 });
@@ -278,7 +278,13 @@ pub struct ServiceConfig {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<PortConfig>,
     /// May be empty: the service then has no backends (see [`Config::warnings`]).
+    /// Endpoints given by IP address, and (once [`crate::sources::dns::expand`] has run)
+    /// the addresses its [`named_endpoints`](Self::named_endpoints) resolved to.
     pub endpoints: Vec<EndpointConfig>,
+    /// Endpoints given by DNS name (`resolution: DNS`), in file order. Never planned
+    /// themselves: the DNS source resolves each name and adds one endpoint per address
+    /// to `endpoints` ([`crate::sources::dns`]). Empty for every other service.
+    pub named_endpoints: Vec<NamedEndpoint>,
     /// YAML `localityLbSetting`.
     pub locality_lb: LocalityLbSetting,
     /// YAML `healthCheck`.
@@ -472,6 +478,19 @@ pub struct EndpointConfig {
     /// may, for what the CLI shows). Informational: selection never reads it.
     /// [`intern`]ed.
     pub cluster: Arc<str>,
+}
+
+/// An endpoint whose `address` is a DNS name: every address the name resolves to is an
+/// endpoint like `template`, sharing its weight ([`crate::sources::dns::expand`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedEndpoint {
+    /// Lowercase, as written otherwise (a trailing dot keeps the resolver's search list
+    /// away from it, as in `/etc/resolv.conf`). [`intern`]ed.
+    pub hostname: Arc<str>,
+    /// Ports, weight, locality, labels, priority and cluster of every address the name
+    /// resolves to. Its `address` is the unspecified IPv4 address and is never read:
+    /// each resolved address replaces it.
+    pub template: EndpointConfig,
 }
 
 /// The highest endpoint priority (Envoy has no bound; detour keeps tiers few).
@@ -823,6 +842,14 @@ pub enum ConfigErrorKind {
     NoEndpointOfVipFamily { vip: IpAddr, family: IpFamily },
     #[error("endpoint {address} is the same backend as endpoints[{first}]")]
     DuplicateEndpoint { address: IpAddr, first: usize },
+    #[error("endpoint {hostname} is the same backend as endpoints[{first}]")]
+    DuplicateNamedEndpoint { hostname: String, first: usize },
+    /// A DNS name as an endpoint's address of a service that does not resolve names.
+    #[error(
+        "{hostname:?} is a DNS name, and this service's resolution is STATIC (IP addresses \
+         only): set `resolution: DNS` on the service to resolve it"
+    )]
+    NameNeedsDnsResolution { hostname: String },
     #[error("{field} must not be empty")]
     EmptyLocality { field: &'static str },
     #[error("failover from {from} to the same locality does nothing")]
@@ -964,12 +991,6 @@ pub fn service_from_json(value: serde_json::Value) -> Result<ServiceConfig, Conf
     Validator { yaml: "" }.service(&FieldPath::default(), raw)
 }
 
-/// A [`Config`] from services checked one by one ([`service_from_json`]), in order of
-/// precedence: a service whose name, or one of whose VIP:port pairs, an earlier service
-/// already has is left out and returned with why, and the others are kept. This is the
-/// Kubernetes rule (the oldest object wins, as Istio's ServiceEntries) where the file
-/// refuses itself whole: one bad object must not take the others down.
-#[must_use]
 /// An endpoint's label `key`: its own labels first, then its locality and cluster under
 /// their [`well_known`] names.
 fn endpoint_label<'a>(endpoint: &'a EndpointConfig, key: &str) -> Option<&'a str> {
@@ -1000,6 +1021,12 @@ fn node_label<'a>(node: &'a NodeConfig, key: &str) -> Option<&'a str> {
     Some(&**derived).filter(|v| !v.is_empty())
 }
 
+/// A [`Config`] from services checked one by one ([`service_from_json`]), in order of
+/// precedence: a service whose name, or one of whose VIP:port pairs, an earlier service
+/// already has is left out and returned with why, and the others are kept. This is the
+/// Kubernetes rule (the oldest object wins, as Istio's ServiceEntries) where the file
+/// refuses itself whole: one bad object must not take the others down.
+#[must_use]
 pub fn assemble(
     node: NodeConfig,
     candidates: Vec<Arc<ServiceConfig>>,
@@ -1310,6 +1337,8 @@ struct RawService {
     #[serde(deserialize_with = "de_addresses")]
     vips: Vec<IpAddr>,
     ports: Vec<RawPort>,
+    #[serde(default, deserialize_with = "de_resolution")]
+    resolution: Resolution,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
     #[serde(default, rename = "localityLbSetting")]
@@ -1349,8 +1378,8 @@ struct RawPort {
     expecting = "an endpoint mapping (address, ports, weight, locality, labels, priority, cluster)"
 )]
 struct RawEndpoint {
-    #[serde(deserialize_with = "de_address")]
-    address: IpAddr,
+    #[serde(deserialize_with = "de_endpoint_address")]
+    address: RawAddress,
     #[serde(default, deserialize_with = "de_endpoint_ports")]
     ports: BTreeMap<String, u16>,
     #[serde(default = "default_weight", deserialize_with = "de_weight")]
@@ -1367,6 +1396,23 @@ struct RawEndpoint {
 
 fn default_weight() -> u32 {
     1
+}
+
+/// How a service's endpoint addresses are read: Istio's `ServiceEntry.resolution`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Resolution {
+    /// IP addresses only (the default).
+    #[default]
+    Static,
+    /// An endpoint's address may be a DNS name, resolved and re-resolved at its TTL.
+    Dns,
+}
+
+/// An endpoint's `address` as written: an IP address, or a DNS name (lowercased).
+#[derive(Debug)]
+enum RawAddress {
+    Ip(IpAddr),
+    Name(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -1724,7 +1770,7 @@ fn de_protocol<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Prot
 
 fn parse_address(value: &str) -> Result<IpAddr, String> {
     let address: IpAddr = value.parse().map_err(|_| {
-        format!("{value:?} is not an IP address (DNS names are not resolved by this config)")
+        format!("{value:?} is not an IP address")
     })?;
     if address.is_unspecified() || address.is_multicast() {
         return Err(format!(
@@ -1732,6 +1778,61 @@ fn parse_address(value: &str) -> Result<IpAddr, String> {
         ));
     }
     Ok(address)
+}
+
+/// An IP address checked like [`parse_address`], or else a DNS name (RFC 1123, any
+/// case, an optional trailing dot), lowercased.
+fn parse_endpoint_address(value: &str) -> Result<RawAddress, String> {
+    if value.parse::<IpAddr>().is_ok() {
+        return parse_address(value).map(RawAddress::Ip);
+    }
+    let name = value.to_ascii_lowercase();
+    if is_dns_name(name.strip_suffix('.').unwrap_or(&name)) {
+        Ok(RawAddress::Name(name))
+    } else {
+        Err(format!("{value:?} is neither an IP address nor a DNS name"))
+    }
+}
+
+fn de_endpoint_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<RawAddress, D::Error> {
+    deserializer.deserialize_str(StrVisitor {
+        what: "an IP address or a DNS name",
+        check: parse_endpoint_address,
+    })
+}
+
+/// A lowercase DNS name of RFC 1123 labels, without a trailing dot.
+#[must_use]
+pub fn is_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Istio's `resolution` values: `STATIC` and `DNS`; the other two are refused with why.
+fn de_resolution<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Resolution, D::Error> {
+    deserializer.deserialize_str(StrVisitor {
+        what: "STATIC or DNS",
+        check: |value: &str| match value {
+            "STATIC" => Ok(Resolution::Static),
+            "DNS" => Ok(Resolution::Dns),
+            "NONE" => Err("NONE (connect to whatever address the application asked for) \
+                 leaves nothing to fail over to: use STATIC or DNS"
+                .to_owned()),
+            "DNS_ROUND_ROBIN" => Err("DNS_ROUND_ROBIN (one address of a name at a time) is \
+                 not supported: DNS uses every address a name resolves to, which fails over \
+                 between them"
+                .to_owned()),
+            other => Err(format!("unknown resolution {other:?}: expected STATIC or DNS")),
+        },
+    })
 }
 
 fn de_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
@@ -1989,8 +2090,11 @@ impl Validator<'_> {
             }
         }
         let ports = self.ports(&path.key("ports"), raw.ports)?;
-        let endpoints = self.endpoints(&path.key("endpoints"), raw.endpoints, &ports)?;
-        if !endpoints.is_empty() {
+        let (endpoints, named_endpoints) =
+            self.endpoints(&path.key("endpoints"), raw.endpoints, raw.resolution, &ports)?;
+        // What a name resolves to is only known at run time; the DNS source keeps each
+        // VIP's family apart then (a family with no address is left alone).
+        if !endpoints.is_empty() && named_endpoints.is_empty() {
             for (index, vip) in raw.vips.iter().enumerate() {
                 let family = IpFamily::of(vip);
                 if !endpoints
@@ -2010,7 +2114,13 @@ impl Validator<'_> {
         };
         if !locality_lb.failover_priority.is_empty() {
             let labels = locality_lb.failover_priority.len() as u32;
-            let priorities = endpoints.iter().map(|e| e.priority).max().unwrap_or(0) + 1;
+            let priorities = endpoints
+                .iter()
+                .chain(named_endpoints.iter().map(|named| &named.template))
+                .map(|e| e.priority)
+                .max()
+                .unwrap_or(0)
+                + 1;
             if priorities * (labels + 1) > MAX_PRIORITY + 1 {
                 return Err(self.error(
                     &path.key("localityLbSetting").key("failoverPriority"),
@@ -2033,6 +2143,7 @@ impl Validator<'_> {
             vips: raw.vips,
             ports,
             endpoints,
+            named_endpoints,
             locality_lb,
             health_check,
             outlier_detection,
@@ -2079,16 +2190,24 @@ impl Validator<'_> {
         Ok(ports)
     }
 
+    /// The endpoints given by address, and those given by DNS name.
     fn endpoints(
         &self,
         path: &FieldPath,
         raw: Vec<RawEndpoint>,
+        resolution: Resolution,
         ports: &[PortConfig],
-    ) -> Result<Vec<EndpointConfig>, ConfigError> {
-        let mut endpoints: Vec<EndpointConfig> = Vec::with_capacity(raw.len());
+    ) -> Result<(Vec<EndpointConfig>, Vec<NamedEndpoint>), ConfigError> {
+        let literal = raw
+            .iter()
+            .filter(|e| matches!(e.address, RawAddress::Ip(_)))
+            .count();
+        let mut endpoints: Vec<EndpointConfig> = Vec::with_capacity(literal);
+        let mut named: Vec<NamedEndpoint> = Vec::new();
         let mut localities: HashMap<Locality, Arc<Locality>> = HashMap::new();
         let mut seen: HashMap<(IpAddr, SmallVec<[u16; 2]>), usize> =
-            HashMap::with_capacity(raw.len());
+            HashMap::with_capacity(literal);
+        let mut seen_names: HashMap<(Arc<str>, SmallVec<[u16; 2]>), usize> = HashMap::new();
         for (index, raw_endpoint) in raw.into_iter().enumerate() {
             let endpoint_path = path.index(index);
             if let Some(name) = raw_endpoint
@@ -2104,8 +2223,20 @@ impl Validator<'_> {
                     },
                 ));
             }
+            let (address, hostname) = match raw_endpoint.address {
+                RawAddress::Ip(ip) => (ip, None),
+                RawAddress::Name(name) if resolution == Resolution::Dns => {
+                    (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), Some(intern(&name)))
+                }
+                RawAddress::Name(hostname) => {
+                    return Err(self.error(
+                        &endpoint_path.key("address"),
+                        ConfigErrorKind::NameNeedsDnsResolution { hostname },
+                    ));
+                }
+            };
             let endpoint = EndpointConfig {
-                address: raw_endpoint.address,
+                address,
                 ports: raw_endpoint
                     .ports
                     .into_iter()
@@ -2124,6 +2255,27 @@ impl Validator<'_> {
             // another's: looked up, not scanned, so a service of 100,000 endpoints is
             // not 5·10⁹ comparisons.
             let backends: SmallVec<[u16; 2]> = endpoint.backends(ports).collect();
+            if let Some(hostname) = hostname {
+                match seen_names.entry((hostname.clone(), backends)) {
+                    std::collections::hash_map::Entry::Occupied(first) => {
+                        return Err(self.error(
+                            &endpoint_path.key("address"),
+                            ConfigErrorKind::DuplicateNamedEndpoint {
+                                hostname: hostname.to_string(),
+                                first: *first.get(),
+                            },
+                        ));
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(index);
+                    }
+                }
+                named.push(NamedEndpoint {
+                    hostname,
+                    template: endpoint,
+                });
+                continue;
+            }
             match seen.entry((endpoint.address, backends)) {
                 std::collections::hash_map::Entry::Occupied(first) => {
                     return Err(self.error(
@@ -2140,7 +2292,7 @@ impl Validator<'_> {
             }
             endpoints.push(endpoint);
         }
-        Ok(endpoints)
+        Ok((endpoints, named))
     }
 
     fn locality_lb(
@@ -3299,7 +3451,28 @@ services:
             (
                 "endpoints: [{address: dynamodb.us-east-1.amazonaws.com}]",
                 "services[0].endpoints[0].address (line 6): \"dynamodb.us-east-1.amazonaws.com\" \
-                 is not an IP address (DNS names are not resolved by this config)",
+                 is a DNS name, and this service's resolution is STATIC (IP addresses only): set \
+                 `resolution: DNS` on the service to resolve it",
+            ),
+            (
+                "resolution: DNS\nendpoints: [{address: \"-bad.example\"}]",
+                "services[0].endpoints[0].address (line 7): \"-bad.example\" is neither an IP \
+                 address nor a DNS name",
+            ),
+            (
+                "resolution: DNS\nendpoints: [{address: A.example}, {address: a.example}]",
+                "services[0].endpoints[1].address (line 7): endpoint a.example is the same \
+                 backend as endpoints[0]",
+            ),
+            (
+                "resolution: NONE",
+                "services[0].resolution (line 6): NONE (connect to whatever address the \
+                 application asked for) leaves nothing to fail over to: use STATIC or DNS",
+            ),
+            (
+                "resolution: dns",
+                "services[0].resolution (line 6): unknown resolution \"dns\": expected STATIC \
+                 or DNS",
             ),
             (
                 "endpoints:\n- address: 127.0.0.3\n  weight: 0",

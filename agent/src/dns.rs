@@ -36,6 +36,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ListParams};
 use kube::ResourceExt as _;
 
+use crate::config::is_dns_name;
 use crate::controller::names;
 use crate::sources::kubernetes::{labels, FailoverService};
 
@@ -258,20 +259,6 @@ pub fn render(
         text.push_str("        ttl 30\n    }\n}\n");
     }
     Snippet { text, warnings }
-}
-
-/// A lowercase DNS name (RFC 1123 labels), as the CRD's CEL rule requires of hostnames.
-fn is_dns_name(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 #[cfg(test)]

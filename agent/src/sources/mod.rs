@@ -9,7 +9,11 @@
 //!   it ([`kubernetes`]); it writes each service in the file's schema and has
 //!   `config::service_from_json` check it, so both give the same errors.
 //!
+//! Beside them, [`dns`] turns the endpoints a service names by DNS (`resolution: DNS`)
+//! into addresses: the running configuration is a source's, with those names resolved.
+//!
 //! Invariant: a source only reads and checks what its own input can say; what a service
 //! means (defaults, cross-field rules, the errors a user sees) is decided once, in the
 //! service model both sources produce.
+pub mod dns;
 pub mod kubernetes;
