@@ -19,7 +19,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,6 +84,30 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         port: Option<u16>,
     },
+    /// The DNS names endpoints are given by, and what each resolved to.
+    Names,
+}
+
+/// One DNS name as `detour names` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NameView {
+    pub name: String,
+    /// The services with an endpoint of this name.
+    pub services: Vec<String>,
+    /// `resolved`; `stale` (the last lookup failed, the last good addresses serve);
+    /// `failed` (never resolved: no address serves); `pending` (not answered yet).
+    pub state: String,
+    /// What the name serves now: the last good answer's addresses, sorted.
+    pub addresses: Vec<IpAddr>,
+    /// Seconds since the last good answer, and the TTL it was kept for (bounded by
+    /// `--dns-min-ttl` and `--dns-max-ttl`).
+    pub resolved_secs_ago: Option<u64>,
+    pub ttl_secs: Option<u64>,
+    /// When the name is asked again; `None` while a lookup is under way.
+    pub next_lookup_in_ms: Option<u64>,
+    /// Failed lookups in a row, and the last one's error.
+    pub failures: u32,
+    pub last_error: Option<String>,
 }
 
 /// One (service, port) as `detour services` shows it.
@@ -205,6 +229,10 @@ pub struct EndpointView {
     /// empty when the source does not say.
     #[serde(default)]
     pub cluster: String,
+    /// The DNS name the address was resolved from; empty for an endpoint given by
+    /// address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
     pub health: String,
     pub weight: u32,
     /// The tier this endpoint belongs to when healthy.
@@ -259,6 +287,7 @@ pub enum Response {
     Endpoints(Vec<EndpointView>),
     Event(EventView),
     Explain(ExplainView),
+    Names(Vec<NameView>),
     Error(String),
 }
 

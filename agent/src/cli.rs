@@ -6,7 +6,7 @@
 //! is in the kernel's table now, how many connects the kernel sent it, how many of them
 //! failed, and how often it was ejected.
 
-use crate::api::{EndpointView, EventView, ExplainView, ServiceView};
+use crate::api::{EndpointView, EventView, ExplainView, NameView, ServiceView};
 use crate::dataplane::features::{self, Features, Need};
 
 /// Left-aligned columns separated by two spaces, widths from the widest cell.
@@ -179,6 +179,11 @@ pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
                 } else {
                     e.cluster.clone()
                 },
+                if e.hostname.is_empty() {
+                    "-".into()
+                } else {
+                    e.hostname.clone()
+                },
                 e.tier.clone(),
                 e.weight.to_string(),
                 if e.in_table { "yes" } else { "no" }.into(),
@@ -188,20 +193,79 @@ pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
             ]
         })
         .collect();
+    let mut headers = vec![
+        "ENDPOINT",
+        "SERVICE",
+        "HEALTH",
+        "OUTLIER",
+        "LOCALITY",
+        "CLUSTER",
+        "NAME",
+        "TIER",
+        "WEIGHT",
+        "IN-TABLE",
+        "CONNECTS",
+        "FAILURES",
+        "EJECTIONS",
+    ];
+    // The DNS name column only where some endpoint came from a name.
+    let mut rows = rows;
+    if endpoints.iter().all(|e| e.hostname.is_empty()) {
+        let at = headers
+            .iter()
+            .position(|h| *h == "NAME")
+            .expect("listed above");
+        headers.remove(at);
+        for row in &mut rows {
+            row.remove(at);
+        }
+    }
+    table(&headers, &rows)
+}
+
+/// `detour names`: one row per DNS name: its state, addresses, TTL, next lookup, the
+/// services using it and the last error.
+pub fn names_table(names: &[NameView]) -> String {
+    if names.is_empty() {
+        return "no DNS names (no service has `resolution: DNS` with a name)\n".into();
+    }
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = names
+        .iter()
+        .map(|n| {
+            let addresses = n
+                .addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                n.name.clone(),
+                n.state.to_uppercase(),
+                if addresses.is_empty() {
+                    "-".into()
+                } else {
+                    addresses
+                },
+                dash(n.ttl_secs.map(|t| format!("{t}s"))),
+                dash(n.resolved_secs_ago.map(|t| format!("{t}s ago"))),
+                n.next_lookup_in_ms
+                    .map_or_else(|| "now".into(), |ms| format!("{}s", ms.div_ceil(1000))),
+                n.services.join(","),
+                dash(n.last_error.clone()),
+            ]
+        })
+        .collect();
     table(
         &[
-            "ENDPOINT",
-            "SERVICE",
-            "HEALTH",
-            "OUTLIER",
-            "LOCALITY",
-            "CLUSTER",
-            "TIER",
-            "WEIGHT",
-            "IN-TABLE",
-            "CONNECTS",
-            "FAILURES",
-            "EJECTIONS",
+            "NAME",
+            "STATE",
+            "ADDRESSES",
+            "TTL",
+            "RESOLVED",
+            "NEXT",
+            "SERVICES",
+            "LAST-ERROR",
         ],
         &rows,
     )
@@ -308,6 +372,7 @@ mod tests {
                 address: "127.0.1.1:8080".parse().unwrap(),
                 locality: "us-east1/us-east1-b".into(),
                 cluster: String::new(),
+                hostname: String::new(),
                 health: "UNHEALTHY".into(),
                 weight: 1,
                 tier: "same-zone".into(),
@@ -330,6 +395,7 @@ mod tests {
                 address: "127.0.2.1:8080".parse().unwrap(),
                 locality: "us-west".into(),
                 cluster: "kind3".into(),
+                hostname: String::new(),
                 health: "HEALTHY".into(),
                 weight: 1,
                 tier: "failover[0]:us-west".into(),
@@ -369,6 +435,82 @@ mod tests {
             lines[2].ends_with(" yes       3         0         0"),
             "{}",
             lines[2]
+        );
+        assert!(
+            !lines[0].contains("NAME"),
+            "no endpoint has a DNS name: {}",
+            lines[0]
+        );
+        // An endpoint resolved from a name shows it, in a column of its own.
+        let mut named = rows;
+        named[1].hostname = "west.example".into();
+        let text = endpoints_table(&named);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains(" CLUSTER  NAME          TIER "),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains(" -        -             same-zone "),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains(" kind3    west.example  failover[0]:us-west "),
+            "{}",
+            lines[2]
+        );
+    }
+
+    #[test]
+    fn names_table_shows_what_serves_and_why() {
+        let names = vec![
+            NameView {
+                name: "east.example".into(),
+                services: vec!["mydb".into()],
+                state: "stale".into(),
+                addresses: vec!["127.0.1.1".parse().unwrap(), "127.0.1.2".parse().unwrap()],
+                resolved_secs_ago: Some(12),
+                ttl_secs: Some(5),
+                next_lookup_in_ms: Some(1_200),
+                failures: 2,
+                last_error: Some("request timed out".into()),
+            },
+            NameView {
+                name: "west.example".into(),
+                services: vec!["mydb".into(), "other".into()],
+                state: "pending".into(),
+                addresses: vec![],
+                resolved_secs_ago: None,
+                ttl_secs: None,
+                next_lookup_in_ms: None,
+                failures: 0,
+                last_error: None,
+            },
+        ];
+        let text = names_table(&names);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with("NAME          STATE    ADDRESSES            TTL  RESOLVED  NEXT"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("east.example  STALE    127.0.1.1,127.0.1.2  5s   12s ago   2s"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with("mydb        request timed out"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("west.example  PENDING  -                    -    -         now"),
+            "{text}"
+        );
+        assert_eq!(
+            names_table(&[]),
+            "no DNS names (no service has `resolution: DNS` with a name)\n"
         );
     }
 

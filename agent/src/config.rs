@@ -1769,9 +1769,9 @@ fn de_protocol<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Prot
 }
 
 fn parse_address(value: &str) -> Result<IpAddr, String> {
-    let address: IpAddr = value.parse().map_err(|_| {
-        format!("{value:?} is not an IP address")
-    })?;
+    let address: IpAddr = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not an IP address"))?;
     if address.is_unspecified() || address.is_multicast() {
         return Err(format!(
             "{address} is an unspecified or multicast address, not a host"
@@ -1823,14 +1823,18 @@ fn de_resolution<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Resolutio
         check: |value: &str| match value {
             "STATIC" => Ok(Resolution::Static),
             "DNS" => Ok(Resolution::Dns),
-            "NONE" => Err("NONE (connect to whatever address the application asked for) \
+            "NONE" => Err(
+                "NONE (connect to whatever address the application asked for) \
                  leaves nothing to fail over to: use STATIC or DNS"
-                .to_owned()),
+                    .to_owned(),
+            ),
             "DNS_ROUND_ROBIN" => Err("DNS_ROUND_ROBIN (one address of a name at a time) is \
                  not supported: DNS uses every address a name resolves to, which fails over \
                  between them"
                 .to_owned()),
-            other => Err(format!("unknown resolution {other:?}: expected STATIC or DNS")),
+            other => Err(format!(
+                "unknown resolution {other:?}: expected STATIC or DNS"
+            )),
         },
     })
 }
@@ -2090,8 +2094,12 @@ impl Validator<'_> {
             }
         }
         let ports = self.ports(&path.key("ports"), raw.ports)?;
-        let (endpoints, named_endpoints) =
-            self.endpoints(&path.key("endpoints"), raw.endpoints, raw.resolution, &ports)?;
+        let (endpoints, named_endpoints) = self.endpoints(
+            &path.key("endpoints"),
+            raw.endpoints,
+            raw.resolution,
+            &ports,
+        )?;
         // What a name resolves to is only known at run time; the DNS source keeps each
         // VIP's family apart then (a family with no address is left alone).
         if !endpoints.is_empty() && named_endpoints.is_empty() {
@@ -2225,9 +2233,10 @@ impl Validator<'_> {
             }
             let (address, hostname) = match raw_endpoint.address {
                 RawAddress::Ip(ip) => (ip, None),
-                RawAddress::Name(name) if resolution == Resolution::Dns => {
-                    (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), Some(intern(&name)))
-                }
+                RawAddress::Name(name) if resolution == Resolution::Dns => (
+                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    Some(intern(&name)),
+                ),
                 RawAddress::Name(hostname) => {
                     return Err(self.error(
                         &endpoint_path.key("address"),

@@ -75,6 +75,14 @@ enum Command {
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Show the DNS names endpoints are given by (`resolution: DNS`): what each resolved
+    /// to, its state, when it is asked again, and the last error.
+    Names {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Probe what this node's kernel offers detour (needs root): the version against
     /// the minimum, each BPF piece, socket destruction, linear SYN timeouts, and what
     /// the agent would refuse or turn off here. Exits 1 where the agent would refuse.
@@ -136,6 +144,7 @@ fn main() -> ExitCode {
                 socket,
             } => query(&socket, Request::Endpoints { service }, output).await,
             Command::Events { output, socket } => events(&socket, output).await,
+            Command::Names { output, socket } => query(&socket, Request::Names, output).await,
             Command::Explain {
                 service,
                 port,
@@ -189,6 +198,8 @@ async fn query(socket: &std::path::Path, request: Request, output: Output) -> an
         (Response::Endpoints(e), Output::Table) => cli::endpoints_table(e),
         (Response::Explain(x), Output::Json) => serde_json::to_string_pretty(x)? + "\n",
         (Response::Explain(x), Output::Table) => cli::explain_table(x),
+        (Response::Names(n), Output::Json) => serde_json::to_string_pretty(n)? + "\n",
+        (Response::Names(n), Output::Table) => cli::names_table(n),
         (Response::Event(_), _) => anyhow::bail!("the agent answered with an event"),
     };
     print!("{text}");

@@ -115,6 +115,20 @@ pub struct Snapshot {
     pub kernel_features: Vec<(String, bool)>,
     /// Backends whose per-backend series were left out (`--metrics-backend-limit`).
     pub backends_omitted: u64,
+    /// Every DNS name endpoints are given by.
+    pub names: Vec<NameMetrics>,
+    /// DNS lookups that failed or answered no address, since the agent started.
+    pub dns_lookup_failures: u64,
+}
+
+/// One DNS name endpoints are given by (`resolution: DNS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameMetrics {
+    pub name: String,
+    /// Addresses it serves now (the last good answer's).
+    pub addresses: u64,
+    /// Its last lookup failed: the last good addresses (or none) serve.
+    pub failing: bool,
 }
 
 /// Services that hit one map limit.
@@ -441,6 +455,30 @@ impl Collector for SnapshotCollector {
                 .kernel_features
                 .iter()
                 .map(|(feature, on)| ([("feature", feature.as_str())], i64::from(*on))),
+        )?;
+        gauges(
+            e,
+            "detour_dns_name_addresses",
+            "Addresses each DNS name an endpoint is given by serves now: its last good answer's (0 until it has resolved once).",
+            snapshot
+                .names
+                .iter()
+                .map(|n| ([("name", n.name.as_str())], saturating_i64(n.addresses))),
+        )?;
+        gauges(
+            e,
+            "detour_dns_name_failing",
+            "1 while the last lookup of the DNS name failed or answered no address: its last good addresses keep serving (detour names shows the error).",
+            snapshot
+                .names
+                .iter()
+                .map(|n| ([("name", n.name.as_str())], i64::from(n.failing))),
+        )?;
+        counter(
+            e,
+            "detour_dns_lookup_failures",
+            "DNS lookups of endpoint names that failed or answered no address.",
+            snapshot.dns_lookup_failures,
         )?;
         let over = &snapshot.services_over_limit;
         gauges(
@@ -797,6 +835,12 @@ mod tests {
                 ("syn_linear_timeouts".into(), false),
             ],
             backends_omitted: 0,
+            names: vec![NameMetrics {
+                name: "east.example".into(),
+                addresses: 2,
+                failing: true,
+            }],
+            dns_lookup_failures: 3,
         }
     }
 
@@ -893,6 +937,15 @@ detour_metrics_backends_omitted 0
 # TYPE detour_kernel_feature gauge
 detour_kernel_feature{feature="socket_destroy"} 1
 detour_kernel_feature{feature="syn_linear_timeouts"} 0
+# HELP detour_dns_name_addresses Addresses each DNS name an endpoint is given by serves now: its last good answer's (0 until it has resolved once).
+# TYPE detour_dns_name_addresses gauge
+detour_dns_name_addresses{name="east.example"} 2
+# HELP detour_dns_name_failing 1 while the last lookup of the DNS name failed or answered no address: its last good addresses keep serving (detour names shows the error).
+# TYPE detour_dns_name_failing gauge
+detour_dns_name_failing{name="east.example"} 1
+# HELP detour_dns_lookup_failures_total DNS lookups of endpoint names that failed or answered no address.
+# TYPE detour_dns_lookup_failures_total counter
+detour_dns_lookup_failures_total 3
 # HELP detour_services_refused Services not programmed because the BPF maps have no room for them, by the limit they hit (the agent's --max-services, --max-backends, --max-slots).
 # TYPE detour_services_refused gauge
 detour_services_refused{limit="max-services"} 2
@@ -1111,8 +1164,8 @@ detour_services_not_updated{limit="max-slots"} 1
         }
         // 50 (one tier line per frontend: two; one aborts line per address: two), the
         // omitted-backends gauge, the two kernel features, the two families of services over a map limit (2 samples
-        // each here).
-        assert_eq!(samples, 50 + 1 + 2 + 4);
+        // each here), the three DNS families (one name).
+        assert_eq!(samples, 50 + 1 + 2 + 4 + 3);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
@@ -1231,9 +1284,14 @@ detour_services_not_updated{limit="max-slots"} 1
         // The parser skips lines it cannot read, so first check that it read them all:
         // the histogram's 17 bucket lines become one sample, its _sum and _count one each.
         let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(sample_lines, 50 + 1 + 2 + 4);
-        assert_eq!(scrape.samples.len(), 50 + 1 + 2 + 4 - 17 + 1);
-        assert_eq!(scrape.docs.len(), 17 + 2 + 2, "{:?}", scrape.docs.keys());
+        assert_eq!(sample_lines, 50 + 1 + 2 + 4 + 3);
+        assert_eq!(scrape.samples.len(), 50 + 1 + 2 + 4 + 3 - 17 + 1);
+        assert_eq!(
+            scrape.docs.len(),
+            17 + 2 + 2 + 3,
+            "{:?}",
+            scrape.docs.keys()
+        );
         assert_eq!(
             scrape.docs["detour_backend_ejections_total"],
             "Times outlier detection ejected the backend."

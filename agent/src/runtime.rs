@@ -14,7 +14,7 @@
 //! - leaving the loop (SIGTERM, SIGINT) never detaches the programs: they stay pinned.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ use detour_agent::reconcile::{Limit, Reconciler, Refusal};
 use detour_agent::report;
 use detour_agent::selection::Tier;
 use detour_agent::sockdiag::{self, Which};
+use detour_agent::sources::dns::{self, lookup, Names, Recorded, TtlBounds};
 use detour_agent::sources::kubernetes::watch as kube_watch;
 use detour_ebpf::ConnEvent;
 use litemap::LiteMap;
@@ -117,6 +118,27 @@ pub struct AgentArgs {
     /// always.
     #[arg(long, default_value_t = 1000)]
     metrics_backend_limit: usize,
+    /// A name server for endpoints given by DNS name (`IP` or `IP:PORT`; repeat for
+    /// more); default: the node's own (`/etc/resolv.conf`, after `/etc/hosts`).
+    #[arg(long = "dns-server", value_parser = parse_dns_server)]
+    dns_servers: Vec<SocketAddr>,
+    /// A name is asked again at its records' TTL, but never sooner than this (also the
+    /// wait after a failed lookup)...
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    dns_min_ttl: Duration,
+    /// ...and never later than this.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    dns_max_ttl: Duration,
+    /// How long one try of a DNS query waits for its answer (two tries per server).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    dns_timeout: Duration,
+}
+
+/// `--dns-server`: `IP:PORT`, or an IP alone for port 53.
+fn parse_dns_server(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{text:?} is not IP or IP:PORT"))
 }
 
 type ApiCall = (Request, oneshot::Sender<Response>);
@@ -348,7 +370,19 @@ struct Agent {
     config_path: Option<PathBuf>,
     /// `--metrics-backend-limit`.
     metrics_backend_limit: usize,
+    /// What the source gave (the file as parsed, or the Kubernetes model's build), names
+    /// unresolved: `config` is this with [`dns::expand`]ed names.
+    source: Config,
+    /// The running configuration.
     config: Config,
+    /// Every DNS name `source` uses, and what it resolved to.
+    names: Names,
+    /// Built at the first name; `Err` holds why it could not be.
+    lookups: Option<Result<lookup::Lookups, String>>,
+    /// `--dns-server` and `--dns-timeout`, for building `lookups`.
+    dns_servers: Vec<SocketAddr>,
+    dns_timeout: Duration,
+    dns_answers: mpsc::Sender<lookup::Outcome>,
     config_text: String,
     /// The last file content that failed to parse, so a bad file is reported once.
     rejected_text: Option<String>,
@@ -399,6 +433,8 @@ struct Agent {
 #[derive(Default)]
 struct Counters {
     events_received: u64,
+    /// DNS lookups that failed or answered no address.
+    dns_failures: u64,
     config_reloads_ok: u64,
     config_reloads_failed: u64,
     sockets_destroyed: u64,
@@ -975,8 +1011,9 @@ impl Agent {
         }
         match parsed {
             Ok(None) => {}
-            Ok(Some((text, config))) => {
+            Ok(Some((text, source))) => {
                 let parsed_in = started.elapsed();
+                let config = self.resolve(source);
                 let change = ConfigChange::between(&self.config, &config);
                 let hold = match trust {
                     Trust::Complete => None,
@@ -1003,6 +1040,100 @@ impl Agent {
             Err(e) => {
                 self.counters.config_reloads_failed += 1;
                 error!(why, error = %format!("{e:#}"), "configuration rejected; still serving the previous one");
+            }
+        }
+    }
+
+    /// Takes `source` as the source's configuration: tracks the names it uses (new ones
+    /// are looked up at once) and returns it with what they resolved to so far.
+    fn resolve(&mut self, source: Config) -> Config {
+        let config = dns::expand_all(&source, &self.names);
+        self.source = source;
+        if !self.names.track(&self.source, Instant::now()).is_empty() {
+            self.look_up_due();
+        }
+        config
+    }
+
+    /// Starts a lookup of every name that is due.
+    fn look_up_due(&mut self) {
+        let due = self.names.take_due(Instant::now());
+        if due.is_empty() {
+            return;
+        }
+        let lookups = self.lookups.get_or_insert_with(|| {
+            lookup::Lookups::new(&self.dns_servers, self.dns_timeout).map_err(|e| format!("{e:#}"))
+        });
+        match lookups {
+            Ok(lookups) => {
+                for name in due {
+                    lookups.spawn(name, self.dns_answers.clone());
+                }
+            }
+            Err(error) => {
+                // No resolver: each name fails now and is tried again at the floor
+                // (the resolver is built again then).
+                let error = error.clone();
+                self.lookups = None;
+                for name in due {
+                    self.on_name_answer((name, Err(error.clone())));
+                }
+            }
+        }
+    }
+
+    /// A lookup answered: new addresses re-plan the services that use the name (through
+    /// the same diffed apply as any change); a failure keeps the last good ones and says
+    /// so.
+    fn on_name_answer(&mut self, (name, outcome): lookup::Outcome) {
+        let started = Instant::now();
+        let error = outcome.as_ref().err().cloned();
+        let recorded = self.names.record(&name, outcome, started);
+        let users: Vec<String> = self
+            .source
+            .services
+            .iter()
+            .filter(|s| s.named_endpoints.iter().any(|n| n.hostname == name))
+            .map(|s| s.name.clone())
+            .collect();
+        match recorded {
+            Recorded::Untracked | Recorded::Unchanged => {}
+            Recorded::Failed { kept } => {
+                let error = error.unwrap_or_else(|| "the name has no addresses".to_owned());
+                let failures = self.names.get(&name).map_or(0, |r| r.failures);
+                if failures == 1 {
+                    warn!(%name, %error, kept, "DNS lookup failed; the last addresses keep serving");
+                } else {
+                    debug!(%name, %error, kept, failures, "DNS lookup failed again");
+                }
+                self.counters.dns_failures += 1;
+                for service in &users {
+                    self.publish(
+                        "dns-failed",
+                        service,
+                        None,
+                        format!("{name}: {error}; keeping {kept} address(es)"),
+                    );
+                }
+            }
+            Recorded::Changed => {
+                let addresses = self.names.addresses(&name);
+                let list = addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                info!(%name, addresses = %list, "DNS name resolved to new addresses");
+                for service in &users {
+                    self.publish("dns-resolved", service, None, format!("{name}: {list}"));
+                }
+                let replaced = dns::users_of(&self.source, &name, &self.names);
+                let Some(config) = self.config.with_replaced(&replaced) else {
+                    return;
+                };
+                let change =
+                    ConfigChange::among(&self.config, &config, users.iter().map(String::as_str));
+                self.use_config(config, change, true, "dns", started, Duration::ZERO);
             }
         }
     }
@@ -1113,9 +1244,11 @@ impl Agent {
             if !same_order {
                 self.config_shape += 1;
             }
+            self.source = built.config.clone();
             self.config = built.config;
             return;
         }
+        self.source = built.config.clone();
         let first = update.first_sync.is_some();
         self.use_config(
             built.config,
@@ -1149,6 +1282,7 @@ impl Agent {
                 Ok(view) => Response::Explain(view),
                 Err(error) => Response::Error(error),
             },
+            Request::Names => Response::Names(self.name_views()),
         }
     }
 
@@ -1279,6 +1413,54 @@ impl Agent {
         .collect()
     }
 
+    /// The DNS name endpoint `index` of `service` was resolved from; "" for one given by
+    /// address. The running service's endpoints are its source's, then the resolved
+    /// ones ([`dns::expand`]).
+    fn hostname_of(&self, service: &str, index: usize, ip: IpAddr) -> String {
+        let Some(source) = self.source.service(service) else {
+            return String::new();
+        };
+        if index < source.endpoints.len() {
+            return String::new();
+        }
+        source
+            .named_endpoints
+            .iter()
+            .find(|named| self.names.addresses(&named.hostname).contains(&ip))
+            .map(|named| named.hostname.to_string())
+            .unwrap_or_default()
+    }
+
+    /// `detour names`: every tracked DNS name.
+    fn name_views(&self) -> Vec<api::NameView> {
+        let now = Instant::now();
+        self.names
+            .iter()
+            .map(|(name, record)| api::NameView {
+                name: name.to_string(),
+                services: self
+                    .source
+                    .services
+                    .iter()
+                    .filter(|s| s.named_endpoints.iter().any(|n| &n.hostname == name))
+                    .map(|s| s.name.clone())
+                    .collect(),
+                state: record.state().to_owned(),
+                addresses: record.addresses.as_deref().unwrap_or(&[]).to_vec(),
+                resolved_secs_ago: record
+                    .resolved
+                    .map(|(at, _)| now.duration_since(at).as_secs()),
+                ttl_secs: record.resolved.map(|(_, ttl)| ttl.as_secs()),
+                next_lookup_in_ms: (!record.in_flight).then(|| {
+                    let left = record.next_at.saturating_duration_since(now);
+                    left.as_millis().try_into().unwrap_or(u64::MAX)
+                }),
+                failures: record.failures,
+                last_error: record.last_error.clone(),
+            })
+            .collect()
+    }
+
     /// `detour endpoints`: one row per (service, target), from [`report::endpoints`] as
     /// the metrics are.
     fn endpoint_views(&self, service: Option<&str>) -> Vec<EndpointView> {
@@ -1299,6 +1481,7 @@ impl Agent {
                 address: e.target,
                 locality: config.map(|c| e.locality(c)).unwrap_or_default(),
                 cluster: config.map(|c| e.cluster(c)).unwrap_or_default().to_owned(),
+                hostname: self.hostname_of(&p.service, e.endpoint, e.target.ip()),
                 health: e.health.to_string(),
                 weight: e.weight,
                 tier: e.tier.to_string(),
@@ -1482,6 +1665,16 @@ impl Agent {
             events_received: self.counters.events_received,
             reconcile: self.counters.reconcile.clone(),
             config_reloads_ok: self.counters.config_reloads_ok,
+            dns_lookup_failures: self.counters.dns_failures,
+            names: self
+                .names
+                .iter()
+                .map(|(name, record)| metrics::NameMetrics {
+                    name: name.to_string(),
+                    addresses: record.addresses.as_ref().map_or(0, |a| a.len() as u64),
+                    failing: record.last_error.is_some(),
+                })
+                .collect(),
             config_reloads_failed: self.counters.config_reloads_failed,
             sockets_destroyed: self.counters.sockets_destroyed,
             fast_path_avoided: kernel[detour_ebpf::counters::SUSPECT_AVOIDED as usize],
@@ -1572,13 +1765,23 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (kernel_tx, mut kernel_rx) = mpsc::channel::<Vec<ConnEvent>>(256);
     let event_reader = spawn_event_reader(ring, kernel_tx)?;
     let (destroyed_tx, mut destroyed_rx) = mpsc::unbounded_channel::<Destroyed>();
+    let (dns_tx, mut dns_rx) = mpsc::channel::<lookup::Outcome>(256);
     let mut agent = Agent {
         config_shape: 0,
         config_path: args.config.clone(),
         metrics_backend_limit: args.metrics_backend_limit,
         kubernetes_problems: Vec::new(),
         ejection_causes: HashMap::new(),
-        config,
+        source: Config::default(),
+        config: Config::default(),
+        names: Names::new(TtlBounds {
+            min: args.dns_min_ttl,
+            max: args.dns_max_ttl,
+        }),
+        lookups: None,
+        dns_servers: args.dns_servers.clone(),
+        dns_timeout: args.dns_timeout,
+        dns_answers: dns_tx,
         config_text,
         rejected_text: None,
         config_stamp,
@@ -1604,6 +1807,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         destroyed: destroyed_tx,
         counters: Counters::default(),
     };
+    agent.config = agent.resolve(config);
+    first_lookups(&mut agent, &mut dns_rx).await;
     agent.probes.sync(
         &agent.config,
         &Dirty::All,
@@ -1650,6 +1855,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut release = tokio::time::interval(Duration::from_secs(1));
     loop {
         let outlier_deadline = agent.passive.next_deadline();
+        let names_due = agent.names.next_due();
         tokio::select! {
             Some(batch) = kernel_rx.recv() => agent.on_kernel_events(batch),
             Some(done) = destroyed_rx.recv() => agent.on_destroyed(done),
@@ -1660,6 +1866,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 agent.on_outlier_deadline();
             }
             Some(change) = changes_rx.recv() => agent.on_health_change(change),
+            Some(answer) = dns_rx.recv() => agent.on_name_answer(answer),
+            () = sleep_until(names_due), if names_due.is_some() => agent.look_up_due(),
             Some(update) = kube_rx.recv() => agent.on_kubernetes_update(update),
             Some((request, reply)) = api_rx.recv() => {
                 let _ = reply.send(agent.answer(request));
@@ -1702,6 +1910,39 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");
     Ok(())
+}
+
+/// Waits for the first answers for the names the configuration uses, so that the first
+/// apply serves their addresses instead of replacing what the pinned maps hold with
+/// none; bounded by two tries of every server, plus a second. A name still unanswered
+/// then is served from its first answer on.
+async fn first_lookups(agent: &mut Agent, answers: &mut mpsc::Receiver<lookup::Outcome>) {
+    let in_flight = |names: &Names| names.iter().filter(|(_, r)| r.in_flight).count();
+    if in_flight(&agent.names) == 0 {
+        return;
+    }
+    let wait = (agent.dns_timeout * 2 + Duration::from_secs(1)).min(lookup::LOOKUP_DEADLINE);
+    let deadline = tokio::time::Instant::now() + wait;
+    while in_flight(&agent.names) > 0 {
+        match tokio::time::timeout_at(deadline, answers.recv()).await {
+            Ok(Some((name, outcome))) => {
+                agent.names.record(&name, outcome, Instant::now());
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for (name, record) in agent.names.iter() {
+        match (&record.addresses, &record.last_error) {
+            (Some(addresses), _) => info!(%name, addresses = addresses.len(), "DNS name resolved"),
+            (None, Some(error)) => {
+                warn!(%name, %error, "DNS name did not resolve; its endpoints serve once it does");
+            }
+            (None, None) => {
+                warn!(%name, "DNS name not answered yet; its endpoints serve once it is")
+            }
+        }
+    }
+    agent.config = dns::expand_all(&agent.source, &agent.names);
 }
 
 /// A client for the agent's own cluster: `kubeconfig` when given, else in-cluster

@@ -2,8 +2,8 @@
 //! to ask again, and the service each source's model becomes once its names are
 //! replaced by their addresses.
 //!
-//! Pure: no I/O, no clock (callers pass `now`). The lookups themselves are the
-//! runtime's, through hickory-resolver; this module decides what they mean.
+//! Pure: no I/O, no clock (callers pass `now`). The lookups themselves are
+//! [`lookup`]'s, through hickory-resolver; this module decides what they mean.
 //!
 //! Invariants:
 //! - [`Names`] tracks exactly the names the running configuration uses
@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use smallvec::SmallVec;
 
 use crate::config::{Config, EndpointConfig, ServiceConfig};
+
+pub mod lookup;
 
 /// How soon and how late a name is asked again, whatever its records' TTL says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +179,12 @@ impl Names {
     }
 
     /// Records a lookup's outcome at `now`.
-    pub fn record(&mut self, name: &str, outcome: Result<Answer, String>, now: Instant) -> Recorded {
+    pub fn record(
+        &mut self,
+        name: &str,
+        outcome: Result<Answer, String>,
+        now: Instant,
+    ) -> Recorded {
         let bounds = self.bounds;
         let Some(record) = self.records.get_mut(name) else {
             return Recorded::Untracked;
@@ -376,7 +383,11 @@ services:
             .iter()
             .map(|e| {
                 let port = e.port_for(&service.ports[0]);
-                (format!("{}:{port}", e.address), e.weight, e.locality.to_string())
+                (
+                    format!("{}:{port}", e.address),
+                    e.weight,
+                    e.locality.to_string(),
+                )
             })
             .collect()
     }
@@ -387,7 +398,10 @@ services:
         let now = Instant::now();
         let mut names = Names::new(TtlBounds::default());
         let new = names.track(&config, now);
-        assert_eq!(new, vec![Arc::from("east.example"), Arc::from("west.example")]);
+        assert_eq!(
+            new,
+            vec![Arc::from("east.example"), Arc::from("west.example")]
+        );
         assert_eq!(names.get("east.example").unwrap().state(), "pending");
         assert_eq!(names.take_due(now).len(), 2);
         assert_eq!(names.take_due(now), Vec::<Arc<str>>::new(), "in flight");
@@ -421,23 +435,40 @@ services:
         let t1 = t0 + bounds.min;
         assert_eq!(names.take_due(t1), vec![Arc::from("east.example")]);
         assert_eq!(
-            names.record("east.example", answer(&["127.0.0.2", "127.0.0.1", "127.0.0.2"], 1), t1),
+            names.record(
+                "east.example",
+                answer(&["127.0.0.2", "127.0.0.1", "127.0.0.2"], 1),
+                t1
+            ),
             Recorded::Changed
         );
         let record = names.get("east.example").unwrap();
         assert_eq!(record.state(), "resolved");
-        assert_eq!(names.addresses("east.example"), ["127.0.0.1".parse::<IpAddr>().unwrap(), "127.0.0.2".parse().unwrap()]);
+        assert_eq!(
+            names.addresses("east.example"),
+            [
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
+                "127.0.0.2".parse().unwrap()
+            ]
+        );
         // A TTL of 1 s is asked again at the floor; one of an hour at the ceiling.
         assert_eq!(record.next_at, t1 + bounds.min);
         names.take_due(t1 + bounds.min);
         assert_eq!(
-            names.record("east.example", answer(&["127.0.0.1", "127.0.0.2"], 3600), t1),
+            names.record(
+                "east.example",
+                answer(&["127.0.0.1", "127.0.0.2"], 3600),
+                t1
+            ),
             Recorded::Unchanged
         );
         assert_eq!(names.get("east.example").unwrap().next_at, t1 + bounds.max);
         // An empty answer is a failure too: the addresses stay.
         for outcome in [answer(&[], 30), Err("SERVFAIL".into())] {
-            assert_eq!(names.record("east.example", outcome, t1), Recorded::Failed { kept: 2 });
+            assert_eq!(
+                names.record("east.example", outcome, t1),
+                Recorded::Failed { kept: 2 }
+            );
             assert_eq!(names.get("east.example").unwrap().state(), "stale");
             assert_eq!(names.addresses("east.example").len(), 2);
         }
@@ -452,9 +483,20 @@ services:
         names.track(&config, now);
         let db = config.service("db").unwrap();
         // Nothing resolved yet: only the literal endpoint.
-        assert_eq!(endpoints(&expand(db, &names)), [("127.0.0.9:80".into(), 1, "us-west1/us-west1-a".into())]);
-        names.record("east.example", answer(&["127.0.1.1", "127.0.1.2", "::1"], 30), now);
-        names.record("west.example", answer(&["127.0.2.1", "127.0.2.2", "127.0.2.3"], 30), now);
+        assert_eq!(
+            endpoints(&expand(db, &names)),
+            [("127.0.0.9:80".into(), 1, "us-west1/us-west1-a".into())]
+        );
+        names.record(
+            "east.example",
+            answer(&["127.0.1.1", "127.0.1.2", "::1"], 30),
+            now,
+        );
+        names.record(
+            "west.example",
+            answer(&["127.0.2.1", "127.0.2.2", "127.0.2.3"], 30),
+            now,
+        );
         let expanded = expand(db, &names);
         // Scale lcm(2, 3) = 6: the literal 1 → 6; east's 3 over two addresses → 9 each;
         // west's 1 over three → 2 each. The IPv6 address has no IPv6 VIP to serve.
@@ -517,7 +559,10 @@ services:
             (0..n).map(|i| format!("127.{base}.0.{}", i + 1)).collect()
         };
         let refs = |v: &[String]| -> Result<Answer, String> {
-            Ok(Answer { addresses: v.iter().map(|a| a.parse().unwrap()).collect(), ttl: Duration::from_secs(30) })
+            Ok(Answer {
+                addresses: v.iter().map(|a| a.parse().unwrap()).collect(),
+                ttl: Duration::from_secs(30),
+            })
         };
         // lcm(97, 89, 83) is far past the cap.
         names.record("a.example", refs(&many(1, 97)), now);
@@ -526,6 +571,9 @@ services:
         let expanded = expand(config.service("db").unwrap(), &names);
         assert_eq!(expanded.endpoints.len(), 97 + 89 + 83);
         assert!(expanded.endpoints.iter().all(|e| e.weight >= 1));
-        assert_eq!(expanded.endpoints[0].weight, (1_000_000 * MAX_WEIGHT_SCALE / 97) as u32);
+        assert_eq!(
+            expanded.endpoints[0].weight,
+            (1_000_000 * MAX_WEIGHT_SCALE / 97) as u32
+        );
     }
 }
