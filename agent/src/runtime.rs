@@ -1131,8 +1131,15 @@ impl Agent {
                 let Some(config) = self.config.with_replaced(&replaced) else {
                     return;
                 };
-                let change =
+                let mut change =
                     ConfigChange::among(&self.config, &config, users.iter().map(String::as_str));
+                // An address that left a name's answer is drained, not cut: no new
+                // connect goes to it, and connections open to it end on their own. A
+                // record that rotates (as cloud services' do, every few minutes) says
+                // nothing about the old address being down; health checks and outlier
+                // detection say that. An edit of the file that removes a name still
+                // terminates, as any removed backend.
+                change.removed_targets.clear();
                 self.use_config(config, change, true, "dns", started, Duration::ZERO);
             }
         }

@@ -16,6 +16,7 @@
 mod client;
 mod config_file;
 mod demo;
+mod dns_names;
 mod explain;
 mod fail_open;
 mod kernel;
