@@ -87,6 +87,9 @@ pub struct Config {
     /// made by [`Config::with_replaced`], which names the same services in the same
     /// order.
     by_name: Arc<HashMap<String, usize>>,
+    /// What parsing noticed and let pass (an allocated VIP that moved past a taken one),
+    /// for [`Config::warnings`].
+    notes: Vec<ConfigWarning>,
 }
 
 impl Config {
@@ -159,7 +162,9 @@ impl Config {
     /// Things that are valid but probably not what the user meant, for the agent to log.
     #[must_use]
     pub fn warnings(&self) -> Vec<ConfigWarning> {
-        self.warnings_of(self.services.iter().map(|s| &**s))
+        let mut warnings = self.notes.clone();
+        warnings.extend(self.warnings_of(self.services.iter().map(|s| &**s)));
+        warnings
     }
 
     /// [`Config::warnings`] for `services` only (a source that rebuilds per change says
@@ -226,6 +231,14 @@ pub enum ConfigWarning {
         tier_size: usize,
         max_ejection_percent: u32,
     },
+    /// The VIP a service's name hashes to in the VIP range was taken (by another
+    /// service's VIP), so it got the next free one: it depends on the other service.
+    VipCollision {
+        service: String,
+        wanted: IpAddr,
+        allocated: IpAddr,
+        taken_by: String,
+    },
 }
 
 impl fmt::Display for ConfigWarning {
@@ -246,6 +259,16 @@ impl fmt::Display for ConfigWarning {
                  of the {tier_size} endpoint(s) in tier {tier} allows no ejection, so a failing \
                  backend there keeps its connections; detour caps ejection per tier, and 100 \
                  (its default) lets the tier fail over"
+            ),
+            Self::VipCollision {
+                service,
+                wanted,
+                allocated,
+                taken_by,
+            } => write!(
+                f,
+                "service {service:?}: its VIP would be {wanted}, which service {taken_by:?} \
+                 has, so it is {allocated}; give one of them `vips` to keep both stable"
             ),
         }
     }
@@ -275,7 +298,12 @@ pub mod well_known {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: String,
+    /// Where applications connect: the file's `vips`, or for a service that gives only
+    /// `hosts`, one IPv4 address allocated from the VIP range ([`ParseOptions`]).
     pub vips: Vec<IpAddr>,
+    /// DNS names applications use for the service (Istio's `hosts`): the agent's DNS
+    /// server answers them with `vips`. Lowercase, unique across services.
+    pub hosts: Vec<String>,
     pub ports: Vec<PortConfig>,
     /// May be empty: the service then has no backends (see [`Config::warnings`]).
     /// Endpoints given by IP address, and (once [`crate::sources::dns::expand`] has run)
@@ -821,8 +849,17 @@ pub enum ConfigErrorKind {
     MissingServices,
     #[error("service name {name:?} is already used by services[{first}]")]
     DuplicateServiceName { name: String, first: usize },
-    #[error("a service needs at least one VIP")]
+    #[error("a service needs at least one VIP, or `hosts` for detour to allocate one")]
     NoVips,
+    #[error("host {host:?} is already a host of service {service:?}")]
+    HostInUse { host: String, service: String },
+    #[error(
+        "detour allocates an IPv4 VIP for a service with `hosts` and no `vips`, and this \
+         service's endpoints are all IPv6: give it `vips`"
+    )]
+    AllocatedVipWithoutIpv4Endpoint,
+    #[error("no free address is left in the VIP range {range} for a service without `vips`")]
+    VipRangeFull { range: ipnet::Ipv4Net },
     #[error("a service needs at least one port")]
     NoPorts,
     #[error("VIP {vip} is listed twice")]
@@ -932,6 +969,34 @@ impl fmt::Display for IpFamily {
 /// # Errors
 /// The first problem found, with its field path and line.
 pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
+    parse_with(yaml, &ParseOptions::default())
+}
+
+/// What parsing takes from outside the file: the agent's flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseOptions {
+    /// Where VIPs of services with `hosts` and no `vips` come from (`--vip-range`).
+    pub vip_range: ipnet::Ipv4Net,
+}
+
+/// Istio's range for addresses it allocates to ServiceEntries (240.240.0.0/16, in the
+/// reserved 240.0.0.0/4): never a real host's address, and a connect() to it that
+/// detour did not rewrite fails at once instead of reaching someone.
+pub const DEFAULT_VIP_RANGE: &str = "240.240.0.0/16";
+
+impl Default for ParseOptions {
+    fn default() -> Self {
+        Self {
+            vip_range: DEFAULT_VIP_RANGE.parse().expect("a valid network"),
+        }
+    }
+}
+
+/// [`parse`], with `options`.
+///
+/// # Errors
+/// The first problem found, with its field path and line.
+pub fn parse_with(yaml: &str, options: &ParseOptions) -> Result<Config, ConfigError> {
     if yaml.len() > MAX_DOCUMENT_BYTES {
         return Err(ConfigError {
             path: String::new(),
@@ -967,7 +1032,11 @@ pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
             kind: ConfigErrorKind::MissingServices,
         });
     }
-    Validator { yaml }.config(raw)
+    Validator {
+        yaml,
+        vip_range: options.vip_range,
+    }
+    .config(raw)
 }
 
 /// Checks one service written in the file's schema by another source (Kubernetes builds
@@ -988,7 +1057,11 @@ pub fn service_from_json(value: serde_json::Value) -> Result<ServiceConfig, Conf
             },
         }
     })?;
-    Validator { yaml: "" }.service(&FieldPath::default(), raw)
+    Validator {
+        yaml: "",
+        vip_range: ParseOptions::default().vip_range,
+    }
+    .service(&FieldPath::default(), raw)
 }
 
 /// An endpoint's label `key`: its own labels first, then its locality and cluster under
@@ -1071,6 +1144,7 @@ pub fn assemble(
         node,
         services,
         by_name: Arc::new(by_name),
+        notes: Vec::new(),
     };
     (config, left_out)
 }
@@ -1334,8 +1408,10 @@ struct RawNode {
 struct RawService {
     #[serde(deserialize_with = "de_service_name")]
     name: String,
-    #[serde(deserialize_with = "de_addresses")]
+    #[serde(default, deserialize_with = "de_addresses")]
     vips: Vec<IpAddr>,
+    #[serde(default, deserialize_with = "de_hosts")]
+    hosts: Vec<String>,
     ports: Vec<RawPort>,
     #[serde(default, deserialize_with = "de_resolution")]
     resolution: Resolution,
@@ -1816,6 +1892,35 @@ pub fn is_dns_name(name: &str) -> bool {
         })
 }
 
+/// `hosts`: DNS names, lowercased; a wildcard is refused with why.
+fn de_hosts<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct Host(String);
+    impl<'de> Deserialize<'de> for Host {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer
+                .deserialize_str(StrVisitor {
+                    what: "a DNS name",
+                    check: |value: &str| {
+                        let name = value.trim_end_matches('.').to_ascii_lowercase();
+                        if name.starts_with('*') {
+                            Err(format!(
+                                "{value:?} is a wildcard: detour answers DNS for exact names \
+                                 only (one name, one service's VIPs)"
+                            ))
+                        } else if is_dns_name(&name) {
+                            Ok(name)
+                        } else {
+                            Err(format!("{value:?} is not a DNS name"))
+                        }
+                    },
+                })
+                .map(Host)
+        }
+    }
+    let hosts: Vec<Host> = Deserialize::deserialize(deserializer)?;
+    Ok(hosts.into_iter().map(|Host(name)| name).collect())
+}
+
 /// Istio's `resolution` values: `STATIC` and `DNS`; the other two are refused with why.
 fn de_resolution<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Resolution, D::Error> {
     deserializer.deserialize_str(StrVisitor {
@@ -2016,6 +2121,7 @@ impl fmt::Display for FieldPath {
 
 struct Validator<'a> {
     yaml: &'a str,
+    vip_range: ipnet::Ipv4Net,
 }
 
 impl Validator<'_> {
@@ -2034,11 +2140,10 @@ impl Validator<'_> {
             .unwrap_or_default();
         let node = NodeConfig { locality, labels };
         let root = FieldPath::default().key("services");
-        let mut services: Vec<ServiceConfig> = Vec::new();
+        let raw_services = raw.services.unwrap_or_default();
+        let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw_services.len());
         let mut names: HashMap<String, usize> = HashMap::new();
-        // Which service owns each VIP:port; checked across all services.
-        let mut owners: HashMap<SocketAddr, usize> = HashMap::new();
-        for (index, raw_service) in raw.services.unwrap_or_default().into_iter().enumerate() {
+        for (index, raw_service) in raw_services.into_iter().enumerate() {
             let path = root.index(index);
             if let Some(&first) = names.get(&raw_service.name) {
                 return Err(self.error(
@@ -2050,7 +2155,14 @@ impl Validator<'_> {
                 ));
             }
             names.insert(raw_service.name.clone(), index);
-            let service = self.service(&path, raw_service)?;
+            services.push(self.service(&path, raw_service)?);
+        }
+        let notes = self.allocate_vips(&root, &mut services)?;
+        // Which service owns each VIP:port, and each host; checked across all services.
+        let mut owners: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut hosts: HashMap<&str, usize> = HashMap::new();
+        for (index, service) in services.iter().enumerate() {
+            let path = root.index(index);
             for (vip_index, vip) in service.vips.iter().enumerate() {
                 for port in &service.ports {
                     let socket = SocketAddr::new(*vip, port.number);
@@ -2066,7 +2178,18 @@ impl Validator<'_> {
                     owners.insert(socket, index);
                 }
             }
-            services.push(service);
+            for (host_index, host) in service.hosts.iter().enumerate() {
+                if let Some(&owner) = hosts.get(host.as_str()) {
+                    return Err(self.error(
+                        &path.key("hosts").index(host_index),
+                        ConfigErrorKind::HostInUse {
+                            host: host.clone(),
+                            service: services[owner].name.clone(),
+                        },
+                    ));
+                }
+                hosts.insert(host, index);
+            }
         }
         let by_name = services
             .iter()
@@ -2077,12 +2200,79 @@ impl Validator<'_> {
             node,
             services: services.into_iter().map(Arc::new).collect(),
             by_name: Arc::new(by_name),
+            notes,
         })
     }
 
+    /// Gives each service with `hosts` and no `vips` one IPv4 VIP from the VIP range:
+    /// the address its name hashes to (SHA-256, so every agent and every version agrees),
+    /// or, when another service has that one, the next free one after it (a collision,
+    /// returned as a warning). Services keep their file order, so the same file always
+    /// gives the same VIPs.
+    fn allocate_vips(
+        &self,
+        root: &FieldPath,
+        services: &mut [ServiceConfig],
+    ) -> Result<Vec<ConfigWarning>, ConfigError> {
+        use sha2::Digest as _;
+        let mut taken: HashMap<IpAddr, usize> = HashMap::new();
+        for (index, service) in services.iter().enumerate() {
+            for vip in &service.vips {
+                taken.entry(*vip).or_insert(index);
+            }
+        }
+        let range = self.vip_range.trunc();
+        let first = u32::from(range.network());
+        let size = 1_u64 << (32 - u32::from(range.prefix_len()));
+        let mut notes = Vec::new();
+        for index in 0..services.len() {
+            if !services[index].vips.is_empty() {
+                continue;
+            }
+            let digest = sha2::Sha256::digest(services[index].name.as_bytes());
+            let hash = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+            let start = hash % size;
+            // At most one step per address taken, and never more than the range has.
+            let steps = (taken.len() as u64 + 1).min(size);
+            let at = |step: u64| {
+                let offset = u32::try_from((start + step) % size).expect("within the range");
+                IpAddr::V4(std::net::Ipv4Addr::from(first + offset))
+            };
+            let Some(step) = (0..steps).find(|&step| !taken.contains_key(&at(step))) else {
+                return Err(self.error(
+                    &root.index(index).key("hosts"),
+                    ConfigErrorKind::VipRangeFull { range },
+                ));
+            };
+            let allocated = at(step);
+            if step > 0 {
+                notes.push(ConfigWarning::VipCollision {
+                    service: services[index].name.clone(),
+                    wanted: at(0),
+                    allocated,
+                    taken_by: services[taken[&at(0)]].name.clone(),
+                });
+            }
+            taken.insert(allocated, index);
+            services[index].vips.push(allocated);
+        }
+        Ok(notes)
+    }
+
     fn service(&self, path: &FieldPath, raw: RawService) -> Result<ServiceConfig, ConfigError> {
-        if raw.vips.is_empty() {
+        if raw.vips.is_empty() && raw.hosts.is_empty() {
             return Err(self.error(&path.key("vips"), ConfigErrorKind::NoVips));
+        }
+        for (index, host) in raw.hosts.iter().enumerate() {
+            if raw.hosts[..index].contains(host) {
+                return Err(self.error(
+                    &path.key("hosts").index(index),
+                    ConfigErrorKind::HostInUse {
+                        host: host.clone(),
+                        service: raw.name.clone(),
+                    },
+                ));
+            }
         }
         let mut seen_vips = HashSet::new();
         for (index, vip) in raw.vips.iter().enumerate() {
@@ -2103,6 +2293,13 @@ impl Validator<'_> {
         // What a name resolves to is only known at run time; the DNS source keeps each
         // VIP's family apart then (a family with no address is left alone).
         if !endpoints.is_empty() && named_endpoints.is_empty() {
+            // The VIP detour allocates is IPv4.
+            if raw.vips.is_empty() && !endpoints.iter().any(|e| e.address.is_ipv4()) {
+                return Err(self.error(
+                    &path.key("hosts"),
+                    ConfigErrorKind::AllocatedVipWithoutIpv4Endpoint,
+                ));
+            }
             for (index, vip) in raw.vips.iter().enumerate() {
                 let family = IpFamily::of(vip);
                 if !endpoints
@@ -2149,6 +2346,7 @@ impl Validator<'_> {
         Ok(ServiceConfig {
             name: raw.name,
             vips: raw.vips,
+            hosts: raw.hosts,
             ports,
             endpoints,
             named_endpoints,
@@ -3455,6 +3653,114 @@ services:
     }
 
     #[test]
+    fn a_service_with_hosts_and_no_vips_gets_a_stable_vip_from_the_range() {
+        let yaml = "
+services:
+  - name: mydb
+    hosts: [MyDB.com., db.example]
+    ports: [{number: 80}]
+    endpoints: [{address: 127.0.0.9}]
+  - name: other
+    vips: [10.9.0.1]
+    hosts: [other.example]
+    ports: [{number: 80}]
+    endpoints: [{address: 127.0.0.10}]
+";
+        let options = ParseOptions {
+            vip_range: "10.1.0.0/30".parse().unwrap(),
+        };
+        let config = parse_with(yaml, &options).unwrap();
+        let mydb = config.service("mydb").unwrap();
+        assert_eq!(mydb.hosts, ["mydb.com", "db.example"]);
+        assert_eq!(mydb.vips.len(), 1);
+        let vip = mydb.vips[0];
+        assert!(
+            ipnet::IpNet::from(options.vip_range).contains(&vip),
+            "{vip}"
+        );
+        // The same name gets the same VIP, wherever it is in the file.
+        let alone = parse_with(
+            &yaml.replace("vips: [10.9.0.1]", "vips: [10.9.0.2]"),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(alone.service("mydb").unwrap().vips, [vip]);
+        // Whatever it hashes to, a VIP another service has is skipped, with a warning
+        // naming both; a range with no room left is an error.
+        let mut taken = yaml.to_owned();
+        for (at, address) in ["10.1.0.0", "10.1.0.1", "10.1.0.2", "10.1.0.3"]
+            .iter()
+            .enumerate()
+        {
+            if vip.to_string() != *address {
+                continue;
+            }
+            taken = yaml.replace("vips: [10.9.0.1]", &format!("vips: [{address}]"));
+            let config = parse_with(&taken, &options).unwrap();
+            let moved = config.service("mydb").unwrap().vips[0];
+            assert_ne!(moved, vip);
+            assert_eq!(
+                config.warnings(),
+                [ConfigWarning::VipCollision {
+                    service: "mydb".into(),
+                    wanted: vip,
+                    allocated: moved,
+                    taken_by: "other".into(),
+                }],
+                "{at}"
+            );
+        }
+        let full = taken.replace(
+            &format!("vips: [{vip}]"),
+            "vips: [10.1.0.0, 10.1.0.1, 10.1.0.2, 10.1.0.3]",
+        );
+        assert_eq!(
+            parse_with(&full, &options).unwrap_err().to_string(),
+            "services[0].hosts (line 4): no free address is left in the VIP range 10.1.0.0/30 \
+             for a service without `vips`"
+        );
+        // The default range is Istio's.
+        let config = parse(yaml).unwrap();
+        let default: ipnet::Ipv4Net = DEFAULT_VIP_RANGE.parse().unwrap();
+        assert!(ipnet::IpNet::from(default).contains(&config.service("mydb").unwrap().vips[0]));
+    }
+
+    #[test]
+    fn hosts_are_one_services_each_and_exact_names() {
+        let two = "
+services:
+  - name: a
+    hosts: [mydb.com]
+    ports: [{number: 80}]
+  - name: b
+    vips: [10.0.0.2]
+    hosts: [x.example, MYDB.com]
+    ports: [{number: 80}]
+";
+        assert_eq!(
+            parse(two).unwrap_err().to_string(),
+            "services[1].hosts[1] (line 8): host \"mydb.com\" is already a host of service \"a\""
+        );
+        assert_eq!(
+            refused(&service_with("hosts: [\"*.example.com\"]")),
+            "services[0].hosts[0] (line 6): \"*.example.com\" is a wildcard: detour answers DNS \
+             for exact names only (one name, one service's VIPs)"
+        );
+        assert_eq!(
+            refused("services:\n  - name: db\n    ports: [{number: 80}]\n"),
+            "services[0].vips (line 2): a service needs at least one VIP, or `hosts` for detour \
+             to allocate one"
+        );
+        assert_eq!(
+            refused(
+                "services:\n  - name: db\n    hosts: [db.example]\n    ports: [{number: 80}]\n    endpoints: [{address: \"::1\"}]\n"
+            ),
+            "services[0].hosts (line 3): detour allocates an IPv4 VIP for a service with `hosts` \
+             and no `vips`, and this service's endpoints are all IPv6: give it `vips`"
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused_with_field_and_line() {
         let cases = [
             (
@@ -3589,7 +3895,8 @@ services:
                     ports: [{number: 80}]
                 "
             ),
-            "services[0] (line 2): missing field `vips`"
+            "services[0].vips (line 2): a service needs at least one VIP, or `hosts` for detour \
+             to allocate one"
         );
         assert_eq!(
             refused("services: [\n"),
@@ -3611,7 +3918,8 @@ services:
                     vips: []
                     ports: [{number: 80}]
                 ",
-                "services[0].vips (line 3): a service needs at least one VIP",
+                "services[0].vips (line 3): a service needs at least one VIP, or `hosts` for \
+                 detour to allocate one",
             ),
             (
                 "
