@@ -25,6 +25,7 @@ pub mod explain;
 pub mod health;
 pub mod intern;
 pub mod metrics;
+pub mod nameserver;
 pub mod outlier;
 pub mod passive;
 pub mod plan_cache;

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -34,6 +35,7 @@ use detour_agent::explain;
 use detour_agent::health::{
     self, EjectedFlag, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds,
 };
+use detour_agent::nameserver;
 use detour_agent::metrics::{
     self, AddressMetrics, BackendMetrics, Histogram, LimitMetrics, ServiceMetrics, Snapshot,
 };
@@ -50,7 +52,7 @@ use detour_ebpf::ConnEvent;
 use litemap::LiteMap;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
@@ -132,6 +134,25 @@ pub struct AgentArgs {
     /// How long one try of a DNS query waits for its answer (two tries per server).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     dns_timeout: Duration,
+    /// Where the agent answers DNS for services' `hosts` (UDP), or `off`. A loopback
+    /// address of its own, so it never takes the node resolver's port; route only the
+    /// hosts' names to it (see the README).
+    #[arg(long, default_value = "127.0.0.153:53", value_parser = parse_dns_listen)]
+    dns_listen: DnsListen,
+    /// The range VIPs of services with `hosts` and no `vips` are allocated from.
+    #[arg(long, default_value = config::DEFAULT_VIP_RANGE)]
+    vip_range: ipnet::Ipv4Net,
+}
+
+/// `--dns-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct DnsListen(Option<SocketAddr>);
+
+fn parse_dns_listen(text: &str) -> Result<DnsListen, String> {
+    if text == "off" {
+        return Ok(DnsListen(None));
+    }
+    parse_dns_server(text).map(|address| DnsListen(Some(address)))
 }
 
 /// `--dns-server`: `IP:PORT`, or an IP alone for port 53.
@@ -383,6 +404,10 @@ struct Agent {
     dns_servers: Vec<SocketAddr>,
     dns_timeout: Duration,
     dns_answers: mpsc::Sender<lookup::Outcome>,
+    /// `--vip-range`, for every parse of the file.
+    parse_options: config::ParseOptions,
+    /// What the DNS server for `hosts` answers; sent on whenever it changes.
+    zone: watch::Sender<Arc<nameserver::Zone>>,
     config_text: String,
     /// The last file content that failed to parse, so a bad file is reported once.
     rejected_text: Option<String>,
@@ -485,8 +510,8 @@ fn read_text(path: &Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn parse_config(path: &Path, text: &str) -> anyhow::Result<Config> {
-    let config = config::parse(text)
+fn parse_config(path: &Path, text: &str, options: &config::ParseOptions) -> anyhow::Result<Config> {
+    let config = config::parse_with(text, options)
         .with_context(|| format!("config {}", path.display()))?
         .defined_in(path);
     for warning in config.warnings() {
@@ -997,7 +1022,7 @@ impl Agent {
             if text == self.config_text || self.rejected_text.as_ref() == Some(&text) {
                 return Ok(None);
             }
-            match parse_config(&path, &text) {
+            match parse_config(&path, &text, &self.parse_options) {
                 Ok(config) => Ok(Some((text, config))),
                 Err(e) => {
                     self.rejected_text = Some(text);
@@ -1053,6 +1078,19 @@ impl Agent {
             self.look_up_due();
         }
         config
+    }
+
+    /// Sends the DNS server the zone of the running configuration, if it changed: a pass
+    /// over the services, but only those with `hosts` cost more than a look.
+    fn publish_zone(&self) {
+        let zone = nameserver::zone_of(&self.config);
+        self.zone.send_if_modified(|current| {
+            if **current == zone {
+                return false;
+            }
+            *current = Arc::new(zone);
+            true
+        });
     }
 
     /// Starts a lookup of every name that is due.
@@ -1177,7 +1215,15 @@ impl Agent {
         };
         let diffed_in = started.elapsed();
         self.counters.config_reloads_ok += 1;
+        let has_hosts = |c: &Config, name: &str| c.service(name).is_some_and(|s| !s.hosts.is_empty());
+        let hosts_changed = change
+            .services
+            .iter()
+            .any(|name| has_hosts(&self.config, name) || has_hosts(&config, name));
         self.config = config;
+        if hosts_changed {
+            self.publish_zone();
+        }
         self.probes.sync(
             &self.config,
             &scope,
@@ -1722,6 +1768,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (kube_tx, mut kube_rx) = mpsc::channel::<kube_watch::Update>(1);
     let mut watcher = None;
     let mut kube_task = None;
+    let parse_options = config::ParseOptions {
+        vip_range: args.vip_range,
+    };
     let (config_stamp, config_text, config) = match &args.config {
         Some(path) => {
             watcher = match config_watch::Watcher::new(path).and_then(|w| w.spawn(file_tx)) {
@@ -1733,7 +1782,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             };
             let config_stamp = stamp(path);
             let config_text = read_text(path)?;
-            let config = parse_config(path, &config_text)?;
+            let config = parse_config(path, &config_text, &parse_options)?;
             (config_stamp, config_text, config)
         }
         None => {
@@ -1789,6 +1838,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         dns_servers: args.dns_servers.clone(),
         dns_timeout: args.dns_timeout,
         dns_answers: dns_tx,
+        parse_options,
+        zone: watch::channel(Arc::new(nameserver::Zone::new())).0,
         config_text,
         rejected_text: None,
         config_stamp,
@@ -1816,6 +1867,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     agent.config = agent.resolve(config);
     first_lookups(&mut agent, &mut dns_rx).await;
+    agent.publish_zone();
+    let nameserver_task = match args.dns_listen.0 {
+        None => None,
+        Some(address) => match nameserver::bind(address).await {
+            Ok(socket) => {
+                info!(address = %socket.local_addr()?, "DNS server for services' hosts listening");
+                Some(tokio::spawn(nameserver::serve(socket, agent.zone.subscribe())))
+            }
+            Err(error) => {
+                warn!(%address, %error, "cannot answer DNS for services' hosts there; everything else runs (--dns-listen ADDR to move it, or off)");
+                None
+            }
+        },
+    };
     agent.probes.sync(
         &agent.config,
         &Dirty::All,
@@ -1914,6 +1979,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         task.abort();
     }
     metrics_task.abort();
+    if let Some(task) = nameserver_task {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&args.socket);
     warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");
     Ok(())

@@ -91,8 +91,12 @@ impl Agent {
             .arg(&o.socket)
             // Tests run side by side: each agent takes a free port (see `metrics_address`).
             .arg("--metrics-address")
-            .arg("127.0.0.1:0")
-            .args(&self.extra_args)
+            .arg("127.0.0.1:0");
+        // Nor may they share the DNS server's port 53: off unless a test asks for it.
+        if !self.extra_args.iter().any(|a| a == "--dns-listen") {
+            cmd.arg("--dns-listen").arg("off");
+        }
+        cmd.args(&self.extra_args)
             // The log is a file: colour codes would only make it harder to read.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
