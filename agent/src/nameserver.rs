@@ -196,14 +196,20 @@ services:
 
     #[test]
     fn owned_names_answer_with_their_services_vips() {
-        assert_eq!(zone().keys().collect::<Vec<_>>(), ["db.example", "mydb.com"]);
+        assert_eq!(
+            zone().keys().collect::<Vec<_>>(),
+            ["db.example", "mydb.com"]
+        );
         let a = ask("MyDB.com.", RecordType::A);
         assert_eq!(a.metadata.id, 4242);
         assert_eq!(a.metadata.response_code, ResponseCode::NoError);
         assert!(a.metadata.authoritative);
         assert_eq!(addresses(&a), ["10.9.0.1"]);
         assert_eq!(a.answers[0].ttl, ANSWER_TTL);
-        assert_eq!(addresses(&ask("db.example.", RecordType::AAAA)), ["fd00::1"]);
+        assert_eq!(
+            addresses(&ask("db.example.", RecordType::AAAA)),
+            ["fd00::1"]
+        );
         // A type the name has nothing of: NOERROR, no record (not NXDOMAIN, which
         // would make a resolver forget the A record too).
         let mx = ask("mydb.com.", RecordType::MX);
@@ -220,13 +226,20 @@ services:
         assert_eq!(under.metadata.response_code, ResponseCode::Refused);
         // Too short to be a message: nothing. A header and a torn question: FORMERR.
         assert_eq!(answer(&zone(), b"\x01\x02"), None);
-        let torn = answer(&zone(), b"\x10\x20\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05my").unwrap();
+        let torn = answer(
+            &zone(),
+            b"\x10\x20\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05my",
+        )
+        .unwrap();
         let torn = Message::from_vec(&torn).unwrap();
         assert_eq!(torn.metadata.id, 0x1020);
         assert_eq!(torn.metadata.response_code, ResponseCode::FormErr);
         // A response is never answered (no loops between two servers).
         let mut response = Message::response(1, OpCode::Query);
-        response.add_query(Query::query(Name::from_str("mydb.com.").unwrap(), RecordType::A));
+        response.add_query(Query::query(
+            Name::from_str("mydb.com.").unwrap(),
+            RecordType::A,
+        ));
         assert_eq!(answer(&zone(), &response.to_vec().unwrap()), None);
     }
 
@@ -247,10 +260,13 @@ services:
         for (zone, want) in [(zone(), vec!["10.9.0.1"]), (Zone::new(), vec![])] {
             tx.send(Arc::new(zone)).unwrap();
             client.send_to(&ask("mydb.com."), address).await.unwrap();
-            let (len, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buffer))
-                .await
-                .unwrap()
-                .unwrap();
+            let (len, _) = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                client.recv_from(&mut buffer),
+            )
+            .await
+            .unwrap()
+            .unwrap();
             assert_eq!(addresses(&Message::from_vec(&buffer[..len]).unwrap()), want);
         }
         server.abort();

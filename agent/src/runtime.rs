@@ -35,10 +35,10 @@ use detour_agent::explain;
 use detour_agent::health::{
     self, EjectedFlag, Health, HealthChange, ProbeKind, ProbeSpec, Thresholds,
 };
-use detour_agent::nameserver;
 use detour_agent::metrics::{
     self, AddressMetrics, BackendMetrics, Histogram, LimitMetrics, ServiceMetrics, Snapshot,
 };
+use detour_agent::nameserver;
 use detour_agent::outlier::Event as OutlierEvent;
 use detour_agent::passive::{self, PassiveHealth};
 use detour_agent::plan_cache::{Dirty, PlanCache};
@@ -1215,7 +1215,8 @@ impl Agent {
         };
         let diffed_in = started.elapsed();
         self.counters.config_reloads_ok += 1;
-        let has_hosts = |c: &Config, name: &str| c.service(name).is_some_and(|s| !s.hosts.is_empty());
+        let has_hosts =
+            |c: &Config, name: &str| c.service(name).is_some_and(|s| !s.hosts.is_empty());
         let hosts_changed = change
             .services
             .iter()
@@ -1873,7 +1874,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Some(address) => match nameserver::bind(address).await {
             Ok(socket) => {
                 info!(address = %socket.local_addr()?, "DNS server for services' hosts listening");
-                Some(tokio::spawn(nameserver::serve(socket, agent.zone.subscribe())))
+                Some(tokio::spawn(nameserver::serve(
+                    socket,
+                    agent.zone.subscribe(),
+                )))
             }
             Err(error) => {
                 warn!(%address, %error, "cannot answer DNS for services' hosts there; everything else runs (--dns-listen ADDR to move it, or off)");

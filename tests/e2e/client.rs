@@ -43,6 +43,17 @@ pub enum Script {
         ready_file: PathBuf,
         max_ms: u64,
     },
+    /// `count` HTTP GETs of `host`:`port`, `interval` apart, each resolving the name
+    /// through the system resolver (getaddrinfo) first, with `resolv_conf` as its
+    /// `/etc/resolv.conf` (bind-mounted in a mount namespace of the client's own); one
+    /// [`Get`] line each.
+    GetsByName {
+        host: String,
+        port: u16,
+        count: u32,
+        interval_ms: u64,
+        resolv_conf: PathBuf,
+    },
 }
 
 /// How a held connection ended.
@@ -110,8 +121,75 @@ fn emit<T: Serialize>(value: &T) {
     );
 }
 
+/// Gives this process `resolv_conf` as its `/etc/resolv.conf`: a mount namespace of its
+/// own (unshared, every mount private), with the file bind-mounted over the system's.
+/// Nothing outside the process sees it, and it goes when the process exits.
+fn use_resolv_conf(resolv_conf: &std::path::Path) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt as _;
+    let source = CString::new(resolv_conf.as_os_str().as_bytes())?;
+    let target = CString::new("/etc/resolv.conf")?;
+    let root = CString::new("/")?;
+    // SAFETY: plain syscalls on NUL-terminated paths that outlive them.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            bail!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error());
+        }
+        let private = libc::MS_REC | libc::MS_PRIVATE;
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            private,
+            std::ptr::null(),
+        ) != 0
+        {
+            bail!("making / private: {}", std::io::Error::last_os_error());
+        }
+        if libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            bail!(
+                "bind-mounting {}: {}",
+                resolv_conf.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run_script(script: Script) {
     match script {
+        Script::GetsByName {
+            host,
+            port,
+            count,
+            interval_ms,
+            resolv_conf,
+        } => {
+            if let Err(e) = use_resolv_conf(&resolv_conf) {
+                emit(&Get::from(Err(e)));
+                return;
+            }
+            for _ in 0..count {
+                use std::net::ToSocketAddrs as _;
+                let resolved = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .with_context(|| format!("resolving {host}"))
+                    .and_then(|mut a| a.next().with_context(|| format!("{host} has no address")));
+                emit(&match resolved {
+                    Ok(target) => get(target),
+                    Err(e) => Get::from(Err(e)),
+                });
+                std::thread::sleep(Duration::from_millis(interval_ms));
+            }
+        }
         Script::Gets {
             target,
             count,
@@ -267,6 +345,33 @@ pub fn results<T: DeserializeOwned>(client: LineStream, timeout: Duration) -> Re
 }
 
 /// Runs `count` GETs against `target` from inside `cgroup`.
+/// [`Script::GetsByName`] from inside `cgroup`.
+pub fn gets_by_name(
+    cgroup: &Cgroup,
+    host: &str,
+    port: u16,
+    count: u32,
+    interval_ms: u64,
+    resolv_conf: &std::path::Path,
+) -> Result<Vec<Get>> {
+    let child = spawn_in(
+        cgroup,
+        &Script::GetsByName {
+            host: host.to_owned(),
+            port,
+            count,
+            interval_ms,
+            resolv_conf: resolv_conf.to_owned(),
+        },
+    )?;
+    // A lookup may take its two tries of a second each, then the GET its timeout.
+    let each = interval_ms + 2_000 + 2 * IO_TIMEOUT.as_millis() as u64;
+    results(
+        child,
+        Duration::from_millis(u64::from(count) * each + 10_000),
+    )
+}
+
 pub fn gets(cgroup: &Cgroup, target: SocketAddr, count: u32, interval_ms: u64) -> Result<Vec<Get>> {
     let child = spawn_in(
         cgroup,
