@@ -70,6 +70,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use smallvec::SmallVec;
 
 use crate::intern::intern;
+
+mod istio;
 use crate::outlier::{EjectionPolicy, EjectionSettings, OutlierError};
 use crate::selection::{Spill, Tier};
 
@@ -1007,24 +1009,10 @@ pub fn parse_with(yaml: &str, options: &ParseOptions) -> Result<Config, ConfigEr
             },
         });
     }
-    // serde-saphyr lends its deserializer to a closure whose error must be its own, so
-    // the path serde_path_to_error found is carried out beside it.
-    let mut error_path = None;
-    let raw: Option<RawConfig> =
-        serde_saphyr::with_deserializer_from_str_with_options(yaml, yaml_options(), |de| {
-            serde_path_to_error::deserialize(de).map_err(|error| {
-                error_path = Some(error.path().clone());
-                error.into_inner()
-            })
-        })
-        .map_err(|error| syntax_error(yaml, error_path.as_ref(), &error))?;
-    let Some(raw) = raw else {
-        return Err(ConfigError {
-            path: String::new(),
-            line: None,
-            kind: ConfigErrorKind::Empty,
-        });
-    };
+    if istio::is_stream(yaml) {
+        return istio::parse_stream(yaml, options);
+    }
+    let raw = raw_config(yaml)?;
     if raw.services.is_none() {
         return Err(ConfigError {
             path: "services".to_owned(),
@@ -1037,6 +1025,27 @@ pub fn parse_with(yaml: &str, options: &ParseOptions) -> Result<Config, ConfigEr
         vip_range: options.vip_range,
     }
     .config(raw)
+}
+
+/// One detour document, decoded but not yet checked across fields; an empty one is an
+/// error ([`ConfigErrorKind::Empty`]).
+fn raw_config(yaml: &str) -> Result<RawConfig, ConfigError> {
+    // serde-saphyr lends its deserializer to a closure whose error must be its own, so
+    // the path serde_path_to_error found is carried out beside it.
+    let mut error_path = None;
+    let raw: Option<RawConfig> =
+        serde_saphyr::with_deserializer_from_str_with_options(yaml, yaml_options(), |de| {
+            serde_path_to_error::deserialize(de).map_err(|error| {
+                error_path = Some(error.path().clone());
+                error.into_inner()
+            })
+        })
+        .map_err(|error| syntax_error(yaml, error_path.as_ref(), &error))?;
+    raw.ok_or(ConfigError {
+        path: String::new(),
+        line: None,
+        kind: ConfigErrorKind::Empty,
+    })
 }
 
 /// Checks one service written in the file's schema by another source (Kubernetes builds
@@ -4566,7 +4575,8 @@ services:
             ),
             (
                 format!("{service}---\nservices: []\n"),
-                "line 5: more than one YAML document: a config is a single document",
+                "line 5: a second detour document (the first starts at line 1): keep `node` and \
+                 `services` in one",
             ),
         ];
         for (text, expected) in cases {
