@@ -238,118 +238,83 @@ fn a_name_that_never_resolved_serves_from_its_first_answer() -> Result<()> {
     Ok(())
 }
 
-/// The second seed by hostname: the application resolves `mydb.test` with getaddrinfo
-/// (its resolv.conf names only the agent's DNS server), gets the VIP detour allocated
-/// for the service's `hosts`, and its requests reach the us-east1 name's backend. The
-/// seed's own failure step, the us-east1 endpoint's port set to 81 where nothing
-/// listens, fails at most one request and moves traffic to us-west; undone, it returns.
+/// The second seed, as written: Istio's ServiceEntry and DestinationRule from the blog
+/// post (`docs/examples/seed-dns*.yaml`, loaded unchanged after a detour document that
+/// gives the node's locality). The DynamoDB names resolve through the test's DNS server
+/// to local backends on port 80; the application resolves `mydb.com` with getaddrinfo
+/// (its resolv.conf names only the agent's DNS server), gets the VIP detour allocated,
+/// and its requests reach us-east-1. The seed's own failure step, the file with the
+/// us-east1 endpoint's port set to 81 where nothing listens, fails at most one request
+/// and moves traffic to us-west; the first file again brings it back.
 #[test]
-fn the_seed_by_hostname_resolves_to_detour_and_fails_over_on_the_bad_port() -> Result<()> {
+fn the_seed_as_written_resolves_to_detour_and_fails_over_on_the_bad_port() -> Result<()> {
     const AGENT_DNS: &str = "127.0.0.154";
+    const NODE: &str = "node: {locality: us-east1}\n---\n";
+    const SEED: &str = include_str!("../../docs/examples/seed-dns.yaml");
+    const SEED_PORT_81: &str = include_str!("../../docs/examples/seed-dns-port81.yaml");
     let dns = DnsServer::start()?;
-    dns.set("east.seed.test", &[ip("127.10.41.1")], 1);
-    dns.set("west.seed.test", &[ip("127.10.41.2")], 1);
+    dns.set("dynamodb.us-east-1.amazonaws.com", &[ip("127.10.41.1")], 1);
+    dns.set("dynamodb.us-west-1.amazonaws.com", &[ip("127.10.41.2")], 1);
     let mut w = World::new()?;
-    w.backend("dynamodb.us-east-1", "127.10.41.1:8080")?;
-    w.backend("dynamodb.us-west-1", "127.10.41.2:8080")?;
-    let seed = |east_port: u16| {
-        format!(
-            r#"
-node: {{ locality: us-east1 }}
-services:
-  - name: mydb
-    hosts: [mydb.test]
-    ports: [{{number: 80, name: http, protocol: HTTP}}]
-    resolution: DNS
-    endpoints:
-      - {{address: east.seed.test, locality: us-east1, ports: {{http: {east_port}}}}}
-      - {{address: west.seed.test, locality: us-west, ports: {{http: 8080}}}}
-    localityLbSetting: {{failover: [{{from: us-east1, to: us-west}}]}}
-    outlierDetection: {{consecutive5xxErrors: 1, interval: 15s, baseEjectionTime: 1m}}
-"#
-        )
-    };
-    w.write_config(&seed(8080))?;
+    w.backend("dynamodb.us-east-1", "127.10.41.1:80")?;
+    w.backend("dynamodb.us-west-1", "127.10.41.2:80")?;
+    w.write_config(&format!("{NODE}{SEED}"))?;
     let server = dns.addr().to_string();
     w.bed.start_agent(
-        &[
-            "--dns-server",
-            &server,
-            "--dns-listen",
-            &format!("{AGENT_DNS}:53"),
-        ],
+        &["--dns-server", &server, "--dns-listen", &format!("{AGENT_DNS}:53")],
         crate::world::READY_TIMEOUT,
     )?;
     let resolv_conf = w.dir.join("resolv.conf");
-    std::fs::write(
-        &resolv_conf,
-        format!("nameserver {AGENT_DNS}\noptions timeout:1 attempts:2\n"),
-    )?;
+    std::fs::write(&resolv_conf, format!("nameserver {AGENT_DNS}\noptions timeout:1 attempts:2\n"))?;
     let by_name = |w: &World, count: u32| {
-        crate::client::gets_by_name(&w.cgroup, "mydb.test", 80, count, 100, &resolv_conf)
+        crate::client::gets_by_name(&w.cgroup, "mydb.com", 80, count, 100, &resolv_conf)
     };
 
     let vip: std::net::SocketAddr = {
         let services = w.agent().services_json()?;
+        ensure!(services[0]["name"] == "external-svc-dns", "{services:#}");
         let vip = services[0]["vips"][0].as_str().context("a VIP")?.to_owned();
         vip.parse()?
     };
-    ensure!(
-        vip.ip().to_string().starts_with("240.240."),
-        "allocated from Istio's range: {vip}"
-    );
+    ensure!(vip.ip().to_string().starts_with("240.240."), "allocated from Istio's range: {vip}");
     let gets = by_name(&w, 5)?;
     for g in &gets {
         ensure!(
             g.body.as_deref() == Some("dynamodb.us-east-1") && g.peer == Some(vip),
-            "mydb.test should resolve to {vip} and reach us-east-1: {gets:?}\n{}",
+            "mydb.com should resolve to {vip} and reach us-east-1: {gets:?}\n{}",
             w.log()
         );
     }
 
     // The seed's step: the us-east1 endpoint's port becomes 81.
-    w.write_config(&seed(81))?;
+    w.write_config(&format!("{NODE}{SEED_PORT_81}"))?;
     w.agent().reload()?;
     let gets = by_name(&w, 10)?;
     let failed = gets.iter().filter(|g| g.body.is_none()).count();
+    ensure!(failed <= 1, "{failed} requests failed: {gets:?}\n{}", w.log());
     ensure!(
-        failed <= 1,
-        "{failed} requests failed: {gets:?}\n{}",
-        w.log()
-    );
-    ensure!(
-        gets.iter()
-            .rev()
-            .take(5)
-            .all(|g| g.body.as_deref() == Some("dynamodb.us-west-1")),
+        gets.iter().rev().take(5).all(|g| g.body.as_deref() == Some("dynamodb.us-west-1")),
         "traffic should have moved to us-west: {gets:?}\n{}",
         w.log()
     );
-    let eps = w.agent().endpoints_json(Some("mydb"))?;
+    let eps = w.agent().endpoints_json(Some("external-svc-dns"))?;
     let bad = endpoint(&eps, "127.10.41.1:81")?;
     ensure!(
         bad["health"] == "UNHEALTHY" || bad["outlier"] == "EJECTED",
         "the bad port should be failed or ejected: {bad:#}"
     );
-    ensure!(bad["hostname"] == "east.seed.test", "{bad:#}");
+    ensure!(bad["hostname"] == "dynamodb.us-east-1.amazonaws.com", "{bad:#}");
 
     // Undone: back to us-east1 once the health check sees it.
-    w.write_config(&seed(8080))?;
+    w.write_config(&format!("{NODE}{SEED}"))?;
     w.agent().reload()?;
     let deadline = Instant::now() + EVENTUAL;
     loop {
         let gets = by_name(&w, 3)?;
-        if gets
-            .iter()
-            .all(|g| g.body.as_deref() == Some("dynamodb.us-east-1"))
-        {
+        if gets.iter().all(|g| g.body.as_deref() == Some("dynamodb.us-east-1")) {
             break;
         }
-        ensure!(
-            Instant::now() < deadline,
-            "never returned to us-east-1: {gets:?}\n{}",
-            w.log()
-        );
+        ensure!(Instant::now() < deadline, "never returned to us-east-1: {gets:?}\n{}", w.log());
     }
     Ok(())
 }
