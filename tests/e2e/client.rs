@@ -121,49 +121,6 @@ fn emit<T: Serialize>(value: &T) {
     );
 }
 
-/// Gives this process `resolv_conf` as its `/etc/resolv.conf`: a mount namespace of its
-/// own (unshared, every mount private), with the file bind-mounted over the system's.
-/// Nothing outside the process sees it, and it goes when the process exits.
-fn use_resolv_conf(resolv_conf: &std::path::Path) -> Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt as _;
-    let source = CString::new(resolv_conf.as_os_str().as_bytes())?;
-    let target = CString::new("/etc/resolv.conf")?;
-    let root = CString::new("/")?;
-    // SAFETY: plain syscalls on NUL-terminated paths that outlive them.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            bail!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error());
-        }
-        let private = libc::MS_REC | libc::MS_PRIVATE;
-        if libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            private,
-            std::ptr::null(),
-        ) != 0
-        {
-            bail!("making / private: {}", std::io::Error::last_os_error());
-        }
-        if libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ) != 0
-        {
-            bail!(
-                "bind-mounting {}: {}",
-                resolv_conf.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(())
-}
-
 fn run_script(script: Script) {
     match script {
         Script::GetsByName {
@@ -173,7 +130,7 @@ fn run_script(script: Script) {
             interval_ms,
             resolv_conf,
         } => {
-            if let Err(e) = use_resolv_conf(&resolv_conf) {
+            if let Err(e) = detour_testbed::use_resolv_conf(&resolv_conf) {
                 emit(&Get::from(Err(e)));
                 return;
             }

@@ -261,11 +261,19 @@ fn the_seed_as_written_resolves_to_detour_and_fails_over_on_the_bad_port() -> Re
     w.write_config(&format!("{NODE}{SEED}"))?;
     let server = dns.addr().to_string();
     w.bed.start_agent(
-        &["--dns-server", &server, "--dns-listen", &format!("{AGENT_DNS}:53")],
+        &[
+            "--dns-server",
+            &server,
+            "--dns-listen",
+            &format!("{AGENT_DNS}:53"),
+        ],
         crate::world::READY_TIMEOUT,
     )?;
     let resolv_conf = w.dir.join("resolv.conf");
-    std::fs::write(&resolv_conf, format!("nameserver {AGENT_DNS}\noptions timeout:1 attempts:2\n"))?;
+    std::fs::write(
+        &resolv_conf,
+        format!("nameserver {AGENT_DNS}\noptions timeout:1 attempts:2\n"),
+    )?;
     let by_name = |w: &World, count: u32| {
         crate::client::gets_by_name(&w.cgroup, "mydb.com", 80, count, 100, &resolv_conf)
     };
@@ -276,7 +284,10 @@ fn the_seed_as_written_resolves_to_detour_and_fails_over_on_the_bad_port() -> Re
         let vip = services[0]["vips"][0].as_str().context("a VIP")?.to_owned();
         vip.parse()?
     };
-    ensure!(vip.ip().to_string().starts_with("240.240."), "allocated from Istio's range: {vip}");
+    ensure!(
+        vip.ip().to_string().starts_with("240.240."),
+        "allocated from Istio's range: {vip}"
+    );
     let gets = by_name(&w, 5)?;
     for g in &gets {
         ensure!(
@@ -291,9 +302,16 @@ fn the_seed_as_written_resolves_to_detour_and_fails_over_on_the_bad_port() -> Re
     w.agent().reload()?;
     let gets = by_name(&w, 10)?;
     let failed = gets.iter().filter(|g| g.body.is_none()).count();
-    ensure!(failed <= 1, "{failed} requests failed: {gets:?}\n{}", w.log());
     ensure!(
-        gets.iter().rev().take(5).all(|g| g.body.as_deref() == Some("dynamodb.us-west-1")),
+        failed <= 1,
+        "{failed} requests failed: {gets:?}\n{}",
+        w.log()
+    );
+    ensure!(
+        gets.iter()
+            .rev()
+            .take(5)
+            .all(|g| g.body.as_deref() == Some("dynamodb.us-west-1")),
         "traffic should have moved to us-west: {gets:?}\n{}",
         w.log()
     );
@@ -303,7 +321,10 @@ fn the_seed_as_written_resolves_to_detour_and_fails_over_on_the_bad_port() -> Re
         bad["health"] == "UNHEALTHY" || bad["outlier"] == "EJECTED",
         "the bad port should be failed or ejected: {bad:#}"
     );
-    ensure!(bad["hostname"] == "dynamodb.us-east-1.amazonaws.com", "{bad:#}");
+    ensure!(
+        bad["hostname"] == "dynamodb.us-east-1.amazonaws.com",
+        "{bad:#}"
+    );
 
     // Undone: back to us-east1 once the health check sees it.
     w.write_config(&format!("{NODE}{SEED}"))?;
@@ -311,10 +332,17 @@ fn the_seed_as_written_resolves_to_detour_and_fails_over_on_the_bad_port() -> Re
     let deadline = Instant::now() + EVENTUAL;
     loop {
         let gets = by_name(&w, 3)?;
-        if gets.iter().all(|g| g.body.as_deref() == Some("dynamodb.us-east-1")) {
+        if gets
+            .iter()
+            .all(|g| g.body.as_deref() == Some("dynamodb.us-east-1"))
+        {
             break;
         }
-        ensure!(Instant::now() < deadline, "never returned to us-east-1: {gets:?}\n{}", w.log());
+        ensure!(
+            Instant::now() < deadline,
+            "never returned to us-east-1: {gets:?}\n{}",
+            w.log()
+        );
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::{cmd, setup};
 /// Arguments of the hidden `demo-client` subcommand: [`demo::ClientArgs::to_args`].
 #[derive(clap::Args)]
 pub struct ClientArgs {
-    #[arg(num_args = 5, value_names = ["VIP", "INTERVAL_MS", "TIMEOUT_MS", "MAX_REQUESTS", "STOP_FILE"])]
+    #[arg(num_args = 7, value_names = ["HOST", "PORT", "RESOLV_CONF", "INTERVAL_MS", "TIMEOUT_MS", "MAX_REQUESTS", "STOP_FILE"])]
     args: Vec<String>,
 }
 
@@ -66,6 +66,7 @@ mod tests {
         // The client's VIP is the service's, and its backends the ones the demo starts,
         // in the regions the demo says.
         assert_eq!(one.vips(), [demo::VIP]);
+        assert_eq!(mydb.hosts, [demo::HOST]);
         let started: Vec<(String, String)> = demo::BACKENDS
             .iter()
             .map(|(_, addr, region)| ((*addr).to_owned(), (*region).to_owned()))

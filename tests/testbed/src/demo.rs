@@ -1,11 +1,14 @@
 //! The failover demo — Istio's "failover for external services" example on this machine —
 //! run by `cargo xtask demo` and by the end-to-end test that holds it to what it shows.
 //!
-//! `mydb` (VIP 127.200.0.1:80) is backed by two "DynamoDB us-east-1" HTTP backends in the
-//! node's zone and one "us-west-1" backend, with `failover: from us-east1 to us-west`.
-//! One client inside the agent's cgroup requests the VIP every 100 ms from before the
-//! us-east1 backends stop until after they are back; the demo prints, from what that
-//! client saw, which region answered when, every failed request, and when traffic moved.
+//! `mydb` (`hosts: [mydb.com]`, VIP 127.200.0.1:80) is backed by two "DynamoDB
+//! us-east-1" HTTP backends in the node's zone and one "us-west-1" backend, with
+//! `failover: from us-east1 to us-west`. One client inside the agent's cgroup requests
+//! `http://mydb.com/` every 100 ms, resolving the name each time through the system
+//! resolver (getaddrinfo, with a resolv.conf of its own naming the agent's DNS server),
+//! from before the us-east1 backends stop until after they are back; the demo prints,
+//! from what that client saw, which region answered when, every failed request, and when
+//! traffic moved.
 //!
 //! Invariants:
 //! - every resource (backends, the [`AgentBed`] with its agent, cgroup, pins and temp dir,
@@ -21,7 +24,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
@@ -35,8 +37,11 @@ use crate::{http_request, Agent, AgentBed, Cgroup, HttpBackend};
 pub const EAST_A: &str = "dynamodb.us-east-1 (a)";
 pub const EAST_B: &str = "dynamodb.us-east-1 (b)";
 pub const WEST: &str = "dynamodb.us-west-1";
-/// The VIP and port the client requests.
+/// The VIP and port of `mydb`.
 pub const VIP: &str = "127.200.0.1:80";
+/// The name the client requests, and where the agent answers DNS for it.
+pub const HOST: &str = "mydb.com";
+pub const AGENT_DNS: &str = "127.0.0.153";
 /// Each backend: its name (what it answers), address and the region it stands for.
 pub const BACKENDS: [(&str, &str, &str); 3] = [
     (EAST_A, "127.0.1.1:8080", "us-east1"),
@@ -50,6 +55,7 @@ pub const CONFIG: &str = "\
 node: { locality: us-east1/us-east1-b }
 services:
   - name: mydb
+    hosts: [mydb.com]
     vips: [127.200.0.1]
     ports: [{number: 80, name: http}]
     endpoints:
@@ -80,7 +86,12 @@ const WAIT: Duration = Duration::from_secs(20);
 /// the re-executed process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientArgs {
-    pub vip: SocketAddr,
+    /// Resolved before every request, with getaddrinfo.
+    pub host: String,
+    pub port: u16,
+    /// The client's own `/etc/resolv.conf` ([`crate::use_resolv_conf`]); empty: the
+    /// system's.
+    pub resolv_conf: PathBuf,
     pub interval: Duration,
     /// Connect and read timeout of one request.
     pub timeout: Duration,
@@ -93,7 +104,9 @@ pub struct ClientArgs {
 impl ClientArgs {
     pub fn to_args(&self) -> Vec<String> {
         vec![
-            self.vip.to_string(),
+            self.host.clone(),
+            self.port.to_string(),
+            self.resolv_conf.display().to_string(),
             self.interval.as_millis().to_string(),
             self.timeout.as_millis().to_string(),
             self.max_requests.to_string(),
@@ -102,11 +115,15 @@ impl ClientArgs {
     }
 
     pub fn parse(args: &[String]) -> Result<Self> {
-        let [vip, interval, timeout, max_requests, stop_file] = args else {
-            bail!("expected VIP INTERVAL_MS TIMEOUT_MS MAX_REQUESTS STOP_FILE, got {args:?}");
+        let [host, port, resolv_conf, interval, timeout, max_requests, stop_file] = args else {
+            bail!(
+                "expected HOST PORT RESOLV_CONF INTERVAL_MS TIMEOUT_MS MAX_REQUESTS STOP_FILE, got {args:?}"
+            );
         };
         Ok(Self {
-            vip: vip.parse().context("VIP")?,
+            host: host.clone(),
+            port: port.parse().context("PORT")?,
+            resolv_conf: resolv_conf.into(),
             interval: Duration::from_millis(interval.parse().context("INTERVAL_MS")?),
             timeout: Duration::from_millis(timeout.parse().context("TIMEOUT_MS")?),
             max_requests: max_requests.parse().context("MAX_REQUESTS")?,
@@ -118,11 +135,21 @@ impl ClientArgs {
 /// The client loop: one line per request, `detour-demo #N 200 <backend>` or
 /// `detour-demo #N ERR <reason>`, flushed as it happens.
 pub fn client(args: &ClientArgs, out: &mut impl Write) -> Result<()> {
+    if !args.resolv_conf.as_os_str().is_empty() {
+        crate::use_resolv_conf(&args.resolv_conf)?;
+    }
     for n in 1..=args.max_requests {
         if args.stop_file.exists() {
             break;
         }
-        match http_request(args.vip, args.timeout) {
+        let resolved = {
+            use std::net::ToSocketAddrs as _;
+            (args.host.as_str(), args.port)
+                .to_socket_addrs()
+                .with_context(|| format!("resolving {}", args.host))
+                .and_then(|mut all| all.next().context("no address"))
+        };
+        match resolved.and_then(|target| http_request(target, args.timeout)) {
             Ok(r) => writeln!(out, "{LINE_MARK}#{n} {} {}", r.status, r.body.trim_end())?,
             Err(e) => writeln!(out, "{LINE_MARK}#{n} ERR {}", describe(&e))?,
         }
@@ -497,8 +524,15 @@ pub fn run(
     bed.write_config(CONFIG)?;
     writeln!(out, "== {} ==\n{CONFIG}", bed.config_path().display())?;
     let stop_file = bed.dir.join("stop-client");
+    let resolv_conf = bed.dir.join("resolv.conf");
+    std::fs::write(
+        &resolv_conf,
+        format!("nameserver {AGENT_DNS}\noptions timeout:1 attempts:2\n"),
+    )?;
     let args = ClientArgs {
-        vip: VIP.parse()?,
+        host: HOST.to_owned(),
+        port: 80,
+        resolv_conf,
         interval: INTERVAL,
         timeout: Duration::from_secs(1),
         // Far more than the scenario takes; the stop file ends it.
@@ -506,7 +540,7 @@ pub fn run(
         stop_file: stop_file.clone(),
     };
     let (east, _west) = backends.split_at_mut(2);
-    bed.start_agent(&[], WAIT)?;
+    bed.start_agent(&["--dns-listen", &format!("{AGENT_DNS}:53")], WAIT)?;
     let AgentBed {
         agent: Some(agent),
         cgroup,
@@ -538,7 +572,9 @@ fn scenario(
     let started_ns = mono_ns();
     writeln!(
         out,
-        "client started: GET http://{VIP}/ every {} ms, from inside the cgroup",
+        "client started: GET http://{HOST}/ every {} ms, from inside the cgroup; {HOST} \
+         resolved by getaddrinfo each time, through the agent's DNS server ({AGENT_DNS}), to \
+         the VIP {VIP}",
         INTERVAL.as_millis()
     )?;
     wait_requests(&mut client, started_ns, SETTLE_REQUESTS, |_| true)?;
@@ -815,7 +851,9 @@ mod tests {
     #[test]
     fn client_args_round_trip() {
         let args = ClientArgs {
-            vip: VIP.parse().unwrap(),
+            host: HOST.into(),
+            port: 80,
+            resolv_conf: "/tmp/r c".into(),
             interval: INTERVAL,
             timeout: Duration::from_secs(1),
             max_requests: 7,
@@ -830,7 +868,9 @@ mod tests {
         let dir = crate::TempDir::new().unwrap();
         let backend = HttpBackend::start_at("b", "127.0.0.1:0".parse().unwrap()).unwrap();
         let args = ClientArgs {
-            vip: backend.addr(),
+            host: backend.addr().ip().to_string(),
+            port: backend.addr().port(),
+            resolv_conf: PathBuf::new(),
             interval: Duration::from_millis(1),
             timeout: Duration::from_secs(1),
             max_requests: 3,
