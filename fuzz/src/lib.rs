@@ -1,6 +1,7 @@
 //! Fuzz targets for every parser of bytes from outside the agent that detour owns: the
-//! configuration file, the CLI socket's request line, the HTTP probe's status line and
-//! the gRPC probe's response message.
+//! configuration file (a detour document, or a stream with Istio's objects), the CLI
+//! socket's request line, the HTTP probe's status line, the gRPC probe's response
+//! message and the DNS queries the agent's name server answers.
 //!
 //! Each target is a plain function of bytes, so the same code runs under libFuzzer
 //! (`cargo xtask fuzz`, the long run, through the `libfuzzer` feature's binaries) and
@@ -21,17 +22,47 @@
 use detour_agent::api;
 use detour_agent::config;
 use detour_agent::health::{self, ProbeError, ServingStatus, MAX_STATUS_LINE};
+use detour_agent::nameserver;
 
 /// A fuzz target: panics on an input that shows a bug.
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its libFuzzer binary and its seed directory.
-pub const TARGETS: [(&str, Target); 4] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("config", config),
     ("api_request", api_request),
     ("http_status", http_status),
     ("grpc_response", grpc_response),
+    ("dns_query", dns_query),
 ];
+
+/// The agent's DNS server: a UDP message from any local process. An answer is a DNS
+/// message with the query's id, and never longer than a UDP answer to a small zone.
+pub fn dns_query(data: &[u8]) {
+    let zone: nameserver::Zone = [
+        ("mydb.com".to_owned(), vec!["240.240.0.7".parse().unwrap()]),
+        (
+            "db.example".to_owned(),
+            vec!["fd00::1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+        ),
+    ]
+    .into_iter()
+    .collect();
+    if let Some(reply) = nameserver::answer(&zone, data) {
+        assert!(
+            reply.len() >= 12,
+            "a reply shorter than a header: {reply:?}"
+        );
+        assert_eq!(reply[..2], data[..2], "the reply keeps the query's id");
+        assert!(reply[2] & 0x80 != 0, "the reply is a response");
+        assert!(
+            reply.len() <= 512 + data.len(),
+            "{} bytes for a {}-byte query",
+            reply.len(),
+            data.len()
+        );
+    }
+}
 
 /// The configuration parser: YAML text, validated. Bytes that are not UTF-8 never reach
 /// it (the agent reads the file as UTF-8 first).

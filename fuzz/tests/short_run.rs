@@ -152,6 +152,32 @@ proptest! {
         }
     }
 
+    /// Queries near valid ones: a header with any flags and counts, then a name of
+    /// labels the zone has or not, any type and class, cut anywhere.
+    #[test]
+    fn dns_queries(
+        header in prop::collection::vec(any::<u8>(), 12),
+        labels in prop::collection::vec(prop_oneof![Just("mydb".to_string()), Just("com".to_string()), "[a-z]{0,5}"], 0..4),
+        qtype in any::<u16>(),
+        cut in any::<usize>(),
+    ) {
+        let mut query = header;
+        // One question, a query.
+        query[2] &= 0x7f;
+        query[4] = 0;
+        query[5] = 1;
+        for label in &labels {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.push(0);
+        query.extend_from_slice(&qtype.to_be_bytes());
+        query.extend_from_slice(&[0, 1]);
+        let cut = cut % (query.len() + 1);
+        detour_fuzz::dns_query(&query[..cut.max(query.len().min(12))]);
+        detour_fuzz::dns_query(&query);
+    }
+
     #[test]
     fn config_documents(doc in document()) {
         detour_fuzz::config(doc.as_bytes());

@@ -14,7 +14,13 @@ use anyhow::{bail, Context, Result};
 use crate::cmd;
 
 /// The targets, as `fuzz/Cargo.toml` names their binaries.
-const TARGETS: [&str; 4] = ["config", "api_request", "http_status", "grpc_response"];
+const TARGETS: [&str; 5] = [
+    "config",
+    "api_request",
+    "http_status",
+    "grpc_response",
+    "dns_query",
+];
 
 #[derive(clap::Args)]
 pub struct FuzzArgs {
