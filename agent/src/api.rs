@@ -138,6 +138,9 @@ pub struct ServiceView {
     /// it takes over). An agent older than this field answers without it (`None`).
     #[serde(default)]
     pub origin: Option<ServiceOrigin>,
+    /// The DNS names the agent answers with the service's VIPs (`hosts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 /// `detour explain`: one service port, frontend by frontend (VIP by VIP).

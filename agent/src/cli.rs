@@ -43,17 +43,25 @@ pub fn services_table(services: &[ServiceView]) -> String {
         return "no services configured\n".into();
     }
     let sourced = services.iter().any(|s| s.origin.is_some());
+    let named = services.iter().any(|s| !s.hosts.is_empty());
     let rows: Vec<Vec<String>> = services
         .iter()
         .map(|s| {
-            let mut row = vec![
-                s.name.clone(),
+            let mut row = vec![s.name.clone()];
+            if named {
+                row.push(if s.hosts.is_empty() {
+                    "-".to_owned()
+                } else {
+                    s.hosts.join(",")
+                });
+            }
+            row.extend([
                 s.vips.join(","),
                 s.tier.clone(),
                 format!("{}/{}", s.healthy, s.endpoints),
                 s.in_table.to_string(),
                 s.connects.to_string(),
-            ];
+            ]);
             if sourced {
                 row.push(
                     s.origin
@@ -65,7 +73,11 @@ pub fn services_table(services: &[ServiceView]) -> String {
             row
         })
         .collect();
-    let mut header = vec!["SERVICE", "VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS"];
+    let mut header = vec!["SERVICE"];
+    if named {
+        header.push("HOSTS");
+    }
+    header.extend(["VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS"]);
     if sourced {
         header.push("SOURCE");
     }
@@ -528,6 +540,7 @@ mod tests {
             state: state.into(),
             limit: limit.map(Into::into),
             origin: None,
+            hosts: Vec::new(),
         };
         let text = services_table(&[
             view("mydb", "OK", None),
@@ -554,6 +567,24 @@ mod tests {
             "{}",
             lines[3]
         );
+        // Where a service has hosts, a HOSTS column says which names answer with it.
+        let text = services_table(&[
+            ServiceView {
+                hosts: vec!["mydb.com".into()],
+                ..view("mydb", "OK", None)
+            },
+            view("other", "OK", None),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("SERVICE  HOSTS     VIP "), "{text}");
+        assert!(
+            lines[1].starts_with("mydb     mydb.com  127.200.0.1:80 "),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("other    -         127.200.0.1:80 "),
+            "{text}"
+        );
     }
 
     #[test]
@@ -571,6 +602,7 @@ mod tests {
             state: "OK".into(),
             limit: None,
             origin: Some(origin),
+            hosts: Vec::new(),
         };
         let fos = |take_over: Option<&str>| ServiceOrigin::FailoverService {
             namespace: "default".into(),

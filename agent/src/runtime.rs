@@ -1460,6 +1460,11 @@ impl Agent {
                 state,
                 limit,
                 origin: self.config.service(&port.service).map(|s| s.origin.clone()),
+                hosts: self
+                    .config
+                    .service(&port.service)
+                    .map(|s| s.hosts.clone())
+                    .unwrap_or_default(),
                 name: port.service,
                 port: port.port,
             }
