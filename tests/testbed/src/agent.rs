@@ -385,7 +385,12 @@ esac
         agent.restart().unwrap();
         assert!(agent.wait_ready(Duration::from_secs(5)).is_err());
         let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
-        assert_eq!(log.matches("127.0.0.1:0 --max-slots 8").count(), 2, "{log}");
+        assert_eq!(
+            log.matches("127.0.0.1:0 --dns-listen off --max-slots 8")
+                .count(),
+            2,
+            "{log}"
+        );
     }
 
     #[test]
