@@ -520,20 +520,23 @@ services:
         assert!(users_of(&config, "other.example", &names).is_empty());
     }
 
-    #[test]
-    fn an_address_two_names_share_is_one_endpoint() {
-        let yaml = "
-services:
-- name: db
-  vips: [10.9.0.1]
-  ports: [{number: 80}]
-  resolution: DNS
-  endpoints: [{address: 127.0.0.9}, {address: a.example}, {address: b.example}]
-";
-        let config = config::parse(yaml).unwrap();
+    /// One service `db` of `endpoints` (a YAML flow list), resolving names, with its
+    /// names tracked.
+    fn tracked(endpoints: &str) -> (Config, Names, Instant) {
+        let yaml = format!(
+            "services:\n- name: db\n  vips: [10.9.0.1]\n  ports: [{{number: 80}}]\n  resolution: DNS\n  endpoints: {endpoints}\n"
+        );
+        let config = config::parse(&yaml).unwrap();
         let now = Instant::now();
         let mut names = Names::new(TtlBounds::default());
         names.track(&config, now);
+        (config, names, now)
+    }
+
+    #[test]
+    fn an_address_two_names_share_is_one_endpoint() {
+        let (config, mut names, now) =
+            tracked("[{address: 127.0.0.9}, {address: a.example}, {address: b.example}]");
         names.record("a.example", answer(&["127.0.0.9", "127.0.0.8"], 30), now);
         names.record("b.example", answer(&["127.0.0.8"], 30), now);
         let expanded = expand(config.service("db").unwrap(), &names);
@@ -543,18 +546,9 @@ services:
 
     #[test]
     fn weights_past_the_exact_scale_are_rounded_not_lost() {
-        let yaml = "
-services:
-- name: db
-  vips: [10.9.0.1]
-  ports: [{number: 80}]
-  resolution: DNS
-  endpoints: [{address: a.example, weight: 1000000}, {address: b.example}, {address: c.example}]
-";
-        let config = config::parse(yaml).unwrap();
-        let now = Instant::now();
-        let mut names = Names::new(TtlBounds::default());
-        names.track(&config, now);
+        let (config, mut names, now) = tracked(
+            "[{address: a.example, weight: 1000000}, {address: b.example}, {address: c.example}]",
+        );
         let many = |base: u8, n: u8| -> Vec<String> {
             (0..n).map(|i| format!("127.{base}.0.{}", i + 1)).collect()
         };
