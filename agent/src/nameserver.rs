@@ -116,12 +116,15 @@ fn formerr(query: &[u8]) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// Binds the server's socket.
+/// Binds the server's socket, at once (no await: the agent binds it from its loop when
+/// the first service with `hosts` arrives). Needs a Tokio runtime.
 ///
 /// # Errors
 /// The address cannot be bound (in use, not local, no privilege for port 53).
-pub async fn bind(address: SocketAddr) -> std::io::Result<UdpSocket> {
-    UdpSocket::bind(address).await
+pub fn bind(address: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
 }
 
 /// Answers queries on `socket` from the latest zone `zone` holds, until the task is
@@ -245,7 +248,7 @@ services:
 
     #[tokio::test]
     async fn serves_over_udp_and_follows_the_zone() {
-        let socket = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let socket = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let address = socket.local_addr().unwrap();
         let (tx, rx) = watch::channel(Arc::new(zone()));
         let server = tokio::spawn(serve(socket, rx));

@@ -134,9 +134,9 @@ pub struct AgentArgs {
     /// How long one try of a DNS query waits for its answer (two tries per server).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     dns_timeout: Duration,
-    /// Where the agent answers DNS for services' `hosts` (UDP), or `off`. A loopback
-    /// address of its own, so it never takes the node resolver's port; route only the
-    /// hosts' names to it (see the README).
+    /// Where the agent answers DNS for services' `hosts` (UDP), or `off`; bound once a
+    /// service has `hosts`. A loopback address of its own, so it never takes the node
+    /// resolver's port; route only the hosts' names to it (see the README).
     #[arg(long, default_value = "127.0.0.153:53", value_parser = parse_dns_listen)]
     dns_listen: DnsListen,
     /// The range VIPs of services with `hosts` and no `vips` are allocated from.
@@ -408,6 +408,10 @@ struct Agent {
     parse_options: config::ParseOptions,
     /// What the DNS server for `hosts` answers; sent on whenever it changes.
     zone: watch::Sender<Arc<nameserver::Zone>>,
+    /// `--dns-listen`, and the server once bound: only once a service has `hosts`, so a
+    /// node without any never has port 53 taken.
+    dns_listen: Option<SocketAddr>,
+    nameserver: Option<JoinHandle<()>>,
     config_text: String,
     /// The last file content that failed to parse, so a bad file is reported once.
     rejected_text: Option<String>,
@@ -1082,8 +1086,11 @@ impl Agent {
 
     /// Sends the DNS server the zone of the running configuration, if it changed: a pass
     /// over the services, but only those with `hosts` cost more than a look.
-    fn publish_zone(&self) {
+    fn publish_zone(&mut self) {
         let zone = nameserver::zone_of(&self.config);
+        if !zone.is_empty() {
+            self.start_nameserver();
+        }
         self.zone.send_if_modified(|current| {
             if **current == zone {
                 return false;
@@ -1091,6 +1098,29 @@ impl Agent {
             *current = Arc::new(zone);
             true
         });
+    }
+
+    /// Binds and starts the DNS server for `hosts`, unless it runs or is `off`. A failure
+    /// is logged and tried again at the next change of hosts; everything else runs.
+    fn start_nameserver(&mut self) {
+        if self.nameserver.is_some() {
+            return;
+        }
+        let Some(address) = self.dns_listen else {
+            warn!("services have hosts, but --dns-listen is off: nothing answers DNS for them");
+            return;
+        };
+        match nameserver::bind(address) {
+            Ok(socket) => {
+                let bound = socket.local_addr().unwrap_or(address);
+                info!(address = %bound, "DNS server for services' hosts listening");
+                let zone = self.zone.subscribe();
+                self.nameserver = Some(tokio::spawn(nameserver::serve(socket, zone)));
+            }
+            Err(error) => {
+                warn!(%address, %error, "cannot answer DNS for services' hosts there; everything else runs (--dns-listen ADDR to move it)");
+            }
+        }
     }
 
     /// Starts a lookup of every name that is due.
@@ -1846,6 +1876,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         dns_answers: dns_tx,
         parse_options,
         zone: watch::channel(Arc::new(nameserver::Zone::new())).0,
+        dns_listen: args.dns_listen.0,
+        nameserver: None,
         config_text,
         rejected_text: None,
         config_stamp,
@@ -1874,22 +1906,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     agent.config = agent.resolve(config);
     first_lookups(&mut agent, &mut dns_rx).await;
     agent.publish_zone();
-    let nameserver_task = match args.dns_listen.0 {
-        None => None,
-        Some(address) => match nameserver::bind(address).await {
-            Ok(socket) => {
-                info!(address = %socket.local_addr()?, "DNS server for services' hosts listening");
-                Some(tokio::spawn(nameserver::serve(
-                    socket,
-                    agent.zone.subscribe(),
-                )))
-            }
-            Err(error) => {
-                warn!(%address, %error, "cannot answer DNS for services' hosts there; everything else runs (--dns-listen ADDR to move it, or off)");
-                None
-            }
-        },
-    };
     agent.probes.sync(
         &agent.config,
         &Dirty::All,
@@ -1988,7 +2004,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         task.abort();
     }
     metrics_task.abort();
-    if let Some(task) = nameserver_task {
+    if let Some(task) = agent.nameserver.take() {
         task.abort();
     }
     let _ = std::fs::remove_file(&args.socket);

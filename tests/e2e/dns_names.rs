@@ -41,22 +41,21 @@ services:
 }
 
 /// Starts the agent asking `dns` only, with TTLs bounded to 200 ms..1 s so that record
-/// changes show within a second.
-fn start_agent(w: &mut World, dns: &DnsServer) -> Result<()> {
+/// changes show within a second; `extra` are more arguments.
+fn start_agent(w: &mut World, dns: &DnsServer, extra: &[&str]) -> Result<()> {
     let server = dns.addr().to_string();
-    w.bed.start_agent(
-        &[
-            "--dns-server",
-            &server,
-            "--dns-min-ttl",
-            "200ms",
-            "--dns-max-ttl",
-            "1s",
-            "--dns-timeout",
-            "200ms",
-        ],
-        crate::world::READY_TIMEOUT,
-    )?;
+    let mut args = vec![
+        "--dns-server",
+        &server,
+        "--dns-min-ttl",
+        "200ms",
+        "--dns-max-ttl",
+        "1s",
+        "--dns-timeout",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    w.bed.start_agent(&args, crate::world::READY_TIMEOUT)?;
     Ok(())
 }
 
@@ -129,7 +128,7 @@ fn names_resolve_follow_their_records_and_survive_a_silent_resolver() -> Result<
     w.backend("west", "127.10.40.2:8080")?;
     w.backend("east-new", "127.10.40.3:8080")?;
     w.write_config(&config("east.db.test", "west.db.test"))?;
-    start_agent(&mut w, &dns)?;
+    start_agent(&mut w, &dns, &[])?;
 
     // Served from the first apply: the agent waited for the names' first answers.
     let gets = w.gets(VIP, 10)?;
@@ -217,7 +216,15 @@ fn a_name_that_never_resolved_serves_from_its_first_answer() -> Result<()> {
     w.backend("east", "127.10.40.11:8080")?;
     w.backend("west", "127.10.40.12:8080")?;
     w.write_config(&config("east.late.test", "west.late.test"))?;
-    start_agent(&mut w, &dns)?;
+    // Its DNS server is on, but no service has hosts: port 53 stays free.
+    const UNUSED_DNS: &str = "127.0.0.155:53";
+    start_agent(&mut w, &dns, &["--dns-listen", UNUSED_DNS])?;
+    ensure!(
+        !w.log().contains("DNS server for services' hosts listening"),
+        "bound without hosts:\n{}",
+        w.log()
+    );
+    std::net::UdpSocket::bind(UNUSED_DNS).context("the agent took port 53 without hosts")?;
 
     // east.late.test is NXDOMAIN: the service runs on the other name meanwhile.
     let failed = wait_name(&mut w, "east.late.test", "failed", |r| {
