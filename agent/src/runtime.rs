@@ -391,8 +391,9 @@ struct Agent {
     config_path: Option<PathBuf>,
     /// `--metrics-backend-limit`.
     metrics_backend_limit: usize,
-    /// What the source gave (the file as parsed, or the Kubernetes model's build), names
-    /// unresolved: `config` is this with [`dns::expand`]ed names.
+    /// The file as parsed, names unresolved: `config` is this with [`dns::expand`]ed
+    /// names. Empty with Kubernetes as the source, whose model names no endpoint by DNS
+    /// (its `config` is the model's build as it is).
     source: Config,
     /// The running configuration.
     config: Config,
@@ -1157,11 +1158,11 @@ impl Agent {
         let started = Instant::now();
         let error = outcome.as_ref().err().cloned();
         let recorded = self.names.record(&name, outcome, started);
-        let users: Vec<String> = self
-            .source
-            .services
-            .iter()
-            .filter(|s| s.named_endpoints.iter().any(|n| n.hostname == name))
+        if matches!(recorded, Recorded::Untracked | Recorded::Unchanged) {
+            // The common answer, a refresh at the TTL: nothing to say or re-plan.
+            return;
+        }
+        let users: Vec<String> = dns::services_using(&self.source, &name)
             .map(|s| s.name.clone())
             .collect();
         match recorded {
@@ -1328,11 +1329,9 @@ impl Agent {
             if !same_order {
                 self.config_shape += 1;
             }
-            self.source = built.config.clone();
             self.config = built.config;
             return;
         }
-        self.source = built.config.clone();
         let first = update.first_sync.is_some();
         self.use_config(
             built.config,
@@ -1527,11 +1526,7 @@ impl Agent {
             .iter()
             .map(|(name, record)| api::NameView {
                 name: name.to_string(),
-                services: self
-                    .source
-                    .services
-                    .iter()
-                    .filter(|s| s.named_endpoints.iter().any(|n| &n.hostname == name))
+                services: dns::services_using(&self.source, name)
                     .map(|s| s.name.clone())
                     .collect(),
                 state: record.state().to_owned(),

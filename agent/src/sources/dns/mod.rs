@@ -329,14 +329,23 @@ pub fn expand_all(config: &Config, names: &Names) -> Config {
         .expect("expanding names keeps every service's VIPs and ports")
 }
 
+/// The services of `source` with an endpoint named `name`, in file order.
+pub fn services_using<'a>(
+    source: &'a Config,
+    name: &'a str,
+) -> impl Iterator<Item = &'a ServiceConfig> + 'a {
+    source
+        .services
+        .iter()
+        .map(|service| &**service)
+        .filter(move |service| service.named_endpoints.iter().any(|n| &*n.hostname == name))
+}
+
 /// The services of `source` that use `name`, expanded again, to replace theirs in the
 /// running configuration.
 #[must_use]
 pub fn users_of(source: &Config, name: &str, names: &Names) -> Vec<Arc<ServiceConfig>> {
-    source
-        .services
-        .iter()
-        .filter(|service| service.named_endpoints.iter().any(|n| &*n.hostname == name))
+    services_using(source, name)
         .map(|service| Arc::new(expand(service, names)))
         .collect()
 }
