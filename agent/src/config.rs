@@ -23,14 +23,18 @@
 //! Invariants of every `Config` that [`parse`] returns:
 //! - services keep their file order; names match `[a-z0-9]([-a-z0-9.]*[a-z0-9])?`,
 //!   are at most 253 characters and are unique;
-//! - a service has at least one VIP and one port; its VIPs, port numbers and port names
-//!   are unique within it, and each VIP:port pair belongs to exactly one service;
-//! - when a service has endpoints, each VIP family (IPv4, IPv6) it uses has at least
-//!   one endpoint of that family, because a connect() can only be rewritten within its
-//!   own family;
-//! - no address is unspecified or multicast; endpoint `ports` keys name ports of their
-//!   service; weights are in `1..=1_000_000`; no two endpoints of a service are the same
-//!   backend (same address and same port for every service port);
+//! - a service has at least one VIP (one allocated from [`ParseOptions::vip_range`] when
+//!   it gives only `hosts`) and one port; its VIPs, port numbers and port names are
+//!   unique within it, and each VIP:port pair belongs to exactly one service; a host
+//!   belongs to exactly one service;
+//! - when a service has endpoints and names none by DNS, each VIP family (IPv4, IPv6)
+//!   it uses has at least one endpoint of that family, because a connect() can only be
+//!   rewritten within its own family (a name's families are known only once it resolves,
+//!   and [`crate::sources::dns::expand`] keeps to the VIPs' families);
+//! - no address is unspecified or multicast; an endpoint's address is a DNS name only
+//!   with `resolution: DNS`; endpoint `ports` keys name ports of their service; weights
+//!   are in `1..=1_000_000`; no two endpoints of a service are the same backend (same
+//!   address, or the same name, and the same port for every service port);
 //! - failover rules have non-empty, distinct `from` and `to`; `failoverOrder` entries
 //!   are non-empty;
 //! - health checks have `interval >= 10ms`, `0 < timeout <= interval`, thresholds `>= 1`;
