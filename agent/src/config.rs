@@ -329,10 +329,27 @@ pub struct ServiceConfig {
     /// active health check or is removed, connections detour made to it are destroyed so
     /// applications reconnect to a healthy backend.
     pub terminate_connections: bool,
+    /// YAML `tls` (DestinationRule's `trafficPolicy.tls`): when set, detour originates
+    /// TLS to the endpoints, and connects to the service's VIPs go through the agent's
+    /// originator ([`crate::originator`]) instead of straight to a backend.
+    pub tls: Option<TlsOrigination>,
     /// Where the service was defined, as its source says; informational (the CLI shows
     /// it), never read by selection. [`parse`] gives [`ServiceOrigin::File`] without a
     /// path, which [`Config::defined_in`] fills in.
     pub origin: ServiceOrigin,
+}
+
+/// TLS that detour originates to a service's endpoints (Istio's `ClientTLSSettings` with
+/// `mode: SIMPLE`): the application speaks plain bytes to the VIP, the backends get TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOrigination {
+    /// The server name sent (SNI) and checked in the backend's certificate. `None`: the
+    /// endpoint's DNS name, or for an endpoint given by IP address, that address.
+    pub sni: Option<String>,
+    /// A PEM file of the certificate authorities that sign the backends' certificates
+    /// (an absolute path, read when the service is applied); `None`: the node's system
+    /// roots.
+    pub ca_certificates: Option<std::path::PathBuf>,
 }
 
 /// The source a service comes from: carried as data on the model, so that the CLI
@@ -859,6 +876,12 @@ pub enum ConfigErrorKind {
     NoVips,
     #[error("host {host:?} is already a host of service {service:?}")]
     HostInUse { host: String, service: String },
+    /// An HTTP or gRPC check on a service whose endpoints speak TLS.
+    #[error(
+        "the service originates TLS (`tls`), and an HTTP or gRPC check would speak plain \
+         text to its TLS port: use a `tcp` check, or none"
+    )]
+    PlainCheckOfTlsService,
     #[error(
         "detour allocates an IPv4 VIP for a service with `hosts` and no `vips`, and this \
          service's endpoints are all IPv6: give it `vips`"
@@ -1438,6 +1461,25 @@ struct RawService {
     outlier_detection: Option<RawOutlierDetection>,
     #[serde(default = "default_true")]
     terminate_connections: bool,
+    #[serde(default)]
+    tls: Option<RawTls>,
+}
+
+/// Istio's `ClientTLSSettings`, the part detour does: `SIMPLE` (verify the server, send
+/// no client certificate) or `DISABLE`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `mode`, `sni` and `caCertificates`",
+    rename_all = "camelCase"
+)]
+struct RawTls {
+    #[serde(deserialize_with = "de_tls_mode")]
+    mode: bool,
+    #[serde(default, deserialize_with = "de_sni")]
+    sni: Option<String>,
+    #[serde(default, deserialize_with = "de_ca_certificates")]
+    ca_certificates: Option<std::path::PathBuf>,
 }
 
 fn default_true() -> bool {
@@ -1957,6 +1999,63 @@ fn de_resolution<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Resolutio
     })
 }
 
+/// `tls.mode`: true for SIMPLE (originate TLS), false for DISABLE.
+fn de_tls_mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    deserializer.deserialize_str(StrVisitor {
+        what: "SIMPLE or DISABLE",
+        check: |value: &str| match value {
+            "SIMPLE" => Ok(true),
+            "DISABLE" => Ok(false),
+            "MUTUAL" | "ISTIO_MUTUAL" => Err(format!(
+                "{value} is not supported: detour verifies the server's certificate but \
+                 presents none of its own (use SIMPLE)"
+            )),
+            other => Err(format!(
+                "unknown TLS mode {other:?}: expected SIMPLE or DISABLE"
+            )),
+        },
+    })
+}
+
+/// `tls.sni`: a DNS name, lowercased.
+fn de_sni<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    deserializer
+        .deserialize_str(StrVisitor {
+            what: "a DNS name",
+            check: |value: &str| {
+                let name = value.trim_end_matches('.').to_ascii_lowercase();
+                if is_dns_name(&name) {
+                    Ok(name)
+                } else {
+                    Err(format!("{value:?} is not a DNS name"))
+                }
+            },
+        })
+        .map(Some)
+}
+
+/// `tls.caCertificates`: an absolute path (the agent's working directory is nobody's
+/// business); the file itself is read when the service is applied.
+fn de_ca_certificates<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<std::path::PathBuf>, D::Error> {
+    deserializer
+        .deserialize_str(StrVisitor {
+            what: "an absolute path to a PEM file",
+            check: |value: &str| {
+                let path = std::path::Path::new(value);
+                if path.is_absolute() {
+                    Ok(path.to_path_buf())
+                } else {
+                    Err(format!(
+                        "{value:?} is not an absolute path: give the CA file's full path"
+                    ))
+                }
+            },
+        })
+        .map(Some)
+}
+
 fn de_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
     deserializer.deserialize_str(StrVisitor {
         what: "an IP address",
@@ -2356,6 +2455,21 @@ impl Validator<'_> {
             }
             None => OutlierDetectionConfig::default(),
         };
+        let tls = raw.tls.filter(|t| t.mode).map(|t| TlsOrigination {
+            sni: t.sni,
+            ca_certificates: t.ca_certificates,
+        });
+        if tls.is_some()
+            && !matches!(
+                health_check.kind,
+                HealthCheckKind::Tcp | HealthCheckKind::None
+            )
+        {
+            return Err(self.error(
+                &path.key("healthCheck"),
+                ConfigErrorKind::PlainCheckOfTlsService,
+            ));
+        }
         Ok(ServiceConfig {
             name: raw.name,
             vips: raw.vips,
@@ -2367,6 +2481,7 @@ impl Validator<'_> {
             health_check,
             outlier_detection,
             terminate_connections: raw.terminate_connections,
+            tls,
             origin: ServiceOrigin::default(),
         })
     }
@@ -4447,6 +4562,42 @@ services:
         for (extra, expected) in cases {
             assert_eq!(refused(&service_with(extra)), expected, "{extra}");
         }
+    }
+
+    #[test]
+    fn tls_origination_is_simple_or_off_and_checked_by_tcp_only() {
+        let tls = |extra: &str| parse(&service_with(extra)).map(|c| c.services[0].tls.clone());
+        assert_eq!(tls("endpoints: [{address: 127.0.0.1}]"), Ok(None));
+        assert_eq!(
+            tls("endpoints: [{address: 127.0.0.1}]\ntls: {mode: SIMPLE, sni: DB.Example.}"),
+            Ok(Some(TlsOrigination {
+                sni: Some("db.example".into()),
+                ca_certificates: None,
+            }))
+        );
+        assert_eq!(
+            tls("endpoints: [{address: 127.0.0.1}]\ntls: {mode: DISABLE}"),
+            Ok(None)
+        );
+        assert_eq!(
+            refused(&service_with(
+                "endpoints: [{address: 127.0.0.1}]\ntls: {sni: db}"
+            )),
+            "services[0].tls (line 7): missing field `mode`"
+        );
+        assert_eq!(
+            refused(&service_with(
+                "endpoints: [{address: 127.0.0.1}]\ntls: {mode: SIMPLE, sni: 'a b'}"
+            )),
+            "services[0].tls.sni (line 7): \"a b\" is not a DNS name"
+        );
+        assert_eq!(
+            refused(&service_with(
+                "endpoints: [{address: 127.0.0.1}]\ntls: {mode: SIMPLE}\nhealthCheck: {http: {}}"
+            )),
+            "services[0].healthCheck (line 8): the service originates TLS (`tls`), and an HTTP \
+             or gRPC check would speak plain text to its TLS port: use a `tcp` check, or none"
+        );
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //! - the tables are `selection::slot_table` of `selection::select`'s members and standby
 //!   members ([`slot_tables`]), so weights, tiers, spill and panic routing come from
 //!   `selection` alone;
-//! - the primary and standby tables together never exceed `MAX_SLOTS`.
+//! - the primary and standby tables together never exceed `MAX_SLOTS`;
+//! - a frontend of a service that originates TLS ([`Via::Originator`]) gives the kernel
+//!   a table of one slot, the originator's listener, or none while it has no listener:
+//!   the kernel never sends such a connect straight to a backend.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -88,6 +91,33 @@ pub struct FrontendPlan {
     pub standby: Arc<[SocketAddr]>,
     /// The kernel's passive-health parameters for this frontend.
     pub passive: Passive,
+    /// How connects to the frontend reach the plan's backends.
+    pub via: Via,
+}
+
+/// How connects to a frontend reach its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The kernel rewrites each connect to a backend of `table` (or `standby`).
+    Kernel,
+    /// The service originates TLS: the kernel rewrites connects to the agent's
+    /// originator listening at `relay`, which picks from `table` and `standby` itself
+    /// ([`crate::originator`]). `None` while the originator has no listener for the
+    /// frontend: the kernel then leaves connects alone rather than send the application's
+    /// plain bytes to a TLS port.
+    Originator { relay: Option<SocketAddr> },
+}
+
+impl Via {
+    /// What a service's frontends start as, before any relay is known.
+    #[must_use]
+    pub fn of(service: &ServiceConfig) -> Self {
+        if service.tls.is_some() {
+            Self::Originator { relay: None }
+        } else {
+            Self::Kernel
+        }
+    }
 }
 
 /// Whether selection may serve an endpoint with this active `health` that outlier
@@ -247,6 +277,7 @@ pub fn plan_service(
                     table: table.into(),
                     standby: standby.into(),
                     passive,
+                    via: Via::of(service),
                 });
             }
         }
@@ -283,15 +314,26 @@ pub fn desired_service(name: &str, plans: &[FrontendPlan]) -> DesiredService {
 }
 
 fn add_plan(service: &mut DesiredService, p: &FrontendPlan) {
-    service.tables.insert(
-        p.frontend,
-        Table {
-            slots: p.table.clone(),
-            standby: p.standby.clone(),
-            passive: p.passive,
-        },
-    );
-    service.add_backends(p.endpoints.iter().map(|e| e.target));
+    match p.via {
+        Via::Kernel => {
+            service.tables.insert(
+                p.frontend,
+                Table {
+                    slots: p.table.clone(),
+                    standby: p.standby.clone(),
+                    passive: p.passive,
+                },
+            );
+            service.add_backends(p.endpoints.iter().map(|e| e.target));
+        }
+        // The kernel only ever sends these connects to the originator; it judges no
+        // backend of its own (no passive parameters), the originator reports outcomes.
+        Via::Originator { relay } => {
+            let relay: Vec<SocketAddr> = relay.into_iter().collect();
+            service.add_backends(relay.iter().copied());
+            service.tables.insert(p.frontend, Table::plain(relay));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -158,6 +158,13 @@ impl EjectedFlag {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeKind {
     Tcp,
+    /// A TCP connect and a TLS handshake, as the originator makes them: `name` is the
+    /// server name asked for (the service's `sni`, else the endpoint's DNS name, else
+    /// its address).
+    Tls {
+        tls: crate::config::TlsOrigination,
+        name: Option<String>,
+    },
     Http(HttpCheck),
     Grpc(GrpcCheck),
 }
@@ -191,6 +198,9 @@ pub fn spawn_probe(
         loop {
             let result = match &spec.kind {
                 ProbeKind::Tcp => tcp_probe(target, spec.timeout).await,
+                ProbeKind::Tls { tls, name } => {
+                    tls_probe(target, tls, name.as_deref(), spec.timeout).await
+                }
                 ProbeKind::Http(check) => http_probe(target, check, spec.timeout).await,
                 ProbeKind::Grpc(check) => grpc_probe(target, check, spec.timeout).await,
             };
@@ -222,6 +232,8 @@ pub fn spawn_probe(
 pub enum ProbeError {
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("connect failed: {0}")]
     Connect(#[source] std::io::Error),
     #[error("no complete response within {0:?}")]
@@ -524,6 +536,34 @@ pub async fn tcp_probe(target: SocketAddr, timeout: Duration) -> Result<(), Prob
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
         Ok(Ok(_stream)) => Ok(()),
         Ok(Err(e)) => Err(ProbeError::Connect(e)),
+        Err(_) => Err(ProbeError::Timeout(timeout)),
+    }
+}
+
+/// A TCP connect and a TLS handshake with `target`, all within `timeout`. The client
+/// configuration is built for each probe (a CA file read each time): a probe every
+/// second or so costs little, and a rotated CA file is seen at once.
+pub async fn tls_probe(
+    target: SocketAddr,
+    tls: &crate::config::TlsOrigination,
+    name: Option<&str>,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let config = crate::originator::tls::client_config(tls)
+        .map_err(|e| ProbeError::Tls(format!("{e:#}")))?;
+    let name = crate::originator::tls::server_name(None, name, target);
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect(target)
+            .await
+            .map_err(ProbeError::Connect)?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(|e| ProbeError::Tls(format!("handshake with {}: {e}", name.to_str())))?;
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(result) => result,
         Err(_) => Err(ProbeError::Timeout(timeout)),
     }
 }

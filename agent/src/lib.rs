@@ -26,6 +26,7 @@ pub mod health;
 pub mod intern;
 pub mod metrics;
 pub mod nameserver;
+pub mod originator;
 pub mod outlier;
 pub mod passive;
 pub mod plan_cache;

@@ -119,6 +119,8 @@ pub struct Snapshot {
     pub names: Vec<NameMetrics>,
     /// DNS lookups that failed or answered no address, since the agent started.
     pub dns_lookup_failures: u64,
+    /// The TLS originator's counters.
+    pub originator: crate::originator::StatsView,
 }
 
 /// One DNS name endpoints are given by (`resolution: DNS`).
@@ -480,6 +482,55 @@ impl Collector for SnapshotCollector {
             "DNS lookups of endpoint names that failed or answered no address.",
             snapshot.dns_lookup_failures,
         )?;
+        let tls = &snapshot.originator;
+        gauge(
+            e,
+            "detour_tls_listeners",
+            "Frontends of services with `tls` that the TLS originator listens for.",
+            saturating_i64(tls.listeners as u64),
+        )?;
+        gauge(
+            e,
+            "detour_tls_connections",
+            "Connections the TLS originator relays now (at most --tls-max-connections).",
+            saturating_i64(tls.active as u64),
+        )?;
+        counter(
+            e,
+            "detour_tls_connections_accepted",
+            "Connections applications made to services with `tls`, accepted by the originator.",
+            tls.accepted,
+        )?;
+        counter(
+            e,
+            "detour_tls_connections_relayed",
+            "Accepted connections relayed to a backend: its TCP and TLS handshakes completed.",
+            tls.relayed,
+        )?;
+        counter(
+            e,
+            "detour_tls_attempts_failed",
+            "Backend attempts that failed (TCP connect or TLS handshake); each counts for outlier detection, and the connection tries the next backend.",
+            tls.attempts_failed,
+        )?;
+        counters(
+            e,
+            "detour_tls_connections_reset",
+            "Accepted connections the originator reset: every backend tried failed or there was none (no-backend), or --tls-max-connections were open (over-limit).",
+            [
+                ([("reason", "no-backend")], tls.gave_up),
+                ([("reason", "over-limit")], tls.over_limit),
+            ],
+        )?;
+        counters(
+            e,
+            "detour_tls_bytes",
+            "Bytes the originator relayed, of connections that have ended: up (application to backend) and down.",
+            [
+                ([("direction", "up")], tls.bytes_up),
+                ([("direction", "down")], tls.bytes_down),
+            ],
+        )?;
         let over = &snapshot.services_over_limit;
         gauges(
             e,
@@ -516,6 +567,10 @@ fn counters<L: EncodeLabelSet>(
 fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
     let counter = ConstCounter::new(value);
     counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
 fn gauges<L: EncodeLabelSet>(
@@ -841,6 +896,18 @@ mod tests {
                 failing: true,
             }],
             dns_lookup_failures: 3,
+            originator: crate::originator::StatsView {
+                listeners: 1,
+                active: 2,
+                accepted: 10,
+                relayed: 8,
+                attempts_failed: 3,
+                gave_up: 1,
+                over_limit: 1,
+                reports_dropped: 0,
+                bytes_up: 100,
+                bytes_down: 2000,
+            },
         }
     }
 
@@ -946,6 +1013,29 @@ detour_dns_name_failing{name="east.example"} 1
 # HELP detour_dns_lookup_failures_total DNS lookups of endpoint names that failed or answered no address.
 # TYPE detour_dns_lookup_failures_total counter
 detour_dns_lookup_failures_total 3
+# HELP detour_tls_listeners Frontends of services with `tls` that the TLS originator listens for.
+# TYPE detour_tls_listeners gauge
+detour_tls_listeners 1
+# HELP detour_tls_connections Connections the TLS originator relays now (at most --tls-max-connections).
+# TYPE detour_tls_connections gauge
+detour_tls_connections 2
+# HELP detour_tls_connections_accepted_total Connections applications made to services with `tls`, accepted by the originator.
+# TYPE detour_tls_connections_accepted_total counter
+detour_tls_connections_accepted_total 10
+# HELP detour_tls_connections_relayed_total Accepted connections relayed to a backend: its TCP and TLS handshakes completed.
+# TYPE detour_tls_connections_relayed_total counter
+detour_tls_connections_relayed_total 8
+# HELP detour_tls_attempts_failed_total Backend attempts that failed (TCP connect or TLS handshake); each counts for outlier detection, and the connection tries the next backend.
+# TYPE detour_tls_attempts_failed_total counter
+detour_tls_attempts_failed_total 3
+# HELP detour_tls_connections_reset_total Accepted connections the originator reset: every backend tried failed or there was none (no-backend), or --tls-max-connections were open (over-limit).
+# TYPE detour_tls_connections_reset_total counter
+detour_tls_connections_reset_total{reason="no-backend"} 1
+detour_tls_connections_reset_total{reason="over-limit"} 1
+# HELP detour_tls_bytes_total Bytes the originator relayed, of connections that have ended: up (application to backend) and down.
+# TYPE detour_tls_bytes_total counter
+detour_tls_bytes_total{direction="up"} 100
+detour_tls_bytes_total{direction="down"} 2000
 # HELP detour_services_refused Services not programmed because the BPF maps have no room for them, by the limit they hit (the agent's --max-services, --max-backends, --max-slots).
 # TYPE detour_services_refused gauge
 detour_services_refused{limit="max-services"} 2
@@ -1164,8 +1254,8 @@ detour_services_not_updated{limit="max-slots"} 1
         }
         // 50 (one tier line per frontend: two; one aborts line per address: two), the
         // omitted-backends gauge, the two kernel features, the two families of services over a map limit (2 samples
-        // each here), the three DNS families (one name).
-        assert_eq!(samples, 50 + 1 + 2 + 4 + 3);
+        // each here), the three DNS families (one name), the TLS originator's (nine samples).
+        assert_eq!(samples, 50 + 1 + 2 + 4 + 3 + 9);
 
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, 200);
@@ -1284,11 +1374,11 @@ detour_services_not_updated{limit="max-slots"} 1
         // The parser skips lines it cannot read, so first check that it read them all:
         // the histogram's 17 bucket lines become one sample, its _sum and _count one each.
         let sample_lines = body.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(sample_lines, 50 + 1 + 2 + 4 + 3);
-        assert_eq!(scrape.samples.len(), 50 + 1 + 2 + 4 + 3 - 17 + 1);
+        assert_eq!(sample_lines, 50 + 1 + 2 + 4 + 3 + 9);
+        assert_eq!(scrape.samples.len(), 50 + 1 + 2 + 4 + 3 + 9 - 17 + 1);
         assert_eq!(
             scrape.docs.len(),
-            17 + 2 + 2 + 3,
+            17 + 2 + 2 + 3 + 7,
             "{:?}",
             scrape.docs.keys()
         );

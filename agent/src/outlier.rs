@@ -226,6 +226,9 @@ pub enum FailureKind {
     Timeout,
     /// Reset after the connection was established.
     ResetAfterEstablished,
+    /// Connected, and the TLS handshake the originator started failed or timed out
+    /// (a wrong certificate, a server that does not speak TLS).
+    Tls,
 }
 
 impl fmt::Display for FailureKind {
@@ -235,6 +238,7 @@ impl fmt::Display for FailureKind {
             Self::Reset => "reset",
             Self::Timeout => "timeout",
             Self::ResetAfterEstablished => "reset-after-established",
+            Self::Tls => "tls-handshake",
         })
     }
 }

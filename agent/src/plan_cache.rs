@@ -7,7 +7,8 @@
 //! - `plans[i]` and `desired.services[i]` belong to the same service, and services are
 //!   in config order (the reconciler admits services in that order when maps are full);
 //! - a service's cached plan is the one [`desired::plan_service`] returns for the
-//!   config, health and ejections the cache was last told about: every change to any
+//!   config, health and ejections the cache was last told about, with the relay of
+//!   [`PlanCache::set_relays`] for a frontend that originates TLS: every change to any
 //!   of them marks the service dirty (or everything, when the node's locality changes),
 //!   and [`PlanCache::refresh`] re-plans exactly the dirty services;
 //! - re-ordering after a reload moves cached entries, it never clones a table.
@@ -66,6 +67,9 @@ pub struct PlanCache {
     /// The config generation the order was last checked against: a refresh for the
     /// same configuration (a health flip) skips the O(services) order check.
     generation: Option<u64>,
+    /// The originator's listener of each frontend that originates TLS
+    /// ([`desired::Via::Originator`]).
+    relays: HashMap<SocketAddr, SocketAddr>,
 }
 
 /// What a refresh re-planned: the services, in config order, and the plans their
@@ -144,6 +148,12 @@ impl PlanCache {
         &self.desired
     }
 
+    /// Where the originator listens for each frontend that originates TLS. The caller
+    /// marks the services whose listeners changed dirty, as for any other input.
+    pub fn set_relays(&mut self, relays: HashMap<SocketAddr, SocketAddr>) {
+        self.relays = relays;
+    }
+
     /// Brings the cache in line with `config`: services are put in config order, those
     /// gone are dropped, new ones and the `dirty` ones are planned. `dirty` is left empty.
     /// `generation` names the configuration: the caller changes it whenever `config`
@@ -180,7 +190,12 @@ impl PlanCache {
         for at in fresh {
             let service = &config.services[at];
             refreshed.services.push(service.name.clone());
-            let plans = desired::plan_service(config, service, &health, &ejected);
+            let mut plans = desired::plan_service(config, service, &health, &ejected);
+            for plan in &mut plans {
+                if let desired::Via::Originator { relay } = &mut plan.via {
+                    *relay = self.relays.get(&plan.frontend).copied();
+                }
+            }
             self.desired.services[at] = desired::desired_service(&service.name, &plans);
             refreshed
                 .previous

@@ -39,7 +39,8 @@ use detour_agent::metrics::{
     self, AddressMetrics, BackendMetrics, Histogram, LimitMetrics, ServiceMetrics, Snapshot,
 };
 use detour_agent::nameserver;
-use detour_agent::outlier::Event as OutlierEvent;
+use detour_agent::originator::{self, Originator};
+use detour_agent::outlier::{Event as OutlierEvent, Outcome};
 use detour_agent::passive::{self, PassiveHealth};
 use detour_agent::plan_cache::{Dirty, PlanCache};
 use detour_agent::reconcile::{Limit, Reconciler, Refusal};
@@ -142,6 +143,33 @@ pub struct AgentArgs {
     /// The range VIPs of services with `hosts` and no `vips` are allocated from.
     #[arg(long, default_value = config::DEFAULT_VIP_RANGE)]
     vip_range: ipnet::Ipv4Net,
+    /// Where the TLS originator listens (one port per frontend of a service with `tls`):
+    /// an address applications' connects can reach once rewritten. Loopback serves
+    /// processes in the node's network namespace; pods need the node's own address.
+    #[arg(long, default_value = "127.0.0.1")]
+    tls_listen: IpAddr,
+    /// Connections the TLS originator relays at once; past it, new ones are reset.
+    #[arg(long, default_value_t = 1024)]
+    tls_max_connections: usize,
+    /// How long the TLS handshake with a backend may take once TCP connected (the TCP
+    /// connect itself has the service's `outlierDetection.handshakeTimeout`).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
+}
+
+/// The DNS name the endpoint at `ip` of `service` was resolved from, as `source` (the
+/// file as parsed) names it and `names` resolved it; `None` for an address the file
+/// gives itself (resolving the same address too adds no endpoint: the literal one stays).
+fn hostname_in(source: &Config, names: &Names, service: &str, ip: IpAddr) -> Option<String> {
+    let service = source.service(service)?;
+    if service.endpoints.iter().any(|e| e.address == ip) {
+        return None;
+    }
+    service
+        .named_endpoints
+        .iter()
+        .find(|named| names.addresses(&named.hostname).contains(&ip))
+        .map(|named| named.hostname.to_string())
 }
 
 /// `--dns-listen`: an address, or `off`.
@@ -291,6 +319,7 @@ impl Probes {
         changes: &mpsc::Sender<HealthChange>,
         health: &mut HealthMap,
         is_ejected: impl Fn(&str, SocketAddr) -> bool,
+        hostname: impl Fn(&str, IpAddr) -> Option<String>,
     ) {
         // The names to look at: every service that has entries or is configured, or
         // those in scope (configured or not: a removed one loses its entries).
@@ -313,7 +342,16 @@ impl Probes {
             };
             let hc = &service.health_check;
             let kind = match &hc.kind {
-                HealthCheckKind::Tcp => Some(ProbeKind::Tcp),
+                // A backend that TLS is originated to is checked with the handshake the
+                // originator makes: a TCP connect alone would pass a backend whose
+                // certificate every real connection refuses (and end its ejection).
+                HealthCheckKind::Tcp => Some(match &service.tls {
+                    Some(tls) => ProbeKind::Tls {
+                        tls: tls.clone(),
+                        name: None,
+                    },
+                    None => ProbeKind::Tcp,
+                }),
                 HealthCheckKind::Http(check) => Some(ProbeKind::Http(check.clone())),
                 HealthCheckKind::Grpc(check) => Some(ProbeKind::Grpc(check.clone())),
                 HealthCheckKind::None => None,
@@ -344,6 +382,16 @@ impl Probes {
             let mut now_running = LiteMap::with_capacity(targets.len());
             let mut now_health = LiteMap::with_capacity(targets.len());
             for target in targets {
+                let spec = match &spec.kind {
+                    ProbeKind::Tls { tls, .. } => ProbeSpec {
+                        kind: ProbeKind::Tls {
+                            tls: tls.clone(),
+                            name: tls.sni.clone().or_else(|| hostname(name, target.ip())),
+                        },
+                        ..spec.clone()
+                    },
+                    _ => spec.clone(),
+                };
                 match running.remove(&target) {
                     // Its probe runs on, and its health stands.
                     Some(probe) if probe.0 == spec => {
@@ -438,6 +486,15 @@ struct Agent {
     /// Services the maps have no room for (or for their new state), by name, from the
     /// last apply.
     refused: BTreeMap<String, Refusal>,
+    /// Relays connects to services with `tls`; their kernel tables point at it.
+    originator: Originator,
+    /// The rustls configuration of each service with `tls`, with the settings it was
+    /// built from.
+    tls_clients: HashMap<String, (config::TlsOrigination, Arc<rustls::ClientConfig>)>,
+    /// `--tls-handshake-timeout`.
+    tls_handshake_timeout: Duration,
+    /// The listeners the plans were last told about.
+    plans_relays: HashMap<SocketAddr, SocketAddr>,
     changes: mpsc::Sender<HealthChange>,
     passive: PassiveHealth,
     /// Kernel ids → names, rebuilt after every apply.
@@ -563,6 +620,9 @@ impl Agent {
         for (service, detail) in tier_events {
             self.publish("tier-changed", &service, None, detail);
         }
+        // Before the kernel's tables change: a listener new in this apply has its route
+        // before any connect is sent to it.
+        self.route_originated(&refreshed.services);
         let reconciling = Instant::now();
         // A change that keeps every service's frontends (health, ejection, weights, an
         // endpoint moved) goes through the reconciler's scoped path, which costs the
@@ -722,6 +782,201 @@ impl Agent {
         });
     }
 
+    /// Feeds one connection outcome (the kernel's or the originator's) to outlier
+    /// detection and acts on an ejection; returns whether the plans must be re-applied.
+    fn judge(&mut self, service: &str, target: SocketAddr, outcome: Outcome, now: Instant) -> bool {
+        let service = service.to_owned();
+        let mut changed = false;
+        match self.passive.observe(&service, target, outcome, now) {
+            Some(OutlierEvent::Ejected {
+                until,
+                ejection_count,
+                kind,
+                ..
+            }) => {
+                let secs = until.saturating_duration_since(now).as_secs_f64();
+                warn!(%service, backend = %target, %kind, ejection = ejection_count, seconds = secs, "backend ejected");
+                self.publish(
+                    "ejected",
+                    &service,
+                    Some(target),
+                    format!("{kind}; ejection {ejection_count}, for {secs:.0}s"),
+                );
+                let passive = &self.passive;
+                self.ejection_causes
+                    .retain(|(s, t), _| passive.is_ejected(s, *t));
+                self.ejection_causes.insert(
+                    (service.clone(), target),
+                    format!("{kind}, ejection {ejection_count}"),
+                );
+                self.terminate(&service, target, "ejected");
+                self.probes.set_ejected(&service, target, true);
+                self.dirty.mark(&service);
+                changed = true;
+            }
+            Some(OutlierEvent::EjectionSkipped { kind, reason, .. }) => {
+                warn!(%service, backend = %target, %kind, %reason, "backend not ejected");
+                self.publish(
+                    "ejection-skipped",
+                    &service,
+                    Some(target),
+                    format!("{kind}; {reason}"),
+                );
+            }
+            Some(OutlierEvent::Restored { .. }) | None => {}
+        }
+        changed
+    }
+
+    /// One outcome from the TLS originator: judged like the kernel's events.
+    fn on_originator_report(&mut self, report: originator::Report) {
+        let now = Instant::now();
+        let kind = match report.outcome {
+            Outcome::Success => "recovered".to_owned(),
+            Outcome::Failure(kind) => kind.to_string(),
+        };
+        self.publish(&kind, &report.service, Some(report.target), report.detail);
+        if self.judge(&report.service, report.target, report.outcome, now) {
+            self.apply();
+        }
+    }
+
+    /// Gives each frontend of a service with `tls` its originator listener and each such
+    /// service its rustls configuration (a CA file is read again whenever its service
+    /// changed), and tells the plans where the listeners are. Run after every change of
+    /// `config`; a service whose TLS configuration fails gets no listener, so its
+    /// connects are left alone, and says why.
+    fn sync_originator(&mut self) {
+        let touched = |name: &str| match &self.dirty {
+            Dirty::All => true,
+            Dirty::Services(names) => names.contains(name),
+        };
+        let mut clients = HashMap::new();
+        let mut failures = Vec::new();
+        for service in self.config.services.iter() {
+            let Some(tls) = &service.tls else { continue };
+            let known = self.tls_clients.remove(&service.name);
+            if let Some(entry) = known
+                .as_ref()
+                .filter(|(was, _)| was == tls && !touched(&service.name))
+            {
+                clients.insert(service.name.clone(), entry.clone());
+                continue;
+            }
+            match originator::tls::client_config(tls) {
+                Ok(client) => {
+                    clients.insert(service.name.clone(), (tls.clone(), client));
+                }
+                // What served keeps serving: a CA file caught mid-rotation does not
+                // take a running service down.
+                Err(e) if known.is_some() => {
+                    let why = format!("{e:#}; the previous TLS settings stay in use");
+                    failures.push((service.name.clone(), why));
+                    clients.extend(known.map(|entry| (service.name.clone(), entry)));
+                }
+                Err(e) => failures.push((service.name.clone(), format!("{e:#}"))),
+            }
+        }
+        self.tls_clients = clients;
+        for (service, why) in failures {
+            if self.tls_clients.contains_key(&service) {
+                warn!(%service, error = %why, "cannot read the service's TLS settings");
+            } else {
+                error!(%service, error = %why, "cannot originate TLS: the service's connects are left alone");
+            }
+            self.publish("tls-failed", &service, None, why);
+        }
+        let frontends: Vec<SocketAddr> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| self.tls_clients.contains_key(&s.name))
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .flat_map(|p| s.vips.iter().map(|vip| SocketAddr::new(*vip, p.number)))
+            })
+            .collect();
+        let reconciler = &self.reconciler;
+        // After a restart, the port the pinned table still sends connects to.
+        let previous = |frontend: SocketAddr| match reconciler.live_table(&frontend) {
+            Some([id]) => reconciler.backend_addr(*id),
+            _ => None,
+        };
+        for (frontend, e) in self.originator.sync(&frontends, previous) {
+            let service = self
+                .config
+                .services
+                .iter()
+                .find(|s| {
+                    s.ports.iter().any(|p| p.number == frontend.port())
+                        && s.vips.contains(&frontend.ip())
+                })
+                .map_or_else(String::new, |s| s.name.clone());
+            error!(%service, %frontend, error = %format!("{e:#}"), "cannot listen for TLS origination");
+            self.publish("tls-failed", &service, None, format!("{frontend}: {e:#}"));
+        }
+        let relays = self.originator.relays();
+        if relays != self.plans_relays {
+            for service in self.config.services.iter().filter(|s| s.tls.is_some()) {
+                self.dirty.mark(&service.name);
+            }
+            self.plans.set_relays(relays.clone());
+            self.plans_relays = relays;
+        }
+    }
+
+    /// SIGHUP reads every CA file again, even when the configuration's text did not
+    /// change (a rotated CA file changes none).
+    fn reload_tls(&mut self) {
+        let originated: Vec<String> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.tls.is_some())
+            .map(|s| s.name.clone())
+            .collect();
+        if originated.is_empty() {
+            return;
+        }
+        for name in &originated {
+            self.dirty.mark(name);
+        }
+        self.sync_originator();
+        self.apply();
+    }
+
+    /// Gives the originator the new plans of the re-planned `services` that originate
+    /// TLS.
+    fn route_originated(&self, services: &[String]) {
+        for name in services {
+            let Some(service) = self.config.service(name) else {
+                continue;
+            };
+            let (Some(tls), Some((_, client))) = (&service.tls, self.tls_clients.get(name)) else {
+                continue;
+            };
+            let routes = self.plans.service(name).iter().map(|plan| {
+                let route = originator::Route::of(
+                    plan,
+                    client.clone(),
+                    |target| {
+                        let hostname = self.hostname_of(name, target.ip());
+                        originator::tls::server_name(
+                            tls.sni.as_deref(),
+                            (!hostname.is_empty()).then_some(hostname.as_str()),
+                            target,
+                        )
+                    },
+                    service.outlier_detection.handshake_timeout,
+                    self.tls_handshake_timeout,
+                );
+                (plan.frontend, route)
+            });
+            self.originator.set_routes(routes);
+        }
+    }
+
     /// A batch of connection outcomes from the kernel.
     fn on_kernel_events(&mut self, batch: Vec<ConnEvent>) {
         let now = Instant::now();
@@ -761,44 +1016,7 @@ impl Agent {
             };
             self.publish(kind, &service, Some(target), detail);
             if let Some(outcome) = passive::outcome(event.kind) {
-                match self.passive.observe(&service, target, outcome, now) {
-                    Some(OutlierEvent::Ejected {
-                        until,
-                        ejection_count,
-                        kind,
-                        ..
-                    }) => {
-                        let secs = until.saturating_duration_since(now).as_secs_f64();
-                        warn!(%service, backend = %target, %kind, ejection = ejection_count, seconds = secs, "backend ejected");
-                        self.publish(
-                            "ejected",
-                            &service,
-                            Some(target),
-                            format!("{kind}; ejection {ejection_count}, for {secs:.0}s"),
-                        );
-                        let passive = &self.passive;
-                        self.ejection_causes
-                            .retain(|(s, t), _| passive.is_ejected(s, *t));
-                        self.ejection_causes.insert(
-                            (service.clone(), target),
-                            format!("{kind}, ejection {ejection_count}"),
-                        );
-                        self.terminate(&service, target, "ejected");
-                        self.probes.set_ejected(&service, target, true);
-                        self.dirty.mark(&service);
-                        changed = true;
-                    }
-                    Some(OutlierEvent::EjectionSkipped { kind, reason, .. }) => {
-                        warn!(%service, backend = %target, %kind, %reason, "backend not ejected");
-                        self.publish(
-                            "ejection-skipped",
-                            &service,
-                            Some(target),
-                            format!("{kind}; {reason}"),
-                        );
-                    }
-                    Some(OutlierEvent::Restored { .. }) | None => {}
-                }
+                changed |= self.judge(&service, target, outcome, now);
             }
             if lifts_suspect_mark(&event, || self.passive.is_ejected_anywhere(target)) {
                 self.clear_suspect(event.backend_id, target);
@@ -816,6 +1034,14 @@ impl Agent {
             return;
         };
         if !config.terminate_connections {
+            return;
+        }
+        if config.tls.is_some() {
+            // The kernel holds no socket to this backend: the originator does.
+            let closed = self.originator.terminate(service, target);
+            if closed > 0 {
+                info!(%service, backend = %target, why, closed, "relayed connections closed");
+            }
             return;
         }
         if !self.dataplane.kernel.has(features::key::SOCKET_DESTROY) {
@@ -1262,9 +1488,11 @@ impl Agent {
             &self.changes,
             &mut self.health,
             |s, t| self.passive.is_ejected(s, t),
+            |s, ip| hostname_in(&self.source, &self.names, s, ip),
         );
         self.passive.sync_scope(&self.config, &scope);
         self.dirty = scope;
+        self.sync_originator();
         let synced_in = started.elapsed();
         let applying = Instant::now();
         self.apply();
@@ -1501,22 +1729,10 @@ impl Agent {
         .collect()
     }
 
-    /// The DNS name endpoint `index` of `service` was resolved from; "" for one given by
-    /// address. The running service's endpoints are its source's, then the resolved
-    /// ones ([`dns::expand`]).
-    fn hostname_of(&self, service: &str, index: usize, ip: IpAddr) -> String {
-        let Some(source) = self.source.service(service) else {
-            return String::new();
-        };
-        if index < source.endpoints.len() {
-            return String::new();
-        }
-        source
-            .named_endpoints
-            .iter()
-            .find(|named| self.names.addresses(&named.hostname).contains(&ip))
-            .map(|named| named.hostname.to_string())
-            .unwrap_or_default()
+    /// The DNS name the endpoint at `ip` of `service` was resolved from; "" for one
+    /// given by address.
+    fn hostname_of(&self, service: &str, ip: IpAddr) -> String {
+        hostname_in(&self.source, &self.names, service, ip).unwrap_or_default()
     }
 
     /// `detour names`: every tracked DNS name.
@@ -1565,7 +1781,7 @@ impl Agent {
                 address: e.target,
                 locality: config.map(|c| e.locality(c)).unwrap_or_default(),
                 cluster: config.map(|c| e.cluster(c)).unwrap_or_default().to_owned(),
-                hostname: self.hostname_of(&p.service, e.endpoint, e.target.ip()),
+                hostname: self.hostname_of(&p.service, e.target.ip()),
                 health: e.health.to_string(),
                 weight: e.weight,
                 tier: e.tier.to_string(),
@@ -1750,6 +1966,7 @@ impl Agent {
             reconcile: self.counters.reconcile.clone(),
             config_reloads_ok: self.counters.config_reloads_ok,
             dns_lookup_failures: self.counters.dns_failures,
+            originator: self.originator.stats(),
             names: self
                 .names
                 .iter()
@@ -1853,6 +2070,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let event_reader = spawn_event_reader(ring, kernel_tx)?;
     let (destroyed_tx, mut destroyed_rx) = mpsc::unbounded_channel::<Destroyed>();
     let (dns_tx, mut dns_rx) = mpsc::channel::<lookup::Outcome>(256);
+    let (originator, mut originated_rx) =
+        Originator::new(args.tls_listen, args.tls_max_connections);
     let mut agent = Agent {
         config_shape: 0,
         config_path: args.config.clone(),
@@ -1890,6 +2109,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         plans: PlanCache::default(),
         dirty: Dirty::All,
         refused: BTreeMap::new(),
+        originator,
+        tls_clients: HashMap::new(),
+        tls_handshake_timeout: args.tls_handshake_timeout,
+        plans_relays: HashMap::new(),
         changes: changes_tx,
         passive: PassiveHealth::default(),
         service_of_id: HashMap::new(),
@@ -1907,8 +2130,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         &agent.changes,
         &mut agent.health,
         |_, _| false,
+        |s, ip| hostname_in(&agent.source, &agent.names, s, ip),
     );
     agent.passive.sync(&agent.config);
+    agent.sync_originator();
     if agent.config_path.is_some() {
         agent.apply();
     } else {
@@ -1950,6 +2175,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let names_due = agent.names.next_due();
         tokio::select! {
             Some(batch) = kernel_rx.recv() => agent.on_kernel_events(batch),
+            Some(report) = originated_rx.recv() => agent.on_originator_report(report),
             Some(done) = destroyed_rx.recv() => agent.on_destroyed(done),
             Some(reply) = scrape_rx.recv() => {
                 let _ = reply.send(metrics::render(&agent.metrics_snapshot()));
@@ -1971,6 +2197,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 agent.config_tracker.read_done();
                 agent.config_held = None;
                 agent.reload("SIGHUP", Trust::Complete);
+                agent.reload_tls();
             }
             event = file_rx.recv(), if agent.config_watched => match event {
                 Some(event) => agent.on_file_event(event),
@@ -2294,7 +2521,14 @@ services:
         let task_id = |probes: &Probes| probes.running.get("checked", checked).unwrap().1.id();
 
         let first = probe_config(true, "1s");
-        probes.sync(&first, &Dirty::All, &changes, &mut health, |_, _| false);
+        probes.sync(
+            &first,
+            &Dirty::All,
+            &changes,
+            &mut health,
+            |_, _| false,
+            |_, _| None,
+        );
         let health_of = |h: &HealthMap, s: &str, t: &str| h.health(s, target(t));
         assert_eq!(
             health_of(&health, "plain", "127.0.9.1:80"),
@@ -2316,7 +2550,14 @@ services:
         // `plain` removed: its entries go; `checked`, out of scope, is untouched.
         let second = probe_config(false, "1s");
         let scope = Dirty::Services(["plain".to_owned()].into());
-        probes.sync(&second, &scope, &changes, &mut health, |_, _| false);
+        probes.sync(
+            &second,
+            &scope,
+            &changes,
+            &mut health,
+            |_, _| false,
+            |_, _| None,
+        );
         assert_eq!(health.services(), ["checked"]);
         assert_eq!(
             health_of(&health, "checked", "127.0.9.3:9"),
@@ -2326,7 +2567,14 @@ services:
 
         // In scope with the same spec: the probe and its verdict stay.
         let scope = Dirty::Services(["checked".to_owned()].into());
-        probes.sync(&second, &scope, &changes, &mut health, |_, _| false);
+        probes.sync(
+            &second,
+            &scope,
+            &changes,
+            &mut health,
+            |_, _| false,
+            |_, _| None,
+        );
         assert_eq!(task_id(&probes), probe);
         assert_eq!(
             health_of(&health, "checked", "127.0.9.3:9"),
@@ -2335,7 +2583,14 @@ services:
 
         // A new spec restarts the probe, and its health starts over.
         let third = probe_config(false, "2s");
-        probes.sync(&third, &scope, &changes, &mut health, |_, _| false);
+        probes.sync(
+            &third,
+            &scope,
+            &changes,
+            &mut health,
+            |_, _| false,
+            |_, _| None,
+        );
         assert_ne!(task_id(&probes), probe);
         assert_eq!(
             health_of(&health, "checked", "127.0.9.3:9"),
@@ -2353,7 +2608,14 @@ services:
 ",
         )
         .unwrap();
-        probes.sync(&off, &scope, &changes, &mut health, |_, _| false);
+        probes.sync(
+            &off,
+            &scope,
+            &changes,
+            &mut health,
+            |_, _| false,
+            |_, _| None,
+        );
         assert_eq!(probes.running.services().count(), 0);
         assert_eq!(
             health_of(&health, "checked", "127.0.9.3:9"),
@@ -2367,10 +2629,18 @@ services:
             &changes,
             &mut health,
             |_, _| false,
+            |_, _| None,
         );
         assert_eq!(health.services(), ["checked", "plain"]);
         let empty = config::parse("services: []").unwrap();
-        probes.sync(&empty, &Dirty::All, &changes, &mut health, |_, _| false);
+        probes.sync(
+            &empty,
+            &Dirty::All,
+            &changes,
+            &mut health,
+            |_, _| false,
+            |_, _| None,
+        );
         assert!(health.services().is_empty());
         assert_eq!(probes.running.services().count(), 0);
     }

@@ -26,5 +26,6 @@ mod limits;
 mod multicluster;
 mod passive;
 mod scenarios;
+mod tls_origination;
 mod upgrade;
 mod world;

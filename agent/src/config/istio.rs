@@ -12,7 +12,8 @@
 //!   `locality`, `weight`, `labels`);
 //! - DestinationRule `host`, `trafficPolicy.loadBalancer.localityLbSetting`, `.simple`
 //!   (`ROUND_ROBIN`, `RANDOM`, `UNSPECIFIED`: detour spreads new connections by weight
-//!   at connect time, which is what these come to there), `trafficPolicy.outlierDetection`.
+//!   at connect time, which is what these come to there), `trafficPolicy.outlierDetection`,
+//!   `trafficPolicy.tls` (`mode` `SIMPLE` or `DISABLE`, `sni`, `caCertificates`).
 //!
 //! Each object becomes a service in the file's schema (JSON) and is read and checked by
 //! the code that reads the file's own services, so both give the same errors; an error
@@ -330,6 +331,7 @@ fn object_error(
         ("outlierDetection", Some(rule)) => {
             (rule, format!("spec.trafficPolicy.outlierDetection{rest}"))
         }
+        ("tls", Some(rule)) => (rule, format!("spec.trafficPolicy.tls{rest}")),
         ("vips", _) => (entry, format!("spec.addresses{rest}")),
         ("name", _) => (entry, "metadata.name".to_owned()),
         ("", _) => (entry, "spec".to_owned()),
@@ -415,13 +417,12 @@ fn object(
         "ServiceEntry" => &[
             ("spec.exportTo", "every service the agent reads serves the whole node"),
             ("spec.workloadSelector", "endpoints from Kubernetes workloads come from a FailoverService"),
-            ("spec.subjectAltNames", "detour does not originate TLS to ServiceEntry endpoints yet"),
+            ("spec.subjectAltNames", "detour checks the certificate against the server name (SNI), not a list of alternative names"),
         ],
         _ => &[
             ("spec.subsets", "detour fails over between endpoints, not subsets"),
             ("spec.exportTo", "every service the agent reads serves the whole node"),
             ("spec.workloadSelector", "a rule applies to every connection on the node"),
-            ("spec.trafficPolicy.tls", "detour does not originate TLS yet: the backends would get the application's plain bytes"),
             ("spec.trafficPolicy.connectionPool", "detour adds no proxy to hold a pool in"),
             ("spec.trafficPolicy.portLevelSettings", "the policy is per service, for every port"),
             ("spec.trafficPolicy.tunnel", "detour connects to endpoints directly"),
@@ -453,7 +454,10 @@ fn object(
         )],
         _ => &[
             ("", &["host", "trafficPolicy"]),
-            ("trafficPolicy", &["loadBalancer", "outlierDetection"]),
+            (
+                "trafficPolicy",
+                &["loadBalancer", "outlierDetection", "tls"],
+            ),
             (
                 "trafficPolicy.loadBalancer",
                 &["simple", "localityLbSetting"],
@@ -629,6 +633,9 @@ fn service_json(entry: &Object, rule: Option<&Object>) -> Value {
             if let Some(outlier) = policy.get("outlierDetection") {
                 service.insert("outlierDetection".into(), outlier.clone());
             }
+            if let Some(tls) = policy.get("tls") {
+                service.insert("tls".into(), tls.clone());
+            }
         }
     }
     Value::Object(service)
@@ -689,12 +696,44 @@ mod tests {
     }
 
     #[test]
-    fn the_https_variant_is_refused_until_detour_originates_tls() {
+    fn the_https_variant_originates_tls() {
+        let config = parse(SEED_HTTPS).unwrap();
+        let mydb = &config.services[0];
+        assert_eq!(mydb.tls, Some(crate::config::TlsOrigination::default()));
+        assert_eq!(mydb.ports[0].target_port, Some(443));
+        let with = |tls: &str| SEED_HTTPS.replace("      mode: SIMPLE\n", tls);
+        let sni = parse(&with(
+            "      mode: SIMPLE\n      sni: db.example\n      caCertificates: /etc/db/ca.pem\n",
+        ))
+        .unwrap();
         assert_eq!(
-            refused(SEED_HTTPS),
-            "DestinationRule/mydynamodb.spec.trafficPolicy.tls (line 29): tls is not supported \
-             by detour: detour does not originate TLS yet: the backends would get the \
-             application's plain bytes"
+            sni.services[0].tls,
+            Some(crate::config::TlsOrigination {
+                sni: Some("db.example".into()),
+                ca_certificates: Some("/etc/db/ca.pem".into()),
+            })
+        );
+        assert_eq!(
+            parse(&with("      mode: DISABLE\n")).unwrap().services[0].tls,
+            None
+        );
+        assert_eq!(
+            refused(&with("      mode: MUTUAL\n")),
+            "DestinationRule/mydynamodb.spec.trafficPolicy.tls.mode (line 30): MUTUAL is not \
+             supported: detour verifies the server's certificate but presents none of its own \
+             (use SIMPLE)"
+        );
+        assert_eq!(
+            refused(&with(
+                "      mode: SIMPLE\n      insecureSkipVerify: true\n"
+            )),
+            "DestinationRule/mydynamodb.spec.trafficPolicy.tls.insecureSkipVerify (line 31): \
+             unknown field `insecureSkipVerify`, expected one of `mode`, `sni`, `caCertificates`"
+        );
+        assert_eq!(
+            refused(&with("      mode: SIMPLE\n      caCertificates: ca.pem\n")),
+            "DestinationRule/mydynamodb.spec.trafficPolicy.tls.caCertificates (line 31): \
+             \"ca.pem\" is not an absolute path: give the CA file's full path"
         );
     }
 

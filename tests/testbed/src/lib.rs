@@ -36,6 +36,7 @@ mod netns;
 mod pindir;
 mod process;
 mod tempdir;
+mod tls;
 
 pub use agent::{Agent, AgentOptions};
 pub use bed::AgentBed;
@@ -50,6 +51,7 @@ pub use netns::{Netns, Veth};
 pub use pindir::{ensure_bpffs_mounted, PinDir, BPFFS_MOUNT};
 pub use process::{output_with_timeout, wait_with_timeout};
 pub use tempdir::TempDir;
+pub use tls::{ServerCert, TestCa, TlsBackend};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,326 @@
+//! TLS origination, the second seed's "Failover for HTTPS": the application speaks plain
+//! HTTP to the VIP, the backends speak only TLS, with certificates from a CA of the
+//! test's own ([`TestCa`]) that the service names in `tls.caCertificates`.
+//!
+//! Addresses: VIPs 127.210.42.N:80; backends 127.10.42.N:8443.
+
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use detour_testbed::{DnsServer, TestCa, TlsBackend};
+
+use crate::client;
+use crate::world::{endpoint, World, READY_TIMEOUT};
+
+const EVENTUAL: Duration = Duration::from_secs(20);
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("an IP address")
+}
+
+/// A service at `vip` whose two endpoints (`east`, `west`: addresses or names) speak TLS
+/// at 8443, verified against `ca`.
+fn config(vip: &str, east: &str, west: &str, ca: &std::path::Path, extra: &str) -> String {
+    format!(
+        r#"
+node: {{ locality: us-east1/us-east1-b }}
+services:
+  - name: mydb
+    vips: [{vip}]
+    ports: [{{number: 80, name: http, targetPort: 8443}}]
+    resolution: DNS
+    endpoints:
+      - {{address: {east}, locality: us-east1/us-east1-b}}
+      - {{address: {west}, locality: us-west1/us-west1-a}}
+    localityLbSetting: {{failover: [{{from: us-east1, to: us-west1}}]}}
+    outlierDetection: {{consecutiveErrors: 2, interval: 1s, baseEjectionTime: 2s}}
+    healthCheck: {{interval: 500ms, timeout: 500ms, unhealthyThreshold: 2, healthyThreshold: 1}}
+    tls: {{mode: SIMPLE, caCertificates: {ca}{extra}}}
+"#,
+        ca = ca.display()
+    )
+}
+
+/// Waits until `count` GETs to `vip` are all answered by `want`.
+fn wait_answered_by(w: &World, vip: &str, want: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + EVENTUAL;
+    let mut last = Default::default();
+    while std::time::Instant::now() < deadline {
+        let answers = w.answers(vip, 10)?;
+        if answers.len() == 1 && answers.get(want) == Some(&10) {
+            return Ok(());
+        }
+        last = answers;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!(
+        "{vip}: not answered by {want} alone within {EVENTUAL:?}; last {last:?}\n{}",
+        w.log()
+    )
+}
+
+/// `detour events -o json` collected in the background until [`Events::finish`].
+struct Events {
+    child: std::process::Child,
+    lines: std::thread::JoinHandle<Vec<serde_json::Value>>,
+}
+
+impl Events {
+    fn start(w: &World) -> Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_detour"))
+            .args(["events", "-o", "json", "--socket"])
+            .arg(w.dir.join("detour.sock"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting `detour events`")?;
+        let stdout = child.stdout.take().context("events stdout")?;
+        let lines = std::thread::spawn(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| serde_json::from_str(&l).ok())
+                .collect()
+        });
+        // Let the stream subscribe before anything happens.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { child, lines })
+    }
+
+    fn finish(mut self) -> Result<Vec<serde_json::Value>> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lines
+            .join()
+            .map_err(|_| anyhow::anyhow!("events reader panicked"))
+    }
+}
+
+#[test]
+fn plain_http_to_the_vip_reaches_tls_backends_by_name_and_a_dead_one_costs_no_request() -> Result<()>
+{
+    const VIP: &str = "127.210.42.1:80";
+    let ca = TestCa::new("origination")?;
+    let dns = DnsServer::start()?;
+    dns.set("east.db.test", &[ip("127.10.42.1")], 1);
+    dns.set("west.db.test", &[ip("127.10.42.2")], 1);
+    let mut east = TlsBackend::start_at(
+        "east",
+        "127.10.42.1:8443".parse()?,
+        &ca.issue(&["east.db.test"])?,
+    )?;
+    let _west = TlsBackend::start_at(
+        "west",
+        "127.10.42.2:8443".parse()?,
+        &ca.issue(&["west.db.test"])?,
+    )?;
+    let mut w = World::new()?;
+    let ca_file = w.dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem())?;
+    w.write_config(&config(
+        "127.210.42.1",
+        "east.db.test",
+        "west.db.test",
+        &ca_file,
+        "",
+    ))?;
+    let server = dns.addr().to_string();
+    w.bed.start_agent(
+        &[
+            "--dns-server",
+            &server,
+            "--dns-min-ttl",
+            "200ms",
+            "--dns-max-ttl",
+            "1s",
+        ],
+        READY_TIMEOUT,
+    )?;
+
+    // Plain HTTP in, TLS out, SNI = the endpoint's name (each certificate names only its
+    // own), and the same-zone backend first.
+    let gets = w.gets(VIP, 10)?;
+    ensure!(
+        gets.iter().all(|g| g.body.as_deref() == Some("east")),
+        "expected east for every GET: {gets:?}\n{}",
+        w.log()
+    );
+    ensure!(east.requests() >= 10, "east answered {}", east.requests());
+    // getpeername still names the VIP, as on the kernel path.
+    ensure!(
+        gets[0].peer == Some(VIP.parse()?),
+        "peer {:?}",
+        gets[0].peer
+    );
+
+    // The same-zone backend dies under a stream of requests: the originator retries each
+    // connection's refused connect on the next backend, so none fails.
+    let events = Events::start(&w)?;
+    let gets = std::thread::scope(|scope| -> Result<Vec<client::Get>> {
+        let stream = scope.spawn(|| client::gets(&w.cgroup, VIP.parse()?, 60, 20));
+        std::thread::sleep(Duration::from_millis(300));
+        east.stop();
+        stream
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    })?;
+    let failed: Vec<_> = gets.iter().filter(|g| g.error.is_some()).collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {} GETs failed while east stopped: {failed:?}\n{}",
+        failed.len(),
+        gets.len(),
+        w.log()
+    );
+    ensure!(
+        gets.iter().any(|g| g.body.as_deref() == Some("west")),
+        "west never answered: {gets:?}"
+    );
+    let eps = w.wait_endpoints("mydb", EVENTUAL, |eps| {
+        endpoint(eps, "127.10.42.1:8443").is_ok_and(|e| e["in_table"] == false)
+    })?;
+    ensure!(
+        endpoint(&eps, "127.10.42.1:8443")?["hostname"] == "east.db.test",
+        "{eps:#}"
+    );
+
+    // Back once it listens again.
+    east.start()?;
+    wait_answered_by(&w, VIP, "east")?;
+    let events = events.finish()?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "refused" && e["backend"] == "127.10.42.1:8443"),
+        "no refused event for east: {events:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_certificate_for_another_name_is_refused_and_its_backend_ejected() -> Result<()> {
+    const VIP: &str = "127.210.42.2:80";
+    let ca = TestCa::new("wrong-name")?;
+    // Endpoints by IP address: the name checked is the address, unless `sni` says
+    // otherwise. East's certificate names something else entirely.
+    let east = TlsBackend::start_at(
+        "east",
+        "127.10.42.3:8443".parse()?,
+        &ca.issue(&["elsewhere.test"])?,
+    )?;
+    let west = TlsBackend::start_at(
+        "west",
+        "127.10.42.4:8443".parse()?,
+        &ca.issue(&["127.10.42.4"])?,
+    )?;
+    let mut w = World::new()?;
+    let ca_file = w.dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem())?;
+    w.write_config(&config(
+        "127.210.42.2",
+        "127.10.42.3",
+        "127.10.42.4",
+        &ca_file,
+        "",
+    ))?;
+    w.start_agent()?;
+    let events = Events::start(&w)?;
+
+    // Every GET is answered, by west: east's handshake fails, the connection moves on.
+    let gets = w.gets(VIP, 10)?;
+    ensure!(
+        gets.iter().all(|g| g.body.as_deref() == Some("west")),
+        "{gets:?}\n{}",
+        w.log()
+    );
+    ensure!(
+        east.requests() == 0,
+        "east served a request with a wrong certificate"
+    );
+    // Its health check makes the same handshake (a TCP connect alone would pass it, and
+    // end its ejection), and says why it fails.
+    let eps = w.wait_endpoints("mydb", EVENTUAL, |eps| {
+        endpoint(eps, "127.10.42.3:8443").is_ok_and(|e| {
+            e["health"] == "UNHEALTHY"
+                && e["last_error"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("certificate"))
+        })
+    })?;
+    let events = events.finish()?;
+    let tls_failure = events
+        .iter()
+        .find(|e| e["kind"] == "tls-handshake" && e["backend"] == "127.10.42.3:8443")
+        .with_context(|| format!("no tls-handshake event for east: {events:#?}\n{eps:#}"))?;
+    ensure!(
+        tls_failure["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("127.10.42.3") && d.contains("certificate")),
+        "{tls_failure:#}"
+    );
+    ensure!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "ejected" && e["backend"] == "127.10.42.3:8443"),
+        "east not ejected: {events:#?}"
+    );
+
+    // With `sni` naming what east's certificate holds, east serves (and west, whose
+    // certificate names only its address, is the one refused).
+    w.write_config(&config(
+        "127.210.42.2",
+        "127.10.42.3",
+        "127.10.42.4",
+        &ca_file,
+        ", sni: elsewhere.test",
+    ))?;
+    w.agent().reload()?;
+    wait_answered_by(&w, VIP, "east")?;
+    ensure!(west.requests() >= 10);
+    Ok(())
+}
+
+#[test]
+fn a_service_whose_ca_file_cannot_be_read_is_not_served_until_it_can() -> Result<()> {
+    const VIP: &str = "127.210.42.3:80";
+    let ca = TestCa::new("late-ca")?;
+    let _east = TlsBackend::start_at(
+        "east",
+        "127.10.42.5:8443".parse()?,
+        &ca.issue(&["127.10.42.5"])?,
+    )?;
+    let _west = TlsBackend::start_at(
+        "west",
+        "127.10.42.6:8443".parse()?,
+        &ca.issue(&["127.10.42.6"])?,
+    )?;
+    let mut w = World::new()?;
+    let ca_file = w.dir.join("ca.pem");
+    w.write_config(&config(
+        "127.210.42.3",
+        "127.10.42.5",
+        "127.10.42.6",
+        &ca_file,
+        "",
+    ))?;
+    w.start_agent()?;
+    // The kernel leaves its connects alone (nothing listens at the VIP): the application's
+    // plain bytes never reach a TLS port, and the log says why.
+    let gets = w.gets(VIP, 3)?;
+    ensure!(
+        gets.iter().all(|g| g.error.is_some()),
+        "served without a CA: {gets:?}"
+    );
+    ensure!(
+        w.log().contains("cannot originate TLS") && w.log().contains("ca.pem"),
+        "{}",
+        w.log()
+    );
+    std::fs::write(&ca_file, ca.pem())?;
+    w.agent().reload()?;
+    wait_answered_by(&w, VIP, "east")?;
+    Ok(())
+}
