@@ -141,6 +141,11 @@ pub struct ServiceView {
     /// The DNS names the agent answers with the service's VIPs (`hosts`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// For a service with `tls`, where the TLS originator listens for each frontend
+    /// (`VIP:port>listener`), or `no-listener` for one it could not open; empty for a
+    /// service the kernel connects straight to its backends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_relays: Vec<String>,
 }
 
 /// `detour explain`: one service port, frontend by frontend (VIP by VIP).

@@ -44,6 +44,7 @@ pub fn services_table(services: &[ServiceView]) -> String {
     }
     let sourced = services.iter().any(|s| s.origin.is_some());
     let named = services.iter().any(|s| !s.hosts.is_empty());
+    let originated = services.iter().any(|s| !s.tls_relays.is_empty());
     let rows: Vec<Vec<String>> = services
         .iter()
         .map(|s| {
@@ -62,6 +63,18 @@ pub fn services_table(services: &[ServiceView]) -> String {
                 s.in_table.to_string(),
                 s.connects.to_string(),
             ]);
+            if originated {
+                row.push(if s.tls_relays.is_empty() {
+                    "kernel".to_owned()
+                } else {
+                    let relays: Vec<&str> = s
+                        .tls_relays
+                        .iter()
+                        .filter_map(|r| r.split_once('>').map(|(_, relay)| relay))
+                        .collect();
+                    format!("tls:{}", relays.join(","))
+                });
+            }
             if sourced {
                 row.push(
                     s.origin
@@ -78,6 +91,9 @@ pub fn services_table(services: &[ServiceView]) -> String {
         header.push("HOSTS");
     }
     header.extend(["VIP", "TIER", "HEALTHY", "IN-TABLE", "CONNECTS"]);
+    if originated {
+        header.push("VIA");
+    }
     if sourced {
         header.push("SOURCE");
     }
@@ -541,6 +557,7 @@ mod tests {
             limit: limit.map(Into::into),
             origin: None,
             hosts: Vec::new(),
+            tls_relays: Vec::new(),
         };
         let text = services_table(&[
             view("mydb", "OK", None),
@@ -585,6 +602,18 @@ mod tests {
             lines[2].starts_with("other    -         127.200.0.1:80 "),
             "{text}"
         );
+        // Where a service originates TLS, a VIA column says where its connects go.
+        let text = services_table(&[
+            ServiceView {
+                tls_relays: vec!["127.200.0.1:80>127.0.0.1:40123".into()],
+                ..view("mydb", "OK", None)
+            },
+            view("other", "OK", None),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("CONNECTS  VIA "), "{text}");
+        assert!(lines[1].contains(" tls:127.0.0.1:40123 "), "{text}");
+        assert!(lines[2].contains(" kernel "), "{text}");
     }
 
     #[test]
@@ -603,6 +632,7 @@ mod tests {
             limit: None,
             origin: Some(origin),
             hosts: Vec::new(),
+            tls_relays: Vec::new(),
         };
         let fos = |take_over: Option<&str>| ServiceOrigin::FailoverService {
             namespace: "default".into(),

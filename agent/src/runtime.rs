@@ -1722,6 +1722,26 @@ impl Agent {
                     .service(&port.service)
                     .map(|s| s.hosts.clone())
                     .unwrap_or_default(),
+                tls_relays: port
+                    .frontends
+                    .iter()
+                    .filter_map(|(frontend, _)| {
+                        let plan = self
+                            .plans
+                            .service(&port.service)
+                            .iter()
+                            .find(|p| p.frontend == *frontend)?;
+                        match plan.via {
+                            desired::Via::Kernel => None,
+                            desired::Via::Originator { relay: Some(relay) } => {
+                                Some(format!("{frontend}>{relay}"))
+                            }
+                            desired::Via::Originator { relay: None } => {
+                                Some(format!("{frontend}>no-listener"))
+                            }
+                        }
+                    })
+                    .collect(),
                 name: port.service,
                 port: port.port,
             }

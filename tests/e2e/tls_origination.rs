@@ -324,3 +324,112 @@ fn a_service_whose_ca_file_cannot_be_read_is_not_served_until_it_can() -> Result
     wait_answered_by(&w, VIP, "east")?;
     Ok(())
 }
+
+/// The listener each frontend of `service` has, from `detour services -o json`.
+fn relays(w: &mut World, service: &str) -> Result<Vec<String>> {
+    let services = w.agent().services_json()?;
+    let row = services
+        .as_array()
+        .context("services is an array")?
+        .iter()
+        .find(|s| s["name"] == service)
+        .with_context(|| format!("no {service} in {services:#}"))?;
+    Ok(row["tls_relays"]
+        .as_array()
+        .context("tls_relays")?
+        .iter()
+        .filter_map(|r| r.as_str().map(str::to_owned))
+        .collect())
+}
+
+#[test]
+fn an_agent_restart_closes_relayed_connections_and_takes_its_port_back() -> Result<()> {
+    use std::io::{Read, Write};
+    const VIP: &str = "127.210.42.4:80";
+    let ca = TestCa::new("restart")?;
+    let _east = TlsBackend::start_at(
+        "east",
+        "127.10.42.7:8443".parse()?,
+        &ca.issue(&["127.10.42.7"])?,
+    )?;
+    let _west = TlsBackend::start_at(
+        "west",
+        "127.10.42.8:8443".parse()?,
+        &ca.issue(&["127.10.42.8"])?,
+    )?;
+    let mut w = World::new()?;
+    let ca_file = w.dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem())?;
+    w.write_config(&config(
+        "127.210.42.4",
+        "127.10.42.7",
+        "127.10.42.8",
+        &ca_file,
+        "",
+    ))?;
+    w.start_agent()?;
+    wait_answered_by(&w, VIP, "east")?;
+    let before = relays(&mut w, "mydb")?;
+    ensure!(
+        before.len() == 1 && before[0].starts_with(&format!("{VIP}>127.0.0.1:")),
+        "{before:?}"
+    );
+
+    // A relayed connection open across the restart, from this test's process (the
+    // test's cgroup is the agent's; the relay listens on loopback, so a connect to the
+    // listener itself stands in for a rewritten one).
+    let relay: std::net::SocketAddr = before[0].split_once('>').context("relay")?.1.parse()?;
+    let mut open = std::net::TcpStream::connect(relay)?;
+    open.set_read_timeout(Some(Duration::from_secs(10)))?;
+    open.write_all(b"GET / HTTP/1.1\r\nHost: mydb\r\n\r\n")?;
+    let mut answer = [0u8; 256];
+    let n = open.read(&mut answer)?;
+    ensure!(
+        String::from_utf8_lossy(&answer[..n]).ends_with("east\n"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+
+    // New connects during the restart: GETs every 20 ms, for the record (the README's
+    // "what an agent restart costs" quotes this line of the test's output).
+    let (cgroup, agent) = (&w.bed.cgroup, w.bed.agent.as_mut().context("no agent")?);
+    let gets = std::thread::scope(|scope| -> Result<Vec<client::Get>> {
+        let stream = scope.spawn(|| client::gets(cgroup, VIP.parse()?, 100, 20));
+        std::thread::sleep(Duration::from_millis(300));
+        let restarting = std::time::Instant::now();
+        agent.restart()?;
+        agent.wait_ready(READY_TIMEOUT)?;
+        eprintln!("agent restarted in {:?}", restarting.elapsed());
+        stream
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    })?;
+    let failed: Vec<&str> = gets.iter().filter_map(|g| g.error.as_deref()).collect();
+    eprintln!(
+        "GETs every 20 ms across the restart: {} of {} failed: {:?}",
+        failed.len(),
+        gets.len(),
+        failed.first()
+    );
+    // The pinned table still named the old listener: the new agent binds that port
+    // again, so the kernel's table never has to change.
+    ensure!(
+        relays(&mut w, "mydb")? == before,
+        "relays now {:?}, before {before:?}",
+        relays(&mut w, "mydb")?
+    );
+    wait_answered_by(&w, VIP, "east")?;
+    // What the restart cost: the relayed connection ended with the old agent.
+    let ended = match open.read(&mut answer) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => {
+            e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut
+        }
+    };
+    ensure!(
+        ended,
+        "the relayed connection outlived the agent that relayed it"
+    );
+    Ok(())
+}

@@ -154,6 +154,9 @@ type Relayed = HashMap<u64, (Arc<str>, AbortHandle)>;
 /// State shared by the listeners' tasks.
 struct Shared {
     routes: RwLock<HashMap<SocketAddr, Arc<Route>>>,
+    /// Woken whenever routes are set: a connection accepted before its frontend's first
+    /// route (an agent that just started listens before its first apply) waits for it.
+    routed: tokio::sync::Notify,
     permits: Arc<Semaphore>,
     max_connections: usize,
     reports: mpsc::Sender<Report>,
@@ -192,6 +195,7 @@ impl Originator {
         let (tx, rx) = mpsc::channel(REPORT_QUEUE);
         let shared = Arc::new(Shared {
             routes: RwLock::default(),
+            routed: tokio::sync::Notify::new(),
             permits: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             reports: tx,
@@ -270,12 +274,15 @@ impl Originator {
 
     /// Replaces the routes of `frontends` (a service's, after it was re-planned).
     pub fn set_routes(&self, routes: impl IntoIterator<Item = (SocketAddr, Route)>) {
-        let mut all = self.shared.routes.write().expect("routes lock");
-        for (frontend, route) in routes {
-            if self.listeners.contains_key(&frontend) {
-                all.insert(frontend, Arc::new(route));
+        {
+            let mut all = self.shared.routes.write().expect("routes lock");
+            for (frontend, route) in routes {
+                if self.listeners.contains_key(&frontend) {
+                    all.insert(frontend, Arc::new(route));
+                }
             }
         }
+        self.shared.routed.notify_waiters();
     }
 
     /// Closes the connections relayed to `target` for `service`; returns how many.
@@ -464,6 +471,24 @@ impl Shared {
     }
 }
 
+/// How long a connection accepted before its frontend has a route waits for one.
+const ROUTE_WAIT: Duration = Duration::from_secs(2);
+
+/// The route of `frontend`, waiting up to [`ROUTE_WAIT`] for its first.
+async fn route_of(shared: &Shared, frontend: SocketAddr) -> Option<Arc<Route>> {
+    let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+    loop {
+        // Registered before looking, so a route set in between still wakes it.
+        let routed = shared.routed.notified();
+        if let Some(route) = shared.routes.read().expect("routes lock").get(&frontend) {
+            return Some(route.clone());
+        }
+        if tokio::time::timeout_at(deadline, routed).await.is_err() {
+            return None;
+        }
+    }
+}
+
 /// Relays one application connection: picks, connects, copies, reports.
 async fn relay(
     mut client: TcpStream,
@@ -471,13 +496,7 @@ async fn relay(
     shared: Arc<Shared>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let route = shared
-        .routes
-        .read()
-        .expect("routes lock")
-        .get(&frontend)
-        .cloned();
-    let Some(route) = route else {
+    let Some(route) = route_of(&shared, frontend).await else {
         shared.stats.gave_up.fetch_add(1, Ordering::Relaxed);
         reset(client);
         return;
