@@ -1,6 +1,7 @@
 //! `detour dns coredns`: the CoreDNS configuration that makes each FailoverService's
-//! `spec.hostname` (e.g. `reviews-failover.default.global`) resolve to its virtual IP,
-//! with stock CoreDNS plugins only.
+//! `spec.hostname` (e.g. `reviews-failover.default.global`) and each of its `spec.hosts`
+//! (e.g. `mydb.com`) resolve to its virtual IP, with stock CoreDNS plugins only. A host
+//! is a hostname like any other below.
 //!
 //! - A FailoverService served through the controller's VIP Service (`<name>-failover`
 //!   in its namespace, labelled [`labels::FAILOVER_SERVICE`]) gets a `rewrite name exact
@@ -130,6 +131,7 @@ pub async fn coredns(args: &CorednsArgs) -> Result<Snippet, DnsError> {
 }
 
 /// What a hostname resolves to.
+#[derive(Clone)]
 enum Answer {
     /// An alias of this Service's cluster DNS name.
     Alias(String),
@@ -170,21 +172,29 @@ pub fn render(
         let namespace = fos.namespace().unwrap_or_default();
         let name = fos.name_any();
         let id = format!("{namespace}/{name}");
-        let hostname = fos.spec.hostname.trim_end_matches('.').to_owned();
-        if !is_dns_name(&hostname) {
-            warnings.push(format!(
-                "FailoverService {id}: hostname {:?} is not a lowercase DNS name; left out",
-                fos.spec.hostname
-            ));
-            continue;
+        // `hostname`, then `hosts`: each a name of its own, kept by the oldest claim.
+        let mut names = Vec::new();
+        let written = std::iter::once(("hostname", &fos.spec.hostname))
+            .chain(fos.spec.hosts.iter().map(|host| ("host", host)));
+        for (field, written) in written {
+            let name = written.trim_end_matches('.').to_owned();
+            if !is_dns_name(&name) {
+                warnings.push(format!(
+                    "FailoverService {id}: {field} {written:?} is not a lowercase DNS name; \
+                     left out"
+                ));
+            } else if let Some((_, owner)) = answers.get(&name) {
+                warnings.push(format!(
+                    "FailoverService {id}: {field} {name} is already {owner}'s (the older \
+                     one keeps it); left out"
+                ));
+            } else if !names.contains(&name) {
+                names.push(name);
+            }
         }
-        if let Some((_, owner)) = answers.get(&hostname) {
-            warnings.push(format!(
-                "FailoverService {id}: hostname {hostname} is already {owner}'s (the older \
-                 one keeps it); left out"
-            ));
+        let Some(hostname) = names.first().cloned() else {
             continue;
-        }
+        };
         let answer = match fos.spec.virtual_ip.as_deref() {
             Some(vip) => match vip.parse::<IpAddr>() {
                 Ok(ip) => Answer::Address(ip),
@@ -209,7 +219,9 @@ pub fn render(
                 Answer::Alias(format!("{service}.{namespace}.svc.{domain}"))
             }
         };
-        answers.insert(hostname, (answer, id));
+        for name in names {
+            answers.insert(name, (answer.clone(), id.clone()));
+        }
     }
 
     let mut text = String::from(
@@ -400,6 +412,44 @@ mod tests {
         assert!(!snippet.text.contains("10.0.0.2"));
         assert!(!snippet.text.contains("forward"));
         assert!(!snippet.text.contains("z.global"));
+    }
+
+    #[test]
+    fn hosts_resolve_like_the_hostname() {
+        let mut with_hosts = spec("mydb.default.global", Some("10.96.200.9"));
+        with_hosts["hosts"] = json!(["mydb.com", "x.global"]);
+        let mut aliased = spec("cache.default.global", None);
+        aliased["hosts"] = json!(["cache.example"]);
+        let snippet = render(
+            &[
+                fos(
+                    "a",
+                    "older",
+                    "2026-11-30T07:00:00Z",
+                    spec("x.global", Some("10.0.0.1")),
+                ),
+                fos("default", "mydb", "2026-11-30T08:00:00Z", with_hosts),
+                fos("default", "cache", "2026-11-30T08:00:01Z", aliased),
+            ],
+            &[vip_service("default", "cache-failover", "cache")],
+            "cluster.local",
+        );
+        assert_eq!(
+            snippet.warnings,
+            ["FailoverService default/mydb: host x.global is already a/older's (the older one keeps it); left out"]
+        );
+        assert!(snippet
+            .text
+            .contains("        10.96.200.9 mydb.com  # default/mydb\n"));
+        assert!(snippet
+            .text
+            .contains("        10.96.200.9 mydb.default.global  # default/mydb\n"));
+        assert!(snippet
+            .text
+            .contains("mydb.com:53 mydb.default.global:53 x.global:53 {"));
+        assert!(snippet.text.contains(
+            "rewrite name exact cache.example cache-failover.default.svc.cluster.local  # default/cache\n"
+        ));
     }
 
     #[test]

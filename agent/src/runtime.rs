@@ -440,8 +440,9 @@ struct Agent {
     /// `--metrics-backend-limit`.
     metrics_backend_limit: usize,
     /// The file as parsed, names unresolved: `config` is this with [`dns::expand`]ed
-    /// names. Empty with Kubernetes as the source, whose model names no endpoint by DNS
-    /// (its `config` is the model's build as it is).
+    /// names. With Kubernetes as the source, the model while one of its external backing
+    /// services names an endpoint by DNS, else empty (`config` is then the model as
+    /// built, not a copy).
     source: Config,
     /// The running configuration.
     config: Config,
@@ -1311,6 +1312,22 @@ impl Agent {
         config
     }
 
+    /// The running configuration of a Kubernetes model: the model itself, or, when
+    /// external backing services name endpoints by DNS, the model with its names
+    /// resolved as the file's are (`source` then holds the model, for the next answer).
+    fn resolve_model(&mut self, model: Config) -> Config {
+        let named = model.services.iter().any(|s| !s.named_endpoints.is_empty());
+        if !named && self.source.services.is_empty() {
+            return model;
+        }
+        let config = self.resolve(model);
+        if !named {
+            // The last name is gone: stop holding a second copy of the model.
+            self.source = Config::default();
+        }
+        config
+    }
+
     /// Sends the DNS server the zone of the running configuration, if it changed: a pass
     /// over the services, but only those with `hosts` cost more than a look.
     fn publish_zone(&mut self) {
@@ -1527,23 +1544,19 @@ impl Agent {
             }
             self.kubernetes_problems = problems;
         }
+        let config = self.resolve_model(built.config);
         let change = match &built.touched {
-            Some(names) => ConfigChange::among(
-                &self.config,
-                &built.config,
-                names.iter().map(String::as_str),
-            ),
-            None => ConfigChange::between(&self.config, &built.config),
+            Some(names) => {
+                ConfigChange::among(&self.config, &config, names.iter().map(String::as_str))
+            }
+            None => ConfigChange::between(&self.config, &config),
         };
         // The model's word on order holds against its previous build, which is what
         // runs unless this is the first (the pinned maps' config before it is empty).
         let same_order = built.same_order && update.first_sync.is_none();
         // Only what changed: a rebuild per watch event would repeat every warning.
-        let changed = change
-            .services
-            .iter()
-            .filter_map(|s| built.config.service(s));
-        for warning in built.config.warnings_of(changed) {
+        let changed = change.services.iter().filter_map(|s| config.service(s));
+        for warning in config.warnings_of(changed) {
             info!(%warning, "kubernetes: service accepted with a warning");
         }
         if let Some(first_sync) = update.first_sync {
@@ -1551,18 +1564,18 @@ impl Agent {
                 sync_ms = first_sync.as_millis(),
                 "kubernetes: first sync; the maps now follow the cluster"
             );
-        } else if change.services.is_empty() && built.config.node == self.config.node {
+        } else if change.services.is_empty() && config.node == self.config.node {
             // Nothing to apply; the model's build still becomes the running config, so
             // that what the next build says changed is against it.
             if !same_order {
                 self.config_shape += 1;
             }
-            self.config = built.config;
+            self.config = config;
             return;
         }
         let first = update.first_sync.is_some();
         self.use_config(
-            built.config,
+            config,
             change,
             same_order,
             "kubernetes",

@@ -433,3 +433,117 @@ fn an_agent_restart_closes_relayed_connections_and_takes_its_port_back() -> Resu
     );
     Ok(())
 }
+
+/// The second seed in Kubernetes: a FailoverService whose backing services are outside
+/// the cluster (`external`), one by DNS name and one by address, with TLS originated,
+/// against a real API server (the CRD as it ships, so its CEL rules too).
+#[test]
+fn a_failover_service_with_external_endpoints_by_name_originates_tls() -> Result<()> {
+    use detour_testbed::k8s::{AnyCluster, ClusterOptions, ServerKind};
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, PostParams};
+    use serde_json::json;
+
+    const VIP: &str = "127.210.45.1:80";
+    let ca = TestCa::new("kubernetes")?;
+    let dns = DnsServer::start()?;
+    dns.set("east.db.test", &[ip("127.10.45.1")], 1);
+    let mut east = TlsBackend::start_at(
+        "east",
+        "127.10.45.1:8443".parse()?,
+        &ca.issue(&["east.db.test"])?,
+    )?;
+    let _west = TlsBackend::start_at(
+        "west",
+        "127.10.45.2:8443".parse()?,
+        &ca.issue(&["127.10.45.2"])?,
+    )?;
+    let mut w = World::new()?;
+    let ca_file = w.dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem())?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let cluster = runtime.block_on(async {
+        let cluster =
+            AnyCluster::start_on(ServerKind::Real, "kind1", ClusterOptions::default()).await?;
+        let client = cluster.client();
+        crate::kube::install_crd(client.clone()).await?;
+        Api::<Node>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "node-a", "labels": {
+                        "topology.kubernetes.io/region": "us-east1",
+                        "topology.kubernetes.io/zone": "us-east1-b",
+                    }},
+                }))?,
+            )
+            .await?;
+        crate::kube::create_failover_service(
+            client,
+            "default",
+            "mydb",
+            json!({
+                "hostname": "mydb.default.global",
+                "hosts": ["mydb.com"],
+                "port": {"number": 80},
+                "virtualIP": "127.210.45.1",
+                "backingServices": [
+                    {"external": {"address": "east.db.test", "port": 8443, "locality": "us-east1/us-east1-b"}},
+                    {"external": {"address": "127.10.45.2", "port": 8443, "locality": "us-west1"}},
+                ],
+                "tls": {"mode": "SIMPLE", "caCertificates": ca_file.display().to_string()},
+                "healthCheck": {"interval": "500ms", "timeout": "500ms"},
+            }),
+        )
+        .await?;
+        anyhow::Ok(cluster)
+    })?;
+    let server = dns.addr().to_string();
+    w.start_kubernetes_agent_with(
+        cluster.kubeconfig_path(),
+        "node-a",
+        "kind1",
+        &[
+            "--dns-server",
+            &server,
+            "--dns-min-ttl",
+            "200ms",
+            "--dns-max-ttl",
+            "1s",
+        ],
+    )?;
+
+    // The name resolves, its backend is the node's own zone, and TLS is originated to it
+    // with SNI = the name.
+    wait_answered_by(&w, VIP, "east")?;
+    let names = w.agent().cli(&["names"])?;
+    ensure!(
+        names.contains("east.db.test") && names.contains("RESOLVED"),
+        "{names}"
+    );
+    // It dies: the next backing service, by address, takes over without a failed request.
+    let gets = std::thread::scope(|scope| -> Result<Vec<client::Get>> {
+        let stream = scope.spawn(|| client::gets(&w.cgroup, VIP.parse()?, 40, 20));
+        std::thread::sleep(Duration::from_millis(200));
+        east.stop();
+        stream
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    })?;
+    let failed: Vec<_> = gets.iter().filter(|g| g.error.is_some()).collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}\n{}",
+        failed.len(),
+        gets.len(),
+        w.log()
+    );
+    wait_answered_by(&w, VIP, "west")?;
+    drop(w);
+    runtime.block_on(async move { drop(cluster) });
+    Ok(())
+}

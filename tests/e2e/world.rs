@@ -108,23 +108,32 @@ impl World {
         node: &str,
         cluster: &str,
     ) -> Result<&mut Agent> {
+        self.start_kubernetes_agent_with(kubeconfig, node, cluster, &[])
+    }
+
+    /// [`World::start_kubernetes_agent`] with `extra` arguments.
+    pub fn start_kubernetes_agent_with(
+        &mut self,
+        kubeconfig: &Path,
+        node: &str,
+        cluster: &str,
+        extra: &[&str],
+    ) -> Result<&mut Agent> {
         let kubeconfig = kubeconfig.display().to_string();
         // No `--config`: the agent's source is Kubernetes.
         let mut options = self.bed.options();
         options.config = PathBuf::new();
-        self.bed.start_agent_with(
-            options,
-            &[
-                "--kubernetes",
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                node,
-                "--cluster-name",
-                cluster,
-            ],
-            READY_TIMEOUT,
-        )
+        let mut args = vec![
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            node,
+            "--cluster-name",
+            cluster,
+        ];
+        args.extend_from_slice(extra);
+        self.bed.start_agent_with(options, &args, READY_TIMEOUT)
     }
 
     pub fn gets(&self, vip: &str, count: u32) -> Result<Vec<Get>> {

@@ -341,7 +341,7 @@ impl Controller {
             .iter()
             .flat_map(|f| f.spec.backing_services.iter())
             .filter_map(|b| {
-                let s = &b.kube_service;
+                let s = b.kube_service.as_ref()?;
                 let cluster = s.cluster_name.as_deref()?;
                 (cluster != local_cluster).then(|| MirrorKey {
                     cluster: cluster.to_owned(),
@@ -589,7 +589,10 @@ impl Controller {
             .backing_services
             .iter()
             .map(|b| {
-                let s = &b.kube_service;
+                // Each agent resolves an external endpoint itself: nothing to mirror.
+                let Some(s) = &b.kube_service else {
+                    return (String::new(), BackendState::External);
+                };
                 let cluster = s
                     .cluster_name
                     .clone()

@@ -42,6 +42,9 @@ pub enum BackendState {
     /// The cluster's connection has not listed the Service yet (or is unreachable since
     /// before its first list): its mirrors are left as they were.
     NotSynced,
+    /// An endpoint outside Kubernetes (`external`): every agent resolves and checks it
+    /// itself, so the controller has nothing to mirror or count.
+    External,
 }
 
 /// Why a FailoverService is not accepted.
@@ -161,9 +164,13 @@ pub fn status(inputs: &Inputs<'_>) -> FailoverServiceStatus {
         .zip(&fos.spec.backing_services)
         .enumerate()
     {
-        let svc = &backing.kube_service;
+        let Some(svc) = &backing.kube_service else {
+            continue;
+        };
         let (reason, what) = match state {
-            BackendState::Local { .. } | BackendState::Remote { .. } => continue,
+            BackendState::Local { .. } | BackendState::Remote { .. } | BackendState::External => {
+                continue
+            }
             BackendState::NotFound => ("BackendNotFound", "the Service does not exist"),
             BackendState::ClusterUnknown => (
                 "ClusterUnknown",
@@ -247,10 +254,10 @@ pub fn status(inputs: &Inputs<'_>) -> FailoverServiceStatus {
             } => Some(TierEndpoints {
                 cluster: cluster.clone(),
                 tier: u32::try_from(tier).unwrap_or(u32::MAX),
-                service: ServiceRef {
-                    name: backing.kube_service.name.clone(),
-                    namespace: backing.kube_service.namespace.clone(),
-                },
+                service: backing.kube_service.as_ref().map(|s| ServiceRef {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                })?,
                 ready: *ready,
                 serving_terminating: *serving_terminating,
             }),

@@ -100,6 +100,18 @@ pub struct FailoverServiceSpec {
     .message("must be a lowercase DNS name (RFC 1123), like reviews-failover.default.global"))]
     pub hostname: String,
 
+    /// More names callers use (Istio's ServiceEntry `hosts`, e.g. `mydb.com`):
+    /// `detour dns coredns` makes each resolve to the virtual IP, as `hostname` does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 253)))]
+    #[x_kube(
+        validation = Rule::new(format!("self.all(h, h.matches('{DNS_SUBDOMAIN}'))"))
+            .message("hosts must be lowercase DNS names (RFC 1123), like mydb.com; no wildcards"),
+        validation = Rule::new("self.all(a, self.exists_one(b, b == a))")
+            .message("each host may be listed only once")
+    )]
+    pub hosts: Vec<String>,
+
     /// The port callers connect to on the virtual IP.
     pub port: ServicePort,
 
@@ -109,7 +121,7 @@ pub struct FailoverServiceSpec {
     #[x_kube(
         validation = Rule::new("size(self) >= 1")
             .message("at least one backing service is required, in failover order"),
-        validation = Rule::new("self.all(a, self.exists_one(b, b.kubeService == a.kubeService))")
+        validation = Rule::new("self.all(a, self.exists_one(b, b == a))")
             .message("each backing service may be listed only once")
     )]
     pub backing_services: Vec<BackingService>,
@@ -152,6 +164,42 @@ pub struct FailoverServiceSpec {
     #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.service == a.service))")
         .message("each Service may be taken over only once"))]
     pub take_over: Vec<TakeOver>,
+
+    /// Originate TLS to the endpoints (DestinationRule's `trafficPolicy.tls`): callers
+    /// speak plain bytes to the virtual IP, and the agent's originator connects to the
+    /// backends with TLS. A proxy hop, only for this FailoverService.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Box<ClientTls>>,
+}
+
+/// DestinationRule's `ClientTLSSettings`, the part detour does.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTls {
+    /// `SIMPLE`: verify the server's certificate, present none; `DISABLE`: no TLS.
+    pub mode: TlsMode,
+    /// The server name sent and checked. Default: the endpoint's DNS name, else its
+    /// address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{DNS_SUBDOMAIN}')"))
+        .message("must be a lowercase DNS name (RFC 1123)"))]
+    pub sni: Option<String>,
+    /// A PEM file of the certificate authorities, as the agent's container sees it (an
+    /// absolute path: mount it from a ConfigMap or Secret). Default: the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')")
+        .message("must be an absolute path, as the agent's container sees the file"))]
+    pub ca_certificates: Option<String>,
+}
+
+/// The TLS modes detour implements.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    Disable,
+    Simple,
 }
 
 /// The port of the failover hostname.
@@ -179,13 +227,44 @@ pub enum Protocol {
     Grpc,
 }
 
-/// One backing service. A wrapper, as in Gloo Mesh, so other kinds of backend can join
-/// later.
+/// One backing service: a Kubernetes Service in one of the clusters, or an endpoint
+/// outside Kubernetes (a wrapper, as in Gloo Mesh).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.kubeService) != has(self.external)")
+    .message("a backing service is exactly one of kubeService and external"))]
 pub struct BackingService {
     /// A Kubernetes Service in one of the clusters.
-    pub kube_service: KubeServiceRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_service: Option<KubeServiceRef>,
+    /// An endpoint outside Kubernetes, by address or DNS name (Istio's ServiceEntry
+    /// endpoint with `resolution: DNS`): every agent resolves the name itself and
+    /// serves each address it resolves to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalEndpoint>,
+}
+
+/// An endpoint outside Kubernetes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ExternalEndpoint {
+    /// An IP address, or a DNS name resolved at its records' TTL (e.g.
+    /// `dynamodb.us-east-1.amazonaws.com`).
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(format!(
+        "isIP(self) || self.matches('{DNS_SUBDOMAIN}')"
+    ))
+    .message("must be an IP address or a lowercase DNS name (RFC 1123)"))]
+    pub address: String,
+    /// The port it serves. Default: the FailoverService's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535")
+        .message("must be a port number in 1..=65535"))]
+    pub port: Option<u16>,
+    /// Its locality (`region[/zone[/subzone]]`), for the locality tiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = locality_rule())]
+    pub locality: Option<String>,
 }
 
 /// A Service in a cluster.
@@ -721,7 +800,8 @@ spec:
     }
 
     /// `object` with the value at `pointer` (`/spec/port/number`) replaced, or removed
-    /// when `value` is null; missing parents are created.
+    /// when `value` is null (a list item is only replaced); missing parents are
+    /// created.
     fn with(object: &Value, pointer: &str, value: Value) -> Value {
         let mut object = object.clone();
         let (parent, key) = pointer.rsplit_once('/').expect("a JSON pointer");
@@ -732,6 +812,10 @@ spec:
                 Value::Object(map) => map.entry(part).or_insert_with(|| json!({})),
                 other => panic!("{pointer}: cannot descend into {other}"),
             };
+        }
+        if let Value::Array(items) = node {
+            items[key.parse::<usize>().expect("an index")] = value;
+            return object;
         }
         let map = node.as_object_mut().expect("the parent is a mapping");
         if value.is_null() {
@@ -877,7 +961,7 @@ spec:
             .backing_services
             .iter()
             .map(|b| {
-                let s = &b.kube_service;
+                let s = b.kube_service.as_ref().expect("a kubeService");
                 (
                     s.name.as_str(),
                     s.namespace.as_str(),
@@ -949,7 +1033,13 @@ spec:
         assert_eq!(fos.spec.virtual_ip.as_deref(), Some("fd00::42"));
         assert_eq!(fos.spec.terminate_connections, Some(false));
         // Absent clusterName means this cluster.
-        assert_eq!(fos.spec.backing_services[1].kube_service.cluster_name, None);
+        assert_eq!(
+            fos.spec.backing_services[1]
+                .kube_service
+                .as_ref()
+                .map(|s| s.cluster_name.clone()),
+            Some(None)
+        );
     }
 
     #[test]
@@ -978,6 +1068,20 @@ spec:
                 json!("us-east1/b/c"),
             ),
             ("/spec/takeOver/0/ports", json!([1, 65535])),
+            ("/spec/hosts", json!(["mydb.com", "db.example.org"])),
+            (
+                "/spec/tls",
+                json!({"mode": "SIMPLE", "sni": "db.example.org", "caCertificates": "/etc/detour/ca.pem"}),
+            ),
+            ("/spec/tls", json!({"mode": "DISABLE"})),
+            (
+                "/spec/backingServices/1",
+                json!({"external": {"address": "dynamodb.us-west-1.amazonaws.com", "port": 443, "locality": "us-west"}}),
+            ),
+            (
+                "/spec/backingServices/1",
+                json!({"external": {"address": "fd00::7"}}),
+            ),
         ];
         for (pointer, value) in cases {
             let object = with(&full, pointer, value.clone());
@@ -1011,6 +1115,62 @@ spec:
                 json!([]),
                 "spec.backingServices",
                 "at least one backing service",
+            ),
+            (
+                &full,
+                "/spec/backingServices/1",
+                json!({}),
+                "spec.backingServices[1]",
+                "exactly one of kubeService and external",
+            ),
+            (
+                &full,
+                "/spec/backingServices/1",
+                json!({"external": {"address": "db.example.org"}, "kubeService": {"name": "a", "namespace": "b"}}),
+                "spec.backingServices[1]",
+                "exactly one of kubeService and external",
+            ),
+            (
+                &full,
+                "/spec/backingServices/1",
+                json!({"external": {"address": "Not A Name"}}),
+                "spec.backingServices[1].external.address",
+                "IP address or a lowercase DNS name",
+            ),
+            (
+                &full,
+                "/spec/backingServices/1",
+                json!({"external": {"address": "db.example.org", "port": 0}}),
+                "spec.backingServices[1].external.port",
+                "1..=65535",
+            ),
+            (
+                &full,
+                "/spec/hosts",
+                json!(["*.mydb.com"]),
+                "spec.hosts",
+                "no wildcards",
+            ),
+            (
+                &full,
+                "/spec/hosts",
+                json!(["mydb.com", "mydb.com"]),
+                "spec.hosts",
+                "listed only once",
+            ),
+            (
+                &full,
+                "/spec/tls",
+                json!({"mode": "SIMPLE", "caCertificates": "ca.pem"}),
+                "spec.tls.caCertificates",
+                "absolute path",
+            ),
+            (
+                &full,
+                "/spec/tls",
+                json!({"mode": "SIMPLE", "sni": "Bad Name"}),
+                "spec.tls.sni",
+                "lowercase DNS name",
             ),
             (
                 &full,

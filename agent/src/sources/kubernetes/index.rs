@@ -395,7 +395,10 @@ impl Index {
             failover_service: intern(fos.metadata.name.as_deref().unwrap_or_default()),
         }];
         for backing in &fos.spec.backing_services {
-            let backing = &backing.kube_service;
+            // An external endpoint is read from the spec alone.
+            let Some(backing) = &backing.kube_service else {
+                continue;
+            };
             let (namespace, name) = (intern(&backing.namespace), intern(&backing.name));
             if self.is_local(backing) {
                 inputs.push(Input::Service {

@@ -416,11 +416,39 @@ impl Fingerprint {
 
 /// One endpoint chosen for a FailoverService, before it is written as a document.
 struct Chosen {
-    address: IpAddr,
+    address: Address,
     port: u16,
     locality: Locality,
     priority: u32,
     cluster: String,
+}
+
+/// Where a chosen endpoint is: an address, or (an `external` backing service's) a DNS
+/// name that every agent resolves itself ([`crate::sources::dns`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Address {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl Address {
+    /// Whether a VIP of `vip`'s family can be rewritten to it: a name's families are
+    /// known only once it resolves (the DNS source keeps to the VIP's family).
+    fn serves_family_of(&self, vip: &IpAddr) -> bool {
+        match self {
+            Self::Ip(ip) => ip.is_ipv4() == vip.is_ipv4(),
+            Self::Name(_) => true,
+        }
+    }
+}
+
+impl serde::Serialize for Address {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Ip(ip) => ip.serialize(serializer),
+            Self::Name(name) => serializer.serialize_str(name),
+        }
+    }
 }
 
 /// A hash of every input `fos`'s services are derived from (see [`Model`]), or `None`
@@ -434,7 +462,10 @@ fn fingerprint(index: &Index, fos: &FailoverService, node: &Locality) -> Option<
     let name = fos.metadata.name.as_deref().unwrap_or_default();
     inputs.service(index.vip_service(namespace, name))?;
     for backing in &fos.spec.backing_services {
-        let backing = &backing.kube_service;
+        // An external endpoint is in the spec, which the version covers.
+        let Some(backing) = &backing.kube_service else {
+            continue;
+        };
         let slices = if index.is_local(backing) {
             inputs.service(index.service(&backing.namespace, &backing.name))?;
             index.local_slices(&backing.namespace, &backing.name)
@@ -558,8 +589,34 @@ impl Index {
         let mut ready = Vec::new();
         let mut terminating = Vec::new();
         for (priority, backing) in spec.backing_services.iter().enumerate() {
-            let backing = &backing.kube_service;
             let priority = u32::try_from(priority).unwrap_or(u32::MAX);
+            let backing = match (&backing.kube_service, &backing.external) {
+                (Some(service), _) => service,
+                (None, Some(external)) => {
+                    // Ready: its health is the agent's checks' to judge.
+                    ready.push(Chosen {
+                        address: external
+                            .address
+                            .parse()
+                            .map_or_else(|_| Address::Name(external.address.clone()), Address::Ip),
+                        port: external.port.unwrap_or(spec.port.number),
+                        locality: external
+                            .locality
+                            .as_deref()
+                            .and_then(|l| l.parse().ok())
+                            .unwrap_or_default(),
+                        priority,
+                        cluster: String::new(),
+                    });
+                    continue;
+                }
+                (None, None) => {
+                    problem(format!(
+                        "backingServices[{priority}]: neither kubeService nor external"
+                    ));
+                    continue;
+                }
+            };
             let (cluster, slices, port_name) = if self.is_local(backing) {
                 let Some(service) = self.service(&backing.namespace, &backing.name) else {
                     problem(format!(
@@ -607,7 +664,7 @@ impl Index {
                 };
                 for endpoint in &slice.endpoints {
                     let chosen = Chosen {
-                        address: endpoint.address,
+                        address: Address::Ip(endpoint.address),
                         port,
                         locality: locality(region.clone(), endpoint.zone.clone()),
                         priority,
@@ -625,7 +682,7 @@ impl Index {
         // One address once, at its best priority (a pod listed twice while its slice is
         // being rewritten, or a Service named twice across clusters).
         let mut seen = std::collections::HashSet::new();
-        chosen.retain(|endpoint| seen.insert((endpoint.address, endpoint.port)));
+        chosen.retain(|endpoint| seen.insert((endpoint.address.clone(), endpoint.port)));
         chosen
     }
 }
@@ -674,6 +731,9 @@ fn policy(spec: &FailoverServiceSpec) -> Value {
     if let Some(terminate) = spec.terminate_connections {
         policy.insert("terminateConnections".into(), json!(terminate));
     }
+    if let Some(tls) = &spec.tls {
+        policy.insert("tls".into(), json!(tls));
+    }
     Value::Object(policy)
 }
 
@@ -692,10 +752,8 @@ fn document(
     let vips: Vec<&IpAddr> = vips
         .iter()
         .filter(|vip| {
-            let served = endpoints.is_empty()
-                || endpoints
-                    .iter()
-                    .any(|e| e.address.is_ipv4() == vip.is_ipv4());
+            let served =
+                endpoints.is_empty() || endpoints.iter().any(|e| e.address.serves_family_of(vip));
             if !served {
                 problem(format!(
                     "{name}: VIP {vip} is left alone: no endpoint of its family"
@@ -734,6 +792,12 @@ fn document(
             })
             .collect::<Vec<_>>(),
     });
+    if endpoints
+        .iter()
+        .any(|e| matches!(e.address, Address::Name(_)))
+    {
+        document["resolution"] = json!("DNS");
+    }
     if let (Some(document), Some(policy)) = (document.as_object_mut(), policy.as_object()) {
         document.extend(policy.clone());
     }
@@ -857,6 +921,81 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// The second seed in Kubernetes: endpoints outside the cluster, by DNS name and by
+    /// address, after a Service of the cluster in failover order, with TLS originated.
+    #[test]
+    fn external_backing_services_become_named_and_literal_endpoints() {
+        let inventory = Inventory {
+            cluster: "kind1".into(),
+            node_labels: node_labels(),
+            failover_services: vec![failover_service(
+                "mydb",
+                "2026-12-01T07:00:00Z",
+                json!({
+                    "hostname": "mydb.default.global",
+                    "hosts": ["mydb.com"],
+                    "port": {"number": 80},
+                    "virtualIP": "10.96.100.2",
+                    "backingServices": [
+                        {"kubeService": {"name": "cache", "namespace": "default"}},
+                        {"external": {"address": "dynamodb.us-east-1.amazonaws.com", "port": 443, "locality": "us-east1"}},
+                        {"external": {"address": "192.0.2.7", "locality": "us-west"}},
+                    ],
+                    "tls": {"mode": "SIMPLE", "sni": "dynamodb.example"},
+                    "healthCheck": {"tcp": {}},
+                }),
+            )],
+            services: vec![service(
+                "default",
+                "cache",
+                "10.96.0.11",
+                json!([{"name": "http", "port": 80}]),
+            )],
+            slices: vec![local_slice(
+                "cache",
+                ("http", 8080),
+                &[("10.1.0.5", "us-east1-b", true, true, false)],
+            )],
+        };
+        let built = build(&inventory);
+        assert_eq!(built.problems, []);
+        // The literal ones are endpoints at once; the name waits for the DNS source.
+        assert_eq!(
+            shown(&built),
+            ["mydb.default [10.96.100.2] [80]: \
+              10.1.0.5:8080@us-east1/us-east1-b/p0/kind1 192.0.2.7:80@us-west/p2/"]
+        );
+        let service = &built.config.services[0];
+        let named: Vec<(String, u16, String, u32)> = service
+            .named_endpoints
+            .iter()
+            .map(|n| {
+                (
+                    n.hostname.to_string(),
+                    n.template.port_for(&service.ports[0]),
+                    n.template.locality.to_string(),
+                    n.template.priority,
+                )
+            })
+            .collect();
+        assert_eq!(
+            named,
+            [(
+                "dynamodb.us-east-1.amazonaws.com".into(),
+                443,
+                "us-east1".into(),
+                1
+            )]
+        );
+        assert_eq!(
+            service.tls,
+            Some(crate::config::TlsOrigination {
+                sni: Some("dynamodb.example".into()),
+                ca_certificates: None,
+            })
+        );
     }
 
     /// The first seed: the agent runs in kind1; `reviews` runs in kind2 and kind3, whose
