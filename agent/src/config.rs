@@ -43,7 +43,11 @@
 //!   [`crate::outlier::MAX_POLICY_DURATION`], percentages in `0..=100`), set from at most
 //!   one of the three consecutive-failure fields, with `handshakeTimeout` in `10ms..=10s`;
 //! - spill is `strict`, or `gradual` with an overprovisioning factor `>= 100` (percent);
-//!   a factor is only accepted with `gradual`.
+//!   a factor is only accepted with `gradual`;
+//! - `tls` is set only for `mode: SIMPLE` (`DISABLE` leaves it unset), its `sni` is a
+//!   DNS name and its `caCertificates` an absolute path (the file is read when the
+//!   service is applied, not here); a service with `tls` is checked by `tcp` (a TLS
+//!   handshake, [`crate::health`]) or not at all.
 //!
 //! Every error names the field path (`services[1].vips[0]`) and, where the YAML has it,
 //! the line. The YAML is read by serde-saphyr (serde_yaml is unmaintained), with
