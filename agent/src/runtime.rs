@@ -1685,11 +1685,23 @@ impl Agent {
         })
     }
 
+    /// What the kernel counted for `target`, or, for a backend only the TLS originator
+    /// connects to (the kernel has no id for it), what the originator counted: a failed
+    /// TLS handshake there counts as refused.
     fn stats(&self, target: &SocketAddr) -> detour_ebpf::BackendStats {
-        self.reconciler
-            .backend_id(target)
-            .and_then(|id| self.dataplane.backend_stats(id).ok())
-            .unwrap_or_default()
+        match self.reconciler.backend_id(target) {
+            Some(id) => self.dataplane.backend_stats(id).unwrap_or_default(),
+            None => {
+                let counts = self.originator.backend_counts(*target);
+                detour_ebpf::BackendStats {
+                    connects: counts.connects,
+                    established: counts.established,
+                    refused: counts.refused + counts.tls_failures,
+                    timeouts: counts.timeouts,
+                    ..Default::default()
+                }
+            }
+        }
     }
 
     fn connects(&self, target: &SocketAddr) -> u64 {

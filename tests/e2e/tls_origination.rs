@@ -149,6 +149,12 @@ fn plain_http_to_the_vip_reaches_tls_backends_by_name_and_a_dead_one_costs_no_re
         w.log()
     );
     ensure!(east.requests() >= 10, "east answered {}", east.requests());
+    // `detour endpoints` counts the originator's connects, as it counts the kernel's.
+    w.wait_endpoints("mydb", EVENTUAL, |eps| {
+        endpoint(eps, "127.10.42.1:8443").is_ok_and(|e| {
+            e["connects"].as_u64() >= Some(10) && e["established"].as_u64() >= Some(10)
+        })
+    })?;
     // getpeername still names the VIP, as on the kernel path.
     ensure!(
         gets[0].peer == Some(VIP.parse()?),

@@ -132,6 +132,23 @@ pub struct Stats {
     pub bytes_down: AtomicU64,
 }
 
+/// What the originator did with one backend address, over every service that has it
+/// (as the kernel's per-backend counters are): `detour endpoints` shows these for the
+/// backends of services with `tls`, which the kernel never connects to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCounts {
+    /// Attempts: TCP connects started.
+    pub connects: u64,
+    /// Attempts whose TCP and TLS handshakes completed.
+    pub established: u64,
+    /// Connects refused or reset.
+    pub refused: u64,
+    /// Connects that timed out.
+    pub timeouts: u64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_failures: u64,
+}
+
 /// A snapshot of [`Stats`] and the connections open now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsView {
@@ -167,6 +184,7 @@ struct Shared {
     live: Mutex<HashMap<SocketAddr, Relayed>>,
     next_id: AtomicU64,
     stats: Stats,
+    backends: Mutex<HashMap<SocketAddr, BackendCounts>>,
 }
 
 /// A frontend's listener and the task accepting on it (aborted when dropped).
@@ -203,6 +221,7 @@ impl Originator {
             live: Mutex::default(),
             next_id: AtomicU64::new(0),
             stats: Stats::default(),
+            backends: Mutex::default(),
         });
         (
             Self {
@@ -317,6 +336,18 @@ impl Originator {
             .iter()
             .map(|(target, c)| (*target, c.len()))
             .collect()
+    }
+
+    /// What the originator did with `target`.
+    #[must_use]
+    pub fn backend_counts(&self, target: SocketAddr) -> BackendCounts {
+        self.shared
+            .backends
+            .lock()
+            .expect("backends lock")
+            .get(&target)
+            .copied()
+            .unwrap_or_default()
     }
 
     #[must_use]
@@ -444,7 +475,21 @@ async fn connect(
 }
 
 impl Shared {
+    /// Counts one attempt's outcome for `target`.
+    fn count(&self, target: SocketAddr, outcome: Outcome) {
+        let mut backends = self.backends.lock().expect("backends lock");
+        let counts = backends.entry(target).or_default();
+        counts.connects += 1;
+        match outcome {
+            Outcome::Success => counts.established += 1,
+            Outcome::Failure(FailureKind::Timeout) => counts.timeouts += 1,
+            Outcome::Failure(FailureKind::Tls) => counts.tls_failures += 1,
+            Outcome::Failure(_) => counts.refused += 1,
+        }
+    }
+
     fn report(&self, route: &Route, target: SocketAddr, outcome: Outcome, detail: String) {
+        self.count(target, outcome);
         let key = (route.service.clone(), target);
         {
             let mut failing = self.failing.lock().expect("failing lock");
