@@ -1,8 +1,9 @@
 //! `cargo xtask`: detour's developer tasks — machine setup, the eBPF build, the CRDs in
 //! `deploy/crds/`, the full test gate, a failover demo, a `connect()` benchmark, a
-//! failover benchmark against HAProxy, and how fast a change reaches connects from the
+//! failover benchmark against HAProxy, how fast a change reaches connects from the
 //! config file (`bench-reload`) and from a real Kubernetes API server
-//! (`bench-kubernetes`, which reuses `reload-client`).
+//! (`bench-kubernetes`, which reuses `reload-client`), and what the TLS originator's hop
+//! costs against a direct TLS client (`bench-tls`).
 //!
 //! Everything that changes the machine (installs, bpffs, cgroups, pins, the agent) goes
 //! through `setup` or through `detour-testbed` guards, so every task either leaves the
@@ -10,11 +11,13 @@
 //! (setup, and bench-failover's Debian `haproxy` package).
 //! The hidden `demo-client`, `bench-client` and `failover-client` subcommands are this
 //! same binary re-executed inside a test cgroup, so their connects are the ones detour's
-//! programs see.
+//! programs see; `bench-tls-client` (in the cgroup) and `bench-tls-server` are a release
+//! build of it, so their TLS costs what the agent's does.
 
 mod bench;
 mod bench_kubernetes;
 mod bench_reload;
+mod bench_tls;
 mod cmd;
 #[cfg(test)]
 mod config_view;
@@ -80,6 +83,9 @@ enum Task {
     /// Measure an EndpointSlice change reaching connects, agent memory and CPU, with
     /// 10,000 FailoverServices on a real control plane.
     BenchKubernetes(bench_kubernetes::KubernetesArgs),
+    /// Measure the TLS originator's hop (new connections, bulk throughput) against a
+    /// client that speaks TLS to the backend itself.
+    BenchTls(bench_tls::TlsArgs),
     /// Fuzz the parsers of outside bytes with libFuzzer, `--time` seconds per target.
     Fuzz(fuzz::FuzzArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
@@ -94,6 +100,12 @@ enum Task {
     /// The reload benchmark's connect loop, run inside the bench cgroup.
     #[command(hide = true)]
     ReloadClient(bench_reload::ReloadClientArgs),
+    /// The TLS benchmark's client (direct TLS and via the VIP), run inside its cgroup.
+    #[command(hide = true)]
+    BenchTlsClient(bench_tls::TlsClientArgs),
+    /// The TLS benchmark's HTTPS backend.
+    #[command(hide = true)]
+    BenchTlsServer(bench_tls::TlsServerArgs),
 }
 
 fn main() -> ExitCode {
@@ -124,11 +136,14 @@ fn run(task: Task) -> Result<()> {
         Task::BenchFailover(args) => failover::run(&args),
         Task::BenchReload(args) => bench_reload::run(&args),
         Task::BenchKubernetes(args) => bench_kubernetes::run(&args),
+        Task::BenchTls(args) => bench_tls::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
         Task::FailoverClient(args) => failover::client(&args),
         Task::ReloadClient(args) => bench_reload::client(&args),
+        Task::BenchTlsClient(args) => bench_tls::client(&args),
+        Task::BenchTlsServer(args) => bench_tls::server(&args),
     }
 }
 
