@@ -18,7 +18,8 @@
 //! timed from the request to the last body byte). The runs alternate which path goes
 //! first; each figure is the median over runs, each ratio the median of the runs' own
 //! via / direct. CPU is read around every phase: the client's own (getrusage), the
-//! agent's and the backend's (`/proc/PID/stat`, clock ticks).
+//! agent's and the backend's (`/proc/PID/stat`, in clock ticks of 10 ms: a bulk phase of
+//! a few hundred milliseconds reads them to a few percent).
 //!
 //! Why the client and the backend run from a release build of this crate (built by the
 //! task) rather than this binary: `cargo xtask` runs a debug build, and a debug rustls
@@ -243,6 +244,7 @@ pub fn run(args: &TlsArgs) -> Result<()> {
             .join(" ")
     )];
     let relayed_before = originator_counter(agent, "detour_tls_connections_relayed_total")?;
+    let load_before = load_average();
 
     let mut client = Command::new(&xtask);
     client
@@ -292,10 +294,10 @@ pub fn run(args: &TlsArgs) -> Result<()> {
         }
     }
     let (status, _) = client.wait(deadline.saturating_duration_since(Instant::now()))?;
-    let done = done.context("the client ended without its summary")?;
     if !status.success() {
         bail!("the bench client failed: {status}{}", agent.log_tail());
     }
+    let done = done.context("the client ended without its summary")?;
     let expected = 2 * args.runs as usize * 2;
     ensure!(
         phases.len() == expected,
@@ -339,6 +341,13 @@ pub fn run(args: &TlsArgs) -> Result<()> {
                 .args(["describe", "--always", "--dirty"])
         )
         .map_or_else(|| "?".to_owned(), |s| s.trim().to_owned())
+    ));
+    // The machine may be shared: what else ran shows in the load around the runs.
+    notes.push(format!(
+        "load average (1 min) {} before the client started, {} after it ended (the \
+         client, the agent and the backend add to it themselves)",
+        load_before,
+        load_average()
     ));
     drop(server);
     print!("{}", report(args, &summarize(&phases), &notes));
@@ -418,6 +427,14 @@ fn metric_sum(text: &str, name: &str) -> Option<u64> {
         *sum.get_or_insert(0) += value as u64;
     }
     sum
+}
+
+/// The 1-minute load average, as `/proc/loadavg` says it.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
 }
 
 /// User and system CPU time of process `pid` (all its threads, live and exited).
