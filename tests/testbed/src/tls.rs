@@ -3,15 +3,22 @@
 //! [`TestCa`] issues server certificates for the names a test chooses (so a test can
 //! give a backend a certificate for the wrong name); [`TlsBackend`] serves HTTP/1.1 over
 //! TLS with one of them: every request gets `200 "<name>\n"`, or, for `GET /bytes/N`,
-//! `N` bytes (the benchmark's bulk transfer). Invariants, as [`crate::HttpBackend`]'s:
+//! `N` bytes (the benchmark's bulk transfer), as many requests per connection as the
+//! client sends (keep-alive) until one says `Connection: close`. It counts the requests
+//! it answered and the TLS handshakes it completed, full and resumed. Invariants, as
+//! [`crate::HttpBackend`]'s:
 //! - while stopped nothing listens, so connects are refused;
-//! - stopping is bounded (the accept loop polls its flag every [`ACCEPT_POLL`]) and shuts
-//!   accepted connections down;
+//! - a connection is accepted as soon as it arrives: the accept loop waits in poll(2) on
+//!   the listener (`cargo xtask bench-tls` measures new connections through it; a loop
+//!   that slept between attempts made each wait for its next turn);
+//! - stopping is bounded (that wait ends every [`ACCEPT_POLL`] to look at the stop flag)
+//!   and shuts accepted connections down;
 //! - a restart binds the same address.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -25,6 +32,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+/// Longest time the accept loop waits for a connection before looking at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -92,6 +100,9 @@ impl TestCa {
 #[derive(Debug, Default)]
 struct Shared {
     requests: AtomicU64,
+    /// TLS handshakes completed: full ones, and ones that resumed a session.
+    full_handshakes: AtomicU64,
+    resumed_handshakes: AtomicU64,
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
 }
@@ -140,9 +151,17 @@ impl TlsBackend {
         self.addr
     }
 
-    /// Requests answered so far.
+    /// Requests answered so far, over all start/stop cycles.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes completed so far, over all start/stop cycles: `(full, resumed)`.
+    pub fn handshakes(&self) -> (u64, u64) {
+        (
+            self.shared.full_handshakes.load(Ordering::Relaxed),
+            self.shared.resumed_handshakes.load(Ordering::Relaxed),
+        )
     }
 
     /// Binds the address again and serves; a no-op while running.
@@ -161,6 +180,8 @@ impl TlsBackend {
             .with_context(|| format!("binding {}", self.addr))?;
         socket.listen(1024)?;
         let listener: TcpListener = socket.into();
+        // Non-blocking, so an accept after poll(2) said "readable" cannot block should
+        // the connection be gone by then.
         listener.set_nonblocking(true)?;
         self.addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -209,12 +230,11 @@ fn accept_loop(
     body: &str,
 ) {
     while !stop.load(Ordering::SeqCst) {
-        let conn = match listener.accept() {
-            Ok((conn, _)) => conn,
-            Err(_) => {
-                thread::sleep(ACCEPT_POLL);
-                continue;
-            }
+        if !readable(listener, ACCEPT_POLL) {
+            continue;
+        }
+        let Ok((conn, _)) = listener.accept() else {
+            continue;
         };
         let _ = conn.set_nonblocking(false);
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -225,16 +245,36 @@ fn accept_loop(
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(id, clone);
         }
-        let (shared, config, body) = (shared.clone(), config.clone(), body.to_owned());
-        let _ = thread::Builder::new().spawn(move || {
-            serve(conn, &shared, config, &body);
-            shared
+        let (conn_shared, config, body) = (shared.clone(), config.clone(), body.to_owned());
+        let spawned = thread::Builder::new().spawn(move || {
+            serve(conn, &conn_shared, config, &body);
+            conn_shared
                 .conns
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&id);
         });
+        if spawned.is_err() {
+            // Out of threads: drop the connection rather than the whole backend.
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        }
     }
+}
+
+/// Waits up to `timeout` for a connection to accept.
+fn readable(listener: &TcpListener, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 /// Serves requests on one connection until the client closes it.
@@ -250,6 +290,11 @@ fn serve(mut conn: TcpStream, shared: &Shared, config: Arc<rustls::ServerConfig>
             return;
         }
     }
+    match tls.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => &shared.resumed_handshakes,
+        _ => &shared.full_handshakes,
+    }
+    .fetch_add(1, Ordering::Relaxed);
     let mut stream = rustls::Stream::new(&mut tls, &mut conn);
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -309,4 +354,102 @@ fn write_bytes(stream: &mut impl Write, n: u64) -> std::io::Result<()> {
         left -= take as u64;
     }
     stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+    use std::time::Instant;
+
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+    use super::*;
+
+    type Client = StreamOwned<ClientConnection, TcpStream>;
+
+    fn connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> Client {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let name = ServerName::try_from("tls.test").unwrap();
+        StreamOwned::new(ClientConnection::new(config.clone(), name).unwrap(), tcp)
+    }
+
+    /// Sends `GET path` and reads one response (head and `Content-Length` body).
+    fn get(conn: &mut Client, path: &str, close: bool) -> (String, Vec<u8>) {
+        let close = if close { "Connection: close\r\n" } else { "" };
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: tls.test\r\n{close}\r\n").unwrap();
+        conn.flush().unwrap();
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            conn.read_exact(&mut byte).unwrap();
+            raw.push(byte[0]);
+        }
+        let head = String::from_utf8(raw).unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut body = vec![0; length];
+        conn.read_exact(&mut body).unwrap();
+        (head, body)
+    }
+
+    #[test]
+    fn keeps_connections_alive_and_counts_requests_and_handshakes() {
+        let ca = TestCa::new("tls-unit").unwrap();
+        let cert = ca.issue(&["tls.test"]).unwrap();
+        let mut backend =
+            TlsBackend::start_at("delta", "127.0.0.1:0".parse().unwrap(), &cert).unwrap();
+        let addr = backend.addr();
+        let mut roots = RootCertStore::empty();
+        for der in CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
+            roots.add(der.unwrap()).unwrap();
+        }
+        let config = Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+
+        // Three requests on one connection, the last one closing it.
+        let mut conn = connect(addr, &config);
+        for _ in 0..2 {
+            let (head, body) = get(&mut conn, "/", false);
+            assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+            assert_eq!(body, b"delta\n");
+        }
+        assert_eq!(get(&mut conn, "/bytes/100000", true).1, vec![b'x'; 100_000]);
+        let mut rest = Vec::new();
+        match conn.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty()),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::UnexpectedEof),
+        }
+        assert_eq!(backend.requests(), 3);
+        assert_eq!(backend.handshakes(), (1, 0));
+        // The same client configuration resumes the session.
+        let mut conn = connect(addr, &config);
+        assert_eq!(get(&mut conn, "/", true).1, b"delta\n");
+        assert_eq!(backend.handshakes(), (1, 1));
+
+        let start = Instant::now();
+        backend.stop();
+        assert!(
+            start.elapsed() < Duration::from_millis(200),
+            "stop took {:?}",
+            start.elapsed()
+        );
+        let refused = TcpStream::connect(addr).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::ConnectionRefused);
+        backend.start().unwrap();
+        assert_eq!(backend.addr(), addr, "restart must bind the same address");
+        let mut conn = connect(addr, &config);
+        assert_eq!(get(&mut conn, "/", true).1, b"delta\n");
+        assert_eq!(backend.requests(), 5);
+    }
 }
