@@ -1,36 +1,41 @@
 //! `cargo xtask bench-tls`: what the TLS originator's hop costs, against a client that
 //! speaks TLS to the backend itself, measured side by side in the same runs.
 //!
-//! The bed: one HTTPS/1.1 backend on 127.10.44.1:8443 with a certificate for `db.bench`
-//! from a CA of the task's own ([`TestCa`]); an agent whose one service `db` (VIP
-//! 127.204.0.1:80, targetPort 8443) originates TLS to it (`tls: {mode: SIMPLE, sni:
-//! db.bench, caCertificates: <the CA>}`). A client in the agent's cgroup (the hidden
-//! `bench-tls-client`) takes two paths to the same backend:
+//! The bed: the test bed's [`TlsBackend`] on 127.10.44.1:8443 with a certificate for
+//! `db.bench` from a CA of the task's own ([`TestCa`]), in a process of its own (the
+//! hidden `bench-tls-server`), so that its CPU time is read apart from the client's and
+//! the agent's; an agent whose one service `db` (VIP 127.204.0.1:80, targetPort 8443)
+//! originates TLS to it (`tls: {mode: SIMPLE, sni: db.bench, caCertificates: <the CA>}`).
+//! A client in the agent's cgroup (the hidden `bench-tls-client`) takes two paths to the
+//! same backend:
 //! - "direct TLS": TCP connect to the backend, rustls handshake (the same CA, SNI
 //!   `db.bench`, rustls' ring provider and safe defaults, as the agent's), HTTP inside;
 //! - "via detour": TCP connect to the VIP, plain HTTP; the kernel sends the connect to
 //!   the originator, which makes the TCP and TLS handshakes to the backend and relays.
 //!
-//! Two measurements per path and run: a new connection per request (`GET /`,
-//! `Connection: close`; latency from before the connect to the last byte of the body,
-//! p50/p99 and requests/s), and bulk throughput on one connection (`GET /bytes/N` after a
-//! warming `GET /` on the same connection, so both paths have finished their handshakes;
-//! timed from the request to the last body byte). The runs alternate which path goes
-//! first; each figure is the median over runs, each ratio the median of the runs' own
-//! via / direct. CPU is read around every phase: the client's own (getrusage), the
-//! agent's and the backend's (`/proc/PID/stat`, in clock ticks of 10 ms: a bulk phase of
-//! a few hundred milliseconds reads them to a few percent).
+//! Three measurements per path and run:
+//! - a new connection per request: `GET /` with `Connection: close`, latency from before
+//!   the connect to the last byte of the body; p50/p99 and requests/s;
+//! - keep-alive: one connection, `GET /` after `GET /`, latency from writing a request to
+//!   the last byte of its body; p50/p99 and requests/s over the requests' span (the
+//!   connection's first request, which makes both hops' handshakes, is not timed);
+//! - bulk throughput on one connection: `GET /bytes/N` after a warming `GET /` on the
+//!   same connection, timed from the request to the last body byte.
+//!
+//! The runs alternate which path goes first; each figure is the median over runs, each
+//! ratio the median of the runs' own via / direct. CPU is read around every phase: the
+//! client's own (getrusage), the agent's and the backend's (`/proc/PID/stat`, in clock
+//! ticks of 10 ms: a bulk phase of a few hundred milliseconds reads them to a few
+//! percent). The backend's requests and TLS handshakes are read at the same moments, from
+//! its process's stats socket.
 //!
 //! Why the client and the backend run from a release build of this crate (built by the
 //! task) rather than this binary: `cargo xtask` runs a debug build, and a debug rustls
 //! on the direct path would be measured against the agent's release rustls.
-//! Why the backend is the task's own server by default rather than the test bed's
-//! [`TlsBackend`]: that one's accept loop sleeps 20 ms whenever its queue is empty, so
-//! every new connection waits for its next poll (`--backend testbed` measures it anyway).
 //!
 //! Invariants:
 //! - loopback only: the backend on 127.10.44.1, the VIP 127.204.0.1, the originator on
-//!   the agent's loopback listener;
+//!   the agent's loopback listener, the backend's stats socket on 127.0.0.1;
 //! - the agent, its cgroup (never the root cgroup) and pins are the [`AgentBed`]'s guards,
 //!   the backend and the client are [`LineStream`]s (killed on drop): an error anywhere
 //!   leaves nothing behind;
@@ -40,19 +45,17 @@
 use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use detour_testbed::{AgentBed, LineStream, ServerCert, TestCa, TlsBackend};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, StreamOwned};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 use crate::bench::{median, thousands, wait_in_table};
 use crate::{cmd, setup};
@@ -76,9 +79,9 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 const PHASE_PAUSE: Duration = Duration::from_millis(50);
 /// The client's read buffer, the same for both paths.
 const READ_BUFFER: usize = 256 * 1024;
-/// The longest request head the server reads.
-const MAX_REQUEST_HEAD: usize = 16 * 1024;
-/// The most `GET /bytes/N` sends (as the test bed's backend).
+/// The longest response head the client reads.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+/// The most the test bed's backend sends for `GET /bytes/N`.
 const MAX_BODY: u64 = 1 << 30;
 
 #[derive(clap::Args)]
@@ -89,25 +92,19 @@ pub struct TlsArgs {
     /// Requests per path and run, each on a new connection.
     #[arg(long, default_value_t = 2000)]
     requests: u32,
+    /// Requests per path and run, one after the other on one keep-alive connection.
+    #[arg(long, default_value_t = 10_000)]
+    keepalive_requests: u32,
     /// Bytes of the bulk transfer per path and run (`GET /bytes/N`).
     #[arg(long, default_value_t = 256 << 20)]
     bulk_bytes: u64,
     /// Unmeasured requests per path before the first run.
     #[arg(long, default_value_t = 200)]
     warmup: u32,
-    /// The backend: this task's own HTTPS server, or the test bed's `TlsBackend`
-    /// (whose accept loop polls every 20 ms, which every new connection waits for).
-    #[arg(long, value_enum, default_value_t = BackendKind::Bench)]
-    backend: BackendKind,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum BackendKind {
-    Bench,
-    Testbed,
-}
-
-/// Arguments of the hidden `bench-tls-server` subcommand: serve HTTPS at `listen`.
+/// Arguments of the hidden `bench-tls-server` subcommand: the test bed's [`TlsBackend`]
+/// at `listen`.
 #[derive(clap::Args)]
 pub struct TlsServerArgs {
     #[arg(long)]
@@ -117,8 +114,6 @@ pub struct TlsServerArgs {
     cert: PathBuf,
     #[arg(long)]
     key: PathBuf,
-    #[arg(long, value_enum)]
-    backend: BackendKind,
 }
 
 /// Arguments of the hidden `bench-tls-client` subcommand.
@@ -138,12 +133,11 @@ pub struct TlsClientArgs {
     #[arg(long)]
     requests: u32,
     #[arg(long)]
+    keepalive_requests: u32,
+    #[arg(long)]
     warmup: u32,
     #[arg(long)]
     bulk_bytes: u64,
-    /// Ask the backend for its handshake counts (`GET /stats`) after each phase.
-    #[arg(long)]
-    server_stats: bool,
 }
 
 /// The two ways to the backend.
@@ -179,13 +173,63 @@ impl Way {
     }
 }
 
+/// How a request phase uses connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    /// A new connection per request.
+    NewConnection,
+    /// One connection for all of them.
+    KeepAlive,
+}
+
+impl Mode {
+    /// The phase's `kind` in the client's lines.
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::NewConnection => "requests",
+            Mode::KeepAlive => "keepalive",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::NewConnection => "new connection per request",
+            Mode::KeepAlive => "keep-alive, one connection",
+        }
+    }
+
+    /// The figures of a request phase in this mode: p50, p99, requests/s, and the
+    /// client's, the agent's and the backend's CPU per request.
+    fn figures(self) -> [Figure; 6] {
+        match self {
+            Mode::NewConnection => [
+                Figure::P50,
+                Figure::P99,
+                Figure::RequestsPerSec,
+                Figure::RequestClientCpu,
+                Figure::RequestAgentCpu,
+                Figure::RequestServerCpu,
+            ],
+            Mode::KeepAlive => [
+                Figure::KeepAliveP50,
+                Figure::KeepAliveP99,
+                Figure::KeepAliveRequestsPerSec,
+                Figure::KeepAliveClientCpu,
+                Figure::KeepAliveAgentCpu,
+                Figure::KeepAliveServerCpu,
+            ],
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The task.
 
 pub fn run(args: &TlsArgs) -> Result<()> {
     detour_testbed::require_root("cargo xtask bench-tls")?;
-    if args.runs == 0 || args.requests == 0 || args.bulk_bytes == 0 {
-        bail!("--runs, --requests and --bulk-bytes must be positive");
+    if args.runs == 0 || args.requests == 0 || args.keepalive_requests == 0 || args.bulk_bytes == 0
+    {
+        bail!("--runs, --requests, --keepalive-requests and --bulk-bytes must be positive");
     }
     if args.bulk_bytes > MAX_BODY {
         bail!("--bulk-bytes is at most {MAX_BODY} (what the backend sends)");
@@ -213,8 +257,7 @@ pub fn run(args: &TlsArgs) -> Result<()> {
         .arg("--cert")
         .arg(&cert_file)
         .arg("--key")
-        .arg(&key_file)
-        .args(["--backend", backend_arg(args.backend)]);
+        .arg(&key_file);
     let mut server = LineStream::spawn(&mut server)?;
     let listening = expect_line(&mut server, deadline.min(Instant::now() + IO_TIMEOUT))
         .context("the backend did not start")?;
@@ -222,6 +265,10 @@ pub fn run(args: &TlsArgs) -> Result<()> {
         listening["listening"] == BACKEND,
         "the backend said {listening}"
     );
+    let stats: SocketAddr = listening["stats"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no stats address in {listening}"))?;
     let server_pid = server.id();
 
     bed.write_config(&config(&ca_file))?;
@@ -254,11 +301,13 @@ pub fn run(args: &TlsArgs) -> Result<()> {
         .arg(&ca_file)
         .args(["--runs", &args.runs.to_string()])
         .args(["--requests", &args.requests.to_string()])
+        .args(["--keepalive-requests", &args.keepalive_requests.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--bulk-bytes", &args.bulk_bytes.to_string()]);
-    if args.backend == BackendKind::Bench {
-        client.arg("--server-stats");
-    }
+    // Read before the client starts: every request the backend answers from here on is
+    // the client's (the health checks only make handshakes).
+    let backend_before = backend_counts(stats)?;
+    let mut backend_last = backend_before;
     let mut client = LineStream::spawn_in(&bed.cgroup, &mut client)?;
     let cpu = |pid: u32| process_cpu(pid).with_context(|| format!("CPU time of {pid}"));
     let (mut agent_cpu, mut server_cpu) = (cpu(agent_pid)?, cpu(server_pid)?);
@@ -270,11 +319,15 @@ pub fn run(args: &TlsArgs) -> Result<()> {
     {
         let v: serde_json::Value =
             serde_json::from_str(&line).with_context(|| format!("bad client line {line:?}"))?;
-        // The client pauses after each line: the CPU used since the last line is the
-        // phase's (and the pause's, in which nothing runs but health checks).
+        // The client pauses after each line: the CPU used and the handshakes made since
+        // the last line are the phase's (and the pause's, in which nothing runs but
+        // health checks).
         let (agent_now, server_now) = (cpu(agent_pid)?, cpu(server_pid)?);
         let (agent_used, server_used) = (agent_now - agent_cpu, server_now - server_cpu);
         (agent_cpu, server_cpu) = (agent_now, server_now);
+        let backend_now = backend_counts(stats)?;
+        let handshakes = backend_now.handshakes_since(&backend_last);
+        backend_last = backend_now;
         if let Some(ms) = v["ready_ms"].as_f64() {
             eprintln!("bench-tls: a GET through the VIP answered after {ms:.0} ms");
             notes.push(format!(
@@ -288,7 +341,7 @@ pub fn run(args: &TlsArgs) -> Result<()> {
         } else if v["done"] == true {
             done = Some(v);
         } else {
-            let phase = Phase::from_json(&v, agent_used, server_used)?;
+            let phase = Phase::from_json(&v, agent_used, server_used, handshakes)?;
             eprintln!("  {}", phase.describe());
             phases.push(phase);
         }
@@ -298,7 +351,7 @@ pub fn run(args: &TlsArgs) -> Result<()> {
         bail!("the bench client failed: {status}{}", agent.log_tail());
     }
     let done = done.context("the client ended without its summary")?;
-    let expected = 2 * args.runs as usize * 2;
+    let expected = 3 * 2 * args.runs as usize;
     ensure!(
         phases.len() == expected,
         "the client reported {} phases, expected {expected}",
@@ -320,19 +373,17 @@ pub fn run(args: &TlsArgs) -> Result<()> {
         "the originator relayed {relayed} connections; the client made {via_ok} to the VIP \
          ({via_failed} failed while it waited for readiness)"
     ));
-    if let Some(requests) = done["server_requests"].as_u64() {
-        let made = done["requests_made"].as_u64().unwrap_or(0);
-        ensure!(
-            requests == made,
-            "the backend answered {requests} requests, the client made {made}"
-        );
-        notes.push(format!(
-            "the backend answered {requests} requests, as many as the client made"
-        ));
-    }
-    if args.backend == BackendKind::Bench {
-        notes.push(handshake_note(&phases));
-    }
+    // And every request it made reached the backend, through either path.
+    let answered = backend_counts(stats)?.requests - backend_before.requests;
+    let made = done["requests_made"].as_u64().unwrap_or(0);
+    ensure!(
+        answered == made,
+        "the backend answered {answered} requests, the client made {made}"
+    );
+    notes.push(format!(
+        "the backend answered {answered} requests, as many as the client made"
+    ));
+    notes.push(handshake_note(&phases));
     notes.push(format!(
         "agent built from the work tree at {}",
         cmd::stdout_of(
@@ -352,13 +403,6 @@ pub fn run(args: &TlsArgs) -> Result<()> {
     drop(server);
     print!("{}", report(args, &summarize(&phases), &notes));
     Ok(())
-}
-
-fn backend_arg(kind: BackendKind) -> &'static str {
-    match kind {
-        BackendKind::Bench => "bench",
-        BackendKind::Testbed => "testbed",
-    }
 }
 
 /// `cargo build --release -p xtask`; returns the binary that runs the client and the
@@ -403,14 +447,64 @@ fn config(ca_file: &Path) -> String {
 
 /// One counter of the agent's `/metrics` (the sum of its series).
 fn originator_counter(agent: &detour_testbed::Agent, name: &str) -> Result<u64> {
-    let addr = agent.metrics_address()?;
+    let response = exchange(
+        agent.metrics_address()?,
+        b"GET /metrics HTTP/1.1\r\nHost: detour\r\nConnection: close\r\n\r\n",
+    )
+    .context("reading the agent's /metrics")?;
+    metric_sum(&response, name).with_context(|| format!("no {name} in the agent's /metrics"))
+}
+
+/// The backend's counts, from its process's stats socket.
+fn backend_counts(stats: SocketAddr) -> Result<BackendCounts> {
+    let line = exchange(stats, b"").context("reading the backend's counts")?;
+    BackendCounts::parse(&line)
+}
+
+/// Writes `request` to a new connection to `addr` and reads the answer to its end.
+fn exchange(addr: SocketAddr, request: &[u8]) -> Result<String> {
     let mut conn = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: detour\r\nConnection: close\r\n\r\n")?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    conn.write_all(request)?;
     let mut response = String::new();
-    conn.read_to_string(&mut response)
-        .context("reading the agent's /metrics")?;
-    metric_sum(&response, name).with_context(|| format!("no {name} in the agent's /metrics"))
+    conn.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// What the backend has answered and accepted so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct BackendCounts {
+    requests: u64,
+    /// TLS handshakes, full and resumed.
+    full: u64,
+    resumed: u64,
+}
+
+impl BackendCounts {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "requests": self.requests,
+            "full": self.full,
+            "resumed": self.resumed,
+        })
+    }
+
+    fn parse(line: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("the backend's counts are not JSON: {line:?}"))?;
+        let get = |key: &str| v[key].as_u64().with_context(|| format!("no {key} in {v}"));
+        Ok(Self {
+            requests: get("requests")?,
+            full: get("full")?,
+            resumed: get("resumed")?,
+        })
+    }
+
+    /// The full and resumed handshakes since `earlier`.
+    fn handshakes_since(&self, earlier: &Self) -> (u64, u64) {
+        (self.full - earlier.full, self.resumed - earlier.resumed)
+    }
 }
 
 /// The sum of the samples of `name` in a Prometheus text exposition.
@@ -463,32 +557,39 @@ fn cpu_ticks(stat: &str) -> Option<u64> {
 // What the client reports, and the summary.
 
 /// One phase of one run on one path, as the client reported it, with the agent's and
-/// the backend's CPU over it.
+/// the backend's CPU and the backend's handshakes over it.
 #[derive(Debug, Clone, PartialEq)]
 struct Phase {
     run: u32,
     path: Way,
     kind: PhaseKind,
-    /// The phase's wall time, connects and closes included.
+    /// The time the client's figures are counted over: for requests on new connections
+    /// the whole phase, connects and closes included; for keep-alive requests their span,
+    /// without the connection's setup and close; for bulk the whole phase.
     wall: Duration,
     client_cpu: Duration,
     agent_cpu: Duration,
     server_cpu: Duration,
     /// The backend's full and resumed TLS handshakes during the phase (health checks'
-    /// included), when it counts them.
-    handshakes: Option<(u64, u64)>,
+    /// included).
+    handshakes: (u64, u64),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum PhaseKind {
-    /// A new connection per request: each request's latency.
-    Requests { latencies_ns: Vec<u64> },
+    /// Requests one after the other: each request's latency.
+    Requests { mode: Mode, latencies_ns: Vec<u64> },
     /// One transfer of `bytes` body bytes, timed from the request to the last byte.
     Bulk { bytes: u64, elapsed: Duration },
 }
 
 impl Phase {
-    fn from_json(v: &serde_json::Value, agent_cpu: Duration, server_cpu: Duration) -> Result<Self> {
+    fn from_json(
+        v: &serde_json::Value,
+        agent_cpu: Duration,
+        server_cpu: Duration,
+        handshakes: (u64, u64),
+    ) -> Result<Self> {
         let ns = |key: &str| -> Result<Duration> {
             Ok(Duration::from_nanos(
                 v[key]
@@ -497,19 +598,19 @@ impl Phase {
             ))
         };
         let kind = match v["kind"].as_str() {
-            Some("requests") => PhaseKind::Requests {
-                latencies_ns: serde_json::from_value(v["latencies_ns"].clone())
-                    .context("latencies_ns")?,
-            },
             Some("bulk") => PhaseKind::Bulk {
                 bytes: v["bytes"].as_u64().context("bytes")?,
                 elapsed: ns("elapsed_ns")?,
             },
-            other => bail!("unknown phase kind {other:?} in {v}"),
-        };
-        let handshakes = match (v["full"].as_u64(), v["resumed"].as_u64()) {
-            (Some(full), Some(resumed)) => Some((full, resumed)),
-            _ => None,
+            Some(kind) => PhaseKind::Requests {
+                mode: [Mode::NewConnection, Mode::KeepAlive]
+                    .into_iter()
+                    .find(|m| m.as_str() == kind)
+                    .with_context(|| format!("unknown phase kind {kind:?} in {v}"))?,
+                latencies_ns: serde_json::from_value(v["latencies_ns"].clone())
+                    .context("latencies_ns")?,
+            },
+            None => bail!("no phase kind in {v}"),
         };
         Ok(Self {
             run: u32::try_from(v["run"].as_u64().context("run")?)?,
@@ -527,17 +628,18 @@ impl Phase {
     fn figures(&self) -> Vec<(Figure, f64)> {
         let wall = self.wall.as_secs_f64();
         match &self.kind {
-            PhaseKind::Requests { latencies_ns } => {
+            PhaseKind::Requests { mode, latencies_ns } => {
                 let n = latencies_ns.len().max(1) as f64;
                 let per_request = |d: Duration| d.as_secs_f64() * 1e6 / n;
-                vec![
-                    (Figure::P50, percentile(latencies_ns, 50.0) / 1e3),
-                    (Figure::P99, percentile(latencies_ns, 99.0) / 1e3),
-                    (Figure::RequestsPerSec, n / wall),
-                    (Figure::RequestClientCpu, per_request(self.client_cpu)),
-                    (Figure::RequestAgentCpu, per_request(self.agent_cpu)),
-                    (Figure::RequestServerCpu, per_request(self.server_cpu)),
-                ]
+                let values = [
+                    percentile(latencies_ns, 50.0) / 1e3,
+                    percentile(latencies_ns, 99.0) / 1e3,
+                    n / wall,
+                    per_request(self.client_cpu),
+                    per_request(self.agent_cpu),
+                    per_request(self.server_cpu),
+                ];
+                mode.figures().into_iter().zip(values).collect()
             }
             PhaseKind::Bulk { bytes, elapsed } => {
                 let share = |d: Duration| 100.0 * d.as_secs_f64() / wall;
@@ -562,14 +664,14 @@ impl Phase {
             self.agent_cpu.as_secs_f64() * 1e3,
             self.server_cpu.as_secs_f64() * 1e3
         );
-        let handshakes = self.handshakes.map_or_else(String::new, |(full, resumed)| {
-            format!("; handshakes {full} full, {resumed} resumed")
-        });
+        let (full, resumed) = self.handshakes;
         match &self.kind {
-            PhaseKind::Requests { .. } => format!(
-                "run {} {:<6} requests: p50 {:.0} µs, p99 {:.0} µs, {:.0} req/s; {cpu}{handshakes}",
+            PhaseKind::Requests { mode, .. } => format!(
+                "run {} {:<6} {}: p50 {:.0} µs, p99 {:.0} µs, {:.0} req/s; {cpu}; \
+                 handshakes {full} full, {resumed} resumed",
                 self.run,
                 self.path.as_str(),
+                mode.label(),
                 f[0].1,
                 f[1].1,
                 f[2].1
@@ -593,6 +695,12 @@ enum Figure {
     RequestClientCpu,
     RequestAgentCpu,
     RequestServerCpu,
+    KeepAliveP50,
+    KeepAliveP99,
+    KeepAliveRequestsPerSec,
+    KeepAliveClientCpu,
+    KeepAliveAgentCpu,
+    KeepAliveServerCpu,
     MegabytesPerSec,
     BulkClientCpu,
     BulkAgentCpu,
@@ -608,6 +716,12 @@ impl Figure {
             Figure::RequestClientCpu => "… client CPU per request (µs)",
             Figure::RequestAgentCpu => "… agent CPU per request (µs)",
             Figure::RequestServerCpu => "… backend CPU per request (µs)",
+            Figure::KeepAliveP50 => "keep-alive, one connection: p50 latency (µs)",
+            Figure::KeepAliveP99 => "keep-alive, one connection: p99 latency (µs)",
+            Figure::KeepAliveRequestsPerSec => "keep-alive, one connection: requests/s",
+            Figure::KeepAliveClientCpu => "… client CPU per request (µs)",
+            Figure::KeepAliveAgentCpu => "… agent CPU per request (µs)",
+            Figure::KeepAliveServerCpu => "… backend CPU per request (µs)",
             Figure::MegabytesPerSec => "bulk, one connection: MB/s",
             Figure::BulkClientCpu => "… client CPU (% of one core)",
             Figure::BulkAgentCpu => "… agent CPU (% of one core)",
@@ -618,7 +732,10 @@ impl Figure {
     /// Whether via / direct means something (not for the agent's CPU: direct barely
     /// touches it).
     fn has_ratio(self) -> bool {
-        !matches!(self, Figure::RequestAgentCpu | Figure::BulkAgentCpu)
+        !matches!(
+            self,
+            Figure::RequestAgentCpu | Figure::KeepAliveAgentCpu | Figure::BulkAgentCpu
+        )
     }
 }
 
@@ -682,18 +799,25 @@ fn percentile(ns: &[u64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1] as f64
 }
 
-/// How the backend's handshakes split between full and resumed, per path.
+/// How the backend's handshakes split between full and resumed, per kind of request
+/// phase and path.
 fn handshake_note(phases: &[Phase]) -> String {
     let mut parts = Vec::new();
-    for path in [Way::Direct, Way::Via] {
-        let (mut full, mut resumed) = (0, 0);
-        for phase in phases.iter().filter(|p| p.path == path) {
-            if let (PhaseKind::Requests { .. }, Some((f, r))) = (&phase.kind, phase.handshakes) {
-                full += f;
-                resumed += r;
+    for mode in [Mode::NewConnection, Mode::KeepAlive] {
+        for path in [Way::Direct, Way::Via] {
+            let (mut full, mut resumed) = (0, 0);
+            for phase in phases.iter().filter(|p| p.path == path) {
+                if matches!(phase.kind, PhaseKind::Requests { mode: m, .. } if m == mode) {
+                    full += phase.handshakes.0;
+                    resumed += phase.handshakes.1;
+                }
             }
+            parts.push(format!(
+                "{}, {}: {full} full, {resumed} resumed",
+                mode.label(),
+                path.as_str()
+            ));
         }
-        parts.push(format!("{}: {full} full, {resumed} resumed", path.as_str()));
     }
     format!(
         "the backend's TLS handshakes during the request phases (health checks' included): {}",
@@ -706,7 +830,9 @@ fn format_figure(figure: Figure, value: f64) -> String {
         return "–".to_owned();
     }
     match figure {
-        Figure::RequestsPerSec | Figure::MegabytesPerSec => thousands(value),
+        Figure::RequestsPerSec | Figure::KeepAliveRequestsPerSec | Figure::MegabytesPerSec => {
+            thousands(value)
+        }
         Figure::BulkClientCpu | Figure::BulkAgentCpu | Figure::BulkServerCpu => {
             format!("{value:.0}%")
         }
@@ -721,15 +847,13 @@ fn report(args: &TlsArgs, rows: &[Row], notes: &[String]) -> String {
         out,
         "\n## TLS origination: the originator's hop against a direct TLS client\n\n\
          {} runs; per path and run {} requests on a new connection each (`GET /`, \
-         `Connection: close`) and one `GET /bytes/{}` on one connection; backend: {}. Each \
-         figure is the median over runs, the ratio the median of each run's via / direct.\n",
+         `Connection: close`), {} requests on one keep-alive connection and one \
+         `GET /bytes/{}` on one connection; backend: the test bed's TlsBackend. Each figure \
+         is the median over runs, the ratio the median of each run's via / direct.\n",
         args.runs,
         thousands(f64::from(args.requests)),
+        thousands(f64::from(args.keepalive_requests)),
         args.bulk_bytes,
-        match args.backend {
-            BackendKind::Bench => "the task's own HTTPS server",
-            BackendKind::Testbed => "the test bed's TlsBackend (20 ms accept poll)",
-        }
     );
     let _ = writeln!(
         out,
@@ -798,35 +922,26 @@ pub fn client(args: &TlsClientArgs) -> Result<()> {
                 .with_context(|| format!("warm-up request, {}", path.as_str()))?;
         }
     }
-    client.server_stats()?;
     say(serde_json::json!({"warmed_up": true}))?;
 
     for run in 0..args.runs {
-        for path in Way::order(run) {
-            let cpu = process_cpu_self()?;
-            let start = Instant::now();
-            let mut latencies_ns = Vec::with_capacity(args.requests as usize);
-            for i in 0..args.requests {
-                let took = client
-                    .request(path)
-                    .with_context(|| format!("run {run}, {}, request {i}", path.as_str()))?;
-                latencies_ns.push(u64::try_from(took.as_nanos())?);
+        for (mode, n) in [
+            (Mode::NewConnection, args.requests),
+            (Mode::KeepAlive, args.keepalive_requests),
+        ] {
+            for path in Way::order(run) {
+                let (latencies_ns, wall, cpu) = client
+                    .requests(mode, path, n)
+                    .with_context(|| format!("run {run}, {}, {}", path.as_str(), mode.label()))?;
+                say(serde_json::json!({
+                    "run": run,
+                    "path": path.as_str(),
+                    "kind": mode.as_str(),
+                    "latencies_ns": latencies_ns,
+                    "wall_ns": u64::try_from(wall.as_nanos())?,
+                    "cpu_ns": u64::try_from(cpu.as_nanos())?,
+                }))?;
             }
-            let wall = start.elapsed();
-            let cpu = process_cpu_self()? - cpu;
-            let mut line = serde_json::json!({
-                "run": run,
-                "path": path.as_str(),
-                "kind": "requests",
-                "latencies_ns": latencies_ns,
-                "wall_ns": u64::try_from(wall.as_nanos())?,
-                "cpu_ns": u64::try_from(cpu.as_nanos())?,
-            });
-            if let Some((full, resumed)) = client.server_stats()? {
-                line["full"] = full.into();
-                line["resumed"] = resumed.into();
-            }
-            say(line)?;
         }
         for path in Way::order(run) {
             let cpu = process_cpu_self()?;
@@ -836,7 +951,6 @@ pub fn client(args: &TlsClientArgs) -> Result<()> {
                 .with_context(|| format!("run {run}, {}, bulk", path.as_str()))?;
             let wall = start.elapsed();
             let cpu = process_cpu_self()? - cpu;
-            client.server_stats()?;
             say(serde_json::json!({
                 "run": run,
                 "path": path.as_str(),
@@ -848,15 +962,12 @@ pub fn client(args: &TlsClientArgs) -> Result<()> {
             }))?;
         }
     }
-    let mut summary = serde_json::json!({
+    let summary = serde_json::json!({
         "done": true,
         "via_connections": client.via_connections,
         "via_failed": client.via_failed,
         "requests_made": client.requests_made,
     });
-    if let Some(requests) = client.server_requests {
-        summary["server_requests"] = requests.into();
-    }
     writeln!(out, "{summary}")?;
     out.flush()?;
     Ok(())
@@ -913,18 +1024,12 @@ struct Client {
     /// One configuration for every direct connection, as the agent has one per service
     /// (so both resume sessions alike).
     tls: Arc<ClientConfig>,
-    /// For `GET /stats`: resumption off, so its own handshake is always a full one.
-    stats_tls: Option<Arc<ClientConfig>>,
     name: ServerName<'static>,
     /// `GET /`, closing; `GET /`, keep-alive.
     request_close: Vec<u8>,
     request_keep: Vec<u8>,
     expect_body: Vec<u8>,
     buf: Vec<u8>,
-    /// The backend's counts at the last `GET /stats`: requests, full and resumed
-    /// handshakes.
-    last_stats: Option<(u64, u64, u64)>,
-    server_requests: Option<u64>,
     via_connections: u64,
     via_failed: u64,
     requests_made: u64,
@@ -936,16 +1041,6 @@ impl Client {
         for cert in CertificateDer::pem_slice_iter(ca_pem) {
             roots.add(cert.context("the CA's PEM")?)?;
         }
-        let roots = Arc::new(roots);
-        let tls = client_config(roots.clone())?;
-        let stats_tls = args
-            .server_stats
-            .then(|| -> Result<_> {
-                let mut config = (*client_config(roots)?).clone();
-                config.resumption = rustls::client::Resumption::disabled();
-                Ok(Arc::new(config))
-            })
-            .transpose()?;
         let request = |close: bool| {
             format!(
                 "GET / HTTP/1.1\r\nHost: {}\r\n{}\r\n",
@@ -957,15 +1052,12 @@ impl Client {
         Ok(Self {
             vip: args.vip,
             backend: args.backend,
-            tls,
-            stats_tls,
+            tls: client_config(Arc::new(roots))?,
             name: ServerName::try_from(args.sni.clone())?,
             request_close: request(true),
             request_keep: request(false),
             expect_body: format!("{BACKEND_NAME}\n").into_bytes(),
             buf: vec![0; READ_BUFFER],
-            last_stats: None,
-            server_requests: None,
             via_connections: 0,
             via_failed: 0,
             requests_made: 0,
@@ -993,16 +1085,16 @@ impl Client {
         })
     }
 
-    /// One `GET /` on a new connection; returns the time from before the connect to the
-    /// last byte of the body. The connection is then read to its end (the server closes
-    /// first, so no TIME_WAIT piles up here), outside the time returned.
-    fn request(&mut self, path: Way) -> Result<Duration> {
-        let start = Instant::now();
-        let mut conn = self.open(path)?;
-        conn.write_all(&self.request_close)?;
+    /// One `GET /` on `conn`, closing it or not; the answer must be the backend's name.
+    fn get(&mut self, conn: &mut Conn, close: bool) -> Result<()> {
+        let request = if close {
+            &self.request_close
+        } else {
+            &self.request_keep
+        };
+        conn.write_all(request)?;
         conn.flush()?;
-        let response = read_response(&mut conn, &mut self.buf)?;
-        let took = start.elapsed();
+        let response = read_response(conn, &mut self.buf)?;
         self.requests_made += 1;
         ensure!(
             response.status == 200 && response.body_prefix == self.expect_body,
@@ -1010,23 +1102,80 @@ impl Client {
             response.status,
             String::from_utf8_lossy(&response.body_prefix)
         );
+        Ok(())
+    }
+
+    /// Reads `conn` to its end after a closing request (the server closes first, so no
+    /// TIME_WAIT piles up here); a connection on `path` that served all it was asked.
+    fn finish(&mut self, mut conn: Conn, path: Way) -> Result<()> {
         drain(&mut conn, &mut self.buf)?;
         if path == Way::Via {
             self.via_connections += 1;
         }
+        Ok(())
+    }
+
+    /// A connection on `path` on which a `GET /` was answered, so both hops' handshakes
+    /// are done.
+    fn open_warm(&mut self, path: Way) -> Result<Conn> {
+        let mut conn = self.open(path)?;
+        self.get(&mut conn, false)?;
+        Ok(conn)
+    }
+
+    /// One `GET /` on a new connection; returns the time from before the connect to the
+    /// last byte of the body. The connection is then read to its end, outside the time
+    /// returned.
+    fn request(&mut self, path: Way) -> Result<Duration> {
+        let start = Instant::now();
+        let mut conn = self.open(path)?;
+        self.get(&mut conn, true)?;
+        let took = start.elapsed();
+        self.finish(conn, path)?;
         Ok(took)
+    }
+
+    /// `n` `GET /`s on `path`, one after the other, in `mode`: each one's latency, and the
+    /// wall and CPU time they took together. Keep-alive requests run on one connection
+    /// opened (and warmed) before the clock starts and closed after it stops; each is
+    /// timed from writing it to the last byte of its body.
+    fn requests(
+        &mut self,
+        mode: Mode,
+        path: Way,
+        n: u32,
+    ) -> Result<(Vec<u64>, Duration, Duration)> {
+        let mut conn = match mode {
+            Mode::NewConnection => None,
+            Mode::KeepAlive => Some(self.open_warm(path)?),
+        };
+        let cpu = process_cpu_self()?;
+        let start = Instant::now();
+        let mut latencies_ns = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let took = match &mut conn {
+                None => self.request(path),
+                Some(conn) => {
+                    let start = Instant::now();
+                    self.get(conn, false).map(|()| start.elapsed())
+                }
+            }
+            .with_context(|| format!("request {i}"))?;
+            latencies_ns.push(u64::try_from(took.as_nanos())?);
+        }
+        let wall = start.elapsed();
+        let cpu = process_cpu_self()? - cpu;
+        if let Some(mut conn) = conn {
+            self.get(&mut conn, true)?;
+            self.finish(conn, path)?;
+        }
+        Ok((latencies_ns, wall, cpu))
     }
 
     /// `GET /` then `GET /bytes/N` on one connection; returns the time from the second
     /// request to the last byte of its body.
     fn bulk(&mut self, path: Way, bytes: u64) -> Result<Duration> {
-        let mut conn = self.open(path)?;
-        // Both hops' handshakes happen here, before the clock starts.
-        conn.write_all(&self.request_keep)?;
-        conn.flush()?;
-        let warm = read_response(&mut conn, &mut self.buf)?;
-        self.requests_made += 1;
-        ensure!(warm.status == 200, "GET / answered {}", warm.status);
+        let mut conn = self.open_warm(path)?;
         let request = format!(
             "GET /bytes/{bytes} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
             self.name.to_str()
@@ -1043,20 +1192,14 @@ impl Client {
             response.status,
             response.body_len
         );
-        drain(&mut conn, &mut self.buf)?;
-        if path == Way::Via {
-            self.via_connections += 1;
-        }
+        self.finish(conn, path)?;
         Ok(took)
     }
 
     /// The protocol version and cipher suite a direct connection negotiates.
     fn negotiated(&mut self) -> Result<(String, String)> {
         let mut conn = self.open(Way::Direct)?;
-        conn.write_all(&self.request_close)?;
-        conn.flush()?;
-        read_response(&mut conn, &mut self.buf)?;
-        self.requests_made += 1;
+        self.get(&mut conn, true)?;
         drain(&mut conn, &mut self.buf)?;
         let Conn::Tls(tls) = &conn else {
             bail!("a direct connection without TLS");
@@ -1071,33 +1214,6 @@ impl Client {
                     .suite()
             ),
         ))
-    }
-
-    /// The backend's full and resumed handshakes since the last call (without this
-    /// call's own), when it counts them (`--server-stats`).
-    fn server_stats(&mut self) -> Result<Option<(u64, u64)>> {
-        let Some(config) = self.stats_tls.clone() else {
-            return Ok(None);
-        };
-        let tcp = TcpStream::connect_timeout(&self.backend, IO_TIMEOUT)?;
-        tcp.set_read_timeout(Some(IO_TIMEOUT))?;
-        tcp.set_write_timeout(Some(IO_TIMEOUT))?;
-        let mut conn = StreamOwned::new(ClientConnection::new(config, self.name.clone())?, tcp);
-        conn.write_all(b"GET /stats HTTP/1.1\r\nHost: stats\r\nConnection: close\r\n\r\n")?;
-        conn.flush()?;
-        let response = read_response(&mut conn, &mut self.buf)?;
-        self.requests_made += 1;
-        drain(&mut conn, &mut self.buf)?;
-        let stats: serde_json::Value = serde_json::from_slice(&response.body_prefix)
-            .context("the backend's /stats is not JSON")?;
-        let get = |key: &str| stats[key].as_u64().with_context(|| format!("no {key}"));
-        let now = (get("requests")?, get("full")?, get("resumed")?);
-        self.server_requests = Some(now.0);
-        let delta = self
-            .last_stats
-            .map(|last| (now.1 - last.1 - 1, now.2 - last.2));
-        self.last_stats = Some(now);
-        Ok(delta)
     }
 }
 
@@ -1136,7 +1252,7 @@ fn read_response(conn: &mut impl Read, buf: &mut [u8]) -> Result<Response> {
             let (status, length) = parse_head(&head[..end])?;
             break (status, length, head.split_off(end + 4));
         }
-        ensure!(head.len() <= MAX_REQUEST_HEAD, "response head too long");
+        ensure!(head.len() <= MAX_RESPONSE_HEAD, "response head too long");
     };
     let mut body_len = body_prefix.len() as u64;
     body_prefix.truncate(BODY_PREFIX);
@@ -1201,207 +1317,39 @@ fn drain(conn: &mut impl Read, buf: &mut [u8]) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // The backend.
 
-/// The backend: serves HTTPS at `--listen` until killed.
+/// The backend: the test bed's [`TlsBackend`] at `--listen` until killed. Its first line
+/// says where it listens and where its stats socket is: each connection to that gets the
+/// backend's requests and handshakes so far as one JSON line.
 pub fn server(args: &TlsServerArgs) -> Result<()> {
     let cert = ServerCert {
         cert_pem: std::fs::read_to_string(&args.cert)?,
         key_pem: std::fs::read_to_string(&args.key)?,
     };
-    // Held until the process is killed.
-    let (_backend, addr): (Box<dyn std::any::Any>, SocketAddr) = match args.backend {
-        BackendKind::Bench => {
-            let server = HttpsServer::start(args.listen, &cert, BACKEND_NAME)?;
-            let addr = server.addr;
-            (Box::new(server), addr)
-        }
-        BackendKind::Testbed => {
-            let backend = TlsBackend::start_at(BACKEND_NAME, args.listen, &cert)?;
-            let addr = backend.addr();
-            (Box::new(backend), addr)
-        }
-    };
-    println!("{}", serde_json::json!({"listening": addr.to_string()}));
-    std::io::stdout().flush()?;
-    loop {
-        thread::sleep(Duration::from_secs(3600));
-    }
-}
-
-/// Counters of [`HttpsServer`].
-#[derive(Debug, Default)]
-struct ServerStats {
-    requests: AtomicU64,
-    full: AtomicU64,
-    resumed: AtomicU64,
-}
-
-/// The test bed's [`TlsBackend`] (same answers: `200 "<name>\n"`, `GET /bytes/N`,
-/// keep-alive; same rustls configuration; a thread per connection), but its accept loop
-/// waits in poll(2) on the listener, so a connection is accepted as soon as it arrives.
-/// `GET /stats` answers its counts as JSON.
-struct HttpsServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl HttpsServer {
-    fn start(addr: SocketAddr, cert: &ServerCert, name: &str) -> Result<Self> {
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .context("the server certificate's PEM")?;
-        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
-            .context("the server key's PEM")?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = Arc::new(
-            ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .context("the server certificate")?,
-        );
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.set_reuse_address(true)?;
-        socket
-            .bind(&addr.into())
-            .with_context(|| format!("binding {addr}"))?;
-        socket.listen(1024)?;
-        let listener: TcpListener = socket.into();
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(ServerStats::default());
-        let body = format!("{name}\n");
-        let thread = {
-            let stop = stop.clone();
-            thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    while let Ok((conn, _)) = listener.accept() {
-                        let (config, stats, body) = (config.clone(), stats.clone(), body.clone());
-                        thread::spawn(move || {
-                            let _ = conn.set_nonblocking(false);
-                            serve(conn, config, &stats, &body);
-                        });
-                    }
-                    let mut pfd = libc::pollfd {
-                        fd: listener.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd for the duration of the call.
-                    unsafe { libc::poll(&mut pfd, 1, 20) };
-                }
-            })
-        };
-        Ok(Self {
-            addr,
-            stop,
-            thread: Some(thread),
+    let backend = TlsBackend::start_at(BACKEND_NAME, args.listen, &cert)?;
+    let stats = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .context("binding the stats socket")?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "listening": backend.addr().to_string(),
+            "stats": stats.local_addr()?.to_string(),
         })
-    }
-}
-
-impl Drop for HttpsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Serves requests on one connection until the client closes it or asks to.
-fn serve(mut conn: TcpStream, config: Arc<ServerConfig>, stats: &ServerStats, body: &str) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(30)));
-    let _ = conn.set_nodelay(true);
-    let Ok(mut tls) = rustls::ServerConnection::new(config) else {
-        return;
-    };
-    while tls.is_handshaking() {
-        if tls.complete_io(&mut conn).is_err() {
-            return;
-        }
-    }
-    match tls.handshake_kind() {
-        Some(rustls::HandshakeKind::Resumed) => &stats.resumed,
-        _ => &stats.full,
-    }
-    .fetch_add(1, Ordering::Relaxed);
-    let mut stream = rustls::Stream::new(&mut tls, &mut conn);
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let end = loop {
-            if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            if head.len() > MAX_REQUEST_HEAD {
-                return;
-            }
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        };
-        let request: Vec<u8> = head.drain(..end).collect();
-        let requests = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        let request = String::from_utf8_lossy(&request);
-        let target = request.split_whitespace().nth(1).unwrap_or("/");
-        let close = request.to_ascii_lowercase().contains("connection: close");
-        let written = if let Some(n) = target
-            .strip_prefix("/bytes/")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            write_bytes(&mut stream, n.min(MAX_BODY))
-        } else {
-            let text = if target == "/stats" {
-                format!(
-                    "{}",
-                    serde_json::json!({
-                        "requests": requests,
-                        "full": stats.full.load(Ordering::Relaxed),
-                        "resumed": stats.resumed.load(Ordering::Relaxed),
-                    })
-                )
-            } else {
-                body.to_owned()
-            };
-            stream.write_all(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{text}",
-                    text.len()
-                )
-                .as_bytes(),
-            )
-        };
-        if written.is_err() || close {
-            break;
-        }
-    }
-    stream.conn.send_close_notify();
-    let _ = stream.flush();
-    let _ = conn.shutdown(std::net::Shutdown::Write);
-}
-
-fn write_bytes(stream: &mut impl Write, n: u64) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"
     );
-    stream.write_all(head.as_bytes())?;
-    let chunk = [b'x'; 16 * 1024];
-    let mut left = n;
-    while left > 0 {
-        let take = left.min(chunk.len() as u64) as usize;
-        stream.write_all(&chunk[..take])?;
-        left -= take as u64;
+    std::io::stdout().flush()?;
+    for conn in stats.incoming() {
+        let Ok(mut conn) = conn else {
+            continue;
+        };
+        let (full, resumed) = backend.handshakes();
+        let counts = BackendCounts {
+            requests: backend.requests(),
+            full,
+            resumed,
+        };
+        // The reader may be gone; the next one asks again.
+        let _ = writeln!(conn, "{}", counts.json());
     }
-    stream.flush()
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1434,14 +1382,25 @@ mod tests {
             run,
             path,
             kind: PhaseKind::Requests {
+                mode: Mode::NewConnection,
                 latencies_ns: latencies_us.iter().map(|us| us * 1000).collect(),
             },
             wall: Duration::from_millis(wall_ms),
             client_cpu: Duration::from_millis(wall_ms / 2),
             agent_cpu: Duration::ZERO,
             server_cpu: Duration::from_millis(1),
-            handshakes: Some((1, latencies_us.len() as u64 - 1)),
+            handshakes: (1, latencies_us.len() as u64 - 1),
         }
+    }
+
+    fn keepalive(run: u32, path: Way, latencies_us: &[u64], wall_ms: u64) -> Phase {
+        let mut phase = requests(run, path, latencies_us, wall_ms);
+        phase.kind = PhaseKind::Requests {
+            mode: Mode::KeepAlive,
+            latencies_ns: latencies_us.iter().map(|us| us * 1000).collect(),
+        };
+        phase.handshakes = (0, 1);
+        phase
     }
 
     fn bulk(run: u32, path: Way, ms: u64) -> Phase {
@@ -1456,7 +1415,7 @@ mod tests {
             client_cpu: Duration::from_millis(ms),
             agent_cpu: Duration::from_millis(ms / 2),
             server_cpu: Duration::ZERO,
-            handshakes: None,
+            handshakes: (0, 0),
         }
     }
 
@@ -1467,6 +1426,10 @@ mod tests {
         assert_eq!(f[1], (Figure::P99, 400.0));
         assert_eq!(f[2], (Figure::RequestsPerSec, 2000.0));
         assert_eq!(f[3], (Figure::RequestClientCpu, 250.0));
+        let f = keepalive(0, Way::Via, &[10, 20, 30, 40], 1).figures();
+        assert_eq!(f[0], (Figure::KeepAliveP50, 20.0));
+        assert_eq!(f[2], (Figure::KeepAliveRequestsPerSec, 4000.0));
+        assert_eq!(f[5].0, Figure::KeepAliveServerCpu);
         let f = bulk(0, Way::Via, 100).figures();
         assert_eq!(f[0], (Figure::MegabytesPerSec, 1000.0));
         assert_eq!(f[1], (Figure::BulkClientCpu, 50.0));
@@ -1482,31 +1445,41 @@ mod tests {
             requests(1, Way::Direct, &[200], 10),
             requests(2, Way::Direct, &[120], 10),
             requests(2, Way::Via, &[130], 10),
+            keepalive(0, Way::Direct, &[50], 10),
+            keepalive(0, Way::Via, &[60], 10),
             bulk(0, Way::Direct, 100),
             bulk(0, Way::Via, 200),
         ];
         let rows = summarize(&phases);
-        let p50 = rows.iter().find(|r| r.figure == Figure::P50).unwrap();
-        assert_eq!((p50.direct, p50.via), (120.0, 120.0));
+        let row = |figure: Figure| {
+            let r = rows.iter().find(|r| r.figure == figure).unwrap();
+            (r.direct, r.via, r.ratio)
+        };
+        let (direct, via, ratio) = row(Figure::P50);
+        assert_eq!((direct, via), (120.0, 120.0));
         // Per run: 1.1, 0.6, 130/120; the median is 130/120, not 120/120 (the ratio of
         // the medians).
-        assert!((p50.ratio.unwrap() - 130.0 / 120.0).abs() < 1e-9);
-        let mbps = rows
-            .iter()
-            .find(|r| r.figure == Figure::MegabytesPerSec)
-            .unwrap();
-        assert_eq!(
-            (mbps.direct, mbps.via, mbps.ratio),
-            (1000.0, 500.0, Some(0.5))
-        );
+        assert!((ratio.unwrap() - 130.0 / 120.0).abs() < 1e-9);
+        assert_eq!(row(Figure::KeepAliveP50), (50.0, 60.0, Some(1.2)));
+        assert_eq!(row(Figure::MegabytesPerSec), (1000.0, 500.0, Some(0.5)));
         // The agent's CPU has no ratio (direct barely uses it), and rows keep the
         // report's order.
-        assert!(rows
+        let without: Vec<Figure> = rows
             .iter()
-            .filter(|r| matches!(r.figure, Figure::RequestAgentCpu | Figure::BulkAgentCpu))
-            .all(|r| r.ratio.is_none()));
+            .filter(|r| !r.figure.has_ratio())
+            .inspect(|r| assert_eq!(r.ratio, None))
+            .map(|r| r.figure)
+            .collect();
+        assert_eq!(
+            without,
+            [
+                Figure::RequestAgentCpu,
+                Figure::KeepAliveAgentCpu,
+                Figure::BulkAgentCpu
+            ]
+        );
         assert!(rows.windows(2).all(|w| w[0].figure < w[1].figure));
-        assert_eq!(rows.len(), 10);
+        assert_eq!(rows.len(), 16);
     }
 
     #[test]
@@ -1515,12 +1488,17 @@ mod tests {
             requests(0, Way::Direct, &[1, 2, 3], 1),
             requests(1, Way::Direct, &[1, 2], 1),
             requests(0, Way::Via, &[1, 2], 1),
+            keepalive(0, Way::Via, &[1, 2], 1),
+            keepalive(1, Way::Via, &[1, 2], 1),
             bulk(0, Way::Via, 1),
         ];
         assert_eq!(
             handshake_note(&phases),
             "the backend's TLS handshakes during the request phases (health checks' \
-             included): direct: 2 full, 3 resumed; via: 1 full, 1 resumed"
+             included): new connection per request, direct: 2 full, 3 resumed; \
+             new connection per request, via: 1 full, 1 resumed; \
+             keep-alive, one connection, direct: 0 full, 0 resumed; \
+             keep-alive, one connection, via: 0 full, 2 resumed"
         );
     }
 
@@ -1546,6 +1524,56 @@ mod tests {
         );
         let mut short = &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\ndb\n"[..];
         assert!(read_response(&mut short, &mut buf).is_err());
+    }
+
+    #[test]
+    fn phases_from_the_client_lines() {
+        let line = serde_json::json!({
+            "run": 1, "path": "via", "kind": "keepalive", "latencies_ns": [1000, 3000],
+            "wall_ns": 5000, "cpu_ns": 2000,
+        });
+        let phase = Phase::from_json(&line, Duration::ZERO, Duration::ZERO, (0, 1)).unwrap();
+        assert_eq!(phase.run, 1);
+        assert_eq!(
+            phase.kind,
+            PhaseKind::Requests {
+                mode: Mode::KeepAlive,
+                latencies_ns: vec![1000, 3000]
+            }
+        );
+        assert_eq!(phase.handshakes, (0, 1));
+        let mut line = line;
+        line["kind"] = "requests".into();
+        let phase = Phase::from_json(&line, Duration::ZERO, Duration::ZERO, (1, 0)).unwrap();
+        assert!(matches!(
+            phase.kind,
+            PhaseKind::Requests {
+                mode: Mode::NewConnection,
+                ..
+            }
+        ));
+        line["kind"] = "pipelined".into();
+        assert!(Phase::from_json(&line, Duration::ZERO, Duration::ZERO, (0, 0)).is_err());
+    }
+
+    #[test]
+    fn backend_counts_round_trip() {
+        let counts = BackendCounts {
+            requests: 7,
+            full: 2,
+            resumed: 5,
+        };
+        assert_eq!(
+            BackendCounts::parse(&counts.json().to_string()).unwrap(),
+            counts
+        );
+        assert!(BackendCounts::parse("{\"requests\": 1}").is_err());
+        let earlier = BackendCounts {
+            requests: 1,
+            full: 1,
+            resumed: 2,
+        };
+        assert_eq!(counts.handshakes_since(&earlier), (1, 3));
     }
 
     #[test]
@@ -1599,42 +1627,46 @@ mod tests {
         assert_eq!(tls.ca_certificates.as_deref(), Some(ca.as_path()));
     }
 
-    /// The server and the client's direct path, end to end on 127.0.0.1 (no agent, no
-    /// cgroup): answers, bulk bytes, stats and resumption.
+    /// The test bed's backend and the client's direct path, end to end on 127.0.0.1 (no
+    /// agent, no cgroup): answers, keep-alive, bulk bytes, resumption and counts.
     #[test]
-    fn direct_client_against_the_server() {
+    fn direct_client_against_the_backend() {
         let ca = TestCa::new("bench-tls-unit").unwrap();
         let cert = ca.issue(&[SNI]).unwrap();
-        let server =
-            HttpsServer::start("127.0.0.1:0".parse().unwrap(), &cert, BACKEND_NAME).unwrap();
-        let dir = detour_testbed::TempDir::new().unwrap();
-        let ca_file = dir.join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let backend =
+            TlsBackend::start_at(BACKEND_NAME, "127.0.0.1:0".parse().unwrap(), &cert).unwrap();
         let args = TlsClientArgs {
-            vip: server.addr,
-            backend: server.addr,
-            ca: ca_file,
+            vip: backend.addr(),
+            backend: backend.addr(),
+            ca: PathBuf::new(),
             sni: SNI.into(),
             runs: 1,
             requests: 1,
+            keepalive_requests: 1,
             warmup: 0,
             bulk_bytes: 1,
-            server_stats: true,
         };
         let mut client = Client::new(&args, ca.pem().as_bytes()).unwrap();
-        assert_eq!(client.server_stats().unwrap(), None);
-        for _ in 0..5 {
-            client.request(Way::Direct).unwrap();
-        }
-        let (full, resumed) = client.server_stats().unwrap().unwrap();
+        let (latencies, _, _) = client
+            .requests(Mode::NewConnection, Way::Direct, 5)
+            .unwrap();
+        assert_eq!(latencies.len(), 5);
+        let (full, resumed) = backend.handshakes();
         assert_eq!(full + resumed, 5);
         assert!(resumed >= 3, "{full} full, {resumed} resumed");
         let (version, _) = client.negotiated().unwrap();
         assert_eq!(version, "TLSv1_3");
+        // Keep-alive: one connection, so one handshake, for the warming request, the
+        // timed ones and the closing one.
+        let (latencies, _, _) = client.requests(Mode::KeepAlive, Way::Direct, 20).unwrap();
+        assert_eq!(latencies.len(), 20);
+        let (full_now, resumed_now) = backend.handshakes();
+        assert_eq!(full_now + resumed_now, 7);
         client.bulk(Way::Direct, 1_000_000).unwrap();
         // Plain HTTP to a TLS server gets no answer it could take for one.
         assert!(client.request(Way::Via).is_err());
-        client.server_stats().unwrap();
-        assert_eq!(client.server_requests, Some(client.requests_made));
+        assert_eq!(client.via_connections, 0);
+        assert_eq!(client.requests_made, 5 + 1 + 22 + 2);
+        assert_eq!(backend.requests(), client.requests_made);
     }
 }

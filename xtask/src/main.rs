@@ -83,8 +83,8 @@ enum Task {
     /// Measure an EndpointSlice change reaching connects, agent memory and CPU, with
     /// 10,000 FailoverServices on a real control plane.
     BenchKubernetes(bench_kubernetes::KubernetesArgs),
-    /// Measure the TLS originator's hop (new connections, bulk throughput) against a
-    /// client that speaks TLS to the backend itself.
+    /// Measure the TLS originator's hop (new connections, keep-alive requests, bulk
+    /// throughput) against a client that speaks TLS to the backend itself.
     BenchTls(bench_tls::TlsArgs),
     /// Fuzz the parsers of outside bytes with libFuzzer, `--time` seconds per target.
     Fuzz(fuzz::FuzzArgs),
