@@ -208,32 +208,66 @@ fn plain_http_to_the_vip_reaches_tls_backends_by_name_and_a_dead_one_costs_no_re
     Ok(())
 }
 
+/// What the tests whose endpoints are given by address share: east and west TLS
+/// backends at `east` and `west` (port 8443), east's certificate naming `east_names` and
+/// west's its address, from a CA of their own; a world whose `ca.pem` holds that CA
+/// (unless `with_ca` is false) and whose config serves them at `vip`.
+struct ByAddress {
+    ca: TestCa,
+    east: TlsBackend,
+    west: TlsBackend,
+    ca_file: std::path::PathBuf,
+    w: World,
+}
+
+fn by_address(
+    vip: &str,
+    east: &str,
+    east_names: &[&str],
+    west: &str,
+    with_ca: bool,
+) -> Result<ByAddress> {
+    let ca = TestCa::new(vip)?;
+    let east_backend = TlsBackend::start_at(
+        "east",
+        format!("{east}:8443").parse()?,
+        &ca.issue(east_names)?,
+    )?;
+    let west_backend =
+        TlsBackend::start_at("west", format!("{west}:8443").parse()?, &ca.issue(&[west])?)?;
+    let w = World::new()?;
+    let ca_file = w.dir.join("ca.pem");
+    if with_ca {
+        std::fs::write(&ca_file, ca.pem())?;
+    }
+    w.write_config(&config(vip, east, west, &ca_file, ""))?;
+    Ok(ByAddress {
+        ca,
+        east: east_backend,
+        west: west_backend,
+        ca_file,
+        w,
+    })
+}
+
 #[test]
 fn a_certificate_for_another_name_is_refused_and_its_backend_ejected() -> Result<()> {
     const VIP: &str = "127.210.42.2:80";
-    let ca = TestCa::new("wrong-name")?;
     // Endpoints by IP address: the name checked is the address, unless `sni` says
     // otherwise. East's certificate names something else entirely.
-    let east = TlsBackend::start_at(
-        "east",
-        "127.10.42.3:8443".parse()?,
-        &ca.issue(&["elsewhere.test"])?,
-    )?;
-    let west = TlsBackend::start_at(
-        "west",
-        "127.10.42.4:8443".parse()?,
-        &ca.issue(&["127.10.42.4"])?,
-    )?;
-    let mut w = World::new()?;
-    let ca_file = w.dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.pem())?;
-    w.write_config(&config(
+    let ByAddress {
+        east,
+        west,
+        ca_file,
+        mut w,
+        ..
+    } = by_address(
         "127.210.42.2",
         "127.10.42.3",
+        &["elsewhere.test"],
         "127.10.42.4",
-        &ca_file,
-        "",
-    ))?;
+        true,
+    )?;
     w.start_agent()?;
     let events = Events::start(&w)?;
 
@@ -294,26 +328,20 @@ fn a_certificate_for_another_name_is_refused_and_its_backend_ejected() -> Result
 #[test]
 fn a_service_whose_ca_file_cannot_be_read_is_not_served_until_it_can() -> Result<()> {
     const VIP: &str = "127.210.42.3:80";
-    let ca = TestCa::new("late-ca")?;
-    let _east = TlsBackend::start_at(
-        "east",
-        "127.10.42.5:8443".parse()?,
-        &ca.issue(&["127.10.42.5"])?,
-    )?;
-    let _west = TlsBackend::start_at(
-        "west",
-        "127.10.42.6:8443".parse()?,
-        &ca.issue(&["127.10.42.6"])?,
-    )?;
-    let mut w = World::new()?;
-    let ca_file = w.dir.join("ca.pem");
-    w.write_config(&config(
+    // Every backend bound, so none is dropped (stopped) here.
+    let ByAddress {
+        ca,
+        east: _east,
+        west: _west,
+        ca_file,
+        mut w,
+    } = by_address(
         "127.210.42.3",
         "127.10.42.5",
+        &["127.10.42.5"],
         "127.10.42.6",
-        &ca_file,
-        "",
-    ))?;
+        false,
+    )?;
     w.start_agent()?;
     // The kernel leaves its connects alone (nothing listens at the VIP): the application's
     // plain bytes never reach a TLS port, and the log says why.
@@ -354,27 +382,18 @@ fn relays(w: &mut World, service: &str) -> Result<Vec<String>> {
 fn an_agent_restart_closes_relayed_connections_and_takes_its_port_back() -> Result<()> {
     use std::io::{Read, Write};
     const VIP: &str = "127.210.42.4:80";
-    let ca = TestCa::new("restart")?;
-    let _east = TlsBackend::start_at(
-        "east",
-        "127.10.42.7:8443".parse()?,
-        &ca.issue(&["127.10.42.7"])?,
-    )?;
-    let _west = TlsBackend::start_at(
-        "west",
-        "127.10.42.8:8443".parse()?,
-        &ca.issue(&["127.10.42.8"])?,
-    )?;
-    let mut w = World::new()?;
-    let ca_file = w.dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.pem())?;
-    w.write_config(&config(
+    let ByAddress {
+        east: _east,
+        west: _west,
+        mut w,
+        ..
+    } = by_address(
         "127.210.42.4",
         "127.10.42.7",
+        &["127.10.42.7"],
         "127.10.42.8",
-        &ca_file,
-        "",
-    ))?;
+        true,
+    )?;
     w.start_agent()?;
     wait_answered_by(&w, VIP, "east")?;
     let before = relays(&mut w, "mydb")?;

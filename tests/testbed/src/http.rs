@@ -4,26 +4,21 @@
 //! the body `"<name>\n"`, so a client sees which backend served it. Invariants:
 //! - while stopped, nothing listens on the address, so connects are *refused* (the
 //!   failure detour must react to) — not accepted and then dropped;
-//! - stopping is bounded: the accept loop polls its stop flag every [`ACCEPT_POLL`], and
-//!   connections already accepted are shut down;
+//! - stopping is bounded, and connections already accepted are shut down (the accept
+//!   loop is [`crate::acceptor`]'s);
 //! - a restart binds the very same address (`SO_REUSEADDR`), in the same network
 //!   namespace it was first started in.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use socket2::{Domain, Socket, Type};
 
-/// Longest time the accept loop sleeps before looking at the stop flag.
-const ACCEPT_POLL: Duration = Duration::from_millis(20);
 /// How long a connection may take to send its request head. Long: tests hold idle
 /// connections open through an ejection, and under an emulated kernel (`cargo xtask
 /// test-kernels`, ~15× slower) 2 s ran out first and the backend's own close ended the
@@ -39,9 +34,6 @@ struct Shared {
     requests: AtomicU64,
     /// The status every response carries; 200 unless a test says otherwise.
     status: std::sync::atomic::AtomicU16,
-    /// Accepted connections still being served, so `stop()` can shut them down.
-    conns: Mutex<HashMap<u64, TcpStream>>,
-    next_conn: AtomicU64,
 }
 
 impl Default for Shared {
@@ -49,16 +41,8 @@ impl Default for Shared {
         Self {
             requests: AtomicU64::new(0),
             status: std::sync::atomic::AtomicU16::new(200),
-            conns: Mutex::default(),
-            next_conn: AtomicU64::new(0),
         }
     }
-}
-
-#[derive(Debug)]
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
 }
 
 /// A stoppable HTTP/1.1 server that answers every request with `200 "<name>\n"` (or
@@ -69,7 +53,7 @@ pub struct HttpBackend {
     addr: SocketAddr,
     netns: Option<PathBuf>,
     shared: Arc<Shared>,
-    running: Option<Running>,
+    running: Option<crate::acceptor::Acceptor>,
 }
 
 impl HttpBackend {
@@ -134,18 +118,12 @@ impl HttpBackend {
             Some(path) => crate::netns::run_in_netns(path, || bind(addr))??,
         };
         self.addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (stop, shared, body) = (
-                stop.clone(),
-                self.shared.clone(),
-                format!("{}\n", self.name),
-            );
-            thread::Builder::new()
-                .name(format!("http-{}", self.addr))
-                .spawn(move || accept_loop(&listener, &stop, &shared, &body))?
-        };
-        self.running = Some(Running { stop, thread });
+        let (shared, body) = (self.shared.clone(), format!("{}\n", self.name));
+        self.running = Some(crate::acceptor::Acceptor::start(
+            listener,
+            format!("http-{}", self.addr),
+            move |conn| serve(conn, &shared, &body),
+        )?);
         Ok(())
     }
 
@@ -153,21 +131,8 @@ impl HttpBackend {
     ///
     /// Returns once the listener is closed; a no-op while stopped.
     pub fn stop(&mut self) {
-        let Some(running) = self.running.take() else {
-            return;
-        };
-        running.stop.store(true, Ordering::SeqCst);
-        // The accept loop owns the listener: once it returns, the socket is closed.
-        let _ = running.thread.join();
-        let conns = std::mem::take(
-            &mut *self
-                .shared
-                .conns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for conn in conns.values() {
-            let _ = conn.shutdown(Shutdown::Both);
+        if let Some(running) = self.running.take() {
+            running.stop();
         }
     }
 }
@@ -189,54 +154,6 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding {addr}"))?;
     socket.listen(1024)?;
     Ok(socket.into())
-}
-
-fn accept_loop(listener: &TcpListener, stop: &AtomicBool, shared: &Arc<Shared>, body: &str) {
-    while !stop.load(Ordering::SeqCst) {
-        if !readable(listener, ACCEPT_POLL) {
-            continue;
-        }
-        let Ok((conn, _peer)) = listener.accept() else {
-            continue;
-        };
-        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        if let Ok(clone) = conn.try_clone() {
-            shared
-                .conns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(id, clone);
-        }
-        let (conn_shared, body) = (shared.clone(), body.to_owned());
-        let spawned = thread::Builder::new().spawn(move || {
-            serve(conn, &conn_shared, &body);
-            conn_shared
-                .conns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id);
-        });
-        if spawned.is_err() {
-            // Out of threads: drop the connection rather than the whole backend.
-            shared
-                .conns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id);
-        }
-    }
-}
-
-/// Waits up to `timeout` for a connection to accept.
-fn readable(listener: &TcpListener, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 fn serve(mut conn: TcpStream, shared: &Shared, body: &str) {
@@ -337,6 +254,7 @@ fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
 
 #[cfg(test)]
 mod tests {
+    use std::thread;
     use std::time::Instant;
 
     use super::*;

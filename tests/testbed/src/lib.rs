@@ -21,6 +21,7 @@
 //! Fixtures that need root say so: [`require_root`] fails with a clear message, it never
 //! skips silently.
 
+mod acceptor;
 mod agent;
 mod bed;
 mod cgroup;

@@ -11,17 +11,14 @@
 //! - a connection is accepted as soon as it arrives: the accept loop waits in poll(2) on
 //!   the listener (`cargo xtask bench-tls` measures new connections through it; a loop
 //!   that slept between attempts made each wait for its next turn);
-//! - stopping is bounded (that wait ends every [`ACCEPT_POLL`] to look at the stop flag)
-//!   and shuts accepted connections down;
+//! - stopping is bounded and shuts accepted connections down (the accept loop is
+//!   [`crate::acceptor`]'s, [`crate::HttpBackend`]'s too);
 //! - a restart binds the same address.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -32,8 +29,6 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// Longest time the accept loop waits for a connection before looking at the stop flag.
-const ACCEPT_POLL: Duration = Duration::from_millis(20);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 /// The most `GET /bytes/N` sends.
@@ -103,13 +98,6 @@ struct Shared {
     /// TLS handshakes completed: full ones, and ones that resumed a session.
     full_handshakes: AtomicU64,
     resumed_handshakes: AtomicU64,
-    conns: Mutex<HashMap<u64, TcpStream>>,
-    next_conn: AtomicU64,
-}
-
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
 }
 
 /// A stoppable HTTPS/1.1 server (see the module doc).
@@ -118,7 +106,7 @@ pub struct TlsBackend {
     addr: SocketAddr,
     config: Arc<rustls::ServerConfig>,
     shared: Arc<Shared>,
-    running: Option<Running>,
+    running: Option<crate::acceptor::Acceptor>,
 }
 
 impl TlsBackend {
@@ -180,38 +168,21 @@ impl TlsBackend {
             .with_context(|| format!("binding {}", self.addr))?;
         socket.listen(1024)?;
         let listener: TcpListener = socket.into();
-        // Non-blocking, so an accept after poll(2) said "readable" cannot block should
-        // the connection be gone by then.
-        listener.set_nonblocking(true)?;
         self.addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (stop, shared, config) = (stop.clone(), self.shared.clone(), self.config.clone());
-            let body = format!("{}\n", self.name);
-            thread::Builder::new()
-                .name(format!("tls-{}", self.addr))
-                .spawn(move || accept_loop(&listener, &stop, &shared, &config, &body))?
-        };
-        self.running = Some(Running { stop, thread });
+        let (shared, config) = (self.shared.clone(), self.config.clone());
+        let body = format!("{}\n", self.name);
+        self.running = Some(crate::acceptor::Acceptor::start(
+            listener,
+            format!("tls-{}", self.addr),
+            move |conn| serve(conn, &shared, config.clone(), &body),
+        )?);
         Ok(())
     }
 
     /// Closes the listener and every accepted connection; bounded.
     pub fn stop(&mut self) {
-        let Some(running) = self.running.take() else {
-            return;
-        };
-        running.stop.store(true, Ordering::SeqCst);
-        let _ = running.thread.join();
-        let conns = std::mem::take(
-            &mut *self
-                .shared
-                .conns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for conn in conns.values() {
-            let _ = conn.shutdown(Shutdown::Both);
+        if let Some(running) = self.running.take() {
+            running.stop();
         }
     }
 }
@@ -220,61 +191,6 @@ impl Drop for TlsBackend {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn accept_loop(
-    listener: &TcpListener,
-    stop: &AtomicBool,
-    shared: &Arc<Shared>,
-    config: &Arc<rustls::ServerConfig>,
-    body: &str,
-) {
-    while !stop.load(Ordering::SeqCst) {
-        if !readable(listener, ACCEPT_POLL) {
-            continue;
-        }
-        let Ok((conn, _)) = listener.accept() else {
-            continue;
-        };
-        let _ = conn.set_nonblocking(false);
-        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        if let Ok(clone) = conn.try_clone() {
-            shared
-                .conns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(id, clone);
-        }
-        let (conn_shared, config, body) = (shared.clone(), config.clone(), body.to_owned());
-        let spawned = thread::Builder::new().spawn(move || {
-            serve(conn, &conn_shared, config, &body);
-            conn_shared
-                .conns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id);
-        });
-        if spawned.is_err() {
-            // Out of threads: drop the connection rather than the whole backend.
-            shared
-                .conns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id);
-        }
-    }
-}
-
-/// Waits up to `timeout` for a connection to accept.
-fn readable(listener: &TcpListener, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 /// Serves requests on one connection until the client closes it.
