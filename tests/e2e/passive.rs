@@ -2,9 +2,8 @@
 //! with active health checks off, and the kernel's own fast path protects the
 //! connections in between.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -270,22 +269,7 @@ fn an_ejected_backend_comes_back_after_its_ejection_time_and_events_tell_the_sto
         "      - {address: 127.10.14.1, locality: us-east1/us-east1-b}\n      - {address: 127.10.14.2, locality: us-east1/us-east1-b}\n",
     ))?;
     w.start_agent()?;
-    let mut events = Command::new(env!("CARGO_BIN_EXE_detour"))
-        .args(["events", "-o", "json", "--socket"])
-        .arg(w.dir.join("detour.sock"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting `detour events`")?;
-    let stdout = events.stdout.take().context("events stdout")?;
-    let lines = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
-    // Let the stream subscribe before anything happens.
-    std::thread::sleep(Duration::from_millis(300));
+    let events = crate::world::Events::start(&w)?;
 
     w.stop_backend("a");
     let gets = w.gets("127.210.14.1:80", 20)?;
@@ -306,14 +290,9 @@ fn an_ejected_backend_comes_back_after_its_ejection_time_and_events_tell_the_sto
     let by = w.answers("127.210.14.1:80", 30)?;
     ensure!(by.contains_key("a") && !by.contains_key("ERR"), "{by:?}");
 
-    let _ = events.kill();
-    let _ = events.wait();
-    let lines = lines
-        .join()
-        .map_err(|_| anyhow::anyhow!("events reader panicked"))?;
+    let lines = events.finish()?;
     let kinds: Vec<(String, String)> = lines
         .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .map(|e| {
             (
                 e["kind"].as_str().unwrap_or("").to_string(),

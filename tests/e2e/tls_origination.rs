@@ -5,14 +5,13 @@
 //! Addresses: VIPs 127.210.42.N:80; backends 127.10.42.N:8443.
 
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use detour_testbed::{DnsServer, TestCa, TlsBackend};
 
 use crate::client;
-use crate::world::{endpoint, World, READY_TIMEOUT};
+use crate::world::{endpoint, Events, World, READY_TIMEOUT};
 
 const EVENTUAL: Duration = Duration::from_secs(20);
 
@@ -61,44 +60,6 @@ fn wait_answered_by(w: &World, vip: &str, want: &str) -> Result<()> {
         "{vip}: not answered by {want} alone within {EVENTUAL:?}; last {last:?}\n{}",
         w.log()
     )
-}
-
-/// `detour events -o json` collected in the background until [`Events::finish`].
-struct Events {
-    child: std::process::Child,
-    lines: std::thread::JoinHandle<Vec<serde_json::Value>>,
-}
-
-impl Events {
-    fn start(w: &World) -> Result<Self> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_detour"))
-            .args(["events", "-o", "json", "--socket"])
-            .arg(w.dir.join("detour.sock"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting `detour events`")?;
-        let stdout = child.stdout.take().context("events stdout")?;
-        let lines = std::thread::spawn(move || {
-            use std::io::BufRead;
-            std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter_map(|l| serde_json::from_str(&l).ok())
-                .collect()
-        });
-        // Let the stream subscribe before anything happens.
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(Self { child, lines })
-    }
-
-    fn finish(mut self) -> Result<Vec<serde_json::Value>> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.lines
-            .join()
-            .map_err(|_| anyhow::anyhow!("events reader panicked"))
-    }
 }
 
 #[test]

@@ -241,6 +241,44 @@ pub fn endpoint<'a>(eps: &'a serde_json::Value, address: &str) -> Result<&'a ser
 
 /// The outcome ("Attached", "Adopted", "Replaced") each program had in one agent's log,
 /// by program name, from its `program ready` lines.
+/// `detour events -o json` collected in the background until [`Events::finish`].
+pub struct Events {
+    child: std::process::Child,
+    lines: std::thread::JoinHandle<Vec<serde_json::Value>>,
+}
+
+impl Events {
+    pub fn start(w: &World) -> Result<Self> {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_detour"))
+            .args(["events", "-o", "json", "--socket"])
+            .arg(w.dir.join("detour.sock"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("starting `detour events`")?;
+        let stdout = child.stdout.take().context("events stdout")?;
+        let lines = std::thread::spawn(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| serde_json::from_str(&l).ok())
+                .collect()
+        });
+        // Let the stream subscribe before anything happens.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { child, lines })
+    }
+
+    pub fn finish(mut self) -> Result<Vec<serde_json::Value>> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lines
+            .join()
+            .map_err(|_| anyhow::anyhow!("events reader panicked"))
+    }
+}
+
 pub fn link_outcomes(log: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for line in log.lines().filter(|l| l.contains("program ready")) {
