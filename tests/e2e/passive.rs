@@ -3,7 +3,6 @@
 //! connections in between.
 
 use std::path::Path;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
