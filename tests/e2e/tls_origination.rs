@@ -62,9 +62,31 @@ fn wait_answered_by(w: &World, vip: &str, want: &str) -> Result<()> {
     )
 }
 
+/// What a backend stopping under a stream of GETs may cost through the originator: the
+/// request in flight on it at that instant (its bytes were relayed, the backend's close
+/// ends it; the client sends one at a time, so at most one), and nothing else. Every
+/// later connect it refused was retried on the next backend: the originator gave up on
+/// no connection.
+fn only_the_request_in_flight_failed(w: &mut World, gets: &[client::Get]) -> Result<()> {
+    let failed: Vec<_> = gets.iter().filter(|g| g.error.is_some()).collect();
+    ensure!(
+        failed.len() <= 1,
+        "{} of {} GETs failed while east stopped: {failed:?}\n{}",
+        failed.len(),
+        gets.len(),
+        w.log()
+    );
+    let metrics = crate::passive::scrape(w.agent().metrics_address()?)?;
+    ensure!(
+        metrics.contains("detour_tls_connections_reset_total{reason=\"no-backend\"} 0"),
+        "the originator gave up on a connection:\n{metrics}"
+    );
+    Ok(())
+}
+
 #[test]
-fn plain_http_to_the_vip_reaches_tls_backends_by_name_and_a_dead_one_costs_no_request() -> Result<()>
-{
+fn plain_http_to_the_vip_reaches_tls_backends_by_name_and_a_dead_one_costs_only_the_request_in_flight(
+) -> Result<()> {
     const VIP: &str = "127.210.42.1:80";
     let ca = TestCa::new("origination")?;
     let dns = DnsServer::start()?;
@@ -126,7 +148,8 @@ fn plain_http_to_the_vip_reaches_tls_backends_by_name_and_a_dead_one_costs_no_re
     );
 
     // The same-zone backend dies under a stream of requests: the originator retries each
-    // connection's refused connect on the next backend, so none fails.
+    // connection's refused connect on the next backend, so none fails but the one that
+    // was in flight on it.
     let events = Events::start(&w)?;
     let gets = std::thread::scope(|scope| -> Result<Vec<client::Get>> {
         let stream = scope.spawn(|| client::gets(&w.cgroup, VIP.parse()?, 60, 20));
@@ -136,14 +159,7 @@ fn plain_http_to_the_vip_reaches_tls_backends_by_name_and_a_dead_one_costs_no_re
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))?
     })?;
-    let failed: Vec<_> = gets.iter().filter(|g| g.error.is_some()).collect();
-    ensure!(
-        failed.is_empty(),
-        "{} of {} GETs failed while east stopped: {failed:?}\n{}",
-        failed.len(),
-        gets.len(),
-        w.log()
-    );
+    only_the_request_in_flight_failed(&mut w, &gets)?;
     ensure!(
         gets.iter().any(|g| g.body.as_deref() == Some("west")),
         "west never answered: {gets:?}"
@@ -513,7 +529,8 @@ fn a_failover_service_with_external_endpoints_by_name_originates_tls() -> Result
         names.contains("east.db.test") && names.contains("RESOLVED"),
         "{names}"
     );
-    // It dies: the next backing service, by address, takes over without a failed request.
+    // It dies: the next backing service, by address, takes over; only a request in
+    // flight on it may fail.
     let gets = std::thread::scope(|scope| -> Result<Vec<client::Get>> {
         let stream = scope.spawn(|| client::gets(&w.cgroup, VIP.parse()?, 40, 20));
         std::thread::sleep(Duration::from_millis(200));
@@ -522,14 +539,7 @@ fn a_failover_service_with_external_endpoints_by_name_originates_tls() -> Result
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))?
     })?;
-    let failed: Vec<_> = gets.iter().filter(|g| g.error.is_some()).collect();
-    ensure!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}\n{}",
-        failed.len(),
-        gets.len(),
-        w.log()
-    );
+    only_the_request_in_flight_failed(&mut w, &gets)?;
     wait_answered_by(&w, VIP, "west")?;
     drop(w);
     runtime.block_on(async move { drop(cluster) });
