@@ -10,14 +10,15 @@
 //!   connects and holds none open.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use socket2::{Domain, Socket, Type};
 
 /// Longest time the accept loop waits before looking at the stop flag.
 pub(crate) const ACCEPT_POLL: Duration = Duration::from_millis(20);
@@ -109,6 +110,21 @@ fn accept_loop(
             conns.open().remove(&id);
         }
     }
+}
+
+/// A listener on `addr` (`SO_REUSEADDR`, so a restart binds the same address at once;
+/// IPv6 only for an IPv6 address).
+pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Waits up to `timeout` for a connection to accept.

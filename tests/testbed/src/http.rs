@@ -10,14 +10,13 @@
 //!   namespace it was first started in.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use socket2::{Domain, Socket, Type};
 
 /// How long a connection may take to send its request head. Long: tests hold idle
 /// connections open through an ejection, and under an emulated kernel (`cargo xtask
@@ -114,8 +113,8 @@ impl HttpBackend {
         }
         let addr = self.addr;
         let listener = match &self.netns {
-            None => bind(addr)?,
-            Some(path) => crate::netns::run_in_netns(path, || bind(addr))??,
+            None => crate::acceptor::bind(addr)?,
+            Some(path) => crate::netns::run_in_netns(path, || crate::acceptor::bind(addr))??,
         };
         self.addr = listener.local_addr()?;
         let (shared, body) = (self.shared.clone(), format!("{}\n", self.name));
@@ -141,19 +140,6 @@ impl Drop for HttpBackend {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding {addr}"))?;
-    socket.listen(1024)?;
-    Ok(socket.into())
 }
 
 fn serve(mut conn: TcpStream, shared: &Shared, body: &str) {
@@ -254,6 +240,7 @@ fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
     use std::thread;
     use std::time::Instant;
 

@@ -16,7 +16,7 @@
 //! - a restart binds the same address.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,17 +157,7 @@ impl TlsBackend {
         if self.running.is_some() {
             return Ok(());
         }
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(self.addr),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.set_reuse_address(true)?;
-        socket
-            .bind(&self.addr.into())
-            .with_context(|| format!("binding {}", self.addr))?;
-        socket.listen(1024)?;
-        let listener: TcpListener = socket.into();
+        let listener = crate::acceptor::bind(self.addr)?;
         self.addr = listener.local_addr()?;
         let (shared, config) = (self.shared.clone(), self.config.clone());
         let body = format!("{}\n", self.name);
