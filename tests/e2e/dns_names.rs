@@ -91,20 +91,7 @@ fn wait_name(
 
 /// Polls single GETs until `want` answers every one of 10 in a row.
 fn wait_answered_by(w: &World, want: &str) -> Result<()> {
-    let deadline = Instant::now() + EVENTUAL;
-    let mut last = Default::default();
-    while Instant::now() < deadline {
-        let answers = w.answers(VIP, 10)?;
-        if answers.len() == 1 && answers.get(want) == Some(&10) {
-            return Ok(());
-        }
-        last = answers;
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!(
-        "{VIP}: not answered by {want} alone within {EVENTUAL:?}; last {last:?}\n{}",
-        w.log()
-    )
+    w.wait_answered_by(VIP, want, EVENTUAL)
 }
 
 fn addresses(row: &Value) -> Vec<String> {

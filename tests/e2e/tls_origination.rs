@@ -46,20 +46,7 @@ services:
 
 /// Waits until `count` GETs to `vip` are all answered by `want`.
 fn wait_answered_by(w: &World, vip: &str, want: &str) -> Result<()> {
-    let deadline = std::time::Instant::now() + EVENTUAL;
-    let mut last = Default::default();
-    while std::time::Instant::now() < deadline {
-        let answers = w.answers(vip, 10)?;
-        if answers.len() == 1 && answers.get(want) == Some(&10) {
-            return Ok(());
-        }
-        last = answers;
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!(
-        "{vip}: not answered by {want} alone within {EVENTUAL:?}; last {last:?}\n{}",
-        w.log()
-    )
+    w.wait_answered_by(vip, want, EVENTUAL)
 }
 
 /// What a backend stopping under a stream of GETs may cost through the originator: the

@@ -173,6 +173,25 @@ impl World {
         .with_context(|| format!("last answers {last:?}\n{}", self.log()))
     }
 
+    /// Polls 10 GETs at a time until `want` answers every one of them, at most `within`;
+    /// fails with the last answers and the agent's log.
+    pub fn wait_answered_by(&self, vip: &str, want: &str, within: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + within;
+        let mut last = BTreeMap::new();
+        while std::time::Instant::now() < deadline {
+            let answers = self.answers(vip, 10)?;
+            if answers.len() == 1 && answers.get(want) == Some(&10) {
+                return Ok(());
+            }
+            last = answers;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!(
+            "{vip}: not answered by {want} alone within {within:?}; last {last:?}\n{}",
+            self.log()
+        )
+    }
+
     /// Starts a connect loop against `vip` from inside the test's cgroup; stop it with
     /// [`World::finish_loop`].
     pub fn connect_loop(&self, vip: &str) -> Result<(LineStream, PathBuf)> {
