@@ -36,6 +36,7 @@ use crate::reconcile::{MapOpError, Maps};
 
 pub mod features;
 mod map_upgrade;
+pub mod steer;
 
 /// The compiled eBPF object, built by `build.rs` (aya-build) for bpfel-unknown-none.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detour"));
@@ -101,6 +102,9 @@ pub struct LoadOptions {
     pub max_backends: u32,
     pub max_slots: u32,
     pub max_sockets: u32,
+    /// Steered flows the translation tables hold.
+    pub max_steered: u32,
+    pub steer: steer::SteerOptions,
 }
 
 /// What happened to each program at load time.
@@ -122,6 +126,8 @@ pub struct Dataplane {
     /// Taken by the event reader ([`Dataplane::take_events`]).
     events: Option<RingBuf<MapData>>,
     pub links: Vec<(&'static str, LinkOutcome)>,
+    /// SYN steering; `None` when it could not start (off, with a warning).
+    pub steering: Option<steer::Steering>,
     pub pin_dir: PathBuf,
     /// What the kernel offered at load ([`features::probe`]).
     pub kernel: features::Features,
@@ -184,7 +190,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
 /// Programs in attach order (see [`programs::ALL`]).
 const PROGRAMS: [&str; 6] = programs::ALL;
 
-const MAP_NAMES: [&str; 9] = [
+const MAP_NAMES: [&str; 12] = [
     maps::SERVICES,
     maps::SLOTS,
     maps::BACKENDS,
@@ -194,6 +200,9 @@ const MAP_NAMES: [&str; 9] = [
     maps::EVENTS,
     maps::COUNTERS,
     maps::RESET_SEEN,
+    maps::STEER,
+    maps::STEER_BACK,
+    maps::STEER_CONTROL,
 ];
 
 /// The kernel's HZ, from the resolution of the coarse clock, which ticks once per
@@ -257,6 +266,8 @@ impl Dataplane {
             (maps::BACKEND_STATS, opts.max_backends),
             (maps::BACKEND_STATE, opts.max_backends),
             (maps::SOCK_ORIGIN, opts.max_sockets),
+            (maps::STEER, opts.max_steered),
+            (maps::STEER_BACK, opts.max_steered),
         ]);
         let declared = map_upgrade::declared(EBPF_OBJECT, &MAP_NAMES, &max_entries)?;
         let migration = map_upgrade::Plan::new(&maps_dir, &declared)?;
@@ -279,6 +290,16 @@ impl Dataplane {
             links.push((name, outcome));
         }
 
+        let tcx = features::tcx_available(&kernel);
+        let steering = match steer::Steering::start(&mut ebpf, &opts.steer, &links_dir, tcx) {
+            Ok(steering) => Some(steering),
+            Err(reason) => {
+                tracing::warn!(
+                    "SYN steering is off: {reason}; a stalled handshake fails as before"
+                );
+                None
+            }
+        };
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
         };
@@ -300,6 +321,7 @@ impl Dataplane {
                 RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?).map_err(map_err(maps::EVENTS))?,
             ),
             links,
+            steering,
             pin_dir: opts.pin_dir.clone(),
             kernel,
         })
@@ -685,6 +707,8 @@ mod tests {
             max_backends: 64,
             max_slots: 256,
             max_sockets: 1024,
+            max_steered: 64,
+            steer: steer::SteerOptions::default(),
         }
     }
 

@@ -121,6 +121,26 @@ pub struct Snapshot {
     pub dns_lookup_failures: u64,
     /// The TLS originator's counters.
     pub originator: crate::originator::StatsView,
+    /// SYN steering's counters; `None` when steering could not start.
+    pub steering: Option<SteerMetrics>,
+}
+
+/// SYN steering, from the kernel's control array and the agent's last sweep.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SteerMetrics {
+    /// Stalled handshakes steered to another backend (a flow steered twice counts twice).
+    pub steered: u64,
+    pub table_full: u64,
+    pub no_candidate: u64,
+    pub late_dropped: u64,
+    pub unseen: u64,
+    pub collisions: u64,
+    /// Entries in the translation table (closed flows in their grace included).
+    pub entries: u64,
+    /// `--max-steered-flows`.
+    pub capacity: u64,
+    /// Live steered flows.
+    pub live: u64,
 }
 
 /// One DNS name endpoints are given by (`resolution: DNS`).
@@ -482,6 +502,56 @@ impl Collector for SnapshotCollector {
             "DNS lookups of endpoint names that failed or answered no address.",
             snapshot.dns_lookup_failures,
         )?;
+        if let Some(steer) = &snapshot.steering {
+            counter(
+                e,
+                "detour_steer_steered",
+                "Handshakes whose SYN went unanswered for the handshake timeout and that were steered to another backend (a flow steered twice counts twice).",
+                steer.steered,
+            )?;
+            counter(
+                e,
+                "detour_steer_no_candidate",
+                "Stalled handshakes left alone: no other backend qualified (untried, not suspect, same address family).",
+                steer.no_candidate,
+            )?;
+            counter(
+                e,
+                "detour_steer_table_full",
+                "Stalled handshakes not steered because the translation table was full (--max-steered-flows); they fail as without steering.",
+                steer.table_full,
+            )?;
+            counter(
+                e,
+                "detour_steer_unseen",
+                "Steerings undone because the steering program never saw the flow: it leaves by a device not in --steer-devices.",
+                steer.unseen,
+            )?;
+            counter(
+                e,
+                "detour_steer_late_dropped",
+                "Packets from the backend a flow was steered away from (a late SYN-ACK), dropped.",
+                steer.late_dropped,
+            )?;
+            gauge(
+                e,
+                "detour_steer_flows",
+                "Steered flows now open.",
+                saturating_i64(steer.live),
+            )?;
+            gauge(
+                e,
+                "detour_steer_table_entries",
+                "Entries in the translation table, closed flows in their 60 s grace included.",
+                saturating_i64(steer.entries),
+            )?;
+            gauge(
+                e,
+                "detour_steer_table_capacity",
+                "Entries the translation table holds (--max-steered-flows).",
+                saturating_i64(steer.capacity),
+            )?;
+        }
         let tls = &snapshot.originator;
         gauge(
             e,
@@ -908,6 +978,7 @@ mod tests {
                 bytes_up: 100,
                 bytes_down: 2000,
             },
+            steering: None,
         }
     }
 

@@ -58,6 +58,7 @@ pub fn kind_name(kind: u32) -> &'static str {
         event_kind::TIMEOUT => "timeout",
         event_kind::RESET => "reset",
         event_kind::SYN_RETRANSMIT => "syn-retransmit",
+        event_kind::STEERED => "steered",
         _ => "unknown",
     }
 }

@@ -29,6 +29,7 @@ use detour_agent::config::{self, Config, HealthCheckKind};
 use detour_agent::config_watch::{
     self, ConfigChange, Decision, FileEvent, SettlePolicy, Trust, WriteTracker,
 };
+use detour_agent::dataplane::steer::{SteerOptions, Sweep};
 use detour_agent::dataplane::{features, find_cgroup2_mount, Dataplane, LoadOptions};
 use detour_agent::desired::{self, FrontendPlan, PlannedEndpoint};
 use detour_agent::explain;
@@ -111,6 +112,20 @@ pub struct AgentArgs {
     /// Connected sockets whose VIP `getpeername` remembers (the oldest are forgotten).
     #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_SOCKETS)]
     max_sockets: u32,
+    /// SYN steering: devices whose traffic the steering program translates (comma
+    /// separated; `none` turns steering off). A handshake whose SYN goes unanswered for
+    /// the service's handshake timeout is moved to another backend instead of failing,
+    /// for flows that leave by one of these devices.
+    #[arg(long, default_value = "lo", value_delimiter = ',')]
+    steer_devices: Vec<String>,
+    /// A network namespace (e.g. `/run/netns/NAME`) whose `--steer-devices` get the
+    /// steering program instead of the agent's own namespace's; repeat for more.
+    #[arg(long = "steer-netns")]
+    steer_netns: Vec<PathBuf>,
+    /// Steered flows the translation tables hold; past it a stalled handshake is not
+    /// steered (it fails as without steering) and `detour_steer_table_full_total` counts.
+    #[arg(long, default_value_t = detour_ebpf::DEFAULT_MAX_STEERED)]
+    max_steered_flows: u32,
     /// Where Prometheus scrapes `/metrics` (port 0: any free port, logged at start).
     #[arg(long, default_value = "127.0.0.1:9474", value_parser = parse_metrics_address)]
     metrics_address: SocketAddr,
@@ -435,6 +450,10 @@ impl Probes {
 }
 
 struct Agent {
+    /// `--max-steered-flows`.
+    max_steered_flows: u32,
+    /// The last sweep of the steering table: live steered flows per service and backend.
+    steered: Sweep,
     /// The standalone file; `None` when Kubernetes is the source.
     config_path: Option<PathBuf>,
     /// `--metrics-backend-limit`.
@@ -685,6 +704,48 @@ impl Agent {
             .iter()
             .filter_map(|p| Some((self.reconciler.service_id(&p.frontend)?, p.service.clone())))
             .collect();
+    }
+
+    /// SYN steering's figures for `/metrics`.
+    fn steer_metrics(&self) -> Option<detour_agent::metrics::SteerMetrics> {
+        let steering = self.dataplane.steering.as_ref()?;
+        let c = steering
+            .counters()
+            .map_err(|e| warn!(error = %e, "cannot read the steering counters"))
+            .ok()?;
+        use detour_ebpf::steer as s;
+        Some(detour_agent::metrics::SteerMetrics {
+            steered: c[s::STEERED as usize],
+            table_full: c[s::TABLE_FULL as usize],
+            no_candidate: c[s::NO_CANDIDATE as usize],
+            late_dropped: c[s::LATE_DROPPED as usize],
+            unseen: c[s::UNSEEN as usize],
+            collisions: c[s::COLLISIONS as usize],
+            entries: c[s::INSERTED as usize].saturating_sub(c[s::REMOVED as usize]),
+            capacity: u64::from(self.max_steered_flows),
+            live: self.steered.live.values().map(|&n| u64::from(n)).sum(),
+        })
+    }
+
+    /// Deletes the steering entries of flows closed long enough ago, and keeps the count
+    /// of live steered flows per service and backend for `detour endpoints` and metrics.
+    fn sweep_steering(&mut self) {
+        let Some(steering) = self.dataplane.steering.as_mut() else {
+            return;
+        };
+        match steering.sweep(monotonic_ns()) {
+            Ok(sweep) => {
+                if sweep.removed > 0 {
+                    debug!(
+                        removed = sweep.removed,
+                        left = sweep.entries,
+                        "steering entries of closed flows deleted"
+                    );
+                }
+                self.steered = sweep;
+            }
+            Err(e) => warn!(error = %e, "could not sweep the steering table; retrying"),
+        }
     }
 
     /// Clears the backend ids whose release delay is over; a service refused for want of
@@ -997,6 +1058,9 @@ impl Agent {
                     format!("handshake completed in {}µs", event.rtt_us)
                 }
                 detour_ebpf::event_kind::RESET => "established connection reset".to_string(),
+                detour_ebpf::event_kind::STEERED => {
+                    "a handshake whose SYN went unanswered elsewhere was steered here".to_string()
+                }
                 detour_ebpf::event_kind::SYN_RETRANSMIT => format!(
                     "SYN unanswered, retransmitted{}",
                     if event.marked_suspect != 0 {
@@ -1068,17 +1132,33 @@ impl Agent {
         };
         let (cgroup, done) = (self.cgroup.clone(), self.destroyed.clone());
         let service = service.to_string();
+        // With steering, a handshake still waiting on this backend is moved at its
+        // timeout instead of failing: only established connections are destroyed.
+        let which = if self
+            .dataplane
+            .steering
+            .as_ref()
+            .is_some_and(|s| s.enabled())
+        {
+            Which::Established
+        } else {
+            Which::Both
+        };
         tokio::task::spawn_blocking(move || {
             // Only sockets detour rewrote, for this service, to this backend; each is
             // marked first so the kernel does not count its end as a failure.
             let origins = std::cell::RefCell::new(origins);
+            // A steered socket's kernel peer is still the backend it left: it is not
+            // this backend's to destroy.
             let ours = |cookie: u64| {
                 let ours = origins.borrow().get(cookie).is_some_and(|o| {
-                    o.backend_id == backend_id && frontends.contains(&o.service_id)
+                    o.backend_id == backend_id
+                        && frontends.contains(&o.service_id)
+                        && o.flags & detour_ebpf::ORIGIN_STEERED == 0
                 });
                 ours && origins.borrow_mut().mark_destroyed(cookie)
             };
-            let report = sockdiag::destroy_in_cgroup(&cgroup, &[target], Which::Both, &ours)
+            let report = sockdiag::destroy_in_cgroup(&cgroup, &[target], which, &ours)
                 .map_err(|e| e.to_string());
             let _ = done.send(Destroyed {
                 service,
@@ -2012,6 +2092,7 @@ impl Agent {
             config_reloads_ok: self.counters.config_reloads_ok,
             dns_lookup_failures: self.counters.dns_failures,
             originator: self.originator.stats(),
+            steering: self.steer_metrics(),
             names: self
                 .names
                 .iter()
@@ -2099,6 +2180,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         max_backends: args.max_backends,
         max_slots: args.max_slots,
         max_sockets: args.max_sockets,
+        max_steered: args.max_steered_flows,
+        steer: SteerOptions {
+            devices: args
+                .steer_devices
+                .iter()
+                .filter(|d| !d.is_empty() && d.as_str() != "none")
+                .cloned()
+                .collect(),
+            netns: args.steer_netns.clone(),
+        },
     })
     .context("loading the datapath")?;
     let reconciler = Reconciler::restore(&dataplane, args.max_services, args.max_backends)
@@ -2118,6 +2209,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (originator, mut originated_rx) =
         Originator::new(args.tls_listen, args.tls_max_connections);
     let mut agent = Agent {
+        steered: Sweep::default(),
+        max_steered_flows: args.max_steered_flows,
         config_shape: 0,
         config_path: args.config.clone(),
         metrics_backend_limit: args.metrics_backend_limit,
@@ -2215,6 +2308,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut poll = tokio::time::interval(args.config_poll);
     let mut release = tokio::time::interval(Duration::from_secs(1));
+    let mut steer_sweep = tokio::time::interval(STEER_SWEEP);
     loop {
         let outlier_deadline = agent.passive.next_deadline();
         let names_due = agent.names.next_due();
@@ -2258,6 +2352,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 agent.poll_config();
             }
             _ = release.tick(), if agent.reconciler.has_pending_releases() => agent.release_backends(),
+            _ = steer_sweep.tick(), if agent.dataplane.steering.is_some() => agent.sweep_steering(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -2278,6 +2373,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     warn!(pins = %args.bpffs.display(), "agent stopping; programs stay attached through their pins");
     Ok(())
 }
+
+/// How often the steering table is swept for closed flows past their grace.
+const STEER_SWEEP: Duration = Duration::from_secs(5);
 
 /// Waits for the first answers for the names the configuration uses, so that the first
 /// apply serves their addresses instead of replacing what the pinned maps hold with

@@ -30,6 +30,53 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_TABLE_SLOTS: u32 = 1_048_576;
 /// Sockets whose VIP `getpeername` can still return (LRU: the oldest are forgotten).
 pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
+/// Steered flows the translation table holds (a plain hash: a full table means a flow is
+/// not steered, never that a live one is forgotten).
+pub const DEFAULT_MAX_STEERED: u32 = 16_384;
+
+/// SYN steering: when a rewritten socket's SYN goes unanswered for its handshake
+/// timeout, `sock_ops` picks another backend and the tc program `detour_steer`
+/// translates that one flow for its whole life (see the programs' module doc).
+pub mod steer {
+    /// [`crate::maps::STEER_CONTROL`] indexes. Only [`REMOVED`] and [`ENABLED`] are
+    /// written by the agent; the kernel adds to the others atomically.
+    ///
+    /// Entries put into [`crate::maps::STEER`] since the map was created. The tc
+    /// program does nothing while this equals [`REMOVED`]: the gate every packet pays.
+    pub const INSERTED: u32 = 0;
+    /// Entries the agent has deleted from [`crate::maps::STEER`] (after their grace).
+    pub const REMOVED: u32 = 1;
+    /// 1 once the agent has attached the tc program where the flows run; `sock_ops`
+    /// steers nothing before.
+    pub const ENABLED: u32 = 2;
+    /// Flows steered (a flow steered twice counts twice).
+    pub const STEERED: u32 = 3;
+    /// Steerings not made because a table was full (or the reply tuple at the new
+    /// backend was already another steered flow's).
+    pub const TABLE_FULL: u32 = 4;
+    /// Stalled handshakes that found no other backend to go to.
+    pub const NO_CANDIDATE: u32 = 5;
+    /// Packets from the abandoned backend of a steered flow, dropped (a late SYN-ACK).
+    pub const LATE_DROPPED: u32 = 6;
+    /// Steerings undone because the tc program never saw the flow's packets (its path
+    /// leaves by a device detour is not attached to).
+    pub const UNSEEN: u32 = 7;
+    /// Steerings undone because the new 4-tuple was already a socket's at this host.
+    pub const COLLISIONS: u32 = 8;
+    /// Number of indexes.
+    pub const COUNT: u32 = 9;
+
+    /// How many times one flow may be steered before it is left to its own timeout.
+    pub const MAX_STEERS: u32 = 3;
+    /// [`crate::Steer::tried`] slot not used yet.
+    pub const NO_BACKEND: u32 = u32::MAX;
+    /// A handshake completed within this many `2^30` ns (~1.07 s) units counts as
+    /// evidence that a backend is alive.
+    pub const EVIDENCE_UNITS: u32 = 8;
+    /// How long the entries of a closed steered flow are kept (its TIME_WAIT ACKs and
+    /// a late retransmission still need translating), in ns.
+    pub const CLOSED_GRACE_NS: u64 = 60_000_000_000;
+}
 
 /// Map names, as the `#[map]`/`#[btf_map]` statics are named in the object.
 pub mod maps {
@@ -52,6 +99,15 @@ pub mod maps {
     pub const COUNTERS: &str = "DETOUR_COUNTERS";
     /// One [`crate::ResetSeen`] per CPU: the socket whose reset this CPU is receiving.
     pub const RESET_SEEN: &str = "DETOUR_RESET_SEEN";
+    /// [`crate::FlowKey`] of a steered socket (its own address and port, the backend
+    /// its connect chose) → [`crate::Steer`]: where the tc program sends the flow.
+    pub const STEER: &str = "DETOUR_STEER";
+    /// [`crate::FlowKey`] of a steered flow as it really runs (its own address and port,
+    /// the backend it was steered to) → [`crate::SteerBack`]: whose address the replies
+    /// must carry.
+    pub const STEER_BACK: &str = "DETOUR_STEER_BACK";
+    /// [`crate::steer`] index → `u64` (array, shared by all CPUs).
+    pub const STEER_CONTROL: &str = "DETOUR_STEER_CONTROL";
 }
 
 /// Global variables the agent sets when it loads the object.
@@ -105,6 +161,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "detour_getpeername6";
     /// `sock_ops`: watches rewritten connections and reports their outcomes.
     pub const SOCK_OPS: &str = "detour_sock_ops";
+    /// tc (tcx on 6.6+, clsact before): translates steered flows, both ways.
+    pub const STEER: &str = "detour_steer";
     /// Raw tracepoint `tcp_receive_reset`: notes, per CPU, the socket a reset is being
     /// received for, so that `sock_ops` can tell a reset from the backend apart from
     /// the local side aborting. Not cgroup-scoped: it runs for every reset the host
@@ -278,7 +336,9 @@ pub struct BackendState {
     /// Smoothed handshake round-trip time in µs (0 = never measured); the initial SYN
     /// timeout is at least 3× this, so a far backend is not mistaken for a dead one.
     pub rtt_us: u32,
-    pub pad: u32,
+    /// When a handshake last completed, in `2^30` ns units of `bpf_ktime_get_ns()`
+    /// (0 = never): the evidence of life SYN steering prefers.
+    pub established_at: u32,
     /// A softer mark: a SYN was retransmitted and the handshake's outcome is not known
     /// yet (a black hole, or a listen queue that overflowed). Connects avoid the
     /// backend until then, but prefer it to one with a `suspect_until_ns` mark when
@@ -304,6 +364,9 @@ pub mod event_kind {
     /// at once, but only [`TIMEOUT`] (or the handshake failing) counts as a failure,
     /// and a handshake that completes after all clears the suspicion.
     pub const SYN_RETRANSMIT: u32 = 5;
+    /// A stalled handshake was steered to this backend (`backend_id`); the backend it
+    /// left was reported as a [`TIMEOUT`] just before.
+    pub const STEERED: u32 = 6;
 }
 
 /// One connection outcome, as the `sock_ops` program reports it through [`maps::EVENTS`].
@@ -350,6 +413,54 @@ pub const ORIGIN_OUTCOME_REPORTED: u32 = 1;
 /// end is not the backend's doing and is neither counted nor reported.
 pub const ORIGIN_DESTROYED_BY_AGENT: u32 = 2;
 
+/// [`SockOrigin::flags`]: the socket's flow was steered to another backend (its
+/// [`Steer`] entry says which); its peer address is still the connect's pick.
+pub const ORIGIN_STEERED: u32 = 4;
+
+/// A TCP flow from the local socket's side. Addresses as everywhere (IPv4 mapped),
+/// ports network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// Where a steered flow goes ([`maps::STEER`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Steer {
+    /// The backend the flow is translated to.
+    pub to: [u32; 4],
+    pub to_port: u16,
+    /// Times steered (1..=[`steer::MAX_STEERS`]); 0 = abandoned, the tc program
+    /// ignores the entry until the agent deletes it.
+    pub steps: u8,
+    /// Set by the tc program once it has translated a packet of the flow.
+    pub seen: u8,
+    pub to_id: u32,
+    /// Backend ids the flow has been sent to: the connect's pick, then each steering.
+    pub tried: [u32; 4],
+    pub service_id: u32,
+    pub pad: u32,
+    /// `bpf_ktime_get_ns()` of the last steering.
+    pub steered_at_ns: u64,
+    /// When the socket closed; 0 while it lives.
+    pub closed_at_ns: u64,
+    pub cookie: u64,
+}
+
+/// Whose address the replies of a steered flow carry ([`maps::STEER_BACK`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SteerBack {
+    pub from: [u32; 4],
+    pub from_port: u16,
+    pub pad: u16,
+}
+
 /// The IPv4-mapped prefix word (`::ffff:0:0/96`, third word) in network order.
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
@@ -366,6 +477,9 @@ mod pod {
     unsafe impl aya::Pod for super::BackendState {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::ResetSeen {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Steer {}
+    unsafe impl aya::Pod for super::SteerBack {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the field sizes.
@@ -379,3 +493,6 @@ const _: () = assert!(core::mem::size_of::<ResetSeen>() == 24);
 const _: () = assert!(core::mem::size_of::<BackendState>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32);
 const _: () = assert!(core::mem::size_of::<SockOrigin>() == 60);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
+const _: () = assert!(core::mem::size_of::<Steer>() == 72);
+const _: () = assert!(core::mem::size_of::<SteerBack>() == 20);

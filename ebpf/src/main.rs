@@ -88,17 +88,18 @@ mod programs {
             bpf_probe_read_kernel,
             generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
         },
-        macros::{cgroup_sock_addr, map, raw_tracepoint, sock_ops},
+        macros::{cgroup_sock_addr, classifier, map, raw_tracepoint, sock_ops},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-        programs::{RawTracePointContext, SockAddrContext, SockOpsContext},
+        programs::{RawTracePointContext, SockAddrContext, SockOpsContext, TcContext},
         EbpfContext,
     };
     use detour_ebpf::{
-        counters, event_kind, Backend, BackendState, BackendStats, ConnEvent, FrontendKey,
-        ResetSeen, ServiceEntry, SlotKey, SockCommonHead, SockOrigin, AF_INET, AF_INET6,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TABLE_SLOTS,
-        EVENTS_RING_BYTES, EVENTS_WAKEUP_BYTES, IPPROTO_TCP, ORIGIN_DESTROYED_BY_AGENT,
-        ORIGIN_OUTCOME_REPORTED, RESET_SEEN_WINDOW_NS, SUSPECT_PROBES, V4_MAPPED_WORD,
+        counters, event_kind, steer, Backend, BackendState, BackendStats, ConnEvent, FlowKey,
+        FrontendKey, ResetSeen, ServiceEntry, SlotKey, SockCommonHead, SockOrigin, Steer,
+        SteerBack, AF_INET, AF_INET6, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+        DEFAULT_MAX_SOCKETS, DEFAULT_MAX_STEERED, DEFAULT_MAX_TABLE_SLOTS, EVENTS_RING_BYTES,
+        EVENTS_WAKEUP_BYTES, IPPROTO_TCP, ORIGIN_DESTROYED_BY_AGENT, ORIGIN_OUTCOME_REPORTED,
+        ORIGIN_STEERED, RESET_SEEN_WINDOW_NS, SUSPECT_PROBES, V4_MAPPED_WORD,
     };
 
     /// Allow the syscall to go on (with whatever address we left in the context).
@@ -160,6 +161,18 @@ mod programs {
 
     #[map(name = "DETOUR_RESET_SEEN")]
     static RESET_SEEN: PerCpuArray<ResetSeen> = PerCpuArray::with_max_entries(1, 0);
+
+    // Entries appear in softirq context (the SYN timer) and live as long as their flow.
+    #[map(name = "DETOUR_STEER")]
+    static STEER: HashMap<FlowKey, Steer> =
+        HashMap::with_max_entries(DEFAULT_MAX_STEERED, BPF_F_NO_PREALLOC);
+
+    #[map(name = "DETOUR_STEER_BACK")]
+    static STEER_BACK: HashMap<FlowKey, SteerBack> =
+        HashMap::with_max_entries(DEFAULT_MAX_STEERED, BPF_F_NO_PREALLOC);
+
+    #[map(name = "DETOUR_STEER_CONTROL")]
+    static STEER_CONTROL: Array<u64> = Array::with_max_entries(steer::COUNT, 0);
 
     /// The kernel's HZ, set by the agent at load time (0: leave SYN timeouts alone).
     #[unsafe(no_mangle)]
@@ -460,11 +473,23 @@ mod programs {
 
     #[inline(always)]
     fn on_tracked(ctx: &SockOpsContext, op: u32, cookie: u64, origin: *mut SockOrigin) {
-        let backend_id = unsafe { (*origin).backend_id };
         if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
             let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
-        } else if op == BPF_SOCK_OPS_TIMEOUT_INIT {
+            return;
+        }
+        // A steered socket's outcomes are the backend it was steered to.
+        let mut steered: Option<*mut Steer> = None;
+        if unsafe { (*origin).flags } & ORIGIN_STEERED != 0 {
+            steered = STEER.get_ptr_mut(&flow_key(ctx, origin));
+        }
+        // Read apart (the origin's first, the entry's volatile): a select between the
+        // two pointers before one load would dereference a maybe-null one.
+        let mut backend_id = unsafe { core::ptr::read_volatile(&(*origin).backend_id) };
+        if let Some(entry) = steered {
+            backend_id = unsafe { core::ptr::read_volatile(&(*entry).to_id) };
+        }
+        if op == BPF_SOCK_OPS_TIMEOUT_INIT {
             let hz = u64::from(unsafe { core::ptr::read_volatile(&DETOUR_HZ) });
             let timeout_ms = u64::from(unsafe { (*origin).handshake_timeout_ms });
             if hz == 0 || timeout_ms == 0 {
@@ -484,18 +509,14 @@ mod programs {
             if unsafe { (*origin).flags } & ORIGIN_OUTCOME_REPORTED != 0 {
                 return;
             }
-            // args[0]: retransmissions so far. The first timeout makes the backend
-            // suspect (new connects avoid it now); the second is the failure. Later ones
-            // are the same stall.
-            if ctx.arg(0) == 0 {
-                on_first_retransmit(origin, backend_id);
-            } else {
-                unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
-                on_failure(origin, backend_id, event_kind::TIMEOUT);
-            }
+            on_syn_timeout(ctx, cookie, origin, steered);
         } else if op == BPF_SOCK_OPS_STATE_CB {
             // The socket is closing (checked before the lookup).
             let old = ctx.arg(0);
+            if let Some(entry) = steered {
+                // Its translation outlives it by a grace period (TIME_WAIT's ACKs).
+                unsafe { (*entry).closed_at_ns = bpf_ktime_get_ns() };
+            }
             if unsafe { (*origin).flags } & ORIGIN_DESTROYED_BY_AGENT != 0 {
                 let _ = SOCK_ORIGIN.remove(&cookie);
                 return;
@@ -516,6 +537,344 @@ mod programs {
             }
             // The socket is gone: its cookie will never be seen again.
             let _ = SOCK_ORIGIN.remove(&cookie);
+        }
+    }
+
+    /// The flow of a rewritten socket, keyed as the tc program sees its packets: the
+    /// socket's own address and port, and the backend its connect chose. The wire
+    /// family is the backend's (a dual-stack socket reaching an IPv4 backend sends IPv4).
+    #[inline(always)]
+    fn flow_key(ctx: &SockOpsContext, origin: *const SockOrigin) -> FlowKey {
+        let remote = unsafe { (*origin).backend };
+        // Context fields must be read at constant offsets: the IPv4 address is read
+        // whatever the family, so the compiler cannot turn the two reads into one load
+        // through a chosen pointer (which the verifier refuses).
+        let local_ip4 = unsafe { core::ptr::read_volatile(&(*ctx.ops).local_ip4) };
+        let local = if is_v4_mapped(&remote) {
+            [0, 0, V4_MAPPED_WORD, local_ip4]
+        } else {
+            unsafe {
+                [
+                    core::ptr::read_volatile(&(*ctx.ops).local_ip6[0]),
+                    core::ptr::read_volatile(&(*ctx.ops).local_ip6[1]),
+                    core::ptr::read_volatile(&(*ctx.ops).local_ip6[2]),
+                    core::ptr::read_volatile(&(*ctx.ops).local_ip6[3]),
+                ]
+            }
+        };
+        FlowKey {
+            local,
+            remote,
+            // sock_ops gives the local port in host order.
+            local_port: (ctx.local_port() as u16).to_be(),
+            remote_port: unsafe { (*origin).backend_port },
+        }
+    }
+
+    #[inline(always)]
+    fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+        addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+    }
+
+    #[inline(always)]
+    fn control_add(index: u32, value: u64) {
+        if let Some(slot) = STEER_CONTROL.get_ptr_mut(index) {
+            // Shared by all CPUs; only rare events count here.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, value) };
+        }
+    }
+
+    #[inline(always)]
+    fn control(index: u32) -> u64 {
+        match STEER_CONTROL.get_ptr(index) {
+            Some(slot) => unsafe { core::ptr::read_volatile(slot) },
+            None => 0,
+        }
+    }
+
+    /// The SYN of a rewritten socket went unanswered for its timeout (`args[0]`
+    /// retransmissions so far). Without steering: the first timeout makes the backend
+    /// softly suspect, the second is its failure. With steering: the backend that
+    /// stalled fails at once and the retransmission that follows goes to another one.
+    #[inline(always)]
+    fn on_syn_timeout(
+        ctx: &SockOpsContext,
+        cookie: u64,
+        origin: *mut SockOrigin,
+        steered: Option<*mut Steer>,
+    ) {
+        if let Some(entry) = steered {
+            let (steps, seen, stalled) = unsafe { ((*entry).steps, (*entry).seen, (*entry).to_id) };
+            if steps != 0 && seen == 0 {
+                // The tc program never saw the retransmission it was to translate: this
+                // flow leaves by a device detour is not attached to. Back to the old
+                // way; the connect's pick already failed when the flow was steered.
+                unsafe {
+                    (*entry).steps = 0;
+                    (*entry).closed_at_ns = bpf_ktime_get_ns();
+                    (*origin).flags = ((*origin).flags & !ORIGIN_STEERED) | ORIGIN_OUTCOME_REPORTED;
+                }
+                control_add(steer::UNSEEN, 1);
+                return;
+            }
+            if steps == 0 {
+                // Abandoned (its 4-tuple collided at the new backend): the flow went
+                // back to the connect's pick, which keeps the old way from here.
+                unsafe { (*origin).flags &= !ORIGIN_STEERED };
+                steered_away(origin, unsafe { (*origin).backend_id });
+                unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+                return;
+            }
+            // The backend it was steered to stalled too.
+            steered_away(origin, stalled);
+            if u32::from(steps) >= steer::MAX_STEERS || !resteer(ctx, origin, entry) {
+                // Left alone: the application's own timeout applies.
+                unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+            }
+            return;
+        }
+        let backend_id = unsafe { (*origin).backend_id };
+        if control(steer::ENABLED) != 0 && start_steering(ctx, cookie, origin) {
+            return;
+        }
+        if ctx.arg(0) == 0 {
+            on_first_retransmit(origin, backend_id);
+        } else {
+            unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+            on_failure(origin, backend_id, event_kind::TIMEOUT);
+        }
+    }
+
+    /// A flow leaves `backend_id` after its SYN went unanswered: the backend is softly
+    /// suspect for new connects at once, and this handshake counts as its failure.
+    #[inline(always)]
+    fn steered_away(origin: *mut SockOrigin, backend_id: u32) {
+        if unsafe { (*origin).fail_threshold } != 0 {
+            if let Some(state) = BACKEND_STATE.get_ptr_mut(backend_id) {
+                let ttl_ns =
+                    u64::from(unsafe { (*origin).handshake_timeout_ms }).max(1) * 4_000_000;
+                unsafe { (*state).soft_until_ns = bpf_ktime_get_ns() + ttl_ns };
+            }
+        }
+        on_failure(origin, backend_id, event_kind::TIMEOUT);
+    }
+
+    /// Whether a handshake with `backend_id` completed lately (positive evidence).
+    #[inline(always)]
+    fn alive_lately(backend_id: u32, now_units: u32) -> bool {
+        match BACKEND_STATE.get(backend_id) {
+            Some(state) => {
+                let at = unsafe { core::ptr::read_volatile(&state.established_at) };
+                at != 0 && now_units.wrapping_sub(at) <= steer::EVIDENCE_UNITS
+            }
+            None => false,
+        }
+    }
+
+    /// The backend a stalled flow goes to: one of the frontend's table, then of its
+    /// standby set, that the flow has not tried, of the flow's address family, and not
+    /// suspect; a backend with a handshake completed lately first, else the first
+    /// such in the table, else in the standby set.
+    #[inline(always)]
+    fn steer_target(origin: *const SockOrigin, tried: &[u32; 4]) -> Option<(u32, Backend)> {
+        let key = FrontendKey {
+            addr: unsafe { (*origin).vip },
+            port: unsafe { (*origin).vip_port },
+            proto: IPPROTO_TCP,
+            pad: 0,
+        };
+        let entry = *unsafe { SERVICES.get(&key) }?;
+        let v4 = is_v4_mapped(unsafe { &(*origin).backend });
+        let random = unsafe { bpf_get_prandom_u32() };
+        let mut now = unsafe { bpf_ktime_get_ns() };
+        let now_units = (now >> 30) as u32;
+        let mut fallback: Option<(u32, Backend)> = None;
+        let mut pass = 0;
+        while pass < 2 {
+            let (base, len) = if pass == 0 {
+                (0, entry.slot_count)
+            } else {
+                (entry.slot_count, entry.standby_count)
+            };
+            pass += 1;
+            if len == 0 {
+                continue;
+            }
+            let start = random % len;
+            let mut i = 0;
+            while i < SUSPECT_PROBES && i < len {
+                let index = base + (start + i) % len;
+                i += 1;
+                let Some(id) = slot_backend(&entry, index) else {
+                    continue;
+                };
+                if id == tried[0] || id == tried[1] || id == tried[2] || id == tried[3] {
+                    continue;
+                }
+                if suspicion(id, &mut now) != CLEAR {
+                    continue;
+                }
+                let Some(backend) = BACKENDS.get(id) else {
+                    continue;
+                };
+                if (backend.family == AF_INET) != v4 || backend.family == 0 {
+                    continue;
+                }
+                if alive_lately(id, now_units) {
+                    return Some((id, *backend));
+                }
+                if fallback.is_none() {
+                    fallback = Some((id, *backend));
+                }
+            }
+        }
+        fallback
+    }
+
+    /// Steers a flow for the first time, away from the connect's pick. False (nothing
+    /// changed) when no backend qualifies or a table is full.
+    #[inline(always)]
+    fn start_steering(ctx: &SockOpsContext, cookie: u64, origin: *mut SockOrigin) -> bool {
+        let from = unsafe { (*origin).backend_id };
+        let mut tried = [
+            from,
+            steer::NO_BACKEND,
+            steer::NO_BACKEND,
+            steer::NO_BACKEND,
+        ];
+        let Some((to_id, to)) = steer_target(origin, &tried) else {
+            control_add(steer::NO_CANDIDATE, 1);
+            return false;
+        };
+        let key = flow_key(ctx, origin);
+        // An entry for this 4-tuple is a closed flow's still in its grace period (the
+        // port was reused): this flow takes it over.
+        let recycled = match STEER.get_ptr(&key) {
+            Some(old) => {
+                forget_back(&key, unsafe { &*old });
+                true
+            }
+            None => false,
+        };
+        let back_key = FlowKey {
+            local: key.local,
+            remote: to.addr,
+            local_port: key.local_port,
+            remote_port: to.port,
+        };
+        let back = SteerBack {
+            from: key.remote,
+            from_port: key.remote_port,
+            pad: 0,
+        };
+        // NOEXIST: the same reply tuple belonging to another steered flow is a
+        // collision; that flow keeps it.
+        if STEER_BACK
+            .insert(&back_key, &back, u64::from(aya_ebpf::bindings::BPF_NOEXIST))
+            .is_err()
+        {
+            control_add(steer::TABLE_FULL, 1);
+            return false;
+        }
+        tried[1] = to_id;
+        let now = unsafe { bpf_ktime_get_ns() };
+        let entry = Steer {
+            to: to.addr,
+            to_port: to.port,
+            steps: 1,
+            seen: 0,
+            to_id,
+            tried,
+            service_id: unsafe { (*origin).service_id },
+            pad: 0,
+            steered_at_ns: now,
+            closed_at_ns: 0,
+            cookie,
+        };
+        // The gate opens before the entry exists and closes (in the agent) only after
+        // it is gone: a packet never finds an entry behind a closed gate.
+        if !recycled {
+            control_add(steer::INSERTED, 1);
+        }
+        if STEER.insert(&key, &entry, 0).is_err() {
+            let _ = STEER_BACK.remove(&back_key);
+            if !recycled {
+                control_add(steer::INSERTED, u64::MAX);
+            }
+            control_add(steer::TABLE_FULL, 1);
+            return false;
+        }
+        unsafe { (*origin).flags |= ORIGIN_STEERED };
+        steered_away(origin, from);
+        steered_to(origin, to_id);
+        true
+    }
+
+    /// Steers an already steered flow once more, away from the backend it was sent to.
+    #[inline(always)]
+    fn resteer(ctx: &SockOpsContext, origin: *mut SockOrigin, entry: *mut Steer) -> bool {
+        let old = unsafe { *entry };
+        let Some((to_id, to)) = steer_target(origin, &old.tried) else {
+            control_add(steer::NO_CANDIDATE, 1);
+            return false;
+        };
+        let key = flow_key(ctx, origin);
+        let back_key = FlowKey {
+            local: key.local,
+            remote: to.addr,
+            local_port: key.local_port,
+            remote_port: to.port,
+        };
+        let back = SteerBack {
+            from: key.remote,
+            from_port: key.remote_port,
+            pad: 0,
+        };
+        if STEER_BACK
+            .insert(&back_key, &back, u64::from(aya_ebpf::bindings::BPF_NOEXIST))
+            .is_err()
+        {
+            control_add(steer::TABLE_FULL, 1);
+            return false;
+        }
+        forget_back(&key, &old);
+        let steps = old.steps as usize;
+        unsafe {
+            (*entry).to = to.addr;
+            (*entry).to_port = to.port;
+            (*entry).to_id = to_id;
+            if steps < 4 {
+                (*entry).tried[steps] = to_id;
+            }
+            (*entry).steps = old.steps + 1;
+            (*entry).steered_at_ns = bpf_ktime_get_ns();
+        }
+        steered_to(origin, to_id);
+        true
+    }
+
+    #[inline(always)]
+    fn steered_to(origin: *mut SockOrigin, to_id: u32) {
+        if let Some(stats) = BACKEND_STATS.get_ptr_mut(to_id) {
+            unsafe { (*stats).connects += 1 };
+        }
+        control_add(steer::STEERED, 1);
+        emit(origin, to_id, event_kind::STEERED, 0, 0, 0, false);
+    }
+
+    /// Deletes the reply entry of `entry` (flow `key`) if it is still this flow's.
+    #[inline(always)]
+    fn forget_back(key: &FlowKey, entry: &Steer) {
+        let back_key = FlowKey {
+            local: key.local,
+            remote: entry.to,
+            local_port: key.local_port,
+            remote_port: entry.to_port,
+        };
+        if let Some(back) = unsafe { STEER_BACK.get(&back_key) } {
+            if back.from == key.remote && back.from_port == key.remote_port {
+                let _ = STEER_BACK.remove(&back_key);
+            }
         }
     }
 
@@ -571,14 +930,25 @@ mod programs {
             return;
         };
         // srtt_us is kept <<3 by TCP; at this point it is the handshake's one sample.
+        // 0 when the handshake gave no sample (a retransmitted SYN without timestamps).
         let rtt_us = unsafe { (*ctx.ops).srtt_us } >> 3;
         unsafe {
             let old = (*state).rtt_us;
-            (*state).rtt_us = if old == 0 {
-                rtt_us
-            } else {
-                (old * 7 + rtt_us) / 8
-            };
+            if rtt_us != 0 {
+                (*state).rtt_us = if old == 0 {
+                    rtt_us
+                } else {
+                    (old * 7 + rtt_us) / 8
+                };
+            }
+            if control(steer::ENABLED) != 0 {
+                // Evidence of life for steering; written only when it changes, so the
+                // backend's line is not dirtied by every handshake.
+                let units = ((bpf_ktime_get_ns() >> 30) as u32).max(1);
+                if core::ptr::read_volatile(&(*state).established_at) != units {
+                    (*state).established_at = units;
+                }
+            }
             // A completed handshake ends the kernel's own soft suspicion. Only the
             // success that ends a failure run or a hard mark is news to the agent,
             // which decides about that mark.
@@ -705,6 +1075,183 @@ mod programs {
             BPF_RB_NO_WAKEUP
         }));
         count(counters::EVENTS_SENT);
+    }
+
+    // tc verdicts: let the packet go on to the next program (tcx's TCX_NEXT, and for a
+    // clsact filter "no verdict", which also goes on), or drop it.
+    const TC_NEXT: i32 = -1;
+    const TC_DROP: i32 = 2;
+    /// Where the IP header starts: detour attaches to Ethernet-framed devices (`lo`,
+    /// veth, physical NICs), whose tc programs see the MAC header first.
+    const L3: usize = 14;
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+    const IPPROTO_TCP_U8: u8 = 6;
+    const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+
+    /// SYN steering's packet half: translates the flows `sock_ops` steered, both ways,
+    /// and drops what the abandoned backend still sends them. Attached on egress (and
+    /// ingress) of the devices steered flows use; every other packet pays one array
+    /// read (the gate) while no flow is steered.
+    ///
+    /// - a packet of a steered flow (its own address and port → the connect's pick A):
+    ///   the destination becomes the new backend B;
+    /// - a packet from B to a steered flow: the source becomes A again, so the socket,
+    ///   which still believes its peer is A, takes it;
+    /// - a packet from A to a steered flow: dropped (a late SYN-ACK would otherwise
+    ///   reach the socket, which then has two peers).
+    #[classifier]
+    pub fn detour_steer(ctx: TcContext) -> i32 {
+        if control(steer::INSERTED) == control(steer::REMOVED) {
+            return TC_NEXT;
+        }
+        translate(&ctx).unwrap_or(TC_NEXT)
+    }
+
+    /// The packet's addresses and TCP ports, with where they sit.
+    struct Packet {
+        src: [u32; 4],
+        dst: [u32; 4],
+        sport: u16,
+        dport: u16,
+        v4: bool,
+        l4: usize,
+    }
+
+    #[inline(always)]
+    fn parse(ctx: &TcContext) -> Option<Packet> {
+        let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+        let (src, dst, v4, l4) = if protocol == ETH_P_IP {
+            let version_ihl: u8 = ctx.load(L3).ok()?;
+            let proto: u8 = ctx.load(L3 + 9).ok()?;
+            let frag: u16 = ctx.load(L3 + 6).ok()?;
+            // TCP only, and no fragment but a first one (later ones carry no ports).
+            if proto != IPPROTO_TCP_U8 || u16::from_be(frag) & 0x1fff != 0 {
+                return None;
+            }
+            let saddr: u32 = ctx.load(L3 + 12).ok()?;
+            let daddr: u32 = ctx.load(L3 + 16).ok()?;
+            let ihl = usize::from(version_ihl & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            (
+                [0, 0, V4_MAPPED_WORD, saddr],
+                [0, 0, V4_MAPPED_WORD, daddr],
+                true,
+                L3 + ihl,
+            )
+        } else if protocol == ETH_P_IPV6 {
+            let next: u8 = ctx.load(L3 + 6).ok()?;
+            if next != IPPROTO_TCP_U8 {
+                return None;
+            }
+            let src: [u32; 4] = ctx.load(L3 + 8).ok()?;
+            let dst: [u32; 4] = ctx.load(L3 + 24).ok()?;
+            (src, dst, false, L3 + 40)
+        } else {
+            return None;
+        };
+        let ports: [u16; 2] = ctx.load(l4).ok()?;
+        Some(Packet {
+            src,
+            dst,
+            sport: ports[0],
+            dport: ports[1],
+            v4,
+            l4,
+        })
+    }
+
+    #[inline(always)]
+    fn translate(ctx: &TcContext) -> Option<i32> {
+        let p = parse(ctx)?;
+        let outgoing = FlowKey {
+            local: p.src,
+            remote: p.dst,
+            local_port: p.sport,
+            remote_port: p.dport,
+        };
+        if let Some(entry) = STEER.get_ptr_mut(&outgoing) {
+            let (steps, to, to_port) = unsafe { ((*entry).steps, (*entry).to, (*entry).to_port) };
+            if steps != 0 {
+                rewrite(ctx, &p, false, &to, to_port)?;
+                if unsafe { (*entry).seen } == 0 {
+                    unsafe { (*entry).seen = 1 };
+                }
+                return Some(TC_NEXT);
+            }
+        }
+        let incoming = FlowKey {
+            local: p.dst,
+            remote: p.src,
+            local_port: p.dport,
+            remote_port: p.sport,
+        };
+        if let Some(back) = unsafe { STEER_BACK.get(&incoming) } {
+            let (from, from_port) = (back.from, back.from_port);
+            rewrite(ctx, &p, true, &from, from_port)?;
+            return Some(TC_NEXT);
+        }
+        if let Some(entry) = unsafe { STEER.get(&incoming) } {
+            if entry.steps != 0 {
+                control_add(steer::LATE_DROPPED, 1);
+                return Some(TC_DROP);
+            }
+        }
+        None
+    }
+
+    /// Rewrites the destination (or, for `source`, the source) address and port, and
+    /// the checksums that cover them. The helpers handle both a locally built packet
+    /// (checksum still partial) and a received one.
+    #[inline(always)]
+    fn rewrite(
+        ctx: &TcContext,
+        p: &Packet,
+        source: bool,
+        addr: &[u32; 4],
+        port: u16,
+    ) -> Option<()> {
+        let tcp_check = p.l4 + 16;
+        let (old_addr, old_port, port_at) = if source {
+            (p.src, p.sport, p.l4)
+        } else {
+            (p.dst, p.dport, p.l4 + 2)
+        };
+        if p.v4 {
+            let at = if source { L3 + 12 } else { L3 + 16 };
+            let (old, new) = (u64::from(old_addr[3]), u64::from(addr[3]));
+            ctx.l4_csum_replace(tcp_check, old, new, BPF_F_PSEUDO_HDR | 4)
+                .ok()?;
+            ctx.l3_csum_replace(L3 + 10, old, new, 4).ok()?;
+            ctx.store(at, &addr[3], 0).ok()?;
+        } else {
+            let at = if source { L3 + 8 } else { L3 + 24 };
+            let mut from = old_addr;
+            let mut to = *addr;
+            let diff = unsafe {
+                aya_ebpf::helpers::generated::bpf_csum_diff(
+                    from.as_mut_ptr(),
+                    16,
+                    to.as_mut_ptr(),
+                    16,
+                    0,
+                )
+            };
+            if diff < 0 {
+                return None;
+            }
+            ctx.l4_csum_replace(tcp_check, 0, diff as u64, BPF_F_PSEUDO_HDR)
+                .ok()?;
+            ctx.store(at, addr, 0).ok()?;
+        }
+        if old_port != port {
+            ctx.l4_csum_replace(tcp_check, u64::from(old_port), u64::from(port), 2)
+                .ok()?;
+            ctx.store(port_at, &port, 0).ok()?;
+        }
+        Some(())
     }
 
     #[cfg(not(test))]

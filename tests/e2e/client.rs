@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -255,6 +255,13 @@ fn run_script(script: Script) {
 #[ignore = "helper process: the end-to-end tests run it inside their cgroup"]
 fn client_process() {
     let script = std::env::var(SCRIPT_ENV).expect("run by the end-to-end tests with a script");
+    if let Some(netns) = std::env::var_os(NETNS_ENV) {
+        // This thread runs the script: its sockets live in the test's namespace.
+        let ns = std::fs::File::open(&netns).expect("the test's network namespace");
+        // SAFETY: `ns` is an open namespace file.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
     run_script(serde_json::from_str(&script).expect("valid client script"));
 }
 
@@ -277,6 +284,18 @@ pub fn helper(name: &str) -> Result<Command> {
 pub fn spawn_in(cgroup: &Cgroup, script: &Script) -> Result<LineStream> {
     let mut cmd = helper("client::client_process")?;
     cmd.env(SCRIPT_ENV, serde_json::to_string(script)?);
+    LineStream::spawn_in(cgroup, &mut cmd)
+}
+
+/// Where [`spawn_in_netns`] tells the client which network namespace to enter.
+const NETNS_ENV: &str = "DETOUR_TEST_CLIENT_NETNS";
+
+/// Starts a client process inside `cgroup`, its sockets in the network namespace
+/// `netns` (a test's own, `/run/netns/NAME`).
+pub fn spawn_in_netns(cgroup: &Cgroup, netns: &Path, script: &Script) -> Result<LineStream> {
+    let mut cmd = helper("client::client_process")?;
+    cmd.env(SCRIPT_ENV, serde_json::to_string(script)?);
+    cmd.env(NETNS_ENV, netns);
     LineStream::spawn_in(cgroup, &mut cmd)
 }
 

@@ -26,6 +26,7 @@ mod limits;
 mod multicluster;
 mod passive;
 mod scenarios;
+mod steering;
 mod tls_origination;
 mod upgrade;
 mod world;

@@ -112,6 +112,14 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// Whether tc programs attach through tcx links (Linux 6.6+), which coexist with a CNI's
+/// own programs and can be pinned and replaced in one step; before, through a clsact
+/// qdisc's filters.
+#[must_use]
+pub fn tcx_available(features: &Features) -> bool {
+    features.version.is_some_and(|v| v >= (6, 6, 0))
+}
+
 /// Probes the running kernel.
 #[must_use]
 pub fn probe() -> Features {

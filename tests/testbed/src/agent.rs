@@ -96,6 +96,11 @@ impl Agent {
         if !self.extra_args.iter().any(|a| a == "--dns-listen") {
             cmd.arg("--dns-listen").arg("off");
         }
+        // Nor touch the machine's own devices: steering attaches only where a test says
+        // (`--steer-netns` into its own namespace).
+        if !self.extra_args.iter().any(|a| a == "--steer-devices") {
+            cmd.arg("--steer-devices").arg("none");
+        }
         cmd.args(&self.extra_args)
             // The log is a file: colour codes would only make it harder to read.
             .env("NO_COLOR", "1")

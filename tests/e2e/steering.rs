@@ -1,0 +1,171 @@
+//! SYN steering: a handshake whose SYN goes unanswered is moved to another backend at
+//! its timeout, so the application's connect succeeds instead of failing.
+//!
+//! Everything runs in a network namespace of the test's own: the client (also in the
+//! test's cgroup, where the connect programs rewrite it), both backends on that
+//! namespace's loopback, and the steering program, which the agent attaches to that
+//! namespace's `lo` (`--steer-netns`); the machine's own devices are never touched.
+//!
+//! The black hole is real and kernel-made: a listener whose accept queue is full drops
+//! every SYN (`LISTENOVERFLOWS`), so the connect sees nothing, exactly as with a backend
+//! that stopped answering.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use detour_testbed::{HttpBackend, Netns};
+use socket2::{Domain, Socket, Type};
+
+use crate::client::{self, Get, Script};
+use crate::passive::scrape;
+use crate::world::World;
+
+/// A listener that never accepts, with its accept queue (`listen(0)`: one connection)
+/// already full: SYNs to it are dropped, unanswered.
+struct BlackHole {
+    _listener: Socket,
+    _filler: TcpStream,
+}
+
+impl BlackHole {
+    fn start_in(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        ns.run_in(|| -> Result<Self> {
+            let listener = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            listener.set_reuse_address(true)?;
+            listener.bind(&addr.into())?;
+            listener.listen(0)?;
+            let filler = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .context("filling the accept queue")?;
+            // A second connect must now go unanswered: that is the black hole.
+            ensure!(
+                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
+                "the full listener still answered a SYN"
+            );
+            Ok(Self {
+                _listener: listener,
+                _filler: filler,
+            })
+        })?
+    }
+}
+
+fn config(vip: &str, a: &str, b: &str) -> String {
+    // consecutiveErrors is high so that the agent never ejects the black hole: every
+    // time the kernel's soft mark on it lapses (4 handshake timeouts), a connect picks
+    // it again and must be steered again.
+    format!(
+        r#"
+node: {{ locality: us-east1/us-east1-b }}
+services:
+  - name: steer
+    vips: [{vip}]
+    ports: [{{number: 80, targetPort: 8080}}]
+    healthCheck: {{disabled: true}}
+    outlierDetection: {{consecutiveErrors: 100000, interval: 10s, baseEjectionTime: 30s, handshakeTimeout: 100ms}}
+    endpoints:
+      - {{address: {a}, locality: us-east1/us-east1-b}}
+      - {{address: {b}, locality: us-east1/us-east1-b}}
+"#
+    )
+}
+
+/// `name value` of a metric line without labels.
+fn metric(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+fn every_get_answered_by_b_through_a_black_hole(
+    vip: &str,
+    a: &str,
+    b: &str,
+    lo_addrs: &[&str],
+) -> Result<()> {
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    for addr in lo_addrs {
+        ns.ip(&["addr", "add", addr, "dev", "lo"])?;
+    }
+    let port = |host: &str| -> Result<SocketAddr> { Ok(SocketAddr::new(host.parse()?, 8080)) };
+    let _hole = BlackHole::start_in(&ns, port(a)?)?;
+    let _b = HttpBackend::start_in(&ns, "b", port(b)?)?;
+    w.write_config(&config(vip, a, b))?;
+    let netns = ns.path().display().to_string();
+    w.bed.start_agent(
+        &["--steer-devices", "lo", "--steer-netns", &netns],
+        crate::world::READY_TIMEOUT,
+    )?;
+
+    let target = SocketAddr::new(vip.parse()?, 80);
+    let client = client::spawn_in_netns(
+        &w.cgroup,
+        &ns.path(),
+        &Script::Gets {
+            target,
+            count: 150,
+            interval_ms: 10,
+        },
+    )?;
+    let gets: Vec<Get> = match client::results(client, Duration::from_secs(60)) {
+        Ok(gets) => gets,
+        Err(e) => {
+            let metrics = scrape(w.agent().metrics_address()?)?;
+            let steer: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("detour_steer"))
+                .collect();
+            return Err(e.context(format!(
+                "steering metrics: {steer:#?}\nagent log:\n{}",
+                w.agent().log_tail()
+            )));
+        }
+    };
+    ensure!(gets.len() == 150, "{} results", gets.len());
+    let failed: Vec<&Get> = gets.iter().filter(|g| g.error.is_some()).collect();
+    ensure!(
+        failed.is_empty(),
+        "{} GETs failed: {failed:?}",
+        failed.len()
+    );
+    ensure!(
+        gets.iter().all(|g| g.body.as_deref() == Some("b")),
+        "every GET is answered by b: {gets:?}"
+    );
+    // The application still sees the VIP as its peer, steered or not.
+    ensure!(
+        gets.iter().all(|g| g.peer == Some(target)),
+        "getpeername shows the VIP: {:?}",
+        gets.iter().map(|g| g.peer).collect::<Vec<_>>()
+    );
+
+    let metrics = scrape(w.agent().metrics_address()?)?;
+    let steered = metric(&metrics, "detour_steer_steered_total").unwrap_or(0);
+    ensure!(
+        steered >= 1,
+        "no handshake was steered (the black hole was never picked?):\n{metrics}"
+    );
+    ensure!(
+        metric(&metrics, "detour_steer_unseen_total") == Some(0),
+        "the program saw every steered flow:\n{metrics}"
+    );
+    eprintln!("{steered} handshakes steered away from the black hole; 150 of 150 GETs answered");
+    Ok(())
+}
+
+#[test]
+fn ipv4_handshakes_to_a_black_hole_are_steered_and_no_get_fails() -> Result<()> {
+    every_get_answered_by_b_through_a_black_hole("127.210.40.1", "127.10.40.1", "127.10.40.2", &[])
+}
+
+#[test]
+fn ipv6_handshakes_to_a_black_hole_are_steered_and_no_get_fails() -> Result<()> {
+    every_get_answered_by_b_through_a_black_hole(
+        "fd00:210::1",
+        "fd00:10::1",
+        "fd00:10::2",
+        &["fd00:10::1/128", "fd00:10::2/128"],
+    )
+}
