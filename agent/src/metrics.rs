@@ -983,6 +983,32 @@ mod tests {
     }
 
     #[test]
+    fn steering_series_appear_only_where_steering_runs() {
+        let off = render(&small_snapshot());
+        assert!(!off.contains("detour_steer_"), "{off}");
+        let mut snapshot = small_snapshot();
+        snapshot.steering = Some(SteerMetrics {
+            steered: 7,
+            unseen: 1,
+            entries: 3,
+            capacity: 16_384,
+            live: 2,
+            ..SteerMetrics::default()
+        });
+        let on = render(&snapshot);
+        for line in [
+            "detour_steer_steered_total 7",
+            "detour_steer_unseen_total 1",
+            "detour_steer_table_full_total 0",
+            "detour_steer_flows 2",
+            "detour_steer_table_entries 3",
+            "detour_steer_table_capacity 16384",
+        ] {
+            assert!(on.lines().any(|l| l == line), "{line} missing in\n{on}");
+        }
+    }
+
+    #[test]
     fn renders_a_small_snapshot_exactly() {
         let expected = r#"# HELP detour_backend_connects_total Connects the kernel rewrote to the backend address, through any service.
 # TYPE detour_backend_connects_total counter

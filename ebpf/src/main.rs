@@ -55,6 +55,22 @@
 //! only early sign of a black hole: a tracepoint would learn of one when the handshake
 //! finally gives up, seconds later.
 //!
+//! SYN steering (`detour_steer`, a tc program, and `sock_ops`' retransmission timeout):
+//! when the SYN of a rewritten socket goes unanswered for its handshake timeout and the
+//! agent has turned steering on (`DETOUR_STEER_CONTROL[ENABLED]`), `sock_ops` picks
+//! another backend of the frontend — untried, not suspect, of the same address family,
+//! one with a handshake completed in the last ~8 s first — and records the flow in
+//! `DETOUR_STEER` (its 4-tuple → the new backend) and `DETOUR_STEER_BACK` (the reply
+//! tuple → the first pick). This runs before the kernel builds the retransmission, so
+//! that very retransmission is translated. The backend left behind counts a timeout at
+//! once. A flow whose new backend stalls too is steered again, at most
+//! `MAX_STEERS` times, then left to its own timeout. If the tc program never saw a
+//! steered flow's packets by its next timeout (the flow leaves by a device detour is not
+//! attached to), the steering is undone and the flow goes on as without it. Entries are
+//! never evicted: a full table means the flow is not steered. A closed flow's entries
+//! stay for a grace period (its TIME_WAIT ACKs), then the agent deletes them; the gate
+//! (`INSERTED != REMOVED`) is what every other packet pays.
+//!
 //! Invariants the agent relies on:
 //! - a connect that is not to a known TCP frontend is never touched;
 //! - a missing slot or backend (a table being replaced under us) leaves the connect alone
@@ -676,19 +692,25 @@ mod programs {
     /// suspect; a backend with a handshake completed lately first, else the first
     /// such in the table, else in the standby set.
     #[inline(always)]
-    fn steer_target(origin: *const SockOrigin, tried: &[u32; 4]) -> Option<(u32, Backend)> {
+    ///
+    /// Returns the id ([`steer::NO_BACKEND`] for none) and fills `chosen`. No `Option`
+    /// of a struct: its `None` leaves stack bytes uninitialised, and 5.10's verifier
+    /// refuses a program that copies them.
+    fn steer_target(origin: *const SockOrigin, tried: &[u32; 4], chosen: &mut Backend) -> u32 {
         let key = FrontendKey {
             addr: unsafe { (*origin).vip },
             port: unsafe { (*origin).vip_port },
             proto: IPPROTO_TCP,
             pad: 0,
         };
-        let entry = *unsafe { SERVICES.get(&key) }?;
+        let Some(entry) = (unsafe { SERVICES.get(&key) }).copied() else {
+            return steer::NO_BACKEND;
+        };
         let v4 = is_v4_mapped(unsafe { &(*origin).backend });
         let random = unsafe { bpf_get_prandom_u32() };
         let mut now = unsafe { bpf_ktime_get_ns() };
         let now_units = (now >> 30) as u32;
-        let mut fallback: Option<(u32, Backend)> = None;
+        let mut fallback = steer::NO_BACKEND;
         let mut pass = 0;
         while pass < 2 {
             let (base, len) = if pass == 0 {
@@ -721,15 +743,24 @@ mod programs {
                     continue;
                 }
                 if alive_lately(id, now_units) {
-                    return Some((id, *backend));
+                    *chosen = *backend;
+                    return id;
                 }
-                if fallback.is_none() {
-                    fallback = Some((id, *backend));
+                if fallback == steer::NO_BACKEND {
+                    *chosen = *backend;
+                    fallback = id;
                 }
             }
         }
         fallback
     }
+
+    const NO_ADDRESS: Backend = Backend {
+        addr: [0; 4],
+        port: 0,
+        family: 0,
+        pad: 0,
+    };
 
     /// Steers a flow for the first time, away from the connect's pick. False (nothing
     /// changed) when no backend qualifies or a table is full.
@@ -742,10 +773,12 @@ mod programs {
             steer::NO_BACKEND,
             steer::NO_BACKEND,
         ];
-        let Some((to_id, to)) = steer_target(origin, &tried) else {
+        let mut to = NO_ADDRESS;
+        let to_id = steer_target(origin, &tried, &mut to);
+        if to_id == steer::NO_BACKEND {
             control_add(steer::NO_CANDIDATE, 1);
             return false;
-        };
+        }
         let key = flow_key(ctx, origin);
         // An entry for this 4-tuple is a closed flow's still in its grace period (the
         // port was reused): this flow takes it over.
@@ -814,10 +847,12 @@ mod programs {
     #[inline(always)]
     fn resteer(ctx: &SockOpsContext, origin: *mut SockOrigin, entry: *mut Steer) -> bool {
         let old = unsafe { *entry };
-        let Some((to_id, to)) = steer_target(origin, &old.tried) else {
+        let mut to = NO_ADDRESS;
+        let to_id = steer_target(origin, &old.tried, &mut to);
+        if to_id == steer::NO_BACKEND {
             control_add(steer::NO_CANDIDATE, 1);
             return false;
-        };
+        }
         let key = flow_key(ctx, origin);
         let back_key = FlowKey {
             local: key.local,

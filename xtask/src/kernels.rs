@@ -70,7 +70,9 @@ pub const KERNELS: [Kernel; 3] = [
 ];
 
 /// Modules the guest loads when the kernel has them as modules (built in: skipped).
-const GUEST_MODULES: [&str; 7] = [
+/// `sch_ingress` (the clsact qdisc) and `cls_bpf` carry SYN steering's tc program on
+/// kernels before tcx (6.6); on a node the agent loads them with `modprobe`.
+const GUEST_MODULES: [&str; 9] = [
     "virtio_pci",
     "9pnet_virtio",
     "9p",
@@ -78,6 +80,8 @@ const GUEST_MODULES: [&str; 7] = [
     "tcp_diag",
     "udp_diag",
     "veth",
+    "sch_ingress",
+    "cls_bpf",
 ];
 
 #[derive(Debug, clap::Args)]

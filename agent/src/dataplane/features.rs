@@ -268,7 +268,7 @@ fn probe_socket_destroy() -> Result<(), DestroyUnavailable> {
 }
 
 /// Runs `modprobe -q MODULE`, bounded by [`MODPROBE_TIMEOUT`].
-fn modprobe(module: &str) -> Result<(), String> {
+pub(crate) fn modprobe(module: &str) -> Result<(), String> {
     let mut child = Command::new("modprobe")
         .args(["-q", module])
         .stdin(Stdio::null())

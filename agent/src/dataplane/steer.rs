@@ -124,6 +124,15 @@ impl Steering {
         program
             .load()
             .map_err(|e| format!("loading {}: {e}", programs::STEER))?;
+        if !tcx {
+            // Before tcx the program sits in a clsact qdisc as a cls_bpf filter; Debian's
+            // kernels build both as modules (`sch_ingress` holds clsact).
+            for module in ["sch_ingress", "cls_bpf"] {
+                if let Err(why) = super::features::modprobe(module) {
+                    warn!("could not load the {module} module, which steering needs before Linux 6.6: {why}");
+                }
+            }
+        }
         // The named namespaces instead of the agent's own, when there are any.
         let places: Vec<Option<&Path>> = if opts.netns.is_empty() {
             vec![None]
