@@ -269,6 +269,11 @@ pub struct EndpointView {
     /// failure. An agent older than this field answers without it (0).
     #[serde(default)]
     pub aborts: u64,
+    /// Flows of this service steered to this backend and still open (SYN steering: their
+    /// first pick's SYN went unanswered). An agent older than this field answers
+    /// without it (0).
+    #[serde(default)]
+    pub steered: u64,
 }
 
 /// Something that happened, as `detour events` streams it.
@@ -277,7 +282,7 @@ pub struct EventView {
     /// RFC 3339, UTC, milliseconds.
     pub time: String,
     /// `ejected`, `restored`, `ejection-skipped`, `tier-changed`, `health-changed`,
-    /// `refused`, `timeout` (also `reset`: a handshake reset, from older pinned
+    /// `refused`, `timeout`, `steered` (a stalled handshake moved to this backend) (also `reset`: a handshake reset, from older pinned
     /// programs only), `recovered` (a connect succeeded after failures),
     /// `sockets-destroyed`, `lagged` (this stream missed events), `not-programmed` and
     /// `not-updated` (the BPF maps have no room for a service, or for its new state; see

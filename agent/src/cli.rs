@@ -218,6 +218,7 @@ pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
                 e.connects.to_string(),
                 (e.refused + e.timeouts).to_string(),
                 e.ejections.to_string(),
+                e.steered.to_string(),
             ]
         })
         .collect();
@@ -235,18 +236,26 @@ pub fn endpoints_table(endpoints: &[EndpointView]) -> String {
         "CONNECTS",
         "FAILURES",
         "EJECTIONS",
+        "STEERED",
     ];
-    // The DNS name column only where some endpoint came from a name.
+    // The DNS name column only where some endpoint came from a name, the steered flows
+    // only where some flow is steered.
     let mut rows = rows;
-    if endpoints.iter().all(|e| e.hostname.is_empty()) {
+    let mut drop_column = |name: &str| {
         let at = headers
             .iter()
-            .position(|h| *h == "NAME")
+            .position(|h| *h == name)
             .expect("listed above");
         headers.remove(at);
         for row in &mut rows {
             row.remove(at);
         }
+    };
+    if endpoints.iter().all(|e| e.hostname.is_empty()) {
+        drop_column("NAME");
+    }
+    if endpoints.iter().all(|e| e.steered == 0) {
+        drop_column("STEERED");
     }
     table(&headers, &rows)
 }
@@ -416,6 +425,7 @@ mod tests {
                 timeouts: 0,
                 resets: 0,
                 aborts: 0,
+                steered: 0,
             },
             EndpointView {
                 service: "mydb".into(),
@@ -439,6 +449,7 @@ mod tests {
                 timeouts: 0,
                 resets: 0,
                 aborts: 0,
+                steered: 0,
             },
         ];
         let text = endpoints_table(&rows);

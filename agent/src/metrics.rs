@@ -134,7 +134,6 @@ pub struct SteerMetrics {
     pub no_candidate: u64,
     pub late_dropped: u64,
     pub unseen: u64,
-    pub collisions: u64,
     /// Entries in the translation table (closed flows in their grace included).
     pub entries: u64,
     /// `--max-steered-flows`.

@@ -720,7 +720,6 @@ impl Agent {
             no_candidate: c[s::NO_CANDIDATE as usize],
             late_dropped: c[s::LATE_DROPPED as usize],
             unseen: c[s::UNSEEN as usize],
-            collisions: c[s::COLLISIONS as usize],
             entries: c[s::INSERTED as usize].saturating_sub(c[s::REMOVED as usize]),
             capacity: u64::from(self.max_steered_flows),
             live: self.steered.live.values().map(|&n| u64::from(n)).sum(),
@@ -1930,9 +1929,25 @@ impl Agent {
                 timeouts: stats.timeouts,
                 resets: stats.resets,
                 aborts: stats.aborts,
+                steered: self.steered_to(&p.frontend, e.target),
             }
         })
         .collect()
+    }
+
+    /// Open flows of `frontend` steered to `target`, as the last sweep counted them.
+    fn steered_to(&self, frontend: &SocketAddr, target: SocketAddr) -> u64 {
+        match (
+            self.reconciler.service_id(frontend),
+            self.reconciler.backend_id(&target),
+        ) {
+            (Some(service), Some(backend)) => self
+                .steered
+                .live
+                .get(&(service, backend))
+                .map_or(0, |&n| u64::from(n)),
+            _ => 0,
+        }
     }
 }
 

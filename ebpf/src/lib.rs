@@ -61,10 +61,8 @@ pub mod steer {
     /// Steerings undone because the tc program never saw the flow's packets (its path
     /// leaves by a device detour is not attached to).
     pub const UNSEEN: u32 = 7;
-    /// Steerings undone because the new 4-tuple was already a socket's at this host.
-    pub const COLLISIONS: u32 = 8;
     /// Number of indexes.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 8;
 
     /// How many times one flow may be steered before it is left to its own timeout.
     pub const MAX_STEERS: u32 = 3;

@@ -625,6 +625,8 @@ mod programs {
                 // The tc program never saw the retransmission it was to translate: this
                 // flow leaves by a device detour is not attached to. Back to the old
                 // way; the connect's pick already failed when the flow was steered.
+                // Its reply entry goes now (replies are never looked up by `steps`).
+                forget_back(&flow_key(ctx, origin), unsafe { &*entry });
                 unsafe {
                     (*entry).steps = 0;
                     (*entry).closed_at_ns = bpf_ktime_get_ns();
@@ -634,10 +636,8 @@ mod programs {
                 return;
             }
             if steps == 0 {
-                // Abandoned (its 4-tuple collided at the new backend): the flow went
-                // back to the connect's pick, which keeps the old way from here.
-                unsafe { (*origin).flags &= !ORIGIN_STEERED };
-                steered_away(origin, unsafe { (*origin).backend_id });
+                // Already undone (only the branch above undoes, and it clears the
+                // socket's mark, so this is defensive): nothing more to do.
                 unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
                 return;
             }

@@ -14,7 +14,7 @@ use crate::world::{endpoint, World};
 const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits (bounded) for a file the client creates.
-fn wait_for_file(path: &Path, timeout: Duration) -> Result<()> {
+pub(crate) fn wait_for_file(path: &Path, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
         if Instant::now() > deadline {

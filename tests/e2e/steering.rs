@@ -17,9 +17,9 @@ use anyhow::{ensure, Context, Result};
 use detour_testbed::{HttpBackend, Netns};
 use socket2::{Domain, Socket, Type};
 
-use crate::client::{self, Get, Script};
-use crate::passive::scrape;
-use crate::world::World;
+use crate::client::{self, Get, HoldEnd, Script};
+use crate::passive::{scrape, wait_for_file};
+use crate::world::{endpoint, World};
 
 /// A listener that never accepts, with its accept queue (`listen(0)`: one connection)
 /// already full: SYNs to it are dropped, unanswered.
@@ -168,4 +168,73 @@ fn ipv6_handshakes_to_a_black_hole_are_steered_and_no_get_fails() -> Result<()> 
         "fd00:10::2",
         &["fd00:10::1/128", "fd00:10::2/128"],
     )
+}
+
+#[test]
+fn a_connect_to_a_black_hole_is_steered_to_the_standby_tier_and_endpoints_show_it() -> Result<()> {
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    let (a, b): (SocketAddr, SocketAddr) =
+        ("127.10.41.1:8080".parse()?, "127.10.41.2:8080".parse()?);
+    let _hole = BlackHole::start_in(&ns, a)?;
+    let _b = HttpBackend::start_in(&ns, "b", b)?;
+    // The black hole is the only member of the table; b is the next tier (standby): the
+    // first connect goes to the black hole, and only steering can save it.
+    w.write_config(
+        r#"
+node: { locality: us-east1/us-east1-b }
+services:
+  - name: steer
+    vips: [127.210.41.1]
+    ports: [{number: 80, targetPort: 8080}]
+    localityLbSetting: {failover: [{from: us-east1, to: us-west}]}
+    healthCheck: {disabled: true}
+    outlierDetection: {consecutiveErrors: 100000, interval: 10s, baseEjectionTime: 30s, handshakeTimeout: 100ms}
+    endpoints:
+      - {address: 127.10.41.1, locality: us-east1/us-east1-b}
+      - {address: 127.10.41.2, locality: us-west/us-west-1a}
+"#,
+    )?;
+    let netns = ns.path().display().to_string();
+    w.bed.start_agent(
+        &["--steer-devices", "lo", "--steer-netns", &netns],
+        crate::world::READY_TIMEOUT,
+    )?;
+
+    let ready = w.dir.join("hold-ready");
+    let hold = client::spawn_in_netns(
+        &w.cgroup,
+        &ns.path(),
+        &Script::Hold {
+            target: "127.210.41.1:80".parse()?,
+            ready_file: ready.clone(),
+            max_ms: 8_000,
+        },
+    )?;
+    wait_for_file(&ready, Duration::from_secs(10)).context("the connect did not succeed")?;
+    // The sweep counts open steered flows every 5 s.
+    let eps = w.wait_endpoints("steer", Duration::from_secs(15), |eps| {
+        endpoint(eps, "127.10.41.2:8080").is_ok_and(|e| e["steered"] == 1)
+    })?;
+    let hole = endpoint(&eps, "127.10.41.1:8080")?;
+    ensure!(
+        hole["timeouts"].as_u64() >= Some(1),
+        "the black hole's stall counts: {hole:#}"
+    );
+    ensure!(hole["steered"] == 0, "{hole:#}");
+    let table = w.agent().cli(&["endpoints"])?;
+    ensure!(
+        table.lines().next().is_some_and(|h| h.ends_with("STEERED")),
+        "{table}"
+    );
+
+    let held: Vec<HoldEnd> = client::results(hold, Duration::from_secs(30))?;
+    let held = held.first().context("the holding client printed nothing")?;
+    // Ended by the client's own time limit (its last read timing out), not by anything
+    // that happened to the connection.
+    ensure!(
+        held.timed_out,
+        "the steered connection lived until the client ended it: {held:?}"
+    );
+    Ok(())
 }

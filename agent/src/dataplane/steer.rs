@@ -373,3 +373,505 @@ fn attach_in(
         how,
     })
 }
+
+/// `detour_steer` run on crafted packets through the kernel's `BPF_PROG_TEST_RUN`: a
+/// flow's packets to the abandoned backend leave for the new one, the new backend's
+/// replies come back with the old one's address, the old one's late packets are dropped
+/// and counted, each with IPv4 and IPv6 and with the IP and TCP checksums (pseudo-header
+/// included) checked against an independent computation; and nothing is touched while
+/// the gate is closed or for a flow that is not steered.
+///
+/// aya 0.14's `TestRun` wrapper (no hand-made `bpf(2)` call needed) runs the program
+/// on an skb the kernel builds from the bytes, Ethernet header first (it sets the skb's
+/// protocol from the EtherType), as on a device. Privileged: each test loads its own
+/// copy of the object, so its maps are its own.
+///
+/// Not covered: that skb's checksum state is always `CHECKSUM_NONE`, so the
+/// `CHECKSUM_PARTIAL` (locally built) and `CHECKSUM_COMPLETE` (received) paths of the
+/// checksum helpers, where `BPF_F_PSEUDO_HDR` matters, are not exercised here.
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+    use aya::programs::SchedClassifier;
+    use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
+    use detour_ebpf::{maps, programs, steer, FlowKey, Steer, SteerBack};
+    use detour_testbed::require_root;
+
+    /// The program's verdicts: TC_ACT_UNSPEC / TCX_NEXT, and TC_ACT_SHOT.
+    const NEXT: i32 = -1;
+    const DROP: i32 = 2;
+    const L3: usize = 14;
+    const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
+
+    /// One steered flow: the client, the backend its connect picked (A, abandoned) and
+    /// the one it was steered to (B).
+    #[derive(Clone, Copy)]
+    struct Flow {
+        client: SocketAddr,
+        old: SocketAddr,
+        new: SocketAddr,
+    }
+
+    fn v4_flow() -> Flow {
+        Flow {
+            client: "10.0.0.1:40000".parse().unwrap(),
+            old: "10.0.0.2:8080".parse().unwrap(),
+            new: "10.0.0.3:9090".parse().unwrap(),
+        }
+    }
+
+    fn v6_flow() -> Flow {
+        Flow {
+            client: "[fd00::1]:40000".parse().unwrap(),
+            old: "[fd00::2]:8080".parse().unwrap(),
+            new: "[fd00::3]:9090".parse().unwrap(),
+        }
+    }
+
+    /// An address as the maps hold it: four network-order words, IPv4 mapped.
+    fn words(ip: IpAddr) -> [u32; 4] {
+        let v6 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let octets = v6.octets();
+        std::array::from_fn(|i| u32::from_ne_bytes(octets[4 * i..4 * i + 4].try_into().unwrap()))
+    }
+
+    fn flow_key(local: SocketAddr, remote: SocketAddr) -> FlowKey {
+        FlowKey {
+            local: words(local.ip()),
+            remote: words(remote.ip()),
+            local_port: local.port().to_be(),
+            remote_port: remote.port().to_be(),
+        }
+    }
+
+    fn steer_entry(to: SocketAddr, steps: u8) -> Steer {
+        Steer {
+            to: words(to.ip()),
+            to_port: to.port().to_be(),
+            steps,
+            seen: 0,
+            to_id: 7,
+            tried: [3, 7, steer::NO_BACKEND, steer::NO_BACKEND],
+            service_id: 11,
+            pad: 0,
+            steered_at_ns: 1_000,
+            closed_at_ns: 0,
+            cookie: 0xc00c1e,
+        }
+    }
+
+    /// The object loaded (every map, small), `detour_steer` loaded.
+    struct Harness {
+        ebpf: Ebpf,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            require_root("running detour_steer through BPF_PROG_TEST_RUN").unwrap();
+            let mut loader = EbpfLoader::new();
+            for name in [
+                maps::SERVICES,
+                maps::SLOTS,
+                maps::BACKENDS,
+                maps::BACKEND_STATS,
+                maps::BACKEND_STATE,
+                maps::SOCK_ORIGIN,
+                maps::STEER,
+                maps::STEER_BACK,
+            ] {
+                loader.map_max_entries(name, 64);
+            }
+            let mut ebpf = loader.load(super::super::EBPF_OBJECT).unwrap();
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(programs::STEER)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            program.load().unwrap();
+            Self { ebpf }
+        }
+
+        fn control(&mut self) -> Array<&mut MapData, u64> {
+            Array::try_from(self.ebpf.map_mut(maps::STEER_CONTROL).unwrap()).unwrap()
+        }
+
+        fn flows(&mut self) -> BpfHashMap<&mut MapData, FlowKey, Steer> {
+            BpfHashMap::try_from(self.ebpf.map_mut(maps::STEER).unwrap()).unwrap()
+        }
+
+        fn back(&mut self) -> BpfHashMap<&mut MapData, FlowKey, SteerBack> {
+            BpfHashMap::try_from(self.ebpf.map_mut(maps::STEER_BACK).unwrap()).unwrap()
+        }
+
+        /// Sets the gate's two counters.
+        fn gate(&mut self, inserted: u64, removed: u64) {
+            let mut control = self.control();
+            control.set(steer::INSERTED, inserted, 0).unwrap();
+            control.set(steer::REMOVED, removed, 0).unwrap();
+        }
+
+        /// What `sock_ops` writes when it steers `flow` (`steps` times): both entries,
+        /// and the gate opened.
+        fn steer(&mut self, flow: Flow, steps: u8) {
+            self.flows()
+                .insert(
+                    flow_key(flow.client, flow.old),
+                    steer_entry(flow.new, steps),
+                    0,
+                )
+                .unwrap();
+            let back = SteerBack {
+                from: words(flow.old.ip()),
+                from_port: flow.old.port().to_be(),
+                pad: 0,
+            };
+            self.back()
+                .insert(flow_key(flow.client, flow.new), back, 0)
+                .unwrap();
+            self.gate(1, 0);
+        }
+
+        fn entry(&mut self, flow: Flow) -> Steer {
+            self.flows()
+                .get(&flow_key(flow.client, flow.old), 0)
+                .unwrap()
+        }
+
+        fn counter(&mut self, index: u32) -> u64 {
+            self.control().get(&index, 0).unwrap()
+        }
+
+        /// Runs the program once on `packet`: its verdict and the packet it left.
+        fn run(&self, packet: &[u8]) -> (i32, Vec<u8>) {
+            let program: &SchedClassifier = self
+                .ebpf
+                .program(programs::STEER)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let mut out = vec![0; packet.len()];
+            let result = program
+                .test_run(TestRunOptions {
+                    data_in: Some(packet),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(result.data_size_out as usize, packet.len());
+            (result.return_value as i32, out)
+        }
+    }
+
+    /// RFC 1071: the one's complement of the one's complement sum of `bytes`'s 16-bit
+    /// words (an odd last byte padded with zero). 0 over data that includes a correct
+    /// checksum.
+    fn checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u64 = bytes
+            .chunks(2)
+            .map(|pair| u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// Where the TCP header starts in one of [`packet`]'s packets.
+    fn l4(packet: &[u8]) -> usize {
+        match u16::from_be_bytes([packet[12], packet[13]]) {
+            0x0800 => L3 + usize::from(packet[L3] & 0x0f) * 4,
+            0x86dd => L3 + 40,
+            other => panic!("EtherType {other:#06x}"),
+        }
+    }
+
+    /// The pseudo-header and segment the TCP checksum covers, read from `packet`.
+    fn tcp_checksummed(packet: &[u8]) -> Vec<u8> {
+        let at = l4(packet);
+        let segment = &packet[at..];
+        let mut covered = Vec::new();
+        if at == L3 + 40 {
+            covered.extend_from_slice(&packet[L3 + 8..L3 + 40]);
+            covered.extend_from_slice(&(segment.len() as u32).to_be_bytes());
+            covered.extend_from_slice(&[0, 0, 0, 6]);
+        } else {
+            covered.extend_from_slice(&packet[L3 + 12..L3 + 20]);
+            covered.extend_from_slice(&[0, 6]);
+            covered.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+        }
+        covered.extend_from_slice(segment);
+        covered
+    }
+
+    fn tcp_checksum_ok(packet: &[u8]) -> bool {
+        checksum(&tcp_checksummed(packet)) == 0
+    }
+
+    /// Whether the IPv4 header checksum is right (an IPv6 packet has none).
+    fn ip_checksum_ok(packet: &[u8]) -> bool {
+        at_v6(packet) || checksum(&packet[L3..l4(packet)]) == 0
+    }
+
+    fn at_v6(packet: &[u8]) -> bool {
+        l4(packet) == L3 + 40
+    }
+
+    /// `packet` with its checksum fields zeroed, to compare the rest byte for byte (an
+    /// incremental update may write 0xffff where a full computation writes 0).
+    fn masked(packet: &[u8]) -> Vec<u8> {
+        let mut out = packet.to_vec();
+        let at = l4(packet);
+        out[at + 16..at + 18].fill(0);
+        if !at_v6(packet) {
+            out[L3 + 10..L3 + 12].fill(0);
+        }
+        out
+    }
+
+    /// An Ethernet frame with a TCP segment from `src` to `dst` (same family), with TCP
+    /// options (MSS, NOP, window scale), `payload`, and correct checksums.
+    fn packet(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut tcp = Vec::new();
+        tcp.extend_from_slice(&src.port().to_be_bytes());
+        tcp.extend_from_slice(&dst.port().to_be_bytes());
+        tcp.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+        let ack: u32 = if flags & TCP_ACK != 0 { 0x0a0b_0c0d } else { 0 };
+        tcp.extend_from_slice(&ack.to_be_bytes());
+        tcp.extend_from_slice(&[7 << 4, flags]); // 28-byte header
+        tcp.extend_from_slice(&64240u16.to_be_bytes()); // window
+        tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+        tcp.extend_from_slice(&[2, 4, 0x05, 0xb4, 1, 3, 3, 7]); // MSS 1460, NOP, WS 7
+        tcp.extend_from_slice(payload);
+
+        let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+        match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                frame.extend_from_slice(&0x0800u16.to_be_bytes());
+                frame.extend_from_slice(&[0x45, 0]);
+                frame.extend_from_slice(&(20 + tcp.len() as u16).to_be_bytes());
+                frame.extend_from_slice(&[0x1c, 0x46, 0x40, 0, 64, 6, 0, 0]); // id, DF, TTL
+                frame.extend_from_slice(&s.octets());
+                frame.extend_from_slice(&d.octets());
+                let sum = checksum(&frame[L3..]);
+                frame[L3 + 10..L3 + 12].copy_from_slice(&sum.to_be_bytes());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+                frame.extend_from_slice(&[0x60, 0x01, 0x23, 0x45]); // flow label
+                frame.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+                frame.extend_from_slice(&[6, 64]); // next header, hop limit
+                frame.extend_from_slice(&s.octets());
+                frame.extend_from_slice(&d.octets());
+            }
+            _ => panic!("{src} and {dst} are of different families"),
+        }
+        frame.extend_from_slice(&tcp);
+        let at = l4(&frame);
+        let sum = checksum(&tcp_checksummed(&frame));
+        frame[at + 16..at + 18].copy_from_slice(&sum.to_be_bytes());
+        frame
+    }
+
+    /// Asserts that `out` is `expected` (checksum fields aside) with valid checksums.
+    fn assert_translated(out: &[u8], expected: &[u8]) {
+        assert_eq!(masked(out), masked(expected), "the translated packet");
+        assert!(ip_checksum_ok(out), "IPv4 header checksum of {out:02x?}");
+        assert!(tcp_checksum_ok(out), "TCP checksum of {out:02x?}");
+    }
+
+    #[test]
+    fn the_test_packets_have_correct_checksums_and_a_changed_address_breaks_them() {
+        for flow in [v4_flow(), v6_flow()] {
+            let good = packet(flow.client, flow.old, TCP_SYN, b"odd");
+            assert!(ip_checksum_ok(&good) && tcp_checksum_ok(&good));
+            let mut bad = good.clone();
+            let last = l4(&bad) - 1; // the destination address's last byte
+            bad[last] ^= 1;
+            assert!(!tcp_checksum_ok(&bad));
+            assert_eq!(ip_checksum_ok(&bad), at_v6(&bad));
+            let mut bad = good.clone();
+            bad[l4(&good) + 3] ^= 1; // destination port
+            assert!(!tcp_checksum_ok(&bad));
+        }
+    }
+
+    /// The client's packet to A leaves for B, and the program notes it saw the flow.
+    fn forward(flow: Flow) {
+        let mut h = Harness::new();
+        h.steer(flow, 1);
+        let syn = packet(flow.client, flow.old, TCP_SYN, b"");
+        let (verdict, out) = h.run(&syn);
+        assert_eq!(verdict, NEXT);
+        assert_translated(&out, &packet(flow.client, flow.new, TCP_SYN, b""));
+        assert_eq!(
+            h.entry(flow),
+            Steer {
+                seen: 1,
+                ..steer_entry(flow.new, 1)
+            }
+        );
+        // A later segment, with a payload of odd length.
+        let data = packet(flow.client, flow.old, TCP_ACK, b"GET / HTTP/1.0\r\n\r\n!");
+        let (verdict, out) = h.run(&data);
+        assert_eq!(verdict, NEXT);
+        assert_translated(
+            &out,
+            &packet(flow.client, flow.new, TCP_ACK, b"GET / HTTP/1.0\r\n\r\n!"),
+        );
+        assert_eq!(h.counter(steer::LATE_DROPPED), 0);
+    }
+
+    /// B's reply reaches the client with A's address and port.
+    fn reply(flow: Flow) {
+        let mut h = Harness::new();
+        h.steer(flow, 1);
+        let syn_ack = packet(flow.new, flow.client, TCP_SYN | TCP_ACK, b"");
+        let (verdict, out) = h.run(&syn_ack);
+        assert_eq!(verdict, NEXT);
+        assert_translated(&out, &packet(flow.old, flow.client, TCP_SYN | TCP_ACK, b""));
+        let data = packet(flow.new, flow.client, TCP_ACK, b"HTTP/1.0 200 OK\r\n");
+        let (verdict, out) = h.run(&data);
+        assert_eq!(verdict, NEXT);
+        assert_translated(
+            &out,
+            &packet(flow.old, flow.client, TCP_ACK, b"HTTP/1.0 200 OK\r\n"),
+        );
+        assert_eq!(
+            h.entry(flow).seen,
+            0,
+            "a reply is not the flow's own packet"
+        );
+        assert_eq!(h.counter(steer::LATE_DROPPED), 0);
+    }
+
+    /// A's late SYN-ACK is dropped and counted.
+    fn late(flow: Flow) {
+        let mut h = Harness::new();
+        h.steer(flow, 1);
+        let syn_ack = packet(flow.old, flow.client, TCP_SYN | TCP_ACK, b"");
+        assert_eq!(h.run(&syn_ack).0, DROP);
+        assert_eq!(h.counter(steer::LATE_DROPPED), 1);
+        assert_eq!(h.run(&syn_ack).0, DROP);
+        assert_eq!(h.counter(steer::LATE_DROPPED), 2);
+    }
+
+    #[test]
+    fn ipv4_packets_to_the_abandoned_backend_go_to_the_new_one() {
+        forward(v4_flow());
+    }
+
+    #[test]
+    fn ipv4_replies_from_the_new_backend_carry_the_abandoned_ones_address() {
+        reply(v4_flow());
+    }
+
+    #[test]
+    fn ipv4_late_packets_from_the_abandoned_backend_are_dropped_and_counted() {
+        late(v4_flow());
+    }
+
+    #[test]
+    fn ipv6_packets_to_the_abandoned_backend_go_to_the_new_one() {
+        forward(v6_flow());
+    }
+
+    #[test]
+    fn ipv6_replies_from_the_new_backend_carry_the_abandoned_ones_address() {
+        reply(v6_flow());
+    }
+
+    #[test]
+    fn ipv6_late_packets_from_the_abandoned_backend_are_dropped_and_counted() {
+        late(v6_flow());
+    }
+
+    #[test]
+    fn a_backend_on_the_same_port_changes_only_the_address() {
+        for mut flow in [v4_flow(), v6_flow()] {
+            flow.new.set_port(flow.old.port());
+            let mut h = Harness::new();
+            h.steer(flow, 2);
+            let (verdict, out) = h.run(&packet(flow.client, flow.old, TCP_SYN, b""));
+            assert_eq!(verdict, NEXT);
+            assert_translated(&out, &packet(flow.client, flow.new, TCP_SYN, b""));
+            let (verdict, out) = h.run(&packet(flow.new, flow.client, TCP_ACK, b"x"));
+            assert_eq!(verdict, NEXT);
+            assert_translated(&out, &packet(flow.old, flow.client, TCP_ACK, b"x"));
+        }
+    }
+
+    /// Every packet of a steered flow, each way, and A's late one.
+    fn flow_packets(flow: Flow) -> [Vec<u8>; 3] {
+        [
+            packet(flow.client, flow.old, TCP_SYN, b""),
+            packet(flow.new, flow.client, TCP_SYN | TCP_ACK, b""),
+            packet(flow.old, flow.client, TCP_SYN | TCP_ACK, b""),
+        ]
+    }
+
+    #[test]
+    fn a_closed_gate_leaves_even_a_steered_flow_alone() {
+        for flow in [v4_flow(), v6_flow()] {
+            let mut h = Harness::new();
+            h.steer(flow, 1);
+            h.gate(3, 3);
+            for input in flow_packets(flow) {
+                assert_eq!(h.run(&input), (NEXT, input));
+            }
+            assert_eq!(h.entry(flow).seen, 0);
+            assert_eq!(h.counter(steer::LATE_DROPPED), 0);
+        }
+    }
+
+    #[test]
+    fn an_abandoned_entry_neither_translates_nor_drops() {
+        for flow in [v4_flow(), v6_flow()] {
+            let mut h = Harness::new();
+            h.steer(flow, 0);
+            let [to_old, _, from_old] = flow_packets(flow);
+            assert_eq!(h.run(&to_old), (NEXT, to_old));
+            assert_eq!(h.run(&from_old), (NEXT, from_old));
+            assert_eq!(h.entry(flow).seen, 0);
+            assert_eq!(h.counter(steer::LATE_DROPPED), 0);
+        }
+    }
+
+    #[test]
+    fn packets_of_other_flows_are_left_alone() {
+        for flow in [v4_flow(), v6_flow()] {
+            let mut h = Harness::new();
+            h.steer(flow, 1);
+            let other_port = |mut addr: SocketAddr| {
+                addr.set_port(addr.port() + 1);
+                addr
+            };
+            let stranger: SocketAddr = match flow.client.ip() {
+                IpAddr::V4(_) => (Ipv4Addr::new(10, 0, 0, 9), 5555).into(),
+                IpAddr::V6(_) => (Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9), 5555).into(),
+            };
+            let others = [
+                // Another socket of the client to A, and to B.
+                packet(other_port(flow.client), flow.old, TCP_SYN, b""),
+                packet(flow.client, other_port(flow.old), TCP_SYN, b""),
+                packet(flow.client, flow.new, TCP_ACK, b"direct"),
+                // Replies to another socket, from B and from A.
+                packet(flow.new, other_port(flow.client), TCP_SYN | TCP_ACK, b""),
+                packet(flow.old, other_port(flow.client), TCP_SYN | TCP_ACK, b""),
+                // Someone else.
+                packet(stranger, flow.client, TCP_SYN, b""),
+                packet(flow.client, stranger, TCP_ACK, b"hi"),
+            ];
+            for input in others {
+                assert_eq!(h.run(&input), (NEXT, input));
+            }
+            assert_eq!(h.entry(flow).seen, 0);
+            assert_eq!(h.counter(steer::LATE_DROPPED), 0);
+        }
+    }
+}
