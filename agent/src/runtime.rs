@@ -729,10 +729,17 @@ impl Agent {
     /// Deletes the steering entries of flows closed long enough ago, and keeps the count
     /// of live steered flows per service and backend for `detour endpoints` and metrics.
     fn sweep_steering(&mut self) {
+        let origins = match self.dataplane.origins() {
+            Ok(origins) => origins,
+            Err(e) => {
+                warn!(error = %e, "cannot read the socket origins; the steering sweep waits");
+                return;
+            }
+        };
         let Some(steering) = self.dataplane.steering.as_mut() else {
             return;
         };
-        match steering.sweep(monotonic_ns()) {
+        match steering.sweep(monotonic_ns(), |cookie| origins.get(cookie).is_some()) {
             Ok(sweep) => {
                 if sweep.removed > 0 {
                     debug!(

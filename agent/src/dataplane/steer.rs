@@ -76,6 +76,11 @@ pub struct Steering {
     pub attachments: Vec<Attachment>,
 }
 
+/// How old a steering must be before a missing origin makes it an orphan: a socket's
+/// origin is written before it is ever steered, so this only avoids reading a map in
+/// the middle of the kernel's own updates.
+const ORPHAN_AFTER_NS: u64 = 1_000_000_000;
+
 /// What one sweep found.
 #[derive(Debug, Default, Clone)]
 pub struct Sweep {
@@ -184,7 +189,14 @@ impl Steering {
 
     /// Deletes the entries of flows closed more than the grace period before `now_ns`
     /// (`CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`), and counts the live ones.
-    pub fn sweep(&mut self, now_ns: u64) -> Result<Sweep, MapOpError> {
+    ///
+    /// `known(cookie)` says whether the kernel still remembers the socket's origin. A
+    /// steered socket whose origin is gone (evicted from the LRU of origins by more than
+    /// `--max-sockets` sockets) will never have its close noted, so its entry is treated
+    /// as closed now: without this, such entries would fill the table for good. The
+    /// price, only past `--max-sockets`: such a flow, if still open, loses its
+    /// translation after the grace period.
+    pub fn sweep(&mut self, now_ns: u64, known: impl Fn(u64) -> bool) -> Result<Sweep, MapOpError> {
         let err = |op: &'static str| {
             move |e: aya::maps::MapError| MapOpError {
                 map: maps::STEER,
@@ -194,6 +206,7 @@ impl Steering {
         };
         let mut sweep = Sweep::default();
         let mut expired = Vec::new();
+        let mut orphans = Vec::new();
         for item in self.flows.iter() {
             let (key, entry) = match item {
                 Ok(kv) => kv,
@@ -202,6 +215,13 @@ impl Steering {
                 Err(e) => return Err(err("iterate")(e)),
             };
             sweep.entries += 1;
+            if entry.closed_at_ns == 0
+                && now_ns.saturating_sub(entry.steered_at_ns) > ORPHAN_AFTER_NS
+                && !known(entry.cookie)
+            {
+                orphans.push((key, entry));
+                continue;
+            }
             if entry.closed_at_ns != 0 {
                 if now_ns.saturating_sub(entry.closed_at_ns) > steer::CLOSED_GRACE_NS {
                     expired.push((key, entry));
@@ -211,6 +231,16 @@ impl Steering {
                     .live
                     .entry((entry.service_id, entry.to_id))
                     .or_default() += 1;
+            }
+        }
+        for (key, mut entry) in orphans {
+            entry.closed_at_ns = now_ns;
+            // BPF_EXIST: only if the flow's entry is still there.
+            match self.flows.insert(key, entry, 2) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(err("mark closed")(e)),
             }
         }
         for (key, entry) in expired {
@@ -398,6 +428,9 @@ mod tests {
     use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
     use detour_ebpf::{maps, programs, steer, FlowKey, Steer, SteerBack};
     use detour_testbed::require_root;
+    use std::path::Path;
+
+    use super::{SteerOptions, Steering};
 
     /// The program's verdicts: TC_ACT_UNSPEC / TCX_NEXT, and TC_ACT_SHOT.
     const NEXT: i32 = -1;
@@ -873,5 +906,129 @@ mod tests {
             assert_eq!(h.entry(flow).seen, 0);
             assert_eq!(h.counter(steer::LATE_DROPPED), 0);
         }
+    }
+
+    /// The agent's sweep: closed flows go after their grace (with their reply entry, if
+    /// it is still theirs), open ones are counted, and an open one whose socket origin
+    /// is gone is taken as closed now.
+    #[test]
+    fn the_sweep_deletes_closed_flows_after_their_grace_and_counts_open_ones() {
+        let mut harness = Harness::new();
+        let mut steering = Steering::start(
+            &mut harness.ebpf,
+            &SteerOptions::default(),
+            Path::new("/nonexistent"),
+            false,
+        )
+        .unwrap();
+        let sec = 1_000_000_000u64;
+        let now = 1_000 * sec;
+        let client = |port: u16| SocketAddr::new("10.0.0.1".parse().unwrap(), port);
+        let (old, new) = (
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.3:9090".parse().unwrap(),
+        );
+        let mut put = |port: u16, closed_at_ns: u64, cookie: u64| {
+            let mut entry = steer_entry(new, 1);
+            entry.steered_at_ns = now - 100 * sec;
+            entry.closed_at_ns = closed_at_ns;
+            entry.cookie = cookie;
+            steering
+                .flows
+                .insert(flow_key(client(port), old), entry, 0)
+                .unwrap();
+            let back = SteerBack {
+                from: words(old.ip()),
+                from_port: old.port().to_be(),
+                pad: 0,
+            };
+            steering
+                .back
+                .insert(flow_key(client(port), new), back, 0)
+                .unwrap();
+            steering
+                .control
+                .set(steer::INSERTED, u64::from(port) - 40_000 + 1, 0)
+                .unwrap();
+        };
+        put(40_000, now - 61 * sec, 1); // closed past its grace
+        put(40_001, now - 10 * sec, 2); // closed, in its grace
+        put(40_002, 0, 3); // open, its socket known
+        put(40_003, 0, 4); // open, its origin gone
+        let known = |cookie: u64| cookie != 4;
+
+        let sweep = steering.sweep(now, known).unwrap();
+        assert_eq!(sweep.removed, 1);
+        assert_eq!(sweep.live.get(&(11, 7)), Some(&1), "{:?}", sweep.live);
+        assert_eq!(sweep.entries, 3);
+        assert!(steering
+            .flows
+            .get(&flow_key(client(40_000), old), 0)
+            .is_err());
+        assert!(steering
+            .back
+            .get(&flow_key(client(40_000), new), 0)
+            .is_err());
+        assert!(steering.back.get(&flow_key(client(40_001), new), 0).is_ok());
+        let orphan = steering
+            .flows
+            .get(&flow_key(client(40_003), old), 0)
+            .unwrap();
+        assert_eq!(
+            orphan.closed_at_ns, now,
+            "an orphan is closed as of this sweep"
+        );
+        let counters = steering.counters().unwrap();
+        assert_eq!(counters[steer::REMOVED as usize], 1);
+        assert_eq!(counters[steer::INSERTED as usize], 4);
+
+        // 61 s on, the one in its grace and the orphan go too; the open one stays.
+        let sweep = steering.sweep(now + 61 * sec, known).unwrap();
+        assert_eq!(sweep.removed, 2);
+        assert_eq!(sweep.entries, 1);
+        assert_eq!(steering.counters().unwrap()[steer::REMOVED as usize], 3);
+        assert!(steering
+            .flows
+            .get(&flow_key(client(40_002), old), 0)
+            .is_ok());
+    }
+
+    /// A reply entry that another flow took over (the same client port, the same new
+    /// backend) is not deleted with the closed flow.
+    #[test]
+    fn the_sweep_leaves_a_reply_entry_that_names_another_flow() {
+        let mut harness = Harness::new();
+        let mut steering = Steering::start(
+            &mut harness.ebpf,
+            &SteerOptions::default(),
+            Path::new("/nonexistent"),
+            false,
+        )
+        .unwrap();
+        let sec = 1_000_000_000u64;
+        let client = SocketAddr::new("10.0.0.1".parse().unwrap(), 40_000);
+        let (old, new): (SocketAddr, SocketAddr) = (
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.3:9090".parse().unwrap(),
+        );
+        let mut entry = steer_entry(new, 1);
+        entry.closed_at_ns = 1;
+        steering
+            .flows
+            .insert(flow_key(client, old), entry, 0)
+            .unwrap();
+        let other = SteerBack {
+            from: words("10.0.0.9".parse().unwrap()),
+            from_port: 80u16.to_be(),
+            pad: 0,
+        };
+        steering
+            .back
+            .insert(flow_key(client, new), other, 0)
+            .unwrap();
+        steering.control.set(steer::INSERTED, 1, 0).unwrap();
+        let sweep = steering.sweep(100 * sec, |_| true).unwrap();
+        assert_eq!(sweep.removed, 1);
+        assert_eq!(steering.back.get(&flow_key(client, new), 0).unwrap(), other);
     }
 }
