@@ -134,6 +134,7 @@ pub struct SteerMetrics {
     pub no_candidate: u64,
     pub late_dropped: u64,
     pub unseen: u64,
+    pub collisions: u64,
     /// Entries in the translation table (closed flows in their grace included).
     pub entries: u64,
     /// `--max-steered-flows`.
@@ -525,6 +526,12 @@ impl Collector for SnapshotCollector {
                 "detour_steer_unseen",
                 "Steerings undone because the steering program never saw the flow: it leaves by a device not in --steer-devices.",
                 steer.unseen,
+            )?;
+            counter(
+                e,
+                "detour_steer_collisions",
+                "Steerings undone at their first packet because the new 4-tuple was already a socket's at this host; the flow is steered elsewhere at its next timeout.",
+                steer.collisions,
             )?;
             counter(
                 e,

@@ -720,6 +720,7 @@ impl Agent {
             no_candidate: c[s::NO_CANDIDATE as usize],
             late_dropped: c[s::LATE_DROPPED as usize],
             unseen: c[s::UNSEEN as usize],
+            collisions: c[s::COLLISIONS as usize],
             entries: c[s::INSERTED as usize].saturating_sub(c[s::REMOVED as usize]),
             capacity: u64::from(self.max_steered_flows),
             live: self.steered.live.values().map(|&n| u64::from(n)).sum(),

@@ -61,8 +61,12 @@ pub mod steer {
     /// Steerings undone because the tc program never saw the flow's packets (its path
     /// leaves by a device detour is not attached to).
     pub const UNSEEN: u32 = 7;
+    /// Steerings undone at their first packet because the new 4-tuple was already a
+    /// socket's at this host (a connection, or its TIME_WAIT, from the same local port
+    /// to the new backend); the flow is steered again at its next timeout.
+    pub const COLLISIONS: u32 = 8;
     /// Number of indexes.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// How many times one flow may be steered before it is left to its own timeout.
     pub const MAX_STEERS: u32 = 3;

@@ -636,9 +636,17 @@ mod programs {
                 return;
             }
             if steps == 0 {
-                // Already undone (only the branch above undoes, and it clears the
-                // socket's mark, so this is defensive): nothing more to do.
-                unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+                // Undone by the tc program at its first packet: the new 4-tuple was a
+                // socket's here already (the branch above clears the socket's mark, so
+                // this is the only other way). The backend it was sent to never saw
+                // the SYN and is not blamed; the flow goes to another one, or, with none
+                // left, back to its first pick.
+                if !resteer(ctx, origin, entry) {
+                    unsafe {
+                        (*origin).flags =
+                            ((*origin).flags & !ORIGIN_STEERED) | ORIGIN_OUTCOME_REPORTED
+                    };
+                }
                 return;
             }
             // The backend it was steered to stalled too.
@@ -847,6 +855,15 @@ mod programs {
     #[inline(always)]
     fn resteer(ctx: &SockOpsContext, origin: *mut SockOrigin, entry: *mut Steer) -> bool {
         let old = unsafe { *entry };
+        // Where the new backend is recorded: the first free slot of `tried` (the first
+        // pick and at most MAX_STEERS backends fit).
+        let mut slot = 0;
+        while slot < 4 && old.tried[slot] != steer::NO_BACKEND {
+            slot += 1;
+        }
+        if slot >= 4 {
+            return false;
+        }
         let mut to = NO_ADDRESS;
         let to_id = steer_target(origin, &old.tried, &mut to);
         if to_id == steer::NO_BACKEND {
@@ -873,14 +890,12 @@ mod programs {
             return false;
         }
         forget_back(&key, &old);
-        let steps = old.steps as usize;
         unsafe {
             (*entry).to = to.addr;
             (*entry).to_port = to.port;
             (*entry).to_id = to_id;
-            if steps < 4 {
-                (*entry).tried[steps] = to_id;
-            }
+            (*entry).tried[slot] = to_id;
+            (*entry).seen = 0;
             (*entry).steps = old.steps + 1;
             (*entry).steered_at_ns = bpf_ktime_get_ns();
         }
@@ -1210,10 +1225,29 @@ mod programs {
         if let Some(entry) = STEER.get_ptr_mut(&outgoing) {
             let (steps, to, to_port) = unsafe { ((*entry).steps, (*entry).to, (*entry).to_port) };
             if steps != 0 {
-                rewrite(ctx, &p, false, &to, to_port)?;
                 if unsafe { (*entry).seen } == 0 {
+                    // The flow's first packet to the new backend (its retransmitted SYN):
+                    // the new 4-tuple must not already be a socket's here.
+                    if taken_here(ctx, &p, &to, to_port) {
+                        let key = FlowKey {
+                            local: p.src,
+                            remote: to,
+                            local_port: p.sport,
+                            remote_port: to_port,
+                        };
+                        if let Some(back) = unsafe { STEER_BACK.get(&key) } {
+                            if back.from == p.dst && back.from_port == p.dport {
+                                let _ = STEER_BACK.remove(&key);
+                            }
+                        }
+                        // Undone; `sock_ops` steers it elsewhere at its next timeout.
+                        unsafe { (*entry).steps = 0 };
+                        control_add(steer::COLLISIONS, 1);
+                        return Some(TC_NEXT);
+                    }
                     unsafe { (*entry).seen = 1 };
                 }
+                rewrite(ctx, &p, false, &to, to_port)?;
                 return Some(TC_NEXT);
             }
         }
@@ -1235,6 +1269,74 @@ mod programs {
             }
         }
         None
+    }
+
+    /// `struct bpf_sock_tuple`'s halves, as `bpf_skc_lookup_tcp` reads them.
+    #[repr(C)]
+    struct Tuple4 {
+        saddr: u32,
+        daddr: u32,
+        sport: u16,
+        dport: u16,
+    }
+
+    #[repr(C)]
+    struct Tuple6 {
+        saddr: [u32; 4],
+        daddr: [u32; 4],
+        sport: u16,
+        dport: u16,
+    }
+
+    const TCP_LISTEN: u32 = 10;
+
+    /// Whether a socket of this host already owns the flow `p`'s source → `to`: a
+    /// connection (or its TIME_WAIT) from the same local address and port to the new
+    /// backend. Looked up as the new backend's replies would be; a listener found on the
+    /// local port is not a collision.
+    #[inline(always)]
+    fn taken_here(ctx: &TcContext, p: &Packet, to: &[u32; 4], to_port: u16) -> bool {
+        // BPF_F_CURRENT_NETNS: the namespace of the device the program runs on.
+        let netns = u64::MAX;
+        let sk = if p.v4 {
+            let mut tuple = Tuple4 {
+                saddr: to[3],
+                daddr: p.src[3],
+                sport: to_port,
+                dport: p.sport,
+            };
+            unsafe {
+                aya_ebpf::helpers::generated::bpf_skc_lookup_tcp(
+                    ctx.as_ptr(),
+                    (&raw mut tuple).cast(),
+                    core::mem::size_of::<Tuple4>() as u32,
+                    netns,
+                    0,
+                )
+            }
+        } else {
+            let mut tuple = Tuple6 {
+                saddr: *to,
+                daddr: p.src,
+                sport: to_port,
+                dport: p.sport,
+            };
+            unsafe {
+                aya_ebpf::helpers::generated::bpf_skc_lookup_tcp(
+                    ctx.as_ptr(),
+                    (&raw mut tuple).cast(),
+                    core::mem::size_of::<Tuple6>() as u32,
+                    netns,
+                    0,
+                )
+            }
+        };
+        if sk.is_null() {
+            return false;
+        }
+        let state = unsafe { (*sk).state };
+        unsafe { aya_ebpf::helpers::generated::bpf_sk_release(sk.cast()) };
+        state != TCP_LISTEN
     }
 
     /// Rewrites the destination (or, for `source`, the source) address and port, and

@@ -1031,4 +1031,48 @@ mod tests {
         assert_eq!(sweep.removed, 1);
         assert_eq!(steering.back.get(&flow_key(client, new), 0).unwrap(), other);
     }
+
+    /// A flow whose new 4-tuple is already a connection of this host (the same local
+    /// address and port, to the new backend) is not translated: its entry is undone and
+    /// counted, its reply entry dropped. The same packet with no such connection is.
+    #[test]
+    fn a_new_4_tuple_that_is_already_a_connection_here_is_not_translated() {
+        let mut h = Harness::new();
+        // Real sockets on loopback: the new backend listens, and a connection from the
+        // flow's local address and port to it exists.
+        let listener = std::net::TcpListener::bind("127.0.77.3:0").unwrap();
+        let new = listener.local_addr().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&"127.0.77.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.connect(&new.into()).unwrap();
+        let client = socket.local_addr().unwrap().as_socket().unwrap();
+        let flow = Flow {
+            client,
+            old: "127.0.77.2:8080".parse().unwrap(),
+            new,
+        };
+        h.steer(flow, 1);
+        let syn = packet(flow.client, flow.old, TCP_SYN, b"");
+        let (verdict, out) = h.run(&syn);
+        assert_eq!(verdict, NEXT);
+        assert_eq!(out, syn, "not translated");
+        assert_eq!(h.entry(flow).steps, 0, "undone");
+        assert_eq!(h.counter(steer::COLLISIONS), 1);
+        assert!(h.back().get(&flow_key(flow.client, flow.new), 0).is_err());
+
+        // Once that connection is gone (closed with a reset, so it leaves no TIME_WAIT),
+        // the same flow is translated.
+        socket.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(socket);
+        h.steer(flow, 1);
+        let (verdict, out) = h.run(&syn);
+        assert_eq!(verdict, NEXT);
+        assert_translated(&out, &packet(flow.client, flow.new, TCP_SYN, b""));
+        assert_eq!(h.entry(flow).seen, 1);
+        assert_eq!(h.counter(steer::COLLISIONS), 1);
+        drop(listener);
+    }
 }
