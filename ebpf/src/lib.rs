@@ -440,7 +440,9 @@ pub struct Steer {
     /// Times steered (1..=[`steer::MAX_STEERS`]); 0 = abandoned, the tc program
     /// ignores the entry until the agent deletes it.
     pub steps: u8,
-    /// Set by the tc program once it has translated a packet of the flow.
+    /// Set by the tc program: 1 once it has translated a packet of the flow, 2 when
+    /// the new 4-tuple was already a socket's at this host (the entry is then inert
+    /// until `sock_ops` steers the flow elsewhere).
     pub seen: u8,
     pub to_id: u32,
     /// Backend ids the flow has been sent to: the connect's pick, then each steering.

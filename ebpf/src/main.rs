@@ -621,7 +621,12 @@ mod programs {
     ) {
         if let Some(entry) = steered {
             let (steps, seen, stalled) = unsafe { ((*entry).steps, (*entry).seen, (*entry).to_id) };
-            if steps != 0 && seen == 0 {
+            if steps == 0 {
+                // Already undone (below, at an earlier timeout): nothing more to do.
+                unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+                return;
+            }
+            if seen == 0 {
                 // The tc program never saw the retransmission it was to translate: this
                 // flow leaves by a device detour is not attached to. Back to the old
                 // way; the connect's pick already failed when the flow was steered.
@@ -635,25 +640,24 @@ mod programs {
                 control_add(steer::UNSEEN, 1);
                 return;
             }
-            if steps == 0 {
-                // Undone by the tc program at its first packet: the new 4-tuple was a
-                // socket's here already (the branch above clears the socket's mark, so
-                // this is the only other way). The backend it was sent to never saw
-                // the SYN and is not blamed; the flow goes to another one, or, with none
-                // left, back to its first pick.
-                if !resteer(ctx, origin, entry) {
-                    unsafe {
-                        (*origin).flags =
-                            ((*origin).flags & !ORIGIN_STEERED) | ORIGIN_OUTCOME_REPORTED
-                    };
-                }
+            // Collided: undone by the tc program at its first packet, the new
+            // 4-tuple being a socket's here already (the branch above clears the
+            // socket's mark, so this is the only other way); the backend it was sent to
+            // never saw the SYN and is not blamed. Otherwise the backend it was steered
+            // to stalled too. Either way it goes to another backend (one call site: the
+            // choice is the program's largest piece for the verifier).
+            let collided = seen == SEEN_COLLIDED;
+            if !collided {
+                steered_away(origin, stalled);
+            }
+            if (collided || u32::from(steps) < steer::MAX_STEERS) && resteer(ctx, origin, entry) {
                 return;
             }
-            // The backend it was steered to stalled too.
-            steered_away(origin, stalled);
-            if u32::from(steps) >= steer::MAX_STEERS || !resteer(ctx, origin, entry) {
-                // Left alone: the application's own timeout applies.
-                unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+            // Left alone: the application's own timeout applies (a collided flow goes
+            // back to its first pick, which is what its packets carry untranslated).
+            unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+            if collided {
+                unsafe { (*origin).flags &= !ORIGIN_STEERED };
             }
             return;
         }
@@ -855,12 +859,9 @@ mod programs {
     #[inline(always)]
     fn resteer(ctx: &SockOpsContext, origin: *mut SockOrigin, entry: *mut Steer) -> bool {
         let old = unsafe { *entry };
-        // Where the new backend is recorded: the first free slot of `tried` (the first
-        // pick and at most MAX_STEERS backends fit).
-        let mut slot = 0;
-        while slot < 4 && old.tried[slot] != steer::NO_BACKEND {
-            slot += 1;
-        }
+        // Where the new backend is recorded: `tried` holds the first pick, then one
+        // backend per steering so far.
+        let slot = usize::from(old.steps) + 1;
         if slot >= 4 {
             return false;
         }
@@ -1223,9 +1224,10 @@ mod programs {
             remote_port: p.dport,
         };
         if let Some(entry) = STEER.get_ptr_mut(&outgoing) {
-            let (steps, to, to_port) = unsafe { ((*entry).steps, (*entry).to, (*entry).to_port) };
-            if steps != 0 {
-                if unsafe { (*entry).seen } == 0 {
+            let (steps, seen, to, to_port) =
+                unsafe { ((*entry).steps, (*entry).seen, (*entry).to, (*entry).to_port) };
+            if steps != 0 && seen != SEEN_COLLIDED {
+                if seen == 0 {
                     // The flow's first packet to the new backend (its retransmitted SYN):
                     // the new 4-tuple must not already be a socket's here.
                     if taken_here(ctx, &p, &to, to_port) {
@@ -1241,7 +1243,7 @@ mod programs {
                             }
                         }
                         // Undone; `sock_ops` steers it elsewhere at its next timeout.
-                        unsafe { (*entry).steps = 0 };
+                        unsafe { (*entry).seen = SEEN_COLLIDED };
                         control_add(steer::COLLISIONS, 1);
                         return Some(TC_NEXT);
                     }
@@ -1289,6 +1291,9 @@ mod programs {
     }
 
     const TCP_LISTEN: u32 = 10;
+    /// [`Steer::seen`]: the new 4-tuple collided at this host; the entry is inert until
+    /// `sock_ops` steers the flow elsewhere.
+    const SEEN_COLLIDED: u8 = 2;
 
     /// Whether a socket of this host already owns the flow `p`'s source → `to`: a
     /// connection (or its TIME_WAIT) from the same local address and port to the new

@@ -1059,7 +1059,7 @@ mod tests {
         let (verdict, out) = h.run(&syn);
         assert_eq!(verdict, NEXT);
         assert_eq!(out, syn, "not translated");
-        assert_eq!(h.entry(flow).steps, 0, "undone");
+        assert_eq!(h.entry(flow).seen, 2, "undone: marked as collided");
         assert_eq!(h.counter(steer::COLLISIONS), 1);
         assert!(h.back().get(&flow_key(flow.client, flow.new), 0).is_err());
 
