@@ -24,10 +24,14 @@
 //! - An entry is deleted only [`steer::CLOSED_GRACE_NS`] after its socket closed, and its
 //!   reply entry only if that still names this flow.
 //!
-//! What is not done yet (issue 9): ICMP errors inside steered flows are not translated;
-//! a backend reached through another device than the connect's pick is not redirected to
-//! it (`bpf_redirect_neigh`); pods' own namespaces are attached to only when named with
-//! `--steer-netns`.
+//! - A steered socket whose origin the kernel forgot (evicted from the LRU of origins past
+//!   `--max-sockets`) never has its close noted: the sweep takes it as closed, so such
+//!   entries cannot fill the table for good.
+//!
+//! What is not done yet (issue 9): refused backends (a RST answering the SYN); ICMP
+//! errors inside steered flows are not translated; a backend reached through another
+//! device than the connect's pick is not redirected to (`bpf_redirect_neigh`); pods' own
+//! namespaces are attached to only when named with `--steer-netns`.
 
 use std::collections::HashMap;
 use std::fs::File;
