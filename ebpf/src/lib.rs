@@ -70,6 +70,11 @@ pub mod steer {
 
     /// How many times one flow may be steered before it is left to its own timeout.
     pub const MAX_STEERS: u32 = 3;
+    /// Table slots (and as many standby slots) a steering examines from a random
+    /// start: half of a connect's [`crate::SUSPECT_PROBES`], which keeps `sock_ops`
+    /// within the verifier's budget. Tables are interleaved, so every backend whose
+    /// share is above 1/8 is in the window.
+    pub const PROBES: u32 = 8;
     /// [`crate::Steer::tried`] slot not used yet.
     pub const NO_BACKEND: u32 = u32::MAX;
     /// A handshake completed within this many `2^30` ns (~1.07 s) units counts as

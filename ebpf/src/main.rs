@@ -495,15 +495,19 @@ mod programs {
             return;
         }
         // A steered socket's outcomes are the backend it was steered to.
-        let mut steered: Option<*mut Steer> = None;
+        // A raw pointer, null for none: with an `Option` the compiler may spill its
+        // undefined payload on the `None` path, which the verifier refuses.
+        let mut steered: *mut Steer = core::ptr::null_mut();
         if unsafe { (*origin).flags } & ORIGIN_STEERED != 0 {
-            steered = STEER.get_ptr_mut(&flow_key(ctx, origin));
+            if let Some(entry) = STEER.get_ptr_mut(&flow_key(ctx, origin)) {
+                steered = entry;
+            }
         }
         // Read apart (the origin's first, the entry's volatile): a select between the
         // two pointers before one load would dereference a maybe-null one.
         let mut backend_id = unsafe { core::ptr::read_volatile(&(*origin).backend_id) };
-        if let Some(entry) = steered {
-            backend_id = unsafe { core::ptr::read_volatile(&(*entry).to_id) };
+        if !steered.is_null() {
+            backend_id = unsafe { core::ptr::read_volatile(&(*steered).to_id) };
         }
         if op == BPF_SOCK_OPS_TIMEOUT_INIT {
             let hz = u64::from(unsafe { core::ptr::read_volatile(&DETOUR_HZ) });
@@ -529,7 +533,8 @@ mod programs {
         } else if op == BPF_SOCK_OPS_STATE_CB {
             // The socket is closing (checked before the lookup).
             let old = ctx.arg(0);
-            if let Some(entry) = steered {
+            if !steered.is_null() {
+                let entry = steered;
                 // Its translation outlives it by a grace period (TIME_WAIT's ACKs).
                 unsafe { (*entry).closed_at_ns = bpf_ktime_get_ns() };
             }
@@ -617,9 +622,21 @@ mod programs {
         ctx: &SockOpsContext,
         cookie: u64,
         origin: *mut SockOrigin,
-        steered: Option<*mut Steer>,
+        steered: *mut Steer,
     ) {
-        if let Some(entry) = steered {
+        let first_pick = unsafe { (*origin).backend_id };
+        let mut tried = [
+            first_pick,
+            steer::NO_BACKEND,
+            steer::NO_BACKEND,
+            steer::NO_BACKEND,
+        ];
+        // Where the next backend goes in `tried`: after the first pick and one backend
+        // per steering so far.
+        let mut slot = 1usize;
+        let mut collided = false;
+        if !steered.is_null() {
+            let entry = steered;
             let (steps, seen, stalled) = unsafe { ((*entry).steps, (*entry).seen, (*entry).to_id) };
             if steps == 0 {
                 // Already undone (below, at an earlier timeout): nothing more to do.
@@ -640,31 +657,60 @@ mod programs {
                 control_add(steer::UNSEEN, 1);
                 return;
             }
-            // Collided: undone by the tc program at its first packet, the new
-            // 4-tuple being a socket's here already (the branch above clears the
-            // socket's mark, so this is the only other way); the backend it was sent to
-            // never saw the SYN and is not blamed. Otherwise the backend it was steered
-            // to stalled too. Either way it goes to another backend (one call site: the
-            // choice is the program's largest piece for the verifier).
-            let collided = seen == SEEN_COLLIDED;
+            // Collided: undone by the tc program at its first packet, the new 4-tuple
+            // being a socket's here already; the backend it was sent to never saw the
+            // SYN and is not blamed. Otherwise the backend it was steered to stalled too.
+            collided = seen == SEEN_COLLIDED;
             if !collided {
                 steered_away(origin, stalled);
+                if u32::from(steps) >= steer::MAX_STEERS {
+                    // Left alone: the application's own timeout applies.
+                    unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
+                    return;
+                }
             }
-            if (collided || u32::from(steps) < steer::MAX_STEERS) && resteer(ctx, origin, entry) {
+            tried = unsafe { (*entry).tried };
+            slot = usize::from(steps) + 1;
+        } else if control(steer::ENABLED) == 0 {
+            unsteered_timeout(ctx, origin, first_pick);
+            return;
+        }
+        // One call site of the choice: it is the program's largest piece for the
+        // verifier, and two copies took 6.18's past its limit.
+        let mut to = NO_ADDRESS;
+        let to_id = if slot < 4 {
+            steer_target(origin, &tried, &mut to)
+        } else {
+            steer::NO_BACKEND
+        };
+        if to_id == steer::NO_BACKEND {
+            control_add(steer::NO_CANDIDATE, 1);
+        } else {
+            let done = if steered.is_null() {
+                start_steering(ctx, cookie, origin, to_id, &to)
+            } else {
+                resteer(ctx, origin, steered, slot, to_id, &to)
+            };
+            if done {
                 return;
             }
+        }
+        if steered.is_null() {
+            unsteered_timeout(ctx, origin, first_pick);
+        } else {
             // Left alone: the application's own timeout applies (a collided flow goes
-            // back to its first pick, which is what its packets carry untranslated).
+            // back to its first pick, which its packets now reach untranslated).
             unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
             if collided {
                 unsafe { (*origin).flags &= !ORIGIN_STEERED };
             }
-            return;
         }
-        let backend_id = unsafe { (*origin).backend_id };
-        if control(steer::ENABLED) != 0 && start_steering(ctx, cookie, origin) {
-            return;
-        }
+    }
+
+    /// A SYN timeout without steering: the first makes the backend softly suspect, the
+    /// second is its failure.
+    #[inline(always)]
+    fn unsteered_timeout(ctx: &SockOpsContext, origin: *mut SockOrigin, backend_id: u32) {
         if ctx.arg(0) == 0 {
             on_first_retransmit(origin, backend_id);
         } else {
@@ -701,8 +747,9 @@ mod programs {
 
     /// The backend a stalled flow goes to: one of the frontend's table, then of its
     /// standby set, that the flow has not tried, of the flow's address family, and not
-    /// suspect; a backend with a handshake completed lately first, else the first
-    /// such in the table, else in the standby set.
+    /// marked for failures; a backend with a handshake completed lately first, else the
+    /// first unsuspected one in the table, else in the standby set, else the first only
+    /// softly suspect one (a SYN of its own unanswered, not yet a failure).
     #[inline(always)]
     ///
     /// Returns the id ([`steer::NO_BACKEND`] for none) and fills `chosen`. No `Option`
@@ -723,6 +770,7 @@ mod programs {
         let mut now = unsafe { bpf_ktime_get_ns() };
         let now_units = (now >> 30) as u32;
         let mut fallback = steer::NO_BACKEND;
+        let mut fallback_rank = 0u32;
         let mut pass = 0;
         while pass < 2 {
             let (base, len) = if pass == 0 {
@@ -736,7 +784,7 @@ mod programs {
             }
             let start = random % len;
             let mut i = 0;
-            while i < SUSPECT_PROBES && i < len {
+            while i < steer::PROBES && i < len {
                 let index = base + (start + i) % len;
                 i += 1;
                 let Some(id) = slot_backend(&entry, index) else {
@@ -745,7 +793,8 @@ mod programs {
                 if id == tried[0] || id == tried[1] || id == tried[2] || id == tried[3] {
                     continue;
                 }
-                if suspicion(id, &mut now) != CLEAR {
+                let suspected = suspicion(id, &mut now);
+                if suspected == HARD {
                     continue;
                 }
                 let Some(backend) = BACKENDS.get(id) else {
@@ -754,13 +803,18 @@ mod programs {
                 if (backend.family == AF_INET) != v4 || backend.family == 0 {
                     continue;
                 }
-                if alive_lately(id, now_units) {
+                if suspected == CLEAR && alive_lately(id, now_units) {
                     *chosen = *backend;
                     return id;
                 }
-                if fallback == steer::NO_BACKEND {
+                // A softly suspect backend (one SYN of its own unanswered, outcome not
+                // known yet: often only a slow handshake) only when nothing better is
+                // left: it beats a flow left on a backend known to have stalled it.
+                let rank = if suspected == CLEAR { 2 } else { 1 };
+                if rank > fallback_rank {
                     *chosen = *backend;
                     fallback = id;
+                    fallback_rank = rank;
                 }
             }
         }
@@ -774,23 +828,18 @@ mod programs {
         pad: 0,
     };
 
-    /// Steers a flow for the first time, away from the connect's pick. False (nothing
-    /// changed) when no backend qualifies or a table is full.
+    /// Steers a flow for the first time, away from the connect's pick, to `to`. False
+    /// (nothing changed) when a table is full.
     #[inline(always)]
-    fn start_steering(ctx: &SockOpsContext, cookie: u64, origin: *mut SockOrigin) -> bool {
+    fn start_steering(
+        ctx: &SockOpsContext,
+        cookie: u64,
+        origin: *mut SockOrigin,
+        to_id: u32,
+        to: &Backend,
+    ) -> bool {
         let from = unsafe { (*origin).backend_id };
-        let mut tried = [
-            from,
-            steer::NO_BACKEND,
-            steer::NO_BACKEND,
-            steer::NO_BACKEND,
-        ];
-        let mut to = NO_ADDRESS;
-        let to_id = steer_target(origin, &tried, &mut to);
-        if to_id == steer::NO_BACKEND {
-            control_add(steer::NO_CANDIDATE, 1);
-            return false;
-        }
+        let tried = [from, to_id, steer::NO_BACKEND, steer::NO_BACKEND];
         let key = flow_key(ctx, origin);
         // An entry for this 4-tuple is a closed flow's still in its grace period (the
         // port was reused): this flow takes it over.
@@ -821,7 +870,6 @@ mod programs {
             control_add(steer::TABLE_FULL, 1);
             return false;
         }
-        tried[1] = to_id;
         let now = unsafe { bpf_ktime_get_ns() };
         let entry = Steer {
             to: to.addr,
@@ -855,20 +903,18 @@ mod programs {
         true
     }
 
-    /// Steers an already steered flow once more, away from the backend it was sent to.
+    /// Steers an already steered flow once more, to `to`, recorded in `tried[slot]`.
     #[inline(always)]
-    fn resteer(ctx: &SockOpsContext, origin: *mut SockOrigin, entry: *mut Steer) -> bool {
+    fn resteer(
+        ctx: &SockOpsContext,
+        origin: *mut SockOrigin,
+        entry: *mut Steer,
+        slot: usize,
+        to_id: u32,
+        to: &Backend,
+    ) -> bool {
         let old = unsafe { *entry };
-        // Where the new backend is recorded: `tried` holds the first pick, then one
-        // backend per steering so far.
-        let slot = usize::from(old.steps) + 1;
         if slot >= 4 {
-            return false;
-        }
-        let mut to = NO_ADDRESS;
-        let to_id = steer_target(origin, &old.tried, &mut to);
-        if to_id == steer::NO_BACKEND {
-            control_add(steer::NO_CANDIDATE, 1);
             return false;
         }
         let key = flow_key(ctx, origin);
@@ -895,7 +941,12 @@ mod programs {
             (*entry).to = to.addr;
             (*entry).to_port = to.port;
             (*entry).to_id = to_id;
-            (*entry).tried[slot] = to_id;
+            // A constant index per arm: the verifier cannot bound a variable one here.
+            match slot {
+                1 => (*entry).tried[1] = to_id,
+                2 => (*entry).tried[2] = to_id,
+                _ => (*entry).tried[3] = to_id,
+            }
             (*entry).seen = 0;
             (*entry).steps = old.steps + 1;
             (*entry).steered_at_ns = bpf_ktime_get_ns();
