@@ -749,7 +749,8 @@ mod programs {
     /// standby set, that the flow has not tried, of the flow's address family, and not
     /// marked for failures; a backend with a handshake completed lately first, else the
     /// first unsuspected one in the table, else in the standby set, else the first only
-    /// softly suspect one (a SYN of its own unanswered, not yet a failure).
+    /// softly suspect one (a SYN of its own unanswered, not yet a failure) that
+    /// completed handshakes lately.
     #[inline(always)]
     ///
     /// Returns the id ([`steer::NO_BACKEND`] for none) and fills `chosen`. No `Option`
@@ -803,13 +804,19 @@ mod programs {
                 if (backend.family == AF_INET) != v4 || backend.family == 0 {
                     continue;
                 }
-                if suspected == CLEAR && alive_lately(id, now_units) {
+                let alive = alive_lately(id, now_units);
+                if suspected == CLEAR && alive {
                     *chosen = *backend;
                     return id;
                 }
-                // A softly suspect backend (one SYN of its own unanswered, outcome not
-                // known yet: often only a slow handshake) only when nothing better is
-                // left: it beats a flow left on a backend known to have stalled it.
+                // A softly suspect backend (a SYN of its own unanswered, outcome not
+                // known yet) only when nothing better is left, and only with handshakes
+                // completed lately: that one is slow, not dead (seen under emulated 6.1,
+                // where a healthy backend's handshake can take longer than the timeout).
+                // One without them may well be the black hole another flow left.
+                if suspected != CLEAR && !alive {
+                    continue;
+                }
                 let rank = if suspected == CLEAR { 2 } else { 1 };
                 if rank > fallback_rank {
                     *chosen = *backend;

@@ -70,6 +70,27 @@ services:
     )
 }
 
+/// Fails, with what the agent saw (steering counters, endpoints, its log), when a GET
+/// failed.
+fn no_get_failed(w: &mut World, gets: &[Get]) -> Result<()> {
+    let failed: Vec<&Get> = gets.iter().filter(|g| g.error.is_some()).collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let metrics = scrape(w.agent().metrics_address()?)?;
+    let counters: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("detour_steer") || l.starts_with("detour_backend_failures"))
+        .collect();
+    let endpoints = w.agent().endpoints_json(Some("steer"))?;
+    anyhow::bail!(
+        "{} of {} GETs failed: {failed:?}\ncounters: {counters:#?}\nendpoints: {endpoints:#}\nagent log:\n{}",
+        failed.len(),
+        gets.len(),
+        w.agent().log_tail()
+    )
+}
+
 /// `name value` of a metric line without labels.
 fn metric(metrics: &str, name: &str) -> Option<u64> {
     metrics.lines().find_map(|l| {
@@ -124,12 +145,7 @@ fn every_get_answered_by_b_through_a_black_hole(
         }
     };
     ensure!(gets.len() == 150, "{} results", gets.len());
-    let failed: Vec<&Get> = gets.iter().filter(|g| g.error.is_some()).collect();
-    ensure!(
-        failed.is_empty(),
-        "{} GETs failed: {failed:?}",
-        failed.len()
-    );
+    no_get_failed(&mut w, &gets)?;
     ensure!(
         gets.iter().all(|g| g.body.as_deref() == Some("b")),
         "every GET is answered by b: {gets:?}"
@@ -258,12 +274,7 @@ fn over_a_veth_a_stalled_handshake_is_steered_both_ways_on_one_device() -> Resul
         crate::world::READY_TIMEOUT,
     )?;
     let gets = client::gets(&w.cgroup, "127.210.42.1:80".parse()?, 100, 10)?;
-    let failed: Vec<&Get> = gets.iter().filter(|g| g.error.is_some()).collect();
-    ensure!(
-        failed.is_empty(),
-        "{} GETs failed: {failed:?}",
-        failed.len()
-    );
+    no_get_failed(&mut w, &gets)?;
     ensure!(
         gets.iter().all(|g| g.body.as_deref() == Some("b")),
         "every GET is answered by b: {gets:?}"
