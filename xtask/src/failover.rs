@@ -101,7 +101,7 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The latency window after a fault.
 const FAULT_WINDOW: Duration = Duration::from_secs(1);
 /// Lead time between spawning a client and its first request.
-const CLIENT_LEAD: Duration = Duration::from_millis(300);
+pub(crate) const CLIENT_LEAD: Duration = Duration::from_millis(300);
 /// A paced request whose thread took it up this long after it was due was held back by a
 /// full pool: the client counts those, and the bench fails the run if there are any.
 const LATE: u64 = 2_000_000;
@@ -209,7 +209,7 @@ fn sleep_until(mono: u64) {
     }
 }
 
-fn nanos(d: Duration) -> u64 {
+pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -218,15 +218,15 @@ fn nanos(d: Duration) -> u64 {
 
 /// One request as the client saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Request {
-    start_ns: u64,
-    latency_ns: u64,
+pub(crate) struct Request {
+    pub(crate) start_ns: u64,
+    pub(crate) latency_ns: u64,
     /// The backend that answered, or `!phase:kind` for a failure.
-    outcome: String,
+    pub(crate) outcome: String,
 }
 
 impl Request {
-    fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.outcome.starts_with('!')
     }
 
@@ -376,13 +376,13 @@ fn parse_request(line: &str) -> Result<Request> {
 
 /// A client process in the cgroup, and the thread collecting its output. If it is dropped
 /// unfinished (an error), the cgroup's guard kills it with everything else in there.
-struct ClientRun {
+pub(crate) struct ClientRun {
     client: LineStream,
     deadline: Instant,
 }
 
 impl ClientRun {
-    fn spawn(
+    pub(crate) fn spawn(
         cgroup: &Cgroup,
         targets: &[&str],
         workers: u32,
@@ -409,7 +409,7 @@ impl ClientRun {
         })
     }
 
-    fn finish(self) -> Result<Vec<Request>> {
+    pub(crate) fn finish(self) -> Result<Vec<Request>> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let (status, lines) = self
             .client
@@ -1040,14 +1040,14 @@ struct FaultRun {
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
-struct Latency {
-    count: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
+pub(crate) struct Latency {
+    pub(crate) count: usize,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
 }
 
-fn latency_of(mut ns: Vec<u64>) -> Latency {
+pub(crate) fn latency_of(mut ns: Vec<u64>) -> Latency {
     ns.sort_unstable();
     let at = |q: f64| {
         if ns.is_empty() {
@@ -1151,7 +1151,7 @@ fn summarize_load(requests: &[Request], duration: Duration) -> Load {
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     values.retain(|v| !v.is_nan());
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -1284,7 +1284,7 @@ pub fn run(args: &FailoverArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // The report
 
-fn fmt_ms(v: Option<f64>) -> String {
+pub(crate) fn fmt_ms(v: Option<f64>) -> String {
     match v {
         None => "–".to_owned(),
         Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
@@ -1294,7 +1294,7 @@ fn fmt_ms(v: Option<f64>) -> String {
 }
 
 /// `2 (1–3)`: median and range of a count over runs.
-fn count_summary(values: &[usize]) -> String {
+pub(crate) fn count_summary(values: &[usize]) -> String {
     let (Some(min), Some(max)) = (values.iter().min(), values.iter().max()) else {
         return "–".to_owned();
     };

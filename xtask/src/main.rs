@@ -2,8 +2,9 @@
 //! `deploy/crds/`, the full test gate, a failover demo, a `connect()` benchmark, a
 //! failover benchmark against HAProxy, how fast a change reaches connects from the
 //! config file (`bench-reload`) and from a real Kubernetes API server
-//! (`bench-kubernetes`, which reuses `reload-client`), and what the TLS originator's hop
-//! costs against a direct TLS client (`bench-tls`).
+//! (`bench-kubernetes`, which reuses `reload-client`), what the TLS originator's hop
+//! costs against a direct TLS client (`bench-tls`), and what SYN steering does for the
+//! requests a black-holed backend stalls (`bench-steer`, which reuses `failover-client`).
 //!
 //! Everything that changes the machine (installs, bpffs, cgroups, pins, the agent) goes
 //! through `setup` or through `detour-testbed` guards, so every task either leaves the
@@ -17,6 +18,7 @@
 mod bench;
 mod bench_kubernetes;
 mod bench_reload;
+mod bench_steer;
 mod bench_tls;
 mod cmd;
 #[cfg(test)]
@@ -86,6 +88,8 @@ enum Task {
     /// Measure the TLS originator's hop (new connections, keep-alive requests, bulk
     /// throughput) against a client that speaks TLS to the backend itself.
     BenchTls(bench_tls::TlsArgs),
+    /// Measure SYN steering: requests to a black-holed backend with steering on and off.
+    BenchSteer(bench_steer::SteerArgs),
     /// Fuzz the parsers of outside bytes with libFuzzer, `--time` seconds per target.
     Fuzz(fuzz::FuzzArgs),
     /// The demo's HTTP client, run inside the demo cgroup.
@@ -137,6 +141,7 @@ fn run(task: Task) -> Result<()> {
         Task::BenchReload(args) => bench_reload::run(&args),
         Task::BenchKubernetes(args) => bench_kubernetes::run(&args),
         Task::BenchTls(args) => bench_tls::run(&args),
+        Task::BenchSteer(args) => bench_steer::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::DemoClient(args) => demo::client(&args),
         Task::BenchClient(args) => bench::client(&args),
