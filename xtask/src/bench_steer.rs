@@ -102,8 +102,9 @@ pub struct SteerArgs {
     /// timeout, so that failures are the agent's or the kernel's, not the client's.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     timeout: Duration,
-    /// Client threads: how many requests can be in flight at once.
-    #[arg(long, default_value_t = 512)]
+    /// Client threads: how many requests can be in flight at once (a run peaks at about
+    /// 70 here: the stalled handshakes).
+    #[arg(long, default_value_t = 256)]
     in_flight: u32,
     /// A `detour` binary to measure instead of a release build of the work tree.
     #[arg(long)]
@@ -513,7 +514,7 @@ fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run
         let _ = writeln!(reported, "{:.3}\t{line}", into_ms(start_at, *t));
     }
     std::fs::write(kept.join(format!("events-{name}.tsv")), reported)?;
-    let requests = requests.map_err(|e| e.context(agent.log_tail()))?;
+    let requests = requests.map_err(|e| e.context(format!("the load{}", agent.log_tail())))?;
     let mut raw = format!(
         "# run {run}, mode {}: start (ms into the load), latency (ms), outcome\n",
         mode.as_str()
