@@ -63,7 +63,8 @@ pub mod steer {
     pub const UNSEEN: u32 = 7;
     /// Steerings undone at their first packet because the new 4-tuple was already a
     /// socket's at this host (a connection, or its TIME_WAIT, from the same local port
-    /// to the new backend); the flow is steered again at its next timeout.
+    /// to the new backend; the flow is steered again at its next timeout), and reply
+    /// entries dropped because a new connection of this host took their 4-tuple.
     pub const COLLISIONS: u32 = 8;
     /// Number of indexes.
     pub const COUNT: u32 = 9;

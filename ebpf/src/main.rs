@@ -857,24 +857,8 @@ mod programs {
             }
             None => false,
         };
-        let back_key = FlowKey {
-            local: key.local,
-            remote: to.addr,
-            local_port: key.local_port,
-            remote_port: to.port,
-        };
-        let back = SteerBack {
-            from: key.remote,
-            from_port: key.remote_port,
-            pad: 0,
-        };
-        // NOEXIST: the same reply tuple belonging to another steered flow is a
-        // collision; that flow keeps it.
-        if STEER_BACK
-            .insert(&back_key, &back, u64::from(aya_ebpf::bindings::BPF_NOEXIST))
-            .is_err()
-        {
-            control_add(steer::TABLE_FULL, 1);
+        let mut back_key = key;
+        if !claim_reply(&key, to, &mut back_key) {
             return false;
         }
         let now = unsafe { bpf_ktime_get_ns() };
@@ -925,22 +909,8 @@ mod programs {
             return false;
         }
         let key = flow_key(ctx, origin);
-        let back_key = FlowKey {
-            local: key.local,
-            remote: to.addr,
-            local_port: key.local_port,
-            remote_port: to.port,
-        };
-        let back = SteerBack {
-            from: key.remote,
-            from_port: key.remote_port,
-            pad: 0,
-        };
-        if STEER_BACK
-            .insert(&back_key, &back, u64::from(aya_ebpf::bindings::BPF_NOEXIST))
-            .is_err()
-        {
-            control_add(steer::TABLE_FULL, 1);
+        let mut back_key = key;
+        if !claim_reply(&key, to, &mut back_key) {
             return false;
         }
         forget_back(&key, &old);
@@ -969,6 +939,38 @@ mod programs {
         }
         control_add(steer::STEERED, 1);
         emit(origin, to_id, event_kind::STEERED, 0, 0, 0, false);
+    }
+
+    /// Writes the reply entry of flow `key` steered to `to`: replies from `to` to the
+    /// flow's address and port carry the first pick's; its key goes to `back_key` (an
+    /// out-parameter: no `Option` of a struct, see `steer_target`). False (counted as a
+    /// full table) when it cannot: the table is full, or that reply tuple is already
+    /// another steered flow's, which keeps it (`BPF_NOEXIST`).
+    #[inline(always)]
+    fn claim_reply(key: &FlowKey, to: &Backend, back_key: &mut FlowKey) -> bool {
+        *back_key = FlowKey {
+            local: key.local,
+            remote: to.addr,
+            local_port: key.local_port,
+            remote_port: to.port,
+        };
+        let back = SteerBack {
+            from: key.remote,
+            from_port: key.remote_port,
+            pad: 0,
+        };
+        if STEER_BACK
+            .insert(
+                &*back_key,
+                &back,
+                u64::from(aya_ebpf::bindings::BPF_NOEXIST),
+            )
+            .is_err()
+        {
+            control_add(steer::TABLE_FULL, 1);
+            return false;
+        }
+        true
     }
 
     /// Deletes the reply entry of `entry` (flow `key`) if it is still this flow's.
@@ -1223,6 +1225,8 @@ mod programs {
         dst: [u32; 4],
         sport: u16,
         dport: u16,
+        /// TCP flags (byte 13 of the header).
+        flags: u8,
         v4: bool,
         l4: usize,
     }
@@ -1262,11 +1266,13 @@ mod programs {
             return None;
         };
         let ports: [u16; 2] = ctx.load(l4).ok()?;
+        let flags: u8 = ctx.load(l4 + 13).ok()?;
         Some(Packet {
             src,
             dst,
             sport: ports[0],
             dport: ports[1],
+            flags,
             v4,
             l4,
         })
@@ -1288,7 +1294,7 @@ mod programs {
                 if seen == 0 {
                     // The flow's first packet to the new backend (its retransmitted SYN):
                     // the new 4-tuple must not already be a socket's here.
-                    if taken_here(ctx, &p, &to, to_port) {
+                    if owned_here(ctx, p.v4, &to, to_port, &p.src, p.sport) {
                         let key = FlowKey {
                             local: p.src,
                             remote: to,
@@ -1319,6 +1325,18 @@ mod programs {
         };
         if let Some(back) = unsafe { STEER_BACK.get(&incoming) } {
             let (from, from_port) = (back.from, back.from_port);
+            // A SYN-ACK whose 4-tuple a socket here owns answers that socket's own
+            // connect: a new connection from a port a closed steered flow used, to the
+            // backend it was steered to, while that flow's entries wait out their grace.
+            // Translating it would hand it to nobody (the client resets it, every retry
+            // alike); the stale reply entry goes instead.
+            if p.flags & TCP_SYN_ACK == TCP_SYN_ACK
+                && owned_here(ctx, p.v4, &p.src, p.sport, &p.dst, p.dport)
+            {
+                let _ = STEER_BACK.remove(&incoming);
+                control_add(steer::COLLISIONS, 1);
+                return Some(TC_NEXT);
+            }
             rewrite(ctx, &p, true, &from, from_port)?;
             return Some(TC_NEXT);
         }
@@ -1349,24 +1367,32 @@ mod programs {
     }
 
     const TCP_LISTEN: u32 = 10;
+    /// SYN and ACK in the TCP flags byte.
+    const TCP_SYN_ACK: u8 = 0x12;
     /// [`Steer::seen`]: the new 4-tuple collided at this host; the entry is inert until
     /// `sock_ops` steers the flow elsewhere.
     const SEEN_COLLIDED: u8 = 2;
 
-    /// Whether a socket of this host already owns the flow `p`'s source → `to`: a
-    /// connection (or its TIME_WAIT) from the same local address and port to the new
-    /// backend. Looked up as the new backend's replies would be; a listener found on the
-    /// local port is not a collision.
+    /// Whether a socket of this host owns the flow between its local `local`:`lport` and
+    /// the peer `remote`:`rport` (a connection, or its TIME_WAIT), looked up as a packet
+    /// from the peer would be. A listener found on the local port is not an owner.
     #[inline(always)]
-    fn taken_here(ctx: &TcContext, p: &Packet, to: &[u32; 4], to_port: u16) -> bool {
+    fn owned_here(
+        ctx: &TcContext,
+        v4: bool,
+        remote: &[u32; 4],
+        rport: u16,
+        local: &[u32; 4],
+        lport: u16,
+    ) -> bool {
         // BPF_F_CURRENT_NETNS: the namespace of the device the program runs on.
         let netns = u64::MAX;
-        let sk = if p.v4 {
+        let sk = if v4 {
             let mut tuple = Tuple4 {
-                saddr: to[3],
-                daddr: p.src[3],
-                sport: to_port,
-                dport: p.sport,
+                saddr: remote[3],
+                daddr: local[3],
+                sport: rport,
+                dport: lport,
             };
             unsafe {
                 aya_ebpf::helpers::generated::bpf_skc_lookup_tcp(
@@ -1379,10 +1405,10 @@ mod programs {
             }
         } else {
             let mut tuple = Tuple6 {
-                saddr: *to,
-                daddr: p.src,
-                sport: to_port,
-                dport: p.sport,
+                saddr: *remote,
+                daddr: *local,
+                sport: rport,
+                dport: lport,
             };
             unsafe {
                 aya_ebpf::helpers::generated::bpf_skc_lookup_tcp(

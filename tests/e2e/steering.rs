@@ -6,49 +6,19 @@
 //! namespace's loopback, and the steering program, which the agent attaches to that
 //! namespace's `lo` (`--steer-netns`); the machine's own devices are never touched.
 //!
-//! The black hole is real and kernel-made: a listener whose accept queue is full drops
-//! every SYN (`LISTENOVERFLOWS`), so the connect sees nothing, exactly as with a backend
-//! that stopped answering.
+//! The black hole is real and kernel-made ([`BlackHole`]): a listener whose accept queue
+//! is full drops every SYN, so the connect sees nothing, exactly as with a backend that
+//! stopped answering.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use detour_testbed::{HttpBackend, Netns};
-use socket2::{Domain, Socket, Type};
+use detour_testbed::{BlackHole, HttpBackend, Netns};
 
 use crate::client::{self, Get, HoldEnd, Script};
 use crate::passive::{scrape, wait_for_file};
 use crate::world::{endpoint, World};
-
-/// A listener that never accepts, with its accept queue (`listen(0)`: one connection)
-/// already full: SYNs to it are dropped, unanswered.
-struct BlackHole {
-    _listener: Socket,
-    _filler: TcpStream,
-}
-
-impl BlackHole {
-    fn start_in(ns: &Netns, addr: SocketAddr) -> Result<Self> {
-        ns.run_in(|| -> Result<Self> {
-            let listener = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-            listener.set_reuse_address(true)?;
-            listener.bind(&addr.into())?;
-            listener.listen(0)?;
-            let filler = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                .context("filling the accept queue")?;
-            // A second connect must now go unanswered: that is the black hole.
-            ensure!(
-                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
-                "the full listener still answered a SYN"
-            );
-            Ok(Self {
-                _listener: listener,
-                _filler: filler,
-            })
-        })?
-    }
-}
 
 fn config(vip: &str, a: &str, b: &str) -> String {
     // consecutiveErrors is high so that the agent never ejects the black hole: every

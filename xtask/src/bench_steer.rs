@@ -51,14 +51,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use detour_testbed::{mono_ns, Agent, AgentBed, HttpBackend, LineStream, Netns, Veth};
-use socket2::{Domain, Socket, Type};
+use detour_testbed::{mono_ns, Agent, AgentBed, BlackHole, HttpBackend, LineStream, Netns, Veth};
 
 use crate::failover::{
     count_summary, fmt_ms, latency_of, median, nanos, ClientRun, Latency, Request, CLIENT_LEAD,
@@ -146,35 +145,6 @@ impl Mode {
 
 // ---------------------------------------------------------------------------------------
 // The bed
-
-/// A listener that never accepts, with its accept queue (`listen(0)`: one connection)
-/// already full: SYNs to it are dropped, unanswered.
-struct BlackHole {
-    _listener: Socket,
-    _filler: TcpStream,
-}
-
-impl BlackHole {
-    fn start_in(ns: &Netns, addr: SocketAddr) -> Result<Self> {
-        ns.run_in(|| -> Result<Self> {
-            let listener = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-            listener.set_reuse_address(true)?;
-            listener.bind(&addr.into())?;
-            listener.listen(0)?;
-            let filler = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                .context("filling the black hole's accept queue")?;
-            // A second connect must now go unanswered: that is the black hole.
-            ensure!(
-                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
-                "the full listener still answered a SYN"
-            );
-            Ok(Self {
-                _listener: listener,
-                _filler: filler,
-            })
-        })?
-    }
-}
 
 /// One run's bed. Field order is drop order: the agent bed (agent, pins, cgroup with the
 /// client, temp dir), the backends, the veth, the namespace.

@@ -1079,4 +1079,43 @@ mod tests {
         assert_eq!(h.counter(steer::COLLISIONS), 1);
         drop(listener);
     }
+
+    /// A SYN-ACK from the new backend to a port a closed steered flow used, answering a
+    /// new connection of this host from that port, is that connection's: it is not
+    /// translated and the stale reply entry goes (the bench saw every retry of such a
+    /// connect reset by the client until it timed out).
+    #[test]
+    fn a_syn_ack_for_a_new_connection_of_this_host_is_not_translated() {
+        let mut h = Harness::new();
+        let listener = std::net::TcpListener::bind("127.0.78.3:0").unwrap();
+        let new = listener.local_addr().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&"127.0.78.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.connect(&new.into()).unwrap();
+        let client = socket.local_addr().unwrap().as_socket().unwrap();
+        let flow = Flow {
+            client,
+            old: "127.0.78.2:8080".parse().unwrap(),
+            new,
+        };
+        h.steer(flow, 1);
+        let syn_ack = packet(flow.new, flow.client, TCP_SYN | TCP_ACK, b"");
+        let (verdict, out) = h.run(&syn_ack);
+        assert_eq!(verdict, NEXT);
+        assert_eq!(out, syn_ack, "not translated");
+        assert!(h.back().get(&flow_key(flow.client, flow.new), 0).is_err());
+        assert_eq!(h.counter(steer::COLLISIONS), 1);
+
+        // With no such connection, the same SYN-ACK is the steered flow's own.
+        socket.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(socket);
+        h.steer(flow, 1);
+        let (verdict, out) = h.run(&syn_ack);
+        assert_eq!(verdict, NEXT);
+        assert_translated(&out, &packet(flow.old, flow.client, TCP_SYN | TCP_ACK, b""));
+        drop(listener);
+    }
 }

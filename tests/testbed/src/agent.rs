@@ -391,7 +391,7 @@ esac
         assert!(agent.wait_ready(Duration::from_secs(5)).is_err());
         let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
         assert_eq!(
-            log.matches("127.0.0.1:0 --dns-listen off --max-slots 8")
+            log.matches("127.0.0.1:0 --dns-listen off --steer-devices none --max-slots 8")
                 .count(),
             2,
             "{log}"

@@ -24,6 +24,7 @@
 mod acceptor;
 mod agent;
 mod bed;
+mod blackhole;
 mod cgroup;
 pub mod demo;
 mod dns;
@@ -41,6 +42,7 @@ mod tls;
 
 pub use agent::{Agent, AgentOptions};
 pub use bed::AgentBed;
+pub use blackhole::BlackHole;
 pub use cgroup::Cgroup;
 pub use dns::DnsServer;
 pub use eventually::eventually;
