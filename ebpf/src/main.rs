@@ -58,8 +58,9 @@
 //! SYN steering (`detour_steer`, a tc program, and `sock_ops`' retransmission timeout):
 //! when the SYN of a rewritten socket goes unanswered for its handshake timeout and the
 //! agent has turned steering on (`DETOUR_STEER_CONTROL[ENABLED]`), `sock_ops` picks
-//! another backend of the frontend — untried, not suspect, of the same address family,
-//! one with a handshake completed in the last ~8 s first — and records the flow in
+//! another backend of the frontend — untried, not marked for failures, of the same
+//! address family; one with a handshake completed in the last ~8 s first, a softly
+//! suspect one only as a last resort and only with such handshakes — and records the flow in
 //! `DETOUR_STEER` (its 4-tuple → the new backend) and `DETOUR_STEER_BACK` (the reply
 //! tuple → the first pick). This runs before the kernel builds the retransmission, so
 //! that very retransmission is translated. The backend left behind counts a timeout at
@@ -69,7 +70,11 @@
 //! attached to), the steering is undone and the flow goes on as without it. Entries are
 //! never evicted: a full table means the flow is not steered. A closed flow's entries
 //! stay for a grace period (its TIME_WAIT ACKs), then the agent deletes them; the gate
-//! (`INSERTED != REMOVED`) is what every other packet pays.
+//! (`INSERTED != REMOVED`) is what every other packet pays. Two 4-tuple checks against
+//! this host's sockets (`bpf_skc_lookup_tcp`), each paid once per flow or connection: a
+//! steered flow's first translated packet must not take a tuple a socket here already
+//! has (else the steering is undone and redone at the next timeout), and a SYN-ACK that
+//! answers a socket of this host is never translated as a steered flow's reply.
 //!
 //! Invariants the agent relies on:
 //! - a connect that is not to a known TCP frontend is never touched;
