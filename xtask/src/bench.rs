@@ -795,6 +795,31 @@ fn summarize(setup: &str, results: &[RunResult]) -> Vec<Row> {
 }
 
 /// `12345.6` → `12,346`.
+/// The sum of the samples of `name` in a Prometheus text exposition (one sample for a
+/// series without labels); `None` when there is none.
+pub(crate) fn metric_sum(text: &str, name: &str) -> Option<u64> {
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        *sum.get_or_insert(0) += value as u64;
+    }
+    sum
+}
+
+/// The 1-minute load average, as `/proc/loadavg` says it.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{value:.0}");
     let mut out = String::new();

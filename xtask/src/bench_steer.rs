@@ -50,8 +50,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -59,6 +57,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use detour_testbed::{mono_ns, Agent, AgentBed, BlackHole, HttpBackend, LineStream, Netns, Veth};
 
+use crate::bench::{load_average, metric_sum};
 use crate::failover::{
     count_summary, fmt_ms, latency_of, median, nanos, ClientRun, Latency, Request, CLIENT_LEAD,
 };
@@ -81,8 +80,6 @@ const B_NAME: &str = "b";
 const DELAYED_NS: u64 = 50_000_000;
 /// How long the agent gets to answer and to put both backends in the table.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bounds the `/metrics` scrape.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args)]
 pub struct SteerArgs {
@@ -198,7 +195,7 @@ impl Bed {
             .lines()
             .filter(|l| l.contains("SYN steering attached"))
             .collect();
-        let counters = steer_counters(&scrape(agent)?);
+        let counters = steer_counters(&agent.metrics()?);
         let as_said = match mode {
             Mode::Off => attached.is_empty(),
             Mode::Steer => {
@@ -241,30 +238,6 @@ fn config() -> String {
     )
 }
 
-/// The agent's `/metrics`, read whole.
-fn scrape(agent: &Agent) -> Result<String> {
-    let addr = agent.metrics_address()?;
-    let mut conn = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .with_context(|| format!("connecting to the agent's /metrics at {addr}"))?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.set_write_timeout(Some(IO_TIMEOUT))?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: detour\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text)
-        .context("reading the agent's /metrics")?;
-    Ok(text)
-}
-
-/// `name value` of a series without labels.
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| {
-            let (n, v) = l.split_once(' ')?;
-            (n == name).then(|| v.trim().parse::<f64>().ok()).flatten()
-        })
-        .map(|v| v as u64)
-}
-
 /// The agent's steering counters; `None` when it has none (steering off).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct SteerCounters {
@@ -276,7 +249,7 @@ struct SteerCounters {
 }
 
 fn steer_counters(metrics: &str) -> Option<SteerCounters> {
-    let get = |name: &str| metric(metrics, &format!("detour_steer_{name}_total"));
+    let get = |name: &str| metric_sum(metrics, &format!("detour_steer_{name}_total"));
     Some(SteerCounters {
         steered: get("steered")?,
         no_candidate: get("no_candidate")?,
@@ -469,7 +442,7 @@ fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run
         start_at,
     )?;
     let requests = client.finish();
-    let metrics = scrape(agent);
+    let metrics = agent.metrics();
     let hole = hole_state(agent);
     // The backends' side of it: the namespace's TCP counters (SYNs the black hole
     // dropped, resets, PAWS rejections, ...), those that are not 0.
@@ -633,14 +606,6 @@ pub fn run(args: &SteerArgs) -> Result<()> {
     print!("{text}");
     eprintln!("raw figures: {}", kept.display());
     Ok(())
-}
-
-/// The 1-minute load average, as `/proc/loadavg` says it.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".to_owned())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -853,7 +818,7 @@ mod tests {
         );
         assert_eq!(steer_counters("detour_connects_total 3\n"), None);
         assert_eq!(
-            metric("detour_steer_steered_total 7\n", "detour_steer"),
+            metric_sum("detour_steer_steered_total 7\n", "detour_steer"),
             None
         );
     }

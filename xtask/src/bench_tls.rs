@@ -57,7 +57,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
-use crate::bench::{median, thousands, wait_in_table};
+use crate::bench::{load_average, median, metric_sum, thousands, wait_in_table};
 use crate::{cmd, setup};
 
 const BACKEND: &str = "127.10.44.1:8443";
@@ -447,12 +447,8 @@ fn config(ca_file: &Path) -> String {
 
 /// One counter of the agent's `/metrics` (the sum of its series).
 fn originator_counter(agent: &detour_testbed::Agent, name: &str) -> Result<u64> {
-    let response = exchange(
-        agent.metrics_address()?,
-        b"GET /metrics HTTP/1.1\r\nHost: detour\r\nConnection: close\r\n\r\n",
-    )
-    .context("reading the agent's /metrics")?;
-    metric_sum(&response, name).with_context(|| format!("no {name} in the agent's /metrics"))
+    metric_sum(&agent.metrics()?, name)
+        .with_context(|| format!("no {name} in the agent's /metrics"))
 }
 
 /// The backend's counts, from its process's stats socket.
@@ -505,30 +501,6 @@ impl BackendCounts {
     fn handshakes_since(&self, earlier: &Self) -> (u64, u64) {
         (self.full - earlier.full, self.resumed - earlier.resumed)
     }
-}
-
-/// The sum of the samples of `name` in a Prometheus text exposition.
-fn metric_sum(text: &str, name: &str) -> Option<u64> {
-    let mut sum = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with(' ') || rest.starts_with('{')) {
-            continue;
-        }
-        let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
-        *sum.get_or_insert(0) += value as u64;
-    }
-    sum
-}
-
-/// The 1-minute load average, as `/proc/loadavg` says it.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".to_owned())
 }
 
 /// User and system CPU time of process `pid` (all its threads, live and exited).

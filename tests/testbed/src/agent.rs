@@ -25,6 +25,8 @@ const TERM_GRACE: Duration = Duration::from_secs(3);
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of the log an error quotes.
 const LOG_TAIL: usize = 4096;
+/// Deadline for each step of one `/metrics` read.
+const METRICS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where an [`Agent`] finds its binary and puts its state.
 #[derive(Debug, Clone)]
@@ -124,6 +126,28 @@ impl Agent {
         let addr = line.split_whitespace().next().unwrap_or_default();
         addr.parse()
             .with_context(|| format!("metrics address {addr:?} in the agent log"))
+    }
+
+    /// One `GET /metrics`: the exposition text (the body). Each connect, read and write
+    /// waits at most [`METRICS_TIMEOUT`].
+    pub fn metrics(&self) -> Result<String> {
+        use std::io::{Read, Write};
+        let addr = self.metrics_address()?;
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, METRICS_TIMEOUT)
+            .with_context(|| format!("connecting to the agent's /metrics at {addr}"))?;
+        conn.set_read_timeout(Some(METRICS_TIMEOUT))?;
+        conn.set_write_timeout(Some(METRICS_TIMEOUT))?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: detour\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)
+            .context("reading the agent's /metrics")?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("the agent's /metrics answered without a header block")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("the agent's /metrics answered {head:?}");
+        }
+        Ok(body.to_owned())
     }
 
     /// The agent's process id, while it runs.
