@@ -730,6 +730,16 @@ impl Agent {
     /// Deletes the steering entries of flows closed long enough ago, and keeps the count
     /// of live steered flows per service and backend for `detour endpoints` and metrics.
     fn sweep_steering(&mut self) {
+        // Nothing steered (the usual state): no origins to open, no table to walk.
+        if self
+            .dataplane
+            .steering
+            .as_ref()
+            .is_none_or(|s| s.is_empty())
+        {
+            self.steered = Sweep::default();
+            return;
+        }
         let origins = match self.dataplane.origins() {
             Ok(origins) => origins,
             Err(e) => {

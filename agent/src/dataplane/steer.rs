@@ -178,6 +178,16 @@ impl Steering {
         !self.attachments.is_empty()
     }
 
+    /// Whether the translation table is empty, from the gate's two counters (no map
+    /// walk); `false` when they cannot be read.
+    pub fn is_empty(&self) -> bool {
+        let read = |index: u32| self.control.get(&index, 0).ok();
+        matches!(
+            (read(steer::INSERTED), read(steer::REMOVED)),
+            (Some(inserted), Some(removed)) if inserted == removed
+        )
+    }
+
     /// The control array: counters and the gate.
     pub fn counters(&self) -> Result<[u64; steer::COUNT as usize], MapOpError> {
         let mut out = [0; steer::COUNT as usize];
@@ -1036,28 +1046,32 @@ mod tests {
         assert_eq!(steering.back.get(&flow_key(client, new), 0).unwrap(), other);
     }
 
+    /// Real sockets on loopback (`127.0.NET.x`): the new backend (`.3`) listens, and a
+    /// connection from the flow's local address and port (`.1`) to it exists; the flow's
+    /// first pick is `.2`.
+    fn connected_flow(net: u8) -> (std::net::TcpListener, socket2::Socket, Flow) {
+        let listener = std::net::TcpListener::bind(format!("127.0.{net}.3:0")).unwrap();
+        let new = listener.local_addr().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let local: SocketAddr = format!("127.0.{net}.1:0").parse().unwrap();
+        socket.bind(&local.into()).unwrap();
+        socket.connect(&new.into()).unwrap();
+        let flow = Flow {
+            client: socket.local_addr().unwrap().as_socket().unwrap(),
+            old: format!("127.0.{net}.2:8080").parse().unwrap(),
+            new,
+        };
+        (listener, socket, flow)
+    }
+
     /// A flow whose new 4-tuple is already a connection of this host (the same local
     /// address and port, to the new backend) is not translated: its entry is undone and
     /// counted, its reply entry dropped. The same packet with no such connection is.
     #[test]
     fn a_new_4_tuple_that_is_already_a_connection_here_is_not_translated() {
         let mut h = Harness::new();
-        // Real sockets on loopback: the new backend listens, and a connection from the
-        // flow's local address and port to it exists.
-        let listener = std::net::TcpListener::bind("127.0.77.3:0").unwrap();
-        let new = listener.local_addr().unwrap();
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket
-            .bind(&"127.0.77.1:0".parse::<SocketAddr>().unwrap().into())
-            .unwrap();
-        socket.connect(&new.into()).unwrap();
-        let client = socket.local_addr().unwrap().as_socket().unwrap();
-        let flow = Flow {
-            client,
-            old: "127.0.77.2:8080".parse().unwrap(),
-            new,
-        };
+        let (listener, socket, flow) = connected_flow(77);
         h.steer(flow, 1);
         let syn = packet(flow.client, flow.old, TCP_SYN, b"");
         let (verdict, out) = h.run(&syn);
@@ -1087,20 +1101,7 @@ mod tests {
     #[test]
     fn a_syn_ack_for_a_new_connection_of_this_host_is_not_translated() {
         let mut h = Harness::new();
-        let listener = std::net::TcpListener::bind("127.0.78.3:0").unwrap();
-        let new = listener.local_addr().unwrap();
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket
-            .bind(&"127.0.78.1:0".parse::<SocketAddr>().unwrap().into())
-            .unwrap();
-        socket.connect(&new.into()).unwrap();
-        let client = socket.local_addr().unwrap().as_socket().unwrap();
-        let flow = Flow {
-            client,
-            old: "127.0.78.2:8080".parse().unwrap(),
-            new,
-        };
+        let (listener, socket, flow) = connected_flow(78);
         h.steer(flow, 1);
         let syn_ack = packet(flow.new, flow.client, TCP_SYN | TCP_ACK, b"");
         let (verdict, out) = h.run(&syn_ack);
