@@ -135,6 +135,8 @@ pub struct SteerMetrics {
     pub late_dropped: u64,
     pub unseen: u64,
     pub collisions: u64,
+    /// Resets refusing a handshake, held back so that the flow is steered instead.
+    pub refusals_held: u64,
     /// Entries in the translation table (closed flows in their grace included).
     pub entries: u64,
     /// `--max-steered-flows`.
@@ -532,6 +534,12 @@ impl Collector for SnapshotCollector {
                 "detour_steer_collisions",
                 "Steerings undone at their first packet because the new 4-tuple was already a socket's at this host; the flow is steered elsewhere at its next timeout.",
                 steer.collisions,
+            )?;
+            counter(
+                e,
+                "detour_steer_refusals_held",
+                "Resets refusing a rewritten connect that were held back (dropped) because another backend could take the flow; it is steered at its handshake timeout instead of failing.",
+                steer.refusals_held,
             )?;
             counter(
                 e,

@@ -66,8 +66,12 @@ pub mod steer {
     /// to the new backend; the flow is steered again at its next timeout), and reply
     /// entries dropped because a new connection of this host took their 4-tuple.
     pub const COLLISIONS: u32 = 8;
+    /// Resets held back: a reset refusing a rewritten connect's SYN while another
+    /// backend could take the flow is dropped, and the flow is steered at its next
+    /// timeout instead of failing.
+    pub const REFUSALS_HELD: u32 = 9;
     /// Number of indexes.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// How many times one flow may be steered before it is left to its own timeout.
     pub const MAX_STEERS: u32 = 3;
@@ -169,8 +173,12 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "detour_getpeername6";
     /// `sock_ops`: watches rewritten connections and reports their outcomes.
     pub const SOCK_OPS: &str = "detour_sock_ops";
-    /// tc (tcx on 6.6+, clsact before): translates steered flows, both ways.
+    /// tc (tcx on 6.6+, clsact before), egress: translates steered flows, both ways.
     pub const STEER: &str = "detour_steer";
+    /// tc, ingress: translates steered flows' replies (except on `lo`, whose egress
+    /// program already saw both directions) and holds back a reset that refuses a
+    /// rewritten connect while another backend could take it.
+    pub const STEER_INGRESS: &str = "detour_steer_ingress";
     /// Raw tracepoint `tcp_receive_reset`: notes, per CPU, the socket a reset is being
     /// received for, so that `sock_ops` can tell a reset from the backend apart from
     /// the local side aborting. Not cgroup-scoped: it runs for every reset the host
@@ -424,6 +432,11 @@ pub const ORIGIN_DESTROYED_BY_AGENT: u32 = 2;
 /// [`SockOrigin::flags`]: the socket's flow was steered to another backend (its
 /// [`Steer`] entry says which); its peer address is still the connect's pick.
 pub const ORIGIN_STEERED: u32 = 4;
+
+/// [`SockOrigin::flags`]: a reset refusing this socket's SYN was held back (dropped
+/// before the socket saw it) so that the flow is steered at its next timeout; that
+/// timeout counts the backend as refused, not timed out, and clears the flag.
+pub const ORIGIN_RESET_HELD: u32 = 8;
 
 /// A TCP flow from the local socket's side. Addresses as everywhere (IPv4 mapped),
 /// ports network order.

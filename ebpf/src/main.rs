@@ -76,6 +76,20 @@
 //! has (else the steering is undone and redone at the next timeout), and a SYN-ACK that
 //! answers a socket of this host is never translated as a steered flow's reply.
 //!
+//! Refused backends (`detour_steer_ingress`): a reset answering a rewritten socket's SYN
+//! would fail the connect at once. While steering is on, the ingress program looks at
+//! every packet's TCP flags in its linear head; for a reset it finds the socket
+//! (`bpf_sk_lookup_tcp`), and if that is a rewritten socket still in SYN_SENT with
+//! steering budget and a backend to go to, it drops the reset, marks the refusing
+//! backend softly suspect and flags the origin (`ORIGIN_RESET_HELD`). The socket's SYN
+//! timeout then comes as for a black hole and `sock_ops` steers the flow, counting the
+//! backend as refused. Nothing in BPF can make the socket retransmit sooner, so a refused
+//! connect costs its handshake timeout instead of failing. A reset is held at most once
+//! per backend tried, and goes through when nothing is left to try, so a service with no
+//! live backend still fails fast. tc can read only the cookie of the packet's own
+//! socket, so the found socket is first assigned to the packet (`bpf_sk_assign`, ingress
+//! only, the socket the stack would find anyway).
+//!
 //! Invariants the agent relies on:
 //! - a connect that is not to a known TCP frontend is never touched;
 //! - a missing slot or backend (a table being replaced under us) leaves the connect alone
@@ -120,7 +134,7 @@ mod programs {
         SteerBack, AF_INET, AF_INET6, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
         DEFAULT_MAX_SOCKETS, DEFAULT_MAX_STEERED, DEFAULT_MAX_TABLE_SLOTS, EVENTS_RING_BYTES,
         EVENTS_WAKEUP_BYTES, IPPROTO_TCP, ORIGIN_DESTROYED_BY_AGENT, ORIGIN_OUTCOME_REPORTED,
-        ORIGIN_STEERED, RESET_SEEN_WINDOW_NS, SUSPECT_PROBES, V4_MAPPED_WORD,
+        ORIGIN_RESET_HELD, ORIGIN_STEERED, RESET_SEEN_WINDOW_NS, SUSPECT_PROBES, V4_MAPPED_WORD,
     };
 
     /// Allow the syscall to go on (with whatever address we left in the context).
@@ -713,10 +727,20 @@ mod programs {
     }
 
     /// A SYN timeout without steering: the first makes the backend softly suspect, the
-    /// second is its failure.
+    /// second is its failure. After a held reset it is the backend's refusal, and the
+    /// flow's outcome: the next reset reaches the socket.
+    ///
+    /// The held reset's flag is read here and in [`steered_away`], where it is used, not
+    /// once before the choice: a value live across `steer_target`'s loop doubles the
+    /// states the verifier walks there, which took `sock_ops` past its limit.
     #[inline(always)]
     fn unsteered_timeout(ctx: &SockOpsContext, origin: *mut SockOrigin, backend_id: u32) {
-        if ctx.arg(0) == 0 {
+        if unsafe { (*origin).flags } & ORIGIN_RESET_HELD != 0 {
+            unsafe {
+                (*origin).flags = ((*origin).flags & !ORIGIN_RESET_HELD) | ORIGIN_OUTCOME_REPORTED
+            };
+            on_failure(origin, backend_id, event_kind::REFUSED);
+        } else if ctx.arg(0) == 0 {
             on_first_retransmit(origin, backend_id);
         } else {
             unsafe { (*origin).flags |= ORIGIN_OUTCOME_REPORTED };
@@ -724,10 +748,25 @@ mod programs {
         }
     }
 
-    /// A flow leaves `backend_id` after its SYN went unanswered: the backend is softly
-    /// suspect for new connects at once, and this handshake counts as its failure.
+    /// A flow leaves `backend_id` after its SYN went unanswered (or was refused: a reset
+    /// held back): the backend is softly suspect for new connects at once, and this
+    /// handshake counts as its failure.
     #[inline(always)]
     fn steered_away(origin: *mut SockOrigin, backend_id: u32) {
+        soft_suspect(origin, backend_id);
+        let kind = if unsafe { (*origin).flags } & ORIGIN_RESET_HELD != 0 {
+            unsafe { (*origin).flags &= !ORIGIN_RESET_HELD };
+            event_kind::REFUSED
+        } else {
+            event_kind::TIMEOUT
+        };
+        on_failure(origin, backend_id, kind);
+    }
+
+    /// Marks `backend_id` softly suspect for 4 handshake timeouts: new connects avoid it
+    /// while another backend is unsuspected (its handshake completing ends that).
+    #[inline(always)]
+    fn soft_suspect(origin: *const SockOrigin, backend_id: u32) {
         if unsafe { (*origin).fail_threshold } != 0 {
             if let Some(state) = BACKEND_STATE.get_ptr_mut(backend_id) {
                 let ttl_ns =
@@ -735,7 +774,6 @@ mod programs {
                 unsafe { (*state).soft_until_ns = bpf_ktime_get_ns() + ttl_ns };
             }
         }
-        on_failure(origin, backend_id, event_kind::TIMEOUT);
     }
 
     /// Whether a handshake with `backend_id` completed lately (positive evidence).
@@ -1224,6 +1262,145 @@ mod programs {
         translate(&ctx).unwrap_or(TC_NEXT)
     }
 
+    /// SYN steering on ingress: translates steered flows' replies like [`detour_steer`]
+    /// (except on `lo`, whose egress program already saw both directions: translating
+    /// again would take its own translated replies for late packets), then holds back a
+    /// reset that refuses a rewritten connect while another backend could take the flow
+    /// (see [`hold_refusal`]). Every other packet pays the two gates and, while steering
+    /// is on, a look at its TCP flags in the packet's linear head.
+    #[classifier]
+    pub fn detour_steer_ingress(ctx: TcContext) -> i32 {
+        let on_lo = unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX;
+        if !on_lo && control(steer::INSERTED) != control(steer::REMOVED) {
+            if let Some(TC_DROP) = translate(&ctx) {
+                return TC_DROP;
+            }
+        }
+        if control(steer::ENABLED) == 0 || !is_reset(&ctx) {
+            return TC_NEXT;
+        }
+        hold_refusal(&ctx).unwrap_or(TC_NEXT)
+    }
+
+    /// `lo`'s ifindex in every network namespace (`LOOPBACK_IFINDEX`,
+    /// include/net/flow.h).
+    const LOOPBACK_IFINDEX: u32 = 1;
+    /// RST in the TCP flags byte.
+    const TCP_RST: u8 = 0x04;
+
+    /// Whether the packet is a TCP segment with RST set, read straight from its linear
+    /// head (no helper call: this is the per-packet cost of holding refusals). A reset
+    /// is a bare header, always in the head; a packet whose headers are not is not one.
+    #[inline(always)]
+    fn is_reset(ctx: &TcContext) -> bool {
+        let data = ctx.data();
+        let end = ctx.data_end();
+        let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+        let l4 = if protocol == ETH_P_IP {
+            if data + L3 + 20 > end {
+                return false;
+            }
+            let version_ihl = unsafe { *((data + L3) as *const u8) };
+            let proto = unsafe { *((data + L3 + 9) as *const u8) };
+            if proto != IPPROTO_TCP_U8 {
+                return false;
+            }
+            L3 + usize::from(version_ihl & 0x0f) * 4
+        } else if protocol == ETH_P_IPV6 {
+            if data + L3 + 40 > end {
+                return false;
+            }
+            if unsafe { *((data + L3 + 6) as *const u8) } != IPPROTO_TCP_U8 {
+                return false;
+            }
+            L3 + 40
+        } else {
+            return false;
+        };
+        if data + l4 + 14 > end {
+            return false;
+        }
+        let flags = unsafe { *((data + l4 + 13) as *const u8) };
+        flags & TCP_RST != 0
+    }
+
+    /// A reset (`RST`) refusing a rewritten connect's SYN, while another backend could
+    /// take the flow: dropped, so the socket never sees it and its connect does not
+    /// fail. The refusing backend is softly suspect at once (new connects avoid it), and
+    /// the flow is steered at its next SYN timeout by `sock_ops` (the reset cannot make
+    /// the socket retransmit sooner; nothing a BPF program can do can), where the
+    /// backend counts as refused.
+    ///
+    /// Held at most once per backend the flow tries; let through (so a service with no
+    /// backend left still fails fast) when the flow's outcome is reported, its steering
+    /// budget is spent, or no backend is left to steer to. `None`: let the packet be.
+    #[inline(always)]
+    fn hold_refusal(ctx: &TcContext) -> Option<i32> {
+        let p = parse(ctx)?;
+        if p.flags & TCP_RST == 0 {
+            return None;
+        }
+        // The socket the reset is for, as the stack will find it. Only one still in
+        // SYN_SENT can be a refused connect.
+        let sk = lookup_tcp(ctx, p.v4, &p.src, p.sport, &p.dst, p.dport);
+        if sk.is_null() {
+            return None;
+        }
+        let state = unsafe { (*sk).state };
+        // Its cookie is the key of its origin; tc can only read the cookie of the
+        // packet's own socket, so the socket is assigned to the packet first (ingress
+        // only; the stack would find the same one).
+        let assigned = if state == TCP_SYN_SENT {
+            unsafe { aya_ebpf::helpers::generated::bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) }
+        } else {
+            -1
+        };
+        unsafe { aya_ebpf::helpers::generated::bpf_sk_release(sk.cast()) };
+        if assigned != 0 {
+            return None;
+        }
+        let cookie = cookie(ctx);
+        let origin = SOCK_ORIGIN.get_ptr_mut(&cookie)?;
+        let flags = unsafe { (*origin).flags };
+        if flags & (ORIGIN_OUTCOME_REPORTED | ORIGIN_RESET_HELD | ORIGIN_DESTROYED_BY_AGENT) != 0 {
+            return None;
+        }
+        let first_pick = unsafe { (*origin).backend_id };
+        let mut tried = [
+            first_pick,
+            steer::NO_BACKEND,
+            steer::NO_BACKEND,
+            steer::NO_BACKEND,
+        ];
+        let mut refusing = first_pick;
+        if flags & ORIGIN_STEERED != 0 {
+            let key = FlowKey {
+                local: p.dst,
+                remote: unsafe { (*origin).backend },
+                local_port: p.dport,
+                remote_port: unsafe { (*origin).backend_port },
+            };
+            let entry = unsafe { STEER.get(&key) }?;
+            // Undone or collided flows, and a spent budget: the reset goes through.
+            if entry.steps == 0
+                || entry.seen == SEEN_COLLIDED
+                || u32::from(entry.steps) >= steer::MAX_STEERS
+            {
+                return None;
+            }
+            tried = entry.tried;
+            refusing = entry.to_id;
+        }
+        let mut to = NO_ADDRESS;
+        if steer_target(origin, &tried, &mut to) == steer::NO_BACKEND {
+            return None;
+        }
+        unsafe { (*origin).flags |= ORIGIN_RESET_HELD };
+        soft_suspect(origin, refusing);
+        control_add(steer::REFUSALS_HELD, 1);
+        Some(TC_DROP)
+    }
+
     /// The packet's addresses and TCP ports, with where they sit.
     struct Packet {
         src: [u32; 4],
@@ -1354,7 +1531,7 @@ mod programs {
         None
     }
 
-    /// `struct bpf_sock_tuple`'s halves, as `bpf_skc_lookup_tcp` reads them.
+    /// `struct bpf_sock_tuple`'s halves, as the socket lookup helpers read them.
     #[repr(C)]
     struct Tuple4 {
         saddr: u32,
@@ -1390,23 +1567,64 @@ mod programs {
         local: &[u32; 4],
         lport: u16,
     ) -> bool {
+        let sk = lookup(ctx, v4, remote, rport, local, lport, false);
+        if sk.is_null() {
+            return false;
+        }
+        let state = unsafe { (*sk).state };
+        unsafe { aya_ebpf::helpers::generated::bpf_sk_release(sk.cast()) };
+        state != TCP_LISTEN
+    }
+
+    /// The full socket (a connection in any state but TIME_WAIT, or a listener) a packet
+    /// from `remote`:`rport` to `local`:`lport` goes to; null for none. The caller
+    /// releases it.
+    #[inline(always)]
+    fn lookup_tcp(
+        ctx: &TcContext,
+        v4: bool,
+        remote: &[u32; 4],
+        rport: u16,
+        local: &[u32; 4],
+        lport: u16,
+    ) -> *mut aya_ebpf::bindings::bpf_sock {
+        lookup(ctx, v4, remote, rport, local, lport, true)
+    }
+
+    /// `bpf_sk_lookup_tcp` (`full`: full sockets only) or `bpf_skc_lookup_tcp` (request
+    /// and TIME_WAIT sockets too) in the device's namespace.
+    #[inline(always)]
+    fn lookup(
+        ctx: &TcContext,
+        v4: bool,
+        remote: &[u32; 4],
+        rport: u16,
+        local: &[u32; 4],
+        lport: u16,
+        full: bool,
+    ) -> *mut aya_ebpf::bindings::bpf_sock {
+        use aya_ebpf::helpers::generated::{bpf_sk_lookup_tcp, bpf_skc_lookup_tcp};
         // BPF_F_CURRENT_NETNS: the namespace of the device the program runs on.
         let netns = u64::MAX;
-        let sk = if v4 {
+        // One call per family with its own tuple on the stack: the verifier checks each
+        // with a constant size.
+        if v4 {
             let mut tuple = Tuple4 {
                 saddr: remote[3],
                 daddr: local[3],
                 sport: rport,
                 dport: lport,
             };
+            let (tuple, size) = (
+                (&raw mut tuple).cast(),
+                core::mem::size_of::<Tuple4>() as u32,
+            );
             unsafe {
-                aya_ebpf::helpers::generated::bpf_skc_lookup_tcp(
-                    ctx.as_ptr(),
-                    (&raw mut tuple).cast(),
-                    core::mem::size_of::<Tuple4>() as u32,
-                    netns,
-                    0,
-                )
+                if full {
+                    bpf_sk_lookup_tcp(ctx.as_ptr(), tuple, size, netns, 0)
+                } else {
+                    bpf_skc_lookup_tcp(ctx.as_ptr(), tuple, size, netns, 0)
+                }
             }
         } else {
             let mut tuple = Tuple6 {
@@ -1415,22 +1633,18 @@ mod programs {
                 sport: rport,
                 dport: lport,
             };
+            let (tuple, size) = (
+                (&raw mut tuple).cast(),
+                core::mem::size_of::<Tuple6>() as u32,
+            );
             unsafe {
-                aya_ebpf::helpers::generated::bpf_skc_lookup_tcp(
-                    ctx.as_ptr(),
-                    (&raw mut tuple).cast(),
-                    core::mem::size_of::<Tuple6>() as u32,
-                    netns,
-                    0,
-                )
+                if full {
+                    bpf_sk_lookup_tcp(ctx.as_ptr(), tuple, size, netns, 0)
+                } else {
+                    bpf_skc_lookup_tcp(ctx.as_ptr(), tuple, size, netns, 0)
+                }
             }
-        };
-        if sk.is_null() {
-            return false;
         }
-        let state = unsafe { (*sk).state };
-        unsafe { aya_ebpf::helpers::generated::bpf_sk_release(sk.cast()) };
-        state != TCP_LISTEN
     }
 
     /// Rewrites the destination (or, for `source`, the source) address and port, and

@@ -8,7 +8,8 @@
 //!
 //! The black hole is real and kernel-made ([`BlackHole`]): a listener whose accept queue
 //! is full drops every SYN, so the connect sees nothing, exactly as with a backend that
-//! stopped answering.
+//! stopped answering. The refusing backend is an address nothing listens on: the kernel
+//! answers its SYNs with a reset, as for a backend whose process died.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -69,7 +70,26 @@ fn metric(metrics: &str, name: &str) -> Option<u64> {
     })
 }
 
+/// What is wrong with backend A.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// SYNs go unanswered.
+    BlackHole,
+    /// Nothing listens: SYNs are answered with a reset.
+    Refused,
+}
+
 fn every_get_answered_by_b_through_a_black_hole(
+    vip: &str,
+    a: &str,
+    b: &str,
+    lo_addrs: &[&str],
+) -> Result<()> {
+    every_get_answered_by_b(Fault::BlackHole, vip, a, b, lo_addrs)
+}
+
+fn every_get_answered_by_b(
+    fault: Fault,
     vip: &str,
     a: &str,
     b: &str,
@@ -81,7 +101,10 @@ fn every_get_answered_by_b_through_a_black_hole(
         ns.ip(&["addr", "add", addr, "dev", "lo"])?;
     }
     let port = |host: &str| -> Result<SocketAddr> { Ok(SocketAddr::new(host.parse()?, 8080)) };
-    let _hole = BlackHole::start_in(&ns, port(a)?)?;
+    let _hole = match fault {
+        Fault::BlackHole => Some(BlackHole::start_in(&ns, port(a)?)?),
+        Fault::Refused => None,
+    };
     let _b = HttpBackend::start_in(&ns, "b", port(b)?)?;
     w.write_config(&config(vip, a, b))?;
     let netns = ns.path().display().to_string();
@@ -131,13 +154,22 @@ fn every_get_answered_by_b_through_a_black_hole(
     let steered = metric(&metrics, "detour_steer_steered_total").unwrap_or(0);
     ensure!(
         steered >= 1,
-        "no handshake was steered (the black hole was never picked?):\n{metrics}"
+        "no handshake was steered (the faulty backend was never picked?):\n{metrics}"
     );
     ensure!(
         metric(&metrics, "detour_steer_unseen_total") == Some(0),
         "the program saw every steered flow:\n{metrics}"
     );
-    eprintln!("{steered} handshakes steered away from the black hole; 150 of 150 GETs answered");
+    let held = metric(&metrics, "detour_steer_refusals_held_total").unwrap_or(0);
+    match fault {
+        // Every steering of a refused flow follows a held reset.
+        Fault::Refused => ensure!(
+            held >= steered,
+            "{held} resets held for {steered} steerings:\n{metrics}"
+        ),
+        Fault::BlackHole => ensure!(held == 0, "{held} resets held:\n{metrics}"),
+    }
+    eprintln!("{fault:?}: {steered} handshakes steered away from A ({held} resets held); 150 of 150 GETs answered");
     Ok(())
 }
 
@@ -154,6 +186,67 @@ fn ipv6_handshakes_to_a_black_hole_are_steered_and_no_get_fails() -> Result<()> 
         "fd00:10::2",
         &["fd00:10::1/128", "fd00:10::2/128"],
     )
+}
+
+#[test]
+fn ipv4_refused_handshakes_are_steered_and_no_get_fails() -> Result<()> {
+    every_get_answered_by_b(
+        Fault::Refused,
+        "127.210.43.1",
+        "127.10.43.1",
+        "127.10.43.2",
+        &[],
+    )
+}
+
+#[test]
+fn ipv6_refused_handshakes_are_steered_and_no_get_fails() -> Result<()> {
+    every_get_answered_by_b(
+        Fault::Refused,
+        "fd00:210::43:1",
+        "fd00:10::43:1",
+        "fd00:10::43:2",
+        &["fd00:10::43:1/128", "fd00:10::43:2/128"],
+    )
+}
+
+#[test]
+fn when_every_backend_refuses_the_connect_still_fails_with_refused() -> Result<()> {
+    // No backend left to steer to: the last reset goes through, so a dead service fails
+    // fast (after one handshake timeout per backend tried) instead of hanging.
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    w.write_config(&config("127.210.44.1", "127.10.44.1", "127.10.44.2"))?;
+    let netns = ns.path().display().to_string();
+    w.bed.start_agent(
+        &["--steer-devices", "lo", "--steer-netns", &netns],
+        crate::world::READY_TIMEOUT,
+    )?;
+    let client = client::spawn_in_netns(
+        &w.cgroup,
+        &ns.path(),
+        &Script::Gets {
+            target: "127.210.44.1:80".parse()?,
+            count: 5,
+            interval_ms: 10,
+        },
+    )?;
+    let gets: Vec<Get> = client::results(client, Duration::from_secs(30))?;
+    ensure!(gets.len() == 5, "{} results", gets.len());
+    ensure!(
+        gets.iter().all(|g| g
+            .error
+            .as_deref()
+            .is_some_and(|e| e.to_lowercase().contains("refused"))),
+        "every GET fails as refused: {gets:?}"
+    );
+    let metrics = scrape(w.agent().metrics_address()?)?;
+    let held = metric(&metrics, "detour_steer_refusals_held_total").unwrap_or(0);
+    ensure!(
+        held <= 5,
+        "at most one reset held per connect (one other backend to try): {held}\n{metrics}"
+    );
+    Ok(())
 }
 
 #[test]
@@ -227,23 +320,45 @@ services:
 
 #[test]
 fn over_a_veth_a_stalled_handshake_is_steered_both_ways_on_one_device() -> Result<()> {
+    over_a_veth(Fault::BlackHole, 46)
+}
+
+#[test]
+fn over_a_veth_a_refused_handshake_is_steered_both_ways_on_one_device() -> Result<()> {
+    over_a_veth(Fault::Refused, 47)
+}
+
+fn over_a_veth(fault: Fault, net: u8) -> Result<()> {
     // Both backends behind one veth pair the test makes: the agent attaches steering to
-    // its root end (egress translates the flow, ingress the replies), in the agent's own
-    // namespace, and to no other device.
+    // its root end (egress translates the flow; ingress the replies, and holds the
+    // refusals), in the agent's own namespace, and to no other device.
     let mut w = World::new()?;
     let ns = Netns::new()?;
-    let veth = ns.veth("10.231.41.1/24", "10.231.41.2/24")?;
-    ns.ip(&["addr", "add", "10.231.41.3/24", "dev", veth.peer_name()])?;
-    let (a, b): (SocketAddr, SocketAddr) =
-        ("10.231.41.2:8080".parse()?, "10.231.41.3:8080".parse()?);
-    let _hole = BlackHole::start_in(&ns, a)?;
+    let subnet = |host: u8| format!("10.231.{net}.{host}");
+    let veth = ns.veth(&format!("{}/24", subnet(1)), &format!("{}/24", subnet(2)))?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", subnet(3)),
+        "dev",
+        veth.peer_name(),
+    ])?;
+    let (a, b): (SocketAddr, SocketAddr) = (
+        format!("{}:8080", subnet(2)).parse()?,
+        format!("{}:8080", subnet(3)).parse()?,
+    );
+    let _hole = match fault {
+        Fault::BlackHole => Some(BlackHole::start_in(&ns, a)?),
+        Fault::Refused => None,
+    };
     let _b = HttpBackend::start_in(&ns, "b", b)?;
-    w.write_config(&config("127.210.42.1", "10.231.41.2", "10.231.41.3"))?;
+    let vip = format!("127.210.{net}.1");
+    w.write_config(&config(&vip, &subnet(2), &subnet(3)))?;
     w.bed.start_agent(
         &["--steer-devices", veth.host_name()],
         crate::world::READY_TIMEOUT,
     )?;
-    let gets = client::gets(&w.cgroup, "127.210.42.1:80".parse()?, 100, 10)?;
+    let gets = client::gets(&w.cgroup, format!("{vip}:80").parse()?, 100, 10)?;
     no_get_failed(&mut w, &gets)?;
     ensure!(
         gets.iter().all(|g| g.body.as_deref() == Some("b")),
@@ -256,6 +371,15 @@ fn over_a_veth_a_stalled_handshake_is_steered_both_ways_on_one_device() -> Resul
         metric(&metrics, "detour_steer_unseen_total") == Some(0),
         "{metrics}"
     );
-    eprintln!("over a veth: {steered} handshakes steered; 100 of 100 GETs answered");
+    let held = metric(&metrics, "detour_steer_refusals_held_total").unwrap_or(0);
+    if fault == Fault::Refused {
+        ensure!(
+            held >= steered,
+            "{held} resets held for {steered} steerings"
+        );
+    }
+    eprintln!(
+        "over a veth, {fault:?}: {steered} handshakes steered ({held} resets held); 100 of 100 GETs answered"
+    );
     Ok(())
 }

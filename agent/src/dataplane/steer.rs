@@ -1,12 +1,14 @@
-//! SYN steering's userspace half: attaches the tc program `detour_steer` where steered
-//! flows run, turns steering on in the kernel, and deletes the translations of flows
-//! that closed once their grace period is over.
+//! SYN steering's userspace half: attaches the tc programs `detour_steer` (egress) and
+//! `detour_steer_ingress` where steered flows run, turns steering on in the kernel, and
+//! deletes the translations of flows that closed once their grace period is over.
 //!
 //! What steering is (the programs' module doc has the kernel side): when a rewritten
 //! socket's SYN goes unanswered for its handshake timeout, `sock_ops` picks another
 //! backend and records a per-flow translation; `detour_steer` rewrites that flow's
 //! packets (destination out, source back) for its whole life. The application's connect
-//! takes one handshake timeout longer instead of failing.
+//! takes one handshake timeout longer instead of failing. A reset refusing such a
+//! connect is held back by the ingress program while another backend could take the
+//! flow, which is then steered at its timeout the same way.
 //!
 //! Invariants:
 //! - `sock_ops` steers only once [`steer::ENABLED`] is 1, which is written only after the
@@ -28,8 +30,7 @@
 //!   `--max-sockets`) never has its close noted: the sweep takes it as closed, so such
 //!   entries cannot fill the table for good.
 //!
-//! What is not done yet (issue 9): refused backends (a RST answering the SYN); ICMP
-//! errors inside steered flows are not translated; a backend reached through another
+//! What is not done yet (issue 9): ICMP errors inside steered flows are not translated; a backend reached through another
 //! device than the connect's pick is not redirected to (`bpf_redirect_neigh`); pods' own
 //! namespaces are attached to only when named with `--steer-netns`.
 
@@ -125,14 +126,14 @@ impl Steering {
             steering.set_enabled(false)?;
             return Ok(steering);
         }
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(programs::STEER)
-            .ok_or_else(|| format!("the object has no program {}", programs::STEER))?
-            .try_into()
-            .map_err(|e| format!("{}: {e}", programs::STEER))?;
-        program
-            .load()
-            .map_err(|e| format!("loading {}: {e}", programs::STEER))?;
+        for name in [programs::STEER, programs::STEER_INGRESS] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("the object has no program {name}"))?
+                .try_into()
+                .map_err(|e| format!("{name}: {e}"))?;
+            program.load().map_err(|e| format!("loading {name}: {e}"))?;
+        }
         if !tcx {
             // Before tcx the program sits in a clsact qdisc as a cls_bpf filter; Debian's
             // kernels build both as modules (`sch_ingress` holds clsact).
@@ -150,8 +151,18 @@ impl Steering {
         };
         for netns in places {
             for device in &opts.devices {
-                for &direction in directions(device) {
-                    let attachment = attach_in(program, netns, device, direction, links_dir, tcx)?;
+                for direction in [TcAttachType::Egress, TcAttachType::Ingress] {
+                    let name = match direction {
+                        TcAttachType::Ingress => programs::STEER_INGRESS,
+                        _ => programs::STEER,
+                    };
+                    let program: &mut SchedClassifier = ebpf
+                        .program_mut(name)
+                        .ok_or_else(|| format!("the object has no program {name}"))?
+                        .try_into()
+                        .map_err(|e| format!("{name}: {e}"))?;
+                    let attachment =
+                        attach_in(program, name, netns, device, direction, links_dir, tcx)?;
                     info!(
                         netns = %attachment.netns,
                         device = %attachment.device,
@@ -295,22 +306,16 @@ impl Steering {
     }
 }
 
-/// Where on `device` the program runs. A flow's packets leave by egress and its replies
-/// arrive by ingress; on `lo` every packet passes egress and then ingress, so egress
-/// alone sees both directions, and an ingress program would see its own translations
-/// (a reply already given A's address looks like a late packet from A).
-fn directions(device: &str) -> &'static [TcAttachType] {
-    if device == "lo" {
-        &[TcAttachType::Egress]
-    } else {
-        &[TcAttachType::Egress, TcAttachType::Ingress]
-    }
-}
-
 /// Attaches `program` to `device` in `netns` (the agent's own when `None`), replacing
-/// what an earlier agent left there.
+/// what an earlier agent left there: `detour_steer` on egress, `detour_steer_ingress` on
+/// ingress. A flow's packets leave by egress and its replies arrive by ingress; on `lo`
+/// every packet passes egress and then ingress, so the egress program translates both
+/// directions there and the ingress one only holds refusals (it knows `lo` by its
+/// ifindex). The pin is named after `detour_steer` in both directions, so that an agent
+/// from before the ingress program existed has its ingress link replaced in place.
 fn attach_in(
     program: &mut SchedClassifier,
+    name: &str,
     netns: Option<&Path>,
     device: &str,
     direction: TcAttachType,
@@ -331,10 +336,7 @@ fn attach_in(
         .map_err(|e| format!("netns {netns_name}: {e}"))?
         .ino();
     let pin = links_dir.join(format!("{}-{inode}-{device}-{dir}", programs::STEER));
-    let what = format!(
-        "{} on {device} {dir} in netns {netns_name}",
-        programs::STEER
-    );
+    let what = format!("{name} on {device} {dir} in netns {netns_name}");
     let work = || -> Result<&'static str, String> {
         if let Some(ns) = netns.map(|_| &ns_file) {
             // SAFETY: `ns` is an open namespace file; this thread exists only for this.
@@ -385,10 +387,14 @@ fn attach_in(
                 Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => return Err(format!("{what}: adding clsact: {e}")),
             }
-            match tc::qdisc_detach_program(device, direction, programs::STEER) {
-                Ok(()) => {}
-                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => warn!("{what}: removing the previous filter: {e}"),
+            // Either program may be there from an earlier agent (before the ingress
+            // program existed, `detour_steer` ran on ingress too).
+            for old in [programs::STEER, programs::STEER_INGRESS] {
+                match tc::qdisc_detach_program(device, direction, old) {
+                    Ok(()) => {}
+                    Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => warn!("{what}: removing the previous filter {old}: {e}"),
+                }
             }
             let id = program
                 .attach_with_options(
@@ -451,6 +457,7 @@ mod tests {
     const DROP: i32 = 2;
     const L3: usize = 14;
     const TCP_SYN: u8 = 0x02;
+    const TCP_RST: u8 = 0x04;
     const TCP_ACK: u8 = 0x10;
 
     /// One steered flow: the client, the backend its connect picked (A, abandoned) and
@@ -535,12 +542,11 @@ mod tests {
                 loader.map_max_entries(name, 64);
             }
             let mut ebpf = loader.load(super::super::EBPF_OBJECT).unwrap();
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(programs::STEER)
-                .unwrap()
-                .try_into()
-                .unwrap();
-            program.load().unwrap();
+            for name in [programs::STEER, programs::STEER_INGRESS] {
+                let program: &mut SchedClassifier =
+                    ebpf.program_mut(name).unwrap().try_into().unwrap();
+                program.load().unwrap();
+            }
             Self { ebpf }
         }
 
@@ -594,19 +600,27 @@ mod tests {
             self.control().get(&index, 0).unwrap()
         }
 
-        /// Runs the program once on `packet`: its verdict and the packet it left.
+        /// Runs the egress program once on `packet`: its verdict and the packet it left.
         fn run(&self, packet: &[u8]) -> (i32, Vec<u8>) {
-            let program: &SchedClassifier = self
-                .ebpf
-                .program(programs::STEER)
-                .unwrap()
-                .try_into()
-                .unwrap();
+            self.run_program(programs::STEER, packet, None)
+        }
+
+        /// Runs `name` once on `packet`, as if on the device `ifindex` of the calling
+        /// thread's namespace (the kernel's default: `lo`).
+        fn run_program(&self, name: &str, packet: &[u8], ifindex: Option<u32>) -> (i32, Vec<u8>) {
+            let program: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
             let mut out = vec![0; packet.len()];
+            // `struct __sk_buff` as the test run takes it: every field 0 but `ifindex`
+            // (at byte 40), which names the device the packet is on.
+            let mut ctx = [0u8; 192];
+            if let Some(ifindex) = ifindex {
+                ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+            }
             let result = program
                 .test_run(TestRunOptions {
                     data_in: Some(packet),
                     data_out: Some(&mut out),
+                    ctx_in: ifindex.map(|_| &ctx[..]),
                     ..Default::default()
                 })
                 .unwrap();
@@ -850,6 +864,87 @@ mod tests {
             let (verdict, out) = h.run(&packet(flow.new, flow.client, TCP_ACK, b"x"));
             assert_eq!(verdict, NEXT);
             assert_translated(&out, &packet(flow.old, flow.client, TCP_ACK, b"x"));
+        }
+    }
+
+    /// Runs `test` on a thread in a network namespace of its own with a veth pair, given
+    /// the ifindex of one end: a device other than `lo` for the ingress program, made
+    /// without touching the machine's namespace (the namespace goes with the thread).
+    fn on_a_device_of_a_new_namespace(test: impl FnOnce(u32) + Send) {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: unshares this thread's network namespace only.
+                    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+                    // A child forked from this thread starts in its namespace.
+                    let status = std::process::Command::new("ip")
+                        .args(["link", "add", "t0", "type", "veth", "peer", "name", "t1"])
+                        .status()
+                        .unwrap();
+                    assert!(status.success(), "ip link add: {status}");
+                    // SAFETY: a NUL-terminated name.
+                    let ifindex = unsafe { libc::if_nametoindex(c"t0".as_ptr()) };
+                    assert!(ifindex > 1, "t0's ifindex: {ifindex}");
+                    test(ifindex);
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        });
+    }
+
+    /// The ingress program translates replies on a device, and leaves them to the egress
+    /// program on `lo` (which every packet there passes first): translating twice would
+    /// take its own translated reply for a late one from A.
+    #[test]
+    fn ingress_translates_replies_on_a_device_and_not_on_lo() {
+        for flow in [v4_flow(), v6_flow()] {
+            let mut h = Harness::new();
+            h.steer(flow, 1);
+            let syn_ack = packet(flow.new, flow.client, TCP_SYN | TCP_ACK, b"");
+            let translated = packet(flow.old, flow.client, TCP_SYN | TCP_ACK, b"");
+            // On lo: left alone, translated or not, and not taken for a late packet.
+            assert_eq!(
+                h.run_program(programs::STEER_INGRESS, &syn_ack, None),
+                (NEXT, syn_ack.clone())
+            );
+            assert_eq!(
+                h.run_program(programs::STEER_INGRESS, &translated, None),
+                (NEXT, translated.clone())
+            );
+            assert_eq!(h.counter(steer::LATE_DROPPED), 0);
+            on_a_device_of_a_new_namespace(|ifindex| {
+                let (verdict, out) =
+                    h.run_program(programs::STEER_INGRESS, &syn_ack, Some(ifindex));
+                assert_eq!(verdict, NEXT);
+                assert_translated(&out, &translated);
+                // A's own late SYN-ACK is dropped there, as on egress.
+                assert_eq!(
+                    h.run_program(programs::STEER_INGRESS, &translated, Some(ifindex))
+                        .0,
+                    DROP
+                );
+            });
+            assert_eq!(h.counter(steer::LATE_DROPPED), 1);
+        }
+    }
+
+    /// A reset no rewritten socket is waiting for (here: no socket at all) goes through,
+    /// steering on or off, and holds nothing.
+    #[test]
+    fn ingress_lets_a_reset_for_no_rewritten_socket_through() {
+        for flow in [v4_flow(), v6_flow()] {
+            let mut h = Harness::new();
+            for enabled in [0, 1] {
+                h.control().set(steer::ENABLED, enabled, 0).unwrap();
+                for flags in [TCP_RST | TCP_ACK, TCP_RST] {
+                    let reset = packet(flow.old, flow.client, flags, b"");
+                    assert_eq!(
+                        h.run_program(programs::STEER_INGRESS, &reset, None),
+                        (NEXT, reset)
+                    );
+                }
+            }
+            assert_eq!(h.counter(steer::REFUSALS_HELD), 0);
         }
     }
 
