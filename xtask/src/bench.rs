@@ -447,19 +447,19 @@ const STATS_PAUSE: Duration = Duration::from_millis(50);
 
 /// A program's accumulated run time and invocations, as the kernel accounts them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct RunTime {
-    ns: u64,
-    count: u64,
+pub(crate) struct RunTime {
+    pub ns: u64,
+    pub count: u64,
 }
 
 /// The programs one agent attached, found through its link pins (`links/<program>`).
-struct AgentPrograms {
+pub(crate) struct AgentPrograms {
     /// (program name, program id), by name.
     ids: Vec<(String, u32)>,
 }
 
 impl AgentPrograms {
-    fn find(pins: &Path) -> Result<Self> {
+    pub fn find(pins: &Path) -> Result<Self> {
         let dir = pins.join("links");
         let mut ids = Vec::new();
         for entry in
@@ -487,7 +487,7 @@ impl AgentPrograms {
     }
 
     /// Every program's run time now.
-    fn read(&self) -> Result<BTreeMap<String, RunTime>> {
+    pub fn read(&self) -> Result<BTreeMap<String, RunTime>> {
         let mut out = BTreeMap::new();
         // Other programs on the machine come and go while this iterates: an entry that
         // cannot be read is someone else's that just left, or ours missing (below).

@@ -1,5 +1,6 @@
 //! `cargo xtask bench-steer`: what SYN steering does for the requests a black-holed
-//! backend would stall, against the same bed with steering off.
+//! (`--fault black-hole`, the default) or refusing (`--fault refused`) backend would
+//! stall or fail, against the same bed with steering off.
 //!
 //! The bed, fresh for every run, so that each run starts with the black hole never seen
 //! (new namespace, veth, backends, agent, pins and cgroup): a network namespace of the
@@ -7,7 +8,9 @@
 //! backends of one service, both in the node's locality:
 //! - `a`, 10.233.0.2:8080, a black hole: a listener with `listen(0)` whose accept queue
 //!   one connection already fills, so the kernel drops every SYN to it, unanswered (as
-//!   `tests/e2e/steering.rs` makes it);
+//!   `tests/e2e/steering.rs` makes it); with `--fault refused`, nothing listens there, so
+//!   the namespace's kernel answers every SYN with a reset (a backend whose process
+//!   died);
 //! - `b`, 10.233.0.3:8080, the test bed's HTTP backend, which answers its name.
 //!
 //! The agent runs in the root namespace, attached to its bed's cgroup, with
@@ -35,7 +38,8 @@
 //! queue dropped, resets that half-open connections received), which tell a stall on
 //! the black hole from one on `b`. Kept in `target/bench-steer/` for a closer look: every
 //! request of every run (`requests-runN-MODE.tsv`), the agent's events and log, the
-//! per-run figures (`runs.json`) and the report.
+//! per-run figures (`runs.json`) and the report, under the fault's name
+//! (`target/bench-steer/black-hole/`, `.../refused/`).
 //!
 //! The agent measured is a release build of the work tree, or `--agent-binary`.
 //!
@@ -57,7 +61,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use detour_testbed::{mono_ns, Agent, AgentBed, BlackHole, HttpBackend, LineStream, Netns, Veth};
 
-use crate::bench::{load_average, metric_sum};
+use crate::bench::{load_average, metric_sum, AgentPrograms, RunTime};
 use crate::failover::{
     count_summary, fmt_ms, latency_of, median, nanos, ClientRun, Latency, Request, CLIENT_LEAD,
 };
@@ -78,6 +82,8 @@ const B_NAME: &str = "b";
 /// A request slower than this was held up by a stalled handshake: on this bed every
 /// other request takes well under a millisecond, a stall at least the handshake timeout.
 const DELAYED_NS: u64 = 50_000_000;
+/// How the agent names the pinned links of the steering programs.
+const STEER_LINKS: &str = "detour_steer-";
 /// How long the agent gets to answer and to put both backends in the table.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -105,6 +111,35 @@ pub struct SteerArgs {
     /// A `detour` binary to measure instead of a release build of the work tree.
     #[arg(long)]
     agent_binary: Option<PathBuf>,
+    /// What is wrong with backend `a`.
+    #[arg(long, value_enum, default_value_t = Fault::BlackHole)]
+    fault: Fault,
+}
+
+/// What is wrong with backend `a`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Its SYNs go unanswered (a full accept queue drops them).
+    BlackHole,
+    /// Nothing listens: its SYNs are answered with a reset.
+    Refused,
+}
+
+impl Fault {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::BlackHole => "black-hole",
+            Self::Refused => "refused",
+        }
+    }
+
+    /// What `a` is, in the report's words.
+    fn describe(self) -> &'static str {
+        match self {
+            Self::BlackHole => "a black-holed backend",
+            Self::Refused => "a refusing backend (nothing listens: every SYN gets a reset)",
+        }
+    }
 }
 
 /// Steering on or off, the one difference between the runs.
@@ -148,18 +183,22 @@ impl Mode {
 struct Bed {
     node: AgentBed,
     _b: HttpBackend,
-    _hole: BlackHole,
+    /// `a` when it is a black hole; nothing when it refuses.
+    _hole: Option<BlackHole>,
     veth: Veth,
     ns: Netns,
 }
 
 impl Bed {
     /// The namespace, the backends and the agent's bed, the agent not yet started.
-    fn new(binary: &Path) -> Result<Self> {
+    fn new(binary: &Path, fault: Fault) -> Result<Self> {
         let ns = Netns::new()?;
         let veth = ns.veth(HOST_CIDR, HOLE_CIDR)?;
         ns.ip(&["addr", "add", B_CIDR, "dev", veth.peer_name()])?;
-        let hole = BlackHole::start_in(&ns, HOLE.parse()?)?;
+        let hole = match fault {
+            Fault::BlackHole => Some(BlackHole::start_in(&ns, HOLE.parse()?)?),
+            Fault::Refused => None,
+        };
         let b = HttpBackend::start_in(&ns, B_NAME, B.parse()?)?;
         let node = AgentBed::new(binary)?;
         node.write_config(&config())?;
@@ -218,7 +257,7 @@ impl Bed {
     }
 }
 
-/// The agent's config: the VIP, the black hole and b in the node's locality, no active
+/// The agent's config: the VIP, `a` and b in the node's locality, no active
 /// checks (only what the kernel sees of real connects counts).
 fn config() -> String {
     let host = |s: &'static str| s.split_once(':').map_or(s, |(h, _)| h);
@@ -246,6 +285,7 @@ struct SteerCounters {
     table_full: u64,
     unseen: u64,
     late_dropped: u64,
+    refusals_held: u64,
 }
 
 fn steer_counters(metrics: &str) -> Option<SteerCounters> {
@@ -256,6 +296,8 @@ fn steer_counters(metrics: &str) -> Option<SteerCounters> {
         table_full: get("table_full")?,
         unseen: get("unseen")?,
         late_dropped: get("late_dropped")?,
+        // Absent from an agent older than refusal holding (`--agent-binary`).
+        refusals_held: get("refusals_held").unwrap_or(0),
     })
 }
 
@@ -324,13 +366,15 @@ fn into_ms(from_ns: u64, to_ns: u64) -> f64 {
     (i128::from(to_ns) - i128::from(from_ns)) as f64 / 1e6
 }
 
-/// What the agent said of the black hole after a run.
+/// What the agent said of `a` after a run.
 #[derive(Debug, Default, Clone)]
 struct HoleState {
     outlier: String,
     ejections: u64,
     /// Handshakes the kernel counted as timed out (SYN unanswered).
     timeouts: u64,
+    /// Handshakes the kernel counted as refused (a reset answered the SYN).
+    refused: u64,
     connects: u64,
 }
 
@@ -345,6 +389,7 @@ fn hole_state(agent: &Agent) -> Result<HoleState> {
         outlier: hole["outlier"].as_str().unwrap_or("?").to_owned(),
         ejections: n("ejections"),
         timeouts: n("timeouts"),
+        refused: n("refused"),
         connects: n("connects"),
     })
 }
@@ -361,6 +406,9 @@ struct Run {
     events: BTreeMap<String, usize>,
     /// The backends' namespace's TCP counters that are not 0 (`nstat`).
     ns_tcp: BTreeMap<String, u64>,
+    /// The steering programs' run time over the load (`BPF_ENABLE_STATS`), by pinned
+    /// link (program, device, direction); empty with steering off.
+    tc_cost: BTreeMap<String, RunTime>,
 }
 
 impl Run {
@@ -393,15 +441,21 @@ impl Run {
                 "table_full": s.table_full,
                 "unseen": s.unseen,
                 "late_dropped": s.late_dropped,
+                "refusals_held": s.refusals_held,
             })),
-            "black_hole": {
+            "a": {
                 "outlier": self.hole.outlier,
                 "ejections": self.hole.ejections,
                 "timeouts": self.hole.timeouts,
+                "refused": self.hole.refused,
                 "connects": self.hole.connects,
             },
             "events": self.events,
             "namespace_tcp": self.ns_tcp,
+            "tc_programs": self.tc_cost.iter().map(|(link, t)| (link.clone(), serde_json::json!({
+                "runs": t.count,
+                "ns": t.ns,
+            }))).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -414,7 +468,7 @@ fn finite(v: f64) -> Option<f64> {
 fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run> {
     let mode = Mode::of_run(run);
     let name = format!("run{run}-{}", mode.as_str());
-    let mut bed = Bed::new(binary)?;
+    let mut bed = Bed::new(binary, args.fault)?;
     let started = bed.start_agent(mode);
     // Kept for a closer look, whatever happens: the bed's temp dir goes with the run.
     let keep_log = |bed: &Bed| {
@@ -431,6 +485,12 @@ fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run
             .args(["events", "-o", "json", "--socket"])
             .arg(&agent.options().socket),
     )?;
+    // The kernel accounts the programs' run time while this fd is open; the steering
+    // links (pinned as `detour_steer-*`) are read before and after the load.
+    let _stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("turning on the kernel's BPF run-time statistics")?;
+    let programs = AgentPrograms::find(bed.node.pins.path())?;
+    let tc_before = programs.read()?;
     let start_at = mono_ns() + nanos(CLIENT_LEAD);
     let client = ClientRun::spawn(
         &bed.node.cgroup,
@@ -442,6 +502,19 @@ fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run
         start_at,
     )?;
     let requests = client.finish();
+    let tc_after = programs.read()?;
+    let tc_cost = tc_after
+        .iter()
+        .filter(|(link, _)| link.starts_with(STEER_LINKS))
+        .map(|(link, after)| {
+            let before = tc_before.get(link).copied().unwrap_or_default();
+            let run = RunTime {
+                ns: after.ns.saturating_sub(before.ns),
+                count: after.count.saturating_sub(before.count),
+            };
+            (link.clone(), run)
+        })
+        .collect();
     let metrics = agent.metrics();
     let hole = hole_state(agent);
     // The backends' side of it: the namespace's TCP counters (SYNs the black hole
@@ -480,6 +553,7 @@ fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run
         figures: analyze(&requests, start_at),
         steer: steer_counters(&metrics?),
         hole: hole?,
+        tc_cost,
         events: event_counts(&events),
         // A diagnostic: a machine without nstat still gets the figures.
         ns_tcp: nstat.map(|t| tcp_counters(&t)).unwrap_or_default(),
@@ -543,7 +617,9 @@ pub fn run(args: &SteerArgs) -> Result<()> {
     };
     // The machine may be shared: what else ran shows in the load around the runs.
     let load_before = load_average();
-    let kept = cmd::target_dir().join("bench-steer");
+    let kept = cmd::target_dir()
+        .join("bench-steer")
+        .join(args.fault.as_str());
     std::fs::create_dir_all(&kept).with_context(|| format!("creating {}", kept.display()))?;
     // This task's own files from an earlier invocation, so that none is taken for this one's.
     for entry in std::fs::read_dir(&kept)? {
@@ -573,8 +649,8 @@ pub fn run(args: &SteerArgs) -> Result<()> {
         let f = &r.figures;
         eprintln!(
             "run {run} {:<5}: {} requests, {} failed {:?}, {} delayed > 50 ms ({} answered), \
-             p50 {:.3} p99 {:.3} max {:.1} ms; steered {}; black hole {} ({} ejections, {} \
-             timeouts)",
+             p50 {:.3} p99 {:.3} max {:.1} ms; steered {}; a {} ({} ejections, {} \
+             timeouts, {} refused)",
             r.mode.as_str(),
             f.requests,
             f.failed,
@@ -589,6 +665,7 @@ pub fn run(args: &SteerArgs) -> Result<()> {
             r.hole.outlier,
             r.hole.ejections,
             r.hole.timeouts,
+            r.hole.refused,
         );
         runs.push(r);
     }
@@ -615,13 +692,14 @@ fn report(args: &SteerArgs, agent: &str, runs: &[Run]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n## SYN steering: a black-holed backend, steering on and off\n\n\
+        "\n## SYN steering: {}, steering on and off\n\n\
          {} runs per mode, interleaved (off first), each on a fresh bed; medians over a \
          mode's runs (range in parentheses where runs differ). Load: {} new connections/s \
          for {:?}, one `GET /` each, open loop (up to {} in flight), client timeout {:?}. \
-         Half the connects that pick a backend pick the black hole until the kernel or \
-         the agent avoids it. Delayed: latency over {} ms. Latency: from before the \
-         connect to the answer or the failure. Agent: {agent}.\n",
+         Half the connects that pick a backend pick `a` until the kernel or the agent \
+         avoids it. Delayed: latency over {} ms. Latency: from before the connect to the \
+         answer or the failure. Agent: {agent}.\n",
+        args.fault.describe(),
         args.runs,
         args.rate,
         args.duration,
@@ -697,19 +775,21 @@ fn report(args: &SteerArgs, agent: &str, runs: &[Run]) -> String {
             }
         };
         let ejected = of.iter().filter(|r| r.hole.ejections > 0).count();
-        let timeouts: Vec<usize> = of
-            .iter()
-            .map(|r| usize::try_from(r.hole.timeouts).unwrap_or(usize::MAX))
-            .collect();
+        let of_a = |f: fn(&HoleState) -> u64| -> Vec<usize> {
+            of.iter()
+                .map(|r| usize::try_from(f(&r.hole)).unwrap_or(usize::MAX))
+                .collect()
+        };
         let mut note = format!(
             "steering {}: failures over all runs {kinds:?}, {}; delayed and answered: {}; \
-             answered by {answered:?}; the black hole after the run: ejected in {ejected} of \
-             {} runs, handshakes to it timed out (the kernel's count) {}",
+             answered by {answered:?}; `a` after the run: ejected in {ejected} of {} runs, \
+             handshakes to it timed out {}, refused {} (the kernel's counts)",
             mode.label(),
             span(|f| f.failed_span),
             span(|f| f.delayed_answered_span),
             of.len(),
-            count_summary(&timeouts),
+            count_summary(&of_a(|h| h.timeouts)),
+            count_summary(&of_a(|h| h.refused)),
         );
         let mut events: BTreeMap<&str, usize> = BTreeMap::new();
         for r in &of {
@@ -737,12 +817,43 @@ fn report(args: &SteerArgs, agent: &str, runs: &[Run]) -> String {
             let _ = write!(
                 note,
                 "; over all runs `detour_steer_*_total`: no_candidate {}, table_full {}, \
-                 unseen {}, late_dropped {}",
+                 unseen {}, late_dropped {}, refusals_held {}",
                 sum(|s| s.no_candidate),
                 sum(|s| s.table_full),
                 sum(|s| s.unseen),
-                sum(|s| s.late_dropped)
+                sum(|s| s.late_dropped),
+                sum(|s| s.refusals_held)
             );
+            for direction in ["egress", "ingress"] {
+                let per_run: Vec<(u64, f64)> = of
+                    .iter()
+                    .filter_map(|r| {
+                        let t = r
+                            .tc_cost
+                            .iter()
+                            .find(|(link, _)| link.ends_with(&format!("-{direction}")))?
+                            .1;
+                        (t.count > 0).then(|| (t.count, t.ns as f64 / t.count as f64))
+                    })
+                    .collect();
+                if per_run.is_empty() {
+                    continue;
+                }
+                let runs: Vec<usize> = per_run
+                    .iter()
+                    .map(|(n, _)| usize::try_from(*n).unwrap_or(usize::MAX))
+                    .collect();
+                let ns: Vec<f64> = per_run.iter().map(|(_, ns)| *ns).collect();
+                let low = ns.iter().copied().fold(f64::INFINITY, f64::min);
+                let high = ns.iter().copied().fold(0.0, f64::max);
+                let _ = write!(
+                    note,
+                    "; the {direction} program on the veth (`BPF_ENABLE_STATS`, over the load): \
+                     {} invocations per run, {:.0} ns each (median; {low:.0}–{high:.0})",
+                    count_summary(&runs),
+                    median(ns).unwrap_or(f64::NAN),
+                );
+            }
         }
         notes.push(note);
     }
@@ -806,14 +917,22 @@ mod tests {
                        detour_steer_unseen_total 1\n\
                        detour_steer_late_dropped_total 2\n\
                        detour_steer_flows 2\n";
+        let counters = SteerCounters {
+            steered: 7,
+            no_candidate: 0,
+            table_full: 0,
+            unseen: 1,
+            late_dropped: 2,
+            refusals_held: 0,
+        };
+        // An agent from before refusal holding has no such counter: 0.
+        assert_eq!(steer_counters(metrics), Some(counters));
+        let with_held = format!("{metrics}detour_steer_refusals_held_total 5\n");
         assert_eq!(
-            steer_counters(metrics),
+            steer_counters(&with_held),
             Some(SteerCounters {
-                steered: 7,
-                no_candidate: 0,
-                table_full: 0,
-                unseen: 1,
-                late_dropped: 2,
+                refusals_held: 5,
+                ..counters
             })
         );
         assert_eq!(steer_counters("detour_connects_total 3\n"), None);

@@ -4,7 +4,8 @@
 //! config file (`bench-reload`) and from a real Kubernetes API server
 //! (`bench-kubernetes`, which reuses `reload-client`), what the TLS originator's hop
 //! costs against a direct TLS client (`bench-tls`), and what SYN steering does for the
-//! requests a black-holed backend stalls (`bench-steer`, which reuses `failover-client`).
+//! requests a black-holed or refusing backend stalls or fails (`bench-steer`, which reuses
+//! `failover-client`).
 //!
 //! Everything that changes the machine (installs, bpffs, cgroups, pins, the agent) goes
 //! through `setup` or through `detour-testbed` guards, so every task either leaves the
