@@ -161,13 +161,21 @@ fn every_get_answered_by_b(
         "the program saw every steered flow:\n{metrics}"
     );
     let held = metric(&metrics, "detour_steer_refusals_held_total").unwrap_or(0);
+    // What A's handshakes counted as: refusals for a refusing A, timeouts for a black
+    // hole, never the other.
+    let eps = w.agent().endpoints_json(Some("steer"))?;
+    let a_ep = endpoint(&eps, &port(a)?.to_string())?;
+    let (timeouts, refused) = (a_ep["timeouts"].as_u64(), a_ep["refused"].as_u64());
     match fault {
         // Every steering of a refused flow follows a held reset.
         Fault::Refused => ensure!(
-            held >= steered,
-            "{held} resets held for {steered} steerings:\n{metrics}"
+            held >= steered && refused >= Some(held) && timeouts == Some(0),
+            "{held} resets held for {steered} steerings; A: {a_ep:#}\n{metrics}"
         ),
-        Fault::BlackHole => ensure!(held == 0, "{held} resets held:\n{metrics}"),
+        Fault::BlackHole => ensure!(
+            held == 0 && timeouts >= Some(steered) && refused == Some(0),
+            "{held} resets held; A: {a_ep:#}\n{metrics}"
+        ),
     }
     eprintln!("{fault:?}: {steered} handshakes steered away from A ({held} resets held); 150 of 150 GETs answered");
     Ok(())
