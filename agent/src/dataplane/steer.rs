@@ -127,12 +127,9 @@ impl Steering {
             return Ok(steering);
         }
         for name in [programs::STEER, programs::STEER_INGRESS] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| format!("the object has no program {name}"))?
-                .try_into()
-                .map_err(|e| format!("{name}: {e}"))?;
-            program.load().map_err(|e| format!("loading {name}: {e}"))?;
+            classifier(ebpf, name)?
+                .load()
+                .map_err(|e| format!("loading {name}: {e}"))?;
         }
         if !tcx {
             // Before tcx the program sits in a clsact qdisc as a cls_bpf filter; Debian's
@@ -156,11 +153,7 @@ impl Steering {
                         TcAttachType::Ingress => programs::STEER_INGRESS,
                         _ => programs::STEER,
                     };
-                    let program: &mut SchedClassifier = ebpf
-                        .program_mut(name)
-                        .ok_or_else(|| format!("the object has no program {name}"))?
-                        .try_into()
-                        .map_err(|e| format!("{name}: {e}"))?;
+                    let program = classifier(ebpf, name)?;
                     let attachment =
                         attach_in(program, name, netns, device, direction, links_dir, tcx)?;
                     info!(
@@ -304,6 +297,14 @@ impl Steering {
         }
         Ok(sweep)
     }
+}
+
+/// The tc program `name` of the object.
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, String> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("the object has no program {name}"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {e}"))
 }
 
 /// Attaches `program` to `device` in `netns` (the agent's own when `None`), replacing
