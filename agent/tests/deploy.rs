@@ -1014,18 +1014,15 @@ impl CapabilityBed {
             .map(|c| format!("+{}", c.to_ascii_lowercase()))
             .collect();
         let wrapper = self.dir.join("detour-with-capabilities");
-        std::fs::write(
+        // Not std::fs::write: see `write_executable` (ETXTBSY when another test forks).
+        detour_testbed::write_executable(
             &wrapper,
-            format!(
+            &format!(
                 "#!/bin/sh\nexec setpriv --bounding-set=-all{}{} --inh-caps=-all -- {} \"$@\"\n",
                 if set.is_empty() { "" } else { "," },
                 set.join(","),
                 env!("CARGO_BIN_EXE_detour")
             ),
-        )?;
-        std::fs::set_permissions(
-            &wrapper,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )?;
         let config = self.write_config(CAP_BACKEND_A)?;
         let pins = PinDir::new()?;

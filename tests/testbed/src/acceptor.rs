@@ -5,9 +5,9 @@
 //! Invariants:
 //! - a new connection is accepted at once: the loop waits in poll(2) on the listener,
 //!   for at most [`ACCEPT_POLL`] at a time, so it also sees the stop flag that often;
-//! - [`Acceptor::stop`] returns once the listener is closed (the loop owns it) and every
-//!   connection still being served has been shut down, so a stopped backend refuses
-//!   connects and holds none open.
+//! - [`Acceptor::stop`] returns once the listener has stopped listening (shut down, then
+//!   closed; the loop owns it) and every connection still being served has been shut
+//!   down, so a stopped backend refuses connects and holds none open.
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -110,6 +110,12 @@ fn accept_loop(
             conns.open().remove(&id);
         }
     }
+    // Stop listening now, for every copy of the descriptor: a child process another
+    // thread is spawning holds one until its exec, and while it does, a close here would
+    // leave the socket listening — a connect would be accepted and then reset, not
+    // refused (seen in CI as `stopped_backend_refuses_and_restarted_one_serves_again`
+    // reading "connection reset"). shutdown(2) of a listener ends its listening state.
+    let _ = socket2::SockRef::from(listener).shutdown(Shutdown::Both);
 }
 
 /// A listener on `addr` (`SO_REUSEADDR`, so a restart binds the same address at once;

@@ -342,7 +342,7 @@ mod tests {
     /// the contract (`agent` writes its socket path; `services` prints JSON if it exists).
     fn fake_detour(dir: &TempDir) -> PathBuf {
         let path = dir.join("fake-detour");
-        std::fs::write(
+        write_script(
             &path,
             r#"#!/bin/sh
 cmd=$1; shift
@@ -358,16 +358,12 @@ case $cmd in
   endpoints) test -e "$sock" && echo '[]' ;;
 esac
 "#,
-        )
-        .unwrap();
-        make_executable(&path);
+        );
         path
     }
 
-    fn make_executable(path: &Path) {
-        let mut perms = std::fs::metadata(path).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(path, perms).unwrap();
+    fn write_script(path: &Path, text: &str) {
+        crate::write_executable(path, text).unwrap();
     }
 
     fn options(dir: &TempDir, binary: PathBuf) -> AgentOptions {
@@ -406,8 +402,7 @@ esac
     fn extra_args_are_passed_on_every_start() {
         let dir = TempDir::new().unwrap();
         let script = dir.join("args");
-        std::fs::write(&script, "#!/bin/sh\necho \"args: $*\" >&2\nexit 3\n").unwrap();
-        make_executable(&script);
+        write_script(&script, "#!/bin/sh\necho \"args: $*\" >&2\nexit 3\n");
         let mut agent =
             Agent::start_with_args(options(&dir, script), &["--max-slots", "8"]).unwrap();
         assert!(agent.wait_ready(Duration::from_secs(5)).is_err());
@@ -426,8 +421,7 @@ esac
     fn early_exit_is_reported_with_the_log() {
         let dir = TempDir::new().unwrap();
         let script = dir.join("dies");
-        std::fs::write(&script, "#!/bin/sh\necho 'no such map' >&2\nexit 3\n").unwrap();
-        make_executable(&script);
+        write_script(&script, "#!/bin/sh\necho 'no such map' >&2\nexit 3\n");
         let mut agent = Agent::start(options(&dir, script)).unwrap();
         let err = agent.wait_ready(Duration::from_secs(5)).unwrap_err();
         let msg = format!("{err:#}");

@@ -1,4 +1,5 @@
-//! Running helper processes (`ip`, the `detour` CLI) with a deadline.
+//! Running helper processes (`ip`, the `detour` CLI) with a deadline, and writing the
+//! scripts tests run as stand-ins.
 //!
 //! Invariant: no function here waits without a bound; a process that overstays its
 //! deadline is killed and reaped before the error is returned, so no zombie is left.
@@ -116,4 +117,30 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
     }
+}
+
+/// Writes an executable script at `path` without this process ever holding it open for
+/// writing: `install` (another process) copies it from a draft. In a test binary, a
+/// descriptor open for writing is copied into every child another test's thread forks,
+/// until that child execs, and exec of a file open for writing fails with ETXTBSY (seen
+/// as a spawn of a freshly written fake agent failing under load).
+pub fn write_executable(path: &std::path::Path, text: &str) -> Result<()> {
+    let draft = path.with_extension("draft");
+    std::fs::write(&draft, text).with_context(|| format!("writing {}", draft.display()))?;
+    let out = output_with_timeout(
+        Command::new("install")
+            .args(["-m", "755"])
+            .arg(&draft)
+            .arg(path),
+        Duration::from_secs(10),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "install {}: {}: {}",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::remove_file(&draft).with_context(|| format!("removing {}", draft.display()))
 }
