@@ -83,6 +83,32 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>
     })
 }
 
+/// Writes an executable script at `path` without this process ever holding it open for
+/// writing: `install` (another process) copies it from a draft. In a test binary, a
+/// descriptor open for writing is copied into every child another test's thread forks,
+/// until that child execs, and exec of a file open for writing fails with ETXTBSY (seen
+/// as a spawn of a freshly written fake agent failing under load).
+pub fn write_executable(path: &std::path::Path, text: &str) -> Result<()> {
+    let draft = path.with_extension("draft");
+    std::fs::write(&draft, text).with_context(|| format!("writing {}", draft.display()))?;
+    let out = output_with_timeout(
+        Command::new("install")
+            .args(["-m", "755"])
+            .arg(&draft)
+            .arg(path),
+        Duration::from_secs(10),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "install {}: {}: {}",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::remove_file(&draft).with_context(|| format!("removing {}", draft.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,30 +143,4 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
     }
-}
-
-/// Writes an executable script at `path` without this process ever holding it open for
-/// writing: `install` (another process) copies it from a draft. In a test binary, a
-/// descriptor open for writing is copied into every child another test's thread forks,
-/// until that child execs, and exec of a file open for writing fails with ETXTBSY (seen
-/// as a spawn of a freshly written fake agent failing under load).
-pub fn write_executable(path: &std::path::Path, text: &str) -> Result<()> {
-    let draft = path.with_extension("draft");
-    std::fs::write(&draft, text).with_context(|| format!("writing {}", draft.display()))?;
-    let out = output_with_timeout(
-        Command::new("install")
-            .args(["-m", "755"])
-            .arg(&draft)
-            .arg(path),
-        Duration::from_secs(10),
-    )?;
-    if !out.status.success() {
-        bail!(
-            "install {}: {}: {}",
-            path.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    std::fs::remove_file(&draft).with_context(|| format!("removing {}", draft.display()))
 }
