@@ -237,7 +237,7 @@ impl Dataplane {
             kernel = %kernel.version_string(),
             probed = kernel.pieces.len(),
             off = verdict.warnings.len(),
-            "the kernel offers every piece detour needs; optional pieces it lacks are off"
+            "the kernel offers every piece detour needs; optional pieces it lacks are off or fall back"
         );
         ensure_bpffs(&opts.pin_dir)?;
         let maps_dir = opts.pin_dir.join("maps");

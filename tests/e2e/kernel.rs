@@ -48,5 +48,8 @@ fn the_kernel_probe_finds_what_this_kernel_version_offers() -> Result<()> {
         present("syn_linear_timeouts") == Some(linear),
         "linear SYN timeouts on {version:?}: {stdout}"
     );
+    // tcx arrived in 6.6; before it, steering attaches as clsact filters.
+    let tcx = version.as_slice() >= [6, 6].as_slice();
+    ensure!(present("tcx") == Some(tcx), "tcx on {version:?}: {stdout}");
     Ok(())
 }

@@ -12,9 +12,9 @@
 //!   agent refuses to start, naming every missing one (not just the first);
 //! - a piece detour can run without is [`Need::Optional`]: one warning line names it,
 //!   why it is missing where the probe can tell, and what the user loses; the agent
-//!   turns that part off ([`Features::has`]). Today: socket destruction (sock_diag
-//!   `SOCK_DESTROY`) and linear SYN retransmission timeouts. SYN steering's tcx and
-//!   `bpf_redirect_neigh` will join them;
+//!   turns that part off or falls back ([`Features::has`]). Today: socket destruction
+//!   (sock_diag `SOCK_DESTROY`), linear SYN retransmission timeouts, and tcx links for
+//!   SYN steering (clsact filters without them);
 //! - [`verdict`] is pure: the probing is in [`probe`], the decision and its words here.
 //!
 //! Probing socket destruction destroys a loopback listener the agent opened for it (see
@@ -95,6 +95,7 @@ impl Features {
 pub mod key {
     pub const SOCKET_DESTROY: &str = "socket_destroy";
     pub const SYN_LINEAR_TIMEOUTS: &str = "syn_linear_timeouts";
+    pub const TCX: &str = "tcx";
 }
 
 /// What the agent does about [`Features`].
@@ -117,7 +118,34 @@ impl fmt::Display for Verdict {
 /// qdisc's filters.
 #[must_use]
 pub fn tcx_available(features: &Features) -> bool {
-    features.version.is_some_and(|v| v >= (6, 6, 0))
+    features.has(key::TCX)
+}
+
+/// The tcx piece from the kernel's version. No probe can ask without attaching to a
+/// device (as for the cgroup `getpeername` hooks), and tcx arrived whole in 6.6.
+#[must_use]
+pub fn tcx(version: Option<(u32, u32, u32)>) -> Piece {
+    let (present, detail) = match version {
+        Some(v) => (
+            Some(v >= (6, 6, 0)),
+            (v < (6, 6, 0)).then(|| "the kernel is older than 6.6".to_owned()),
+        ),
+        None => (
+            None,
+            Some("the kernel's version could not be read".to_owned()),
+        ),
+    };
+    Piece {
+        key: key::TCX,
+        name: "tcx links for tc programs",
+        present,
+        need: Need::Optional,
+        used_for: "attaching SYN steering beside a CNI's own tc programs, replaced in one step by the next agent",
+        without: "SYN steering attaches as clsact filters instead (the sch_ingress and cls_bpf \
+                  modules): they share each device's qdisc with other filters, and an agent \
+                  restart replaces them by deleting and adding, not in one step",
+        detail,
+    }
 }
 
 /// Probes the running kernel.
@@ -213,6 +241,7 @@ pub fn probe() -> Features {
         ),
     ];
     pieces.push(socket_destroy(probe_socket_destroy()));
+    pieces.push(tcx(version));
     pieces.push(syn_linear_timeouts(
         std::fs::read_to_string(SYN_LINEAR_TIMEOUTS_SYSCTL)
             .ok()
@@ -439,6 +468,31 @@ mod tests {
             without: "turned off, so no something",
             detail: None,
         }
+    }
+
+    #[test]
+    fn tcx_is_there_from_6_6_and_its_absence_is_one_warning_that_names_the_fallback() {
+        assert_eq!(tcx(Some((6, 6, 0))).present, Some(true));
+        assert_eq!(tcx(Some((6, 18, 2))).present, Some(true));
+        let old = Features {
+            version: Some((6, 1, 90)),
+            pieces: vec![tcx(Some((6, 1, 90)))],
+        };
+        assert!(!tcx_available(&old));
+        let verdict = verdict(&old);
+        assert!(verdict.refusals.is_empty(), "{verdict:?}");
+        assert_eq!(verdict.warnings.len(), 1, "{verdict:?}");
+        let line = &verdict.warnings[0];
+        assert!(
+            line.contains("older than 6.6") && line.contains("clsact filters instead"),
+            "{line}"
+        );
+        // An unreadable version is no tcx: clsact works on every kernel.
+        assert_eq!(tcx(None).present, None);
+        assert!(!tcx_available(&Features {
+            version: None,
+            pieces: vec![tcx(None)],
+        }));
     }
 
     #[test]
