@@ -43,6 +43,22 @@ pub enum Script {
         ready_file: PathBuf,
         max_ms: u64,
     },
+    /// Connect once to an echo backend and exchange `bytes` both ways, then create
+    /// `ready_file`, wait for `go_file` (at most `max_ms`) and exchange `bytes` more on
+    /// the same connection; one [`EchoEnd`] line.
+    Echo {
+        target: SocketAddr,
+        bytes: u64,
+        ready_file: PathBuf,
+        go_file: PathBuf,
+        max_ms: u64,
+    },
+    /// Leave a TIME_WAIT from a local port to `direct` (connect without a VIP, close
+    /// first), then one HTTP GET of `target` from that same local port; one [`Get`] line.
+    GetFromATimeWaitPort {
+        direct: SocketAddr,
+        target: SocketAddr,
+    },
     /// `count` HTTP GETs of `host`:`port`, `interval` apart, each resolving the name
     /// through the system resolver (getaddrinfo) first, with `resolv_conf` as its
     /// `/etc/resolv.conf` (bind-mounted in a mount namespace of the client's own); one
@@ -67,6 +83,17 @@ pub struct HoldEnd {
     pub timed_out: bool,
     /// From the connect until the connection ended.
     pub after_ms: u64,
+}
+
+/// How an [`Script::Echo`] exchange ended.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EchoEnd {
+    /// `getpeername()` of the connection.
+    pub peer: Option<SocketAddr>,
+    /// Bytes that came back intact, both parts together.
+    pub echoed: u64,
+    /// What went wrong (the connect, a byte, the wait for `go_file`), `None` for success.
+    pub error: Option<String>,
 }
 
 /// One HTTP GET as the application saw it.
@@ -204,6 +231,16 @@ fn run_script(script: Script) {
                 emit(&Get::from(result));
             }
         }
+        Script::Echo {
+            target,
+            bytes,
+            ready_file,
+            go_file,
+            max_ms,
+        } => emit(&echo(target, bytes, &ready_file, &go_file, max_ms)),
+        Script::GetFromATimeWaitPort { direct, target } => {
+            emit(&Get::from(get_from_a_time_wait_port(direct, target)));
+        }
         Script::Hold {
             target,
             ready_file,
@@ -247,6 +284,67 @@ fn run_script(script: Script) {
             emit(&end);
         }
     }
+}
+
+fn get_from_a_time_wait_port(
+    direct: SocketAddr,
+    target: SocketAddr,
+) -> Result<detour_testbed::HttpResponse> {
+    use socket2::{Domain, Socket, Type};
+    let reusable = |local: SocketAddr| -> Result<Socket> {
+        let socket = Socket::new(Domain::for_address(local), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&local.into())
+            .with_context(|| format!("binding {local}"))?;
+        Ok(socket)
+    };
+    let any_port = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 0);
+    let first = reusable(any_port)?;
+    first
+        .connect_timeout(&direct.into(), IO_TIMEOUT)
+        .with_context(|| format!("connecting to {direct} directly"))?;
+    let local = first
+        .local_addr()?
+        .as_socket()
+        .context("a local address of the internet family")?;
+    // Closing first (before the backend closes its side) leaves the TIME_WAIT here.
+    first.shutdown(std::net::Shutdown::Write)?;
+    first.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut TcpStream::from(first), &mut rest)?;
+    let second = reusable(local)?;
+    second
+        .connect_timeout(&target.into(), IO_TIMEOUT)
+        .with_context(|| format!("connecting to {target} from {local}"))?;
+    detour_testbed::http_request_on(TcpStream::from(second), target, IO_TIMEOUT)
+}
+
+fn echo(target: SocketAddr, bytes: u64, ready_file: &Path, go_file: &Path, max_ms: u64) -> EchoEnd {
+    let mut end = EchoEnd {
+        peer: None,
+        echoed: 0,
+        error: None,
+    };
+    let result = (|| -> Result<()> {
+        let conn = TcpStream::connect_timeout(&target, IO_TIMEOUT).context("connect")?;
+        end.peer = conn.peer_addr().ok();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+        detour_testbed::echo_exchange(&conn, 0, bytes).context("the first exchange")?;
+        end.echoed = bytes;
+        std::fs::write(ready_file, b"")?;
+        let deadline = Instant::now() + Duration::from_millis(max_ms);
+        while !go_file.exists() {
+            anyhow::ensure!(Instant::now() < deadline, "no go file within {max_ms} ms");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        detour_testbed::echo_exchange(&conn, bytes, bytes).context("the second exchange")?;
+        end.echoed += bytes;
+        Ok(())
+    })();
+    end.error = result.err().map(|e| format!("{e:#}"));
+    end
 }
 
 /// Entry point of the re-executed test binary. Not a test of its own: the other tests

@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use detour_testbed::{BlackHole, HttpBackend, Netns};
+use detour_testbed::{BlackHole, EchoBackend, HttpBackend, Netns};
 
-use crate::client::{self, Get, HoldEnd, Script};
+use crate::client::{self, EchoEnd, Get, HoldEnd, Script};
 use crate::passive::{scrape, wait_for_file};
 use crate::world::{endpoint, World};
 
@@ -389,5 +389,331 @@ fn over_a_veth(fault: Fault, net: u8) -> Result<()> {
     eprintln!(
         "over a veth, {fault:?}: {steered} handshakes steered ({held} resets held); 100 of 100 GETs answered"
     );
+    Ok(())
+}
+
+/// One service whose only active member is `active` (the connect's pick), with the
+/// `standby` endpoints as later failover tiers (us-west, then eu-west): only steering can
+/// save a connect that `active` does not answer.
+fn tiered_config(vip: &str, active: &[&str], standby: &[&str]) -> String {
+    let mut endpoints = String::new();
+    for a in active {
+        endpoints += &format!("      - {{address: {a}, locality: us-east1/us-east1-b}}\n");
+    }
+    for s in standby {
+        endpoints += &format!("      - {{address: {s}, locality: us-west/us-west-1a}}\n");
+    }
+    format!(
+        r#"
+node: {{ locality: us-east1/us-east1-b }}
+services:
+  - name: steer
+    vips: [{vip}]
+    ports: [{{number: 80, targetPort: 8080}}]
+    localityLbSetting: {{failover: [{{from: us-east1, to: us-west}}]}}
+    healthCheck: {{disabled: true}}
+    outlierDetection: {{consecutiveErrors: 100000, interval: 10s, baseEjectionTime: 30s, handshakeTimeout: 100ms}}
+    endpoints:
+{endpoints}"#
+    )
+}
+
+/// An agent steering on `ns`'s `lo`, with `extra` arguments.
+fn start_steering_agent(w: &mut World, ns: &Netns, extra: &[&str]) -> Result<()> {
+    let netns = ns.path().display().to_string();
+    let mut args = vec!["--steer-devices", "lo", "--steer-netns", &netns];
+    args.extend_from_slice(extra);
+    w.bed.start_agent(&args, crate::world::READY_TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn a_steered_connection_carries_long_transfers_both_ways_and_outlives_an_agent_crash() -> Result<()>
+{
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    let (a, b): (SocketAddr, SocketAddr) =
+        ("127.10.48.1:8080".parse()?, "127.10.48.2:8080".parse()?);
+    let _hole = BlackHole::start_in(&ns, a)?;
+    let _echo = EchoBackend::start_in(&ns, b)?;
+    w.write_config(&tiered_config(
+        "127.210.48.1",
+        &["127.10.48.1"],
+        &["127.10.48.2"],
+    ))?;
+    start_steering_agent(&mut w, &ns, &[])?;
+
+    let target: SocketAddr = "127.210.48.1:80".parse()?;
+    let (ready, go) = (w.dir.join("echo-ready"), w.dir.join("echo-go"));
+    const BYTES: u64 = 4 << 20;
+    let client = client::spawn_in_netns(
+        &w.cgroup,
+        &ns.path(),
+        &Script::Echo {
+            target,
+            bytes: BYTES,
+            ready_file: ready.clone(),
+            go_file: go.clone(),
+            max_ms: 60_000,
+        },
+    )?;
+    if let Err(e) = wait_for_file(&ready, Duration::from_secs(20)) {
+        let end: Vec<EchoEnd> = client::results(client, Duration::from_secs(5))?;
+        anyhow::bail!("the first exchange did not finish ({e:#}): {end:?}");
+    }
+    let metrics = scrape(w.agent().metrics_address()?)?;
+    ensure!(
+        metric(&metrics, "detour_steer_steered_total") == Some(1),
+        "the connection was steered once:\n{metrics}"
+    );
+
+    // A crash: nothing is cleaned up, and the new agent takes over the pinned programs,
+    // maps and links while the flow is open.
+    w.agent().kill9()?;
+    w.agent().restart()?;
+    w.agent().wait_ready(crate::world::READY_TIMEOUT)?;
+    // The new agent counts the flow it inherited (its sweep runs every 5 s).
+    w.wait_endpoints("steer", Duration::from_secs(15), |eps| {
+        endpoint(eps, &b.to_string()).is_ok_and(|e| e["steered"] == 1)
+    })
+    .context("the restarted agent does not see the steered flow")?;
+    std::fs::write(&go, b"")?;
+
+    let end: Vec<EchoEnd> = client::results(client, Duration::from_secs(60))?;
+    let end = end.first().context("the echo client printed nothing")?;
+    ensure!(
+        end.error.is_none() && end.echoed == 2 * BYTES,
+        "every byte came back intact, before and after the restart: {end:?}\nagent log:\n{}",
+        w.agent().log_tail()
+    );
+    ensure!(
+        end.peer == Some(target),
+        "getpeername shows the VIP: {end:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn when_the_backend_a_handshake_was_steered_to_stalls_too_it_is_steered_again() -> Result<()> {
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+        "127.10.49.1:8080".parse()?,
+        "127.10.49.2:8080".parse()?,
+        "127.10.49.3:8080".parse()?,
+    );
+    let _holes = (BlackHole::start_in(&ns, a)?, BlackHole::start_in(&ns, b)?);
+    let _c = HttpBackend::start_in(&ns, "c", c)?;
+    // Both black holes are the active members, c the standby tier. The connect picks one
+    // hole; at its timeout the other hole is the first choice (same tier, untried, not
+    // suspect), and c (standby, no handshake seen yet) only the next one.
+    w.write_config(&tiered_config(
+        "127.210.49.1",
+        &["127.10.49.1", "127.10.49.2"],
+        &["127.10.49.3"],
+    ))?;
+    start_steering_agent(&mut w, &ns, &[])?;
+    let client = client::spawn_in_netns(
+        &w.cgroup,
+        &ns.path(),
+        &Script::Gets {
+            target: "127.210.49.1:80".parse()?,
+            count: 1,
+            interval_ms: 0,
+        },
+    )?;
+    let gets: Vec<Get> = client::results(client, Duration::from_secs(30))?;
+    no_get_failed(&mut w, &gets)?;
+    ensure!(
+        gets.iter().all(|g| g.body.as_deref() == Some("c")),
+        "{gets:?}"
+    );
+    let metrics = scrape(w.agent().metrics_address()?)?;
+    ensure!(
+        metric(&metrics, "detour_steer_steered_total") == Some(2),
+        "steered twice, hole to hole to c:\n{metrics}"
+    );
+    let eps = w.agent().endpoints_json(Some("steer"))?;
+    for hole in [a, b] {
+        let e = endpoint(&eps, &hole.to_string())?;
+        ensure!(e["timeouts"].as_u64() == Some(1), "{e:#}");
+    }
+    Ok(())
+}
+
+#[test]
+fn when_every_backend_is_a_black_hole_the_application_gets_its_own_timeout() -> Result<()> {
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    let (a, b): (SocketAddr, SocketAddr) =
+        ("127.10.50.1:8080".parse()?, "127.10.50.2:8080".parse()?);
+    let _holes = (BlackHole::start_in(&ns, a)?, BlackHole::start_in(&ns, b)?);
+    w.write_config(&config("127.210.50.1", "127.10.50.1", "127.10.50.2"))?;
+    start_steering_agent(&mut w, &ns, &[])?;
+    let client = client::spawn_in_netns(
+        &w.cgroup,
+        &ns.path(),
+        &Script::Gets {
+            target: "127.210.50.1:80".parse()?,
+            count: 3,
+            interval_ms: 0,
+        },
+    )?;
+    // Each GET's connect has the client's own 2 s limit; nothing may outlast it.
+    let gets: Vec<Get> = client::results(client, Duration::from_secs(30))?;
+    ensure!(gets.len() == 3, "{gets:?}");
+    ensure!(
+        gets.iter().all(|g| g
+            .error
+            .as_deref()
+            .is_some_and(|e| e.to_lowercase().contains("timed out"))),
+        "every GET ends at the client's own connect timeout: {gets:?}"
+    );
+    let metrics = scrape(w.agent().metrics_address()?)?;
+    let steered = metric(&metrics, "detour_steer_steered_total").unwrap_or(0);
+    // One other backend to try per connect, then the flow is left alone.
+    ensure!(
+        (1..=3).contains(&steered),
+        "{steered} steerings:\n{metrics}"
+    );
+    Ok(())
+}
+
+#[test]
+fn with_the_translation_table_full_a_stalled_handshake_fails_as_without_steering_and_counts(
+) -> Result<()> {
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    let (a, b): (SocketAddr, SocketAddr) =
+        ("127.10.51.1:8080".parse()?, "127.10.51.2:8080".parse()?);
+    let _hole = BlackHole::start_in(&ns, a)?;
+    let _b = HttpBackend::start_in(&ns, "b", b)?;
+    w.write_config(&tiered_config(
+        "127.210.51.1",
+        &["127.10.51.1"],
+        &["127.10.51.2"],
+    ))?;
+    start_steering_agent(&mut w, &ns, &["--max-steered-flows", "1"])?;
+    let target: SocketAddr = "127.210.51.1:80".parse()?;
+
+    // The one entry: a connection steered to b and held open.
+    let ready = w.dir.join("hold-ready");
+    let hold = client::spawn_in_netns(
+        &w.cgroup,
+        &ns.path(),
+        &Script::Hold {
+            target,
+            ready_file: ready.clone(),
+            max_ms: 15_000,
+        },
+    )?;
+    wait_for_file(&ready, Duration::from_secs(10)).context("the held connect did not succeed")?;
+
+    // While the kernel's soft mark on the black hole lasts (4 handshake timeouts after a
+    // stall), connects go to b without steering; once it lapses, a connect picks the
+    // black hole again, and with no room to steer it times out as it would without
+    // steering. Spaced GETs meet both.
+    let client = client::spawn_in_netns(
+        &w.cgroup,
+        &ns.path(),
+        &Script::Gets {
+            target,
+            count: 6,
+            interval_ms: 300,
+        },
+    )?;
+    let gets: Vec<Get> = client::results(client, Duration::from_secs(60))?;
+    let timed_out = |g: &Get| {
+        g.error
+            .as_deref()
+            .is_some_and(|e| e.to_lowercase().contains("timed out"))
+    };
+    ensure!(
+        gets.len() == 6
+            && gets.iter().any(timed_out)
+            && gets
+                .iter()
+                .all(|g| timed_out(g) || g.body.as_deref() == Some("b")),
+        "with no room to steer, a connect to the black hole times out as without steering \
+         (and one made while it is marked goes to b): {gets:?}"
+    );
+    let metrics = scrape(w.agent().metrics_address()?)?;
+    ensure!(
+        metric(&metrics, "detour_steer_steered_total") == Some(1)
+            && metric(&metrics, "detour_steer_table_full_total") >= Some(1),
+        "one flow steered, the later stalls counted as a full table:\n{metrics}"
+    );
+    let held: Vec<HoldEnd> = client::results(hold, Duration::from_secs(30))?;
+    ensure!(
+        held.first().is_some_and(|h| h.timed_out),
+        "the steered connection lived on beside the full table: {held:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_time_wait_at_the_backend_steered_to_costs_one_more_timeout_not_the_connect() -> Result<()> {
+    let mut w = World::new()?;
+    let ns = Netns::new()?;
+    let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+        "127.10.52.1:8080".parse()?,
+        "127.10.52.2:8080".parse()?,
+        "127.10.52.3:8080".parse()?,
+    );
+    let _hole = BlackHole::start_in(&ns, a)?;
+    let _b = HttpBackend::start_in(&ns, "b", b)?;
+    let _c = HttpBackend::start_in(&ns, "c", c)?;
+    let target: SocketAddr = "127.210.52.1:80".parse()?;
+    // First b alone, so that a GET completes a handshake with it: steering's first choice
+    // is a backend with a handshake completed lately, which makes b the first choice
+    // below and c the next one.
+    w.write_config(&tiered_config("127.210.52.1", &["127.10.52.2"], &[]))?;
+    start_steering_agent(&mut w, &ns, &[])?;
+    let run = |w: &World, script: &Script| -> Result<Vec<Get>> {
+        let client = client::spawn_in_netns(&w.cgroup, &ns.path(), script)?;
+        client::results(client, Duration::from_secs(30))
+    };
+    let first = run(
+        &w,
+        &Script::Gets {
+            target,
+            count: 1,
+            interval_ms: 0,
+        },
+    )?;
+    ensure!(
+        first.iter().all(|g| g.body.as_deref() == Some("b")),
+        "{first:?}"
+    );
+
+    // Then the black hole is the only active member, b and c the standby tier.
+    w.write_config(&tiered_config(
+        "127.210.52.1",
+        &["127.10.52.1"],
+        &["127.10.52.2", "127.10.52.3"],
+    ))?;
+    w.agent().reload()?;
+    w.wait_endpoints("steer", Duration::from_secs(10), |eps| {
+        endpoint(eps, &a.to_string()).is_ok() && endpoint(eps, &c.to_string()).is_ok()
+    })?;
+    // The connect goes to the black hole from a local port that has a TIME_WAIT with b:
+    // steered to b, its 4-tuple would be that TIME_WAIT's. The steering is undone at its
+    // first packet, and the flow is steered to c at its next timeout.
+    let gets = run(&w, &Script::GetFromATimeWaitPort { direct: b, target })?;
+    no_get_failed(&mut w, &gets)?;
+    ensure!(
+        gets.iter().all(|g| g.body.as_deref() == Some("c")),
+        "{gets:?}"
+    );
+    let metrics = scrape(w.agent().metrics_address()?)?;
+    ensure!(
+        metric(&metrics, "detour_steer_collisions_total") == Some(1)
+            && metric(&metrics, "detour_steer_steered_total") == Some(2),
+        "one steering undone by the TIME_WAIT, then one to c:\n{metrics}"
+    );
+    // The collision is not b's fault.
+    let eps = w.agent().endpoints_json(Some("steer"))?;
+    let b_ep = endpoint(&eps, &b.to_string())?;
+    ensure!(b_ep["timeouts"].as_u64() == Some(0), "{b_ep:#}");
     Ok(())
 }
