@@ -137,6 +137,8 @@ pub struct SteerMetrics {
     pub collisions: u64,
     /// Resets refusing a handshake, held back so that the flow is steered instead.
     pub refusals_held: u64,
+    /// ICMP errors about a steered flow's packets to its new backend, translated.
+    pub icmp_translated: u64,
     /// Entries in the translation table (closed flows in their grace included).
     pub entries: u64,
     /// `--max-steered-flows`.
@@ -543,8 +545,14 @@ impl Collector for SnapshotCollector {
             )?;
             counter(
                 e,
+                "detour_steer_icmp_translated",
+                "ICMP errors (unreachable, fragmentation needed / packet too big, time exceeded) about a steered flow's packets to its new backend, translated so that its socket takes them.",
+                steer.icmp_translated,
+            )?;
+            counter(
+                e,
                 "detour_steer_late_dropped",
-                "Packets from the backend a flow was steered away from (a late SYN-ACK), dropped.",
+                "Packets from the backend a flow was steered away from (a late SYN-ACK), and ICMP errors about the flow's packets to it, dropped.",
                 steer.late_dropped,
             )?;
             gauge(

@@ -722,6 +722,7 @@ impl Agent {
             unseen: c[s::UNSEEN as usize],
             collisions: c[s::COLLISIONS as usize],
             refusals_held: c[s::REFUSALS_HELD as usize],
+            icmp_translated: c[s::ICMP_TRANSLATED as usize],
             entries: c[s::INSERTED as usize].saturating_sub(c[s::REMOVED as usize]),
             capacity: u64::from(self.max_steered_flows),
             live: self.steered.live.values().map(|&n| u64::from(n)).sum(),

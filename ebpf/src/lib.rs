@@ -70,8 +70,14 @@ pub mod steer {
     /// backend could take the flow is dropped, and the flow is steered at its next
     /// timeout instead of failing.
     pub const REFUSALS_HELD: u32 = 9;
+    /// ICMP errors about a steered flow's packets to its new backend (unreachable,
+    /// fragmentation needed / packet too big, time exceeded), translated so that the
+    /// socket, which still believes its peer is the abandoned backend, takes them (path
+    /// MTU discovery keeps working). ICMP errors about its packets to the abandoned
+    /// backend count as [`LATE_DROPPED`].
+    pub const ICMP_TRANSLATED: u32 = 10;
     /// Number of indexes.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// How many times one flow may be steered before it is left to its own timeout.
     pub const MAX_STEERS: u32 = 3;

@@ -74,7 +74,11 @@
 //! this host's sockets (`bpf_skc_lookup_tcp`), each paid once per flow or connection: a
 //! steered flow's first translated packet must not take a tuple a socket here already
 //! has (else the steering is undone and redone at the next timeout), and a SYN-ACK that
-//! answers a socket of this host is never translated as a steered flow's reply.
+//! answers a socket of this host is never translated as a steered flow's reply. ICMP
+//! errors ride with their flow: one quoting a steered flow's packet to the new backend
+//! (packet too big, unreachable) is rewritten to quote the packet to the first pick, which
+//! is the socket's peer, and one quoting its old packets to the first pick is dropped like
+//! a late SYN-ACK (`translate_icmp`).
 //!
 //! Refused backends (`detour_steer_ingress`): a reset answering a rewritten socket's SYN
 //! would fail the connect at once. While steering is on, the ingress program looks at
@@ -1462,7 +1466,9 @@ mod programs {
 
     #[inline(always)]
     fn translate(ctx: &TcContext) -> Option<i32> {
-        let p = parse(ctx)?;
+        let Some(p) = parse(ctx) else {
+            return translate_icmp(ctx);
+        };
         let outgoing = FlowKey {
             local: p.src,
             remote: p.dst,
@@ -1523,6 +1529,142 @@ mod programs {
             return Some(TC_NEXT);
         }
         if let Some(entry) = unsafe { STEER.get(&incoming) } {
+            if entry.steps != 0 {
+                control_add(steer::LATE_DROPPED, 1);
+                return Some(TC_DROP);
+            }
+        }
+        None
+    }
+
+    const IPPROTO_ICMP_U8: u8 = 1;
+    const IPPROTO_ICMPV6_U8: u8 = 58;
+    /// ICMPv4 errors that quote a packet: destination unreachable (fragmentation needed
+    /// among them) and time exceeded.
+    const ICMP_UNREACHABLE: u8 = 3;
+    const ICMP_TIME_EXCEEDED: u8 = 11;
+    /// ICMPv6 errors: destination unreachable, packet too big, time exceeded.
+    const ICMPV6_UNREACHABLE: u8 = 1;
+    const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+    const ICMPV6_TIME_EXCEEDED: u8 = 3;
+    /// Where an ICMP error's quoted packet starts, after the ICMP header (both families).
+    const ICMP_QUOTE: usize = 8;
+
+    /// An ICMP error about a steered flow's packet, which quotes that packet (this
+    /// host's address and port → the backend's):
+    /// - quoting a packet to the new backend B (packet too big, unreachable): the quoted
+    ///   destination becomes A again, so the socket (whose peer is A) takes the error and
+    ///   path MTU discovery works. The outer header stays: the kernel finds the socket by
+    ///   the quoted one;
+    /// - quoting a packet to the abandoned backend A: dropped, as a late packet from A
+    ///   is. A host-unreachable for A's old SYNs (neighbour resolution gives up after
+    ///   seconds) would otherwise abort the steered handshake.
+    ///
+    /// Checksums: the quoted IPv4 header's own checksum absorbs its address change, so
+    /// the ICMP checksum changes only with the port (and, for ICMPv6, whose quoted header
+    /// has no checksum, with the address); both edits are checksum-neutral over the
+    /// packet, so a received packet's `CHECKSUM_COMPLETE` sum stays right.
+    #[inline(always)]
+    fn translate_icmp(ctx: &TcContext) -> Option<i32> {
+        let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+        let (icmp, quote, quote_l4, quoted, v4) = if protocol == ETH_P_IP {
+            let version_ihl: u8 = ctx.load(L3).ok()?;
+            let proto: u8 = ctx.load(L3 + 9).ok()?;
+            let frag: u16 = ctx.load(L3 + 6).ok()?;
+            if proto != IPPROTO_ICMP_U8 || u16::from_be(frag) & 0x1fff != 0 {
+                return None;
+            }
+            let ihl = usize::from(version_ihl & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let icmp = L3 + ihl;
+            let kind: u8 = ctx.load(icmp).ok()?;
+            if kind != ICMP_UNREACHABLE && kind != ICMP_TIME_EXCEEDED {
+                return None;
+            }
+            let quote = icmp + ICMP_QUOTE;
+            let quoted_vihl: u8 = ctx.load(quote).ok()?;
+            let quoted_proto: u8 = ctx.load(quote + 9).ok()?;
+            let quoted_ihl = usize::from(quoted_vihl & 0x0f) * 4;
+            if quoted_proto != IPPROTO_TCP_U8 || quoted_ihl < 20 {
+                return None;
+            }
+            let saddr: u32 = ctx.load(quote + 12).ok()?;
+            let daddr: u32 = ctx.load(quote + 16).ok()?;
+            (
+                icmp,
+                quote,
+                quote + quoted_ihl,
+                ([0, 0, V4_MAPPED_WORD, saddr], [0, 0, V4_MAPPED_WORD, daddr]),
+                true,
+            )
+        } else if protocol == ETH_P_IPV6 {
+            let next: u8 = ctx.load(L3 + 6).ok()?;
+            if next != IPPROTO_ICMPV6_U8 {
+                return None;
+            }
+            let icmp = L3 + 40;
+            let kind: u8 = ctx.load(icmp).ok()?;
+            if kind != ICMPV6_UNREACHABLE
+                && kind != ICMPV6_PACKET_TOO_BIG
+                && kind != ICMPV6_TIME_EXCEEDED
+            {
+                return None;
+            }
+            let quote = icmp + ICMP_QUOTE;
+            let quoted_next: u8 = ctx.load(quote + 6).ok()?;
+            if quoted_next != IPPROTO_TCP_U8 {
+                return None;
+            }
+            let src: [u32; 4] = ctx.load(quote + 8).ok()?;
+            let dst: [u32; 4] = ctx.load(quote + 24).ok()?;
+            (icmp, quote, quote + 40, (src, dst), false)
+        } else {
+            return None;
+        };
+        // Every ICMP error quotes at least the first 8 bytes of the segment: the ports.
+        let ports: [u16; 2] = ctx.load(quote_l4).ok()?;
+        let (src, dst) = quoted;
+        let key = FlowKey {
+            local: src,
+            remote: dst,
+            local_port: ports[0],
+            remote_port: ports[1],
+        };
+        let icmp_check = icmp + 2;
+        if let Some(back) = unsafe { STEER_BACK.get(&key) } {
+            let (from, from_port) = (back.from, back.from_port);
+            if v4 {
+                let (old, new) = (u64::from(dst[3]), u64::from(from[3]));
+                ctx.l3_csum_replace(quote + 10, old, new, 4).ok()?;
+                ctx.store(quote + 16, &from[3], 0).ok()?;
+            } else {
+                let (mut old, mut new) = (dst, from);
+                let diff = unsafe {
+                    aya_ebpf::helpers::generated::bpf_csum_diff(
+                        old.as_mut_ptr(),
+                        16,
+                        new.as_mut_ptr(),
+                        16,
+                        0,
+                    )
+                };
+                if diff < 0 {
+                    return None;
+                }
+                ctx.l4_csum_replace(icmp_check, 0, diff as u64, 0).ok()?;
+                ctx.store(quote + 24, &from, 0).ok()?;
+            }
+            if from_port != ports[1] {
+                let (old, new) = (u64::from(ports[1]), u64::from(from_port));
+                ctx.l4_csum_replace(icmp_check, old, new, 2).ok()?;
+                ctx.store(quote_l4 + 2, &from_port, 0).ok()?;
+            }
+            control_add(steer::ICMP_TRANSLATED, 1);
+            return Some(TC_NEXT);
+        }
+        if let Some(entry) = unsafe { STEER.get(&key) } {
             if entry.steps != 0 {
                 control_add(steer::LATE_DROPPED, 1);
                 return Some(TC_DROP);

@@ -985,6 +985,197 @@ mod tests {
         }
     }
 
+    const ICMP_UNREACHABLE: u8 = 3;
+    const ICMP_FRAGMENTATION_NEEDED: u8 = 4;
+    const ICMP_HOST_UNREACHABLE: u8 = 1;
+    const ICMP_ECHO_REQUEST: u8 = 8;
+    const ICMPV6_UNREACHABLE: u8 = 1;
+    const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+
+    /// An ICMP (ICMPv6 for IPv6) error from `router` to `to`, of `kind` and `code`, that
+    /// quotes the IP packet of `quoted` (a frame from [`packet`]) whole, as Linux quotes
+    /// up to 576 bytes; the rest of the header is an MTU of 1400.
+    fn icmp_error(router: IpAddr, to: IpAddr, kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+        let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0x78];
+        icmp.extend_from_slice(&quoted[L3..]);
+        let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x03];
+        match (router, to) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                frame.extend_from_slice(&0x0800u16.to_be_bytes());
+                frame.extend_from_slice(&[0x45, 0xc0]);
+                frame.extend_from_slice(&(20 + icmp.len() as u16).to_be_bytes());
+                frame.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+                frame.extend_from_slice(&s.octets());
+                frame.extend_from_slice(&d.octets());
+                let sum = checksum(&frame[L3..]);
+                frame[L3 + 10..L3 + 12].copy_from_slice(&sum.to_be_bytes());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+                frame.extend_from_slice(&[0x60, 0, 0, 0]);
+                frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+                frame.extend_from_slice(&[58, 64]);
+                frame.extend_from_slice(&s.octets());
+                frame.extend_from_slice(&d.octets());
+            }
+            _ => panic!("{router} and {to} are of different families"),
+        }
+        frame.extend_from_slice(&icmp);
+        let at = icmp_at(&frame);
+        let sum = checksum(&icmp_checksummed(&frame));
+        frame[at + 2..at + 4].copy_from_slice(&sum.to_be_bytes());
+        frame
+    }
+
+    /// Where the ICMP header starts in one of [`icmp_error`]'s frames.
+    fn icmp_at(frame: &[u8]) -> usize {
+        if u16::from_be_bytes([frame[12], frame[13]]) == 0x86dd {
+            L3 + 40
+        } else {
+            L3 + usize::from(frame[L3] & 0x0f) * 4
+        }
+    }
+
+    /// What the ICMP checksum covers: the message, and for ICMPv6 a pseudo-header too.
+    fn icmp_checksummed(frame: &[u8]) -> Vec<u8> {
+        let at = icmp_at(frame);
+        let mut covered = Vec::new();
+        if at == L3 + 40 {
+            covered.extend_from_slice(&frame[L3 + 8..L3 + 40]);
+            covered.extend_from_slice(&((frame.len() - at) as u32).to_be_bytes());
+            covered.extend_from_slice(&[0, 0, 0, 58]);
+        }
+        covered.extend_from_slice(&frame[at..]);
+        covered
+    }
+
+    /// The quoted packet of an ICMP error, as a frame of its own (so that [`l4`] and the
+    /// checksum checks of TCP segments read it).
+    fn quoted(frame: &[u8]) -> Vec<u8> {
+        let mut out = frame[..L3].to_vec();
+        let ethertype = if frame[12..14] == [0x86, 0xdd] {
+            0x86dd
+        } else {
+            0x0800u16
+        };
+        out[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        out.extend_from_slice(&frame[icmp_at(frame) + 8..]);
+        out
+    }
+
+    /// Asserts that the ICMP error `out` is `expected` but for checksum fields, that its
+    /// ICMP checksum and the quoted IPv4 header's are right. The quoted TCP checksum is
+    /// left as it was: the kernel reads only the quoted ports and sequence number.
+    fn assert_icmp_translated(out: &[u8], expected: &[u8]) {
+        let mask = |frame: &[u8]| {
+            let mut m = frame.to_vec();
+            let at = icmp_at(frame);
+            m[at + 2..at + 4].fill(0);
+            let q = quoted(frame);
+            let quoted_l4 = at + 8 + (l4(&q) - L3);
+            m[quoted_l4 + 16..quoted_l4 + 18].fill(0);
+            if !at_v6(&q) {
+                m[at + 8 + 10..at + 8 + 12].fill(0);
+            }
+            m
+        };
+        assert_eq!(mask(out), mask(expected), "the translated ICMP error");
+        assert_eq!(
+            checksum(&icmp_checksummed(out)),
+            0,
+            "ICMP checksum of {out:02x?}"
+        );
+        assert!(
+            ip_checksum_ok(&quoted(out)),
+            "quoted IPv4 header checksum of {out:02x?}"
+        );
+    }
+
+    /// A router's ICMP error about a steered flow's packet to B reaches the socket as one
+    /// about its packet to A, on `lo`'s egress and on a device's ingress.
+    fn icmp_about_the_new_backend(flow: Flow, kind: u8, code: u8) {
+        let router: IpAddr = match flow.client.ip() {
+            IpAddr::V4(_) => "192.0.2.1".parse().unwrap(),
+            IpAddr::V6(_) => "2001:db8::1".parse().unwrap(),
+        };
+        let data = |to| packet(flow.client, to, TCP_ACK, &[0x5a; 1300]);
+        let error = icmp_error(router, flow.client.ip(), kind, code, &data(flow.new));
+        let translated = icmp_error(router, flow.client.ip(), kind, code, &data(flow.old));
+        let mut h = Harness::new();
+        h.steer(flow, 1);
+        let (verdict, out) = h.run(&error);
+        assert_eq!(verdict, NEXT);
+        assert_icmp_translated(&out, &translated);
+        on_a_device_of_a_new_namespace(|ifindex| {
+            let (verdict, out) = h.run_program(programs::STEER_INGRESS, &error, Some(ifindex));
+            assert_eq!(verdict, NEXT);
+            assert_icmp_translated(&out, &translated);
+        });
+        assert_eq!(h.counter(steer::ICMP_TRANSLATED), 2);
+        assert_eq!(h.counter(steer::LATE_DROPPED), 0);
+    }
+
+    #[test]
+    fn ipv4_fragmentation_needed_for_the_new_backend_reaches_the_socket_as_for_the_old() {
+        icmp_about_the_new_backend(v4_flow(), ICMP_UNREACHABLE, ICMP_FRAGMENTATION_NEEDED);
+    }
+
+    #[test]
+    fn ipv6_packet_too_big_for_the_new_backend_reaches_the_socket_as_for_the_old() {
+        icmp_about_the_new_backend(v6_flow(), ICMPV6_PACKET_TOO_BIG, 0);
+    }
+
+    #[test]
+    fn ipv6_unreachable_for_the_new_backend_reaches_the_socket_as_for_the_old() {
+        icmp_about_the_new_backend(v6_flow(), ICMPV6_UNREACHABLE, 3);
+    }
+
+    #[test]
+    fn a_backend_on_the_same_port_changes_only_the_quoted_address() {
+        let mut flow = v4_flow();
+        flow.new.set_port(flow.old.port());
+        icmp_about_the_new_backend(flow, ICMP_UNREACHABLE, ICMP_HOST_UNREACHABLE);
+    }
+
+    /// An error about the flow's old SYNs to A (a host unreachable once neighbour
+    /// resolution gives up) would abort the steered handshake: dropped, as a late packet.
+    #[test]
+    fn an_icmp_error_about_the_abandoned_backend_is_dropped_as_late() {
+        for (flow, kind, code) in [
+            (v4_flow(), ICMP_UNREACHABLE, ICMP_HOST_UNREACHABLE),
+            (v6_flow(), ICMPV6_UNREACHABLE, 3),
+        ] {
+            let mut h = Harness::new();
+            h.steer(flow, 1);
+            let syn = packet(flow.client, flow.old, TCP_SYN, b"");
+            let error = icmp_error(flow.client.ip(), flow.client.ip(), kind, code, &syn);
+            assert_eq!(h.run(&error).0, DROP);
+            assert_eq!(h.counter(steer::LATE_DROPPED), 1);
+            assert_eq!(h.counter(steer::ICMP_TRANSLATED), 0);
+        }
+    }
+
+    /// Errors about other flows, and ICMP that is no error, pass untouched.
+    #[test]
+    fn other_icmp_is_left_alone() {
+        let flow = v4_flow();
+        let mut h = Harness::new();
+        h.steer(flow, 1);
+        let router: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: SocketAddr = "10.0.0.9:8080".parse().unwrap();
+        let to_other = packet(flow.client, other, TCP_SYN, b"");
+        let to_new = packet(flow.client, flow.new, TCP_SYN, b"");
+        for icmp in [
+            icmp_error(router, flow.client.ip(), ICMP_UNREACHABLE, 1, &to_other),
+            // An echo request's payload that happens to look like a quote.
+            icmp_error(router, flow.client.ip(), ICMP_ECHO_REQUEST, 0, &to_new),
+        ] {
+            assert_eq!(h.run(&icmp), (NEXT, icmp.clone()));
+        }
+        assert_eq!(h.counter(steer::ICMP_TRANSLATED), 0);
+        assert_eq!(h.counter(steer::LATE_DROPPED), 0);
+    }
+
     #[test]
     fn packets_of_other_flows_are_left_alone() {
         for flow in [v4_flow(), v6_flow()] {
