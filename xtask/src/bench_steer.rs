@@ -1,6 +1,9 @@
 //! `cargo xtask bench-steer`: what SYN steering does for the requests a black-holed
 //! (`--fault black-hole`, the default) or refusing (`--fault refused`) backend would
-//! stall or fail, against the same bed with steering off.
+//! stall or fail, against the same bed with steering off; and what the steering programs
+//! cost every packet when nothing fails (`--fault none`), with the translation table
+//! empty (the gate closed) or holding `--idle-flows` entries of flows that are not this
+//! traffic's (the gate open: every packet is looked up).
 //!
 //! The bed, fresh for every run, so that each run starts with the black hole never seen
 //! (new namespace, veth, backends, agent, pins and cgroup): a network namespace of the
@@ -10,12 +13,17 @@
 //!   one connection already fills, so the kernel drops every SYN to it, unanswered (as
 //!   `tests/e2e/steering.rs` makes it); with `--fault refused`, nothing listens there, so
 //!   the namespace's kernel answers every SYN with a reset (a backend whose process
-//!   died);
+//!   died); with `--fault none`, a second HTTP backend like b;
 //! - `b`, 10.233.0.3:8080, the test bed's HTTP backend, which answers its name.
+//!
+//! `--idle-flows N` (steering on only) puts N entries in each translation map before the
+//! load, as `sock_ops` would for N steered flows, and adds N to the gate's insert count:
+//! flows between addresses of 10.234.0.0/16 that no packet of the load matches, so the
+//! load runs with the gate open and pays the lookups of a table of that size.
 //!
 //! The agent runs in the root namespace, attached to its bed's cgroup, with
 //! `outlierDetection: {consecutiveErrors: 5, interval: 10s, baseEjectionTime: 30s,
-//! handshakeTimeout: 100ms}` and no active checks; in mode `steer` with `--steer-devices
+//! handshakeTimeout: 100ms}` (`--handshake-timeout`) and no active checks; in mode `steer` with `--steer-devices
 //! <the veth's root end>` (the tc program translates a steered flow's packets both ways
 //! on that one device), in mode `off` with `--steer-devices none`.
 //!
@@ -39,7 +47,8 @@
 //! the black hole from one on `b`. Kept in `target/bench-steer/` for a closer look: every
 //! request of every run (`requests-runN-MODE.tsv`), the agent's events and log, the
 //! per-run figures (`runs.json`) and the report, under the fault's name
-//! (`target/bench-steer/black-hole/`, `.../refused/`).
+//! (`target/bench-steer/black-hole/`, `.../refused/`, `.../none/`; with `--idle-flows N`,
+//! `.../none-idle-flows-N/`).
 //!
 //! The agent measured is a release build of the work tree, or `--agent-binary`.
 //!
@@ -114,6 +123,20 @@ pub struct SteerArgs {
     /// What is wrong with backend `a`.
     #[arg(long, value_enum, default_value_t = Fault::BlackHole)]
     fault: Fault,
+    /// Entries of flows no packet of the load belongs to, put in the translation table
+    /// before the load when steering is on (at most the agent's `--max-steered-flows`,
+    /// 16,384 by default): the gate is open and every packet pays the lookups.
+    #[arg(long, default_value_t = 0)]
+    idle_flows: u32,
+    /// The service's `outlierDetection.handshakeTimeout`: how long a SYN may go
+    /// unanswered before the handshake is steered.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    handshake_timeout: Duration,
+    /// Threads that spin on the CPU through each run's load (a loaded node): with
+    /// `--fault none`, every steering is a false one (a healthy backend's handshake that
+    /// took longer than the handshake timeout).
+    #[arg(long, default_value_t = 0)]
+    cpu_hogs: u32,
 }
 
 /// What is wrong with backend `a`.
@@ -123,6 +146,8 @@ pub enum Fault {
     BlackHole,
     /// Nothing listens: its SYNs are answered with a reset.
     Refused,
+    /// Nothing: `a` answers like b (what the programs cost when nothing fails).
+    None,
 }
 
 impl Fault {
@@ -130,6 +155,7 @@ impl Fault {
         match self {
             Self::BlackHole => "black-hole",
             Self::Refused => "refused",
+            Self::None => "none",
         }
     }
 
@@ -138,6 +164,7 @@ impl Fault {
         match self {
             Self::BlackHole => "a black-holed backend",
             Self::Refused => "a refusing backend (nothing listens: every SYN gets a reset)",
+            Self::None => "two healthy backends (no fault)",
         }
     }
 }
@@ -185,27 +212,34 @@ struct Bed {
     _b: HttpBackend,
     /// `a` when it is a black hole; nothing when it refuses.
     _hole: Option<BlackHole>,
+    /// `a` when nothing is wrong with it.
+    _a: Option<HttpBackend>,
     veth: Veth,
     ns: Netns,
 }
 
 impl Bed {
     /// The namespace, the backends and the agent's bed, the agent not yet started.
-    fn new(binary: &Path, fault: Fault) -> Result<Self> {
+    fn new(binary: &Path, fault: Fault, handshake_timeout: Duration) -> Result<Self> {
         let ns = Netns::new()?;
         let veth = ns.veth(HOST_CIDR, HOLE_CIDR)?;
         ns.ip(&["addr", "add", B_CIDR, "dev", veth.peer_name()])?;
         let hole = match fault {
             Fault::BlackHole => Some(BlackHole::start_in(&ns, HOLE.parse()?)?),
-            Fault::Refused => None,
+            Fault::Refused | Fault::None => None,
+        };
+        let a = match fault {
+            Fault::None => Some(HttpBackend::start_in(&ns, "a", HOLE.parse()?)?),
+            Fault::BlackHole | Fault::Refused => None,
         };
         let b = HttpBackend::start_in(&ns, B_NAME, B.parse()?)?;
         let node = AgentBed::new(binary)?;
-        node.write_config(&config())?;
+        node.write_config(&config(handshake_timeout))?;
         Ok(Self {
             node,
             _b: b,
             _hole: hole,
+            _a: a,
             veth,
             ns,
         })
@@ -259,7 +293,7 @@ impl Bed {
 
 /// The agent's config: the VIP, `a` and b in the node's locality, no active
 /// checks (only what the kernel sees of real connects counts).
-fn config() -> String {
+fn config(handshake_timeout: Duration) -> String {
     let host = |s: &'static str| s.split_once(':').map_or(s, |(h, _)| h);
     format!(
         "node: {{ locality: {LOCALITY} }}\n\
@@ -268,12 +302,13 @@ fn config() -> String {
          \x20   vips: [{VIP_IP}]\n\
          \x20   ports: [{{number: 80, name: http, targetPort: 8080}}]\n\
          \x20   healthCheck: {{disabled: true}}\n\
-         \x20   outlierDetection: {{consecutiveErrors: 5, interval: 10s, baseEjectionTime: 30s, handshakeTimeout: 100ms}}\n\
+         \x20   outlierDetection: {{consecutiveErrors: 5, interval: 10s, baseEjectionTime: 30s, handshakeTimeout: {handshake_ms}ms}}\n\
          \x20   endpoints:\n\
          \x20     - {{address: {a}, locality: {LOCALITY}}}\n\
          \x20     - {{address: {b}, locality: {LOCALITY}}}\n",
         a = host(HOLE),
         b = host(B),
+        handshake_ms = handshake_timeout.as_millis(),
     )
 }
 
@@ -468,7 +503,7 @@ fn finite(v: f64) -> Option<f64> {
 fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run> {
     let mode = Mode::of_run(run);
     let name = format!("run{run}-{}", mode.as_str());
-    let mut bed = Bed::new(binary, args.fault)?;
+    let mut bed = Bed::new(binary, args.fault, args.handshake_timeout)?;
     let started = bed.start_agent(mode);
     // Kept for a closer look, whatever happens: the bed's temp dir goes with the run.
     let keep_log = |bed: &Bed| {
@@ -490,7 +525,11 @@ fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run
     let _stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("turning on the kernel's BPF run-time statistics")?;
     let programs = AgentPrograms::find(bed.node.pins.path())?;
+    if mode == Mode::Steer && args.idle_flows > 0 {
+        fill_translation_table(bed.node.pins.path(), args.idle_flows)?;
+    }
     let tc_before = programs.read()?;
+    let hogs = CpuHogs::start(args.cpu_hogs)?;
     let start_at = mono_ns() + nanos(CLIENT_LEAD);
     let client = ClientRun::spawn(
         &bed.node.cgroup,
@@ -502,6 +541,7 @@ fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run
         start_at,
     )?;
     let requests = client.finish();
+    drop(hogs);
     let tc_after = programs.read()?;
     let tc_cost = tc_after
         .iter()
@@ -558,6 +598,106 @@ fn one_run(binary: &Path, args: &SteerArgs, run: u32, kept: &Path) -> Result<Run
         // A diagnostic: a machine without nstat still gets the figures.
         ns_tcp: nstat.map(|t| tcp_counters(&t)).unwrap_or_default(),
     })
+}
+
+/// Threads spinning on the CPU until dropped (a loaded node).
+struct CpuHogs {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuHogs {
+    fn start(count: u32) -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..count {
+            let stop = stop.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("cpu-hog-{i}"))
+                    .spawn(move || {
+                        let mut x = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005) + 1);
+                        }
+                    })?,
+            );
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Puts `count` entries in each translation map, as `sock_ops` would for `count` steered
+/// flows that no packet of the load belongs to, and adds them to the gate's insert count
+/// (the agent's sweep deletes them a grace period after the load: their cookie is no
+/// open socket's).
+fn fill_translation_table(pins: &Path, count: u32) -> Result<()> {
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use detour_ebpf::{maps, steer, FlowKey, Steer, SteerBack};
+    let open = |name: &str| -> Result<MapData> {
+        let path = pins.join("maps").join(name);
+        MapData::from_pin(&path)
+            .with_context(|| format!("opening the map pinned at {}", path.display()))
+    };
+    let mut flows: HashMap<MapData, FlowKey, Steer> =
+        HashMap::try_from(Map::HashMap(open(maps::STEER)?))?;
+    let mut back: HashMap<MapData, FlowKey, SteerBack> =
+        HashMap::try_from(Map::HashMap(open(maps::STEER_BACK)?))?;
+    let mut control: Array<MapData, u64> = Array::try_from(Map::Array(open(maps::STEER_CONTROL)?))?;
+    // 10.234.H.L:P, as the maps hold an address: IPv4-mapped, network order.
+    let addr = |i: u32| -> [u32; 4] {
+        let v4 = std::net::Ipv4Addr::new(10, 234, (i >> 8) as u8, i as u8);
+        let o = v4.to_ipv6_mapped().octets();
+        std::array::from_fn(|w| u32::from_ne_bytes(o[4 * w..4 * w + 4].try_into().unwrap()))
+    };
+    let (client, old, new) = (addr(1), addr(2), addr(3));
+    for i in 0..count {
+        // One client address, a local port and a backend port per flow: 65,535² tuples.
+        let port = (1024 + (i % 60_000) as u16).to_be();
+        let backend_port = (8080 + (i / 60_000) as u16).to_be();
+        let key = |remote| FlowKey {
+            local: client,
+            remote,
+            local_port: port,
+            remote_port: backend_port,
+        };
+        let entry = Steer {
+            to: new,
+            to_port: backend_port,
+            steps: 1,
+            seen: 1,
+            to_id: 0,
+            tried: [steer::NO_BACKEND; 4],
+            service_id: 0,
+            pad: 0,
+            steered_at_ns: mono_ns(),
+            closed_at_ns: 0,
+            cookie: 0,
+        };
+        flows.insert(key(old), entry, 0).with_context(|| {
+            format!("translation entry {i} of {count} (is --max-steered-flows smaller?)")
+        })?;
+        let reply = SteerBack {
+            from: old,
+            from_port: backend_port,
+            pad: 0,
+        };
+        back.insert(key(new), reply, 0)
+            .with_context(|| format!("reply entry {i} of {count}"))?;
+    }
+    let inserted = control.get(&steer::INSERTED, 0)?;
+    control.set(steer::INSERTED, inserted + u64::from(count), 0)?;
+    Ok(())
 }
 
 /// What the agent reported, counted by kind and backend (`a`, `b`).
@@ -619,7 +759,11 @@ pub fn run(args: &SteerArgs) -> Result<()> {
     let load_before = load_average();
     let kept = cmd::target_dir()
         .join("bench-steer")
-        .join(args.fault.as_str());
+        .join(if args.idle_flows > 0 {
+            format!("{}-idle-flows-{}", args.fault.as_str(), args.idle_flows)
+        } else {
+            args.fault.as_str().to_owned()
+        });
     std::fs::create_dir_all(&kept).with_context(|| format!("creating {}", kept.display()))?;
     // This task's own files from an earlier invocation, so that none is taken for this one's.
     for entry in std::fs::read_dir(&kept)? {
@@ -707,6 +851,28 @@ fn report(args: &SteerArgs, agent: &str, runs: &[Run]) -> String {
         args.timeout,
         DELAYED_NS / 1_000_000
     );
+    let _ = writeln!(
+        out,
+        "Handshake timeout {:?}.{}\n",
+        args.handshake_timeout,
+        if args.cpu_hogs > 0 {
+            format!(
+                " {} threads spun on the CPU through each load (a loaded node).",
+                args.cpu_hogs
+            )
+        } else {
+            String::new()
+        }
+    );
+    if args.idle_flows > 0 {
+        let _ = writeln!(
+            out,
+            "With steering on, {} entries of flows no packet of the load belongs to were put \
+             in each translation map before the load: the gate is open, and every packet on \
+             the veth is looked up in tables of that size.\n",
+            args.idle_flows
+        );
+    }
     let _ = writeln!(
         out,
         "| steering | requests | failed | delayed > {} ms | of them answered | p50 / p99 / \
@@ -973,7 +1139,8 @@ mod tests {
     fn config_reads_as_intended() {
         use crate::config_view::OneService;
         use detour_agent::config::HealthCheckKind;
-        let config = detour_agent::config::parse(&config()).expect("the agent accepts its config");
+        let config = detour_agent::config::parse(&config(Duration::from_millis(100)))
+            .expect("the agent accepts its config");
         assert_eq!(config.node.locality.to_string(), LOCALITY);
         let one = OneService::of(&config);
         assert_eq!(one.service.name, SERVICE);
