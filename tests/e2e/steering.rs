@@ -395,12 +395,14 @@ fn over_a_veth(fault: Fault, net: u8) -> Result<()> {
 /// One service whose only active member is `active` (the connect's pick), with the
 /// `standby` endpoints as later failover tiers (us-west, then eu-west): only steering can
 /// save a connect that `active` does not answer.
-fn tiered_config(vip: &str, active: &[&str], standby: &[&str]) -> String {
+fn tiered_config(vip: &str, active: &[SocketAddr], standby: &[SocketAddr]) -> String {
     let mut endpoints = String::new();
     for a in active {
+        let a = a.ip();
         endpoints += &format!("      - {{address: {a}, locality: us-east1/us-east1-b}}\n");
     }
     for s in standby {
+        let s = s.ip();
         endpoints += &format!("      - {{address: {s}, locality: us-west/us-west-1a}}\n");
     }
     format!(
@@ -418,6 +420,32 @@ services:
     )
 }
 
+/// `N` backend addresses on a namespace's `lo`: 127.10.`net`.1:8080, .2, ...
+fn backends<const N: usize>(net: u8) -> [SocketAddr; N] {
+    std::array::from_fn(|i| SocketAddr::from(([127, 10, net, i as u8 + 1], 8080)))
+}
+
+/// `count` GETs of `target`, `interval_ms` apart, from a client in the test's cgroup and
+/// in `ns`; bounded by `within`.
+fn gets_in(
+    w: &World,
+    ns: &Netns,
+    target: SocketAddr,
+    count: u32,
+    interval_ms: u64,
+    within: Duration,
+) -> Result<Vec<Get>> {
+    let script = Script::Gets {
+        target,
+        count,
+        interval_ms,
+    };
+    client::results(
+        client::spawn_in_netns(&w.cgroup, &ns.path(), &script)?,
+        within,
+    )
+}
+
 /// An agent steering on `ns`'s `lo`, with `extra` arguments.
 fn start_steering_agent(w: &mut World, ns: &Netns, extra: &[&str]) -> Result<()> {
     let netns = ns.path().display().to_string();
@@ -432,15 +460,10 @@ fn a_steered_connection_carries_long_transfers_both_ways_and_outlives_an_agent_c
 {
     let mut w = World::new()?;
     let ns = Netns::new()?;
-    let (a, b): (SocketAddr, SocketAddr) =
-        ("127.10.48.1:8080".parse()?, "127.10.48.2:8080".parse()?);
+    let [a, b] = backends(48);
     let _hole = BlackHole::start_in(&ns, a)?;
     let _echo = EchoBackend::start_in(&ns, b)?;
-    w.write_config(&tiered_config(
-        "127.210.48.1",
-        &["127.10.48.1"],
-        &["127.10.48.2"],
-    ))?;
+    w.write_config(&tiered_config("127.210.48.1", &[a], &[b]))?;
     start_steering_agent(&mut w, &ns, &[])?;
 
     let target: SocketAddr = "127.210.48.1:80".parse()?;
@@ -497,32 +520,22 @@ fn a_steered_connection_carries_long_transfers_both_ways_and_outlives_an_agent_c
 fn when_the_backend_a_handshake_was_steered_to_stalls_too_it_is_steered_again() -> Result<()> {
     let mut w = World::new()?;
     let ns = Netns::new()?;
-    let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
-        "127.10.49.1:8080".parse()?,
-        "127.10.49.2:8080".parse()?,
-        "127.10.49.3:8080".parse()?,
-    );
+    let [a, b, c] = backends(49);
     let _holes = (BlackHole::start_in(&ns, a)?, BlackHole::start_in(&ns, b)?);
     let _c = HttpBackend::start_in(&ns, "c", c)?;
     // Both black holes are the active members, c the standby tier. The connect picks one
     // hole; at its timeout the other hole is the first choice (same tier, untried, not
     // suspect), and c (standby, no handshake seen yet) only the next one.
-    w.write_config(&tiered_config(
-        "127.210.49.1",
-        &["127.10.49.1", "127.10.49.2"],
-        &["127.10.49.3"],
-    ))?;
+    w.write_config(&tiered_config("127.210.49.1", &[a, b], &[c]))?;
     start_steering_agent(&mut w, &ns, &[])?;
-    let client = client::spawn_in_netns(
-        &w.cgroup,
-        &ns.path(),
-        &Script::Gets {
-            target: "127.210.49.1:80".parse()?,
-            count: 1,
-            interval_ms: 0,
-        },
+    let gets = gets_in(
+        &w,
+        &ns,
+        "127.210.49.1:80".parse()?,
+        1,
+        0,
+        Duration::from_secs(30),
     )?;
-    let gets: Vec<Get> = client::results(client, Duration::from_secs(30))?;
     no_get_failed(&mut w, &gets)?;
     ensure!(
         gets.iter().all(|g| g.body.as_deref() == Some("c")),
@@ -545,22 +558,23 @@ fn when_the_backend_a_handshake_was_steered_to_stalls_too_it_is_steered_again() 
 fn when_every_backend_is_a_black_hole_the_application_gets_its_own_timeout() -> Result<()> {
     let mut w = World::new()?;
     let ns = Netns::new()?;
-    let (a, b): (SocketAddr, SocketAddr) =
-        ("127.10.50.1:8080".parse()?, "127.10.50.2:8080".parse()?);
+    let [a, b] = backends(50);
     let _holes = (BlackHole::start_in(&ns, a)?, BlackHole::start_in(&ns, b)?);
-    w.write_config(&config("127.210.50.1", "127.10.50.1", "127.10.50.2"))?;
+    w.write_config(&config(
+        "127.210.50.1",
+        &a.ip().to_string(),
+        &b.ip().to_string(),
+    ))?;
     start_steering_agent(&mut w, &ns, &[])?;
-    let client = client::spawn_in_netns(
-        &w.cgroup,
-        &ns.path(),
-        &Script::Gets {
-            target: "127.210.50.1:80".parse()?,
-            count: 3,
-            interval_ms: 0,
-        },
-    )?;
     // Each GET's connect has the client's own 2 s limit; nothing may outlast it.
-    let gets: Vec<Get> = client::results(client, Duration::from_secs(30))?;
+    let gets = gets_in(
+        &w,
+        &ns,
+        "127.210.50.1:80".parse()?,
+        3,
+        0,
+        Duration::from_secs(30),
+    )?;
     ensure!(gets.len() == 3, "{gets:?}");
     ensure!(
         gets.iter().all(|g| g
@@ -584,15 +598,10 @@ fn with_the_translation_table_full_a_stalled_handshake_fails_as_without_steering
 ) -> Result<()> {
     let mut w = World::new()?;
     let ns = Netns::new()?;
-    let (a, b): (SocketAddr, SocketAddr) =
-        ("127.10.51.1:8080".parse()?, "127.10.51.2:8080".parse()?);
+    let [a, b] = backends(51);
     let _hole = BlackHole::start_in(&ns, a)?;
     let _b = HttpBackend::start_in(&ns, "b", b)?;
-    w.write_config(&tiered_config(
-        "127.210.51.1",
-        &["127.10.51.1"],
-        &["127.10.51.2"],
-    ))?;
+    w.write_config(&tiered_config("127.210.51.1", &[a], &[b]))?;
     start_steering_agent(&mut w, &ns, &["--max-steered-flows", "1"])?;
     let target: SocketAddr = "127.210.51.1:80".parse()?;
 
@@ -613,16 +622,7 @@ fn with_the_translation_table_full_a_stalled_handshake_fails_as_without_steering
     // stall), connects go to b without steering; once it lapses, a connect picks the
     // black hole again, and with no room to steer it times out as it would without
     // steering. Spaced GETs meet both.
-    let client = client::spawn_in_netns(
-        &w.cgroup,
-        &ns.path(),
-        &Script::Gets {
-            target,
-            count: 6,
-            interval_ms: 300,
-        },
-    )?;
-    let gets: Vec<Get> = client::results(client, Duration::from_secs(60))?;
+    let gets = gets_in(&w, &ns, target, 6, 300, Duration::from_secs(60))?;
     let timed_out = |g: &Get| {
         g.error
             .as_deref()
@@ -655,11 +655,7 @@ fn with_the_translation_table_full_a_stalled_handshake_fails_as_without_steering
 fn a_time_wait_at_the_backend_steered_to_costs_one_more_timeout_not_the_connect() -> Result<()> {
     let mut w = World::new()?;
     let ns = Netns::new()?;
-    let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
-        "127.10.52.1:8080".parse()?,
-        "127.10.52.2:8080".parse()?,
-        "127.10.52.3:8080".parse()?,
-    );
+    let [a, b, c] = backends(52);
     let _hole = BlackHole::start_in(&ns, a)?;
     let _b = HttpBackend::start_in(&ns, "b", b)?;
     let _c = HttpBackend::start_in(&ns, "c", c)?;
@@ -667,31 +663,16 @@ fn a_time_wait_at_the_backend_steered_to_costs_one_more_timeout_not_the_connect(
     // First b alone, so that a GET completes a handshake with it: steering's first choice
     // is a backend with a handshake completed lately, which makes b the first choice
     // below and c the next one.
-    w.write_config(&tiered_config("127.210.52.1", &["127.10.52.2"], &[]))?;
+    w.write_config(&tiered_config("127.210.52.1", &[b], &[]))?;
     start_steering_agent(&mut w, &ns, &[])?;
-    let run = |w: &World, script: &Script| -> Result<Vec<Get>> {
-        let client = client::spawn_in_netns(&w.cgroup, &ns.path(), script)?;
-        client::results(client, Duration::from_secs(30))
-    };
-    let first = run(
-        &w,
-        &Script::Gets {
-            target,
-            count: 1,
-            interval_ms: 0,
-        },
-    )?;
+    let first = gets_in(&w, &ns, target, 1, 0, Duration::from_secs(30))?;
     ensure!(
         first.iter().all(|g| g.body.as_deref() == Some("b")),
         "{first:?}"
     );
 
     // Then the black hole is the only active member, b and c the standby tier.
-    w.write_config(&tiered_config(
-        "127.210.52.1",
-        &["127.10.52.1"],
-        &["127.10.52.2", "127.10.52.3"],
-    ))?;
+    w.write_config(&tiered_config("127.210.52.1", &[a], &[b, c]))?;
     w.agent().reload()?;
     w.wait_endpoints("steer", Duration::from_secs(10), |eps| {
         endpoint(eps, &a.to_string()).is_ok() && endpoint(eps, &c.to_string()).is_ok()
@@ -699,7 +680,9 @@ fn a_time_wait_at_the_backend_steered_to_costs_one_more_timeout_not_the_connect(
     // The connect goes to the black hole from a local port that has a TIME_WAIT with b:
     // steered to b, its 4-tuple would be that TIME_WAIT's. The steering is undone at its
     // first packet, and the flow is steered to c at its next timeout.
-    let gets = run(&w, &Script::GetFromATimeWaitPort { direct: b, target })?;
+    let script = Script::GetFromATimeWaitPort { direct: b, target };
+    let client = client::spawn_in_netns(&w.cgroup, &ns.path(), &script)?;
+    let gets: Vec<Get> = client::results(client, Duration::from_secs(30))?;
     no_get_failed(&mut w, &gets)?;
     ensure!(
         gets.iter().all(|g| g.body.as_deref() == Some("c")),
